@@ -1,0 +1,59 @@
+"""Attention over one slice of the keys, returning the log-sum-exp so slices merge exactly.
+
+For keys split into parts P1..Pn, softmax attention over all of them equals the LSE-weighted mix of
+the per-part results (the identity flash-attention and Hogwild! both rely on):
+
+    out = sum_i exp(lse_i - lse) * out_i,   lse = log sum_i exp(lse_i)
+
+A query row that sees no key in a part gets lse = -inf and out = 0, and drops out of the merge.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def partial_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch reference.
+
+    q: [B, Hq, Q, D]; k, v: [B, Hkv, K, D] with Hq a multiple of Hkv (GQA: query head h reads KV head
+    h // (Hq // Hkv)); mask: bool, True = may attend, broadcastable to [B, 1, Q, K].
+    Returns out [B, Hq, Q, D] and lse [B, Hq, Q], both float32.
+    """
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    qf = q.float().reshape(b, hkv, g * nq, d)
+    s = torch.matmul(qf, k.float().transpose(-1, -2)) * scale  # [B, Hkv, G*Q, K]
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    s = s.view(b, hkv, g, nq, nk)
+    if mask is not None:
+        s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))  # mask: [B, 1, 1, Q, K]
+    lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Q]
+    finite = torch.isfinite(lse)
+    p = torch.exp(s - torch.where(finite, lse, 0.0).unsqueeze(-1))
+    out = torch.matmul(p.view(b, hkv, g * nq, nk), v.float()).view(b, hkv, g, nq, d)
+    out = torch.where(finite.unsqueeze(-1), out, 0.0)
+    return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
+
+
+def merge_partials(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial attentions over disjoint key sets. out: [..., D], lse: [...] (float32)."""
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = wa + wb
+    safe = torch.where(total > 0, total, 1.0)
+    out = (out_a * wa.unsqueeze(-1) + out_b * wb.unsqueeze(-1)) / safe.unsqueeze(-1)
+    lse = torch.where(total > 0, m + torch.log(safe), float("-inf"))
+    return out, lse

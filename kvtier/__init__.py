@@ -1,0 +1,46 @@
+"""kvtier: a drop-in transformers Cache that keeps the KV cache in a GPU -> CPU -> disk hierarchy."""
+
+from .attention import ATTENTION_NAME, disable, enable, register
+from .cache import KVTierCache
+from .config import KVTierConfig
+from .errors import (
+    AttentionNotEnabledError,
+    CacheInputError,
+    IncompleteSessionError,
+    KVTierError,
+    StoreCorruptError,
+    StoreError,
+    StoreFullError,
+    StoreLockedError,
+    StoreMismatchError,
+    StoreMissingRecordError,
+    UnsupportedModelError,
+)
+from .model_spec import ModelSpec
+from .store.stats import CacheStats, DiskStats, TierStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATTENTION_NAME",
+    "AttentionNotEnabledError",
+    "CacheInputError",
+    "CacheStats",
+    "DiskStats",
+    "IncompleteSessionError",
+    "KVTierCache",
+    "KVTierConfig",
+    "KVTierError",
+    "ModelSpec",
+    "StoreCorruptError",
+    "StoreError",
+    "StoreFullError",
+    "StoreLockedError",
+    "StoreMismatchError",
+    "StoreMissingRecordError",
+    "TierStats",
+    "UnsupportedModelError",
+    "disable",
+    "enable",
+    "register",
+]

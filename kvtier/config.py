@@ -1,0 +1,90 @@
+"""Options of a KVTierCache, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+MODES = ("exact", "sparse")
+
+
+def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"`{name}` must be an integer >= {low}{extra}, got {value!r}")
+
+
+@dataclass
+class KVTierConfig:
+    """How a KVTierCache places and finds its KV.
+
+    Budgets count tokens per full-attention layer (every batch row and KV head of a token together).
+    A chunk is `chunk_size` consecutive tokens of one layer, sealed from the recent window once the
+    window holds `recent_window + chunk_size` tokens; the first `sink_tokens` tokens form a chunk of
+    their own that never leaves the device (attention sinks, arXiv 2309.17453).
+
+    Fields:
+        mode: "exact" attends to every chunk wherever it lives.
+        device_budget: tokens per layer the device pool may hold (None: no limit). It must hold the
+            sinks, the recent window and one chunk being sealed.
+        host_budget: tokens per layer the host pool may hold (None: no limit; 0: go straight to disk).
+        store_path: LMDB store directory; None makes a temporary one that is removed on close.
+        chunk_size: tokens per sealed chunk.
+        sink_tokens: leading tokens pinned on the device (0 disables).
+        recent_window: newest tokens kept unsealed on the device.
+        staging_tokens: most tokens fetched from host/disk into one attention batch (bounds staging memory).
+        zstd_level: zstd level for disk records (1-22).
+        byte_planes: split 16/32-bit values into byte planes before zstd (see docs/benchmarks/codec.json).
+        initial_map_bytes: LMDB map size at creation; it doubles when full.
+        max_store_bytes: hard limit of the store size (None: grow while the disk allows).
+    """
+
+    mode: str = "exact"
+    device_budget: int | None = None
+    host_budget: int | None = None
+    store_path: str | Path | None = None
+    chunk_size: int = 64
+    sink_tokens: int = 4
+    recent_window: int = 64
+    staging_tokens: int = 8192
+    zstd_level: int = 3
+    byte_planes: bool = True
+    initial_map_bytes: int = 1 << 28
+    max_store_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
+        _check_int("chunk_size", self.chunk_size, 1)
+        _check_int("sink_tokens", self.sink_tokens, 0)
+        _check_int("recent_window", self.recent_window, 0)
+        _check_int("staging_tokens", self.staging_tokens, 1)
+        _check_int("device_budget", self.device_budget, 1, allow_none=True)
+        _check_int("host_budget", self.host_budget, 0, allow_none=True)
+        _check_int("initial_map_bytes", self.initial_map_bytes, 1 << 16)
+        _check_int("max_store_bytes", self.max_store_bytes, 1 << 16, allow_none=True)
+        if not isinstance(self.zstd_level, int) or not 1 <= self.zstd_level <= 22:
+            raise ValueError(f"`zstd_level` must be an integer in [1, 22], got {self.zstd_level!r}")
+        if self.device_budget is not None and self.device_budget < self.min_device_budget:
+            raise ValueError(
+                f"`device_budget`={self.device_budget} tokens per layer cannot hold the sinks, the recent window "
+                f"and one chunk being sealed: sink_tokens ({self.sink_tokens}) + recent_window "
+                f"({self.recent_window}) + chunk_size ({self.chunk_size}) = {self.min_device_budget}. "
+                f"Raise device_budget to at least {self.min_device_budget}, or lower recent_window/chunk_size."
+            )
+        if self.max_store_bytes is not None and self.max_store_bytes < self.initial_map_bytes:
+            self.initial_map_bytes = self.max_store_bytes
+        if self.store_path is not None:
+            self.store_path = Path(self.store_path)
+
+    @property
+    def min_device_budget(self) -> int:
+        return self.sink_tokens + self.recent_window + self.chunk_size
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["store_path"] = None if self.store_path is None else str(self.store_path)
+        return out

@@ -1,0 +1,47 @@
+"""Exceptions raised by kvtier. Each one names what is wrong and, where it can, what to change."""
+
+from __future__ import annotations
+
+
+class KVTierError(Exception):
+    """Base class of every error kvtier raises on purpose."""
+
+
+class AttentionNotEnabledError(KVTierError, RuntimeError):
+    """A KVTierCache reached an attention implementation other than kvtier's."""
+
+
+class UnsupportedModelError(KVTierError, ValueError):
+    """The model has a feature kvtier cannot serve exactly (and would otherwise serve wrongly)."""
+
+
+class CacheInputError(KVTierError, ValueError):
+    """Tensors handed to the cache do not match what it was built for (dtype, device, shape)."""
+
+
+class StoreError(KVTierError):
+    """Base class of disk-store errors."""
+
+
+class StoreCorruptError(StoreError):
+    """A record failed its checksum, was truncated, or could not be decoded."""
+
+
+class StoreMissingRecordError(StoreError):
+    """A record the cache refers to is not in the store."""
+
+
+class StoreMismatchError(StoreError):
+    """The store (or one record) was written for another model, dtype or layout version."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store open."""
+
+
+class StoreFullError(StoreError):
+    """The store reached its size limit; the failed write left the store as it was."""
+
+
+class IncompleteSessionError(StoreError):
+    """The store holds a session whose prefill never finished (it was interrupted)."""

@@ -1,0 +1,63 @@
+"""Chunk metadata: plain Python, kept apart from the tensors that hold the KV.
+
+A chunk is a run of consecutive logical positions of one layer, for every batch row and KV head.
+Its tensors live in exactly one of the device pool or the host pool, or only on disk; a disk copy,
+once written, stays valid (sealed KV never changes), so evicting a chunk that already has one costs
+no write.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import torch
+
+
+class Tier(enum.IntEnum):
+    DEVICE = 0
+    HOST = 1
+    DISK = 2
+
+
+@dataclass(slots=True, eq=False)
+class Chunk:
+    layer: int
+    chunk_id: int
+    start: int  # first logical position
+    length: int  # tokens
+    tier: Tier
+    stored_batch: int  # batch rows in the stored tensors
+    rows: torch.Tensor | None = None  # logical batch row -> row of the host copy; None: identity
+    disk_rows: torch.Tensor | None = None  # logical batch row -> row of the disk record; None: identity
+    slots: torch.Tensor | None = None  # device-pool slot of each token, while tier == DEVICE
+    on_disk: bool = False  # a valid disk record exists
+    pinned: bool = False  # attention sinks: never evicted from the device
+    persisted: bool = False  # referenced by a saved session: its record outlives this cache
+    last_used: int = 0  # step counter of the last read, for eviction
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    @property
+    def key(self) -> bytes:
+        return chunk_key(self.layer, self.chunk_id)
+
+    def name(self) -> str:
+        return chunk_name(self.layer, self.chunk_id)
+
+    def remap_rows(self, index: torch.Tensor) -> None:
+        """Compose a batch reorder/select/repeat (`new_row[i] = old_row[index[i]]`) without moving data."""
+        index = index.to("cpu", torch.long)
+        self.rows = index.clone() if self.rows is None else self.rows[index]
+
+
+def chunk_key(layer: int, chunk_id: int) -> bytes:
+    # Big-endian so records sort by layer, then chunk id.
+    return b"c" + struct.pack(">IQ", layer, chunk_id)
+
+
+def chunk_name(layer: int, chunk_id: int) -> str:
+    return f"layer {layer} chunk {chunk_id}"

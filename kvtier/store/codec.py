@@ -1,0 +1,169 @@
+"""Disk record format: a fixed binary header plus a zstd payload. Never pickle: a store is data, never code.
+
+Record layout (little-endian)::
+
+    +--------+--------+-------+-------+-------+----------+-------+--------+-------+-------+----------+
+    | magic  | layout | flags | dtype | layer | chunk id | start | length | batch | heads | head_dim |
+    +--------+--------+-------+-------+-------+----------+-------+--------+-------+-------+----------+
+    | raw bytes | payload bytes | model signature (16 B) | payload crc32 | header crc32 | payload... |
+    +-----------+---------------+------------------------+---------------+--------------+------------+
+
+The payload is K then V, both `[batch, heads, length, head_dim]`, optionally split into byte planes
+(all first bytes, then all second bytes, ...) before zstd: the exponent bytes of 16-bit floats repeat
+a lot and compress far better apart from the noisy mantissa bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zstandard
+
+from ..errors import StoreCorruptError, StoreMismatchError
+from .chunk import chunk_name
+
+LAYOUT_VERSION = 1
+MAGIC = b"KVT1"
+FLAG_BYTE_PLANES = 1
+FLAG_ZSTD = 2
+
+_HEADER = struct.Struct("<4sHHBxxxIQQIIIIQQ16sI")
+_HEADER_CRC = struct.Struct("<I")
+HEADER_BYTES = _HEADER.size + _HEADER_CRC.size
+
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(slots=True, frozen=True)
+class RecordHeader:
+    layer: int
+    chunk_id: int
+    start: int
+    length: int
+    batch: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    signature: bytes  # first 16 bytes of the model signature
+    layout_version: int = LAYOUT_VERSION
+    flags: int = 0
+    raw_nbytes: int = 0
+    payload_nbytes: int = 0
+    payload_crc: int = 0
+
+
+def _to_planes(raw: np.ndarray, itemsize: int) -> np.ndarray:
+    return np.ascontiguousarray(raw.reshape(-1, itemsize).T).reshape(-1)
+
+
+def _from_planes(planes: np.ndarray, itemsize: int) -> np.ndarray:
+    return np.ascontiguousarray(planes.reshape(itemsize, -1).T).reshape(-1)
+
+
+def _as_bytes(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().to("cpu").contiguous()
+    return t.view(torch.uint8).numpy().reshape(-1)
+
+
+class RecordCodec:
+    """Encodes a chunk's K and V into one record and back, checking everything on the way in."""
+
+    def __init__(self, zstd_level: int = 3, byte_planes: bool = True):
+        self.zstd_level = zstd_level
+        self.byte_planes = byte_planes
+        self._compressor = zstandard.ZstdCompressor(level=zstd_level)
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    def encode(self, header: RecordHeader, k: torch.Tensor, v: torch.Tensor) -> bytes:
+        if k.dtype not in DTYPE_CODES:
+            raise StoreMismatchError(f"cannot store dtype {k.dtype}; supported: {list(map(dtype_name, DTYPE_CODES))}")
+        raw = np.concatenate([_as_bytes(k), _as_bytes(v)])
+        itemsize = k.element_size()
+        flags = FLAG_ZSTD
+        if self.byte_planes and itemsize > 1:
+            raw = _to_planes(raw, itemsize)
+            flags |= FLAG_BYTE_PLANES
+        payload = self._compressor.compress(raw.tobytes())
+        head = _HEADER.pack(
+            MAGIC,
+            LAYOUT_VERSION,
+            flags,
+            DTYPE_CODES[k.dtype],
+            header.layer,
+            header.chunk_id,
+            header.start,
+            header.length,
+            header.batch,
+            header.heads,
+            header.head_dim,
+            raw.nbytes,
+            len(payload),
+            header.signature[:16].ljust(16, b"\0"),
+            zlib.crc32(payload),
+        )
+        return head + _HEADER_CRC.pack(zlib.crc32(head)) + payload
+
+    @staticmethod
+    def read_header(blob: bytes, name: str) -> RecordHeader:
+        if len(blob) < HEADER_BYTES:
+            raise StoreCorruptError(f"{name}: record truncated to {len(blob)} bytes (header needs {HEADER_BYTES})")
+        head = blob[: _HEADER.size]
+        (crc,) = _HEADER_CRC.unpack_from(blob, _HEADER.size)
+        fields = _HEADER.unpack(head)
+        if fields[0] != MAGIC:
+            raise StoreCorruptError(f"{name}: not a kvtier record (bad magic {fields[0]!r})")
+        if zlib.crc32(head) != crc:
+            raise StoreCorruptError(f"{name}: header checksum mismatch (record corrupted)")
+        (_, layout, flags, dtype_code, layer, chunk_id, start, length, batch, heads, head_dim, raw_nbytes,
+         payload_nbytes, signature, payload_crc) = fields
+        if dtype_code not in CODE_DTYPES:
+            raise StoreCorruptError(f"{name}: unknown dtype code {dtype_code}")
+        return RecordHeader(layer, chunk_id, start, length, batch, heads, head_dim, CODE_DTYPES[dtype_code],
+                            signature, layout, flags, raw_nbytes, payload_nbytes, payload_crc)
+
+    def decode(
+        self, blob: bytes, layer: int, chunk_id: int, signature: bytes, dtype: torch.dtype
+    ) -> tuple[RecordHeader, torch.Tensor, torch.Tensor]:
+        """Check and decode a record that must hold `layer`/`chunk_id` of the given model and dtype."""
+        name = chunk_name(layer, chunk_id)
+        h = self.read_header(blob, name)
+        if h.layout_version != LAYOUT_VERSION:
+            raise StoreMismatchError(
+                f"{name}: record layout version {h.layout_version}, this kvtier reads version {LAYOUT_VERSION}"
+            )
+        if (h.layer, h.chunk_id) != (layer, chunk_id):
+            raise StoreCorruptError(f"{name}: record holds layer {h.layer} chunk {h.chunk_id} instead")
+        if h.signature != signature[:16].ljust(16, b"\0"):
+            raise StoreMismatchError(f"{name}: record was written by another model (signature mismatch)")
+        if h.dtype != dtype:
+            raise StoreMismatchError(f"{name}: record dtype is {dtype_name(h.dtype)}, the cache uses {dtype_name(dtype)}")
+        payload = blob[HEADER_BYTES:]
+        if len(payload) != h.payload_nbytes:
+            raise StoreCorruptError(f"{name}: payload truncated ({len(payload)} of {h.payload_nbytes} bytes)")
+        if zlib.crc32(payload) != h.payload_crc:
+            raise StoreCorruptError(f"{name}: payload checksum mismatch (record corrupted)")
+        try:
+            raw = self._decompressor.decompress(payload, max_output_size=h.raw_nbytes)
+        except zstandard.ZstdError as exc:
+            raise StoreCorruptError(f"{name}: payload does not decompress ({exc})") from exc
+        itemsize = torch.empty((), dtype=h.dtype).element_size()
+        shape = (h.batch, h.heads, h.length, h.head_dim)
+        expected = 2 * itemsize * h.batch * h.heads * h.length * h.head_dim
+        if len(raw) != h.raw_nbytes or len(raw) != expected:
+            raise StoreCorruptError(f"{name}: decoded {len(raw)} bytes, expected {expected}")
+        arr = np.frombuffer(raw, dtype=np.uint8)
+        if h.flags & FLAG_BYTE_PLANES:
+            arr = _from_planes(arr, itemsize)
+        else:
+            arr = arr.copy()  # frombuffer is read-only; torch wants a writable buffer
+        kv = torch.from_numpy(arr).view(h.dtype).view(2, *shape)
+        return h, kv[0], kv[1]

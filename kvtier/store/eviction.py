@@ -1,0 +1,21 @@
+"""Eviction strategies: which chunk leaves a full tier. Kept apart from the pools that hold the data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .chunk import Chunk
+
+
+class LRUEviction:
+    """Least recently read first; among equals the oldest position (exact mode reads everything every step,
+    so there the oldest text leaves the device first and the newest stays)."""
+
+    def victim(self, chunks: Iterable[Chunk]) -> Chunk | None:
+        best = None
+        for c in chunks:
+            if c.pinned:
+                continue
+            if best is None or (c.last_used, c.start) < (best.last_used, best.start):
+                best = c
+        return best

@@ -1,0 +1,199 @@
+"""Budgeted memory pools of one layer: the device arena and the host pool.
+
+Budgets are hard: `allocate`/`put` return None/False when a request does not fit, and the caller
+(the tier manager) decides what to evict. Nothing here picks victims.
+
+Device arena layout (one per full-attention layer)::
+
+    k, v : [batch, kv_heads, capacity, head_dim]
+    slot_pos : [capacity]  logical position held by each slot, -1 when free
+               |  used slots  | holes (free, reused first) | ... | high water | never used ... |
+
+Attention never cares about key order, so a layer attends over `k[:, :, :high_water]` in one call,
+masking free slots; slots are handed out lowest first to keep that prefix dense.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+
+import torch
+
+_MIN_CAPACITY = 256
+
+
+class DevicePool:
+    """Token slots of one layer on the compute device, at most `budget` of them in use."""
+
+    def __init__(self, budget: int | None, device: torch.device, dtype: torch.dtype):
+        self.budget = budget
+        self.device = device
+        self.dtype = dtype
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.slot_pos: torch.Tensor | None = None
+        self.used = 0
+        self.peak = 0
+        self.high_water = 0
+        # Free slots below high_water: a set, plus a min-heap with lazy deletion for lowest-first reuse.
+        self._holes: set[int] = set()
+        self._hole_heap: list[int] = []
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    @property
+    def free(self) -> int | None:
+        return None if self.budget is None else self.budget - self.used
+
+    @property
+    def dense(self) -> bool:
+        """True when every slot below high water is in use (no mask needed for holes)."""
+        return self.used == self.high_water
+
+    def bytes_per_token(self) -> int:
+        if self.k is None:
+            return 0
+        b, h, _, d = self.k.shape
+        return 2 * b * h * d * self.k.element_size()
+
+    def init_shape(self, batch: int, heads: int, head_dim: int) -> None:
+        if self.k is None:
+            self._resize(batch, heads, head_dim, 0)
+
+    def _resize(self, batch: int, heads: int, head_dim: int, capacity: int) -> None:
+        k = torch.zeros(batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
+        v = torch.zeros_like(k)
+        pos = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
+        if self.k is not None and self.high_water:
+            n = self.high_water
+            k[:, :, :n] = self.k[:, :, :n]
+            v[:, :, :n] = self.v[:, :, :n]
+            pos[:n] = self.slot_pos[:n]
+        self.k, self.v, self.slot_pos = k, v, pos
+
+    def allocate(self, n: int) -> torch.Tensor | None:
+        """Reserve `n` slots (lowest first); None if that would exceed the budget."""
+        if self.budget is not None and self.used + n > self.budget:
+            return None
+        take = [self._pop_hole() for _ in range(min(n, len(self._holes)))]
+        fresh = n - len(take)
+        if fresh:
+            if self.high_water + fresh > self.capacity:
+                want = max(2 * self.capacity, self.high_water + fresh, _MIN_CAPACITY)
+                if self.budget is not None:
+                    want = min(want, self.budget)
+                b, h, _, d = self.k.shape
+                self._resize(b, h, d, max(want, self.high_water + fresh))
+            take.extend(range(self.high_water, self.high_water + fresh))
+            self.high_water += fresh
+        self.used += n
+        self.peak = max(self.peak, self.used)
+        return torch.tensor(take, dtype=torch.long, device=self.device)
+
+    def _pop_hole(self) -> int:
+        while True:
+            s = heapq.heappop(self._hole_heap)
+            if s in self._holes:
+                self._holes.remove(s)
+                return s
+
+    def release(self, slots: torch.Tensor) -> None:
+        """Return slots to the pool (their data is dropped)."""
+        idx = slots.tolist()
+        self.slot_pos[slots] = -1
+        for s in idx:
+            self._holes.add(s)
+            heapq.heappush(self._hole_heap, s)
+        self.used -= len(idx)
+        # Pull the high-water mark down past trailing holes so attention spans fewer slots.
+        while self.high_water and (self.high_water - 1) in self._holes:
+            self._holes.remove(self.high_water - 1)
+            self.high_water -= 1
+        if not self._holes:
+            self._hole_heap.clear()
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """k, v: [batch, heads, n, head_dim]; positions: [n] logical positions."""
+        self.k[:, :, slots] = k.to(self.device, self.dtype)
+        self.v[:, :, slots] = v.to(self.device, self.dtype)
+        self.slot_pos[slots] = positions.to(self.device)
+
+    def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, slots], self.v[:, :, slots]
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The used prefix of the arena: k, v [B, H, high_water, D] and slot positions [high_water]."""
+        n = self.high_water
+        return self.k[:, :, :n], self.v[:, :, :n], self.slot_pos[:n]
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Reorder/select/repeat batch rows (`new[i] = old[index[i]]`); data moves, slots stay."""
+        if self.k is not None:
+            index = index.to(self.device)
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+    def clear(self) -> None:
+        self.k = self.v = self.slot_pos = None
+        self.used = self.high_water = 0
+        self._holes.clear()
+        self._hole_heap.clear()
+
+
+class HostPool:
+    """Chunks of one layer held in CPU memory (pinned when a CUDA device is the compute device)."""
+
+    def __init__(self, budget: int | None, pin: bool):
+        self.budget = budget
+        self.pin = pin
+        self.data: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.used = 0
+        self.peak = 0
+        self.nbytes = 0
+
+    def fits(self, n: int) -> bool:
+        return self.budget is None or self.used + n <= self.budget
+
+    def put(self, chunk_id: int, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Keep a chunk's tensors; False when they would exceed the budget."""
+        n = k.shape[2]
+        if not self.fits(n):
+            return False
+        k, v = self._to_host(k), self._to_host(v)
+        self.data[chunk_id] = (k, v)
+        self.used += n
+        self.nbytes += k.nbytes + v.nbytes
+        self.peak = max(self.peak, self.used)
+        return True
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "cpu":
+            t = t.contiguous()
+            if self.pin and not t.is_pinned():
+                t = t.pin_memory()
+            return t
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
+        out.copy_(t)  # synchronous: the device slots are reused right after
+        return out
+
+    def get(self, chunk_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[chunk_id]
+
+    def pop(self, chunk_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.data.pop(chunk_id)
+        self.used -= k.shape[2]
+        self.nbytes -= k.nbytes + v.nbytes
+        return k, v
+
+    def replace(self, chunk_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Swap a chunk's tensors for ones of the same length (e.g. after a batch reorder)."""
+        old_k, old_v = self.data[chunk_id]
+        self.nbytes += k.nbytes + v.nbytes - old_k.nbytes - old_v.nbytes
+        self.data[chunk_id] = (k, v)
+
+    def clear(self) -> None:
+        self.data.clear()
+        self.used = self.nbytes = 0

@@ -1,0 +1,311 @@
+"""The tier manager: places sealed chunks and moves them device -> host -> disk and back.
+
+Placement always tries the fastest tier first and makes room by evicting downwards; nothing is ever
+dropped, only moved (a chunk leaves the cache only when the cache frees it). Reads for attention promote
+a chunk upwards only into free room, so a steady state never thrashes.
+
+Row maps: a device copy is in the cache's logical batch order (batch reorders move it); a host copy and
+a disk record keep the order they were written in, and `Chunk.rows` / `Chunk.disk_rows` map logical
+rows onto them, so a beam-search reorder never rewrites data below the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..config import KVTierConfig
+from ..errors import StoreMissingRecordError
+from .chunk import Chunk, Tier
+from .codec import RecordCodec, RecordHeader
+from .disk import DiskStore
+from .eviction import LRUEviction
+from .pools import DevicePool, HostPool
+from .stats import CacheStats
+
+
+def _apply_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t.index_select(0, rows.to(t.device))
+
+
+def _positions(chunk: Chunk, device: torch.device) -> torch.Tensor:
+    return torch.arange(chunk.start, chunk.end, device=device)
+
+
+class TierManager:
+    """Owns the per-layer device and host pools, the shared disk store, and the accounting of all three."""
+
+    def __init__(
+        self,
+        config: KVTierConfig,
+        tiered_layers: Iterable[int],
+        device: torch.device,
+        dtype: torch.dtype,
+        signature: bytes,
+        disk_factory: Callable[[], DiskStore],
+    ):
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.signature = signature
+        pin = self.device.type == "cuda"
+        layers = list(tiered_layers)
+        self.device_pools = {i: DevicePool(config.device_budget, self.device, dtype) for i in layers}
+        self.host_pools = {i: HostPool(config.host_budget, pin) for i in layers}
+        self._on_device: dict[int, dict[int, Chunk]] = {i: {} for i in layers}
+        self._on_host: dict[int, dict[int, Chunk]] = {i: {} for i in layers}
+        self.codec = RecordCodec(config.zstd_level, config.byte_planes)
+        self.policy = LRUEviction()
+        self._disk: DiskStore | None = None
+        self._disk_factory = disk_factory
+        self.record_sizes: dict[bytes, tuple[int, int, int]] = {}  # key -> (tokens, raw bytes, stored bytes)
+        self.counters = CacheStats()
+        self.clock = 0  # forward passes seen; chunks remember when they were last read
+        self.next_chunk_id = 0
+
+    def new_chunk_id(self) -> int:
+        self.next_chunk_id += 1
+        return self.next_chunk_id - 1
+
+    # --------------------------------------------------------------------------------------- disk
+    @property
+    def disk(self) -> DiskStore:
+        if self._disk is None:
+            self._disk = self._disk_factory()
+        return self._disk
+
+    @property
+    def has_disk(self) -> bool:
+        return self._disk is not None
+
+    def write_records(self, items: list[tuple[Chunk, torch.Tensor, torch.Tensor]]) -> None:
+        """Encode chunks (k, v in the chunk's stored row order) and write them in one transaction."""
+        if not items:
+            return
+        blobs = []
+        for chunk, k, v in items:
+            b, h, n, d = k.shape
+            header = RecordHeader(chunk.layer, chunk.chunk_id, chunk.start, n, b, h, d, k.dtype, self.signature)
+            blob = self.codec.encode(header, k, v)
+            blobs.append((chunk.key, blob))
+            self.record_sizes[chunk.key] = (n, k.nbytes + v.nbytes, len(blob))
+        self.disk.put_many(blobs)
+        for chunk, k, v in items:
+            chunk.on_disk = True
+            self.counters.disk.bytes_written += self.record_sizes[chunk.key][2]
+
+    def read_record(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's disk record in stored row order (CPU tensors)."""
+        blob = self.disk.get(chunk.key)
+        if blob is None:
+            raise StoreMissingRecordError(f"{chunk.name()}: record missing from store {self.disk.path}")
+        header, k, v = self.codec.decode(blob, chunk.layer, chunk.chunk_id, self.signature, self.dtype)
+        if header.start != chunk.start or header.length != chunk.length:
+            raise StoreMissingRecordError(
+                f"{chunk.name()}: record covers positions {header.start}..{header.start + header.length}, "
+                f"expected {chunk.start}..{chunk.end}"
+            )
+        self.record_sizes.setdefault(chunk.key, (chunk.length, k.nbytes + v.nbytes, len(blob)))
+        self.counters.disk.bytes_read += len(blob)
+        return k, v
+
+    # ---------------------------------------------------------------------------------- placement
+    def place(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a newly sealed chunk (k, v: [B, H, n, D] in logical row order) in the fastest tier with room."""
+        chunk.rows = None
+        slots = self.allocate_device(chunk.layer, chunk.length)
+        if slots is not None:
+            self._write_device(chunk, slots, k, v)
+        else:
+            self._to_host(chunk, k, v)
+
+    def allocate_device(self, layer: int, n: int) -> torch.Tensor | None:
+        """Device slots for n tokens, evicting least recently used chunks to the host as needed."""
+        pool = self.device_pools[layer]
+        while (slots := pool.allocate(n)) is None:
+            victim = self.policy.victim(self._on_device[layer].values())
+            if victim is None:
+                return None
+            self.evict_from_device(victim)
+        return slots
+
+    def adopt_device(self, chunk: Chunk, slots: torch.Tensor) -> None:
+        """Register a chunk whose tokens already sit in device slots (sealed from the recent window)."""
+        chunk.tier, chunk.slots, chunk.rows = Tier.DEVICE, slots, None
+        self._on_device[chunk.layer][chunk.chunk_id] = chunk
+
+    def _write_device(self, chunk: Chunk, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        pool = self.device_pools[chunk.layer]
+        pool.write(slots, k, v, _positions(chunk, pool.device))
+        self.counters.device.bytes_written += k.nbytes + v.nbytes
+        self.adopt_device(chunk, slots)
+
+    def evict_from_device(self, chunk: Chunk) -> None:
+        pool = self.device_pools[chunk.layer]
+        k, v = pool.read(chunk.slots)
+        pool.release(chunk.slots)
+        del self._on_device[chunk.layer][chunk.chunk_id]
+        chunk.slots = None
+        self.counters.device.bytes_read += k.nbytes + v.nbytes
+        chunk.rows = None  # the device copy was in logical order
+        self._to_host(chunk, k, v)
+
+    def _to_host(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> None:
+        host = self.host_pools[chunk.layer]
+        while not host.fits(chunk.length):
+            victim = self.policy.victim(self._on_host[chunk.layer].values())
+            if victim is None:
+                break
+            self.evict_from_host(victim)
+        if host.put(chunk.chunk_id, k, v):
+            chunk.tier = Tier.HOST
+            self._on_host[chunk.layer][chunk.chunk_id] = chunk
+            self.counters.host.bytes_written += k.nbytes + v.nbytes
+        else:
+            self._to_disk(chunk, k.cpu(), v.cpu())
+
+    def evict_from_host(self, chunk: Chunk) -> None:
+        k, v = self.host_pools[chunk.layer].pop(chunk.chunk_id)
+        del self._on_host[chunk.layer][chunk.chunk_id]
+        self.counters.host.bytes_read += k.nbytes + v.nbytes
+        self._to_disk(chunk, k, v)
+
+    def _to_disk(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not chunk.on_disk:
+            self.write_records([(chunk, k, v)])
+            chunk.disk_rows = chunk.rows
+        chunk.rows = None
+        chunk.tier = Tier.DISK
+
+    def persist(self, chunks: Iterable[Chunk]) -> None:
+        """Give every chunk a disk record (one transaction) and keep it past this cache's lifetime."""
+        items = []
+        for chunk in chunks:
+            if not chunk.on_disk:
+                if chunk.tier == Tier.DEVICE:
+                    k, v = self.device_pools[chunk.layer].read(chunk.slots)
+                    items.append((chunk, k.cpu(), v.cpu(), None))
+                else:
+                    k, v = self.host_pools[chunk.layer].get(chunk.chunk_id)
+                    items.append((chunk, k, v, chunk.rows))
+            chunk.persisted = True
+        self.write_records([(c, k, v) for c, k, v, _ in items])
+        for chunk, _, _, rows in items:
+            chunk.disk_rows = rows
+
+    # -------------------------------------------------------------------------------------- reads
+    def fetch(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's k, v on the compute device in logical row order, wherever it lives."""
+        c = self.counters
+        n = 0
+        if chunk.tier == Tier.DEVICE:
+            c.device.hits += 1
+            return self.device_pools[chunk.layer].read(chunk.slots)
+        c.device.misses += 1
+        if chunk.tier == Tier.HOST:
+            c.host.hits += 1
+            k, v = self.host_pools[chunk.layer].get(chunk.chunk_id)
+            k, v = _apply_rows(k, chunk.rows), _apply_rows(v, chunk.rows)
+            c.host.bytes_read += k.nbytes + v.nbytes
+        else:
+            c.host.misses += 1
+            c.disk.hits += 1
+            k, v = self.read_record(chunk)
+            k, v = _apply_rows(k, chunk.disk_rows), _apply_rows(v, chunk.disk_rows)
+        chunk.last_used = self.clock
+        n = k.nbytes + v.nbytes
+        if self.device.type != "cpu":
+            k, v = k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)
+        c.device.bytes_written += n
+        return k, v
+
+    def promote(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Move a fetched chunk up into free room (never evicting for it). k, v: logical order."""
+        if chunk.tier == Tier.DEVICE:
+            return True
+        pool = self.device_pools[chunk.layer]
+        slots = pool.allocate(chunk.length)
+        if slots is not None:
+            if chunk.tier == Tier.HOST:
+                self.host_pools[chunk.layer].pop(chunk.chunk_id)
+                del self._on_host[chunk.layer][chunk.chunk_id]
+            chunk.rows = None
+            pool.write(slots, k, v, _positions(chunk, pool.device))
+            self.adopt_device(chunk, slots)
+            return True
+        host = self.host_pools[chunk.layer]
+        if chunk.tier == Tier.DISK and host.fits(chunk.length):
+            host.put(chunk.chunk_id, k, v)
+            chunk.tier, chunk.rows = Tier.HOST, None
+            self._on_host[chunk.layer][chunk.chunk_id] = chunk
+            self.counters.host.bytes_written += k.nbytes + v.nbytes
+        return False
+
+    def device_has_room(self, layer: int, n: int) -> bool:
+        free = self.device_pools[layer].free
+        return free is None or free >= n
+
+    # ----------------------------------------------------------------------------------- lifetime
+    def free(self, chunks: Iterable[Chunk]) -> None:
+        """Drop chunks from every tier (disk records of a saved session stay)."""
+        doomed = []
+        for chunk in chunks:
+            if chunk.tier == Tier.DEVICE:
+                self.device_pools[chunk.layer].release(chunk.slots)
+                del self._on_device[chunk.layer][chunk.chunk_id]
+                chunk.slots = None
+            elif chunk.tier == Tier.HOST:
+                self.host_pools[chunk.layer].pop(chunk.chunk_id)
+                del self._on_host[chunk.layer][chunk.chunk_id]
+            if chunk.on_disk and not chunk.persisted:
+                doomed.append(chunk.key)
+                chunk.on_disk = False
+        self.drop_records(doomed)
+
+    def drop_records(self, keys: list[bytes]) -> None:
+        if keys:
+            self.disk.remove_many(keys)
+            for key in keys:
+                self.record_sizes.pop(key, None)
+
+    def select_rows(self, layer: int, chunks: Iterable[Chunk], index: torch.Tensor) -> None:
+        """Apply a batch reorder to one layer: device data moves, host/disk copies get a row map."""
+        self.device_pools[layer].select_rows(index)
+        for chunk in chunks:
+            if chunk.tier == Tier.HOST:
+                chunk.remap_rows(index)
+            if chunk.on_disk:
+                chunk.disk_rows = _compose(chunk.disk_rows, index)
+
+    def stats(self) -> CacheStats:
+        s = self.counters
+        s.device.tokens = sum(p.used for p in self.device_pools.values())
+        s.device.bytes = sum(p.used * p.bytes_per_token() for p in self.device_pools.values())
+        s.device.budget_tokens = self.config.device_budget
+        s.device.peak_tokens = max((p.peak for p in self.device_pools.values()), default=0)
+        s.host.tokens = sum(p.used for p in self.host_pools.values())
+        s.host.bytes = sum(p.nbytes for p in self.host_pools.values())
+        s.host.budget_tokens = self.config.host_budget
+        s.host.peak_tokens = max((p.peak for p in self.host_pools.values()), default=0)
+        s.disk.tokens = sum(n for n, _, _ in self.record_sizes.values())
+        s.disk.raw_bytes = sum(raw for _, raw, _ in self.record_sizes.values())
+        s.disk.bytes = sum(stored for _, _, stored in self.record_sizes.values())
+        return s
+
+    def clear(self) -> None:
+        for pool in self.device_pools.values():
+            pool.clear()
+        for pool in self.host_pools.values():
+            pool.clear()
+        for d in (*self._on_device.values(), *self._on_host.values()):
+            d.clear()
+
+    def close(self) -> None:
+        if self._disk is not None:
+            self._disk.close()
+
+
+def _compose(rows: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+    index = index.to("cpu", torch.long)
+    return index.clone() if rows is None else rows[index]
