@@ -35,6 +35,8 @@ STORE_META = "store"
 SESSION_META = "session"
 # Options a saved session fixes (they shape the chunk table); budgets and the rest may change on reopen.
 _LAYOUT_OPTIONS = ("chunk_size", "sink_tokens", "recent_window")
+# Options a reopened session takes from the saved one unless the caller overrides them.
+_RUNTIME_OPTIONS = ("device_budget", "host_budget", "staging_tokens", "zstd_level", "byte_planes", "max_store_bytes")
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -83,7 +85,8 @@ class KVTierCache(Cache):
             self._make_disk,
         )
         layers = [
-            TieredLayer(i, layer, self.config, self.tiers) if layer.kind == FULL else SlidingLayer(i, layer)
+            TieredLayer(i, layer, self.config, self.tiers) if layer.kind == FULL
+            else SlidingLayer(i, layer, slack=self.config.recent_window)
             for i, layer in enumerate(spec.layers)
         ]
         super().__init__(layers=layers)
@@ -133,6 +136,9 @@ class KVTierCache(Cache):
                 )
             for name in _LAYOUT_OPTIONS:
                 options.setdefault(name, header["layout"][name])
+            for name, value in session.get("options", {}).items():
+                if name in _RUNTIME_OPTIONS:
+                    options.setdefault(name, value)
             options["store_path"] = path
             enable(model)
             cache = cls(spec, KVTierConfig(**options), device=_model_device(model), _disk=disk)
@@ -316,7 +322,8 @@ class KVTierCache(Cache):
                 tail = self._persist_aux(layer.index, layer.win_start, *self._window_tensors(layer))
                 entry = {
                     "kind": "full",
-                    "chunks": [[c.chunk_id, c.start, c.length, c.pinned, _rows_list(c.disk_rows)] for c in layer.chunks],
+                    "chunks": [[c.chunk_id, c.start, c.length, c.pinned, _rows_list(c.disk_rows),
+                                *self.tiers.record_sizes[c.key][1:]] for c in layer.chunks],
                     "tail": tail,
                 }
                 keys.update(c.key for c in layer.chunks)
@@ -337,6 +344,7 @@ class KVTierCache(Cache):
             "batch": self.batch_size,
             "next_chunk_id": self.tiers.next_chunk_id,
             "saved": time.time(),
+            "options": {name: getattr(self.config, name) for name in _RUNTIME_OPTIONS},
             "layers": manifest_layers,
         }
         disk.put_meta(SESSION_META, manifest)
@@ -373,11 +381,12 @@ class KVTierCache(Cache):
             if isinstance(layer, TieredLayer):
                 if entry["kind"] != "full":
                     raise StoreMismatchError(f"layer {layer.index}: stored as {entry['kind']}, the model's is full")
-                for chunk_id, start, n, pinned, rows in entry["chunks"]:
+                for chunk_id, start, n, pinned, rows, raw_bytes, stored_bytes in entry["chunks"]:
                     chunk = Chunk(layer.index, chunk_id, start, n, Tier.DISK, batch, on_disk=True, pinned=bool(pinned),
                                   persisted=True, disk_rows=None if rows is None else torch.tensor(rows))
                     layer.chunks.append(chunk)
                     keys.add(chunk.key)
+                    self.tiers.record_sizes[chunk.key] = (n, raw_bytes, stored_bytes)
                 layer.length = layer.chunks[-1].end if layer.chunks else 0
                 layer.batch = batch
                 self._load_window(layer, entry["tail"], keys)

@@ -34,7 +34,8 @@ class KVTierConfig:
         store_path: LMDB store directory; None makes a temporary one that is removed on close.
         chunk_size: tokens per sealed chunk.
         sink_tokens: leading tokens pinned on the device (0 disables).
-        recent_window: newest tokens kept unsealed on the device.
+        recent_window: newest tokens kept unsealed on the device (sliding-window layers also keep this many
+            tokens beyond their window, so `crop` can take back that many).
         staging_tokens: most tokens fetched from host/disk into one attention batch (bounds staging memory).
         zstd_level: zstd level for disk records (1-22).
         byte_planes: split 16/32-bit values into byte planes before zstd (see docs/benchmarks/codec.json).

@@ -277,14 +277,18 @@ class TieredLayer:
 
 
 class SlidingLayer:
-    """A sliding-window layer: the last W-1 tokens on the device, nothing older is ever needed."""
+    """A sliding-window layer: the last W-1 tokens on the device, nothing older is ever needed.
+
+    It keeps `slack` tokens more than that so `crop` can take back up to `slack` tokens (speculative
+    decoding does)."""
 
     is_sliding = True
 
-    def __init__(self, index: int, spec: LayerSpec, device: torch.device | None = None):
+    def __init__(self, index: int, spec: LayerSpec, slack: int = 0):
         self.index = index
         self.spec = spec
         self.window = spec.window
+        self.slack = slack
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.length = 0
@@ -297,7 +301,7 @@ class SlidingLayer:
         else:
             ctx_k, ctx_v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
         first = past + k.shape[2] - ctx_k.shape[2]
-        keep = max(0, self.window - 1)
+        keep = max(0, self.window - 1) + self.slack
         self.k, self.v = ctx_k[:, :, ctx_k.shape[2] - min(keep, ctx_k.shape[2]):], ctx_v[:, :, ctx_v.shape[2] - min(keep, ctx_v.shape[2]):]
         self.length = past + k.shape[2]
         self.batch = k.shape[0]
@@ -324,7 +328,8 @@ class SlidingLayer:
         if held - drop < min(length, self.window - 1):
             raise CacheInputError(
                 f"cannot crop sliding-window layer {self.index} back by {drop} tokens: it keeps only the last "
-                f"{self.window - 1} tokens, and the ones before them are gone"
+                f"{self.window - 1 + self.slack} tokens (window - 1 + recent_window); raise recent_window to crop "
+                "further back"
             )
         self.k, self.v = self.k[:, :, : held - drop], self.v[:, :, : held - drop]
         self.length = length

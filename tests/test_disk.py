@@ -1,0 +1,90 @@
+"""The LMDB disk store: growth, clean failure when full, one process at a time, owner-only files."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from kvtier.errors import StoreFullError, StoreLockedError
+from kvtier.store.disk import DiskStore
+
+
+def test_put_get_remove(tmp_path):
+    store = DiskStore(tmp_path / "s")
+    store.put_many([(b"a", b"1"), (b"b", b"22")], meta={"info": {"x": 1}})
+    assert store.get(b"a") == b"1" and store.contains(b"b") and store.get(b"zz") is None
+    assert store.get_meta("info") == {"x": 1}
+    store.remove(b"a")
+    assert list(store.keys()) == [b"b"]
+    store.close()
+
+
+def test_map_grows_when_full(tmp_path):
+    store = DiskStore(tmp_path / "s", initial_map_bytes=1 << 16)
+    blob = os.urandom(40_000)
+    for i in range(20):
+        store.put(b"k%d" % i, blob)
+    assert store.map_bytes > 1 << 16
+    assert all(store.get(b"k%d" % i) == blob for i in range(20))
+    store.close()
+
+
+def test_full_store_fails_cleanly_and_stays_readable(tmp_path):
+    store = DiskStore(tmp_path / "s", initial_map_bytes=1 << 16, max_bytes=1 << 18)
+    blob = os.urandom(30_000)
+    written = 0
+    with pytest.raises(StoreFullError, match="size limit"):
+        for i in range(100):
+            store.put(b"k%d" % i, blob)
+            written += 1
+    assert 0 < written < 100
+    # Everything committed before the failure is intact; the failed write left nothing behind.
+    assert all(store.get(b"k%d" % i) == blob for i in range(written))
+    assert store.get(b"k%d" % written) is None
+    store.close()
+    reopened = DiskStore(tmp_path / "s", create=False)
+    assert len(list(reopened.keys())) == written
+    reopened.close()
+
+
+def test_owner_only_permissions(tmp_path):
+    store = DiskStore(tmp_path / "s")
+    store.put(b"a", b"1")
+    assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o700
+    for f in (tmp_path / "s").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
+    store.close()
+
+
+def test_second_process_cannot_open_the_store(tmp_path):
+    store = DiskStore(tmp_path / "s")
+    code = textwrap.dedent(f"""
+        from kvtier.store.disk import DiskStore
+        from kvtier.errors import StoreLockedError
+        try:
+            DiskStore({str(tmp_path / 's')!r})
+        except StoreLockedError as e:
+            print("LOCKED", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "LOCKED" in out.stdout and str(os.getpid()) in out.stdout, out.stderr
+    store.close()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "LOCKED" not in out.stdout, out.stdout + out.stderr
+
+
+def test_same_process_cannot_open_twice(tmp_path):
+    store = DiskStore(tmp_path / "s")
+    with pytest.raises(StoreLockedError):
+        DiskStore(tmp_path / "s")
+    store.close()
+
+
+def test_open_missing_store_without_create(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        DiskStore(tmp_path / "nope", create=False)
