@@ -1,7 +1,7 @@
 """kvtier: a drop-in transformers Cache that keeps the KV cache in a GPU -> CPU -> disk hierarchy."""
 
 from .attention import ATTENTION_NAME, disable, enable, register
-from .cache import KVTierCache
+from .cache import KVTierCache, cache_argument
 from .config import KVTierConfig
 from .errors import (
     AttentionNotEnabledError,
@@ -40,6 +40,7 @@ __all__ = [
     "StoreMissingRecordError",
     "TierStats",
     "UnsupportedModelError",
+    "cache_argument",
     "disable",
     "enable",
     "register",

@@ -6,6 +6,7 @@ attention lives in `kvtier.attention`. This class translates transformers' calls
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 import time
 import weakref
@@ -37,6 +38,12 @@ SESSION_META = "session"
 _LAYOUT_OPTIONS = ("chunk_size", "sink_tokens", "recent_window")
 # Options a reopened session takes from the saved one unless the caller overrides them.
 _RUNTIME_OPTIONS = ("device_budget", "host_budget", "staging_tokens", "zstd_level", "byte_planes", "max_store_bytes")
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword a model's forward/generate take a cache under: `cache` on transformers >= 5.24 (where
+    `past_key_values` is deprecated), `past_key_values` before. Use as `model.generate(**{cache_argument(m): c})`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

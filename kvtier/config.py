@@ -51,7 +51,7 @@ class KVTierConfig:
     sink_tokens: int = 4
     recent_window: int = 64
     staging_tokens: int = 8192
-    zstd_level: int = 3
+    zstd_level: int = 1
     byte_planes: bool = True
     initial_map_bytes: int = 1 << 28
     max_store_bytes: int | None = None

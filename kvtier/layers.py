@@ -301,8 +301,9 @@ class SlidingLayer:
         else:
             ctx_k, ctx_v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
         first = past + k.shape[2] - ctx_k.shape[2]
-        keep = max(0, self.window - 1) + self.slack
-        self.k, self.v = ctx_k[:, :, ctx_k.shape[2] - min(keep, ctx_k.shape[2]):], ctx_v[:, :, ctx_v.shape[2] - min(keep, ctx_v.shape[2]):]
+        keep = min(max(0, self.window - 1) + self.slack, ctx_k.shape[2])
+        self.k = ctx_k[:, :, ctx_k.shape[2] - keep:].detach()
+        self.v = ctx_v[:, :, ctx_v.shape[2] - keep:].detach()
         self.length = past + k.shape[2]
         self.batch = k.shape[0]
         return KVHandle(self, past, k, v, context=(ctx_k, ctx_v, first))

@@ -80,3 +80,12 @@ def family(request) -> str:
 @pytest.fixture
 def llama() -> torch.nn.Module:
     return build_model("llama")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

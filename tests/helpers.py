@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import DynamicCache
+
+from kvtier import cache_argument
 
 VOCAB = 128
 
@@ -24,7 +24,7 @@ def padded_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch
 
 def cache_kw(model) -> str:
     """`cache` on transformers >= 5.24, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return cache_argument(model)
 
 
 @torch.no_grad()

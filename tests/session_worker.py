@@ -11,15 +11,13 @@ import time
 import torch
 import transformers as tf
 
-from kvtier import KVTierCache
+from kvtier import KVTierCache, cache_argument
 
 CHUNKING = dict(chunk_size=16, sink_tokens=4, recent_window=16, device_budget=40, host_budget=32)
 
 
 def _kw(model) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return cache_argument(model)
 
 
 def main() -> None:

@@ -104,3 +104,24 @@ def test_context_manager_closes():
         model(input_ids=torch.randint(3, 128, (1, 10)), **{cache_kw(model): cache})
     with pytest.raises(Exception, match="closed"):
         model(input_ids=torch.tensor([[3]]), **{cache_kw(model): cache})
+
+
+def test_grad_modes_mix_freely():
+    """Prefill under inference_mode, decode under no_grad, then with grad enabled: the cache's storage
+    never becomes an inference tensor nor joins an autograd graph."""
+    ref = build_model("llama")
+    model = twin(ref)
+    ids = torch.randint(3, 128, (1, 140))
+    cache = KVTierCache.for_model(model, **CHUNKING)
+    kw = {cache_kw(model): cache}
+    with torch.inference_mode():
+        model(input_ids=ids[:, :100], **kw)
+    with torch.no_grad():
+        model(input_ids=ids[:, 100:120], **kw)
+    got = model(input_ids=ids[:, 120:], **kw).logits
+    assert got.requires_grad  # the model's own graph is untouched
+    assert not cache.tiers.device_pools[0].k.requires_grad
+    want = ref(input_ids=ids).logits[:, 120:]
+    assert (got.detach() - want.detach()).abs().max() < 1e-5
+    cache.crop(-10)
+    cache.close()

@@ -90,3 +90,15 @@ def test_records_hold_no_pickle():
     blob = _encode(RecordCodec(), *_kv((1, 2, 4, 4), torch.float32))
     assert blob[:4] == b"KVT1"
     assert b"\x80\x04" not in blob[:HEADER_BYTES]  # no pickle protocol marker in the header
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_any_single_flipped_byte_is_detected(data):
+    codec = RecordCodec()
+    k, v = _kv((1, 2, 16, 8), torch.bfloat16, seed=1)
+    blob = bytearray(_encode(codec, k, v))
+    i = data.draw(st.integers(0, len(blob) - 1))
+    blob[i] ^= data.draw(st.integers(1, 255))
+    with pytest.raises((StoreCorruptError, StoreMismatchError), match="layer 3 chunk 17"):
+        codec.decode(bytes(blob), 3, 17, SIG, torch.bfloat16)

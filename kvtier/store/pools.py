@@ -15,12 +15,22 @@ masking free slots; slots are handed out lowest first to keep that prefix dense.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from collections import OrderedDict
 
 import torch
 
 _MIN_CAPACITY = 256
+
+
+def storage_mode() -> contextlib.ExitStack:
+    """Pool tensors are updated in place across calls, so they must never be inference tensors (made
+    under `torch.inference_mode()`, they could not be written outside it) nor track gradients."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
 
 
 class DevicePool:
@@ -64,6 +74,10 @@ class DevicePool:
             self._resize(batch, heads, head_dim, 0)
 
     def _resize(self, batch: int, heads: int, head_dim: int, capacity: int) -> None:
+        with storage_mode():
+            self._resize_no_grad(batch, heads, head_dim, capacity)
+
+    def _resize_no_grad(self, batch: int, heads: int, head_dim: int, capacity: int) -> None:
         k = torch.zeros(batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
         v = torch.zeros_like(k)
         pos = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
@@ -103,7 +117,8 @@ class DevicePool:
     def release(self, slots: torch.Tensor) -> None:
         """Return slots to the pool (their data is dropped)."""
         idx = slots.tolist()
-        self.slot_pos[slots] = -1
+        with storage_mode():
+            self.slot_pos[slots] = -1
         for s in idx:
             self._holes.add(s)
             heapq.heappush(self._hole_heap, s)
@@ -117,9 +132,10 @@ class DevicePool:
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """k, v: [batch, heads, n, head_dim]; positions: [n] logical positions."""
-        self.k[:, :, slots] = k.to(self.device, self.dtype)
-        self.v[:, :, slots] = v.to(self.device, self.dtype)
-        self.slot_pos[slots] = positions.to(self.device)
+        with storage_mode():
+            self.k[:, :, slots] = k.to(self.device, self.dtype)
+            self.v[:, :, slots] = v.to(self.device, self.dtype)
+            self.slot_pos[slots] = positions.to(self.device)
 
     def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, :, slots], self.v[:, :, slots]
@@ -132,9 +148,10 @@ class DevicePool:
     def select_rows(self, index: torch.Tensor) -> None:
         """Reorder/select/repeat batch rows (`new[i] = old[index[i]]`); data moves, slots stay."""
         if self.k is not None:
-            index = index.to(self.device)
-            self.k = self.k.index_select(0, index)
-            self.v = self.v.index_select(0, index)
+            with storage_mode():
+                index = index.to(self.device)
+                self.k = self.k.index_select(0, index)
+                self.v = self.v.index_select(0, index)
 
     def clear(self) -> None:
         self.k = self.v = self.slot_pos = None
@@ -170,6 +187,7 @@ class HostPool:
         return True
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
         if t.device.type == "cpu":
             t = t.contiguous()
             if self.pin and not t.is_pinned():

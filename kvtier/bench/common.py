@@ -1,0 +1,106 @@
+"""What every benchmark shares: machine facts, JSON output, timing, the synthetic haystack."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_OUT = Path("docs/benchmarks")
+HAYSTACK_ENV = "KVTIER_HAYSTACK_DIR"
+
+
+def machine_info() -> dict[str, Any]:
+    """The hardware and software a result was measured on."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gib": mem,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    return info
+
+
+def write_result(name: str, result: dict[str, Any], out_dir: str | Path = DEFAULT_OUT) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    result = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), **result}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def timed(fn: Callable[[], Any], sync: bool = False) -> tuple[float, Any]:
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1000, 3)
+
+
+_WORDS = (
+    "the of and to in is was that for on with as by at from his her they this which be are an or had not "
+    "but have one all were when there their what so out up if about into who them some could time would "
+    "people other than then now only its over also after new first because way even most made many "
+    "river garden letter window market winter history language engine number village science morning"
+).split()
+
+
+def haystack_text(min_chars: int, data_dir: str | Path | None = None, seed: int = 0) -> tuple[str, str]:
+    """Natural text from `data_dir` (or $KVTIER_HAYSTACK_DIR) when present, else generated sentences.
+
+    Returns (text, source) where source says which was used.
+    """
+    candidates = [data_dir, os.environ.get(HAYSTACK_ENV)]
+    for cand in candidates:
+        if cand and Path(cand).is_dir():
+            files = sorted(p for p in Path(cand).glob("*.txt") if not p.name.startswith("LICENSE"))
+            if files:
+                text, i = "", 0
+                while len(text) < min_chars:
+                    text += files[i % len(files)].read_text(errors="replace") + "\n"
+                    i += 1
+                return text, f"dir:{Path(cand).name}"
+    rng = random.Random(seed)
+    parts, n = [], 0
+    while n < min_chars:
+        sentence = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 18))).capitalize() + ". "
+        parts.append(sentence)
+        n += len(sentence)
+    return "".join(parts), "generated"

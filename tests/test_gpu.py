@@ -1,0 +1,53 @@
+"""CUDA-only paths: the device pool on the GPU, pinned host memory, exact parity there. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model, twin
+from helpers import cache_kw, padded_batch, reference_run, step_logits
+
+from kvtier import KVTierCache
+
+pytestmark = pytest.mark.gpu
+CHUNKING = dict(chunk_size=16, sink_tokens=4, recent_window=16, device_budget=40, host_budget=32)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "qwen2"])
+def test_exact_parity_on_cuda(name):
+    ref = build_model(name).cuda()
+    model = twin(ref)
+    ids, mask = padded_batch([150, 117])
+    ids, mask = ids.cuda(), mask.cuda()
+    ref_logits, toks = reference_run(ref, ids, mask, n_decode=6)
+    cache = KVTierCache.for_model(model, **CHUNKING)
+    logits = step_logits(model, cache, ids, mask, [100, 50], toks)
+    real = torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype, device=mask.device)], 1).bool()
+    assert (logits - ref_logits).abs().amax(-1)[real].max().item() < 1e-4
+    s = cache.stats()
+    assert s.device.peak_tokens <= 40 and s.host.peak_tokens <= 32 and s.disk.hits > 0
+    cache.close()
+
+
+def test_pools_live_where_they_should():
+    model = build_model("llama").cuda()
+    cache = KVTierCache.for_model(model, **CHUNKING)
+    model(input_ids=torch.randint(3, 128, (1, 200), device="cuda"), **{cache_kw(model): cache})
+    pool = cache.tiers.device_pools[0]
+    assert pool.k.is_cuda
+    host = cache.tiers.host_pools[0]
+    assert host.data and all(k.is_pinned() and v.is_pinned() for k, v in host.data.values())
+    cache.close()
+
+
+def test_greedy_generate_identical_on_cuda():
+    ref = build_model("llama").cuda()
+    model = twin(ref)
+    ids, mask = padded_batch([90, 64], seed=1)
+    ids, mask = ids.cuda(), mask.cuda()
+    want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    cache = KVTierCache.for_model(model, **CHUNKING)
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                         **{cache_kw(model): cache})
+    assert torch.equal(got, want)
+    cache.close()
