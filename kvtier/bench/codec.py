@@ -8,6 +8,7 @@ compress/decompress throughput for each dtype x layout x level.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Any
 
@@ -32,18 +33,22 @@ def _model_kv(tokens: int, data_dir: str | None) -> tuple[torch.Tensor, torch.Te
     return layer.keys, layer.values, source
 
 
-def _measure(codec: RecordCodec, k: torch.Tensor, v: torch.Tensor, reps: int = 3) -> dict[str, float]:
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _measure(codec: RecordCodec, k: torch.Tensor, v: torch.Tensor, reps: int = 9) -> dict[str, float]:
     b, h, n, d = k.shape
     header = RecordHeader(0, 0, 0, n, b, h, d, k.dtype, b"\0" * 16)
     raw = k.nbytes + v.nbytes
-    t = time.perf_counter()
-    for _ in range(reps):
-        blob = codec.encode(header, k, v)
-    enc = (time.perf_counter() - t) / reps
-    t = time.perf_counter()
-    for _ in range(reps):
-        codec.decode(blob, 0, 0, b"\0" * 16, k.dtype)
-    dec = (time.perf_counter() - t) / reps
+    blob = codec.encode(header, k, v)
+    enc = _median_time(lambda: codec.encode(header, k, v), reps)
+    dec = _median_time(lambda: codec.decode(blob, 0, 0, b"\0" * 16, k.dtype), reps)
     return {"ratio": round(raw / len(blob), 4), "encode_mb_s": round(raw / enc / 1e6, 1),
             "decode_mb_s": round(raw / dec / 1e6, 1)}
 
