@@ -90,3 +90,43 @@ def test_no_spill_means_no_store():
     model(input_ids=torch.randint(3, 128, (1, 120)), **{cache_kw(model): cache})
     assert cache.store_path is None and cache.stats().disk.tokens == 0
     cache.close()
+
+
+def test_sliding_layers_stay_on_device_and_bounded():
+    from conftest import WINDOW
+
+    from kvtier.layers import SlidingLayer
+
+    model = build_model("gemma2")
+    cache = KVTierCache.for_model(model, device_budget=40, host_budget=0, **CHUNKING)
+    model.generate(input_ids=torch.randint(3, 128, (1, 300)), max_new_tokens=5, **{cache_kw(model): cache})
+    sliding = [layer for layer in cache.layers if isinstance(layer, SlidingLayer)]
+    assert sliding and all(layer.k.shape[2] == WINDOW - 1 + CHUNKING["recent_window"] for layer in sliding)
+    assert all(layer.k.device == torch.device("cpu") for layer in sliding)  # the device tier here
+    assert set(cache.tiers.device_pools) == {i for i, layer in enumerate(cache.layers) if layer not in sliding}
+    cache.close()
+
+
+def test_store_size_limit_fails_cleanly_through_the_cache(tmp_path):
+    from kvtier import StoreFullError
+    from kvtier.store.disk import DiskStore
+
+    model = build_model("llama")
+    cache = KVTierCache.for_model(model, device_budget=40, host_budget=0, store_path=tmp_path / "s",
+                                  initial_map_bytes=1 << 16, max_store_bytes=1 << 17, **CHUNKING)
+    with pytest.raises(StoreFullError, match="size limit"):
+        model(input_ids=torch.randint(3, 128, (1, 1000)), **{cache_kw(model): cache})
+    cache.tiers.close()  # release the lock without cleanup, as a crashed process would
+    store = DiskStore(tmp_path / "s", create=False)
+    assert store.get_meta("session")["state"] == "incomplete"
+    assert all(store.get(k) is not None for k in store.keys())
+    store.close()
+
+
+def test_store_grows_during_a_prefill(tmp_path):
+    model = build_model("llama")
+    cache = KVTierCache.for_model(model, device_budget=40, host_budget=0, store_path=tmp_path / "s",
+                                  initial_map_bytes=1 << 16, **CHUNKING)
+    model(input_ids=torch.randint(3, 128, (1, 1000)), **{cache_kw(model): cache})
+    assert cache.tiers.disk.map_bytes > 1 << 16 and cache.stats().disk.tokens > 3000
+    cache.close()
