@@ -24,7 +24,7 @@ def partial_attention(
     """Plain-torch reference.
 
     q: [B, Hq, Q, D]; k, v: [B, Hkv, K, D] with Hq a multiple of Hkv (GQA: query head h reads KV head
-    h // (Hq // Hkv)); mask: bool, True = may attend, broadcastable to [B, 1, Q, K].
+    h // (Hq // Hkv)); mask: bool, True = may attend, broadcastable to [B, Hkv, Q, K] (per KV head or shared).
     Returns out [B, Hq, Q, D] and lse [B, Hq, Q], both float32.
     """
     b, hq, nq, d = q.shape
@@ -36,7 +36,7 @@ def partial_attention(
         s = torch.tanh(s / softcap) * softcap
     s = s.view(b, hkv, g, nq, nk)
     if mask is not None:
-        s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))  # mask: [B, 1, 1, Q, K]
+        s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))  # mask: [B, Hkv or 1, 1, Q, K]
     lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Q]
     finite = torch.isfinite(lse)
     p = torch.exp(s - torch.where(finite, lse, 0.0).unsqueeze(-1))

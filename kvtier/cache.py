@@ -24,13 +24,15 @@ from .errors import (
     StoreError,
     StoreMismatchError,
 )
-from .layers import KVHandle, SlidingLayer, TieredLayer
+from .handle import KVHandle
+from .layers import SlidingLayer, TieredLayer
 from .model_spec import FULL, ModelSpec
-from .store.chunk import Chunk, Tier
+from .sparse.profile import LayerSkew
+from .store.chunk import Chunk, Tier, chunk_key
 from .store.codec import LAYOUT_VERSION, dtype_name
 from .store.disk import DiskStore
 from .store.stats import CacheStats
-from .store.tiers import TierManager
+from .store.tiers import ABSTRACT_ID, TierManager
 
 STORE_META = "store"
 SESSION_META = "session"
@@ -73,8 +75,6 @@ class KVTierCache(Cache):
         if config is not None and options:
             raise TypeError("pass either a KVTierConfig or keyword options, not both")
         self.config = config if config is not None else KVTierConfig(**options)
-        if self.config.mode != "exact":
-            raise NotImplementedError(f"mode={self.config.mode!r} is not available yet; use mode='exact'")
         self.spec = spec
         self.dtype = spec.dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -97,6 +97,7 @@ class KVTierCache(Cache):
             for i, layer in enumerate(spec.layers)
         ]
         super().__init__(layers=layers)
+        self.tiers.layers = [layer for layer in layers if isinstance(layer, TieredLayer)]
         if _disk is not None:
             self.tiers._disk = _disk
         elif self.config.store_path is not None:
@@ -235,7 +236,7 @@ class KVTierCache(Cache):
                 f"{self.spec.head_dim}"
             )
         layer = self.layers[layer_idx]
-        if layer.batch is not None and layer.length and k.shape[0] != layer.batch:
+        if layer.batch is not None and layer.logical_length and k.shape[0] != layer.batch:
             if layer.batch == 1:
                 layer.select_rows(torch.zeros(k.shape[0], dtype=torch.long))  # one prefix, many continuations
             else:
@@ -246,7 +247,7 @@ class KVTierCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Logical tokens consumed (generate derives positions from it); where they are stored never shows."""
-        return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0
+        return self.layers[layer_idx].logical_length if layer_idx < len(self.layers) else 0
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.get_seq_length(layer_idx) + query_length, 0
@@ -314,7 +315,7 @@ class KVTierCache(Cache):
         self._check_open()
         if not self._persistent:
             raise StoreError("this cache has a temporary store; build it with store_path=... to save a session")
-        lengths = {layer.length for layer in self.layers}
+        lengths = {layer.logical_length for layer in self.layers}
         if len(lengths) != 1:
             raise IncompleteSessionError(
                 f"the last forward pass did not finish (layers hold {sorted(lengths)} tokens); the cache cannot be "
@@ -325,15 +326,21 @@ class KVTierCache(Cache):
         for layer in self.layers:
             entry: dict[str, Any]
             if isinstance(layer, TieredLayer):
+                layer.commit_pending()
                 self.tiers.persist(layer.chunks)
                 tail = self._persist_aux(layer.index, layer.win_start, *self._window_tensors(layer))
                 entry = {
                     "kind": "full",
                     "chunks": [[c.chunk_id, c.start, c.length, c.pinned, _rows_list(c.disk_rows),
-                                *self.tiers.record_sizes[c.key][1:]] for c in layer.chunks],
+                                *self.tiers.record_sizes[c.key][1:], c.importance] for c in layer.chunks],
                     "tail": tail,
+                    "decode_chunk": layer.decode_chunk,
+                    "skew": None if layer.skew is None else layer.skew.to_dict(),
                 }
                 keys.update(c.key for c in layer.chunks)
+                if layer.chunks:
+                    kmin, kmax, _, _ = layer.abstracts.view()
+                    keys.add(self.tiers.write_abstracts(layer.index, kmin, kmax))
             else:
                 start = layer.length - (0 if layer.k is None else layer.k.shape[2])
                 buf = self._persist_aux(layer.index, start, layer.k, layer.v)
@@ -388,12 +395,21 @@ class KVTierCache(Cache):
             if isinstance(layer, TieredLayer):
                 if entry["kind"] != "full":
                     raise StoreMismatchError(f"layer {layer.index}: stored as {entry['kind']}, the model's is full")
-                for chunk_id, start, n, pinned, rows, raw_bytes, stored_bytes in entry["chunks"]:
+                for chunk_id, start, n, pinned, rows, raw_bytes, stored_bytes, importance in entry["chunks"]:
                     chunk = Chunk(layer.index, chunk_id, start, n, Tier.DISK, batch, on_disk=True, pinned=bool(pinned),
-                                  persisted=True, disk_rows=None if rows is None else torch.tensor(rows))
+                                  persisted=True, disk_rows=None if rows is None else torch.tensor(rows),
+                                  row=len(layer.chunks), importance=importance)
                     layer.chunks.append(chunk)
                     keys.add(chunk.key)
                     self.tiers.record_sizes[chunk.key] = (n, raw_bytes, stored_bytes)
+                if layer.chunks:
+                    kmin, kmax = self.tiers.read_abstracts(layer.index)
+                    keys.add(chunk_key(layer.index, ABSTRACT_ID))
+                    for c in layer.chunks:
+                        layer.abstracts.append(kmin[:, :, c.row], kmax[:, :, c.row], c.start, c.length)
+                layer.decode_chunk = entry.get("decode_chunk", self.config.chunk_size)
+                if entry.get("skew"):
+                    layer.skew = LayerSkew(**entry["skew"])
                 layer.length = layer.chunks[-1].end if layer.chunks else 0
                 layer.batch = batch
                 self._load_window(layer, entry["tail"], keys)

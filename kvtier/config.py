@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ class KVTierConfig:
     their own that never leaves the device (attention sinks, arXiv 2309.17453).
 
     Fields:
-        mode: "exact" attends to every chunk wherever it lives.
+        mode: "exact" attends to every chunk wherever it lives; "sparse" attends, at each decode step, to the
+            sinks, the recent window and the best chunks within `sparse_budget` (prefill stays exact).
         device_budget: tokens per layer the device pool may hold (None: no limit). It must hold the
             sinks, the recent window and one chunk being sealed.
         host_budget: tokens per layer the host pool may hold (None: no limit; 0: go straight to disk).
@@ -41,6 +43,22 @@ class KVTierConfig:
         byte_planes: split 16/32-bit values into byte planes before zstd (see docs/benchmarks/codec.json).
         initial_map_bytes: LMDB map size at creation; it doubles when full.
         max_store_bytes: hard limit of the store size (None: grow while the disk allows).
+
+    Sparse mode (see docs/sparse.md):
+        sparse_budget: tokens attended per sequence and KV head at each decode step, sinks and recent
+            window included; an int, or a float in (0, 1] for a fraction of the context (1.0 = exact).
+        selector: chunk scoring policy, "quest_bound" (key min/max upper bound) or "recency" (newest first:
+            StreamingLLM).
+        adaptive_chunks: plan chunk sizes per layer from the attention skew measured at prefill; False: fixed
+            `chunk_size` chunks (Quest-style pages).
+        min_chunk_size, max_chunk_size: bounds of planned chunk sizes.
+        observation_window: last prompt queries used to measure the skew.
+        refine: split chunks that keep being selected and merge neighbours that never are, every
+            `refine_every` decode steps.
+        prefetch: read the chunks the next layer and step will likely need in background threads.
+        reader_threads: background disk readers.
+        prefetch_tokens: most prefetched-but-unused tokens held at once (bounds staging memory).
+        lossy_disk: store chunks whose attention share is below `lossy_below` x uniform as int8 on disk.
     """
 
     mode: str = "exact"
@@ -55,6 +73,19 @@ class KVTierConfig:
     byte_planes: bool = True
     initial_map_bytes: int = 1 << 28
     max_store_bytes: int | None = None
+    sparse_budget: int | float = 0.05
+    selector: str = "quest_bound"
+    adaptive_chunks: bool = True
+    min_chunk_size: int = 16
+    max_chunk_size: int = 256
+    observation_window: int = 32
+    refine: bool = False
+    refine_every: int = 32
+    prefetch: bool = True
+    reader_threads: int = 2
+    prefetch_tokens: int = 16384
+    lossy_disk: bool = False
+    lossy_below: float = 0.5
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -76,6 +107,33 @@ class KVTierConfig:
                 f"({self.recent_window}) + chunk_size ({self.chunk_size}) = {self.min_device_budget}. "
                 f"Raise device_budget to at least {self.min_device_budget}, or lower recent_window/chunk_size."
             )
+        if isinstance(self.sparse_budget, bool) or not (
+            (isinstance(self.sparse_budget, int) and self.sparse_budget >= 1)
+            or (isinstance(self.sparse_budget, float) and 0.0 < self.sparse_budget <= 1.0)
+        ):
+            raise ValueError(
+                f"`sparse_budget` must be an integer >= 1 (tokens) or a float in (0, 1] (fraction of the context), "
+                f"got {self.sparse_budget!r}"
+            )
+        from .sparse.select import SELECTORS
+
+        if self.selector not in SELECTORS:
+            raise ValueError(f"`selector` must be one of {sorted(SELECTORS)}, got {self.selector!r}")
+        _check_int("min_chunk_size", self.min_chunk_size, 1)
+        _check_int("max_chunk_size", self.max_chunk_size, 1)
+        if self.adaptive and not self.min_chunk_size <= self.chunk_size <= self.max_chunk_size:
+            raise ValueError(
+                f"`chunk_size` ({self.chunk_size}) must lie within [min_chunk_size, max_chunk_size] "
+                f"= [{self.min_chunk_size}, {self.max_chunk_size}]"
+            )
+        _check_int("observation_window", self.observation_window, 1)
+        _check_int("refine_every", self.refine_every, 1)
+        _check_int("reader_threads", self.reader_threads, 0)
+        _check_int("prefetch_tokens", self.prefetch_tokens, 0)
+        if not isinstance(self.lossy_below, (int, float)) or self.lossy_below < 0:
+            raise ValueError(f"`lossy_below` must be a number >= 0, got {self.lossy_below!r}")
+        if self.lossy_disk and self.mode != "sparse":
+            raise ValueError("`lossy_disk` needs mode='sparse': exact mode must stay exact")
         if self.max_store_bytes is not None and self.max_store_bytes < self.initial_map_bytes:
             self.initial_map_bytes = self.max_store_bytes
         if self.store_path is not None:
@@ -84,6 +142,17 @@ class KVTierConfig:
     @property
     def min_device_budget(self) -> int:
         return self.sink_tokens + self.recent_window + self.chunk_size
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether chunk sizes are planned from attention skew (sparse mode only)."""
+        return self.mode == "sparse" and self.adaptive_chunks
+
+    def budget_tokens(self, context: int) -> int:
+        """Tokens a decode step attends to per sequence and KV head, for a context of that many tokens."""
+        if isinstance(self.sparse_budget, float):
+            return max(1, math.ceil(self.sparse_budget * context))
+        return self.sparse_budget
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

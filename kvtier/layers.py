@@ -1,67 +1,39 @@
 """Per-layer cache state: one small object per model layer, as in transformers' cache_utils.
 
-`TieredLayer` (full attention) keeps a chunk table over the three tiers plus an unsealed recent window on
-the device. `SlidingLayer` keeps only the last W-1 tokens on the device: a sliding-window layer never
-looks further back, so it is never tiered.
+`TieredLayer` (full attention) keeps a chunk table over the three tiers, the chunks' key abstracts, and
+an unsealed recent window on the device. `SlidingLayer` keeps only the last W-1 tokens (plus a little
+slack) on the device: a sliding-window layer never looks further back, so it is never tiered.
 
 Logical positions of a tiered layer::
 
     0      sink        c1          c2               win_start           length
     |------|-----------|-----------|-- ... ---------|--- recent window ---|
      pinned  sealed chunks (device / host / disk)      device slots, unsealed
+
+A decode token goes straight into the window. The tokens of a longer forward (a prefill) stay with the
+handle until attention has run: only then, knowing how attention spread over them, does the layer cut
+them into chunks (`commit`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from .attend import attend
 from .config import KVTierConfig
-from .errors import AttentionNotEnabledError, CacheInputError
-from .kernels import merge_partials
+from .errors import CacheInputError
+from .handle import KVHandle
 from .model_spec import LayerSpec
+from .read import exact_attention, pad_slice, sparse_attention
+from .sparse.abstracts import AbstractTable
+from .sparse.plan import decode_granularity, plan_chunks
+from .sparse.profile import LayerSkew, skew_stats, token_importance
 from .store.chunk import Chunk, Tier
 
 if TYPE_CHECKING:
     from .store.tiers import TierManager
-
-_NOT_ENABLED = (
-    "a KVTierCache was used by an attention implementation that is not kvtier's. Switch the model with "
-    "`kvtier.enable(model)`, or build the cache with `KVTierCache.for_model(model)`, which does it for you."
-)
-
-
-@dataclass(slots=True, eq=False)
-class KVHandle:
-    """What `KVTierCache.update` returns in place of key/value tensors; only kvtier's attention reads it.
-
-    Anything else touching it (sdpa, eager, flash) fails at once with a message that says how to fix it.
-    k_new, v_new: [B, Hkv, Q, D], the tokens of this forward; past_len: tokens cached before them.
-    """
-
-    layer: "TieredLayer | SlidingLayer"
-    past_len: int
-    k_new: torch.Tensor
-    v_new: torch.Tensor
-    context: tuple[torch.Tensor, torch.Tensor, int] | None = None  # sliding layers: k, v, first position
-    new_in_window: bool = False
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        raise AttentionNotEnabledError(_NOT_ENABLED)
-
-    def __getattr__(self, name: str):
-        raise AttentionNotEnabledError(f"{_NOT_ENABLED} (attribute {name!r} was requested)")
-
-
-def _pad_slice(pad: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
-    if pad is None:
-        return None
-    part = pad[:, start:end]
-    return None if bool(part.all()) else part
 
 
 class TieredLayer:
@@ -75,45 +47,75 @@ class TieredLayer:
         self.config = config
         self.tiers = tiers
         self.pool = tiers.device_pools[index]
+        self.abstracts = AbstractTable(tiers.device)
         self.chunks: list[Chunk] = []
-        self.length = 0
+        self.length = 0  # tokens stored (sealed or in the window)
         self.win_slots = torch.empty(0, dtype=torch.long)
         self.batch: int | None = None
+        self.pending: KVHandle | None = None  # a prefill's tokens, until attention has run
+        self.decode_chunk = config.chunk_size  # granularity for tokens produced while decoding
+        self.skew: LayerSkew | None = None
+        self.last_union: list[Chunk] = []  # chunks the last sparse step attended to (prefetch hint)
+        self.steps_since_refine = 0
 
     @property
     def win_start(self) -> int:
         return self.length - self.win_slots.numel()
 
-    # ------------------------------------------------------------------------------------ writes
-    def _plan_seals(self, total: int) -> list[tuple[int, int]]:
-        """Chunks (start, length) to seal from the window + new tokens, leaving at least recent_window."""
-        seals, start, left = [], self.win_start, total
-        need_sink = not self.chunks and self.config.sink_tokens > 0 and start == 0
-        while True:
-            size = self.config.sink_tokens if (need_sink and not seals) else self.config.chunk_size
-            if left < size + self.config.recent_window:
-                return seals
-            seals.append((start, size))
-            start += size
-            left -= size
+    @property
+    def logical_length(self) -> int:
+        return self.length + (self.pending.q_len if self.pending is not None else 0)
 
+    # ------------------------------------------------------------------------------------ writes
     def update(self, k: torch.Tensor, v: torch.Tensor) -> KVHandle:
-        """Store the new tokens (k, v: [B, Hkv, Q, D]) and return the handle attention will read."""
+        """Take the new tokens (k, v: [B, Hkv, Q, D]); return the handle attention reads."""
+        self.commit_pending()
         b, h, q, d = k.shape
         self.pool.init_shape(b, h, d)
         self.batch = b
         past = self.length
+        if q > 1:
+            self.pending = KVHandle(self, past, k, v)
+            return self.pending
+        slots = self.tiers.allocate_device(self.index, 1)
+        if slots is None:  # the config check makes this unreachable; keep the invariant loud
+            raise RuntimeError(f"layer {self.index}: no device room for the recent window")
+        self.pool.write(slots, k, v, torch.tensor([past], device=self.pool.device))
+        self.win_slots = torch.cat([self.win_slots.to(slots.device), slots])
+        self.length = past + 1
+        self._seal_window()
+        return KVHandle(self, past, k, v, new_in_window=True)
+
+    def commit_pending(self) -> None:
+        """Store a prefill's tokens with fixed-size chunks if attention never ran for them."""
+        if self.pending is not None:
+            self.commit(self.pending)
+
+    def commit(self, handle: KVHandle, importance: torch.Tensor | None = None) -> None:
+        """Cut the window and this forward's tokens into chunks (sized by `importance` [Q] when given) and
+        keep the newest `recent_window` tokens unsealed on the device."""
+        if self.pending is not handle:
+            return
+        self.pending = None
+        k, v, past, q = handle.k_new, handle.v_new, handle.past_len, handle.q_len
         win_len = self.win_slots.numel()
-        seals = self._plan_seals(win_len + q)
+        start = self.win_start
+        sizes = self._plan(win_len, q, importance)
+        mean_imp = None
+        if importance is not None:
+            region = torch.cat([importance.new_full((win_len,), float(importance.mean())), importance])
+            mean_imp = float(region.mean())
         win_cut = 0  # window tokens consumed by seals
-        for start, size in seals:
-            in_window = max(0, min(size, past - start))
-            chunk = Chunk(self.index, self.tiers.new_chunk_id(), start, size, Tier.DEVICE, b,
-                          pinned=not self.chunks and start == 0 and self.config.sink_tokens > 0,
-                          last_used=self.tiers.clock)
+        pos = start
+        for size in sizes:
+            in_window = max(0, min(size, past - pos))
+            chunk = self._new_chunk(pos, size, b=k.shape[0])
+            if mean_imp is not None and mean_imp > 0:
+                chunk.importance = float(region[pos - start:pos - start + size].mean()) / mean_imp
             if in_window == size:
                 slots = self.win_slots[win_cut:win_cut + size]
                 self.tiers.adopt_device(chunk, slots)
+                self._add_abstract(chunk, self.pool.read(slots)[0])
             else:
                 parts_k, parts_v = [], []
                 if in_window:
@@ -122,125 +124,181 @@ class TieredLayer:
                     self.pool.release(slots)
                     parts_k.append(wk)
                     parts_v.append(wv)
-                lo = start + in_window - past
-                parts_k.append(k[:, :, lo:start + size - past])
-                parts_v.append(v[:, :, lo:start + size - past])
+                lo, hi = pos + in_window - past, pos + size - past
+                parts_k.append(k[:, :, lo:hi])
+                parts_v.append(v[:, :, lo:hi])
                 ck = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, dim=2)
                 cv = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, dim=2)
+                self._add_abstract(chunk, ck)
                 self.tiers.place(chunk, ck, cv)
             win_cut += in_window
-            self.chunks.append(chunk)
-        sealed_new = sum(size for _, size in seals) - win_cut
-        tail_k, tail_v = k[:, :, sealed_new:], v[:, :, sealed_new:]
+            pos += size
+        sealed_new = pos - start - win_cut
         kept = self.win_slots[win_cut:]
-        n_tail = tail_k.shape[2]
+        n_tail = q - sealed_new
         if n_tail:
             slots = self.tiers.allocate_device(self.index, n_tail)
-            if slots is None:  # the config check makes this unreachable; keep the invariant loud
+            if slots is None:
                 raise RuntimeError(f"layer {self.index}: no device room for the recent window")
-            self.pool.write(slots, tail_k, tail_v, torch.arange(past + sealed_new, past + q, device=self.pool.device))
+            self.pool.write(slots, k[:, :, sealed_new:], v[:, :, sealed_new:],
+                            torch.arange(past + sealed_new, past + q, device=self.pool.device))
             kept = torch.cat([kept.to(slots.device), slots])
         self.win_slots = kept
         self.length = past + q
-        return KVHandle(self, past, k, v, new_in_window=sealed_new == 0)
+
+    def _plan(self, win_len: int, q: int, importance: torch.Tensor | None) -> list[int]:
+        """Chunk sizes for the window + new tokens, leaving at least `recent_window` unsealed."""
+        total = win_len + q - self.config.recent_window
+        sizes: list[int] = []
+        if total <= 0:
+            return sizes
+        if self._needs_sink():
+            if total < self.config.sink_tokens:
+                return sizes
+            sizes.append(self.config.sink_tokens)
+            total -= self.config.sink_tokens
+        if importance is None or not self.config.adaptive:
+            return sizes + [self.config.chunk_size] * (total // self.config.chunk_size)
+        lead = sizes[0] if sizes else 0
+        region = torch.cat([importance.new_full((win_len,), float(importance.mean())), importance])[lead:lead + total]
+        planned = plan_chunks(region, total, self.config.chunk_size, self.config.min_chunk_size,
+                              self.config.max_chunk_size)
+        self.decode_chunk = decode_granularity(planned, self.config.min_chunk_size, self.config.chunk_size)
+        return sizes + planned
+
+    def _needs_sink(self) -> bool:
+        return not self.chunks and self.config.sink_tokens > 0 and self.win_start == 0
+
+    def _seal_window(self) -> None:
+        """Decode: seal the oldest window tokens at this layer's granularity once the window is full."""
+        while True:
+            size = self.config.sink_tokens if self._needs_sink() else self.decode_chunk
+            if self.win_slots.numel() < size + self.config.recent_window:
+                return
+            chunk = self._new_chunk(self.win_start, size, b=self.batch)
+            slots = self.win_slots[:size]
+            self.tiers.adopt_device(chunk, slots)
+            self._add_abstract(chunk, self.pool.read(slots)[0])
+            self.win_slots = self.win_slots[size:]
+
+    def _new_chunk(self, start: int, size: int, b: int) -> Chunk:
+        chunk = Chunk(self.index, self.tiers.new_chunk_id(), start, size, Tier.DEVICE, b,
+                      pinned=self._needs_sink() and start == 0, last_used=self.tiers.clock, row=len(self.chunks))
+        self.chunks.append(chunk)
+        return chunk
+
+    def _add_abstract(self, chunk: Chunk, k: torch.Tensor) -> None:
+        kmin, kmax = AbstractTable.summarize(k)
+        self.abstracts.append(kmin, kmax, chunk.start, chunk.length)
 
     # ------------------------------------------------------------------------------------- reads
-    def attend(
-        self,
-        q: torch.Tensor,
-        handle: KVHandle,
-        pad: torch.Tensor | None,
-        scale: float,
-        softcap: float | None,
-    ) -> torch.Tensor:
-        """Exact attention of q [B, Hq, Q, D] over every cached token; returns [B, Hq, Q, D] in q.dtype."""
-        past, nq = handle.past_len, q.shape[2]
-        # Decode: the new token already sits in the window, so the arena covers it and no causal cut is needed.
-        arena_has_new = nq == 1 and handle.new_in_window
-        limit = past + 1 if arena_has_new else past
-        remote = [c for c in self.chunks if c.tier != Tier.DEVICE and c.start < past]
-        self.tiers.counters.device.hits += sum(1 for c in self.chunks if c.start < past) - len(remote)
-        remote = self._promote(remote)
-        parts = []
-        if limit > 0 and self.pool.high_water:
-            k, v, pos = self.pool.view()
-            valid = None
-            if not self.pool.dense or self.length > limit:
-                valid = ((pos >= 0) & (pos < limit))[None, :].expand(k.shape[0], -1)
-            pad_part = _pad_slice(pad, 0, limit)
-            if pad_part is not None:
-                row_ok = pad_part[:, pos.clamp(0, limit - 1)]
-                valid = row_ok if valid is None else valid & row_ok
-            alone = arena_has_new and not remote
-            out, lse = attend(q, k, v, q_pos0=past, key_pos=pos, scale=scale, key_valid=valid, causal=False,
-                              softcap=softcap, need_lse=not alone)
-            if alone:
-                return out
-            parts.append((out, lse))
-        for group in self._groups(remote):
-            parts.append(self._attend_remote(q, group, past, pad, scale, softcap))
-        if not arena_has_new:
-            need_lse = bool(parts)
-            out, lse = attend(q, handle.k_new, handle.v_new, q_pos0=past, key_pos=past, scale=scale,
-                              key_valid=_pad_slice(pad, past, past + nq), softcap=softcap, need_lse=need_lse)
-            if not need_lse:
-                return out
-            parts.append((out, lse))
-        out, lse = parts[0]
-        for o, l in parts[1:]:
-            out, lse = merge_partials(out, lse, o, l)
-        return out.to(q.dtype)
+    def attend(self, q: torch.Tensor, handle: KVHandle, pad: torch.Tensor | None, scale: float,
+               softcap: float | None) -> torch.Tensor:
+        """Attention of q [B, Hq, Q, D] for this forward; returns [B, Hq, Q, D] in q.dtype."""
+        if self.config.mode == "sparse" and handle.q_len == 1 and handle.new_in_window and self.chunks:
+            out = sparse_attention(self, q, handle, pad, scale, softcap)
+            self._maybe_refine()
+        else:
+            out = exact_attention(self, q, handle, pad, scale, softcap)
+        if self.pending is handle:
+            importance = None
+            if self.config.adaptive and handle.q_len >= self.config.observation_window:
+                importance = self._profile(q, handle, pad, scale, softcap)
+            self.commit(handle, importance)
+        return out
 
-    def _promote(self, remote: list[Chunk]) -> list[Chunk]:
-        """Pull non-resident chunks into free device room (none is evicted for it); return the rest."""
-        rest = []
-        for chunk in remote:
-            if self.tiers.device_has_room(self.index, chunk.length):
-                k, v = self.tiers.fetch(chunk)
-                self.tiers.promote(chunk, k, v)
-            else:
-                rest.append(chunk)
-        return rest
+    def _profile(self, q, handle: KVHandle, pad, scale, softcap) -> torch.Tensor:
+        """Per-token importance of this forward's tokens, from its last `observation_window` queries."""
+        w = self.config.observation_window
+        past, n = handle.past_len, handle.q_len
+        valid = pad_slice(pad, past, past + n)
+        imp = token_importance(q[:, :, -w:], handle.k_new, past + n - w, past, scale, softcap, valid)
+        skew = skew_stats(imp)
+        if self.skew is None or skew.tokens >= self.skew.tokens:
+            self.skew = skew
+        return imp.mean(dim=(0, 1))  # chunks are shared by the batch rows and heads
 
-    def _groups(self, chunks: list[Chunk]):
-        group, size = [], 0
-        for chunk in chunks:
-            if group and size + chunk.length > self.config.staging_tokens:
-                yield group
-                group, size = [], 0
-            group.append(chunk)
-            size += chunk.length
-        if group:
-            yield group
+    # ------------------------------------------------------------------------------ refinement
+    def _maybe_refine(self) -> None:
+        if not self.config.refine:
+            return
+        self.steps_since_refine += 1
+        if self.steps_since_refine >= self.config.refine_every:
+            self.refine()
 
-    def _attend_remote(self, q, group: list[Chunk], past: int, pad, scale, softcap):
-        ks, vs, poss = [], [], []
-        for chunk in group:
-            k, v = self.tiers.fetch(chunk)
-            self.tiers.promote(chunk, k, v)
-            ks.append(k)
-            vs.append(v)
-            poss.append(torch.arange(chunk.start, chunk.end, device=q.device))
-        k = ks[0] if len(ks) == 1 else torch.cat(ks, dim=2)
-        v = vs[0] if len(vs) == 1 else torch.cat(vs, dim=2)
-        pos = poss[0] if len(poss) == 1 else torch.cat(poss)
-        self.tiers.counters.staging_peak_tokens = max(self.tiers.counters.staging_peak_tokens, k.shape[2])
-        valid = None
-        if any(c.end > past for c in group):
-            valid = (pos < past)[None, :].expand(k.shape[0], -1)
-        if pad is not None:
-            row_ok = pad[:, pos.clamp(max=pad.shape[1] - 1)]
-            valid = row_ok if valid is None else valid & row_ok
-        return attend(q, k, v, q_pos0=past, key_pos=pos, scale=scale, key_valid=valid, causal=False,
-                      softcap=softcap, need_lse=True)
+    def refine(self) -> None:
+        """Split device/host chunks selected at nearly every step, merge neighbours never selected.
+
+        Only resident chunks are touched (no disk reads); sinks are never changed."""
+        steps = max(1, self.steps_since_refine)
+        self.steps_since_refine = 0
+        lo_cap, hi_cap = self.config.min_chunk_size, self.config.max_chunk_size
+        out: list[list[Chunk]] = []  # groups of old chunks that become one or two new chunks
+        i = 0
+        changed = False
+        while i < len(self.chunks):
+            c = self.chunks[i]
+            resident = c.tier != Tier.DISK and not c.pinned
+            if resident and c.selected >= 0.9 * steps and c.length >= 2 * lo_cap:
+                out.append([c, None])  # split marker
+                changed = True
+                i += 1
+                continue
+            if resident and c.selected == 0 and i + 1 < len(self.chunks):
+                n = self.chunks[i + 1]
+                if n.tier != Tier.DISK and not n.pinned and n.selected == 0 and c.length + n.length <= hi_cap:
+                    out.append([c, n])
+                    changed = True
+                    i += 2
+                    continue
+            out.append([c])
+            i += 1
+        for c in self.chunks:
+            c.selected = 0
+        if changed:
+            self._rebuild(out)
+
+    def _rebuild(self, groups: list[list[Chunk | None]]) -> None:
+        kmin_all, kmax_all, _, _ = self.abstracts.view()
+        new_chunks: list[Chunk] = []
+        rows: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+        to_place: list[tuple[Chunk, torch.Tensor, torch.Tensor]] = []
+        for group in groups:
+            if len(group) == 1:
+                c = group[0]
+                rows.append((kmin_all[:, :, c.row].clone(), kmax_all[:, :, c.row].clone(), c.start, c.length))
+                new_chunks.append(c)
+                continue
+            old = [c for c in group if c is not None]
+            ks, vs = zip(*(self.tiers.fetch(c) for c in old))
+            k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+            self.tiers.free(old)
+            cuts = [0, k.shape[2] // 2, k.shape[2]] if group[1] is None else [0, k.shape[2]]
+            for lo, hi in zip(cuts, cuts[1:]):
+                chunk = Chunk(self.index, self.tiers.new_chunk_id(), old[0].start + lo, hi - lo, Tier.DEVICE,
+                              k.shape[0], last_used=self.tiers.clock, importance=old[0].importance)
+                rows.append((*AbstractTable.summarize(k[:, :, lo:hi]), chunk.start, chunk.length))
+                new_chunks.append(chunk)
+                to_place.append((chunk, k[:, :, lo:hi], v[:, :, lo:hi]))
+        self.chunks = new_chunks
+        for row, chunk in enumerate(self.chunks):
+            chunk.row = row
+            if chunk.tier == Tier.DEVICE and chunk.slots is not None:
+                self.pool.set_owner(chunk.slots, row)
+        self.abstracts.replace(0, len(self.abstracts), rows)
+        for chunk, k, v in to_place:
+            self.tiers.place(chunk, k, v)
 
     # ------------------------------------------------------------------------------- maintenance
     def select_rows(self, index: torch.Tensor) -> None:
+        self.commit_pending()
         self.tiers.select_rows(self.index, self.chunks, index)
+        self.abstracts.select_rows(index)
         self.batch = index.numel()
 
     def truncate(self, length: int) -> None:
         """Forget every token at position >= length."""
+        self.commit_pending()
         if length >= self.length:
             return
         if length >= self.win_start:
@@ -253,6 +311,7 @@ class TieredLayer:
         self.win_slots = self.win_slots[:0]
         doomed = [c for c in self.chunks if c.end > length]
         self.chunks = [c for c in self.chunks if c.end <= length]
+        self.abstracts.truncate(len(self.chunks))
         straddle = next((c for c in doomed if c.start < length), None)
         kept_k = kept_v = None
         if straddle is not None:
@@ -267,13 +326,18 @@ class TieredLayer:
         self.length = length
 
     def reset(self) -> None:
+        self.pending = None
         self.tiers.free(self.chunks)
         if self.win_slots.numel():
             self.pool.release(self.win_slots)
         self.chunks = []
+        self.abstracts.clear()
         self.win_slots = torch.empty(0, dtype=torch.long)
         self.length = 0
         self.batch = None
+        self.last_union = []
+        self.decode_chunk = self.config.chunk_size
+        self.skew = None
 
 
 class SlidingLayer:
@@ -294,6 +358,10 @@ class SlidingLayer:
         self.length = 0
         self.batch: int | None = None
 
+    @property
+    def logical_length(self) -> int:
+        return self.length
+
     def update(self, k: torch.Tensor, v: torch.Tensor) -> KVHandle:
         past = self.length
         if self.k is None or self.k.shape[2] == 0:
@@ -310,7 +378,7 @@ class SlidingLayer:
 
     def attend(self, q, handle: KVHandle, pad, scale: float, softcap: float | None) -> torch.Tensor:
         ck, cv, first = handle.context
-        valid = _pad_slice(pad, first, first + ck.shape[2])
+        valid = pad_slice(pad, first, first + ck.shape[2])
         out, _ = attend(q, ck, cv, q_pos0=handle.past_len, key_pos=first, scale=scale, key_valid=valid,
                         causal=True, window=self.window, softcap=softcap, need_lse=False)
         return out

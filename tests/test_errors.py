@@ -44,11 +44,6 @@ def test_bad_options_name_the_field(options, field):
         KVTierConfig(**options)
 
 
-def test_sparse_mode_is_not_available_yet():
-    with pytest.raises(NotImplementedError, match="mode='exact'"):
-        KVTierCache.for_model(build_model("llama"), mode="sparse")
-
-
 def test_wrong_dtype_is_refused():
     model = build_model("llama")
     cache = KVTierCache.for_model(model)

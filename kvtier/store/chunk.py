@@ -36,6 +36,9 @@ class Chunk:
     pinned: bool = False  # attention sinks: never evicted from the device
     persisted: bool = False  # referenced by a saved session: its record outlives this cache
     last_used: int = 0  # step counter of the last read, for eviction
+    row: int = -1  # index in the layer's chunk table (and its abstract table)
+    importance: float | None = None  # attention mass relative to a uniform share (1.0), from profiling
+    selected: int = 0  # decode steps that selected it since the last refinement
 
     @property
     def end(self) -> int:

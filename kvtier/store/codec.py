@@ -13,11 +13,16 @@ The payload is K then V, both `[batch, heads, length, head_dim]`, optionally spl
 a lot and compress far better apart from the noisy mantissa bytes (docs/benchmarks/codec.json).
 The header carries its own crc32; the payload is checked by the zstd frame's content checksum, which
 costs less than a crc32 over the compressed bytes.
+
+Opt-in lossy records (FLAG_INT8, for chunks that get little attention) store K and V as int8 with a
+float32 absmax scale per batch row, head and channel (keys have outlier channels, so per-channel scales
+keep their error small); the payload is the scales followed by the int8 values.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -32,6 +37,7 @@ LAYOUT_VERSION = 1
 MAGIC = b"KVT1"
 FLAG_BYTE_PLANES = 1
 FLAG_ZSTD = 2
+FLAG_INT8 = 4  # lossy: int8 values with a float32 scale per (row, head, channel), for K and V
 
 _HEADER = struct.Struct("<4sHHBxxxIQQIIIIQQ16s")
 _HEADER_CRC = struct.Struct("<I")
@@ -84,24 +90,51 @@ def _as_bytes(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).numpy().reshape(-1)
 
 
-class RecordCodec:
-    """Encodes a chunk's K and V into one record and back, checking everything on the way in."""
+def _quantize(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """t: [B, H, n, D] -> (scales [B, H, 1, D] float32, values int8)."""
+    tf = t.detach().float().cpu()
+    scale = tf.abs().amax(dim=2, keepdim=True).clamp(min=1e-12) / 127.0
+    q = torch.round(tf / scale).clamp(-127, 127).to(torch.int8)
+    return scale.numpy().reshape(-1), q.numpy().reshape(-1)
 
-    def __init__(self, zstd_level: int = 3, byte_planes: bool = True):
+
+class RecordCodec:
+    """Encodes a chunk's K and V into one record and back, checking everything on the way in.
+
+    Thread-safe: each thread gets its own zstd contexts (reader threads decode concurrently)."""
+
+    def __init__(self, zstd_level: int = 1, byte_planes: bool = True):
         self.zstd_level = zstd_level
         self.byte_planes = byte_planes
-        self._compressor = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
-        self._decompressor = zstandard.ZstdDecompressor()
+        self._local = threading.local()
 
-    def encode(self, header: RecordHeader, k: torch.Tensor, v: torch.Tensor) -> bytes:
+    @property
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        if not hasattr(self._local, "c"):
+            self._local.c = zstandard.ZstdCompressor(level=self.zstd_level, write_checksum=True)
+        return self._local.c
+
+    @property
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        if not hasattr(self._local, "d"):
+            self._local.d = zstandard.ZstdDecompressor()
+        return self._local.d
+
+    def encode(self, header: RecordHeader, k: torch.Tensor, v: torch.Tensor, lossy: bool = False) -> bytes:
+        """k, v: [batch, heads, length, head_dim]. lossy: store int8 values with per-channel scales."""
         if k.dtype not in DTYPE_CODES:
             raise StoreMismatchError(f"cannot store dtype {k.dtype}; supported: {list(map(dtype_name, DTYPE_CODES))}")
-        raw = np.concatenate([_as_bytes(k), _as_bytes(v)])
-        itemsize = k.element_size()
         flags = FLAG_ZSTD
-        if self.byte_planes and itemsize > 1:
-            raw = _to_planes(raw, itemsize)
-            flags |= FLAG_BYTE_PLANES
+        if lossy:
+            (sk, qk), (sv, qv) = _quantize(k), _quantize(v)
+            raw = np.concatenate([sk.view(np.uint8), sv.view(np.uint8), qk.view(np.uint8), qv.view(np.uint8)])
+            flags |= FLAG_INT8
+        else:
+            raw = np.concatenate([_as_bytes(k), _as_bytes(v)])
+            itemsize = k.element_size()
+            if self.byte_planes and itemsize > 1:
+                raw = _to_planes(raw, itemsize)
+                flags |= FLAG_BYTE_PLANES
         payload = self._compressor.compress(raw.tobytes())
         head = _HEADER.pack(
             MAGIC,
@@ -162,12 +195,22 @@ class RecordCodec:
             raw = self._decompressor.decompress(payload, max_output_size=h.raw_nbytes)
         except zstandard.ZstdError as exc:  # includes the frame's content checksum failing
             raise StoreCorruptError(f"{name}: payload corrupted ({exc})") from exc
+        b, heads, n, d = h.batch, h.heads, h.length, h.head_dim
+        shape = (b, heads, n, d)
+        arr = np.frombuffer(raw, dtype=np.uint8)
+        if h.flags & FLAG_INT8:
+            n_scale = b * heads * d * 4
+            expected = 2 * n_scale + 2 * b * heads * n * d
+            if len(raw) != h.raw_nbytes or len(raw) != expected:
+                raise StoreCorruptError(f"{name}: decoded {len(raw)} bytes, expected {expected}")
+            scales = torch.from_numpy(arr[: 2 * n_scale].copy().view(np.float32)).view(2, b, heads, 1, d)
+            values = torch.from_numpy(arr[2 * n_scale:].copy().view(np.int8)).view(2, *shape)
+            kv = (values.float() * scales).to(h.dtype)
+            return h, kv[0], kv[1]
         itemsize = torch.empty((), dtype=h.dtype).element_size()
-        shape = (h.batch, h.heads, h.length, h.head_dim)
-        expected = 2 * itemsize * h.batch * h.heads * h.length * h.head_dim
+        expected = 2 * itemsize * b * heads * n * d
         if len(raw) != h.raw_nbytes or len(raw) != expected:
             raise StoreCorruptError(f"{name}: decoded {len(raw)} bytes, expected {expected}")
-        arr = np.frombuffer(raw, dtype=np.uint8)
         if h.flags & FLAG_BYTE_PLANES:
             arr = _from_planes(arr, itemsize)
         else:

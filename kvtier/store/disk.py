@@ -7,11 +7,13 @@ leaves the store exactly as the last committed transaction left it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,41 @@ from ..errors import StoreFullError, StoreLockedError
 LOCK_FILE = "kvtier.lock"
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
+
+
+class _ResizeLock:
+    """Many readers and writers at once, except while the map is resized (LMDB needs no open transaction
+    in the process then). Readers never wait behind ordinary writes: LMDB readers see a snapshot."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._active = 0
+        self._resizing = False
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._resizing)
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._resizing)
+            self._resizing = True
+            self._cond.wait_for(lambda: self._active == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
 
 
 class DiskStore:
@@ -45,6 +82,7 @@ class DiskStore:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.remove_on_close = remove_on_close
+        self._resize_lock = _ResizeLock()
         if not self.path.exists():
             if not create:
                 raise FileNotFoundError(f"no kvtier store at {self.path}")
@@ -105,15 +143,15 @@ class DiskStore:
 
     # ------------------------------------------------------------------------------------- records
     def contains(self, key: bytes) -> bool:
-        with self.env.begin(db=self._chunks) as txn:
-            return txn.get(key) is not None
+        return self.get(key) is not None
 
     def get(self, key: bytes) -> bytes | None:
-        with self.env.begin(db=self._chunks) as txn:
+        """Thread-safe: reader threads call it concurrently."""
+        with self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
             return txn.get(key)
 
     def get_many(self, keys: Iterable[bytes]) -> list[bytes | None]:
-        with self.env.begin(db=self._chunks) as txn:
+        with self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
             return [txn.get(k) for k in keys]
 
     def put(self, key: bytes, value: bytes) -> None:
@@ -139,12 +177,13 @@ class DiskStore:
             self._write(lambda txn: [txn.delete(k, db=self._chunks) for k in keys])
 
     def keys(self) -> Iterator[bytes]:
-        with self.env.begin(db=self._chunks) as txn:
-            yield from list(txn.cursor().iternext(keys=True, values=False))
+        with self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
+            keys = list(txn.cursor().iternext(keys=True, values=False))
+        yield from keys
 
     # ---------------------------------------------------------------------------------------- meta
     def get_meta(self, name: str) -> Any | None:
-        with self.env.begin(db=self._meta) as txn:
+        with self._resize_lock.shared(), self.env.begin(db=self._meta) as txn:
             raw = txn.get(name.encode())
         return None if raw is None else json.loads(raw)
 
@@ -166,11 +205,12 @@ class DiskStore:
     def _write(self, fn) -> None:
         while True:
             try:
-                with self.env.begin(write=True) as txn:
+                with self._resize_lock.shared(), self.env.begin(write=True) as txn:
                     fn(txn)
                 return
             except lmdb.MapFullError:
-                self._grow()
+                with self._resize_lock.exclusive():
+                    self._grow()
 
     def _grow(self) -> None:
         current = self.map_bytes

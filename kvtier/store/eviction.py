@@ -11,10 +11,11 @@ class LRUEviction:
     """Least recently read first; among equals the oldest position (exact mode reads everything every step,
     so there the oldest text leaves the device first and the newest stays)."""
 
-    def victim(self, chunks: Iterable[Chunk]) -> Chunk | None:
+    def victim(self, chunks: Iterable[Chunk], protect: set[int] | frozenset[int] = frozenset()) -> Chunk | None:
+        """The chunk to evict, never a pinned one nor one whose id is in `protect`; None if none qualifies."""
         best = None
         for c in chunks:
-            if c.pinned:
+            if c.pinned or c.chunk_id in protect:
                 continue
             if best is None or (c.last_used, c.start) < (best.last_used, best.start):
                 best = c

@@ -7,6 +7,7 @@ Device arena layout (one per full-attention layer)::
 
     k, v : [batch, kv_heads, capacity, head_dim]
     slot_pos : [capacity]  logical position held by each slot, -1 when free
+    slot_owner : [capacity]  row of the chunk owning the slot in the layer's chunk table, -1: recent window
                |  used slots  | holes (free, reused first) | ... | high water | never used ... |
 
 Attention never cares about key order, so a layer attends over `k[:, :, :high_water]` in one call,
@@ -43,6 +44,7 @@ class DevicePool:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.slot_pos: torch.Tensor | None = None
+        self.slot_owner: torch.Tensor | None = None
         self.used = 0
         self.peak = 0
         self.high_water = 0
@@ -81,12 +83,14 @@ class DevicePool:
         k = torch.zeros(batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
         v = torch.zeros_like(k)
         pos = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
+        owner = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
         if self.k is not None and self.high_water:
             n = self.high_water
             k[:, :, :n] = self.k[:, :, :n]
             v[:, :, :n] = self.v[:, :, :n]
             pos[:n] = self.slot_pos[:n]
-        self.k, self.v, self.slot_pos = k, v, pos
+            owner[:n] = self.slot_owner[:n]
+        self.k, self.v, self.slot_pos, self.slot_owner = k, v, pos, owner
 
     def allocate(self, n: int) -> torch.Tensor | None:
         """Reserve `n` slots (lowest first); None if that would exceed the budget."""
@@ -130,12 +134,19 @@ class DevicePool:
         if not self._holes:
             self._hole_heap.clear()
 
-    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """k, v: [batch, heads, n, head_dim]; positions: [n] logical positions."""
+    def write(
+        self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, owner: int = -1
+    ) -> None:
+        """k, v: [batch, heads, n, head_dim]; positions: [n] logical positions; owner: chunk row (-1: window)."""
         with storage_mode():
             self.k[:, :, slots] = k.to(self.device, self.dtype)
             self.v[:, :, slots] = v.to(self.device, self.dtype)
             self.slot_pos[slots] = positions.to(self.device)
+            self.slot_owner[slots] = owner
+
+    def set_owner(self, slots: torch.Tensor, owner: int) -> None:
+        with storage_mode():
+            self.slot_owner[slots] = owner
 
     def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, :, slots], self.v[:, :, slots]
@@ -144,6 +155,10 @@ class DevicePool:
         """The used prefix of the arena: k, v [B, H, high_water, D] and slot positions [high_water]."""
         n = self.high_water
         return self.k[:, :, :n], self.v[:, :, :n], self.slot_pos[:n]
+
+    def owners(self) -> torch.Tensor:
+        """Chunk row owning each slot below high water ([high_water]; -1: recent window or free)."""
+        return self.slot_owner[: self.high_water]
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Reorder/select/repeat batch rows (`new[i] = old[index[i]]`); data moves, slots stay."""
@@ -154,7 +169,7 @@ class DevicePool:
                 self.v = self.v.index_select(0, index)
 
     def clear(self) -> None:
-        self.k = self.v = self.slot_pos = None
+        self.k = self.v = self.slot_pos = self.slot_owner = None
         self.used = self.high_water = 0
         self._holes.clear()
         self._hole_heap.clear()

@@ -39,10 +39,37 @@ class CacheStats:
     disk: DiskStats = field(default_factory=DiskStats)
     staging_peak_tokens: int = 0  # most tokens fetched into one attention batch
     steps: int = 0  # forward passes seen
+    stall_s: float = 0.0  # time attention waited for disk reads (synchronous reads and unfinished prefetches)
+    prefetch_issued: int = 0  # disk reads started ahead of need
+    prefetch_hits: int = 0  # disk reads attention needed that had been started ahead
+    prefetch_wasted: int = 0  # prefetched chunks dropped unused
+    disk_loads_sync: int = 0  # disk reads done on the critical path, not prefetched
+    selected_tokens: int = 0  # sparse decode: tokens attended, summed over (step, layer, row, KV head)
+    selection_steps: int = 0  # sparse decode: (step, layer, row, KV head) selections made
+
+    @property
+    def prefetch_hit_rate(self) -> float | None:
+        """Share of the disk reads attention needed whose read had been started ahead of time."""
+        total = self.prefetch_hits + self.disk_loads_sync
+        return self.prefetch_hits / total if total else None
+
+    @property
+    def mean_attended_tokens(self) -> float | None:
+        """Sparse decode: tokens attended per (layer, row, KV head) and step, on average."""
+        return self.selected_tokens / self.selection_steps if self.selection_steps else None
+
+    def per_step(self) -> dict[str, dict[str, float]]:
+        """Bytes moved per tier and forward pass."""
+        n = max(1, self.steps)
+        return {tier: {"bytes_read": getattr(self, tier).bytes_read / n, "bytes_written": getattr(self, tier).bytes_written / n}
+                for tier in ("device", "host", "disk")}
 
     def as_dict(self) -> dict:
         out = asdict(self)
         for tier in ("device", "host", "disk"):
             out[tier]["bytes_moved"] = getattr(self, tier).bytes_moved
         out["disk"]["compression_ratio"] = self.disk.compression_ratio
+        out["prefetch_hit_rate"] = self.prefetch_hit_rate
+        out["mean_attended_tokens"] = self.mean_attended_tokens
+        out["per_step"] = self.per_step()
         return out

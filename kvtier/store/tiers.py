@@ -17,12 +17,16 @@ import torch
 
 from ..config import KVTierConfig
 from ..errors import StoreMissingRecordError
-from .chunk import Chunk, Tier
+from .chunk import Chunk, Tier, chunk_key
 from .codec import RecordCodec, RecordHeader
 from .disk import DiskStore
 from .eviction import LRUEviction
 from .pools import DevicePool, HostPool
+from .prefetch import Prefetcher
 from .stats import CacheStats
+
+
+ABSTRACT_ID = 2**64 - 1  # chunk id under which a layer's abstract table is stored
 
 
 def _apply_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -63,6 +67,12 @@ class TierManager:
         self.counters = CacheStats()
         self.clock = 0  # forward passes seen; chunks remember when they were last read
         self.next_chunk_id = 0
+        from ..sparse.select import SELECTORS
+
+        self.selector = SELECTORS[config.selector]()
+        sparse = config.mode == "sparse" and config.prefetch
+        self.prefetcher = Prefetcher(self._load_record, config.reader_threads if sparse else 0, config.prefetch_tokens)
+        self.layers: list = []  # the tiered layers in model order (set by the cache), for next-layer prefetch
 
     def new_chunk_id(self) -> int:
         self.next_chunk_id += 1
@@ -87,7 +97,7 @@ class TierManager:
         for chunk, k, v in items:
             b, h, n, d = k.shape
             header = RecordHeader(chunk.layer, chunk.chunk_id, chunk.start, n, b, h, d, k.dtype, self.signature)
-            blob = self.codec.encode(header, k, v)
+            blob = self.codec.encode(header, k, v, lossy=self._lossy(chunk))
             blobs.append((chunk.key, blob))
             self.record_sizes[chunk.key] = (n, k.nbytes + v.nbytes, len(blob))
         self.disk.put_many(blobs)
@@ -95,8 +105,19 @@ class TierManager:
             chunk.on_disk = True
             self.counters.disk.bytes_written += self.record_sizes[chunk.key][2]
 
+    def _lossy(self, chunk: Chunk) -> bool:
+        """Opt-in: chunks that got little attention at prefill are stored as int8 on disk."""
+        cfg = self.config
+        return cfg.lossy_disk and chunk.importance is not None and chunk.importance < cfg.lossy_below
+
     def read_record(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chunk's disk record in stored row order (CPU tensors)."""
+        """The chunk's disk record in stored row order (CPU tensors), counted as a disk read."""
+        k, v = self._load_record(chunk)
+        self.counters.disk.bytes_read += self.record_sizes[chunk.key][2]
+        return k, v
+
+    def _load_record(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read, check and decode one record. Thread-safe (reader threads call it); counts nothing."""
         blob = self.disk.get(chunk.key)
         if blob is None:
             raise StoreMissingRecordError(f"{chunk.name()}: record missing from store {self.disk.path}")
@@ -107,8 +128,22 @@ class TierManager:
                 f"expected {chunk.start}..{chunk.end}"
             )
         self.record_sizes.setdefault(chunk.key, (chunk.length, k.nbytes + v.nbytes, len(blob)))
-        self.counters.disk.bytes_read += len(blob)
         return k, v
+
+    def write_abstracts(self, layer: int, kmin: torch.Tensor, kmax: torch.Tensor) -> bytes:
+        """Persist a layer's abstract table ([B, Hkv, C, D] float32 each) as one record; returns its key."""
+        b, h, c, d = kmin.shape
+        header = RecordHeader(layer, ABSTRACT_ID, 0, c, b, h, d, torch.float32, self.signature)
+        key = chunk_key(layer, ABSTRACT_ID)
+        self.disk.put(key, self.codec.encode(header, kmin.cpu().contiguous(), kmax.cpu().contiguous()))
+        return key
+
+    def read_abstracts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        blob = self.disk.get(chunk_key(layer, ABSTRACT_ID))
+        if blob is None:
+            raise StoreMissingRecordError(f"layer {layer}: chunk abstracts missing from store {self.disk.path}")
+        _, kmin, kmax = self.codec.decode(blob, layer, ABSTRACT_ID, self.signature, torch.float32)
+        return kmin, kmax
 
     # ---------------------------------------------------------------------------------- placement
     def place(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -120,11 +155,11 @@ class TierManager:
         else:
             self._to_host(chunk, k, v)
 
-    def allocate_device(self, layer: int, n: int) -> torch.Tensor | None:
-        """Device slots for n tokens, evicting least recently used chunks to the host as needed."""
+    def allocate_device(self, layer: int, n: int, protect: set[int] | frozenset[int] = frozenset()) -> torch.Tensor | None:
+        """Device slots for n tokens, evicting least recently used chunks (not in `protect`) to the host."""
         pool = self.device_pools[layer]
         while (slots := pool.allocate(n)) is None:
-            victim = self.policy.victim(self._on_device[layer].values())
+            victim = self.policy.victim(self._on_device[layer].values(), protect)
             if victim is None:
                 return None
             self.evict_from_device(victim)
@@ -133,11 +168,12 @@ class TierManager:
     def adopt_device(self, chunk: Chunk, slots: torch.Tensor) -> None:
         """Register a chunk whose tokens already sit in device slots (sealed from the recent window)."""
         chunk.tier, chunk.slots, chunk.rows = Tier.DEVICE, slots, None
+        self.device_pools[chunk.layer].set_owner(slots, chunk.row)
         self._on_device[chunk.layer][chunk.chunk_id] = chunk
 
     def _write_device(self, chunk: Chunk, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         pool = self.device_pools[chunk.layer]
-        pool.write(slots, k, v, _positions(chunk, pool.device))
+        pool.write(slots, k, v, _positions(chunk, pool.device), chunk.row)
         self.counters.device.bytes_written += k.nbytes + v.nbytes
         self.adopt_device(chunk, slots)
 
@@ -198,7 +234,6 @@ class TierManager:
     def fetch(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """The chunk's k, v on the compute device in logical row order, wherever it lives."""
         c = self.counters
-        n = 0
         if chunk.tier == Tier.DEVICE:
             c.device.hits += 1
             return self.device_pools[chunk.layer].read(chunk.slots)
@@ -211,7 +246,12 @@ class TierManager:
         else:
             c.host.misses += 1
             c.disk.hits += 1
-            k, v = self.read_record(chunk)
+            kv = self.prefetcher.take(chunk)
+            if kv is None:
+                kv = self.prefetcher.load_now(chunk)
+                c.disk_loads_sync += 1
+            k, v = kv
+            c.disk.bytes_read += self.record_sizes[chunk.key][2]
             k, v = _apply_rows(k, chunk.disk_rows), _apply_rows(v, chunk.disk_rows)
         chunk.last_used = self.clock
         n = k.nbytes + v.nbytes
@@ -220,18 +260,49 @@ class TierManager:
         c.device.bytes_written += n
         return k, v
 
-    def promote(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Move a fetched chunk up into free room (never evicting for it). k, v: logical order."""
+    def make_resident(self, layer: int, needed: list[Chunk]) -> list[tuple[Chunk, torch.Tensor, torch.Tensor]]:
+        """Bring every needed chunk to the device, evicting chunks not needed now; return (chunk, k, v) of
+        those that cannot fit (staged copies, attended from there)."""
+        protect = {c.chunk_id for c in needed}
+        staged = []
+        for chunk in needed:
+            if chunk.tier == Tier.DEVICE:
+                self.counters.device.hits += 1
+                continue
+            k, v = self.fetch(chunk)
+            if not self.promote(chunk, k, v, protect=protect):
+                staged.append((chunk, k, v))
+        return staged
+
+    def prefetch_next(self, layer) -> None:
+        """While `layer` computes, start reading what the next tiered layer attended to last step (and
+        what this layer staged): attention moves slowly from step to step."""
+        if not self.layers:
+            return
+        i = self.layers.index(layer)
+        nxt = self.layers[(i + 1) % len(self.layers)]
+        wanted = [c for c in nxt.last_union if c.tier == Tier.DISK]
+        wanted += [c for c in layer.last_union if c.tier == Tier.DISK]
+        self.prefetcher.request(wanted, self.clock)
+
+    def promote(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor,
+                protect: set[int] | None = None) -> bool:
+        """Move a fetched chunk (k, v in logical order) onto the device: into free room only, or, with
+        `protect` given, evicting least recently used chunks outside it. Failing that, a disk-only chunk
+        moves into free host room. True if it ended on the device."""
         if chunk.tier == Tier.DEVICE:
             return True
         pool = self.device_pools[chunk.layer]
-        slots = pool.allocate(chunk.length)
+        if protect is None:
+            slots = pool.allocate(chunk.length)
+        else:
+            slots = self.allocate_device(chunk.layer, chunk.length, protect)
         if slots is not None:
             if chunk.tier == Tier.HOST:
                 self.host_pools[chunk.layer].pop(chunk.chunk_id)
                 del self._on_host[chunk.layer][chunk.chunk_id]
             chunk.rows = None
-            pool.write(slots, k, v, _positions(chunk, pool.device))
+            pool.write(slots, k, v, _positions(chunk, pool.device), chunk.row)
             self.adopt_device(chunk, slots)
             return True
         host = self.host_pools[chunk.layer]
@@ -251,6 +322,7 @@ class TierManager:
         """Drop chunks from every tier (disk records of a saved session stay)."""
         doomed = []
         for chunk in chunks:
+            self.prefetcher.discard(chunk)
             if chunk.tier == Tier.DEVICE:
                 self.device_pools[chunk.layer].release(chunk.slots)
                 del self._on_device[chunk.layer][chunk.chunk_id]
@@ -280,6 +352,8 @@ class TierManager:
 
     def stats(self) -> CacheStats:
         s = self.counters
+        p = self.prefetcher.stats
+        s.prefetch_issued, s.prefetch_hits, s.prefetch_wasted, s.stall_s = p.issued, p.hits, p.wasted, p.stall_s
         s.device.tokens = sum(p.used for p in self.device_pools.values())
         s.device.bytes = sum(p.used * p.bytes_per_token() for p in self.device_pools.values())
         s.device.budget_tokens = self.config.device_budget
@@ -302,6 +376,7 @@ class TierManager:
             d.clear()
 
     def close(self) -> None:
+        self.prefetcher.close()
         if self._disk is not None:
             self._disk.close()
 

@@ -1,0 +1,115 @@
+"""Gathered decode attention: each (sequence, KV head) attends to its own list of cache slots.
+
+The selector picks different chunks per KV head; instead of materialising each head's keys, the
+kernel reads them through an index list (`idx[b, h, :counts[b, h]]` are slots of the device arena).
+It returns the output and the log-sum-exp, so the result merges with other partial attentions
+(`merge_partials`), e.g. chunks that were staged from the host instead of living in the arena.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, use_triton
+from .partial_attention import partial_attention
+
+
+def sparse_decode_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    counts: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [B, Hq, D]; k, v: [B, Hkv, S, D] (the arena); idx: [B, Hkv, N] slot indices, valid below counts [B, Hkv].
+    Returns out [B, Hq, D] and lse [B, Hq], float32 (lse -inf and out 0 where a head attends to nothing)."""
+    b, hkv, n = idx.shape
+    d = k.shape[-1]
+    gi = idx.clamp(min=0).unsqueeze(-1).expand(b, hkv, n, d)
+    ks, vs = torch.gather(k, 2, gi), torch.gather(v, 2, gi)  # [B, Hkv, N, D]
+    mask = (torch.arange(n, device=idx.device)[None, None, :] < counts[..., None]).unsqueeze(2)  # [B, Hkv, 1, N]
+    out, lse = partial_attention(q.unsqueeze(2), ks, vs, scale, mask, softcap)
+    return out.squeeze(2), lse.squeeze(2)
+
+
+def sparse_decode_attention(q, k, v, idx, counts, scale, softcap=None):
+    """Dispatch: the Triton kernel where it may run, else the reference."""
+    if idx.shape[-1] and use_triton(q):
+        return _sparse_decode_triton(q, k, v, idx, counts, scale, softcap)
+    return sparse_decode_attention_ref(q, k, v, idx, counts, scale, softcap)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sparse_decode_kernel(
+        q_ptr, k_ptr, v_ptr, idx_ptr, cnt_ptr, out_ptr, lse_ptr,
+        scale, softcap, D, N,
+        sq_b, sq_h, sk_b, sk_h, sk_s, si_b, si_h, so_b, so_h, sl_b,
+        HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr,
+    ):
+        # one program: one (batch, kv head) and all G query heads of its group; online softmax over slots
+        pid = tl.program_id(0)
+        b = pid // HKV
+        h = pid % HKV
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        gmask = offs_g < G
+        dmask = offs_d < D
+        q = tl.load(q_ptr + b * sq_b + (h * G + offs_g)[:, None] * sq_h + offs_d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [G, D]
+        count = tl.load(cnt_ptr + b * HKV + h)
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for start in range(0, N, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            nmask = offs_n < count
+            slot = tl.load(idx_ptr + b * si_b + h * si_h + offs_n, mask=nmask, other=0)
+            kp = b * sk_b + h * sk_h + slot[:, None] * sk_s + offs_d[None, :]
+            kv_mask = nmask[:, None] & dmask[None, :]
+            kb = tl.load(k_ptr + kp, mask=kv_mask, other=0.0).to(tl.float32)  # [N, D]
+            vb = tl.load(v_ptr + kp, mask=kv_mask, other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * kb[None, :, :], axis=2) * scale  # [G, N]
+            if SOFTCAP:
+                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vb[None, :, :], axis=1)
+            m = m_new
+        empty = l == 0.0
+        out = acc / tl.where(empty, 1.0, l)[:, None]
+        lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
+        tl.store(out_ptr + b * so_b + (h * G + offs_g)[:, None] * so_h + offs_d[None, :], out,
+                 mask=gmask[:, None] & dmask[None, :])
+        tl.store(lse_ptr + b * sl_b + h * G + offs_g, lse, mask=gmask)
+
+    def _sparse_decode_triton(q, k, v, idx, counts, scale, softcap):
+        b, hq, d = q.shape
+        hkv = k.shape[1]
+        g = hq // hkv
+        q = q.contiguous()
+        idx = idx.contiguous()
+        counts = counts.to(torch.int32).contiguous()
+        out = torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
+        if k.stride(3) != 1 or v.stride() != k.stride():
+            raise ValueError("sparse_decode_attention needs k and v with the same layout, last dim contiguous")
+        _sparse_decode_kernel[(b * hkv,)](
+            q, k, v, idx, counts, out, lse,
+            float(scale), float(softcap or 1.0), d, idx.shape[-1],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), idx.stride(0), idx.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            HKV=hkv, G=g, BLOCK_G=max(triton.next_power_of_2(g), 1), BLOCK_N=32,
+            BLOCK_D=triton.next_power_of_2(d), SOFTCAP=softcap is not None,
+        )
+        return out, lse

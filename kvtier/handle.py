@@ -1,0 +1,42 @@
+"""`KVHandle`: what `KVTierCache.update` returns in place of key/value tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import AttentionNotEnabledError
+
+_NOT_ENABLED = (
+    "a KVTierCache was used by an attention implementation that is not kvtier's. Switch the model with "
+    "`kvtier.enable(model)`, or build the cache with `KVTierCache.for_model(model)`, which does it for you."
+)
+
+
+@dataclass(slots=True, eq=False)
+class KVHandle:
+    """The new tokens of one layer's forward, for kvtier's attention (the only code that reads it).
+
+    Anything else touching it (sdpa, eager, flash) fails at once with a message that says how to fix it.
+    k_new, v_new: [B, Hkv, Q, D]; past_len: tokens cached before them.
+    """
+
+    layer: Any  # TieredLayer | SlidingLayer
+    past_len: int
+    k_new: torch.Tensor
+    v_new: torch.Tensor
+    context: tuple[torch.Tensor, torch.Tensor, int] | None = None  # sliding layers: k, v, first position
+    new_in_window: bool = False  # the new tokens already sit in the device window (decode steps)
+
+    @property
+    def q_len(self) -> int:
+        return self.k_new.shape[2]
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise AttentionNotEnabledError(_NOT_ENABLED)
+
+    def __getattr__(self, name: str):
+        raise AttentionNotEnabledError(f"{_NOT_ENABLED} (attribute {name!r} was requested)")

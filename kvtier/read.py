@@ -1,0 +1,189 @@
+"""Reading a tiered layer for attention: exact (every chunk) or sparse (the chunks that matter).
+
+Both assemble partial attentions (device arena, chunks fetched from host or disk, this forward's own
+tokens) and merge them by log-sum-exp, so where a token lives never changes the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from .attend import attend
+from .handle import KVHandle
+from .kernels import merge_partials, partial_attention, sparse_decode_attention
+from .store.chunk import Chunk, Tier
+
+if TYPE_CHECKING:
+    from .layers import TieredLayer
+
+
+def pad_slice(pad: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    """The padding mask of positions [start, end), or None when none of them is padding."""
+    if pad is None:
+        return None
+    part = pad[:, start:end]
+    return None if bool(part.all()) else part
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = parts[0]
+    for o, l in parts[1:]:
+        out, lse = merge_partials(out, lse, o, l)
+    return out, lse
+
+
+def _groups(chunks: list[Chunk], limit: int) -> Iterator[list[Chunk]]:
+    """Consecutive runs of chunks holding at most `limit` tokens (one staging batch each)."""
+    group, size = [], 0
+    for chunk in chunks:
+        if group and size + chunk.length > limit:
+            yield group
+            group, size = [], 0
+        group.append(chunk)
+        size += chunk.length
+    if group:
+        yield group
+
+
+def _stage(layer: "TieredLayer", group: list[Chunk], device: torch.device):
+    """Fetch a group of chunks into one staging batch: k, v [B, H, n, D] and their positions [n]."""
+    ks, vs, poss = [], [], []
+    for chunk in group:
+        k, v = layer.tiers.fetch(chunk)
+        layer.tiers.promote(chunk, k, v)
+        ks.append(k)
+        vs.append(v)
+        poss.append(torch.arange(chunk.start, chunk.end, device=device))
+    cat = (lambda xs, dim: xs[0] if len(xs) == 1 else torch.cat(xs, dim=dim))
+    k, v, pos = cat(ks, 2), cat(vs, 2), cat(poss, 0)
+    counters = layer.tiers.counters
+    counters.staging_peak_tokens = max(counters.staging_peak_tokens, k.shape[2])
+    return k, v, pos
+
+
+# ----------------------------------------------------------------------------------------- exact
+def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad: torch.Tensor | None,
+                    scale: float, softcap: float | None) -> torch.Tensor:
+    """Attention of q [B, Hq, Q, D] over every cached token plus this forward's; [B, Hq, Q, D] in q.dtype."""
+    past, nq = handle.past_len, handle.q_len
+    # Decode: the new token already sits in the window, so the arena covers it and no causal cut is needed.
+    arena_has_new = nq == 1 and handle.new_in_window
+    limit = past + 1 if arena_has_new else past
+    remote = [c for c in layer.chunks if c.tier != Tier.DEVICE and c.start < past]
+    layer.tiers.counters.device.hits += sum(1 for c in layer.chunks if c.start < past) - len(remote)
+    remote = _promote_into_free_room(layer, remote)
+    parts = []
+    if limit > 0 and layer.pool.high_water:
+        k, v, pos = layer.pool.view()
+        valid = None
+        if not layer.pool.dense or layer.length > limit:
+            valid = ((pos >= 0) & (pos < limit))[None, :].expand(k.shape[0], -1)
+        pad_part = pad_slice(pad, 0, limit)
+        if pad_part is not None:
+            row_ok = pad_part[:, pos.clamp(0, limit - 1)]
+            valid = row_ok if valid is None else valid & row_ok
+        alone = arena_has_new and not remote
+        out, lse = attend(q, k, v, q_pos0=past, key_pos=pos, scale=scale, key_valid=valid, causal=False,
+                          softcap=softcap, need_lse=not alone)
+        if alone:
+            return out
+        parts.append((out, lse))
+    for group in _groups(remote, layer.config.staging_tokens):
+        k, v, pos = _stage(layer, group, q.device)
+        valid = None
+        if any(c.end > past for c in group):
+            valid = (pos < past)[None, :].expand(k.shape[0], -1)
+        if pad is not None:
+            row_ok = pad[:, pos.clamp(max=pad.shape[1] - 1)]
+            valid = row_ok if valid is None else valid & row_ok
+        parts.append(attend(q, k, v, q_pos0=past, key_pos=pos, scale=scale, key_valid=valid, causal=False,
+                            softcap=softcap, need_lse=True))
+    if not arena_has_new:
+        need_lse = bool(parts)
+        out, lse = attend(q, handle.k_new, handle.v_new, q_pos0=past, key_pos=past, scale=scale,
+                          key_valid=pad_slice(pad, past, past + nq), softcap=softcap, need_lse=need_lse)
+        if not need_lse:
+            return out
+        parts.append((out, lse))
+    return _merge(parts)[0].to(q.dtype)
+
+
+def _promote_into_free_room(layer: "TieredLayer", remote: list[Chunk]) -> list[Chunk]:
+    """Pull non-resident chunks into free device room (none is evicted for it); return the rest."""
+    rest = []
+    for chunk in remote:
+        if layer.tiers.device_has_room(layer.index, chunk.length):
+            k, v = layer.tiers.fetch(chunk)
+            layer.tiers.promote(chunk, k, v)
+        else:
+            rest.append(chunk)
+    return rest
+
+
+# ---------------------------------------------------------------------------------------- sparse
+def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad: torch.Tensor | None,
+                     scale: float, softcap: float | None) -> torch.Tensor:
+    """One decode step attending to sinks, the recent window and the chunks the selector keeps.
+
+    q: [B, Hq, 1, D]; the new token is already in the window. Selected chunks not on the device are
+    brought there (evicting chunks this step does not need); any that cannot fit are staged and merged.
+    """
+    tiers, cfg = layer.tiers, layer.config
+    tiers.prefetch_next(layer)
+    kmin, kmax, lengths, starts = layer.abstracts.view()
+    n_chunks = len(layer.chunks)
+    forced = torch.tensor([c.pinned for c in layer.chunks], device=lengths.device)
+    always = int(lengths[forced].sum()) + layer.win_slots.numel()
+    chunk_budget = max(0, cfg.budget_tokens(layer.length) - always)
+    has_tokens = _chunks_with_tokens(pad, starts, lengths) if pad is not None else None
+    sel = tiers.selector.select(q[:, :, 0], kmin, kmax, lengths, starts, chunk_budget, forced, has_tokens)
+    union = sel.any(dim=1).any(dim=0).nonzero().flatten().tolist()
+    needed = [layer.chunks[i] for i in union]
+    for chunk in needed:
+        chunk.last_used = tiers.clock
+        chunk.selected += 1
+    layer.last_union = needed
+    staged = tiers.make_resident(layer.index, needed)
+    tiers.counters.selected_tokens += int((sel.float() * lengths.float()).sum()) + always * sel.shape[0] * sel.shape[1]
+    tiers.counters.selection_steps += sel.shape[0] * sel.shape[1]
+
+    # The arena: selected chunks' slots, the window (owner -1) and nothing else, per (sequence, KV head).
+    k, v, pos = layer.pool.view()
+    owner = layer.pool.owners()
+    sel_ext = torch.cat([torch.ones_like(sel[..., :1]), sel], dim=-1)  # column 0: the window
+    staged_rows = torch.tensor([c.row for c, _, _ in staged], dtype=torch.long, device=owner.device)
+    if staged_rows.numel():  # staged chunks are attended from their staging copy, not the arena
+        sel_ext[..., staged_rows + 1] = False
+    mask = sel_ext[:, :, (owner + 1).clamp(0, n_chunks)] & (pos >= 0)[None, None, :]
+    if pad is not None:
+        mask &= pad[:, pos.clamp(0, pad.shape[1] - 1)][:, None, :]
+    counts = mask.sum(-1)  # [B, Hkv]
+    idx = _compact(mask, int(counts.max()))
+    out, lse = sparse_decode_attention(q[:, :, 0], k, v, idx, counts, scale, softcap)
+    parts = [(out.unsqueeze(2), lse.unsqueeze(2))]
+    for chunk, ck, cv in staged:
+        head_mask = sel[:, :, chunk.row][:, :, None, None].expand(-1, -1, 1, chunk.length)
+        if pad is not None:
+            head_mask = head_mask & pad[:, None, None, chunk.start:chunk.end]
+        parts.append(partial_attention(q, ck, cv, scale, head_mask, softcap))
+    return _merge(parts)[0].to(q.dtype)
+
+
+def _chunks_with_tokens(pad: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[B, C]: whether chunk c holds at least one real (non-padding) token of row b."""
+    cum = torch.nn.functional.pad(pad.long().cumsum(-1), (1, 0))  # [B, L+1]
+    return (cum[:, starts + lengths] - cum[:, starts]) > 0
+
+
+def _compact(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, H, S] bool -> [B, H, width] indices of the True entries, left-aligned (rest: 0)."""
+    b, h, s = mask.shape
+    width = max(width, 1)
+    slot = torch.where(mask, mask.long().cumsum(-1) - 1, width)  # destination column, `width` = discard
+    out = torch.zeros(b, h, width + 1, dtype=torch.long, device=mask.device)
+    out.scatter_(-1, slot, torch.arange(s, device=mask.device).expand(b, h, s))
+    return out[..., :width]
+

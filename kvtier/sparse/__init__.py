@@ -1,0 +1,10 @@
+"""Importance-aware sparse decoding (LeoAM, arXiv 2506.20187): layer-skew profiling, variable-size chunk
+planning, per-chunk key abstracts and chunk selection under a token budget."""
+
+from .abstracts import AbstractTable
+from .plan import decode_granularity, plan_chunks
+from .profile import LayerSkew, skew_stats, token_importance
+from .select import QuestBound, Recency, Selector
+
+__all__ = ["AbstractTable", "LayerSkew", "QuestBound", "Recency", "Selector", "decode_granularity", "plan_chunks",
+           "skew_stats", "token_importance"]

@@ -1,0 +1,42 @@
+"""Variable-size chunk planning from attention skew.
+
+Cut a run of tokens so every chunk holds about the same attention mass, within [min_size, max_size]:
+attention deserts merge into large chunks, important regions split into small ones, and a layer whose
+attention is flat gets chunks of about `base` tokens. (The LeoAM idea, arXiv 2506.20187, made concrete
+as mass-balanced segmentation.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def plan_chunks(importance: torch.Tensor | None, n: int, base: int, min_size: int, max_size: int) -> list[int]:
+    """Chunk lengths covering the first tokens of a run of n (the rest, < min_size, stays unsealed).
+
+    importance: [n] non-negative weights (None: fixed chunks of `base`). Target mass per chunk is
+    base / n of the total, so flat attention yields `base`-token chunks.
+    """
+    if importance is None:
+        return [base] * (n // base)
+    imp = importance.detach().float().cpu().numpy()[:n].astype(np.float64)
+    total = imp.sum()
+    if total <= 0 or n == 0:
+        return [base] * (n // base)
+    target = total * base / n
+    sizes, length, mass = [], 0, 0.0
+    for x in imp:
+        length += 1
+        mass += x
+        if length >= max_size or (length >= min_size and mass >= target):
+            sizes.append(length)
+            length, mass = 0, 0.0
+    return sizes
+
+
+def decode_granularity(sizes: list[int], min_size: int, base: int) -> int:
+    """Chunk size for tokens produced while decoding: the layer's median planned size, within [min, base]."""
+    if not sizes:
+        return base
+    return int(min(base, max(min_size, int(np.median(sizes)))))
