@@ -6,6 +6,7 @@ attention lives in `kvtier.attention`. This class translates transformers' calls
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import tempfile
 import time
@@ -39,7 +40,8 @@ SESSION_META = "session"
 # Options a saved session fixes (they shape the chunk table); budgets and the rest may change on reopen.
 _LAYOUT_OPTIONS = ("chunk_size", "sink_tokens", "recent_window")
 # Options a reopened session takes from the saved one unless the caller overrides them.
-_RUNTIME_OPTIONS = ("device_budget", "host_budget", "staging_tokens", "zstd_level", "byte_planes", "max_store_bytes")
+_RUNTIME_OPTIONS = tuple(f.name for f in dataclasses.fields(KVTierConfig)
+                         if f.name not in (*_LAYOUT_OPTIONS, "store_path", "initial_map_bytes"))
 
 
 def cache_argument(model: torch.nn.Module) -> str:

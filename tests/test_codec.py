@@ -102,3 +102,17 @@ def test_any_single_flipped_byte_is_detected(data):
     blob[i] ^= data.draw(st.integers(1, 255))
     with pytest.raises((StoreCorruptError, StoreMismatchError), match="layer 3 chunk 17"):
         codec.decode(bytes(blob), 3, 17, SIG, torch.bfloat16)
+
+
+def test_lossy_records_are_int8_with_per_channel_scales():
+    codec = RecordCodec()
+    k, v = _kv((2, 3, 40, 16), torch.bfloat16, seed=4)
+    k[:, :, :, 3] *= 50  # an outlier channel must not ruin the others
+    blob = codec.encode(RecordHeader(3, 17, 64, 40, 2, 3, 16, k.dtype, SIG), k, v, lossy=True)
+    _, k2, v2 = codec.decode(blob, 3, 17, SIG, torch.bfloat16)
+    assert k2.dtype == torch.bfloat16 and k2.shape == k.shape
+    for orig, back in ((k, k2), (v, v2)):
+        scale = orig.float().abs().amax(dim=2, keepdim=True) / 127
+        err = (orig.float() - back.float()).abs()
+        assert bool((err <= scale * 0.5 + orig.float().abs() * 2 ** -7 + 1e-6).all())  # rounding + bf16 cast
+    assert len(blob) < len(_encode(codec, k, v))

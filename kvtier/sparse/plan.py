@@ -25,13 +25,20 @@ def plan_chunks(importance: torch.Tensor | None, n: int, base: int, min_size: in
     if total <= 0 or n == 0:
         return [base] * (n // base)
     target = total * base / n
+    desert = 0.1 * total / n  # a token getting under a tenth of the uniform share is in a desert
     sizes, length, mass = [], 0, 0.0
     for x in imp:
-        length += 1
-        mass += x
-        if length >= max_size or (length >= min_size and mass >= target):
+        # Close the chunk before this token if it is full, if the token would push it past its share of
+        # mass, or if it is a desert chunk and the token is not: deserts end where important regions begin.
+        in_desert = mass < desert * length
+        if length >= max_size or (length >= min_size and (mass + x > target * (1 + 1e-9)
+                                                          or (in_desert and x >= desert))):
             sizes.append(length)
             length, mass = 0, 0.0
+        length += 1
+        mass += x
+    if length >= max_size or (length >= min_size and mass >= target * (1 - 1e-9)):
+        sizes.append(length)
     return sizes
 
 

@@ -260,6 +260,13 @@ class TierManager:
         c.device.bytes_written += n
         return k, v
 
+    def fetch_all_for_test(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored token of a tiered layer in position order (for tests and debugging)."""
+        parts = [self.fetch(c) for c in layer.chunks]
+        if layer.win_slots.numel():
+            parts.append(self.device_pools[layer.index].read(layer.win_slots))
+        return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
+
     def make_resident(self, layer: int, needed: list[Chunk]) -> list[tuple[Chunk, torch.Tensor, torch.Tensor]]:
         """Bring every needed chunk to the device, evicting chunks not needed now; return (chunk, k, v) of
         those that cannot fit (staged copies, attended from there)."""
