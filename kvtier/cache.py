@@ -308,6 +308,17 @@ class KVTierCache(Cache):
         """Per-tier tokens, bytes, hits, misses, bytes moved, budgets and peaks; disk compression ratio."""
         return self.tiers.stats()
 
+    def set_sparse(self, budget: int | float | None = None, selector: str | None = None) -> None:
+        """Change the sparse budget or the selection policy between questions (validated like KVTierConfig)."""
+        from .sparse.select import SELECTORS
+
+        changes = {k: v for k, v in (("sparse_budget", budget), ("selector", selector)) if v is not None}
+        checked = KVTierConfig(**{**self.config.to_dict(), **changes})  # raises ValueError on bad values
+        for name, value in changes.items():
+            setattr(self.config, name, getattr(checked, name))
+        if selector is not None:
+            self.tiers.selector = SELECTORS[selector]()
+
     @property
     def store_path(self) -> Path | None:
         return self.tiers.disk.path if self.tiers.has_disk else None

@@ -147,7 +147,7 @@ class TieredLayer:
         self.length = past + q
 
     def _plan(self, win_len: int, q: int, importance: torch.Tensor | None) -> list[int]:
-        """Chunk sizes for the window + new tokens, leaving at least `recent_window` unsealed."""
+        """Chunk sizes for the window + new tokens, leaving exactly `recent_window` unsealed."""
         total = win_len + q - self.config.recent_window
         sizes: list[int] = []
         if total <= 0:
@@ -158,7 +158,7 @@ class TieredLayer:
             sizes.append(self.config.sink_tokens)
             total -= self.config.sink_tokens
         if importance is None or not self.config.adaptive:
-            return sizes + [self.config.chunk_size] * (total // self.config.chunk_size)
+            return sizes + plan_chunks(None, total, self.config.chunk_size, 1, self.config.chunk_size)
         lead = sizes[0] if sizes else 0
         region = torch.cat([importance.new_full((win_len,), float(importance.mean())), importance])[lead:lead + total]
         planned = plan_chunks(region, total, self.config.chunk_size, self.config.min_chunk_size,
@@ -306,6 +306,7 @@ class TieredLayer:
             self.pool.release(self.win_slots[keep:])
             self.win_slots = self.win_slots[:keep]
             self.length = length
+            self._refill_window()
             return
         self.pool.release(self.win_slots)
         self.win_slots = self.win_slots[:0]
@@ -324,6 +325,20 @@ class TieredLayer:
             self.pool.write(slots, kept_k, kept_v, torch.arange(self.length, length, device=self.pool.device))
             self.win_slots = slots
         self.length = length
+        self._refill_window()
+
+    def _refill_window(self) -> None:
+        """After a crop, unseal trailing chunks until the window again holds `recent_window` tokens, so a
+        cropped cache attends like a fresh one (the window is always attended in sparse mode)."""
+        while self.win_slots.numel() < self.config.recent_window and self.chunks and not self.chunks[-1].pinned:
+            chunk = self.chunks.pop()
+            k, v = self.tiers.fetch(chunk)
+            k, v = k.clone(), v.clone()
+            self.tiers.free([chunk])
+            self.abstracts.truncate(len(self.chunks))
+            slots = self.tiers.allocate_device(self.index, chunk.length)
+            self.pool.write(slots, k, v, torch.arange(chunk.start, chunk.end, device=self.pool.device))
+            self.win_slots = torch.cat([slots, self.win_slots.to(slots.device)])
 
     def reset(self) -> None:
         self.pending = None

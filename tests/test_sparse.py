@@ -109,12 +109,13 @@ def test_plans_stay_within_bounds(n, seed, lo, spread):
     base = (lo + hi) // 2
     imp = torch.rand(n, generator=torch.Generator().manual_seed(seed)) ** 4
     sizes = plan_chunks(imp, n, base, lo, hi)
-    assert sum(sizes) <= n and n - sum(sizes) < max(lo, 1) + (hi if not sizes else 0) + hi
-    assert all(lo <= s <= hi for s in sizes)
+    assert sum(sizes) == n
+    assert all(lo <= s <= hi for s in sizes[:-1]) and all(1 <= s <= hi for s in sizes[-1:])
 
 
 def test_flat_attention_gives_base_chunks_and_peaks_get_small_ones():
     assert plan_chunks(torch.ones(640), 640, 64, 16, 256) == [64] * 10
+    assert plan_chunks(None, 650, 64, 16, 256) == [64] * 10 + [10]
     imp = torch.full((1024,), 0.01)
     imp[500:520] = 10.0  # an important region in a desert
     sizes = plan_chunks(imp, 1024, 64, 16, 256)
@@ -325,3 +326,19 @@ def test_lossy_disk_only_touches_low_importance_chunks(monkeypatch):
 def test_lossy_needs_sparse_mode():
     with pytest.raises(ValueError, match="lossy_disk.*sparse"):
         KVTierCache.for_model(build_model("llama"), lossy_disk=True)
+
+
+def test_crop_keeps_the_recent_window_full():
+    model = build_model("llama")
+    cache = KVTierCache.for_model(model, **SPARSE, sparse_budget=40)
+    kw = {cache_kw(model): cache}
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 128, (1, 200)), **kw)
+        for t in range(30):
+            model(input_ids=torch.tensor([[5 + t]]), **kw)
+    cache.crop(-30)
+    for layer in cache.tiers.layers:
+        assert layer.win_slots.numel() >= 16 and layer.length == 200
+        assert len(layer.abstracts) == len(layer.chunks)
+        assert (layer.chunks[-1].end if layer.chunks else 0) == layer.win_start
+    cache.close()

@@ -13,17 +13,19 @@ import torch
 
 
 def plan_chunks(importance: torch.Tensor | None, n: int, base: int, min_size: int, max_size: int) -> list[int]:
-    """Chunk lengths covering the first tokens of a run of n (the rest, < min_size, stays unsealed).
+    """Chunk lengths for a run of n tokens.
 
-    importance: [n] non-negative weights (None: fixed chunks of `base`). Target mass per chunk is
-    base / n of the total, so flat attention yields `base`-token chunks.
+    importance: [n] non-negative weights. Target mass per chunk is base / n of the total, so flat
+    attention yields `base`-token chunks. None: fixed chunks of `base`. Either way the plan covers all n
+    tokens; its last chunk may be shorter.
     """
+    fixed = [base] * (n // base) + ([n % base] if n % base else [])
     if importance is None:
-        return [base] * (n // base)
+        return fixed
     imp = importance.detach().float().cpu().numpy()[:n].astype(np.float64)
     total = imp.sum()
     if total <= 0 or n == 0:
-        return [base] * (n // base)
+        return fixed
     target = total * base / n
     desert = 0.1 * total / n  # a token getting under a tenth of the uniform share is in a desert
     sizes, length, mass = [], 0, 0.0
@@ -37,7 +39,7 @@ def plan_chunks(importance: torch.Tensor | None, n: int, base: int, min_size: in
             length, mass = 0, 0.0
         length += 1
         mass += x
-    if length >= max_size or (length >= min_size and mass >= target * (1 - 1e-9)):
+    if length:
         sizes.append(length)
     return sizes
 

@@ -192,6 +192,9 @@ class RecordCodec:
         if len(payload) != h.payload_nbytes:
             raise StoreCorruptError(f"{name}: payload truncated ({len(payload)} of {h.payload_nbytes} bytes)")
         try:
+            # A damaged frame header could claim any size: check it before zstd allocates for it.
+            if zstandard.frame_content_size(payload) != h.raw_nbytes:
+                raise StoreCorruptError(f"{name}: payload corrupted (frame size does not match the header)")
             raw = self._decompressor.decompress(payload, max_output_size=h.raw_nbytes)
         except zstandard.ZstdError as exc:  # includes the frame's content checksum failing
             raise StoreCorruptError(f"{name}: payload corrupted ({exc})") from exc
