@@ -23,12 +23,17 @@ def sparse_decode_attention_ref(
     scale: float,
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [B, Hq, D]; k, v: [B, Hkv, S, D] (the arena); idx: [B, Hkv, N] slot indices, valid below counts [B, Hkv].
+    """q: [B, Hq, D]; k, v: [B, Hkv, S, D] contiguous (the arena); idx: [B, Hkv, N] slot indices, valid below
+    counts [B, Hkv].
     Returns out [B, Hq, D] and lse [B, Hq], float32 (lse -inf and out 0 where a head attends to nothing)."""
     b, hkv, n = idx.shape
-    d = k.shape[-1]
-    gi = idx.clamp(min=0).unsqueeze(-1).expand(b, hkv, n, d)
-    ks, vs = torch.gather(k, 2, gi), torch.gather(v, 2, gi)  # [B, Hkv, N, D]
+    s, d = k.shape[2], k.shape[3]
+    k, v = k.contiguous(), v.contiguous()  # no copy for the arena
+    # Row gather on a [B*Hkv*S, D] view: whole head_dim rows are copied at once (much faster than gather).
+    base = (torch.arange(b * hkv, device=idx.device) * s).view(b, hkv, 1)
+    flat = (idx.clamp(min=0) + base).reshape(-1)
+    ks = k.reshape(-1, d).index_select(0, flat).view(b, hkv, n, d)  # [B, Hkv, N, D]
+    vs = v.reshape(-1, d).index_select(0, flat).view(b, hkv, n, d)
     mask = (torch.arange(n, device=idx.device)[None, None, :] < counts[..., None]).unsqueeze(2)  # [B, Hkv, 1, N]
     out, lse = partial_attention(q.unsqueeze(2), ks, vs, scale, mask, softcap)
     return out.squeeze(2), lse.squeeze(2)

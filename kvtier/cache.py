@@ -308,16 +308,33 @@ class KVTierCache(Cache):
         """Per-tier tokens, bytes, hits, misses, bytes moved, budgets and peaks; disk compression ratio."""
         return self.tiers.stats()
 
-    def set_sparse(self, budget: int | float | None = None, selector: str | None = None) -> None:
-        """Change the sparse budget or the selection policy between questions (validated like KVTierConfig)."""
-        from .sparse.select import SELECTORS
+    def warm(self) -> int:
+        """Load chunks from disk into free device room, then free host room (newest first, nothing evicted):
+        after `open`, the first decode steps then find them resident. Returns how many chunks moved."""
+        moved = 0
+        for layer in self.tiers.layers:
+            for chunk in reversed(layer.chunks):
+                if chunk.tier != Tier.DISK:
+                    continue
+                pool_free, host = self.tiers.device_pools[layer.index].free, self.tiers.host_pools[layer.index]
+                if (pool_free is not None and pool_free < chunk.length) and not host.fits(chunk.length):
+                    break
+                k, v = self.tiers.fetch(chunk)
+                self.tiers.promote(chunk, k, v)
+                moved += chunk.tier != Tier.DISK
+        return moved
 
-        changes = {k: v for k, v in (("sparse_budget", budget), ("selector", selector)) if v is not None}
+    def set_sparse(self, budget: int | float | None = None, selector: str | None = None,
+                   shared_selection: bool | None = None) -> None:
+        """Change the sparse budget or the selection policy between questions (validated like KVTierConfig)."""
+        from .sparse.select import make_selector
+
+        changes = {k: v for k, v in (("sparse_budget", budget), ("selector", selector),
+                                     ("shared_selection", shared_selection)) if v is not None}
         checked = KVTierConfig(**{**self.config.to_dict(), **changes})  # raises ValueError on bad values
-        for name, value in changes.items():
+        for name in changes:
             setattr(self.config, name, getattr(checked, name))
-        if selector is not None:
-            self.tiers.selector = SELECTORS[selector]()
+        self.tiers.selector = make_selector(self.config.selector, self.config.shared_selection)
 
     @property
     def store_path(self) -> Path | None:

@@ -49,6 +49,8 @@ class KVTierConfig:
             window included; an int, or a float in (0, 1] for a fraction of the context (1.0 = exact).
         selector: chunk scoring policy, "quest_bound" (key min/max upper bound) or "recency" (newest first:
             StreamingLLM).
+        shared_selection: every KV head of a layer keeps the same chunks (bounds the tokens loaded per layer
+            and step by the budget; per-head selection may load the union of the heads' choices).
         adaptive_chunks: plan chunk sizes per layer from the attention skew measured at prefill; False: fixed
             `chunk_size` chunks (Quest-style pages).
         min_chunk_size, max_chunk_size: bounds of planned chunk sizes.
@@ -75,6 +77,7 @@ class KVTierConfig:
     max_store_bytes: int | None = None
     sparse_budget: int | float = 0.05
     selector: str = "quest_bound"
+    shared_selection: bool = False
     adaptive_chunks: bool = True
     min_chunk_size: int = 16
     max_chunk_size: int = 256

@@ -195,6 +195,7 @@ class TieredLayer:
     def attend(self, q: torch.Tensor, handle: KVHandle, pad: torch.Tensor | None, scale: float,
                softcap: float | None) -> torch.Tensor:
         """Attention of q [B, Hq, Q, D] for this forward; returns [B, Hq, Q, D] in q.dtype."""
+        self.tiers.wait_uploads(self.index)
         if self.config.mode == "sparse" and handle.q_len == 1 and handle.new_in_window and self.chunks:
             out = sparse_attention(self, q, handle, pad, scale, softcap)
             self._maybe_refine()

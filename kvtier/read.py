@@ -162,7 +162,8 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
         mask &= pad[:, pos.clamp(0, pad.shape[1] - 1)][:, None, :]
     counts = mask.sum(-1)  # [B, Hkv]
     idx = _compact(mask, int(counts.max()))
-    out, lse = sparse_decode_attention(q[:, :, 0], k, v, idx, counts, scale, softcap)
+    # The whole (contiguous) arena: slot indices address it directly, nothing is copied.
+    out, lse = sparse_decode_attention(q[:, :, 0], layer.pool.k, layer.pool.v, idx, counts, scale, softcap)
     parts = [(out.unsqueeze(2), lse.unsqueeze(2))]
     for chunk, ck, cv in staged:
         head_mask = sel[:, :, chunk.row][:, :, None, None].expand(-1, -1, 1, chunk.length)

@@ -51,3 +51,21 @@ def test_greedy_generate_identical_on_cuda():
                          **{cache_kw(model): cache})
     assert torch.equal(got, want)
     cache.close()
+
+
+def test_sparse_with_side_stream_uploads_matches_exact():
+    """Sparse decoding at full budget on CUDA, with tight budgets so the next layer's chunks are uploaded
+    from pinned host memory on the side stream: still equal to the reference."""
+    ref = build_model("llama").cuda()
+    model = twin(ref)
+    ids, mask = padded_batch([300, 260])
+    ids, mask = ids.cuda(), mask.cuda()
+    ref_logits, toks = reference_run(ref, ids, mask, n_decode=8)
+    cache = KVTierCache.for_model(model, mode="sparse", sparse_budget=1.0, chunk_size=16, sink_tokens=4,
+                                  recent_window=16, min_chunk_size=8, max_chunk_size=48, device_budget=120,
+                                  host_budget=200)
+    logits = step_logits(model, cache, ids, mask, [ids.shape[1]], toks)
+    real = torch.cat([mask, torch.ones(2, 8, dtype=mask.dtype, device=mask.device)], 1).bool()
+    assert (logits - ref_logits).abs().amax(-1)[real].max().item() < 1e-4
+    assert cache.tiers._side_stream is not None
+    cache.close()

@@ -241,3 +241,14 @@ def test_store_path_guards(tmp_path, saved):
     with pytest.raises(StoreError, match="temporary store"):
         cache.save()
     cache.close()
+
+
+def test_warm_fills_free_room_after_open(saved):
+    model, _, store, _ = saved
+    cache = KVTierCache.open(store, twin(model), device_budget=120, host_budget=64)
+    assert cache.stats().device.tokens < 4 * 60
+    moved = cache.warm()
+    s = cache.stats()
+    assert moved > 0 and s.device.tokens > 4 * 100 and s.host.tokens > 0
+    assert s.device.peak_tokens <= 120 and s.host.peak_tokens <= 64
+    cache.close()

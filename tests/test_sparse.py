@@ -342,3 +342,28 @@ def test_crop_keeps_the_recent_window_full():
         assert len(layer.abstracts) == len(layer.chunks)
         assert (layer.chunks[-1].end if layer.chunks else 0) == layer.win_start
     cache.close()
+
+
+def test_shared_selection_keeps_the_same_chunks_for_every_head():
+    from kvtier.sparse import SharedAcrossHeads
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 8, generator=g)
+    a, z = torch.randn(2, 2, 10, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g)
+    kmin, kmax = torch.minimum(a, z), torch.maximum(a, z)
+    lengths, starts = torch.full((10,), 4), torch.arange(10) * 4
+    per_head = QuestBound().select(q, kmin, kmax, lengths, starts, 12)
+    shared = SharedAcrossHeads(QuestBound()).select(q, kmin, kmax, lengths, starts, 12)
+    assert torch.equal(shared[:, 0], shared[:, 1]) and (shared.sum(-1) == 3).all()
+    assert not torch.equal(per_head[:, 0], per_head[:, 1])
+
+
+def test_shared_selection_bounds_the_tokens_loaded_per_step():
+    model = build_model("llama")
+    cache = KVTierCache.for_model(model, **SPARSE, sparse_budget=60, shared_selection=True, device_budget=100,
+                                  host_budget=0)
+    model.generate(input_ids=torch.randint(3, 128, (1, 500)), max_new_tokens=6, do_sample=False,
+                   **{cache_kw(model): cache})
+    layer = cache.tiers.layers[0]
+    assert sum(c.length for c in layer.last_union) <= 60
+    cache.close()

@@ -76,7 +76,6 @@ def _disk_share(cache: KVTierCache) -> float:
 
 def run(contexts: list[int], steps: int, layers: int, kv_heads: int, head_dim: int, disk_fraction: float,
         dtype: torch.dtype, chunk_size: int) -> dict[str, Any]:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     base = bench_model(layers, kv_heads, head_dim, max(contexts) + steps + 16, dtype)
     kv_model = copy.deepcopy(base)
     rows = []
@@ -144,9 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--disk-fraction", type=float, default=0.9)
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     result = run(a.contexts, a.steps, a.layers, a.kv_heads, a.head_dim, a.disk_fraction, getattr(torch, a.dtype),
                  a.chunk_size)
     path = write_result("exact", result, a.out)

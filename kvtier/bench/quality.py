@@ -5,6 +5,7 @@ tracking) and each budget (a fraction of the context), every method answers the 
 
   full            transformers' DynamicCache (the reference)
   kvtier          sparse mode: chunks planned from the measured attention skew, Quest-bound selection
+  kvtier-shared   kvtier with one selection shared by the KV heads of a layer (I/O-bounded)
   quest           fixed 16-token pages, Quest-bound selection (a fixed-page Quest-style selector)
   streamingllm    attention sinks + the newest tokens within the budget
   kvtier+refine   kvtier with adaptive split/merge of chunks during decoding
@@ -35,7 +36,7 @@ from .common import write_result
 from .tasks import TASKS, Example, decode_ids, make_example
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "retrieval-llama"
-METHODS = ("kvtier", "quest", "streamingllm", "kvtier+refine", "kvtier+lossy")
+METHODS = ("kvtier", "kvtier-shared", "quest", "streamingllm", "kvtier+refine", "kvtier+lossy")
 _SHARED = dict(mode="sparse", sink_tokens=4, recent_window=8, observation_window=32)
 # method -> (cache options, selector); methods with equal options share one prefill
 CACHES = {
@@ -44,9 +45,10 @@ CACHES = {
     "refine": dict(**_SHARED, chunk_size=32, min_chunk_size=8, max_chunk_size=128, refine=True, refine_every=2),
     "lossy": dict(**_SHARED, chunk_size=32, min_chunk_size=8, max_chunk_size=128, lossy_disk=True, host_budget=0),
 }
-METHOD_CACHE = {"kvtier": ("adaptive", "quest_bound"), "quest": ("pages", "quest_bound"),
-                "streamingllm": ("pages", "recency"), "kvtier+refine": ("refine", "quest_bound"),
-                "kvtier+lossy": ("lossy", "quest_bound")}
+# method -> (prefilled cache, selector, shared selection)
+METHOD_CACHE = {"kvtier": ("adaptive", "quest_bound", False), "kvtier-shared": ("adaptive", "quest_bound", True),
+                "quest": ("pages", "quest_bound", False), "streamingllm": ("pages", "recency", False),
+                "kvtier+refine": ("refine", "quest_bound", False), "kvtier+lossy": ("lossy", "quest_bound", False)}
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, Any]:
@@ -82,9 +84,9 @@ def answer_logits(model, cache, prompt: torch.Tensor, answer: torch.Tensor) -> t
 
 
 def sparse_logits(model, store: Path, prompt: torch.Tensor, answer: torch.Tensor, budget: float,
-                  selector: str) -> torch.Tensor:
+                  selector: str, shared: bool) -> torch.Tensor:
     """Answer logits at one budget, from the saved prefill reopened fresh (every budget sees the same cache)."""
-    with KVTierCache.open(store, model, sparse_budget=budget, selector=selector) as cache:
+    with KVTierCache.open(store, model, sparse_budget=budget, selector=selector, shared_selection=shared) as cache:
         return answer_logits(model, cache, prompt, answer)
 
 
@@ -126,7 +128,7 @@ def run(model_path: str | Path, context: int, examples: int, budgets: list[float
                     if METHOD_CACHE[m][0] != cache_name:
                         continue
                     for b in budgets:
-                        logits = sparse_logits(model, store, prompt, answer, b, METHOD_CACHE[m][1])
+                        logits = sparse_logits(model, store, prompt, answer, b, *METHOD_CACHE[m][1:])
                         s = _score(logits, answer, ref)
                         cell = stats[m][str(b)]
                         cell["solved"] += int(s["solved"])
@@ -185,10 +187,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--data-dir", help="directory of .txt files for the natural-text haystack")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--name", default="quality", help="output file name (without .json)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     result = run(a.model, a.context, a.examples, a.budgets, a.tasks, a.data_dir, a.methods, a.seed)
     path = write_result(a.name, result, a.out)
     if not a.no_plot:

@@ -8,6 +8,8 @@ from the measured skew) into a store, then every configuration decodes from that
   sparse           reopened in sparse mode at `--budget` of the context, everything on the device
   sparse-tiered    sparse, with device and host budgets of `--device-fraction` / `--host-fraction` of the
                    context per layer: the rest lives on disk and is fetched (and prefetched) as selected
+  shared-tiered    sparse-tiered with one selection shared by a layer's KV heads, so at most the budget is
+                   loaded per layer and step
 
 The model is random-weight and attention-heavy (few layers, many KV heads, a small MLP), as the
 attention share of a long-context decode step is what sparse decoding changes.
@@ -105,10 +107,13 @@ def run(contexts: list[int], steps: int, warmup: int, budget: float, device_frac
             "sparse": dict(mode="sparse", sparse_budget=budget, device_budget=None, host_budget=None),
             "sparse-tiered": dict(mode="sparse", sparse_budget=budget, device_budget=max(512, int(device_fraction * n)),
                                   host_budget=int(host_fraction * n)),
+            "shared-tiered": dict(mode="sparse", sparse_budget=budget, device_budget=max(512, int(device_fraction * n)),
+                                  host_budget=int(host_fraction * n), shared_selection=True),
         }
         for name, options in configs.items():
             cache = KVTierCache.open(store, kv_model, **options)
-            with torch.inference_mode():  # warm-up: reopened chunks come off the disk on first use
+            cache.warm()  # reopened chunks start on disk: fill the device and host budgets first
+            with torch.inference_mode():
                 _, _ = decode_steps(kv_model, cache, first, 0, warmup)
             warm = copy.deepcopy(cache.stats())
             times, logits = decode_steps(kv_model, cache, first, steps, 0)
@@ -139,7 +144,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = result["results"]
     xs = [r["context"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name in ("dynamic", "exact", "sparse", "sparse-tiered"):
+    for name in ("dynamic", "exact", "sparse", "sparse-tiered", "shared-tiered"):
         ax.plot(xs, [r[name]["decode_step_ms"] for r in rows], marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -165,9 +170,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     result = run(a.contexts, a.steps, a.warmup, a.budget, a.device_fraction, a.host_fraction, a.layers, a.kv_heads,
                  a.head_dim, a.intermediate)
     path = write_result("speed", result, a.out)
@@ -179,5 +187,5 @@ def main(argv: list[str] | None = None) -> None:
     for row in result["results"]:
         print(f"{row['context']:>7}  dynamic {row['dynamic']['decode_step_ms']:9.1f} ms  "
               + "  ".join(f"{name} {row[name]['decode_step_ms']:8.1f} ({row[name]['decode_ratio_vs_dynamic']}x)"
-                          for name in ("exact", "sparse", "sparse-tiered")))
+                          for name in ("exact", "sparse", "sparse-tiered", "shared-tiered")))
     print(f"wrote {path}")

@@ -4,7 +4,7 @@ planning, per-chunk key abstracts and chunk selection under a token budget."""
 from .abstracts import AbstractTable
 from .plan import decode_granularity, plan_chunks
 from .profile import LayerSkew, skew_stats, token_importance
-from .select import QuestBound, Recency, Selector
+from .select import QuestBound, Recency, Selector, SharedAcrossHeads, make_selector
 
-__all__ = ["AbstractTable", "LayerSkew", "QuestBound", "Recency", "Selector", "decode_granularity", "plan_chunks",
-           "skew_stats", "token_importance"]
+__all__ = ["AbstractTable", "LayerSkew", "QuestBound", "Recency", "Selector", "SharedAcrossHeads", "decode_granularity",
+           "make_selector", "plan_chunks", "skew_stats", "token_importance"]

@@ -70,4 +70,26 @@ class Recency(Selector):
         return starts.float()[None, None, :].expand(b, hkv, -1)
 
 
+class SharedAcrossHeads(Selector):
+    """Wraps a policy so every KV head of a layer keeps the same chunks (scored by the best head).
+
+    Per-head selection (the default) attends to `budget` tokens per head but may need to load the union
+    of all heads' choices; shared selection loads at most `budget` tokens per layer and step, which is
+    what bounds the transfers when most chunks live on the host or disk."""
+
+    def __init__(self, inner: Selector):
+        self.inner = inner
+        self.name = f"{inner.name}+shared"
+
+    def score(self, q, kmin, kmax, starts):
+        s = self.inner.score(q, kmin, kmax, starts)
+        return s.amax(dim=1, keepdim=True).expand_as(s)
+
+
 SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (QuestBound, Recency)}
+
+
+def make_selector(name: str, shared: bool = False) -> Selector:
+    """The selector for a config: the named policy, wrapped to share choices across heads if asked."""
+    policy = SELECTORS[name]()
+    return SharedAcrossHeads(policy) if shared else policy

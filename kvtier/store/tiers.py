@@ -67,12 +67,14 @@ class TierManager:
         self.counters = CacheStats()
         self.clock = 0  # forward passes seen; chunks remember when they were last read
         self.next_chunk_id = 0
-        from ..sparse.select import SELECTORS
+        from ..sparse.select import make_selector
 
-        self.selector = SELECTORS[config.selector]()
+        self.selector = make_selector(config.selector, config.shared_selection)
         sparse = config.mode == "sparse" and config.prefetch
         self.prefetcher = Prefetcher(self._load_record, config.reader_threads if sparse else 0, config.prefetch_tokens)
         self.layers: list = []  # the tiered layers in model order (set by the cache), for next-layer prefetch
+        self._side_stream = None  # CUDA stream for host -> device copies ahead of need
+        self._uploads: dict[int, tuple] = {}  # layer -> (event, tensors kept alive until the copy is done)
 
     def new_chunk_id(self) -> int:
         self.next_chunk_id += 1
@@ -291,6 +293,44 @@ class TierManager:
         wanted = [c for c in nxt.last_union if c.tier == Tier.DISK]
         wanted += [c for c in layer.last_union if c.tier == Tier.DISK]
         self.prefetcher.request(wanted, self.clock)
+        if self.device.type == "cuda" and nxt is not layer:
+            self._upload_ahead(nxt.index, [c for c in nxt.last_union if c.tier == Tier.HOST], nxt.last_union)
+
+    def _upload_ahead(self, layer: int, chunks: list[Chunk], keep: list[Chunk]) -> None:
+        """CUDA: copy host chunks the next layer will likely need into its device pool on a side stream,
+        overlapping the current layer's compute. The next layer waits for the copies (`wait_uploads`)."""
+        if not chunks:
+            return
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        protect = {c.chunk_id for c in keep}
+        pool, host = self.device_pools[layer], self.host_pools[layer]
+        in_flight = []
+        self._side_stream.wait_stream(torch.cuda.current_stream(self.device))  # slots may have just been freed
+        for chunk in chunks:
+            slots = self.allocate_device(layer, chunk.length, protect)
+            if slots is None:
+                break
+            hk, hv = host.pop(chunk.chunk_id)
+            del self._on_host[layer][chunk.chunk_id]
+            with torch.cuda.stream(self._side_stream):
+                k = _apply_rows(hk.to(self.device, non_blocking=True), chunk.rows)
+                v = _apply_rows(hv.to(self.device, non_blocking=True), chunk.rows)
+                pool.write(slots, k, v, _positions(chunk, pool.device), chunk.row)
+            in_flight.append((hk, hv, k, v))  # keep sources alive until the copies are done
+            chunk.rows = None
+            self.adopt_device(chunk, slots)
+            self.counters.host.bytes_read += hk.nbytes + hv.nbytes
+            self.counters.device.bytes_written += hk.nbytes + hv.nbytes
+        event = torch.cuda.Event()
+        event.record(self._side_stream)
+        self._uploads[layer] = (event, in_flight)
+
+    def wait_uploads(self, layer: int) -> None:
+        """Make the compute stream wait for side-stream copies into this layer's pool."""
+        item = self._uploads.pop(layer, None)
+        if item is not None:
+            torch.cuda.current_stream(self.device).wait_event(item[0])
 
     def promote(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor,
                 protect: set[int] | None = None) -> bool:
