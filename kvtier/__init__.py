@@ -17,6 +17,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .model_spec import ModelSpec
+from .prefill import prefill
 from .store.stats import CacheStats, DiskStats, TierStats
 
 __version__ = "0.1.0"
@@ -43,5 +44,6 @@ __all__ = [
     "cache_argument",
     "disable",
     "enable",
+    "prefill",
     "register",
 ]

@@ -57,7 +57,8 @@ class KVTierConfig:
         observation_window: last prompt queries used to measure the skew.
         refine: split chunks that keep being selected and merge neighbours that never are, every
             `refine_every` decode steps.
-        prefetch: read the chunks the next layer and step will likely need in background threads.
+        prefetch: read disk chunks ahead in background threads: what the next layer and step will likely
+            need (sparse), the next chunks of a stream (exact attention over spilled chunks).
         reader_threads: background disk readers.
         prefetch_tokens: most prefetched-but-unused tokens held at once (bounds staging memory).
         lossy_disk: store chunks whose attention share is below `lossy_below` x uniform as int8 on disk.

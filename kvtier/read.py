@@ -91,8 +91,14 @@ def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad
         if alone:
             return out
         parts.append((out, lse))
+    # Streamed chunks: keep the reader threads `prefetch_tokens` ahead of the group being attended.
+    prefetcher = layer.tiers.prefetcher
+    ahead = [c for c in remote if c.tier == Tier.DISK]
+    prefetcher.request(ahead, layer.tiers.clock)
     for group in _groups(remote, layer.config.staging_tokens):
+        ahead = [c for c in ahead if c.start >= group[-1].end]
         k, v, pos = _stage(layer, group, q.device)
+        prefetcher.request(ahead, layer.tiers.clock)
         valid = None
         if any(c.end > past for c in group):
             valid = (pos < past)[None, :].expand(k.shape[0], -1)

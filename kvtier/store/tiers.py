@@ -70,8 +70,8 @@ class TierManager:
         from ..sparse.select import make_selector
 
         self.selector = make_selector(config.selector, config.shared_selection)
-        sparse = config.mode == "sparse" and config.prefetch
-        self.prefetcher = Prefetcher(self._load_record, config.reader_threads if sparse else 0, config.prefetch_tokens)
+        threads = config.reader_threads if config.prefetch else 0
+        self.prefetcher = Prefetcher(self._load_record, threads, config.prefetch_tokens)
         self.layers: list = []  # the tiered layers in model order (set by the cache), for next-layer prefetch
         self._side_stream = None  # CUDA stream for host -> device copies ahead of need
         self._uploads: dict[int, tuple] = {}  # layer -> (event, tensors kept alive until the copy is done)

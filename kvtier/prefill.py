@@ -1,0 +1,70 @@
+"""Chunked prefill: feed a long prompt in segments so only one segment's activations exist at a time.
+
+Each segment attends to everything before it (exact: the device arena, plus spilled chunks streamed from
+the host and disk, read ahead by the reader threads) and its own KV is sealed into chunks as it goes, so
+the device holds at most the KV budget plus one segment. The result equals a one-shot prefill.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+from tqdm import tqdm
+
+from .cache import KVTierCache, cache_argument
+
+
+def _fmt_tokens(n: int) -> str:
+    return f"{n / 1000:.1f}k" if n >= 1000 else str(n)
+
+
+@torch.inference_mode()
+def prefill(
+    model: torch.nn.Module,
+    cache: KVTierCache,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    segment_tokens: int = 2048,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Prefill `input_ids` ([B, T], appended to whatever `cache` holds) in segments of `segment_tokens`.
+
+    attention_mask: [B, cached + T] padding mask, as generate takes it (None: no padding).
+    Returns the logits of the last position, [B, vocab] (what generate would sample the next token from).
+    """
+    if segment_tokens < 1:
+        raise ValueError(f"`segment_tokens` must be >= 1, got {segment_tokens}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+    past = cache.get_seq_length()
+    total = input_ids.shape[1]
+    if attention_mask is not None and attention_mask.shape[-1] != past + total:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {past + total}")
+    kw = {cache_argument(model): cache, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kw["logits_to_keep"] = 1  # a segment's full logits would dwarf its KV
+    if attention_mask is not None:  # left padding: positions count real tokens only, as generate does
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+    else:
+        positions = torch.arange(past, past + total, device=input_ids.device).expand(input_ids.shape[0], -1)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="prefill", disable=not progress, leave=False)
+    start_time, logits = time.perf_counter(), None
+    try:
+        for start in range(0, total, segment_tokens):
+            end = min(total, start + segment_tokens)
+            seg_kw = dict(kw)
+            if attention_mask is not None:
+                seg_kw["attention_mask"] = attention_mask[:, : past + end]
+            out = model(input_ids=input_ids[:, start:end], position_ids=positions[:, start:end], **seg_kw)
+            logits = out.logits[:, -1]
+            bar.update(end - start)
+            s = cache.stats()
+            bar.set_postfix_str(f"{end / (time.perf_counter() - start_time):.0f} tok/s | device "
+                                f"{_fmt_tokens(s.device.tokens)} host {_fmt_tokens(s.host.tokens)} "
+                                f"disk {_fmt_tokens(s.disk.tokens)}")
+    finally:
+        bar.close()
+    return logits
