@@ -18,6 +18,7 @@ from .errors import (
 )
 from .model_spec import ModelSpec
 from .prefill import prefill
+from .sizes import parse_budget
 from .store.stats import CacheStats, DiskStats, TierStats
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "cache_argument",
     "disable",
     "enable",
+    "parse_budget",
     "prefill",
     "register",
 ]

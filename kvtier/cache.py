@@ -85,6 +85,7 @@ class KVTierCache(Cache):
         self._signature = bytes.fromhex(spec.signature)
         self._persistent = self.config.store_path is not None or _disk is not None
         self._saved_keys: set[bytes] = set()
+        self.info: dict[str, Any] = {}  # user facts saved with the session
         self.tiers = TierManager(
             self.config,
             [i for i, layer in enumerate(spec.layers) if layer.kind == FULL],
@@ -340,8 +341,11 @@ class KVTierCache(Cache):
     def store_path(self) -> Path | None:
         return self.tiers.disk.path if self.tiers.has_disk else None
 
-    def save(self) -> Path:
-        """Persist the whole cache in its store and mark the session complete (atomically, then fsync)."""
+    def save(self, info: dict[str, Any] | None = None) -> Path:
+        """Persist the whole cache in its store and mark the session complete (atomically, then fsync).
+
+        info: JSON-able facts to keep with the session (e.g. which document it holds); `open` puts them in
+        `cache.info`."""
         self._check_open()
         if not self._persistent:
             raise StoreError("this cache has a temporary store; build it with store_path=... to save a session")
@@ -389,6 +393,7 @@ class KVTierCache(Cache):
             "next_chunk_id": self.tiers.next_chunk_id,
             "saved": time.time(),
             "options": {name: getattr(self.config, name) for name in _RUNTIME_OPTIONS},
+            "info": dict(info if info is not None else self.info),
             "layers": manifest_layers,
         }
         disk.put_meta(SESSION_META, manifest)
@@ -419,6 +424,7 @@ class KVTierCache(Cache):
         if len(session["layers"]) != len(self.layers):
             raise StoreMismatchError(f"session has {len(session['layers'])} layers, the model has {len(self.layers)}")
         self.tiers.next_chunk_id = session["next_chunk_id"]
+        self.info = dict(session.get("info", {}))
         length, batch = session["length"], session["batch"]
         keys: set[bytes] = set()
         for layer, entry in zip(self.layers, session["layers"]):

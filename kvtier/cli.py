@@ -1,4 +1,4 @@
-"""The `kvtier` command line."""
+"""The `kvtier` command line: `kvtier qa`, `kvtier inspect`, `kvtier bench`."""
 
 from __future__ import annotations
 
@@ -10,17 +10,28 @@ import sys
 BENCHMARKS = {"exact": "exact", "codec": "codec", "speed": "speed", "quality": "quality"}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="kvtier", description="Tiered KV cache for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("qa", help="answer questions about a long document (prefilled once into a store)",
+                   add_help=False)
+    sub.add_parser("inspect", help="show what a store holds", add_help=False)
     bench = sub.add_parser("bench", help="run a benchmark and write JSON to docs/benchmarks/",
                            description="Run a benchmark; `kvtier bench NAME --help` lists its options.")
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        importlib.import_module(f"kvtier.bench.{BENCHMARKS[args.name]}").main(rest)
+    if args.command == "qa":
+        from .qa import main as qa_main
+
+        return qa_main(rest)
+    if args.command == "inspect":
+        from .report import main as inspect_main
+
+        return inspect_main(rest)
+    importlib.import_module(f"kvtier.bench.{BENCHMARKS[args.name]}").main(rest)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

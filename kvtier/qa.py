@@ -1,0 +1,262 @@
+"""`kvtier qa`: load a long document once, then answer questions about it, on your own machine.
+
+The first run prefills the document (in segments, with a progress bar) into a store; later runs with the
+same model and document reopen the store and answer at once. Without --question it is an interactive
+loop (one question per line; an empty line or EOF ends it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cache import KVTierCache, cache_argument
+from .errors import CacheInputError, IncompleteSessionError, KVTierError, StoreMismatchError
+from .model_spec import ModelSpec
+from .prefill import prefill
+from .sizes import parse_budget
+
+PLACEHOLDER = "\u2063KVTIER-QUESTION\u2063"  # invisible separator: never in a real document
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class QAError(Exception):
+    """A problem worth one line to the user, not a traceback."""
+
+
+def default_store_root() -> Path:
+    return Path(os.environ.get("KVTIER_HOME", Path.home() / ".cache" / "kvtier")) / "qa"
+
+
+@dataclass
+class Prompt:
+    prefix_ids: torch.Tensor  # [1, n]: everything up to the question (the part that is stored)
+    suffix_text: str  # what follows the question (chat template end, generation prompt)
+    template: str  # "chat" or "plain"
+
+
+def build_prompt(tokenizer, document: str, use_chat: bool) -> Prompt:
+    """Split the model's prompt into a document prefix (prefilled once) and a per-question suffix."""
+    if use_chat and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": f"{document}\n\nQuestion: {PLACEHOLDER}"}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prefix, suffix = text.split(PLACEHOLDER)
+        ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt").input_ids
+        return Prompt(ids, suffix, "chat")
+    ids = tokenizer(f"{document}\n\nQuestion: ", return_tensors="pt").input_ids
+    return Prompt(ids, "\nAnswer:", "plain")
+
+
+def load(model_id: str, dtype: str, device: str):
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    tf.logging.disable_progress_bar()
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(model_id)
+        torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+        model = tf.AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype).to(device).eval()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QAError(f"{model_id} is not a causal language model kvtier can load ({first})") from None
+    if dtype == "auto" and device == "cpu" and model.dtype in (torch.float16, torch.bfloat16):
+        model = model.float()  # half precision matmuls are slow or missing on CPUs
+    return tokenizer, model
+
+
+class Session:
+    """A document held in a kvtier store, and the questions asked about it."""
+
+    def __init__(self, args: argparse.Namespace, tokenizer, model):
+        self.args, self.tokenizer, self.model = args, tokenizer, model
+        doc = Path(args.doc)
+        if not doc.is_file():
+            raise QAError(f"document not found: {doc}")
+        self.document = doc.read_text(errors="replace")
+        self.prompt = build_prompt(tokenizer, self.document, not args.no_chat_template)
+        self.spec = ModelSpec.from_model(model)
+        digest = hashlib.sha256(self.prompt.prefix_ids.numpy().tobytes()).hexdigest()
+        self.info = {"document": str(doc.resolve()), "prefix_sha256": digest, "model": args.model,
+                     "prefix_tokens": int(self.prompt.prefix_ids.shape[1]), "template": self.prompt.template}
+        self.store = Path(args.store) if args.store else default_store_root() / f"{self.spec.signature[:12]}-{digest[:16]}"
+        self.options = self._options()
+        self.cache: KVTierCache | None = None
+        self.prefill_s: float | None = None
+
+    def _options(self) -> dict[str, Any]:
+        a = self.args
+        opts: dict[str, Any] = {"mode": a.mode}
+        if a.device_budget is not None:
+            opts["device_budget"] = parse_budget(a.device_budget, self.spec)
+        if a.host_budget is not None:
+            opts["host_budget"] = parse_budget(a.host_budget, self.spec)
+        if a.mode == "sparse" and a.sparse_budget is not None:
+            opts["sparse_budget"] = float(a.sparse_budget) if "." in a.sparse_budget else int(a.sparse_budget)
+        return opts
+
+    def open(self) -> KVTierCache:
+        """Reopen the stored document, or prefill it (first run, --rebuild, or an interrupted prefill)."""
+        if self.store.exists() and not self.args.rebuild:
+            try:
+                cache = KVTierCache.open(self.store, self.model, **self.options)
+            except IncompleteSessionError:
+                print(f"kvtier: the prefill stored in {self.store} never finished; starting over", file=sys.stderr)
+            except StoreMismatchError as exc:
+                raise QAError(f"store {self.store} was made by another model or dtype: {exc}") from None
+            else:
+                if cache.info.get("prefix_sha256") != self.info["prefix_sha256"]:
+                    cache.close()
+                    raise QAError(f"store {self.store} holds another document ({cache.info.get('document')}); "
+                                  "pass another --store or --rebuild")
+                cache.warm()
+                return cache
+        return self._prefill()
+
+    def _prefill(self) -> KVTierCache:
+        cache = KVTierCache.for_model(self.model, store_path=self.store, overwrite=True, **self.options)
+        n = self.prompt.prefix_ids.shape[1]
+        print(f"kvtier: prefilling {n} tokens of {self.args.doc} into {self.store}", file=sys.stderr)
+        t = time.perf_counter()
+        prefill(self.model, cache, self.prompt.prefix_ids.to(self.model.device), segment_tokens=self.args.segment_tokens,
+                progress=not self.args.quiet)
+        self.prefill_s = time.perf_counter() - t
+        cache.save(info=self.info)
+        return cache
+
+    def ask(self, question: str) -> str:
+        if self.cache is None:
+            self.cache = self.open()
+        cache, tok, model = self.cache, self.tokenizer, self.model
+        q_ids = tok(question + self.prompt.suffix_text, add_special_tokens=False, return_tensors="pt").input_ids
+        ids = torch.cat([self.prompt.prefix_ids, q_ids], dim=1).to(model.device)
+        streamer = _TimedStreamer(tok, quiet=self.args.quiet)
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, max_new_tokens=self.args.max_new_tokens, do_sample=False,
+                             streamer=streamer, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                             **{cache_argument(model): cache})
+        elapsed = time.perf_counter() - t0
+        answer_ids = out[0, ids.shape[1]:]
+        answer = tok.decode(answer_ids, skip_special_tokens=True)
+        self._summary(ids.shape[1], len(answer_ids), streamer.first_token_s(t0), elapsed)
+        self._rewind(len(q_ids[0]) + len(answer_ids))
+        return answer
+
+    def _rewind(self, n_added: int) -> None:
+        """Back to the stored document for the next question (reopen if a sliding layer cannot crop)."""
+        try:
+            self.cache.crop(self.info["prefix_tokens"] - self.cache.get_seq_length())
+        except CacheInputError:
+            self.cache.close()
+            self.cache = None
+
+    def _summary(self, context: int, new: int, ttft: float | None, elapsed: float) -> None:
+        s = self.cache.stats()
+        decode_s = elapsed - (ttft or 0.0)
+        rate = (new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0
+        parts = [f"context {context} tokens"]
+        if self.prefill_s is not None:
+            parts.append(f"prefill {self.prefill_s:.1f} s")
+            self.prefill_s = None
+        parts.append(f"first token {ttft:.2f} s" if ttft is not None else "no tokens")
+        parts.append(f"{rate:.1f} tok/s")
+        parts.append(f"tiers device {s.device.tokens} / host {s.host.tokens} / disk {s.disk.tokens} tokens")
+        print(f"\n[{' | '.join(parts)}]", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+
+class _TimedStreamer:
+    """Prints tokens as they come (unless quiet) and remembers when the first one arrived."""
+
+    def __init__(self, tokenizer, quiet: bool):
+        from transformers import TextStreamer
+
+        self._inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._quiet = quiet
+        self._prompt_seen = False
+        self.first_at: float | None = None
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate first sends the prompt
+            self._prompt_seen = True
+        elif self.first_at is None:
+            self.first_at = time.perf_counter()
+        if not self._quiet:
+            self._inner.put(value)
+
+    def end(self) -> None:
+        if not self._quiet:
+            self._inner.end()
+
+    def first_token_s(self, t0: float) -> float | None:
+        return None if self.first_at is None else self.first_at - t0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local directory or hub id of a causal LM")
+    p.add_argument("--doc", required=True, help="text file holding the document")
+    p.add_argument("--question", help="ask this and exit (default: read questions from stdin)")
+    p.add_argument("--store", help="store directory (default: one per model and document under "
+                                   "$KVTIER_HOME/qa, ~/.cache/kvtier/qa)")
+    p.add_argument("--device-budget", help="KV kept on the device: tokens per layer (8192) or a size (8GiB)")
+    p.add_argument("--host-budget", help="KV kept in CPU memory: tokens per layer or a size")
+    p.add_argument("--mode", choices=["exact", "sparse"], default="sparse")
+    p.add_argument("--sparse-budget", default="0.05",
+                   help="sparse mode: tokens per step (256) or a share of the context (0.05)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="model dtype (auto: the checkpoint's, float32 on a CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--segment-tokens", type=int, default=2048, help="prefill segment length")
+    p.add_argument("--no-chat-template", action="store_true", help="plain text prompt even if a template exists")
+    p.add_argument("--rebuild", action="store_true", help="prefill again even if the store exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, answers printed whole")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not Path(args.doc).is_file():
+        raise QAError(f"document not found: {args.doc}")
+    tokenizer, model = load(args.model, args.dtype, args.device)
+    session = Session(args, tokenizer, model)
+    try:
+        if args.question is not None:
+            answer = session.ask(args.question)
+            if args.quiet:
+                print(answer)
+            return 0
+        interactive = sys.stdin.isatty()
+        while True:
+            if interactive:
+                print("question> ", end="", flush=True, file=sys.stderr)
+            line = sys.stdin.readline()
+            if not line or not line.strip():
+                return 0
+            answer = session.ask(line.strip())
+            if args.quiet:
+                print(answer, flush=True)
+    finally:
+        session.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kvtier qa", description=__doc__)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (QAError, KVTierError, ValueError) as exc:
+        print(f"kvtier qa: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nkvtier qa: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,36 @@
+"""Budgets as sizes: "8GiB" of KV becomes tokens per layer for a given model."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .model_spec import FULL, ModelSpec
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype | None = None, batch: int = 1) -> int:
+    """Bytes of K and V one token takes in ONE full-attention layer."""
+    itemsize = torch.empty((), dtype=dtype or spec.dtype).element_size()
+    return 2 * batch * spec.kv_heads * spec.head_dim * itemsize
+
+
+def parse_budget(text: str | int, spec: ModelSpec, dtype: torch.dtype | None = None) -> int:
+    """Tokens per layer for a budget written as tokens ("8192") or a size of KV ("8GiB", "1.5GB").
+
+    A size covers all full-attention layers together: 8GiB on a 32-layer model is 256 MiB per layer.
+    """
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m or m.group(2).lower() not in _UNITS or (m.group(2) == "" and "." in m.group(1)):
+        raise ValueError(f"budget {text!r}: write a number of tokens (8192) or a size (8GiB, 512MB)")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    if unit == "":
+        return int(number)
+    layers = sum(1 for layer in spec.layers if layer.kind == FULL) or 1
+    return int(number * _UNITS[unit] // (kv_bytes_per_token(spec, dtype) * layers))
