@@ -210,13 +210,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "$KVTIER_HOME/qa, ~/.cache/kvtier/qa)")
     p.add_argument("--device-budget", help="KV kept on the device: tokens per layer (8192) or a size (8GiB)")
     p.add_argument("--host-budget", help="KV kept in CPU memory: tokens per layer or a size")
-    p.add_argument("--mode", choices=["exact", "sparse"], default="sparse")
+    p.add_argument("--mode", choices=["exact", "sparse"], default="sparse",
+                   help="attention while answering (the prefill is always exact)")
     p.add_argument("--sparse-budget", default="0.05",
                    help="sparse mode: tokens per step (256) or a share of the context (0.05)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="model dtype (auto: the checkpoint's, float32 on a CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs (default: cuda when available)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
     p.add_argument("--segment-tokens", type=int, default=2048, help="prefill segment length")
     p.add_argument("--no-chat-template", action="store_true", help="plain text prompt even if a template exists")
     p.add_argument("--rebuild", action="store_true", help="prefill again even if the store exists")
@@ -248,10 +250,14 @@ def run(args: argparse.Namespace) -> int:
         session.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtier qa", description=__doc__)
     add_arguments(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return run(args)
     except (QAError, KVTierError, ValueError) as exc:

@@ -142,12 +142,16 @@ def plot(d: dict[str, Any], path: str | Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtier inspect", description=__doc__)
     p.add_argument("store", help="store directory")
     p.add_argument("--plot", metavar="FILE.png", help="draw chunk sizes and skew by layer")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         d = describe(args.store)
         if args.json:
