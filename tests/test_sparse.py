@@ -155,7 +155,7 @@ def test_full_budget_generates_the_same_tokens(name):
 
 def _sparse_reference(layer: TieredLayer, q, sel, scale):
     """Dense attention over exactly what the selection keeps (window, sinks, selected chunks)."""
-    k_all, v_all = layer.tiers.fetch_all_for_test(layer)
+    k_all, v_all = layer.tiers.layer_kv(layer)
     b, hkv, n, d = k_all.shape
     keep = torch.zeros(b, hkv, n, dtype=torch.bool)
     keep[..., layer.win_start:] = True
@@ -293,7 +293,7 @@ def test_refinement_splits_hot_chunks_merges_cold_ones_and_keeps_the_data():
     dyn = DynamicCache()
     with torch.no_grad():
         ref(input_ids=generated[:, :seq], use_cache=True, **{cache_kw(ref): dyn})
-    k_all, _ = cache.tiers.fetch_all_for_test(layer)
+    k_all, _ = cache.tiers.layer_kv(layer)
     torch.testing.assert_close(k_all, dyn.layers[0].keys, rtol=1e-5, atol=1e-5)
     cache.close()
 

@@ -70,6 +70,16 @@ def timed(fn: Callable[[], Any], sync: bool = False) -> tuple[float, Any]:
     return time.perf_counter() - t, out
 
 
+def bytes_moved(before, after, steps: int) -> dict[str, dict[str, int]]:
+    """Bytes read from and written to each tier per step, between two CacheStats snapshots."""
+    out = {}
+    for tier in ("device", "host", "disk"):
+        a, b = getattr(after, tier), getattr(before, tier)
+        out[tier] = {"bytes_read": (a.bytes_read - b.bytes_read) // steps,
+                     "bytes_written": (a.bytes_written - b.bytes_written) // steps}
+    return out
+
+
 def median_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1000, 3)
 

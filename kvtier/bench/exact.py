@@ -19,7 +19,7 @@ import transformers as tf
 from tqdm import tqdm
 
 from ..cache import KVTierCache, cache_argument
-from .common import median_ms, timed, write_result
+from .common import bytes_moved, median_ms, timed, write_result
 
 
 def bench_model(layers: int, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype) -> torch.nn.Module:
@@ -49,12 +49,7 @@ def run_one(model, cache, ids: torch.Tensor, steps: int, warmup: int = 2) -> dic
               "decode_step_ms_max": round(max(times) * 1000, 3), "last_logits": out.logits[:, -1].float()}
     if isinstance(cache, KVTierCache):
         after = cache.stats()
-        per_step = {}
-        for tier in ("device", "host", "disk"):
-            a, b = getattr(after, tier), getattr(before, tier)
-            per_step[tier] = {"bytes_read": (a.bytes_read - b.bytes_read) // steps,
-                              "bytes_written": (a.bytes_written - b.bytes_written) // steps}
-        result["bytes_moved_per_step"] = per_step
+        result["bytes_moved_per_step"] = bytes_moved(before, after, steps)
         result["tiers"] = {t: {"tokens": getattr(after, t).tokens, "bytes": getattr(after, t).bytes}
                            for t in ("device", "host", "disk")}
         result["disk_compression_ratio"] = after.disk.compression_ratio

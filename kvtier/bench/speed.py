@@ -30,7 +30,7 @@ import transformers as tf
 from tqdm import tqdm
 
 from ..cache import KVTierCache, cache_argument
-from .common import median_ms, timed, write_result
+from .common import bytes_moved, median_ms, timed, write_result
 
 
 def speed_model(layers: int, kv_heads: int, head_dim: int, intermediate: int, max_len: int) -> torch.nn.Module:
@@ -58,20 +58,15 @@ def dynamic_from(cache: KVTierCache) -> tf.DynamicCache:
     """A DynamicCache holding exactly the KV a kvtier cache stores."""
     dyn = tf.DynamicCache()
     for layer in cache.tiers.layers:
-        k, v = cache.tiers.fetch_all_for_test(layer)
+        k, v = cache.tiers.layer_kv(layer)
         dyn.update(k.clone(), v.clone(), layer.index)
     return dyn
 
 
 def _tier_summary(cache: KVTierCache, steps: int, warm) -> dict[str, Any]:
     s = cache.stats()
-    per_step = {}
-    for tier in ("device", "host", "disk"):
-        a, b = getattr(s, tier), getattr(warm, tier)
-        per_step[tier] = {"bytes_read": (a.bytes_read - b.bytes_read) // steps,
-                          "bytes_written": (a.bytes_written - b.bytes_written) // steps}
     return {
-        "bytes_moved_per_step": per_step,
+        "bytes_moved_per_step": bytes_moved(warm, s, steps),
         "prefetch_hit_rate": s.prefetch_hit_rate,
         "stall_s_per_step": round((s.stall_s - warm.stall_s) / steps, 6),
         "mean_attended_tokens": round(s.mean_attended_tokens or 0, 1),

@@ -262,8 +262,9 @@ class TierManager:
         c.device.bytes_written += n
         return k, v
 
-    def fetch_all_for_test(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every stored token of a tiered layer in position order (for tests and debugging)."""
+    def layer_kv(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored token of a tiered layer in position order: k, v [B, Hkv, length, D] (copies; for
+        tests, benchmarks and debugging, not the decode path)."""
         parts = [self.fetch(c) for c in layer.chunks]
         if layer.win_slots.numel():
             parts.append(self.device_pools[layer.index].read(layer.win_slots))
