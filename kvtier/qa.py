@@ -64,7 +64,7 @@ def load(model_id: str, dtype: str, device: str):
         tokenizer = tf.AutoTokenizer.from_pretrained(model_id)
         torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
         model = tf.AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype).to(device).eval()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the user needs one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QAError(f"{model_id} is not a causal language model kvtier can load ({first})") from None
     if dtype == "auto" and device == "cpu" and model.dtype in (torch.float16, torch.bfloat16):
