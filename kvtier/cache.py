@@ -6,10 +6,8 @@ attention lives in `kvtier.attention`. This class translates transformers' calls
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import tempfile
-import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -17,31 +15,18 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+from . import session
 from .attention import enable
 from .config import KVTierConfig
-from .errors import (
-    CacheInputError,
-    IncompleteSessionError,
-    StoreError,
-    StoreMismatchError,
-)
+from .errors import CacheInputError, StoreError
 from .handle import KVHandle
 from .layers import SlidingLayer, TieredLayer
 from .model_spec import FULL, ModelSpec
-from .sparse.profile import LayerSkew
-from .store.chunk import Chunk, Tier, chunk_key
-from .store.codec import LAYOUT_VERSION, dtype_name
+from .store.chunk import Tier
+from .store.codec import dtype_name
 from .store.disk import DiskStore
 from .store.stats import CacheStats
-from .store.tiers import ABSTRACT_ID, TierManager
-
-STORE_META = "store"
-SESSION_META = "session"
-# Options a saved session fixes (they shape the chunk table); budgets and the rest may change on reopen.
-_LAYOUT_OPTIONS = ("chunk_size", "sink_tokens", "recent_window")
-# Options a reopened session takes from the saved one unless the caller overrides them.
-_RUNTIME_OPTIONS = tuple(f.name for f in dataclasses.fields(KVTierConfig)
-                         if f.name not in (*_LAYOUT_OPTIONS, "store_path", "initial_map_bytes"))
+from .store.tiers import TierManager
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -104,7 +89,7 @@ class KVTierCache(Cache):
         if _disk is not None:
             self.tiers._disk = _disk
         elif self.config.store_path is not None:
-            self._create_store(Path(self.config.store_path), overwrite)
+            self.tiers._disk = session.create_store(Path(self.config.store_path), spec, self.config, overwrite)
         self._closed = False
 
     # ------------------------------------------------------------------------------ construction
@@ -134,69 +119,23 @@ class KVTierCache(Cache):
         spec = ModelSpec.from_model(model)
         disk = DiskStore(path, create=False)
         try:
-            header = disk.get_meta(STORE_META)
-            if header is None:
-                raise StoreMismatchError(f"{path} is not a kvtier store (no store header)")
-            _check_header(header, spec, path)
-            session = disk.get_meta(SESSION_META)
-            if session is None or session.get("state") != "complete":
-                raise IncompleteSessionError(
-                    f"kvtier store {path} holds no complete session: its prefill was interrupted or it was never "
-                    "saved. Prefill again (KVTierCache.for_model(model, store_path=..., overwrite=True)) and call "
-                    "cache.save()."
-                )
-            for name in _LAYOUT_OPTIONS:
-                options.setdefault(name, header["layout"][name])
-            for name, value in session.get("options", {}).items():
-                if name in _RUNTIME_OPTIONS:
-                    options.setdefault(name, value)
+            header, saved = session.read_session(disk, spec)
+            options = session.reopen_options(header, saved, options)
             options["store_path"] = path
             enable(model)
             cache = cls(spec, KVTierConfig(**options), device=_model_device(model), _disk=disk)
-            cache._load_session(session)
+            session.load(cache, saved)
         except BaseException:
             disk.close()
             raise
         return cache
-
-    def _store_header(self) -> dict:
-        return {
-            "format": "kvtier",
-            "layout_version": LAYOUT_VERSION,
-            "signature": self.spec.signature,
-            "dtype": dtype_name(self.dtype),
-            "structure": self.spec.structure,
-            "layout": {name: getattr(self.config, name) for name in _LAYOUT_OPTIONS},
-            "created": time.time(),
-        }
-
-    def _create_store(self, path: Path, overwrite: bool) -> None:
-        disk = DiskStore(path, create=True, initial_map_bytes=self.config.initial_map_bytes,
-                         max_bytes=self.config.max_store_bytes)
-        try:
-            if disk.get_meta(STORE_META) is not None or any(True for _ in disk.keys()):
-                if not overwrite:
-                    raise StoreError(
-                        f"kvtier store {path} already holds data; reopen it with KVTierCache.open(path, model), "
-                        "or pass overwrite=True to replace it"
-                    )
-                disk.remove_many(list(disk.keys()))
-                disk.delete_meta(SESSION_META) if disk.get_meta(SESSION_META) is not None else None
-            # The session stays "incomplete" until save(): an interrupted prefill is recognisable as such.
-            disk.put_many([], meta={STORE_META: self._store_header(), SESSION_META: {"state": "incomplete",
-                                                                                     "started": time.time()}})
-            disk.sync()
-        except BaseException:
-            disk.close()
-            raise
-        self.tiers._disk = disk
 
     def _make_disk(self) -> DiskStore:
         """The temporary store, created on the first spill to disk and removed on close."""
         path = tempfile.mkdtemp(prefix="kvtier-")
         disk = DiskStore(path, initial_map_bytes=self.config.initial_map_bytes, max_bytes=self.config.max_store_bytes,
                          remove_on_close=True)
-        disk.put_meta(STORE_META, self._store_header())
+        disk.put_meta(session.STORE_META, session.store_header(self.spec, self.config))
         weakref.finalize(self, disk.close)
         return disk
 
@@ -345,133 +284,11 @@ class KVTierCache(Cache):
         """Persist the whole cache in its store and mark the session complete (atomically, then fsync).
 
         info: JSON-able facts to keep with the session (e.g. which document it holds); `open` puts them in
-        `cache.info`."""
+        `cache.info`. Needs a cache built with `store_path=`."""
         self._check_open()
         if not self._persistent:
             raise StoreError("this cache has a temporary store; build it with store_path=... to save a session")
-        lengths = {layer.logical_length for layer in self.layers}
-        if len(lengths) != 1:
-            raise IncompleteSessionError(
-                f"the last forward pass did not finish (layers hold {sorted(lengths)} tokens); the cache cannot be "
-                "saved. Reset it and prefill again."
-            )
-        disk = self.tiers.disk
-        manifest_layers, keys = [], set()
-        for layer in self.layers:
-            entry: dict[str, Any]
-            if isinstance(layer, TieredLayer):
-                layer.commit_pending()
-                self.tiers.persist(layer.chunks)
-                tail = self._persist_aux(layer.index, layer.win_start, *self._window_tensors(layer))
-                entry = {
-                    "kind": "full",
-                    "chunks": [[c.chunk_id, c.start, c.length, c.pinned, _rows_list(c.disk_rows),
-                                *self.tiers.record_sizes[c.key][1:], c.importance] for c in layer.chunks],
-                    "tail": tail,
-                    "decode_chunk": layer.decode_chunk,
-                    "skew": None if layer.skew is None else layer.skew.to_dict(),
-                }
-                keys.update(c.key for c in layer.chunks)
-                if layer.chunks:
-                    kmin, kmax, _, _ = layer.abstracts.view()
-                    keys.add(self.tiers.write_abstracts(layer.index, kmin, kmax))
-            else:
-                start = layer.length - (0 if layer.k is None else layer.k.shape[2])
-                buf = self._persist_aux(layer.index, start, layer.k, layer.v)
-                entry = {"kind": "sliding", "buffer": buf}
-            for aux in (entry.get("tail"), entry.get("buffer")):
-                if aux is not None:
-                    keys.add(Chunk(layer.index, aux[0], 0, 0, Tier.DISK, 0).key)
-            manifest_layers.append(entry)
-        manifest = {
-            "state": "complete",
-            "layout_version": LAYOUT_VERSION,
-            "signature": self.spec.signature,
-            "dtype": dtype_name(self.dtype),
-            "length": self.get_seq_length(),
-            "batch": self.batch_size,
-            "next_chunk_id": self.tiers.next_chunk_id,
-            "saved": time.time(),
-            "options": {name: getattr(self.config, name) for name in _RUNTIME_OPTIONS},
-            "info": dict(info if info is not None else self.info),
-            "layers": manifest_layers,
-        }
-        disk.put_meta(SESSION_META, manifest)
-        stale = self._saved_keys - keys
-        self._saved_keys = keys
-        self.tiers.drop_records([k for k in stale if not self._is_live(k)])
-        disk.sync()
-        return disk.path
-
-    def _window_tensors(self, layer: TieredLayer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if layer.win_slots.numel() == 0:
-            return None, None
-        return layer.pool.read(layer.win_slots)
-
-    def _persist_aux(self, layer_idx: int, start: int, k: torch.Tensor | None, v: torch.Tensor | None):
-        """Write an unchunked run of tokens (recent window, sliding buffer) as one record."""
-        if k is None or k.shape[2] == 0:
-            return None
-        chunk = Chunk(layer_idx, self.tiers.new_chunk_id(), start, k.shape[2], Tier.DISK, k.shape[0])
-        self.tiers.write_records([(chunk, k.cpu(), v.cpu())])
-        return [chunk.chunk_id, start, k.shape[2]]
-
-    def _is_live(self, key: bytes) -> bool:
-        return any(c.key == key and c.on_disk for layer in self.layers if isinstance(layer, TieredLayer)
-                   for c in layer.chunks)
-
-    def _load_session(self, session: dict) -> None:
-        if len(session["layers"]) != len(self.layers):
-            raise StoreMismatchError(f"session has {len(session['layers'])} layers, the model has {len(self.layers)}")
-        self.tiers.next_chunk_id = session["next_chunk_id"]
-        self.info = dict(session.get("info", {}))
-        length, batch = session["length"], session["batch"]
-        keys: set[bytes] = set()
-        for layer, entry in zip(self.layers, session["layers"]):
-            if isinstance(layer, TieredLayer):
-                if entry["kind"] != "full":
-                    raise StoreMismatchError(f"layer {layer.index}: stored as {entry['kind']}, the model's is full")
-                for chunk_id, start, n, pinned, rows, raw_bytes, stored_bytes, importance in entry["chunks"]:
-                    chunk = Chunk(layer.index, chunk_id, start, n, Tier.DISK, batch, on_disk=True, pinned=bool(pinned),
-                                  persisted=True, disk_rows=None if rows is None else torch.tensor(rows),
-                                  row=len(layer.chunks), importance=importance)
-                    layer.chunks.append(chunk)
-                    keys.add(chunk.key)
-                    self.tiers.record_sizes[chunk.key] = (n, raw_bytes, stored_bytes)
-                if layer.chunks:
-                    kmin, kmax = self.tiers.read_abstracts(layer.index)
-                    keys.add(chunk_key(layer.index, ABSTRACT_ID))
-                    for c in layer.chunks:
-                        layer.abstracts.append(kmin[:, :, c.row], kmax[:, :, c.row], c.start, c.length)
-                layer.decode_chunk = entry.get("decode_chunk", self.config.chunk_size)
-                if entry.get("skew"):
-                    layer.skew = LayerSkew(**entry["skew"])
-                layer.length = layer.chunks[-1].end if layer.chunks else 0
-                layer.batch = batch
-                self._load_window(layer, entry["tail"], keys)
-                layer.length = length
-            else:
-                buf = entry["buffer"]
-                if buf is not None:
-                    aux = Chunk(layer.index, buf[0], buf[1], buf[2], Tier.DISK, batch)
-                    keys.add(aux.key)
-                    k, v = self.tiers.read_record(aux)
-                    layer.k, layer.v = k.to(self.device), v.to(self.device)
-                layer.length, layer.batch = length, batch
-        self._saved_keys = keys
-        # Records no saved session refers to are leftovers of an interrupted continuation: drop them.
-        self.tiers.drop_records([k for k in self.tiers.disk.keys() if k not in keys])
-
-    def _load_window(self, layer: TieredLayer, tail: list | None, keys: set[bytes]) -> None:
-        if tail is None:
-            return
-        aux = Chunk(layer.index, tail[0], tail[1], tail[2], Tier.DISK, layer.batch or 1)
-        keys.add(aux.key)
-        k, v = self.tiers.read_record(aux)
-        layer.pool.init_shape(k.shape[0], k.shape[1], k.shape[3])
-        slots = self.tiers.allocate_device(layer.index, aux.length)
-        layer.pool.write(slots, k, v, torch.arange(aux.start, aux.end, device=layer.pool.device))
-        layer.win_slots = slots
+        return session.save(self, info)
 
     # ------------------------------------------------------------------------------- lifetime
     def _check_open(self) -> None:
@@ -503,26 +320,3 @@ class KVTierCache(Cache):
         s = self.tiers.stats()
         return (f"KVTierCache(layers={len(self.layers)}, tokens={self.get_seq_length()}, "
                 f"device={s.device.tokens}, host={s.host.tokens}, disk={s.disk.tokens})")
-
-
-def _rows_list(rows: torch.Tensor | None) -> list[int] | None:
-    return None if rows is None else rows.tolist()
-
-
-def _check_header(header: dict, spec: ModelSpec, path: Path) -> None:
-    version = header.get("layout_version")
-    if version != LAYOUT_VERSION:
-        raise StoreMismatchError(
-            f"kvtier store {path} has layout version {version}; this kvtier reads version {LAYOUT_VERSION}. "
-            "Prefill the document again with this version."
-        )
-    if header.get("dtype") != dtype_name(spec.dtype):
-        raise StoreMismatchError(
-            f"kvtier store {path} was written with dtype {header.get('dtype')}, the model runs in "
-            f"{dtype_name(spec.dtype)}; load the model with dtype={header.get('dtype')} or prefill again"
-        )
-    if header.get("signature") != spec.signature:
-        theirs = header.get("structure", {})
-        detail = ", ".join(f"{k}: store {theirs.get(k)!r} vs model {v!r}" for k, v in spec.structure.items()
-                           if theirs.get(k) != v) or "same architecture, different weights"
-        raise StoreMismatchError(f"kvtier store {path} was written by another model ({detail})")
