@@ -69,6 +69,7 @@ class TieredLayer:
     # ------------------------------------------------------------------------------------ writes
     def update(self, k: torch.Tensor, v: torch.Tensor) -> KVHandle:
         """Take the new tokens (k, v: [B, Hkv, Q, D]); return the handle attention reads."""
+        self.tiers.wait_uploads(self.index)  # side-stream copies into this pool must land before we touch it
         self.commit_pending()
         b, h, q, d = k.shape
         self.pool.init_shape(b, h, d)

@@ -307,13 +307,14 @@ class TierManager:
         protect = {c.chunk_id for c in keep}
         pool, host = self.device_pools[layer], self.host_pools[layer]
         in_flight = []
-        self._side_stream.wait_stream(torch.cuda.current_stream(self.device))  # slots may have just been freed
         for chunk in chunks:
             slots = self.allocate_device(layer, chunk.length, protect)
             if slots is None:
                 break
             hk, hv = host.pop(chunk.chunk_id)
             del self._on_host[layer][chunk.chunk_id]
+            # The slots may have just been freed by an eviction whose read is still queued on the compute stream.
+            self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._side_stream):
                 k = _apply_rows(hk.to(self.device, non_blocking=True), chunk.rows)
                 v = _apply_rows(hv.to(self.device, non_blocking=True), chunk.rows)
