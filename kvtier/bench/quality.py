@@ -52,7 +52,12 @@ METHOD_CACHE = {"kvtier": ("adaptive", "quest_bound", False), "kvtier-shared": (
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, Any]:
-    model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    """The model (fp32) and its tokenizer, or None for a byte-level model; one clear line if it fails."""
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the user needs one line
+        hint = " (train it with scripts/train_retrieval_model.py, or pass --model)" if Path(path) == DEFAULT_MODEL else ""
+        raise SystemExit(f"kvtier bench quality: cannot load model {str(path)!r}{hint}: {exc}") from None
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, TypeError):
