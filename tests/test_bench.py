@@ -38,3 +38,49 @@ def test_bench_codec_writes_json(tmp_path):
 def test_unknown_command_fails_cleanly():
     out = _kvtier("bench", "nope")
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_bench_quality_runs_a_local_model_and_matches_the_full_cache_at_full_budget(tmp_path):
+    """With the whole context in budget, sparse methods must reproduce the full cache (zero KL)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvtier.bench.tasks import VOCAB_SIZE
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    out = _kvtier("bench", "quality", "--model", str(tmp_path / "model"), "--context", "320", "--examples", "2",
+                  "--budgets", "0.05", "1.0", "--tasks", "passkey", "niah_multikey",
+                  "--methods", "kvtier", "quest", "streamingllm", "kvtier+lossy",
+                  "--out", str(tmp_path), "--no-plot")
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "quality.json").read_text())
+    assert result["machine"]["torch"] and result["config"]["context"] == 320
+    for task in ("passkey", "niah_multikey"):
+        row = result["results"][task]
+        for method in ("kvtier", "quest", "streamingllm"):
+            assert row[method]["1.0"]["mean_kl"] < 1e-6, (task, method)
+            assert row[method]["1.0"]["accuracy"] == row["full_accuracy"]
+        assert 0 <= row["kvtier+lossy"]["1.0"]["mean_kl"] < 0.05  # int8 only where attention is low
+
+
+def test_bench_quality_names_a_model_it_cannot_load(tmp_path):
+    out = _kvtier("bench", "quality", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path))
+    assert out.returncode != 0
+    assert "cannot load model" in out.stderr and "no-such-model" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bench_speed_writes_json_and_exact_matches_dynamic(tmp_path):
+    out = _kvtier("bench", "speed", "--contexts", "700", "--steps", "2", "--warmup", "2", "--layers", "2",
+                  "--kv-heads", "2", "--head-dim", "16", "--intermediate", "64", "--out", str(tmp_path), "--no-plot")
+    assert out.returncode == 0, out.stderr
+    row = json.loads((tmp_path / "speed.json").read_text())["results"][0]
+    assert row["context"] == 700
+    for name in ("dynamic", "exact", "sparse", "sparse-tiered", "shared-tiered"):
+        assert row[name]["decode_step_ms"] > 0
+    assert row["exact"]["max_abs_logit_diff_vs_dynamic"] < 1e-4  # fed the same tokens as DynamicCache
+    assert row["sparse"]["mean_attended_tokens"] < 0.2 * 700  # 5% budget plus sinks and window
+    assert row["sparse-tiered"]["disk_tokens"] > 0

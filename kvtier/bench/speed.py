@@ -43,15 +43,18 @@ def speed_model(layers: int, kv_heads: int, head_dim: int, intermediate: int, ma
 
 
 @torch.inference_mode()
-def decode_steps(model, cache, first: torch.Tensor, steps: int, warmup: int) -> tuple[list[float], torch.Tensor]:
+def decode_steps(model, cache, first: torch.Tensor, steps: int, warmup: int
+                 ) -> tuple[list[float], torch.Tensor | None, torch.Tensor]:
+    """Greedy steps from `first`: (times of the steps after `warmup`, last logits, the next token to feed)."""
     kw = {cache_argument(model): cache}
-    tok, times = first, []
+    tok, times, logits = first, [], None
     for i in range(warmup + steps):
         dt, out = timed(lambda: model(input_ids=tok, use_cache=True, **kw))
-        tok = out.logits[:, -1:].argmax(-1)
+        logits = out.logits[:, -1]
+        tok = logits.argmax(-1, keepdim=True)
         if i >= warmup:
             times.append(dt)
-    return times, out.logits[:, -1]
+    return times, logits, tok
 
 
 def dynamic_from(cache: KVTierCache) -> tf.DynamicCache:
@@ -92,7 +95,7 @@ def run(contexts: list[int], steps: int, warmup: int, budget: float, device_frac
             dyn = dynamic_from(cache)
             skew = [layer.skew.top5 if layer.skew else None for layer in cache.tiers.layers]
             chunk_sizes = [sorted(c.length for c in layer.chunks) for layer in cache.tiers.layers]
-        times, dyn_logits = decode_steps(base, dyn, first, steps, warmup)
+        times, dyn_logits, _ = decode_steps(base, dyn, first, steps, warmup)
         del dyn
         row: dict[str, Any] = {"context": n, "kvtier_prefill_s": round(prefill_s, 2), "top5_mass_by_layer": skew,
                                "median_chunk_by_layer": [s[len(s) // 2] if s else None for s in chunk_sizes],
@@ -108,10 +111,9 @@ def run(contexts: list[int], steps: int, warmup: int, budget: float, device_frac
         for name, options in configs.items():
             cache = KVTierCache.open(store, kv_model, **options)
             cache.warm()  # reopened chunks start on disk: fill the device and host budgets first
-            with torch.inference_mode():
-                _, _ = decode_steps(kv_model, cache, first, 0, warmup)
+            _, _, tok = decode_steps(kv_model, cache, first, 0, warmup)  # the same tokens DynamicCache was fed
             warm = copy.deepcopy(cache.stats())
-            times, logits = decode_steps(kv_model, cache, first, steps, 0)
+            times, logits, _ = decode_steps(kv_model, cache, tok, steps, 0)
             result = {"decode_step_ms": median_ms(times),
                       "decode_ratio_vs_dynamic": round(median_ms(times) / row["dynamic"]["decode_step_ms"], 3),
                       "options": options, **_tier_summary(cache, steps, warm)}
