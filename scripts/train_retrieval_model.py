@@ -1,0 +1,517 @@
+"""Train (or evaluate) the small byte-level Llama used by kvtier's retrieval-quality benchmarks.
+
+The model learns the tasks of ``kvtier.bench.tasks`` (passkey, multi-key needles in generated and in
+natural text, 2-hop variable tracking) from dense synthetic sequences: many needles and many questions
+per sequence, loss on the answer tokens only, a curriculum from short to long sequences.
+
+Train (defaults are the recipe of ``checkpoints/retrieval-llama``)::
+
+    nice -n 15 python scripts/train_retrieval_model.py --out checkpoints/retrieval-llama
+
+Evaluate a checkpoint (greedy decoding, transformers' default DynamicCache)::
+
+    python scripts/train_retrieval_model.py --eval-only checkpoints/retrieval-llama --eval-lengths 4096 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _import_tasks():
+    """`kvtier.bench.tasks`; loaded from its file (without kvtier's own imports) if the package fails."""
+    try:
+        from kvtier.bench import tasks
+
+        return tasks
+    except ImportError:
+        import importlib.util
+        import types
+
+        for name in ("kvtier", "kvtier.bench"):
+            if name not in sys.modules or not hasattr(sys.modules[name], "__path__"):
+                mod = types.ModuleType(name)
+                mod.__path__ = [str(ROOT / name.replace(".", "/"))]
+                sys.modules[name] = mod
+        for name in ("kvtier.bench.common", "kvtier.bench.tasks"):
+            spec = importlib.util.spec_from_file_location(name, ROOT / (name.replace(".", "/") + ".py"))
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        return sys.modules["kvtier.bench.tasks"]
+
+
+T = _import_tasks()
+from kvtier.bench.common import machine_info  # noqa: E402  (loaded by _import_tasks either way)
+
+DEFAULT_DATA_DIR = "/work/shared/data/paul_graham_essays"
+
+
+def parse_schedule(text: str, tokens_per_step: int) -> list[tuple[int, int, float, int]]:
+    """'256:1000:0.6,512:2000:0.3:8192' -> [(256, 1000, 0.6, tokens_per_step), (512, 2000, 0.3, 8192)].
+
+    Each stage is sequence length, steps, the largest density (fraction of the tokens that are needles
+    and questions; each sequence draws its density uniformly from [density/2, density]; default 0.33)
+    and the tokens per optimiser step (default --tokens-per-step).
+    """
+    out = []
+    for part in text.split(","):
+        f = part.split(":")
+        out.append(
+            (
+                int(f[0]),
+                int(f[1]),
+                float(f[2]) if len(f) > 2 else 0.33,
+                int(f[3]) if len(f) > 3 else tokens_per_step,
+            )
+        )
+    return out
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """'passkey:1,niah_multikey:2' -> task weights."""
+    mix = {}
+    for part in text.split(","):
+        name, w = part.split(":")
+        if name not in T.TASKS and name != "repeat":
+            raise SystemExit(f"unknown task {name!r} in --task-mix")
+        mix[name] = float(w)
+    return mix
+
+
+def build_model(args: argparse.Namespace):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=T.VOCAB_SIZE,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=args.max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        tie_word_embeddings=True,
+        bos_token_id=T.BOS,
+        eos_token_id=T.EOS,
+        pad_token_id=T.PAD,
+        initializer_range=args.init_std,
+        attention_bias=args.prev_heads > 0,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg)
+    if args.prev_heads > 0:
+        init_offset_heads(model, args.prev_heads, args.prev_scale)
+    return model
+
+
+@torch.no_grad()
+def init_offset_heads(model, n_heads: int, scale: float) -> None:
+    """Start heads 0..n-1 of layer 0 as fixed-offset heads: head h attends to the token h+1 back.
+
+    Only the query/key biases are set (the weights keep their random init and everything stays trainable):
+    with k = scale and q = scale * exp(-i * (h+1) * theta_f) per rotary pair f, the rotary score
+    sum_f scale^2 cos(theta_f * (m - n - h - 1)) peaks at distance h+1. This removes the long plateau a
+    small model spends before it finds previous-token heads, which multi-token key matching needs.
+    """
+    attn = model.model.layers[0].self_attn
+    hd = attn.head_dim
+    half = hd // 2
+    inv = model.model.rotary_emb.inv_freq.float()[:half]
+    for h in range(n_heads):
+        delta = float(h + 1)
+        sl = slice(h * hd, (h + 1) * hd)
+        bq = torch.zeros(hd)
+        bk = torch.zeros(hd)
+        bk[:half] = scale
+        bq[:half] = scale * torch.cos(inv * delta)
+        bq[half:] = -scale * torch.sin(inv * delta)
+        attn.q_proj.bias[sl] = bq
+        kv = h // (attn.config.num_attention_heads // attn.config.num_key_value_heads)
+        attn.k_proj.bias[kv * hd : (kv + 1) * hd] = bk
+
+
+def make_batch(
+    seq_len: int, batch: int, rng: random.Random, mix: dict[str, float], data_dir: str | None, density: float
+):
+    names = list(mix)
+    # a passkey prompt (needle + question) alone is ~63 tokens: leave it out of shorter sequences
+    weights = [0.0 if (n == "passkey" and seq_len < 100) else mix[n] for n in names]
+    ids, ws, kinds = [], [], []
+    for _ in range(batch):
+        task = rng.choices(names, weights)[0]
+        d = density * (0.5 + 0.5 * rng.random())
+        if task == "repeat_bytes":
+            i, w = T.make_repeat_sequence(seq_len, rng, alphabet="bytes")
+        elif task == "repeat":
+            i, w = T.make_repeat_sequence(seq_len, rng)
+        else:
+            i, w = T.make_training_sequence(task, seq_len, rng, data_dir, density=d)
+        ids.append(i)
+        ws.append(w)
+        kinds.append(task)
+    return torch.tensor(ids), torch.tensor(ws), kinds
+
+
+def lr_at(step: int, total: int, args: argparse.Namespace) -> float:
+    """Linear warmup, constant, then cosine decay to min_lr_frac over the last decay_frac of steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    decay_start = int(total * (1 - args.decay_frac))
+    if step < decay_start:
+        return args.lr
+    p = (step - decay_start) / max(1, total - decay_start)
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def loss_on_batch(model, ids: torch.Tensor, w: torch.Tensor, lm_weight: float, bf16: bool):
+    """Weighted next-token loss: answer tokens weigh 1, other tokens `lm_weight`."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        h = model.model(input_ids=ids).last_hidden_state[:, :-1]
+        tgt = ids[:, 1:]
+        wt = w[:, 1:]
+        if lm_weight > 0:
+            wt = torch.where(wt > 0, wt, torch.full_like(wt, lm_weight))
+        sel = wt > 0
+        logits = model.lm_head(h[sel]).float()
+    ce = F.cross_entropy(logits, tgt[sel], reduction="none")
+    wsel = wt[sel]
+    loss = (ce * wsel).sum() / wsel.sum()
+    ans = w[:, 1:][sel] > 0
+    correct = (logits.argmax(-1) == tgt[sel]) & ans
+    return loss, ce[ans].detach(), correct[ans].detach(), sel
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    task_names,
+    lengths,
+    n: int,
+    seed: int,
+    data_dir: str | None,
+    batch_size: int = 8,
+    use_generate: bool = True,
+) -> dict:
+    """Exact-match greedy accuracy per (task, length) with the full (default DynamicCache) KV cache."""
+    model.eval()
+    results: dict = {}
+    for length in lengths:
+        for task in task_names:
+            rng = random.Random(f"{seed}-{task}-{length}")
+            examples = [T.make_example(task, length, rng, data_dir) for _ in range(n)]
+            hits = 0
+            t0 = time.time()
+            for b in range(0, n, batch_size):
+                chunk = examples[b : b + batch_size]
+                prompt = torch.tensor([e.prompt_ids for e in chunk])
+                n_new = max(len(e.answer_ids) for e in chunk)
+                if use_generate:
+                    out = model.generate(
+                        input_ids=prompt,
+                        attention_mask=torch.ones_like(prompt),
+                        max_new_tokens=n_new,
+                        do_sample=False,
+                        eos_token_id=T.EOS,
+                        pad_token_id=T.PAD,
+                    )[:, prompt.shape[1] :]
+                else:
+                    out = greedy(model, prompt, n_new)
+                for e, o in zip(chunk, out.tolist()):
+                    hits += o[: len(e.answer_ids)] == e.answer_ids
+            acc = hits / n
+            results.setdefault(task, {})[str(length)] = {"accuracy": acc, "correct": hits, "n": n}
+            print(
+                f"  eval {task:<20} len {length:>6}: {hits}/{n} = {acc:.3f} ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
+    model.train()
+    return results
+
+
+@torch.no_grad()
+def greedy(model, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Plain greedy loop with a DynamicCache (used for quick in-training evaluation)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    toks = []
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(n_new):
+        toks.append(nxt)
+        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    return torch.cat(toks, 1)
+
+
+def load_checkpoint(path: str, dtype: str):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# training
+
+
+def train(args: argparse.Namespace) -> None:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    data_dir = args.data_dir if args.data_dir and Path(args.data_dir).is_dir() else None
+    mix = parse_mix(args.task_mix)
+    schedule = parse_schedule(args.schedule, args.tokens_per_step)
+    total = sum(s for _, s, _, _ in schedule)
+
+    model = build_model(args)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(args.beta1, args.beta2),
+        eps=1e-8,
+    )
+    step0 = 0
+    state_path = Path(args.state) if args.state else None
+    tokens_seen = 0
+    train_seconds = 0.0
+    if state_path and state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        rng.setstate(pickle.loads(st["rng"]))
+        torch.set_rng_state(st["torch_rng"])
+        step0, tokens_seen, train_seconds = st["step"], st["tokens"], st["train_seconds"]
+        print(f"resumed from {state_path} at step {step0}", flush=True)
+
+    print(f"model: {n_params / 1e6:.2f}M parameters; {total} steps; schedule {schedule}", flush=True)
+    print(f"haystack text: {T.haystack('text', 10, random.Random(0), data_dir)[1]}", flush=True)
+    model.train()
+    names = [*mix, "repeat_bytes"]
+    step = 0
+    t_log = time.time()
+    log_tokens = 0
+    acc_loss, acc_tok, acc_n, acc_ans, acc_ans_n = 0.0, 0, 0, 0, 0
+    per_task = {n: [0, 0] for n in names}
+    history = []
+    for length, steps, density, tokens_per_step in schedule:
+        batch = max(1, tokens_per_step // length)
+        for _ in range(steps):
+            if step < step0:
+                step += 1
+                continue
+            t_step = time.time()
+            lr = lr_at(step, total, args)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            warm = step < args.induction_warmup  # induction heads first, on unambiguous copies
+            ids, w, kinds = make_batch(length, batch, rng, {"repeat_bytes": 1.0} if warm else mix, data_dir, density)
+            loss, ce, correct, sel = loss_on_batch(model, ids, w, args.lm_weight, args.bf16)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            step += 1
+            train_seconds += time.time() - t_step
+            tokens_seen += ids.numel()
+            log_tokens += ids.numel()
+            # statistics: token accuracy, and whole-answer accuracy under teacher forcing
+            acc_loss += ce.sum().item()
+            acc_tok += correct.sum().item()
+            acc_n += correct.numel()
+            ans_w = w[:, 1:]
+            row = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ans_w)[sel][w[:, 1:][sel] > 0]
+            by_row: dict[int, list[bool]] = {}
+            for r, c in zip(row.tolist(), correct.tolist()):
+                by_row.setdefault(r, []).append(c)
+            k = T.VALUE_DIGITS + 1  # answers are runs of VALUE_DIGITS digits and EOS
+            for r, cs in by_row.items():
+                name = kinds[r]
+                per_task[name][0] += sum(cs)
+                per_task[name][1] += len(cs)
+                if not name.startswith("repeat"):
+                    for j in range(0, len(cs) - k + 1, k):
+                        acc_ans += all(cs[j : j + k])
+                        acc_ans_n += 1
+            if step % args.log_every == 0 or step == total:
+                dt = time.time() - t_log
+                pt = " ".join(f"{n[:8]}={c / max(1, m):.2f}" for n, (c, m) in per_task.items())
+                rec = {
+                    "step": step,
+                    "len": length,
+                    "lr": lr,
+                    "loss": acc_loss / max(1, acc_n),
+                    "tok_acc": acc_tok / max(1, acc_n),
+                    "ans_acc": acc_ans / max(1, acc_ans_n),
+                    "tok_per_s": log_tokens / dt,
+                    "elapsed_s": train_seconds,
+                }
+                history.append(rec)
+                print(
+                    f"step {step:>6} len {length:>5} lr {lr:.2e} loss {rec['loss']:.3f} tok_acc {rec['tok_acc']:.3f} "
+                    f"ans_acc {rec['ans_acc']:.3f} [{pt}] {rec['tok_per_s']:.0f} tok/s {train_seconds / 60:.1f} min",
+                    flush=True,
+                )
+                t_log = time.time()
+                log_tokens = 0
+                acc_loss, acc_tok, acc_n, acc_ans, acc_ans_n = 0.0, 0, 0, 0, 0
+                per_task = {n: [0, 0] for n in names}
+            if args.eval_every and step % args.eval_every == 0:
+                evaluate(model, T.TASKS, [max(256, length)], args.quick_eval_n, 12345 + step, data_dir, use_generate=False)
+            if state_path and args.state_every and step % args.state_every == 0:
+                st = {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "rng": pickle.dumps(rng.getstate()),
+                    "torch_rng": torch.get_rng_state(),
+                    "step": step,
+                    "tokens": tokens_seen,
+                    "train_seconds": train_seconds,
+                }
+                torch.save(st, str(state_path) + ".tmp")
+                os.replace(str(state_path) + ".tmp", state_path)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    save_dtype = getattr(torch, args.save_dtype)
+    model.to(save_dtype)
+    model.generation_config.pad_token_id = T.PAD
+    model.generation_config.eos_token_id = T.EOS
+    model.generation_config.bos_token_id = T.BOS
+    model.save_pretrained(out, safe_serialization=True)
+    print(f"saved {out} ({args.save_dtype})", flush=True)
+    info = {
+        "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]),
+        "args": vars(args),
+        "model_config": json.loads((out / "config.json").read_text()),
+        "parameters": n_params,
+        "vocab": {"size": T.VOCAB_SIZE, **{v: k for k, v in T.SPECIAL_TOKENS.items()}},
+        "haystack_text_source": T.haystack("text", 10, random.Random(0), data_dir)[1],
+        "steps": total,
+        "tokens_seen": tokens_seen,
+        "train_wall_s": round(train_seconds, 1),
+        "tokens_per_s": round(tokens_seen / max(1e-9, train_seconds), 1),
+        "hardware": machine_info(),
+        "history": history,
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    if args.eval_lengths and args.eval_n > 0:
+        run_eval_into(out, args)
+
+
+def run_eval_into(ckpt: Path, args: argparse.Namespace) -> None:
+    """Evaluate the saved checkpoint and record the result in its training.json."""
+    data_dir = args.data_dir if args.data_dir and Path(args.data_dir).is_dir() else None
+    model = load_checkpoint(str(ckpt), args.eval_dtype)
+    t0 = time.time()
+    res = evaluate(model, args.eval_tasks, args.eval_lengths, args.eval_n, args.eval_seed, data_dir, args.eval_batch)
+    record = {
+        "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]),
+        "checkpoint_dtype": json.loads((ckpt / "config.json").read_text()).get("dtype"),
+        "eval_dtype": args.eval_dtype,
+        "decoding": "greedy, model.generate, default DynamicCache (full KV cache)",
+        "seed": args.eval_seed,
+        "haystack_text_source": T.haystack("text", 10, random.Random(0), data_dir)[1],
+        "wall_s": round(time.time() - t0, 1),
+        "hardware": machine_info(),
+        "results": res,
+    }
+    path = ckpt / "training.json"
+    info = json.loads(path.read_text()) if path.exists() else {}
+    evals = info.setdefault("evaluations", [])
+    evals.append(record)
+    info["final_accuracy"] = res if args.eval_dtype == "float32" or "final_accuracy" not in info else info["final_accuracy"]
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(res, indent=2), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="checkpoints/retrieval-llama")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=os.environ.get("KVTIER_HAYSTACK_DIR", DEFAULT_DATA_DIR))
+    # model
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=0, help="0: as many as --heads")
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--rope-theta", type=float, default=1e6)
+    p.add_argument("--max-positions", type=int, default=16384)
+    p.add_argument("--init-std", type=float, default=0.02)
+    p.add_argument("--prev-heads", type=int, default=4, help="layer-0 heads started as offset-1..n heads")
+    p.add_argument("--prev-scale", type=float, default=8.0, help="query/key bias size of those heads")
+    # optimisation
+    p.add_argument("--schedule", default="256:2000,512:2000,1024:1000,2048:500,4096:300",
+                   help="curriculum: seq_len:steps,...")
+    p.add_argument("--tokens-per-step", type=int, default=8192)
+    p.add_argument("--task-mix", default="passkey:1,niah_multikey:2,niah_multikey_text:2,variable_tracking:3")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--decay-frac", type=float, default=0.3)
+    p.add_argument("--min-lr-frac", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.98)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--induction-warmup", type=int, default=200,
+                   help="first steps on random printable-byte repeats only (forms induction heads)")
+    p.add_argument("--lm-weight", type=float, default=0.0, help="loss weight of non-answer tokens")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (default: bf16 autocast)")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--quick-eval-n", type=int, default=16)
+    p.add_argument("--state", default="", help="file for resumable training state")
+    p.add_argument("--state-every", type=int, default=250)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    # evaluation
+    p.add_argument("--eval-only", default="", metavar="CHECKPOINT", help="evaluate this checkpoint and exit")
+    p.add_argument("--eval-lengths", type=int, nargs="*", default=[4096])
+    p.add_argument("--eval-n", type=int, default=100)
+    p.add_argument("--eval-tasks", nargs="*", default=list(T.TASKS))
+    p.add_argument("--eval-seed", type=int, default=2024)
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.eval_only:
+        run_eval_into(Path(args.eval_only), args)
+        return
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
