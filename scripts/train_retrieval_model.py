@@ -4,7 +4,12 @@ The model learns the tasks of ``kvtier.bench.tasks`` (passkey, multi-key needles
 natural text, 2-hop variable tracking) from dense synthetic sequences: many needles and many questions
 per sequence, loss on the answer tokens only, a curriculum from short to long sequences.
 
-Train (defaults are the recipe of ``checkpoints/retrieval-llama``)::
+Status: this recipe does not yet reach the benchmark's bar (95% full-cache accuracy at 4096 tokens).
+On 2 CPU cores it learns passkey (0.97 per answer token at 128 tokens) and one-chain variable tracking
+within about 15 minutes, but multi-key retrieval stalls at about 0.68 per answer token: the model copies
+the value of *a* needle, not of the one whose key the question names. No checkpoint is committed yet.
+
+Train::
 
     nice -n 15 python scripts/train_retrieval_model.py --out checkpoints/retrieval-llama
 
@@ -473,19 +478,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prev-heads", type=int, default=4, help="layer-0 heads started as offset-1..n heads")
     p.add_argument("--prev-scale", type=float, default=8.0, help="query/key bias size of those heads")
     # optimisation
-    p.add_argument("--schedule", default="256:2000,512:2000,1024:1000,2048:500,4096:300",
+    p.add_argument("--schedule", default="64:1000,128:1200,256:1200,512:600,1024:300,2048:150,4096:80",
                    help="curriculum: seq_len:steps,...")
-    p.add_argument("--tokens-per-step", type=int, default=8192)
+    p.add_argument("--tokens-per-step", type=int, default=4096)
     p.add_argument("--task-mix", default="passkey:1,niah_multikey:2,niah_multikey_text:2,variable_tracking:3")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--decay-frac", type=float, default=0.3)
     p.add_argument("--min-lr-frac", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.98)
     p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--induction-warmup", type=int, default=200,
+    p.add_argument("--induction-warmup", type=int, default=0,
                    help="first steps on random printable-byte repeats only (forms induction heads)")
     p.add_argument("--lm-weight", type=float, default=0.0, help="loss weight of non-answer tokens")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (default: bf16 autocast)")
