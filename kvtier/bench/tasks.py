@@ -2,17 +2,19 @@
 
 Tokens 0-255 are the bytes of UTF-8 text; a few special tokens follow from 256. Every task builds a prompt
 ``BOS haystack-with-needles QUERY question ANSWER`` that ends right where the answer starts; the answer is
-a 5-digit number followed by EOS. Needles are wrapped in NEEDLE_START / NEEDLE_END.
+a 5-digit number followed by EOS. A needle is ``NEEDLE_START text ANSWER value NEEDLE_END`` and the
+question repeats its text: ``QUERY text ANSWER``.
 
 Tasks (``TASKS``):
 
-- ``passkey``: one needle ``The pass key is 48213.`` in a repeated noise haystack.
-- ``niah_multikey``: 4-8 needles ``KEY ABC = 48213`` in random generated sentences; the question names one key.
+- ``passkey``: one needle ``<needle>The pass key is<answer>48213</needle>`` in a repeated noise haystack.
+- ``niah_multikey``: 4-8 needles ``<needle>KEY ABC<answer>48213</needle>`` in random generated sentences;
+  the question (``<query>KEY ABC<answer>``) names one key.
 - ``niah_multikey_text``: the same in natural text (``haystack_text``: essays from ``data_dir`` or
   $KVTIER_HAYSTACK_DIR, generated sentences when absent).
-- ``variable_tracking``: 2-4 chains ``VAR QX = 73021`` ... ``VAR BK = QX`` (``VT_HOPS`` assignments per
-  chain, in order) in the noise haystack; the question names the last variable of one chain and the
-  answer is the number its chain starts from (``VT_HOPS`` lookups).
+- ``variable_tracking``: 2-4 chains ``VAR QX<answer>73021`` ... ``VAR BK<answer>QX`` (``VT_HOPS``
+  assignments per chain, in order) in the noise haystack; the question names the last variable of one
+  chain and the answer is the number its chain starts from (``VT_HOPS`` lookups).
 
 ``make_example`` gives one evaluation prompt; ``make_training_sequence`` gives a dense training sequence
 with many needles and many questions and a per-token loss weight.
