@@ -72,12 +72,13 @@ from kvtier.bench.common import machine_info  # noqa: E402  (loaded by _import_t
 DEFAULT_DATA_DIR = "/work/shared/data/paul_graham_essays"
 
 
-def parse_schedule(text: str, tokens_per_step: int) -> list[tuple[int, int, float, int]]:
-    """'256:1000:0.6,512:2000:0.3:8192' -> [(256, 1000, 0.6, tokens_per_step), (512, 2000, 0.3, 8192)].
+def parse_schedule(text: str, tokens_per_step: int) -> list[tuple[int, int, float, int, int, int]]:
+    """'64:500:0.33:4096:1:1,256:1000' -> [(64, 500, 0.33, 4096, 1, 1), (256, 1000, 0.33, tps, 3, 5)].
 
     Each stage is sequence length, steps, the largest density (fraction of the tokens that are needles
-    and questions; each sequence draws its density uniformly from [density/2, density]; default 0.33)
-    and the tokens per optimiser step (default --tokens-per-step).
+    and questions; each sequence draws its density uniformly from [density/2, density]; default 0.33),
+    the tokens per optimiser step (default --tokens-per-step), the key length in letters and the value
+    length in digits (defaults: the evaluation's, 3 and 5; shorter ones make an easier start).
     """
     out = []
     for part in text.split(","):
@@ -86,8 +87,10 @@ def parse_schedule(text: str, tokens_per_step: int) -> list[tuple[int, int, floa
             (
                 int(f[0]),
                 int(f[1]),
-                float(f[2]) if len(f) > 2 else 0.33,
-                int(f[3]) if len(f) > 3 else tokens_per_step,
+                float(f[2]) if len(f) > 2 and f[2] else 0.33,
+                int(f[3]) if len(f) > 3 and f[3] else tokens_per_step,
+                int(f[4]) if len(f) > 4 else T.MULTIKEY_KEY_LEN,
+                int(f[5]) if len(f) > 5 else T.VALUE_DIGITS,
             )
         )
     return out
@@ -158,7 +161,8 @@ def init_offset_heads(model, n_heads: int, scale: float) -> None:
 
 
 def make_batch(
-    seq_len: int, batch: int, rng: random.Random, mix: dict[str, float], data_dir: str | None, density: float
+    seq_len: int, batch: int, rng: random.Random, mix: dict[str, float], data_dir: str | None, density: float,
+    key_len: int = T.MULTIKEY_KEY_LEN, value_digits: int = T.VALUE_DIGITS,
 ):
     names = list(mix)
     # a passkey prompt (needle + question) alone is ~63 tokens: leave it out of shorter sequences
@@ -172,7 +176,8 @@ def make_batch(
         elif task == "repeat":
             i, w = T.make_repeat_sequence(seq_len, rng)
         else:
-            i, w = T.make_training_sequence(task, seq_len, rng, data_dir, density=d)
+            i, w = T.make_training_sequence(task, seq_len, rng, data_dir, density=d, key_len=key_len,
+                                            value_digits=value_digits)
         ids.append(i)
         ws.append(w)
         kinds.append(task)
@@ -295,7 +300,7 @@ def train(args: argparse.Namespace) -> None:
     data_dir = args.data_dir if args.data_dir and Path(args.data_dir).is_dir() else None
     mix = parse_mix(args.task_mix)
     schedule = parse_schedule(args.schedule, args.tokens_per_step)
-    total = sum(s for _, s, _, _ in schedule)
+    total = sum(stage[1] for stage in schedule)
 
     model = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
@@ -331,7 +336,7 @@ def train(args: argparse.Namespace) -> None:
     acc_loss, acc_tok, acc_n, acc_ans, acc_ans_n = 0.0, 0, 0, 0, 0
     per_task = {n: [0, 0] for n in names}
     history = []
-    for length, steps, density, tokens_per_step in schedule:
+    for length, steps, density, tokens_per_step, key_len, value_digits in schedule:
         batch = max(1, tokens_per_step // length)
         for _ in range(steps):
             if step < step0:
@@ -342,7 +347,8 @@ def train(args: argparse.Namespace) -> None:
             for g in opt.param_groups:
                 g["lr"] = lr
             warm = step < args.induction_warmup  # induction heads first, on unambiguous copies
-            ids, w, kinds = make_batch(length, batch, rng, {"repeat_bytes": 1.0} if warm else mix, data_dir, density)
+            ids, w, kinds = make_batch(length, batch, rng, {"repeat_bytes": 1.0} if warm else mix, data_dir, density,
+                                       key_len, value_digits)
             loss, ce, correct, sel = loss_on_batch(model, ids, w, args.lm_weight, args.bf16)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -362,9 +368,10 @@ def train(args: argparse.Namespace) -> None:
             by_row: dict[int, list[bool]] = {}
             for r, c in zip(row.tolist(), correct.tolist()):
                 by_row.setdefault(r, []).append(c)
-            k = T.VALUE_DIGITS + 1  # answers are runs of VALUE_DIGITS digits and EOS
             for r, cs in by_row.items():
                 name = kinds[r]
+                # answers are runs of digits and EOS; passkey values always have the full length
+                k = (T.VALUE_DIGITS if name == "passkey" else value_digits) + 1
                 per_task[name][0] += sum(cs)
                 per_task[name][1] += len(cs)
                 if not name.startswith("repeat"):

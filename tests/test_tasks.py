@@ -60,3 +60,15 @@ def test_text_haystack_falls_back_to_generated_text(tmp_path):
 def test_unknown_task_is_an_error():
     with pytest.raises(ValueError, match="unknown task"):
         T.make_example("nope", 512, random.Random(0))
+
+
+@pytest.mark.parametrize("task", ["niah_multikey", "variable_tracking"])
+def test_curriculum_sizes_shorten_keys_and_values_and_stay_unique(task):
+    ids, w = T.make_training_sequence(task, 2048, random.Random(2), key_len=1, value_digits=1)
+    assert len(ids) == 2048
+    text = T.decode_ids(ids)
+    answers = T.decode_ids([t for t, x in zip(ids, w) if x > 0]).split("<eos>")[:-1]
+    assert answers and all(len(a) == 1 and a.isdigit() for a in answers)
+    prefix = "KEY " if task == "niah_multikey" else "VAR "
+    names = [part.split("<answer>")[0] for part in text.split("<needle>" + prefix)[1:]]
+    assert all(len(n) == 1 for n in names) and len(set(names)) == len(names)  # 1-letter, unique

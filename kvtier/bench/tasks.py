@@ -162,9 +162,9 @@ _HAYSTACK_OF = {
 # needles and questions
 
 
-def _value(rng: random.Random, used: set[str]) -> str:
+def _value(rng: random.Random, used: set[str], digits: int = VALUE_DIGITS) -> str:
     while True:
-        v = str(rng.randrange(10 ** (VALUE_DIGITS - 1), 10**VALUE_DIGITS))
+        v = str(rng.randrange(10 ** (digits - 1), 10**digits))
         if v not in used:
             used.add(v)
             return v
@@ -315,6 +315,8 @@ def make_training_sequence(
     data_dir: str | None = None,
     end_fraction: float = 0.5,
     density: float = 0.33,
+    key_len: int = MULTIKEY_KEY_LEN,
+    value_digits: int = VALUE_DIGITS,
 ) -> tuple[list[int], list[float]]:
     """A training sequence of exactly `seq_len` tokens with many needles and many questions.
 
@@ -322,7 +324,9 @@ def make_training_sequence(
     i.e. weights[i] says whether ids[i] is an answer token), 0 elsewhere. Each question comes after the
     needle(s) it needs; with probability `end_fraction` a question goes to the end block, like in
     `make_example`. Each key is asked at most once, so no answer can be copied from an earlier answer.
-    About `density` of the tokens are needles and questions, the rest is haystack.
+    About `density` of the tokens are needles and questions, the rest is haystack. `key_len` (letters of a
+    key; variable names take at most VT_NAME_LEN) and `value_digits` make easier sequences for a curriculum;
+    evaluation always uses the full sizes.
     """
     if task == "passkey":
         ex = make_example(task, seq_len - VALUE_DIGITS - 1, rng, data_dir)
@@ -334,6 +338,8 @@ def make_training_sequence(
     items: list[tuple[float, list[int], list[int]]] = []  # (depth, tokens, answer tokens or [])
     end_block: list[tuple[list[int], list[int]]] = []
     budget = max(32, int(seq_len * density))
+    name_len = min(key_len, VT_NAME_LEN) if task == "variable_tracking" else key_len
+    distinct = min(26**name_len, 9 * 10 ** (value_digits - 1)) // 2  # keys and values must stay unique
 
     def ask(after: float, q: list[int], a: list[int]) -> None:
         if rng.random() < end_fraction:
@@ -343,10 +349,10 @@ def make_training_sequence(
 
     used = 0
     if task in ("niah_multikey", "niah_multikey_text"):
-        n_max = max(2, budget // 26)
+        n_max = max(2, min(distinct, budget // 26))
         n = rng.randint(max(2, n_max // 2), n_max)
         for _ in range(n):
-            k, v = _name(rng, MULTIKEY_KEY_LEN, used_n), _value(rng, used_v)
+            k, v = _name(rng, key_len, used_n), _value(rng, used_v, value_digits)
             d = rng.random()
             needle = multikey_needle(k, v)
             items.append((d, needle, []))
@@ -358,11 +364,11 @@ def make_training_sequence(
             if used >= budget:
                 break
     elif task == "variable_tracking":
-        c_max = max(1, budget // 40)
+        c_max = max(1, min(distinct // VT_HOPS, budget // 40))
         n_chains = rng.randint(max(1, c_max // 2), c_max)
         for _ in range(n_chains):
-            names = [_name(rng, VT_NAME_LEN, used_n) for _ in range(VT_HOPS)]
-            v = _value(rng, used_v)
+            names = [_name(rng, name_len, used_n) for _ in range(VT_HOPS)]
+            v = _value(rng, used_v, value_digits)
             ds = sorted(rng.random() for _ in range(VT_HOPS))
             for h in range(VT_HOPS):
                 needle = vt_needle(names[h], v if h == 0 else names[h - 1])
