@@ -52,7 +52,8 @@ def test_training_sequence_weights_mark_answers_only(task):
     assert marked and all(48 <= t <= 57 or t == T.EOS for t in marked)
 
 
-def test_text_haystack_falls_back_to_generated_text(tmp_path):
+def test_text_haystack_falls_back_to_generated_text(tmp_path, monkeypatch):
+    monkeypatch.delenv("KVTIER_HAYSTACK_DIR", raising=False)
     ex = T.make_example("niah_multikey_text", 512, random.Random(0), data_dir=str(tmp_path / "missing"))
     assert ex.haystack_source == "generated"
 
