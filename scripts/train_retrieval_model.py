@@ -13,7 +13,7 @@ values the same model does learn to tell needles apart (0.77 whole-answer accura
 copying several ambiguous digits is what stalls. A curriculum on key and value length (schedule stages
 ``64:600:::1:1,64:900:::2:2,64:1200:::3:3,64:1500:::3:5``) reached 0.81 whole-answer accuracy at 1/1 and
 0.64 at 2/2; each step up first drops it (3/3: back to 0.3-0.4 after 1200 steps; 3/5: 0.05 after 500
-steps), so it needs far more steps per stage than a CPU session gives. No checkpoint is committed yet.
+steps), so it needs far more steps per stage than these short CPU runs. No checkpoint is committed yet.
 
 Train::
 
