@@ -16,11 +16,13 @@ from transformers.masking_utils import AttentionMaskInterface
 from .attend import attend
 from .errors import CacheInputError, UnsupportedModelError
 from .layers import KVHandle, SlidingLayer
+from .sparse.lookahead import decoder_layers
 
 # Not containing "sdpa", "flash_attention" or "flex_attention": transformers dispatches on those substrings.
 ATTENTION_NAME = "kvtier"
 
 _previous: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+_hooks: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
 def kvtier_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
@@ -109,11 +111,25 @@ def enable(model: torch.nn.Module) -> torch.nn.Module:
         raise UnsupportedModelError(
             f"{type(model).__name__} does not use transformers' AttentionInterface, so kvtier cannot serve it"
         )
+    _hooks[model] = [layer.register_forward_pre_hook(_layer_starts, with_kwargs=True)
+                     for layer in decoder_layers(model).values()]
     return model
+
+
+def _layer_starts(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Pre-hook of every decoder layer: tell a kvtier cache that the layer starts (for next-layer prefetch)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    notify = getattr(cache, "layer_starts", None)
+    if notify is not None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor):
+            notify(module.self_attn.layer_idx, hidden, kwargs.get("position_embeddings"))
 
 
 def disable(model: torch.nn.Module) -> torch.nn.Module:
     """Put back the attention implementation the model had before `enable`."""
+    for hook in _hooks.pop(model, []):
+        hook.remove()
     previous = _previous.pop(model, None)
     if previous is not None:
         model.set_attn_implementation(previous)

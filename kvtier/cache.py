@@ -22,6 +22,7 @@ from .errors import CacheInputError, StoreError
 from .handle import KVHandle
 from .layers import SlidingLayer, TieredLayer
 from .model_spec import FULL, ModelSpec
+from .sparse.lookahead import Lookahead, QueryGuesser
 from .store.chunk import Tier
 from .store.codec import dtype_name
 from .store.disk import DiskStore
@@ -105,7 +106,9 @@ class KVTierCache(Cache):
         config = KVTierConfig(**options)
         spec = ModelSpec.from_model(model)
         enable(model)
-        return cls(spec, config, device=_model_device(model), overwrite=overwrite)
+        cache = cls(spec, config, device=_model_device(model), overwrite=overwrite)
+        cache._watch(model)
+        return cache
 
     @classmethod
     def open(cls, path: str | Path, model: torch.nn.Module, **options: Any) -> "KVTierCache":
@@ -128,7 +131,19 @@ class KVTierCache(Cache):
         except BaseException:
             disk.close()
             raise
+        cache._watch(model)
         return cache
+
+    def _watch(self, model: torch.nn.Module) -> None:
+        """Let sparse decoding guess each next layer's query from `model`'s own weights (config.lookahead)."""
+        if self.config.lookahead and self.tiers.layers:
+            guesser = QueryGuesser.from_model(model, [layer.index for layer in self.tiers.layers])
+            self.tiers.lookahead = Lookahead(guesser, self.tiers) if guesser is not None else None
+
+    def layer_starts(self, layer_idx: int, hidden: torch.Tensor, position_embeddings: Any = None) -> None:
+        """Called (by the hook `enable` installs) as decoder layer `layer_idx` starts a forward pass."""
+        if self.tiers.lookahead is not None and self.config.mode == "sparse" and not self._closed:
+            self.tiers.lookahead.layer_starts(layer_idx, hidden, position_embeddings)
 
     def _make_disk(self) -> DiskStore:
         """The temporary store, created on the first spill to disk and removed on close."""

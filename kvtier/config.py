@@ -59,6 +59,10 @@ class KVTierConfig:
             `refine_every` decode steps.
         prefetch: read disk chunks ahead in background threads: what the next layer and step will likely
             need (sparse), the next chunks of a stream (exact attention over spilled chunks).
+        lookahead: sparse decode: as each tiered layer starts, guess the next one's query from the current
+            hidden state and start fetching the chunks it names (InfiniGen); needs a model whose layers
+            kvtier recognises (see kvtier/sparse/lookahead.py), otherwise only the previous step guides
+            prefetch.
         reader_threads: background disk readers.
         prefetch_tokens: most prefetched-but-unused tokens held at once (bounds staging memory).
         lossy_disk: store chunks whose attention share is below `lossy_below` x uniform as int8 on disk.
@@ -86,6 +90,7 @@ class KVTierConfig:
     refine: bool = False
     refine_every: int = 32
     prefetch: bool = True
+    lookahead: bool = True
     reader_threads: int = 2
     prefetch_tokens: int = 16384
     lossy_disk: bool = False

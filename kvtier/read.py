@@ -137,17 +137,15 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
     q: [B, Hq, 1, D]; the new token is already in the window. Selected chunks not on the device are
     brought there (evicting chunks this step does not need); any that cannot fit are staged and merged.
     """
-    tiers, cfg = layer.tiers, layer.config
+    tiers = layer.tiers
     tiers.prefetch_next(layer)
-    kmin, kmax, lengths, starts = layer.abstracts.view()
+    sel, always = select_chunks(layer, q[:, :, 0], pad)
+    lengths = layer.abstracts.view()[2]
     n_chunks = len(layer.chunks)
-    forced = torch.tensor([c.pinned for c in layer.chunks], device=lengths.device)
-    always = int(lengths[forced].sum()) + layer.win_slots.numel()
-    chunk_budget = max(0, cfg.budget_tokens(layer.length) - always)
-    has_tokens = _chunks_with_tokens(pad, starts, lengths) if pad is not None else None
-    sel = tiers.selector.select(q[:, :, 0], kmin, kmax, lengths, starts, chunk_budget, forced, has_tokens)
     union = sel.any(dim=1).any(dim=0).nonzero().flatten().tolist()
     needed = [layer.chunks[i] for i in union]
+    if tiers.lookahead is not None:
+        tiers.lookahead.score(layer.index, needed)
     for chunk in needed:
         chunk.last_used = tiers.clock
         chunk.selected += 1
@@ -177,6 +175,17 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
             head_mask = head_mask & pad[:, None, None, chunk.start:chunk.end]
         parts.append(partial_attention(q, ck, cv, scale, head_mask, softcap))
     return _merge(parts)[0].to(q.dtype)
+
+
+def select_chunks(layer: "TieredLayer", q: torch.Tensor, pad: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """The chunks query q [B, Hq, D] attends to under the layer's budget: ([B, Hkv, C] bool, tokens every
+    (sequence, KV head) attends to besides them: sinks and the recent window)."""
+    kmin, kmax, lengths, starts = layer.abstracts.view()
+    forced = torch.tensor([c.pinned for c in layer.chunks], device=lengths.device)
+    always = int(lengths[forced].sum()) + layer.win_slots.numel()
+    chunk_budget = max(0, layer.config.budget_tokens(layer.length) - always)
+    has_tokens = _chunks_with_tokens(pad, starts, lengths) if pad is not None else None
+    return layer.tiers.selector.select(q, kmin, kmax, lengths, starts, chunk_budget, forced, has_tokens), always
 
 
 def _chunks_with_tokens(pad: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

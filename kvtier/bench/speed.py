@@ -71,6 +71,7 @@ def _tier_summary(cache: KVTierCache, steps: int, warm) -> dict[str, Any]:
     return {
         "bytes_moved_per_step": bytes_moved(warm, s, steps),
         "prefetch_hit_rate": s.prefetch_hit_rate,
+        "lookahead_recall": s.lookahead_recall,
         "stall_s_per_step": round((s.stall_s - warm.stall_s) / steps, 6),
         "mean_attended_tokens": round(s.mean_attended_tokens or 0, 1),
         "device_pool_bytes": sum(p.capacity * p.bytes_per_token() for p in cache.tiers.device_pools.values()),

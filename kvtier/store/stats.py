@@ -46,12 +46,20 @@ class CacheStats:
     disk_loads_sync: int = 0  # disk reads done on the critical path, not prefetched
     selected_tokens: int = 0  # sparse decode: tokens attended, summed over (step, layer, row, KV head)
     selection_steps: int = 0  # sparse decode: (step, layer, row, KV head) selections made
+    lookahead_guesses: int = 0  # next-layer guesses made (one per tiered layer and decode step)
+    lookahead_selected: int = 0  # chunks selected by layers that had a guess
+    lookahead_named: int = 0  # of those, chunks the guess had named (and started fetching)
 
     @property
     def prefetch_hit_rate(self) -> float | None:
         """Share of the disk reads attention needed whose read had been started ahead of time."""
         total = self.prefetch_hits + self.disk_loads_sync
         return self.prefetch_hits / total if total else None
+
+    @property
+    def lookahead_recall(self) -> float | None:
+        """Share of the chunks a layer selected that the next-layer guess had named ahead of time."""
+        return self.lookahead_named / self.lookahead_selected if self.lookahead_selected else None
 
     @property
     def mean_attended_tokens(self) -> float | None:
@@ -71,5 +79,6 @@ class CacheStats:
         out["disk"]["compression_ratio"] = self.disk.compression_ratio
         out["prefetch_hit_rate"] = self.prefetch_hit_rate
         out["mean_attended_tokens"] = self.mean_attended_tokens
+        out["lookahead_recall"] = self.lookahead_recall
         out["per_step"] = self.per_step()
         return out

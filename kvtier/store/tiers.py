@@ -73,6 +73,7 @@ class TierManager:
         threads = config.reader_threads if config.prefetch else 0
         self.prefetcher = Prefetcher(self._load_record, threads, config.prefetch_tokens)
         self.layers: list = []  # the tiered layers in model order (set by the cache), for next-layer prefetch
+        self.lookahead = None  # kvtier.sparse.lookahead.Lookahead when the cache can guess next-layer queries
         self._side_stream = None  # CUDA stream for host -> device copies ahead of need
         self._uploads: dict[int, tuple] = {}  # layer -> (event, tensors kept alive until the copy is done)
 
