@@ -1,20 +1,26 @@
-"""Synthetic long-context retrieval tasks on a byte-level vocabulary.
+"""Synthetic long-context retrieval tasks on a byte-level vocabulary with whole-word keys and values.
 
-Tokens 0-255 are the bytes of UTF-8 text; a few special tokens follow from 256. Every task builds a prompt
-``BOS haystack-with-needles QUERY question ANSWER`` that ends right where the answer starts; the answer is
-a 5-digit number followed by EOS. A needle is ``NEEDLE_START text ANSWER value NEEDLE_END`` and the
-question repeats its text: ``QUERY text ANSWER``.
+Tokens 0-255 are the bytes of UTF-8 text; a few special tokens follow from 256, then one token per key
+word (``KEY_WORDS``) and per value word (``VALUE_WORDS``), the way a BPE vocabulary holds common words
+whole. Text is always encoded byte by byte (``encode_text``); only the keys and values the tasks place
+are word tokens, so a model must find the needle to answer, not spell it. ``decode_ids`` writes every
+token back as text, so any other model can be given the same prompts through its own tokenizer.
+
+Every task builds a prompt ``BOS haystack-with-needles QUERY question`` that ends right where the answer
+starts; the answer is one value word followed by EOS. A needle is ``NEEDLE_START text value NEEDLE_END``
+and the question repeats its text, ``QUERY text``, so the answer is what followed that text in the needle
+(what an induction head copies).
 
 Tasks (``TASKS``):
 
-- ``passkey``: one needle ``<needle>The pass key is<answer>48213</needle>`` in a repeated noise haystack.
-- ``niah_multikey``: 4-8 needles ``<needle>KEY ABC<answer>48213</needle>`` in random generated sentences;
-  the question (``<query>KEY ABC<answer>``) names one key.
+- ``passkey``: one needle ``<needle>The pass key is amber</needle>`` in a repeated noise haystack.
+- ``niah_multikey``: 4-8 needles ``<needle>KEY apple amber</needle>`` in random generated
+  sentences; the question (``<query>KEY apple``) names one key.
 - ``niah_multikey_text``: the same in natural text (``haystack_text``: essays from ``data_dir`` or
   $KVTIER_HAYSTACK_DIR, generated sentences when absent).
-- ``variable_tracking``: 2-4 chains ``VAR QX<answer>73021`` ... ``VAR BK<answer>QX`` (``VT_HOPS``
-  assignments per chain, in order) in the noise haystack; the question names the last variable of one
-  chain and the answer is the number its chain starts from (``VT_HOPS`` lookups).
+- ``variable_tracking``: 2-4 chains ``VAR apple amber`` ... ``VAR tiger apple``
+  (``VT_HOPS`` assignments per chain, in order) in the noise haystack; the question names the last
+  variable of one chain and the answer is the value its chain starts from (``VT_HOPS`` lookups).
 
 ``make_example`` gives one evaluation prompt; ``make_training_sequence`` gives a dense training sequence
 with many needles and many questions and a per-token loss weight.
@@ -23,9 +29,7 @@ with many needles and many questions and a per-token loss weight.
 from __future__ import annotations
 
 import random
-import string
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kvtier.bench.common import haystack_text
 
@@ -36,7 +40,6 @@ PAD = 258
 NEEDLE_START = 259
 NEEDLE_END = 260
 QUERY = 261
-ANSWER = 262
 SPECIAL_TOKENS: dict[int, str] = {
     BOS: "<bos>",
     EOS: "<eos>",
@@ -44,15 +47,36 @@ SPECIAL_TOKENS: dict[int, str] = {
     NEEDLE_START: "<needle>",
     NEEDLE_END: "</needle>",
     QUERY: "<query>",
-    ANSWER: "<answer>",
 }
-VOCAB_SIZE = 264  # 263 used, rounded up to a multiple of 8
+
+# Keys (multi-key needles, variable names) and values: one token each. Disjoint lists, so a model can
+# tell a variable name (look further) from a value (the answer).
+KEY_WORDS: tuple[str, ...] = tuple("""
+apple anchor arrow badge barrel basket beacon bell blanket boot bottle bracelet brick broom bucket button
+cabin cactus camera candle canoe canvas carpet castle chain chalk cherry chimney clock cloud coin comet compass
+cotton crown crystal curtain cushion diamond dolphin dragon drum eagle falcon feather fence fiddle flag flute fossil
+fountain galaxy glacier glove goblet guitar hammer harbor harp helmet hive horizon iceberg igloo jacket jigsaw kettle
+kite ladder lantern lemon lizard magnet mango maple meadow mirror mitten nest oak orchid otter paddle palace panther
+parrot pebble pencil pepper piano pillow pine planet pocket pumpkin puzzle quill rabbit raven ribbon rocket saddle
+salmon satchel scarf shell shovel sleigh spoon spruce statue sunflower sword teapot tiger tomato torch tower trumpet
+""".split())
+VALUE_WORDS: tuple[str, ...] = tuple("""
+amber azure crimson golden indigo ivory jade lilac magenta maroon ochre olive scarlet teal violet brave calm eager
+fancy gentle happy jolly kind lively merry nimble proud silly witty zealous ancient brisk chilly dusty fluffy frosty
+glossy grumpy hollow humble icy jagged lofty lucky misty noble odd plump polite rapid rusty shiny shy sleepy smoky
+snowy soggy spicy steady sturdy sunny tame tidy tiny vivid wary wild windy wise zesty agile bold clever curly
+dizzy fierce fuzzy giddy hasty hungry lazy loud mellow modest nervous prickly quirky royal rugged salty sharp
+silent sleek smooth soft solid sour sparkly speedy stormy sweet swift tangy tender thirsty tough vast velvety
+weary wobbly wooden woolly zany balmy breezy bumpy cheery crisp dainty dreamy eerie faint fizzy gleaming grand
+""".split())[: len(KEY_WORDS)]
+WORD_BASE = 264  # first word token; 262 byte and special tokens, rounded up to a multiple of 8
+KEY_TOKENS: dict[str, int] = {w: WORD_BASE + i for i, w in enumerate(KEY_WORDS)}
+VALUE_TOKENS: dict[str, int] = {w: WORD_BASE + len(KEY_WORDS) + i for i, w in enumerate(VALUE_WORDS)}
+WORDS_OF_TOKENS: dict[int, str] = {t: " " + w for d in (KEY_TOKENS, VALUE_TOKENS) for w, t in d.items()}
+VOCAB_SIZE = -(-(WORD_BASE + len(KEY_WORDS) + len(VALUE_WORDS)) // 8) * 8
 
 TASKS: tuple[str, ...] = ("passkey", "niah_multikey", "niah_multikey_text", "variable_tracking")
-VALUE_DIGITS = 5
-MULTIKEY_KEY_LEN = 3
-VT_NAME_LEN = 2
-VT_HOPS = 2  # assignments per chain: VAR A = 12345, VAR B = A -> asking B takes 2 lookups
+VT_HOPS = 2  # assignments per chain: VAR B = A, VAR A = amber -> asking B takes 2 lookups
 
 _NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 _WORDS = (
@@ -73,7 +97,7 @@ class Example:
     """One evaluation prompt: the model should greedily continue `prompt_ids` with `answer_ids`."""
 
     prompt_ids: list[int]
-    answer_ids: list[int]
+    answer_ids: list[int]  # one value word token, then EOS
     needle_spans: list[tuple[int, int]]  # [start, end) token ranges of every needle, markers included
     relevant_needles: list[int] = field(default_factory=list)  # indices into needle_spans the answer needs
     task: str = ""
@@ -97,7 +121,7 @@ def decode_ids(ids) -> str:
         if buf:
             out.append(buf.decode("utf-8", errors="replace"))
             buf = bytearray()
-        out.append(SPECIAL_TOKENS.get(t, f"<{t}>"))
+        out.append(WORDS_OF_TOKENS.get(t) or SPECIAL_TOKENS.get(t, f"<{t}>"))
     if buf:
         out.append(buf.decode("utf-8", errors="replace"))
     return "".join(out)
@@ -162,36 +186,23 @@ _HAYSTACK_OF = {
 # needles and questions
 
 
-def _value(rng: random.Random, used: set[str], digits: int = VALUE_DIGITS) -> str:
-    while True:
-        v = str(rng.randrange(10 ** (digits - 1), 10**digits))
-        if v not in used:
-            used.add(v)
-            return v
+def _needle(text: str, key: str | None, value: int) -> list[int]:
+    """``<needle>text key value</needle>``; `key` is a key word or None, `value` a word token."""
+    key_ids = [KEY_TOKENS[key]] if key else []
+    return [NEEDLE_START, *encode_text(text), *key_ids, value, NEEDLE_END]
 
 
-def _name(rng: random.Random, length: int, used: set[str]) -> str:
-    while True:
-        s = "".join(rng.choice(string.ascii_uppercase) for _ in range(length))
-        if s not in used:
-            used.add(s)
-            return s
-
-
-def _needle(text: str, value: str) -> list[int]:
-    return [NEEDLE_START, *encode_text(text), ANSWER, *encode_text(value), NEEDLE_END]
-
-
-def _question(text: str) -> list[int]:
-    return [QUERY, *encode_text(text), ANSWER]
+def _question(text: str, key: str | None = None) -> list[int]:
+    """``<query>text key``: the answer is what followed the same words in the needle."""
+    return [QUERY, *encode_text(text), *([KEY_TOKENS[key]] if key else [])]
 
 
 def _answer(value: str) -> list[int]:
-    return [*encode_text(value), EOS]
+    return [VALUE_TOKENS[value], EOS]
 
 
 def passkey_needle(value: str) -> list[int]:
-    return _needle("The pass key is", value)
+    return _needle("The pass key is", None, VALUE_TOKENS[value])
 
 
 def passkey_question() -> list[int]:
@@ -199,19 +210,20 @@ def passkey_question() -> list[int]:
 
 
 def multikey_needle(key: str, value: str) -> list[int]:
-    return _needle(f"KEY {key}", value)
+    return _needle("KEY", key, VALUE_TOKENS[value])
 
 
 def multikey_question(key: str) -> list[int]:
-    return _question(f"KEY {key}")
+    return _question("KEY", key)
 
 
 def vt_needle(name: str, rhs: str) -> list[int]:
-    return _needle(f"VAR {name}", rhs)
+    """``VAR name = rhs``: `rhs` is a value word (a chain's start) or another variable's name."""
+    return _needle("VAR", name, VALUE_TOKENS.get(rhs) or KEY_TOKENS[rhs])
 
 
 def vt_question(name: str) -> list[int]:
-    return _question(f"VAR {name}")
+    return _question("VAR", name)
 
 
 def _snap(hay: list[int], pos: int) -> int:
@@ -254,24 +266,21 @@ def _assemble(
 def make_example(task: str, context_tokens: int, rng: random.Random, data_dir: str | None = None) -> Example:
     """One prompt of exactly `context_tokens` tokens (BOS and question included) for `task`.
 
-    Needles sit at random depths, the question is at the end and the prompt ends with ANSWER.
+    Needles sit at random depths, the question is at the end and the prompt ends with the question's last token.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    used_v: set[str] = set()
-    used_n: set[str] = set()
     needles: list[list[int]] = []
     relevant: list[int] = []
     depths: list[float] | None = None
     if task == "passkey":
-        value = _value(rng, used_v)
+        value = rng.choice(VALUE_WORDS)
         needles.append(passkey_needle(value))
         relevant = [0]
         question = passkey_question()
     elif task in ("niah_multikey", "niah_multikey_text"):
         n = rng.randint(4, 8)
-        keys = [_name(rng, MULTIKEY_KEY_LEN, used_n) for _ in range(n)]
-        values = [_value(rng, used_v) for _ in range(n)]
+        keys, values = rng.sample(KEY_WORDS, n), rng.sample(VALUE_WORDS, n)
         needles = [multikey_needle(k, v) for k, v in zip(keys, values)]
         target = rng.randrange(n)
         relevant = [target]
@@ -281,9 +290,9 @@ def make_example(task: str, context_tokens: int, rng: random.Random, data_dir: s
         n_chains = rng.randint(2, 4)
         depths = []
         target = rng.randrange(n_chains)
+        all_names, values = rng.sample(KEY_WORDS, n_chains * VT_HOPS), rng.sample(VALUE_WORDS, n_chains)
         for c in range(n_chains):
-            names = [_name(rng, VT_NAME_LEN, used_n) for _ in range(VT_HOPS)]
-            v = _value(rng, used_v)
+            names, v = all_names[c * VT_HOPS : (c + 1) * VT_HOPS], values[c]
             ds = sorted(rng.random() for _ in range(VT_HOPS))
             for h in range(VT_HOPS):
                 if c == target:
@@ -315,8 +324,6 @@ def make_training_sequence(
     data_dir: str | None = None,
     end_fraction: float = 0.5,
     density: float = 0.33,
-    key_len: int = MULTIKEY_KEY_LEN,
-    value_digits: int = VALUE_DIGITS,
 ) -> tuple[list[int], list[float]]:
     """A training sequence of exactly `seq_len` tokens with many needles and many questions.
 
@@ -324,22 +331,17 @@ def make_training_sequence(
     i.e. weights[i] says whether ids[i] is an answer token), 0 elsewhere. Each question comes after the
     needle(s) it needs; with probability `end_fraction` a question goes to the end block, like in
     `make_example`. Each key is asked at most once, so no answer can be copied from an earlier answer.
-    About `density` of the tokens are needles and questions, the rest is haystack. `key_len` (letters of a
-    key; variable names take at most VT_NAME_LEN) and `value_digits` make easier sequences for a curriculum;
-    evaluation always uses the full sizes.
+    About `density` of the tokens are needles and questions (as many as the word lists allow: keys and
+    values stay unique within a sequence), the rest is haystack.
     """
     if task == "passkey":
-        ex = make_example(task, seq_len - VALUE_DIGITS - 1, rng, data_dir)
+        ex = make_example(task, seq_len - 2, rng, data_dir)
         ids = ex.prompt_ids + ex.answer_ids
         w = [0.0] * len(ex.prompt_ids) + [1.0] * len(ex.answer_ids)
         return ids, w
-    used_v: set[str] = set()
-    used_n: set[str] = set()
     items: list[tuple[float, list[int], list[int]]] = []  # (depth, tokens, answer tokens or [])
     end_block: list[tuple[list[int], list[int]]] = []
     budget = max(32, int(seq_len * density))
-    name_len = min(key_len, VT_NAME_LEN) if task == "variable_tracking" else key_len
-    distinct = min(26**name_len, 9 * 10 ** (value_digits - 1)) // 2  # keys and values must stay unique
 
     def ask(after: float, q: list[int], a: list[int]) -> None:
         if rng.random() < end_fraction:
@@ -349,10 +351,9 @@ def make_training_sequence(
 
     used = 0
     if task in ("niah_multikey", "niah_multikey_text"):
-        n_max = max(2, min(distinct, budget // 26))
+        n_max = max(2, min(len(KEY_WORDS), budget // 16))
         n = rng.randint(max(2, n_max // 2), n_max)
-        for _ in range(n):
-            k, v = _name(rng, key_len, used_n), _value(rng, used_v, value_digits)
+        for k, v in zip(rng.sample(KEY_WORDS, n), rng.sample(VALUE_WORDS, n)):
             d = rng.random()
             needle = multikey_needle(k, v)
             items.append((d, needle, []))
@@ -364,11 +365,11 @@ def make_training_sequence(
             if used >= budget:
                 break
     elif task == "variable_tracking":
-        c_max = max(1, min(distinct // VT_HOPS, budget // 40))
+        c_max = max(1, min(len(KEY_WORDS) // VT_HOPS, budget // 27))
         n_chains = rng.randint(max(1, c_max // 2), c_max)
-        for _ in range(n_chains):
-            names = [_name(rng, name_len, used_n) for _ in range(VT_HOPS)]
-            v = _value(rng, used_v, value_digits)
+        all_names, values = rng.sample(KEY_WORDS, n_chains * VT_HOPS), rng.sample(VALUE_WORDS, n_chains)
+        for c in range(n_chains):
+            names, v = all_names[c * VT_HOPS : (c + 1) * VT_HOPS], values[c]
             ds = sorted(rng.random() for _ in range(VT_HOPS))
             for h in range(VT_HOPS):
                 needle = vt_needle(names[h], v if h == 0 else names[h - 1])
@@ -405,36 +406,3 @@ def make_training_sequence(
         w[0] = 0.0
     return ids, w
 
-
-def make_repeat_sequence(seq_len: int, rng: random.Random, alphabet: str | None = None) -> tuple[list[int], list[float]]:
-    """An induction warm-up sequence: random text in which spans of earlier text recur at random distances.
-
-    Loss weight 1 on the recurring tokens (from the third of each span on, when the recurrence is
-    recognisable). The alphabet is printable bytes (every copy unambiguous: induction heads form fast on
-    these), digits, capital letters or random words (some copies need several tokens of context to be
-    unambiguous, like the keys and values of the retrieval tasks); random unless given.
-    """
-    alphabet = alphabet or rng.choice(["bytes", "digits", "letters", "words"])
-    if alphabet == "bytes":
-        fresh = [33 + rng.randrange(94) for _ in range(seq_len)]
-    elif alphabet == "digits":
-        fresh = [48 + rng.randrange(10) for _ in range(seq_len)]
-    elif alphabet == "letters":
-        fresh = [65 + rng.randrange(26) for _ in range(seq_len)]
-    else:
-        fresh = _sentence_haystack(seq_len, rng)
-    ids, w = [BOS], [0.0]
-    f = 0
-    while len(ids) < seq_len:
-        if len(ids) > 24 and rng.random() < 0.5:
-            n = rng.randint(6, 32)
-            start = rng.randrange(1, len(ids) - 6)
-            span = ids[start : start + n]
-            ids.extend(span)
-            w.extend([0.0, 0.0] + [1.0] * (len(span) - 2))
-        else:
-            n = rng.randint(4, 24)
-            ids.extend(fresh[f : f + n])
-            w.extend([0.0] * len(fresh[f : f + n]))
-            f += n
-    return ids[:seq_len], w[:seq_len]

@@ -326,8 +326,9 @@ class TierManager:
             self.counters.host.bytes_read += hk.nbytes + hv.nbytes
             self.counters.device.bytes_written += hk.nbytes + hv.nbytes
         event = torch.cuda.Event()
-        event.record(self._side_stream)
-        self._uploads[layer] = (event, in_flight)
+        event.record(self._side_stream)  # one stream: this event also covers earlier uploads for the layer
+        earlier = self._uploads.get(layer, (None, []))[1]
+        self._uploads[layer] = (event, earlier + in_flight)
 
     def wait_uploads(self, layer: int) -> None:
         """Make the compute stream wait for side-stream copies into this layer's pool."""
