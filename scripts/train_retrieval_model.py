@@ -15,6 +15,14 @@ two-hop induction circuit in a few reserved residual dimensions (``init_inductio
 multi-key accuracy passes 0.98 within 200 steps at 64 tokens. The learning rate stays at 6e-4: at 2e-3
 the circuit is trained away and the plateau returns.
 
+Result (checkpoints/retrieval-llama, its training.json has the log): 13 minutes on 2 threads of a 2-core
+Intel Xeon, 1700 steps, 7.0M tokens. Greedy full-cache accuracy at 4096 tokens: passkey, multi-key on
+generated and on natural text 100/100 each; 2-hop variable tracking 23/100. In training, variable
+tracking looks solved while sequences hold one chain (up to 128 tokens; that needs no matching) and is lost
+as they hold more (per answer token: 0.8 at 256 tokens, 0.6 at 512, 0.5 from 1024 on: EOS right, value
+wrong). A run that always kept two or more chains held 0.96 at 64 tokens but lost passkey instead (0.5 at
+256 tokens) and was stopped. Not solved yet.
+
 Train::
 
     nice -n 15 python scripts/train_retrieval_model.py --out checkpoints/retrieval-llama
