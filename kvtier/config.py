@@ -61,8 +61,8 @@ class KVTierConfig:
             need (sparse), the next chunks of a stream (exact attention over spilled chunks).
         lookahead: sparse decode: as each tiered layer starts, guess the next one's query from the current
             hidden state and start fetching the chunks it names (InfiniGen); needs a model whose layers
-            kvtier recognises (see kvtier/sparse/lookahead.py), otherwise only the previous step guides
-            prefetch.
+            kvtier recognises (see kvtier/sparse/lookahead.py). Off by default: on a CPU it has cost more
+            than it saved so far (docs/benchmarks.md).
         reader_threads: background disk readers.
         prefetch_tokens: most prefetched-but-unused tokens held at once (bounds staging memory).
         lossy_disk: store chunks whose attention share is below `lossy_below` x uniform as int8 on disk.
@@ -90,7 +90,7 @@ class KVTierConfig:
     refine: bool = False
     refine_every: int = 32
     prefetch: bool = True
-    lookahead: bool = True
+    lookahead: bool = False
     reader_threads: int = 2
     prefetch_tokens: int = 16384
     lossy_disk: bool = False

@@ -7,12 +7,13 @@ per sequence, loss on the answer tokens only, a curriculum from 64- to 4096-toke
 Recipe, and why. The vocabulary is bytes plus one token per key word and per value word (as a BPE
 vocabulary holds common words whole), so every answer is "what followed this key word". A 4-layer model
 trained from a random start learns passkey and single-chain variable tracking quickly, but on multi-key
-retrieval it sits for thousands of steps on a plateau where it copies *a* needle's value, not the asked
+retrieval it sits on a long plateau where it copies *a* needle's value, not the asked
 one (0.78 per answer token with two needles; in short pilots the same plateau held with 3-letter keys and
-5-digit values, with an induction warm-up, with a 4x larger query/key init, with the value before the key). So two things are laid out at initialisation and then
-trained like every other weight: fixed-offset heads in layer 0 (``init_offset_heads``) and a weak
-two-hop induction circuit in a few reserved residual dimensions (``init_induction_circuit``). From there
-multi-key accuracy passes 0.98 within 200 steps at 64 tokens. The learning rate stays at 6e-4: at 2e-3
+5-digit values, with an induction warm-up, with a 4x larger query/key init, with the value before the
+key). So two things are laid out at initialisation and then trained like every other weight:
+fixed-offset heads in layer 0 (``init_offset_heads``) and a weak two-hop induction circuit in a few
+reserved residual dimensions (``init_induction_circuit``). From there multi-key accuracy passes 0.98
+within 200 steps at 64 tokens. The learning rate stays at 6e-4: at 2e-3
 the circuit is trained away and the plateau returns.
 
 Result (checkpoints/retrieval-llama, its training.json has the log): 13 minutes on 2 threads of a 2-core

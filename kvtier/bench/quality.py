@@ -52,7 +52,7 @@ METHOD_CACHE = {"kvtier": ("adaptive", "quest_bound", False), "kvtier-shared": (
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, Any]:
-    """The model (fp32) and its tokenizer, or None for a byte-level model; one clear line if it fails."""
+    """The model (fp32) and its tokenizer, or None for a model of the task vocabulary; one clear line if it fails."""
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the user needs one line
@@ -61,12 +61,12 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Any]:
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, TypeError):
-        tokenizer = None  # the byte-level models trained by scripts/train_retrieval_model.py have none
+        tokenizer = None  # the task-vocabulary models trained by scripts/train_retrieval_model.py have none
     return model, tokenizer
 
 
 def encode_example(ex: Example, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt and answer ids for this model: byte-level ids as they are, or re-tokenized text."""
+    """Prompt and answer ids for this model: task ids as they are, or re-tokenized text."""
     if tokenizer is None:
         return torch.tensor([ex.prompt_ids]), torch.tensor(ex.answer_ids)
     prompt = tokenizer(decode_ids(ex.prompt_ids), return_tensors="pt").input_ids

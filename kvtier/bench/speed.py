@@ -10,8 +10,8 @@ from the measured skew) into a store, then every configuration decodes from that
                    context per layer: the rest lives on disk and is fetched (and prefetched) as selected
   shared-tiered    sparse-tiered with one selection shared by a layer's KV heads, so at most the budget is
                    loaded per layer and step
-  shared-tiered-no-lookahead  the same without the next-layer query guess (prefetch follows the
-                   previous step's selection only)
+  shared-tiered+lookahead  the same with the next-layer query guess (`lookahead=True`, InfiniGen) added
+                   to the previous step's selection as a prefetch source
 
 The model is random-weight and attention-heavy (few layers, many KV heads, a small MLP), as the
 attention share of a long-context decode step is what sparse decoding changes.
@@ -111,7 +111,7 @@ def run(contexts: list[int], steps: int, warmup: int, budget: float, device_frac
             "shared-tiered": dict(mode="sparse", sparse_budget=budget, device_budget=max(512, int(device_fraction * n)),
                                   host_budget=int(host_fraction * n), shared_selection=True),
         }
-        configs["shared-tiered-no-lookahead"] = dict(configs["shared-tiered"], lookahead=False)
+        configs["shared-tiered+lookahead"] = dict(configs["shared-tiered"], lookahead=True)
         for name, options in configs.items():
             cache = KVTierCache.open(store, kv_model, **options)
             cache.warm()  # reopened chunks start on disk: fill the device and host budgets first
@@ -145,7 +145,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = result["results"]
     xs = [r["context"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name in ("dynamic", "exact", "sparse", "sparse-tiered", "shared-tiered"):
+    for name in ("dynamic", "exact", "sparse", "sparse-tiered", "shared-tiered", "shared-tiered+lookahead"):
         ax.plot(xs, [r[name]["decode_step_ms"] for r in rows], marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -188,5 +188,5 @@ def main(argv: list[str] | None = None) -> None:
     for row in result["results"]:
         print(f"{row['context']:>7}  dynamic {row['dynamic']['decode_step_ms']:9.1f} ms  "
               + "  ".join(f"{name} {row[name]['decode_step_ms']:8.1f} ({row[name]['decode_ratio_vs_dynamic']}x)"
-                          for name in ("exact", "sparse", "sparse-tiered", "shared-tiered", "shared-tiered-no-lookahead")))
+                          for name in ("exact", "sparse", "sparse-tiered", "shared-tiered", "shared-tiered+lookahead")))
     print(f"wrote {path}")

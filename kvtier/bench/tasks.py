@@ -1,4 +1,4 @@
-"""Synthetic long-context retrieval tasks on a byte-level vocabulary with whole-word keys and values.
+"""Synthetic long-context retrieval tasks on a vocabulary of bytes plus whole-word keys and values.
 
 Tokens 0-255 are the bytes of UTF-8 text; a few special tokens follow from 256, then one token per key
 word (``KEY_WORDS``) and per value word (``VALUE_WORDS``), the way a BPE vocabulary holds common words
