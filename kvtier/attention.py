@@ -22,7 +22,6 @@ from .sparse.lookahead import decoder_layers
 ATTENTION_NAME = "kvtier"
 
 _previous: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
-_hooks: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
 def kvtier_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
@@ -101,8 +100,17 @@ def enable(model: torch.nn.Module) -> torch.nn.Module:
     register()
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
-    if current == ATTENTION_NAME:
-        return model
+    if current != ATTENTION_NAME:
+        _switch(model, current)
+    # Every decoder layer reports its start to the cache (next-layer prefetch); once per layer, also for a
+    # model loaded with attn_implementation="kvtier" or copied from an enabled one.
+    for layer in decoder_layers(model).values():
+        if _layer_starts not in layer._forward_pre_hooks.values():
+            layer.register_forward_pre_hook(_layer_starts, with_kwargs=True)
+    return model
+
+
+def _switch(model: torch.nn.Module, current: str | None) -> None:
     if not hasattr(model, "set_attn_implementation"):
         raise UnsupportedModelError(f"{type(model).__name__} cannot switch its attention implementation")
     _previous[model] = current or "sdpa"
@@ -111,9 +119,6 @@ def enable(model: torch.nn.Module) -> torch.nn.Module:
         raise UnsupportedModelError(
             f"{type(model).__name__} does not use transformers' AttentionInterface, so kvtier cannot serve it"
         )
-    _hooks[model] = [layer.register_forward_pre_hook(_layer_starts, with_kwargs=True)
-                     for layer in decoder_layers(model).values()]
-    return model
 
 
 def _layer_starts(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -128,8 +133,11 @@ def _layer_starts(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 
 def disable(model: torch.nn.Module) -> torch.nn.Module:
     """Put back the attention implementation the model had before `enable`."""
-    for hook in _hooks.pop(model, []):
-        hook.remove()
+    for layer in decoder_layers(model).values():
+        for key, hook in list(layer._forward_pre_hooks.items()):
+            if hook is _layer_starts:
+                del layer._forward_pre_hooks[key]
+                layer._forward_pre_hooks_with_kwargs.pop(key, None)
     previous = _previous.pop(model, None)
     if previous is not None:
         model.set_attn_implementation(previous)

@@ -86,3 +86,20 @@ def test_disable_removes_the_layer_hooks():
     assert layer._forward_pre_hooks
     disable(model)
     assert not layer._forward_pre_hooks
+
+
+def test_enable_hooks_each_layer_once_even_for_a_copy_or_a_second_call():
+    import copy
+
+    from kvtier.attention import enable
+
+    model = build_model("llama")
+    enable(model)
+    enable(model)
+    twin = copy.deepcopy(model)
+    enable(twin)
+    for m in (model, twin):
+        for layer in decoder_layers(m).values():
+            assert len(layer._forward_pre_hooks) == 1
+    disable(twin)
+    assert not any(layer._forward_pre_hooks for layer in decoder_layers(twin).values())
