@@ -84,3 +84,33 @@ def test_bench_speed_writes_json_and_exact_matches_dynamic(tmp_path):
     assert row["exact"]["max_abs_logit_diff_vs_dynamic"] < 1e-4  # fed the same tokens as DynamicCache
     assert row["sparse"]["mean_attended_tokens"] < 0.2 * 700  # 5% budget plus sinks and window
     assert row["sparse-tiered"]["disk_tokens"] > 0
+
+
+
+TINY_SHAPE = dict(layers=2, heads=2, kv_heads=2, head_dim=16, intermediate=64, vocab=1024)
+
+
+def test_emulated_card_budget_is_what_the_weights_leave():
+    import pytest
+
+    from kvtier.bench.speed import emulated_device_budget, speed_model
+
+    model = speed_model(TINY_SHAPE, 64)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_token = 2 * 2 * 2 * 16 * 4  # K and V, layers, KV heads, head dim, float32
+    assert emulated_device_budget(model, (weights + 1000 * per_token) / 2**30, 0.0) == 1000
+    with pytest.raises(SystemExit, match="cannot hold"):
+        emulated_device_budget(model, weights / 2**30, 0.5)
+
+
+def test_speed_run_on_an_emulated_card_uses_its_device_budget():
+    from kvtier.bench.speed import run, speed_model
+
+    weights = sum(p.numel() * p.element_size() for p in speed_model(TINY_SHAPE, 64).parameters())
+    gib = (weights + 300 * 2 * 2 * 2 * 16 * 4) / 2**30
+    result = run([700], 2, 1, 0.05, 0.1, 0.1, TINY_SHAPE, gpu_gib=gib, reserve_gib=0.0, configs=["shared-tiered"])
+    row = result["results"][0]
+    assert result["config"]["emulated_device_budget"] == 300
+    assert row["shared-tiered"]["options"]["device_budget"] == 300
+    assert row["shared-tiered"]["device_peak_tokens_per_layer"] <= 300
+    assert "exact" not in row and "offloaded" not in row  # offloading is measured on CUDA only

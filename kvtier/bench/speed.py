@@ -13,8 +13,19 @@ from the measured skew) into a store, then every configuration decodes from that
   shared-tiered+lookahead  the same with the next-layer query guess (`lookahead=True`, InfiniGen) added
                    to the previous step's selection as a prefetch source
 
-The model is random-weight and attention-heavy (few layers, many KV heads, a small MLP), as the
-attention share of a long-context decode step is what sparse decoding changes.
+and, on a CUDA device,
+
+  offloaded        transformers' DynamicCache(offloading=True): the KV lives in CPU memory and each layer's
+                   is copied to the GPU (one layer ahead, on a side stream) at every step
+
+Shapes (`--shape`): "attention-heavy" (default) is a random-weight Llama with few layers, many KV heads and a
+small MLP, as the attention share of a long-context decode step is what sparse decoding changes.
+"llama3-8b" is Llama-3-8B's shape (32 layers, 32 query and 8 KV heads of 128, MLP 14336, 128k vocabulary)
+with random weights, for a GPU. `--gpu-memory-gib G` emulates a smaller card: the tiered configurations get
+the device budget that the weights leave of G GiB (less `--reserve-gib` for activations).
+
+On CUDA, `peak_device_bytes` is the most device memory a configuration held on top of what was allocated
+before its cache was built (the weights): its KV on the device and its decode steps' activations.
 """
 
 from __future__ import annotations
@@ -35,13 +46,34 @@ from ..cache import KVTierCache, cache_argument
 from .common import bytes_moved, median_ms, timed, write_result
 
 
-def speed_model(layers: int, kv_heads: int, head_dim: int, intermediate: int, max_len: int) -> torch.nn.Module:
+SHAPES: dict[str, dict[str, int]] = {
+    "attention-heavy": dict(layers=4, heads=16, kv_heads=16, head_dim=64, intermediate=1024, vocab=1024),
+    "llama3-8b": dict(layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256),
+}
+
+
+def speed_model(shape: dict[str, int], max_len: int, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A random-weight Llama of `shape` (see SHAPES), built directly on `device` in `dtype`."""
     torch.manual_seed(0)
-    hidden = kv_heads * head_dim
-    cfg = tf.LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=kv_heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                         max_position_embeddings=max_len, rope_theta=1e6)
-    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+    cfg = tf.LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["heads"] * shape["head_dim"],
+                         intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
+                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                         head_dim=shape["head_dim"], max_position_embeddings=max_len, rope_theta=1e6)
+    with torch.device(device):
+        return tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+def emulated_device_budget(model: torch.nn.Module, gpu_gib: float, reserve_gib: float) -> int:
+    """Tokens per layer a `gpu_gib` card holds once the weights and `reserve_gib` of activations are in."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
+    free = gpu_gib * 2**30 - weights - reserve_gib * 2**30
+    if free <= 0:
+        raise SystemExit(f"a {gpu_gib} GiB card cannot hold this model's {weights / 2**30:.1f} GiB of weights "
+                         f"and {reserve_gib} GiB of activations")
+    return int(free // per_token)
 
 
 @torch.inference_mode()
@@ -51,7 +83,7 @@ def decode_steps(model, cache, first: torch.Tensor, steps: int, warmup: int
     kw = {cache_argument(model): cache}
     tok, times, logits = first, [], None
     for i in range(warmup + steps):
-        dt, out = timed(lambda: model(input_ids=tok, use_cache=True, **kw))
+        dt, out = timed(lambda: model(input_ids=tok, use_cache=True, **kw), sync=tok.is_cuda)
         logits = out.logits[:, -1]
         tok = logits.argmax(-1, keepdim=True)
         if i >= warmup:
@@ -59,13 +91,27 @@ def decode_steps(model, cache, first: torch.Tensor, steps: int, warmup: int
     return times, logits, tok
 
 
-def dynamic_from(cache: KVTierCache) -> tf.DynamicCache:
-    """A DynamicCache holding exactly the KV a kvtier cache stores."""
-    dyn = tf.DynamicCache()
+def dynamic_from(cache: KVTierCache, config=None, offloading: bool = False) -> tf.DynamicCache:
+    """A DynamicCache holding exactly the KV a kvtier cache stores (offloaded to CPU memory if asked)."""
+    dyn = tf.DynamicCache(config=config, offloading=True) if offloading else tf.DynamicCache()
     for layer in cache.tiers.layers:
         k, v = cache.tiers.layer_kv(layer)
         dyn.update(k.clone(), v.clone(), layer.index)
     return dyn
+
+
+def _reset_peak(device: str) -> int:
+    """Start measuring peak device memory; returns what is allocated now (weights, caches kept alive)."""
+    if not device.startswith("cuda"):
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _peak_bytes(device: str, before: int) -> int | None:
+    """Peak device memory since `_reset_peak`, above what was allocated then (None off CUDA)."""
+    return torch.cuda.max_memory_allocated() - before if device.startswith("cuda") else None
 
 
 def _tier_summary(cache: KVTierCache, steps: int, warm) -> dict[str, Any]:
@@ -84,35 +130,51 @@ def _tier_summary(cache: KVTierCache, steps: int, warm) -> dict[str, Any]:
 
 
 def run(contexts: list[int], steps: int, warmup: int, budget: float, device_fraction: float, host_fraction: float,
-        layers: int, kv_heads: int, head_dim: int, intermediate: int) -> dict[str, Any]:
-    base = speed_model(layers, kv_heads, head_dim, intermediate, max(contexts) + steps + warmup + 8)
+        shape: dict[str, int], device: str = "cpu", dtype: torch.dtype = torch.float32, gpu_gib: float | None = None,
+        reserve_gib: float = 2.0, configs: list[str] | None = None) -> dict[str, Any]:
+    base = speed_model(shape, max(contexts) + steps + warmup + 8, device, dtype)
     kv_model = copy.deepcopy(base)
+    emulated = emulated_device_budget(base, gpu_gib, reserve_gib) if gpu_gib else None
     rows = []
     for n in tqdm(contexts, desc="contexts"):
-        ids = torch.randint(0, 1024, (1, n), generator=torch.Generator().manual_seed(n))
+        ids = torch.randint(0, shape["vocab"], (1, n), generator=torch.Generator().manual_seed(n)).to(device)
         store = Path(tempfile.mkdtemp(prefix="kvtier-speed-")) / "doc"
-        first = torch.tensor([[7]])
+        first = torch.tensor([[7]], device=device)
         with KVTierCache.for_model(kv_model, mode="sparse", store_path=store) as cache:
-            prefill_s, _ = timed(lambda: kv_model(input_ids=ids, use_cache=True, **{cache_argument(kv_model): cache}))
+            prefill_s, _ = timed(lambda: kv_model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                                                  **{cache_argument(kv_model): cache}), sync=ids.is_cuda)
             cache.save()
-            dyn = dynamic_from(cache)
             skew = [layer.skew.top5 if layer.skew else None for layer in cache.tiers.layers]
             chunk_sizes = [sorted(c.length for c in layer.chunks) for layer in cache.tiers.layers]
-        times, dyn_logits, _ = decode_steps(base, dyn, first, steps, warmup)
-        del dyn
-        row: dict[str, Any] = {"context": n, "kvtier_prefill_s": round(prefill_s, 2), "top5_mass_by_layer": skew,
-                               "median_chunk_by_layer": [s[len(s) // 2] if s else None for s in chunk_sizes],
-                               "dynamic": {"decode_step_ms": median_ms(times)}}
-        configs = {
+            before = _reset_peak(device)
+            dyn = dynamic_from(cache)
+            times, dyn_logits, _ = decode_steps(base, dyn, first, steps, warmup)
+            row: dict[str, Any] = {"context": n, "kvtier_prefill_s": round(prefill_s, 2), "top5_mass_by_layer": skew,
+                                   "median_chunk_by_layer": [s[len(s) // 2] if s else None for s in chunk_sizes],
+                                   "dynamic": {"decode_step_ms": median_ms(times), "peak_device_bytes": None}}
+            del dyn
+            if device.startswith("cuda"):
+                row["dynamic"]["peak_device_bytes"] = _peak_bytes(device, before)
+                before = _reset_peak(device)
+                dyn = dynamic_from(cache, base.config, offloading=True)
+                times, off_logits, _ = decode_steps(base, dyn, first, steps, warmup)
+                row["offloaded"] = {"decode_step_ms": median_ms(times),
+                                    "peak_device_bytes": _peak_bytes(device, before),
+                                    "max_abs_logit_diff_vs_dynamic": float((off_logits - dyn_logits).abs().max())}
+                del dyn
+        device_budget = min(n, emulated) if emulated else max(512, int(device_fraction * n))
+        tiered = dict(mode="sparse", sparse_budget=budget, device_budget=device_budget,
+                      host_budget=int(host_fraction * n))
+        all_configs = {
             "exact": dict(mode="exact", device_budget=None, host_budget=None),
             "sparse": dict(mode="sparse", sparse_budget=budget, device_budget=None, host_budget=None),
-            "sparse-tiered": dict(mode="sparse", sparse_budget=budget, device_budget=max(512, int(device_fraction * n)),
-                                  host_budget=int(host_fraction * n)),
-            "shared-tiered": dict(mode="sparse", sparse_budget=budget, device_budget=max(512, int(device_fraction * n)),
-                                  host_budget=int(host_fraction * n), shared_selection=True),
+            "sparse-tiered": tiered,
+            "shared-tiered": dict(tiered, shared_selection=True),
+            "shared-tiered+lookahead": dict(tiered, shared_selection=True, lookahead=True),
         }
-        configs["shared-tiered+lookahead"] = dict(configs["shared-tiered"], lookahead=True)
-        for name, options in configs.items():
+        for name in configs or list(all_configs):
+            options = all_configs[name]
+            before = _reset_peak(device)
             cache = KVTierCache.open(store, kv_model, **options)
             cache.warm()  # reopened chunks start on disk: fill the device and host budgets first
             _, _, tok = decode_steps(kv_model, cache, first, 0, warmup)  # the same tokens DynamicCache was fed
@@ -120,7 +182,10 @@ def run(contexts: list[int], steps: int, warmup: int, budget: float, device_frac
             times, logits, _ = decode_steps(kv_model, cache, tok, steps, 0)
             result = {"decode_step_ms": median_ms(times),
                       "decode_ratio_vs_dynamic": round(median_ms(times) / row["dynamic"]["decode_step_ms"], 3),
-                      "options": options, **_tier_summary(cache, steps, warm)}
+                      "peak_device_bytes": _peak_bytes(device, before), "options": options,
+                      **_tier_summary(cache, steps, warm)}
+            if "offloaded" in row:
+                result["speedup_vs_offloaded"] = round(row["offloaded"]["decode_step_ms"] / median_ms(times), 2)
             if name == "exact":
                 result["max_abs_logit_diff_vs_dynamic"] = float((logits - dyn_logits).abs().max())
             row[name] = result
@@ -128,12 +193,21 @@ def run(contexts: list[int], steps: int, warmup: int, budget: float, device_frac
         shutil.rmtree(store.parent, ignore_errors=True)
         rows.append(row)
     return {
-        "config": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "intermediate": intermediate,
-                   "dtype": "float32", "decode_steps": steps, "warmup_steps": warmup, "sparse_budget": budget,
-                   "device_fraction": device_fraction, "host_fraction": host_fraction},
+        "config": {**shape, "device": device, "dtype": str(dtype).removeprefix("torch."), "decode_steps": steps,
+                   "warmup_steps": warmup, "sparse_budget": budget, "host_fraction": host_fraction,
+                   "device_fraction": None if emulated else device_fraction, "emulated_gpu_gib": gpu_gib,
+                   "reserve_gib": reserve_gib if gpu_gib else None, "emulated_device_budget": emulated},
         "results": rows,
         "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
+
+
+CONFIGS = ("exact", "sparse", "sparse-tiered", "shared-tiered", "shared-tiered+lookahead")
+
+
+def _measured(rows: list[dict[str, Any]]) -> list[str]:
+    """The baselines and configurations a result holds, in a fixed order."""
+    return [name for name in ("dynamic", "offloaded", *CONFIGS) if all(name in r for r in rows)]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -145,14 +219,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = result["results"]
     xs = [r["context"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name in ("dynamic", "exact", "sparse", "sparse-tiered", "shared-tiered", "shared-tiered+lookahead"):
+    for name in _measured(rows):
         ax.plot(xs, [r[name]["decode_step_ms"] for r in rows], marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(xs, [f"{x // 1024}k" for x in xs])
     ax.set_xlabel("context tokens")
     ax.set_ylabel("decode step (ms)")
-    ax.set_title(f"sparse budget {result['config']['sparse_budget']:.0%} ({result['machine']['cpu']})", fontsize=9)
+    m, c = result["machine"], result["config"]
+    where = m.get("gpu") or m["cpu"] if c["device"].startswith("cuda") else m["cpu"]
+    ax.set_title(f"{c['shape']}, sparse budget {c['sparse_budget']:.0%} ({where})", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -165,28 +241,52 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget", type=float, default=0.05, help="sparse budget, a fraction of the context")
-    p.add_argument("--device-fraction", type=float, default=0.10)
+    p.add_argument("--device-fraction", type=float, default=0.10,
+                   help="device budget of the tiered configurations, a fraction of the context")
     p.add_argument("--host-fraction", type=float, default=0.10)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="attention-heavy")
+    p.add_argument("--layers", type=int, help="override the shape's layer count")
+    p.add_argument("--kv-heads", type=int, help="override the shape's KV heads (query heads follow)")
+    p.add_argument("--head-dim", type=int, help="override the shape's head dimension")
+    p.add_argument("--intermediate", type=int, help="override the shape's MLP width")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (offloaded DynamicCache is measured on cuda only)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--gpu-memory-gib", type=float,
+                   help="emulate a card of this size: device budget = what the weights leave (replaces "
+                        "--device-fraction)")
+    p.add_argument("--reserve-gib", type=float, default=2.0, help="activations' share of the emulated card")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, help="kvtier configurations to run (default: all)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="docs/benchmarks")
+    p.add_argument("--name", help="result file name (default: speed on cpu, speed-<shape>-cuda on a GPU)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    result = run(a.contexts, a.steps, a.warmup, a.budget, a.device_fraction, a.host_fraction, a.layers, a.kv_heads,
-                 a.head_dim, a.intermediate)
-    path = write_result("speed", result, a.out)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    shape = dict(SHAPES[a.shape])
+    if a.kv_heads:
+        ratio = shape["heads"] // shape["kv_heads"]
+        shape.update(kv_heads=a.kv_heads, heads=a.kv_heads * ratio)
+    shape.update({k: v for k, v in (("layers", a.layers), ("head_dim", a.head_dim),
+                                    ("intermediate", a.intermediate)) if v})
+    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
+    result = run(a.contexts, a.steps, a.warmup, a.budget, a.device_fraction, a.host_fraction, shape, a.device,
+                 dtype, a.gpu_memory_gib, a.reserve_gib, a.configs)
+    result["config"]["shape"] = a.shape
+    name = a.name or ("speed" if a.device == "cpu" else f"speed-{a.shape}-cuda")
+    path = write_result(name, result, a.out)
     if not a.no_plot:
         import json
 
         result["machine"] = json.loads(path.read_text())["machine"]
         plot(result, path.with_suffix(".png"))
+    names = _measured(result["results"])
     for row in result["results"]:
-        print(f"{row['context']:>7}  dynamic {row['dynamic']['decode_step_ms']:9.1f} ms  "
-              + "  ".join(f"{name} {row[name]['decode_step_ms']:8.1f} ({row[name]['decode_ratio_vs_dynamic']}x)"
-                          for name in ("exact", "sparse", "sparse-tiered", "shared-tiered", "shared-tiered+lookahead")))
+        print(f"{row['context']:>7}  " + "  ".join(
+            f"{n} {row[n]['decode_step_ms']:8.1f}" + (f" ({row[n]['decode_ratio_vs_dynamic']}x)"
+                                                       if "decode_ratio_vs_dynamic" in row[n] else "")
+            for n in names))
     print(f"wrote {path}")
