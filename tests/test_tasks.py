@@ -75,6 +75,16 @@ def test_training_keys_and_values_stay_unique_in_long_dense_sequences(task):
     assert len(needles) > 40 and len(set(keys)) == len(keys)
 
 
+def test_variable_tracking_training_holds_two_chains_unless_asked_for_one():
+    """With one chain any question's answer is its value, so matching the variable is not learned."""
+    for seed in range(5):
+        for single in (0.0, 1.0):
+            ids, _ = T.make_training_sequence("variable_tracking", 64, random.Random(seed), single_chain=single)
+            needles = ids.count(T.NEEDLE_START)
+            assert len(ids) == 64
+            assert needles == T.VT_HOPS if single else needles >= 2 * T.VT_HOPS
+
+
 def test_text_haystack_falls_back_to_generated_text(tmp_path, monkeypatch):
     monkeypatch.delenv("KVTIER_HAYSTACK_DIR", raising=False)
     ex = T.make_example("niah_multikey_text", 512, random.Random(0), data_dir=str(tmp_path / "missing"))

@@ -324,6 +324,7 @@ def make_training_sequence(
     data_dir: str | None = None,
     end_fraction: float = 0.5,
     density: float = 0.33,
+    single_chain: float = 0.25,
 ) -> tuple[list[int], list[float]]:
     """A training sequence of exactly `seq_len` tokens with many needles and many questions.
 
@@ -332,7 +333,8 @@ def make_training_sequence(
     needle(s) it needs; with probability `end_fraction` a question goes to the end block, like in
     `make_example`. Each key is asked at most once, so no answer can be copied from an earlier answer.
     About `density` of the tokens are needles and questions (as many as the word lists allow: keys and
-    values stay unique within a sequence), the rest is haystack.
+    values stay unique within a sequence), the rest is haystack. A variable-tracking sequence holds one
+    chain with probability `single_chain`, else two or more.
     """
     if task == "passkey":
         ex = make_example(task, seq_len - 2, rng, data_dir)
@@ -365,8 +367,10 @@ def make_training_sequence(
             if used >= budget:
                 break
     elif task == "variable_tracking":
-        c_max = max(1, min(len(KEY_WORDS) // VT_HOPS, budget // 27))
-        n_chains = rng.randint(max(1, c_max // 2), c_max)
+        # mostly two chains or more, so the question's variable must be matched (a lone chain's value
+        # answers any question about it); sometimes one, as in a passkey prompt
+        c_max = max(2, min(len(KEY_WORDS) // VT_HOPS, budget // 27))
+        n_chains = 1 if rng.random() < single_chain else rng.randint(max(2, c_max // 2), c_max)
         all_names, values = rng.sample(KEY_WORDS, n_chains * VT_HOPS), rng.sample(VALUE_WORDS, n_chains)
         for c in range(n_chains):
             names, v = all_names[c * VT_HOPS : (c + 1) * VT_HOPS], values[c]
