@@ -227,7 +227,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("context tokens")
     ax.set_ylabel("decode step (ms)")
     m, c = result["machine"], result["config"]
-    where = m.get("gpu") or m["cpu"] if c["device"].startswith("cuda") else m["cpu"]
+    where = m["gpu"] if c["device"].startswith("cuda") and m.get("gpu") else m["cpu"]
     ax.set_title(f"{c['shape']}, sparse budget {c['sparse_budget']:.0%} ({where})", fontsize=9)
     ax.legend()
     fig.tight_layout()
