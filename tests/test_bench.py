@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 
 def _kvtier(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("kvtier")
@@ -86,13 +88,10 @@ def test_bench_speed_writes_json_and_exact_matches_dynamic(tmp_path):
     assert row["sparse-tiered"]["disk_tokens"] > 0
 
 
-
 TINY_SHAPE = dict(layers=2, heads=2, kv_heads=2, head_dim=16, intermediate=64, vocab=1024)
 
 
 def test_emulated_card_budget_is_what_the_weights_leave():
-    import pytest
-
     from kvtier.bench.speed import emulated_device_budget, speed_model
 
     model = speed_model(TINY_SHAPE, 64)
