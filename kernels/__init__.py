@@ -4,13 +4,14 @@ Every kernel has a plain-torch reference beside it; the reference is what runs w
 """
 
 from .chunk_scores import chunk_scores, chunk_scores_ref
-from .partial_attention import merge_partials, partial_attention
+from .partial_attention import merge_partials, merge_sink, partial_attention
 from .sparse_attention import sparse_decode_attention, sparse_decode_attention_ref
 
 __all__ = [
     "chunk_scores",
     "chunk_scores_ref",
     "merge_partials",
+    "merge_sink",
     "partial_attention",
     "sparse_decode_attention",
     "sparse_decode_attention_ref",

@@ -6,6 +6,9 @@ the per-part results (the identity flash-attention and Hogwild! both rely on):
     out = sum_i exp(lse_i - lse) * out_i,   lse = log sum_i exp(lse_i)
 
 A query row that sees no key in a part gets lse = -inf and out = 0, and drops out of the merge.
+
+An attention sink (a learned per-head logit that joins every softmax denominator, as in gpt-oss) is one
+more part: a single "key" with logit `sink` and a zero value vector (`merge_sink`).
 """
 
 from __future__ import annotations
@@ -57,3 +60,14 @@ def merge_partials(
     out = (out_a * wa.unsqueeze(-1) + out_b * wb.unsqueeze(-1)) / safe.unsqueeze(-1)
     lse = torch.where(total > 0, m + torch.log(safe), float("-inf"))
     return out, lse
+
+
+def merge_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """Add a per-head sink logit to the softmax denominator of attention that is already merged.
+
+    The sink is a part with lse = sink and a zero value, so `merge_partials` with it reduces to a rescale:
+    out * exp(lse - logaddexp(lse, sink)). A row that saw no key (lse -inf) stays 0.
+    out: [B, Hq, Q, D] float32, lse: [B, Hq, Q] float32, sink: [Hq]. Returns out [B, Hq, Q, D] float32.
+    """
+    s = sink.to(lse.dtype).view(1, -1, 1)  # [1, Hq, 1]
+    return out * torch.exp(lse - torch.logaddexp(lse, s)).unsqueeze(-1)

@@ -15,6 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .attend import attend
 from .errors import CacheInputError, UnsupportedModelError
+from .kernels import merge_sink
 from .layers import KVHandle, SlidingLayer
 from .sparse.lookahead import decoder_layers
 
@@ -29,6 +30,19 @@ def kvtier_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> 
     return attention_mask
 
 
+# Keyword arguments attention modules pass (audited on transformers 5.24; docs/how-it-works.md has the table).
+# kvtier_attention's named parameters are implemented. These never change what attention computes:
+_IGNORED = frozenset({
+    "position_ids",  # RoPE is already in q and k; masks come from the cache's logical positions
+    "use_cache",  # the cache acted in update(), before attention
+    "output_hidden_states",  # read by the model, not by attention
+    "output_router_logits",
+    "num_items_in_batch",
+})
+# These are harmless at the value that leaves attention plain; None always does (transformers' "feature off").
+_PLAIN_VALUES = {"is_causal": True, "output_attentions": False}
+
+
 def kvtier_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -39,13 +53,18 @@ def kvtier_attention(
     dropout: float = 0.0,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """query: [B, Hq, Q, D]. Returns attn_output [B, Q, Hq, D] and no weights."""
+    """query: [B, Hq, Q, D]; s_aux: [Hq] attention-sink logits or None. Returns attn_output [B, Q, Hq, D] and
+    no weights."""
     if module.training and dropout > 0:
         raise UnsupportedModelError("kvtier attention is for inference; call model.eval() (dropout is not supported)")
+    _refuse_unknown(module, kwargs)
+    sink = None if s_aux is None else _sink_logits(module, s_aux, query.shape[1])
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     pad = _padding_mask(attention_mask)
+    need_lse = sink is not None  # the sink rescales the merged result by its LSE
     if isinstance(key, KVHandle):
         layer = key.layer
         if sliding_window is not None and not isinstance(layer, SlidingLayer):
@@ -59,10 +78,60 @@ def kvtier_attention(
                 f"attention_mask covers {pad.shape[-1]} positions; it must cover the {key.past_len} cached tokens "
                 f"plus the {query.shape[2]} new ones ({total})"
             )
-        out = layer.attend(query, key, pad, scale, softcap)
+        out, lse = layer.attend(query, key, pad, scale, softcap, need_lse)
     else:
-        out = _plain_attention(query, key, value, pad, scale, sliding_window, softcap)
+        _refuse_packed(kwargs, pad, query.shape[2])
+        out, lse = _plain_attention(query, key, value, pad, scale, sliding_window, softcap, need_lse)
+    if sink is not None:  # once, after every part of this layer call is merged
+        out = merge_sink(out, lse, sink).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _refuse_unknown(module: torch.nn.Module, kwargs: dict) -> None:
+    """Raise for any keyword that asks attention for something kvtier does not do, instead of dropping it."""
+    causal = kwargs.get("is_causal")
+    if not (getattr(module, "is_causal", True) if causal is None else causal):
+        raise UnsupportedModelError(
+            f"{_family(module)} attends bidirectionally (is_causal=False); kvtier serves causal attention only"
+        )
+    for name, value in kwargs.items():
+        if value is None or name in _IGNORED or (name in _PLAIN_VALUES and value is _PLAIN_VALUES[name]):
+            continue
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        raise UnsupportedModelError(
+            f"{_family(module)} passes `{name}` ({shown}) to its attention function; kvtier does not implement "
+            "it and refuses rather than ignore it: drop that option, or run the model without kvtier "
+            "(kvtier.disable(model))"
+        )
+
+
+def _refuse_packed(kwargs: dict, pad: torch.Tensor | None, nq: int) -> None:
+    """Without a padding mask or a cache, transformers reads position_ids that restart inside a row as several
+    sequences packed into it and masks between them; kvtier's plain path would attend across them."""
+    if kwargs.get("use_cache") or pad is not None or nq < 2:  # with a cache transformers does not unpack either
+        return
+    pos = kwargs.get("position_ids")  # [B, Q]
+    if isinstance(pos, torch.Tensor) and pos.dim() == 2 and bool((pos.diff(dim=-1) != 1).any()):
+        raise UnsupportedModelError(
+            "position_ids restart inside a row (packed sequences); kvtier attention does not mask between packed "
+            "sequences: put one sequence per row, with an attention_mask for the padding"
+        )
+
+
+def _sink_logits(module: torch.nn.Module, s_aux: torch.Tensor, heads: int) -> torch.Tensor:
+    """s_aux as one sink logit per query head [Hq] (gpt-oss style), or an error naming what was passed."""
+    if s_aux.dim() != 1 or s_aux.shape[0] != heads:
+        raise UnsupportedModelError(
+            f"{_family(module)} passes attention sinks `s_aux` of shape {tuple(s_aux.shape)}; kvtier supports one "
+            f"sink logit per query head ([{heads}])"
+        )
+    return s_aux
+
+
+def _family(module: torch.nn.Module) -> str:
+    config = getattr(module, "config", None)
+    name = getattr(config, "model_type", None)
+    return f"{name} ({type(module).__name__})" if name else type(module).__name__
 
 
 def _padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -76,17 +145,17 @@ def _padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask.bool()
 
 
-def _plain_attention(query, key, value, pad, scale, window, softcap) -> torch.Tensor:
+def _plain_attention(query, key, value, pad, scale, window, softcap,
+                     need_lse) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model runs kvtier attention without a KVTierCache (e.g. use_cache=False, or another Cache):
-    keys are the last K positions, queries the last Q."""
+    keys are the last K positions, queries the last Q. Returns as `attend`."""
     total = pad.shape[-1] if pad is not None else key.shape[2]
     k_pos0, q_pos0 = total - key.shape[2], total - query.shape[2]
     valid = None
     if pad is not None and not bool(pad.all()):
         valid = pad[:, k_pos0:]
-    out, _ = attend(query, key, value, q_pos0=q_pos0, key_pos=k_pos0, scale=scale, key_valid=valid,
-                    causal=True, window=window, softcap=softcap, need_lse=False)
-    return out
+    return attend(query, key, value, q_pos0=q_pos0, key_pos=k_pos0, scale=scale, key_valid=valid,
+                  causal=True, window=window, softcap=softcap, need_lse=need_lse)
 
 
 def register() -> None:

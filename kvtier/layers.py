@@ -194,20 +194,21 @@ class TieredLayer:
 
     # ------------------------------------------------------------------------------------- reads
     def attend(self, q: torch.Tensor, handle: KVHandle, pad: torch.Tensor | None, scale: float,
-               softcap: float | None) -> torch.Tensor:
-        """Attention of q [B, Hq, Q, D] for this forward; returns [B, Hq, Q, D] in q.dtype."""
+               softcap: float | None, need_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of q [B, Hq, Q, D] for this forward: out [B, Hq, Q, D] and lse [B, Hq, Q], both float32,
+        if need_lse; else out in q.dtype and None."""
         self.tiers.wait_uploads(self.index)
         if self.config.mode == "sparse" and handle.q_len == 1 and handle.new_in_window and self.chunks:
-            out = sparse_attention(self, q, handle, pad, scale, softcap)
+            out, lse = sparse_attention(self, q, handle, pad, scale, softcap, need_lse)
             self._maybe_refine()
         else:
-            out = exact_attention(self, q, handle, pad, scale, softcap)
+            out, lse = exact_attention(self, q, handle, pad, scale, softcap, need_lse)
         if self.pending is handle:
             importance = None
             if self.config.adaptive and handle.q_len >= self.config.observation_window:
                 importance = self._profile(q, handle, pad, scale, softcap)
             self.commit(handle, importance)
-        return out
+        return out, lse
 
     def _profile(self, q, handle: KVHandle, pad, scale, softcap) -> torch.Tensor:
         """Per-token importance of this forward's tokens, from its last `observation_window` queries."""
@@ -393,12 +394,13 @@ class SlidingLayer:
         self.batch = k.shape[0]
         return KVHandle(self, past, k, v, context=(ctx_k, ctx_v, first))
 
-    def attend(self, q, handle: KVHandle, pad, scale: float, softcap: float | None) -> torch.Tensor:
+    def attend(self, q, handle: KVHandle, pad, scale: float, softcap: float | None,
+               need_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `TieredLayer.attend`, over the window's keys (the ones kept plus this forward's)."""
         ck, cv, first = handle.context
         valid = pad_slice(pad, first, first + ck.shape[2])
-        out, _ = attend(q, ck, cv, q_pos0=handle.past_len, key_pos=first, scale=scale, key_valid=valid,
-                        causal=True, window=self.window, softcap=softcap, need_lse=False)
-        return out
+        return attend(q, ck, cv, q_pos0=handle.past_len, key_pos=first, scale=scale, key_valid=valid,
+                      causal=True, window=self.window, softcap=softcap, need_lse=need_lse)
 
     def select_rows(self, index: torch.Tensor) -> None:
         if self.k is not None:

@@ -9,11 +9,24 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UnsupportedModelError
+from .sparse.lookahead import decoder_layers
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 _SLIDING_ALIASES = {"sliding_attention", "sliding_window_attention", "local_attention"}
 _FULL_ALIASES = {"full_attention", "global_attention", "attention"}
+
+# Model features kvtier's attention would silently ignore: (feature, test on the decoder's text config).
+# Attention sinks, sliding windows, softcapping and scaling are implemented (docs/how-it-works.md).
+_REFUSED_FEATURES = (
+    ("bidirectional attention (config.is_causal=False)", lambda c: getattr(c, "is_causal", True) is False),
+    ("bidirectional attention (use_bidirectional_attention)",
+     lambda c: bool(getattr(c, "use_bidirectional_attention", None))),
+    ("chunked attention (attention_chunk_size)", lambda c: getattr(c, "attention_chunk_size", None) is not None),
+    ("cross-attention (add_cross_attention)", lambda c: bool(getattr(c, "add_cross_attention", False))),
+    ("multi-head latent attention (kv_lora_rank): keys and values of different widths",
+     lambda c: getattr(c, "kv_lora_rank", None) is not None),
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,7 @@ class ModelSpec:
                 f"{type(model).__name__} is an encoder-decoder model; kvtier serves decoder-only causal LMs"
             )
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        _refuse_features(model, text)
         layers = _layer_specs(text)
         heads = _first_attr(text, ("num_attention_heads", "n_head"))
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
@@ -67,6 +81,19 @@ class ModelSpec:
         return cls(structure["model_type"], tuple(layers), kv_heads, head_dim, dtype, structure, digest.hexdigest())
 
 
+def _refuse_features(model: torch.nn.Module, text) -> None:
+    """Raise UnsupportedModelError naming the family and the first feature kvtier would not honour."""
+    family = getattr(text, "model_type", None) or type(model).__name__
+    for feature, present in _REFUSED_FEATURES:
+        if present(text):
+            raise UnsupportedModelError(f"{family} uses {feature}, which kvtier does not support")
+    for index, layer in sorted(decoder_layers(model).items()):
+        if getattr(layer.self_attn, "is_causal", True) is False:
+            raise UnsupportedModelError(
+                f"{family} layer {index} attends bidirectionally (is_causal=False), which kvtier does not support"
+            )
+
+
 def _first_attr(config, names: tuple[str, ...]) -> int:
     for name in names:
         value = getattr(config, name, None)
@@ -78,8 +105,6 @@ def _first_attr(config, names: tuple[str, ...]) -> int:
 def _layer_specs(config) -> list[LayerSpec]:
     n = _first_attr(config, ("num_hidden_layers", "n_layer"))
     window = getattr(config, "sliding_window", None)
-    if getattr(config, "attention_chunk_size", None) is not None:
-        raise UnsupportedModelError("chunked attention (attention_chunk_size) is not supported by kvtier yet")
     types = getattr(config, "layer_types", None)
     if types is None:
         types = [SLIDING if window is not None else FULL] * n

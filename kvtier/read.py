@@ -28,11 +28,13 @@ def pad_slice(pad: torch.Tensor | None, start: int, end: int) -> torch.Tensor | 
     return None if bool(part.all()) else part
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype,
+           need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Merge partial attentions; (out float32, lse) if need_lse, else (out in `dtype`, None)."""
     out, lse = parts[0]
     for o, l in parts[1:]:
         out, lse = merge_partials(out, lse, o, l)
-    return out, lse
+    return (out, lse) if need_lse else (out.to(dtype), None)
 
 
 def _groups(chunks: list[Chunk], limit: int) -> Iterator[list[Chunk]]:
@@ -66,8 +68,12 @@ def _stage(layer: "TieredLayer", group: list[Chunk], device: torch.device):
 
 # ----------------------------------------------------------------------------------------- exact
 def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad: torch.Tensor | None,
-                    scale: float, softcap: float | None) -> torch.Tensor:
-    """Attention of q [B, Hq, Q, D] over every cached token plus this forward's; [B, Hq, Q, D] in q.dtype."""
+                    scale: float, softcap: float | None,
+                    need_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of q [B, Hq, Q, D] over every cached token plus this forward's.
+
+    Returns out [B, Hq, Q, D] and lse [B, Hq, Q], both float32, if need_lse; else out in q.dtype and None
+    (then a part that is the whole answer may take a fused kernel that computes no LSE)."""
     past, nq = handle.past_len, handle.q_len
     # Decode: the new token already sits in the window, so the arena covers it and no causal cut is needed.
     arena_has_new = nq == 1 and handle.new_in_window
@@ -87,9 +93,9 @@ def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad
             valid = row_ok if valid is None else valid & row_ok
         alone = arena_has_new and not remote
         out, lse = attend(q, k, v, q_pos0=past, key_pos=pos, scale=scale, key_valid=valid, causal=False,
-                          softcap=softcap, need_lse=not alone)
+                          softcap=softcap, need_lse=need_lse or not alone)
         if alone:
-            return out
+            return out, lse
         parts.append((out, lse))
     # Streamed chunks: keep the reader threads `prefetch_tokens` ahead of the group being attended.
     prefetcher = layer.tiers.prefetcher
@@ -108,13 +114,13 @@ def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad
         parts.append(attend(q, k, v, q_pos0=past, key_pos=pos, scale=scale, key_valid=valid, causal=False,
                             softcap=softcap, need_lse=True))
     if not arena_has_new:
-        need_lse = bool(parts)
+        alone = not parts
         out, lse = attend(q, handle.k_new, handle.v_new, q_pos0=past, key_pos=past, scale=scale,
-                          key_valid=pad_slice(pad, past, past + nq), softcap=softcap, need_lse=need_lse)
-        if not need_lse:
-            return out
+                          key_valid=pad_slice(pad, past, past + nq), softcap=softcap, need_lse=need_lse or not alone)
+        if alone:
+            return out, lse
         parts.append((out, lse))
-    return _merge(parts)[0].to(q.dtype)
+    return _merge(parts, q.dtype, need_lse)
 
 
 def _promote_into_free_room(layer: "TieredLayer", remote: list[Chunk]) -> list[Chunk]:
@@ -131,11 +137,13 @@ def _promote_into_free_room(layer: "TieredLayer", remote: list[Chunk]) -> list[C
 
 # ---------------------------------------------------------------------------------------- sparse
 def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad: torch.Tensor | None,
-                     scale: float, softcap: float | None) -> torch.Tensor:
+                     scale: float, softcap: float | None,
+                     need_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One decode step attending to sinks, the recent window and the chunks the selector keeps.
 
     q: [B, Hq, 1, D]; the new token is already in the window. Selected chunks not on the device are
     brought there (evicting chunks this step does not need); any that cannot fit are staged and merged.
+    Returns out [B, Hq, 1, D] and lse [B, Hq, 1] (float32) if need_lse, else out in q.dtype and None.
     """
     tiers = layer.tiers
     tiers.prefetch_next(layer)
@@ -174,7 +182,7 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
         if pad is not None:
             head_mask = head_mask & pad[:, None, None, chunk.start:chunk.end]
         parts.append(partial_attention(q, ck, cv, scale, head_mask, softcap))
-    return _merge(parts)[0].to(q.dtype)
+    return _merge(parts, q.dtype, need_lse)
 
 
 def select_chunks(layer: "TieredLayer", q: torch.Tensor, pad: torch.Tensor | None) -> tuple[torch.Tensor, int]:

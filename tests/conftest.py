@@ -50,18 +50,28 @@ def family_config(name: str):
             **_COMMON, head_dim=16, sliding_window=WINDOW,
             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         )
+    if name == "gpt_oss":  # attention sinks (s_aux), alternating sliding, MoE, YaRN RoPE
+        return tf.GptOssConfig(
+            **_COMMON, head_dim=16, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        )
     if name == "gpt2":  # no RoPE
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=1024,
                              bos_token_id=1, eos_token_id=2, pad_token_id=0)
     raise KeyError(name)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt_oss", "gpt2"]
 
 
 def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(family_config(name)).to(dtype).eval()
+    model = tf.AutoModelForCausalLM.from_config(family_config(name))
+    with torch.no_grad():  # sink logits initialise near 0; trained ones differ per head, so a head mix-up shows
+        for module in model.modules():
+            if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+                module.sinks.normal_(0.0, 2.0)
+    model = model.to(dtype).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None  # random models: never stop early, compare full lengths
     return model

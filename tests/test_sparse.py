@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, build_model, twin
+from conftest import build_model, twin
 from helpers import cache_kw, padded_batch, reference_run, step_logits
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from transformers import DynamicCache
 
 from kvtier import KVTierCache
 from kvtier.layers import TieredLayer
 from kvtier.sparse import QuestBound, Recency, decode_granularity, plan_chunks, skew_stats, token_importance
 from kvtier.sparse import profile as profile_mod
-from kvtier.store.chunk import Tier
 
 SPARSE = dict(mode="sparse", chunk_size=16, sink_tokens=4, recent_window=16, min_chunk_size=8, max_chunk_size=48,
               observation_window=16)
@@ -187,11 +185,11 @@ def test_sparse_step_attends_exactly_to_the_selection(tiered, monkeypatch):
     real_sparse = read.sparse_attention
     results = []
 
-    def spy(layer, q, handle, pad, scale, softcap):
-        out = real_sparse(layer, q, handle, pad, scale, softcap)
+    def spy(layer, q, handle, pad, scale, softcap, need_lse=False):
+        out, lse = real_sparse(layer, q, handle, pad, scale, softcap, need_lse)
         if layer.index == 1:
             results.append((layer, seen[-1][0], seen[-1][1], out[:, :, 0], scale))
-        return out
+        return out, lse
 
     monkeypatch.setattr("kvtier.layers.sparse_attention", spy)
     ids = torch.randint(3, 128, (1, 200))
@@ -263,7 +261,10 @@ def test_sparse_session_keeps_its_abstracts_and_plan(tmp_path):
         b(input_ids=doc, **{cache_kw(b): cache})
     cache.save()
     cache.close()
-    reopened = KVTierCache.open(tmp_path / "s", b)
+    plain = KVTierCache.open(tmp_path / "s", b)  # runtime options are the caller's, never the store's
+    assert plain.config.mode == "exact" and plain.config.device_budget is None
+    plain.close()
+    reopened = KVTierCache.open(tmp_path / "s", b, **options)
     assert reopened.config.mode == "sparse" and reopened.config.sparse_budget == 60
     assert [[c.length for c in layer.chunks[:10]] for layer in reopened.tiers.layers] == plan
     assert all(len(layer.abstracts) == len(layer.chunks) for layer in reopened.tiers.layers)
