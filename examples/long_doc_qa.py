@@ -45,12 +45,13 @@ def main() -> None:
     prefix, suffix = text.split(marker)
     prefix_ids = tok(prefix, add_special_tokens=False, return_tensors="pt").input_ids
 
+    # How this process runs (budgets, mode) is chosen here, every time; the store holds only the document.
+    options = dict(device_budget=a.device_budget, mode="sparse", sparse_budget=0.1)
     if store.exists():
-        cache = KVTierCache.open(store, model)
+        cache = KVTierCache.open(store, model, prompt_ids=prefix_ids, **options)  # refuses another document
         print(f"reopened {store}: {cache.get_seq_length()} tokens, no prefill")
     else:
-        cache = KVTierCache.for_model(model, store_path=store, device_budget=a.device_budget, mode="sparse",
-                                      sparse_budget=0.1)
+        cache = KVTierCache.for_model(model, store_path=store, **options)
         prefill(model, cache, prefix_ids, segment_tokens=1024)
         cache.save(info={"document": str(a.doc)})
         print(f"prefilled {cache.get_seq_length()} tokens into {store}")

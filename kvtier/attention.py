@@ -13,6 +13,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from . import hooks
 from .attend import attend
 from .errors import CacheInputError, UnsupportedModelError
 from .kernels import merge_sink
@@ -176,6 +177,7 @@ def enable(model: torch.nn.Module) -> torch.nn.Module:
     for layer in decoder_layers(model).values():
         if _layer_starts not in layer._forward_pre_hooks.values():
             layer.register_forward_pre_hook(_layer_starts, with_kwargs=True)
+    hooks.install(model)  # forward passes report their start, input ids and end to the cache
     return model
 
 
@@ -207,6 +209,7 @@ def disable(model: torch.nn.Module) -> torch.nn.Module:
             if hook is _layer_starts:
                 del layer._forward_pre_hooks[key]
                 layer._forward_pre_hooks_with_kwargs.pop(key, None)
+    hooks.remove(model)
     previous = _previous.pop(model, None)
     if previous is not None:
         model.set_attn_implementation(previous)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from transformers.cache_utils import Cache
 from . import session
 from .attention import enable
 from .config import KVTierConfig
-from .errors import CacheInputError, StoreError
+from .errors import CacheInputError, CacheThreadError, StoreError
 from .handle import KVHandle
 from .layers import SlidingLayer, TieredLayer
 from .model_spec import FULL, ModelSpec
@@ -28,6 +29,7 @@ from .store.codec import dtype_name
 from .store.disk import DiskStore
 from .store.stats import CacheStats
 from .store.tiers import TierManager
+from .tokens import TokenLog, check_prefix
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -48,6 +50,11 @@ class KVTierCache(Cache):
     `model.generate(..., past_key_values=cache)` (or `cache=` on transformers >= 5.24), and read
     `cache.stats()` for per-tier accounting. `cache.save()` persists a prefilled cache in its store, and
     `KVTierCache.open(path, model)` reopens it in another process.
+
+    Threads: a cache belongs to the thread that built or opened it. Forward passes, `save`, `close` and
+    every other call that changes it raise `CacheThreadError` from any other thread; `stats()` and the
+    read-only properties work from any thread. `claim()` hands the cache to the calling thread (for a
+    worker pool), refused while a forward pass is running in the owner.
     """
 
     def __init__(
@@ -72,6 +79,10 @@ class KVTierCache(Cache):
         self._persistent = self.config.store_path is not None or _disk is not None
         self._saved_keys: set[bytes] = set()
         self.info: dict[str, Any] = {}  # user facts saved with the session
+        self._owner = threading.get_ident()
+        self._owner_lock = threading.Lock()  # guards ownership changes against a forward pass starting
+        self._in_forward = False  # a forward pass started and has not finished (or was interrupted)
+        self._tokens = TokenLog()
         self.tiers = TierManager(
             self.config,
             [i for i, layer in enumerate(spec.layers) if layer.kind == FULL],
@@ -79,6 +90,7 @@ class KVTierCache(Cache):
             self.dtype,
             self._signature,
             self._make_disk,
+            (spec.kv_heads, spec.head_dim),
         )
         layers = [
             TieredLayer(i, layer, self.config, self.tiers) if layer.kind == FULL
@@ -111,23 +123,34 @@ class KVTierCache(Cache):
         return cache
 
     @classmethod
-    def open(cls, path: str | Path, model: torch.nn.Module, **options: Any) -> "KVTierCache":
+    def open(cls, path: str | Path, model: torch.nn.Module, *, prompt_ids: torch.Tensor | None = None,
+             **options: Any) -> "KVTierCache":
         """Reopen a cache saved with `save()`; continue generating without a new prefill.
 
-        options override budgets and other runtime options; chunking options come from the store.
-        Raises StoreMismatchError for another model, dtype or layout version and IncompleteSessionError
-        for a session that was never saved or whose prefill was interrupted.
+        prompt_ids: the prompt you will generate from ([batch, length] or [length]); it must start with the
+            token ids the session holds, else PromptMismatchError says where they diverge (see `check_prompt`).
+        options: budgets, mode and every other runtime option, as for `for_model` (defaults when not given:
+            a store never decides how much memory or how many threads this process uses); chunking options
+            come from the store.
+        Raises StoreMismatchError for another model, dtype or layout version, IncompleteSessionError for a
+        session that was never saved or whose prefill was interrupted, StoreCorruptError for a damaged store.
         """
         path = Path(path)
         spec = ModelSpec.from_model(model)
         disk = DiskStore(path, create=False)
         try:
             header, saved = session.read_session(disk, spec)
-            options = session.reopen_options(header, saved, options)
+            options = session.reopen_options(header, options)
             options["store_path"] = path
             enable(model)
             cache = cls(spec, KVTierConfig(**options), device=_model_device(model), _disk=disk)
-            session.load(cache, saved)
+            try:
+                session.load(cache, saved)
+                if prompt_ids is not None:
+                    cache.check_prompt(prompt_ids)
+            except BaseException:
+                cache.close()
+                raise
         except BaseException:
             disk.close()
             raise
@@ -143,7 +166,74 @@ class KVTierCache(Cache):
     def layer_starts(self, layer_idx: int, hidden: torch.Tensor, position_embeddings: Any = None) -> None:
         """Called (by the hook `enable` installs) as decoder layer `layer_idx` starts a forward pass."""
         if self.tiers.lookahead is not None and self.config.mode == "sparse" and not self._closed:
+            self._check_thread("a forward pass")
             self.tiers.lookahead.layer_starts(layer_idx, hidden, position_embeddings)
+
+    # ------------------------------------------------------------------------------ forward passes
+    def forward_starts(self, input_ids: torch.Tensor | None) -> None:
+        """Called (by the hook `enable` installs) as a model forward pass through this cache starts: claims
+        the pass for the owner thread and records its input ids (None: embeddings, the ids become unknown)."""
+        self._check_open()
+        with self._owner_lock:
+            self._check_thread("a forward pass")
+            self._in_forward = True
+        self._tokens.record(input_ids, self.get_seq_length())
+
+    def forward_ends(self, finished: bool) -> None:
+        """Called as the forward pass ends; `finished` is False when it raised."""
+        if finished and threading.get_ident() == self._owner:
+            self._in_forward = False
+
+    @property
+    def interrupted(self) -> bool:
+        """A forward pass started through the model and never finished (an error or Ctrl-C inside it): the
+        layers may hold different numbers of tokens. `reset()` clears it; `save()` refuses until then."""
+        return self._in_forward
+
+    def claim(self) -> None:
+        """Make the calling thread the cache's owner (e.g. a worker thread about to run `generate`).
+
+        Refused with CacheThreadError while a forward pass runs in the current owner; after an interrupted
+        forward pass, call `reset()` in the owner thread first."""
+        with self._owner_lock:
+            if self._in_forward and self._owner != threading.get_ident():
+                raise CacheThreadError(
+                    f"this KVTierCache is inside a forward pass in thread {self._owner_name()}; wait for it to "
+                    "finish (if it was interrupted, call cache.reset() in that thread) before claiming the cache"
+                )
+            self._owner = threading.get_ident()
+
+    def _check_thread(self, what: str) -> None:
+        if threading.get_ident() != self._owner:
+            raise CacheThreadError(
+                f"{what} from thread {threading.current_thread().name!r}, but this KVTierCache belongs to thread "
+                f"{self._owner_name()}: use a cache from one thread at a time (call cache.claim() in the thread "
+                "that uses it now)"
+            )
+
+    def _owner_name(self) -> str:
+        owner = next((t for t in threading.enumerate() if t.ident == self._owner), None)
+        return repr(owner.name) if owner is not None else f"#{self._owner} (no longer running)"
+
+    # ------------------------------------------------------------------------------ token ids
+    @property
+    def token_ids(self) -> torch.Tensor | None:
+        """The token ids this cache holds ([batch, length] long, CPU), or None when they are unknown."""
+        n = self.get_seq_length()
+        if not self._tokens.known or self._tokens.length != n:
+            return None
+        ids = self._tokens.ids()
+        return ids if ids is not None else torch.zeros(max(self.batch_size, 1), 0, dtype=torch.long)
+
+    def check_prompt(self, input_ids: torch.Tensor) -> None:
+        """Raise PromptMismatchError unless `input_ids` starts with the tokens this cache holds, saying where
+        they diverge. Do it before `generate` on a reopened session: generate feeds only the ids past the
+        cached length, so a prompt from another document would silently reuse this one's KV."""
+        check_prefix(self.token_ids, input_ids, self.get_seq_length())
+
+    def restore_tokens(self, ids: torch.Tensor | None, length: int) -> None:
+        """Token ids of a loaded session (None: unknown)."""
+        self._tokens.restore(ids, length)
 
     def _make_disk(self) -> DiskStore:
         """The temporary store, created on the first spill to disk and removed on close."""
@@ -161,6 +251,7 @@ class KVTierCache(Cache):
         """Store new KV of one layer ([B, Hkv, Q, D], RoPE already applied) and return the handle kvtier's
         attention reads (both elements are the same handle)."""
         self._check_open()
+        self._check_thread("update()")
         self._check_inputs(key_states, value_states, layer_idx)
         if layer_idx == 0:
             self.tiers.clock += 1
@@ -187,6 +278,9 @@ class KVTierCache(Cache):
         if k.dim() != 4 or k.shape != v.shape:
             raise CacheInputError(f"expected key/value states [batch, kv_heads, seq, head_dim], got {tuple(k.shape)}"
                                   f" and {tuple(v.shape)}")
+        if k.shape[2] == 0 or k.shape[0] == 0:
+            raise CacheInputError(f"update() got key/value states {tuple(k.shape)} with no tokens; feed at least "
+                                  "one token of one sequence")
         if k.shape[1] != self.spec.kv_heads or k.shape[3] != self.spec.head_dim:
             raise CacheInputError(
                 f"key states have {k.shape[1]} heads of {k.shape[3]}, the model spec says {self.spec.kv_heads} of "
@@ -231,41 +325,59 @@ class KVTierCache(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i of the batch becomes old row beam_idx[i]."""
-        for layer in self.layers:
-            layer.select_rows(beam_idx)
+        self._select_rows(torch.as_tensor(beam_idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        for layer in self.layers:
-            if layer.batch is not None:
-                layer.select_rows(torch.arange(layer.batch).repeat_interleave(repeats))
+        batch = self.batch_size
+        if batch > 0:
+            self._select_rows(torch.arange(batch).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         indices = torch.as_tensor(indices)
         if indices.dtype == torch.bool:
             indices = indices.nonzero().flatten()
+        self._select_rows(indices)
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        self._check_open()
+        self._check_thread("a batch reorder")
         for layer in self.layers:
-            layer.select_rows(indices.long())
+            if layer.batch is not None:
+                layer.select_rows(index.long())
+        self._tokens.select_rows(index)
 
     def crop(self, max_length: int) -> None:
         """Negative: remove that many tokens from the end. Positive (transformers < 5.x style): keep that many."""
+        self._check_open()
+        self._check_thread("crop()")
         length = self.get_seq_length()
         target = length + max_length if max_length < 0 else (length if max_length == 0 else max_length)
         target = max(0, target)
         for layer in self.layers:
             layer.truncate(target)
+        self._tokens.truncate(target)
 
     def reset(self) -> None:
+        """Forget every token (the store's saved session, if any, stays on disk)."""
+        self._check_open()
+        self._check_thread("reset()")
         for layer in self.layers:
             layer.reset()
+        self._tokens.reset()
+        self._in_forward = False
 
     # ------------------------------------------------------------------------------- kvtier API
     def stats(self) -> CacheStats:
-        """Per-tier tokens, bytes, hits, misses, bytes moved, budgets and peaks; disk compression ratio."""
+        """Per-tier tokens, bytes, hits, misses, bytes moved, budgets and peaks; disk compression ratio.
+
+        Safe from any thread: a snapshot (during a forward pass, of the state at some point inside it)."""
         return self.tiers.stats()
 
     def warm(self) -> int:
         """Load chunks from disk into free device room, then free host room (newest first, nothing evicted):
         after `open`, the first decode steps then find them resident. Returns how many chunks moved."""
+        self._check_open()
+        self._check_thread("warm()")
         moved = 0
         for layer in self.tiers.layers:
             for chunk in reversed(layer.chunks):
@@ -284,6 +396,7 @@ class KVTierCache(Cache):
         """Change the sparse budget or the selection policy between questions (validated like KVTierConfig)."""
         from .sparse.select import make_selector
 
+        self._check_thread("set_sparse()")
         changes = {k: v for k, v in (("sparse_budget", budget), ("selector", selector),
                                      ("shared_selection", shared_selection)) if v is not None}
         checked = KVTierConfig(**{**self.config.to_dict(), **changes})  # raises ValueError on bad values
@@ -301,6 +414,7 @@ class KVTierCache(Cache):
         info: JSON-able facts to keep with the session (e.g. which document it holds); `open` puts them in
         `cache.info`. Needs a cache built with `store_path=`."""
         self._check_open()
+        self._check_thread("save()")
         if not self._persistent:
             raise StoreError("this cache has a temporary store; build it with store_path=... to save a session")
         return session.save(self, info)
@@ -314,6 +428,7 @@ class KVTierCache(Cache):
         """Release memory and the store. A temporary store is deleted; a saved session stays on disk."""
         if self._closed:
             return
+        self._check_thread("close()")
         self._closed = True
         try:
             if self.tiers.has_disk and self._persistent:

@@ -7,7 +7,28 @@ import importlib
 import sys
 
 # benchmark name -> module under kvtier.bench with a `main(argv)`
-BENCHMARKS = {"exact": "exact", "codec": "codec", "speed": "speed", "quality": "quality"}
+BENCHMARKS = {"exact": "exact", "codec": "codec", "speed": "speed", "quality": "quality", "kernels": "kernels"}
+
+
+def printable(value: object) -> str:
+    """`value` as text safe for a terminal: control and other non-printing characters become escapes.
+
+    Paths, model ids and a session's `info` come from users; printed raw, an escape sequence in one of
+    them would drive the terminal (colours, titles, cursor moves) instead of being shown.
+    """
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def error_line(exc: BaseException) -> str:
+    """One printable line for an error: an OSError as 'path: reason', any message on one line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return printable(" ".join(part.strip() for part in text.splitlines() if part.strip()))
 
 
 def main(argv: list[str] | None = None) -> int:

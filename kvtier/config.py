@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,9 @@ class KVTierConfig:
     lossy_below: float = 0.5
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"`{f.name}` must be True or False, got {getattr(self, f.name)!r}")
         if self.mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
         _check_int("chunk_size", self.chunk_size, 1)
@@ -139,8 +142,9 @@ class KVTierConfig:
         _check_int("refine_every", self.refine_every, 1)
         _check_int("reader_threads", self.reader_threads, 0)
         _check_int("prefetch_tokens", self.prefetch_tokens, 0)
-        if not isinstance(self.lossy_below, (int, float)) or self.lossy_below < 0:
-            raise ValueError(f"`lossy_below` must be a number >= 0, got {self.lossy_below!r}")
+        if (isinstance(self.lossy_below, bool) or not isinstance(self.lossy_below, (int, float))
+                or not math.isfinite(self.lossy_below) or self.lossy_below < 0):
+            raise ValueError(f"`lossy_below` must be a finite number >= 0, got {self.lossy_below!r}")
         if self.lossy_disk and self.mode != "sparse":
             raise ValueError("`lossy_disk` needs mode='sparse': exact mode must stay exact")
         if self.max_store_bytes is not None and self.max_store_bytes < self.initial_map_bytes:

@@ -19,20 +19,32 @@ class CacheInputError(KVTierError, ValueError):
     """Tensors handed to the cache do not match what it was built for (dtype, device, shape)."""
 
 
+class PromptMismatchError(CacheInputError):
+    """A prompt does not start with the token ids a cache (a reopened session) holds."""
+
+
+class CacheThreadError(KVTierError, RuntimeError):
+    """A cache was driven from a thread other than the one that owns it."""
+
+
 class StoreError(KVTierError):
     """Base class of disk-store errors."""
 
 
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """The path holds no kvtier store (nothing was created or changed there)."""
+
+
 class StoreCorruptError(StoreError):
-    """A record failed its checksum, was truncated, or could not be decoded."""
+    """A record, the session manifest or the store's files are damaged, truncated or inconsistent."""
 
 
-class StoreMissingRecordError(StoreError):
-    """A record the cache refers to is not in the store."""
+class StoreMissingRecordError(StoreCorruptError):
+    """A record the session refers to is not in the store."""
 
 
 class StoreMismatchError(StoreError):
-    """The store (or one record) was written for another model, dtype or layout version."""
+    """The store (or one record) was written for another model, dtype, session or layout version."""
 
 
 class StoreLockedError(StoreError):

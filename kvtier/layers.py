@@ -346,8 +346,7 @@ class TieredLayer:
     def reset(self) -> None:
         self.pending = None
         self.tiers.free(self.chunks)
-        if self.win_slots.numel():
-            self.pool.release(self.win_slots)
+        self.pool.clear()  # empty now; the next forward may bring another batch size
         self.chunks = []
         self.abstracts.clear()
         self.win_slots = torch.empty(0, dtype=torch.long)

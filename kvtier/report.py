@@ -3,30 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import KVTierError
+from . import session
+from .cli import error_line, printable
+from .errors import IncompleteSessionError, KVTierError
+from .store import manifest as mf
 from .store.disk import DiskStore
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """A plain-data summary of a store: model, session, and per-layer chunks, bytes and skew."""
+    """A plain-data summary of a store: model, session, and per-layer chunks, bytes and skew.
+
+    Opens the store read-only (nothing in it is written, not even a lock file) and checks it as `open` does,
+    against the model facts in its own header, so a damaged or foreign store is one KVTierError."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no kvtier store at {path}")
-    disk = DiskStore(path, create=False)
+    disk = DiskStore(path, create=False, readonly=True)
     try:
-        header = disk.get_meta("store")
-        session = disk.get_meta("session")
-        n_records = sum(1 for _ in disk.keys())
-        map_bytes = disk.map_bytes
+        header = session.read_header(disk)
+        try:
+            _, manifest = session.read_session(disk, None)
+        except IncompleteSessionError:
+            manifest = None
+        n_records, map_bytes = disk.record_count(), disk.map_bytes
     finally:
         disk.close()
-    if header is None:
-        raise KVTierError(f"{path} is not a kvtier store (no store header)")
     out: dict[str, Any] = {
         "path": str(path),
         "layout_version": header.get("layout_version"),
@@ -36,36 +41,38 @@ def describe(path: str | Path) -> dict[str, Any]:
         "chunking": header.get("layout"),
         "records": n_records,
         "map_bytes": map_bytes,
-        "session": (session or {}).get("state", "none"),
+        "session": "complete" if manifest is not None else "incomplete",
     }
-    if not session or session.get("state") != "complete":
+    if manifest is None:
         return out
     layers, total_raw, total_stored = [], 0, 0
-    for i, entry in enumerate(session["layers"]):
-        if entry["kind"] != "full":
-            buf = entry.get("buffer")
-            layers.append({"layer": i, "kind": "sliding", "tokens_kept": buf[2] if buf else 0})
+    shape = mf.parse_shape(header, str(path))
+    bytes_per_token_row = 2 * shape.kv_heads * shape.head_dim * shape.dtype.itemsize
+    for i, entry in enumerate(manifest.layers):
+        if entry.kind != mf.FULL:
+            layers.append({"layer": i, "kind": "sliding", "tokens_kept": entry.buffer.length if entry.buffer else 0})
             continue
-        sizes = [c[2] for c in entry["chunks"]]
-        raw = sum(c[5] for c in entry["chunks"])
-        stored = sum(c[6] for c in entry["chunks"])
+        sizes = [c.length for c in entry.chunks]
+        raw = sum(c.record_batch * c.length * bytes_per_token_row for c in entry.chunks)
+        stored = sum(c.stored_bytes for c in entry.chunks)
         total_raw += raw
         total_stored += stored
-        skew = entry.get("skew") or {}
+        skew = entry.skew or {}
         layers.append({
             "layer": i, "kind": "full", "chunks": len(sizes), "tokens": sum(sizes),
-            "window_tokens": entry["tail"][2] if entry.get("tail") else 0,
+            "window_tokens": entry.tail.length if entry.tail else 0,
             "raw_bytes": raw, "stored_bytes": stored,
             "chunk_min": min(sizes, default=0), "chunk_median": int(statistics.median(sizes)) if sizes else 0,
             "chunk_max": max(sizes, default=0), "chunk_sizes": sizes,
-            "decode_chunk": entry.get("decode_chunk"),
+            "decode_chunk": entry.decode_chunk,
             "top5_mass": skew.get("top5"), "desert_share": skew.get("desert"),
         })
     out.update({
-        "context_tokens": session["length"],
-        "batch": session["batch"],
-        "options": session.get("options", {}),
-        "info": session.get("info", {}),
+        "context_tokens": manifest.length,
+        "batch": manifest.batch,
+        "token_ids": "kept" if manifest.tokens is not None else "unknown",
+        "options": manifest.options,
+        "info": manifest.info,
         "raw_bytes": total_raw,
         "stored_bytes": total_stored,
         "compression_ratio": round(total_raw / total_stored, 3) if total_stored else None,
@@ -79,13 +86,15 @@ def _mb(n: int) -> str:
 
 
 def format_report(d: dict[str, Any]) -> str:
-    m = d["model"]
+    """The text report. Every value read from the store goes through `printable`: a session's `info` and the
+    paths in it are whatever a user wrote, and must not reach the terminal as escape sequences."""
+    m, p = d["model"], printable
     lines = [
-        f"store       {d['path']}",
-        f"model       {m.get('model_type')}: {m.get('num_layers')} layers, {m.get('kv_heads')} KV heads of "
-        f"{m.get('head_dim')}, signature {str(d['signature'])[:16]}",
-        f"dtype       {d['dtype']}   layout version {d['layout_version']}   chunking {d['chunking']}",
-        f"session     {d['session']}   records {d['records']}   LMDB map {_mb(d['map_bytes'])}",
+        f"store       {p(d['path'])}",
+        f"model       {p(m.get('model_type'))}: {p(m.get('num_layers'))} layers, {p(m.get('kv_heads'))} KV heads "
+        f"of {p(m.get('head_dim'))}, signature {p(str(d['signature'])[:16])}",
+        f"dtype       {p(d['dtype'])}   layout version {p(d['layout_version'])}   chunking {p(d['chunking'])}",
+        f"session     {p(d['session'])}   records {d['records']}   LMDB map {_mb(d['map_bytes'])}",
     ]
     if d["session"] != "complete":
         return "\n".join(lines)
@@ -93,11 +102,11 @@ def format_report(d: dict[str, Any]) -> str:
     lines += [
         f"context     {d['context_tokens']} tokens x batch {d['batch']}",
         f"on disk     {_mb(d['stored_bytes'])} stored, {_mb(d['raw_bytes'])} raw, compression x{d['compression_ratio']}",
-        f"tiers       a saved session lives on disk; reopened with device budget {opts.get('device_budget')} and "
-        f"host budget {opts.get('host_budget')} tokens per layer ({opts.get('mode')} mode)",
+        f"tiers       a saved session lives on disk; reopened with device budget {p(opts.get('device_budget'))} "
+        f"and host budget {p(opts.get('host_budget'))} tokens per layer ({p(opts.get('mode'))} mode)",
     ]
     if d["info"]:
-        lines.append("info        " + ", ".join(f"{k}={v}" for k, v in d["info"].items()))
+        lines.append("info        " + ", ".join(f"{p(k)}={p(v)}" for k, v in d["info"].items()))
     lines.append("")
     lines.append(f"{'layer':>5} {'kind':8} {'chunks':>6} {'tokens':>8} {'stored':>10} {'ratio':>6} "
                  f"{'chunk min/med/max':>18} {'top5%':>6} {'desert':>6}")
@@ -142,10 +151,33 @@ def plot(d: dict[str, Any], path: str | Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def check_plot_target(path: str | Path) -> None:
+    """Refuse a --plot file matplotlib cannot write (unknown format, no directory, not writable), before any work."""
+    path = Path(path)
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise KVTierError("--plot needs matplotlib: pip install matplotlib") from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    kind = path.suffix[1:].lower()
+    if kind not in formats:
+        what = f"cannot write .{kind} files" if kind else "needs a file extension to know the format"
+        raise KVTierError(f"--plot {path}: matplotlib {what}; name the file .png, .pdf, .svg "
+                          f"(or {', '.join(sorted(set(formats) - {'png', 'pdf', 'svg'}))})")
+    parent = path.parent
+    if not parent.is_dir():
+        raise KVTierError(f"--plot {path}: {parent} is not a directory; write the plot into an existing directory")
+    if path.is_dir():
+        raise KVTierError(f"--plot {path} is a directory; name a file")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise KVTierError(f"--plot {path}: {path if path.exists() else parent} is not writable; "
+                          "write the plot somewhere else")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtier inspect", description=__doc__)
     p.add_argument("store", help="store directory")
-    p.add_argument("--plot", metavar="FILE.png", help="draw chunk sizes and skew by layer")
+    p.add_argument("--plot", metavar="FILE.png", help="draw chunk sizes and skew by layer (png, pdf, svg, ...)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
 
@@ -153,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.plot:
+            check_plot_target(args.plot)
         d = describe(args.store)
         if args.json:
             import json
@@ -162,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_report(d))
         if args.plot:
             plot(d, args.plot)
-            print(f"wrote {args.plot}", file=sys.stderr)
-    except (KVTierError, FileNotFoundError) as exc:
-        print(f"kvtier inspect: error: {exc}", file=sys.stderr)
+            print(f"wrote {printable(args.plot)}", file=sys.stderr)
+    except (KVTierError, OSError) as exc:  # FileNotFoundError, PermissionError, a damaged or foreign store
+        print(f"kvtier inspect: error: {error_line(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -92,6 +92,11 @@ def llama() -> torch.nn.Module:
     return build_model("llama")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=40,
+                     help="random damages tests/test_store_fuzz.py tries (default 40: seconds)")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,7 +1,9 @@
-"""Disk records: lossless round trips, and every kind of damage raises an error that names the chunk."""
+"""Disk records: lossless round trips; every kind of damage, and a record read anywhere but its own slot,
+raises an error that names the chunk, before anything is decompressed."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 
@@ -11,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier.errors import StoreCorruptError, StoreMismatchError
-from kvtier.store.codec import _HEADER, HEADER_BYTES, RecordCodec, RecordHeader
+from kvtier.store.codec import _HEADER, FLAG_INT8, HEADER_BYTES, RecordCodec, RecordHeader
 
 SIG = bytes(range(16))
+SESSION = bytes(range(100, 116))
 
 
 def _kv(shape, dtype, seed=0):
@@ -21,9 +24,20 @@ def _kv(shape, dtype, seed=0):
     return torch.randn(*shape, generator=g).to(dtype), torch.randn(*shape, generator=g).to(dtype)
 
 
-def _encode(codec, k, v, layer=3, chunk_id=17, start=64):
+def _header(k, layer=3, chunk_id=17, start=64, lossy=False, **changes) -> RecordHeader:
     b, h, n, d = k.shape
-    return codec.encode(RecordHeader(layer, chunk_id, start, n, b, h, d, k.dtype, SIG), k, v)
+    header = RecordHeader(layer, chunk_id, start, n, b, h, d, k.dtype, SIG, SESSION, flags=FLAG_INT8 if lossy else 0)
+    return dataclasses.replace(header, **changes)
+
+
+def _encode(codec, k, v, lossy=False):
+    return codec.encode(_header(k), k, v, lossy=lossy)
+
+
+def _reseal(blob: bytearray) -> bytes:
+    """Recompute the header crc after an edit: a deliberate change, not damage."""
+    struct.pack_into("<I", blob, _HEADER.size, zlib.crc32(bytes(blob[: _HEADER.size])))
+    return bytes(blob)
 
 
 @settings(max_examples=40, deadline=None)
@@ -37,8 +51,9 @@ def test_round_trip_is_lossless(dtype, shape, planes, level):
     codec = RecordCodec(zstd_level=level, byte_planes=planes)
     k, v = _kv(shape, dtype)
     blob = _encode(codec, k, v)
-    header, k2, v2 = codec.decode(blob, 3, 17, SIG, dtype)
-    assert header.start == 64 and header.length == shape[2]
+    header = codec.read_header(blob, "r")
+    assert header.start == 64 and header.length == shape[2] and header.session == SESSION
+    k2, v2 = codec.decode(blob, _header(k))
     assert torch.equal(k2, k) and torch.equal(v2, v)
 
 
@@ -52,43 +67,71 @@ def test_byte_planes_compress_16_bit_kv_better():
 @pytest.mark.parametrize("where", ["payload", "header"])
 def test_flipped_byte_is_detected_and_names_the_chunk(where):
     codec = RecordCodec()
-    blob = bytearray(_encode(codec, *_kv((1, 2, 8, 8), torch.float16)))
+    k, v = _kv((1, 2, 8, 8), torch.float16)
+    blob = bytearray(_encode(codec, k, v))
     blob[HEADER_BYTES + 5 if where == "payload" else 20] ^= 0xFF
     with pytest.raises(StoreCorruptError, match="layer 3 chunk 17"):
-        codec.decode(bytes(blob), 3, 17, SIG, torch.float16)
+        codec.decode(bytes(blob), _header(k))
 
 
 @pytest.mark.parametrize("keep", [10, HEADER_BYTES + 3])
 def test_truncated_record_is_detected(keep):
     codec = RecordCodec()
-    blob = _encode(codec, *_kv((1, 2, 8, 8), torch.float16))
+    k, v = _kv((1, 2, 8, 8), torch.float16)
+    blob = _encode(codec, k, v)
     with pytest.raises(StoreCorruptError, match="truncated"):
-        codec.decode(blob[:keep], 3, 17, SIG, torch.float16)
+        codec.decode(blob[:keep], _header(k))
 
 
-def test_other_model_dtype_or_slot_is_a_mismatch():
+@pytest.mark.parametrize("change, error, text", [
+    (dict(signature=b"x" * 16), StoreMismatchError, "another model"),
+    (dict(dtype=torch.bfloat16), StoreMismatchError, "dtype is float16"),
+    (dict(session=b"s" * 16), StoreMismatchError, "another session"),
+    (dict(chunk_id=18), StoreCorruptError, "holds layer 3 chunk 17"),
+    (dict(start=80), StoreCorruptError, "covers positions 64..72, expected 80..88"),
+    (dict(length=9), StoreCorruptError, "covers positions"),
+    (dict(batch=2), StoreCorruptError, r"holds \[1, 2, 8, 8\]"),
+    (dict(head_dim=4), StoreCorruptError, "expected"),
+    (dict(flags=FLAG_INT8), StoreCorruptError, "lossless, the manifest says int8"),
+])
+def test_a_record_read_anywhere_but_its_own_slot_is_refused(change, error, text):
     codec = RecordCodec()
-    blob = _encode(codec, *_kv((1, 2, 8, 8), torch.float16))
-    with pytest.raises(StoreMismatchError, match="another model"):
-        codec.decode(blob, 3, 17, b"x" * 16, torch.float16)
-    with pytest.raises(StoreMismatchError, match="dtype is float16"):
-        codec.decode(blob, 3, 17, SIG, torch.bfloat16)
-    with pytest.raises(StoreCorruptError, match="holds layer 3 chunk 17"):
-        codec.decode(blob, 3, 18, SIG, torch.float16)
+    k, v = _kv((1, 2, 8, 8), torch.float16)
+    with pytest.raises(error, match=text):
+        codec.decode(_encode(codec, k, v), _header(k, **change))
 
 
 def test_other_layout_version_is_a_mismatch():
     codec = RecordCodec()
-    blob = bytearray(_encode(codec, *_kv((1, 2, 8, 8), torch.float16)))
+    k, v = _kv((1, 2, 8, 8), torch.float16)
+    blob = bytearray(_encode(codec, k, v))
     struct.pack_into("<H", blob, 4, 99)  # layout version field
-    struct.pack_into("<I", blob, _HEADER.size, zlib.crc32(bytes(blob[: _HEADER.size])))
     with pytest.raises(StoreMismatchError, match="layout version 99"):
-        codec.decode(bytes(blob), 3, 17, SIG, torch.float16)
+        codec.decode(_reseal(blob), _header(k))
+    old = bytearray(_encode(codec, k, v))
+    old[:4] = b"KVT1"
+    with pytest.raises(StoreMismatchError, match="older kvtier"):
+        codec.decode(bytes(old), _header(k))
+
+
+def test_declared_sizes_are_checked_before_decompressing():
+    """A record whose header (crc and all) claims more bytes than its shape holds, or a zip bomb's ratio, is
+    refused before zstd allocates anything."""
+    codec = RecordCodec()
+    k, v = _kv((1, 2, 8, 8), torch.float16)
+    blob = bytearray(_encode(codec, k, v))
+    struct.pack_into("<Q", blob, _HEADER.size - 48, 10 << 30)  # raw bytes: 10 GiB
+    with pytest.raises(StoreCorruptError, match="its shape needs 512"):
+        codec.decode(_reseal(blob), _header(k))
+    big = torch.zeros(1, 2, 4096, 64, dtype=torch.float16)  # compresses > 64x
+    blob = _encode(codec, big, big)
+    with pytest.raises(StoreCorruptError, match="more than 64x"):
+        codec.decode(blob, _header(big))
 
 
 def test_records_hold_no_pickle():
     blob = _encode(RecordCodec(), *_kv((1, 2, 4, 4), torch.float32))
-    assert blob[:4] == b"KVT1"
+    assert blob[:4] == b"KVT2"
     assert b"\x80\x04" not in blob[:HEADER_BYTES]  # no pickle protocol marker in the header
 
 
@@ -101,15 +144,15 @@ def test_any_single_flipped_byte_is_detected(data):
     i = data.draw(st.integers(0, len(blob) - 1))
     blob[i] ^= data.draw(st.integers(1, 255))
     with pytest.raises((StoreCorruptError, StoreMismatchError), match="layer 3 chunk 17"):
-        codec.decode(bytes(blob), 3, 17, SIG, torch.bfloat16)
+        codec.decode(bytes(blob), _header(k))
 
 
 def test_lossy_records_are_int8_with_per_channel_scales():
     codec = RecordCodec()
     k, v = _kv((2, 3, 40, 16), torch.bfloat16, seed=4)
     k[:, :, :, 3] *= 50  # an outlier channel must not ruin the others
-    blob = codec.encode(RecordHeader(3, 17, 64, 40, 2, 3, 16, k.dtype, SIG), k, v, lossy=True)
-    _, k2, v2 = codec.decode(blob, 3, 17, SIG, torch.bfloat16)
+    blob = _encode(codec, k, v, lossy=True)
+    k2, v2 = codec.decode(blob, _header(k, lossy=True))
     assert k2.dtype == torch.bfloat16 and k2.shape == k.shape
     for orig, back in ((k, k2), (v, v2)):
         scale = orig.float().abs().amax(dim=2, keepdim=True) / 127

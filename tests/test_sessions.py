@@ -3,6 +3,7 @@ on another model, dtype, layout version, an interrupted prefill, a second opener
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import struct
 import subprocess
@@ -164,10 +165,11 @@ def test_interrupted_prefill_leaves_a_readable_store_marked_incomplete(tmp_path,
     keys = list(disk.keys())
     assert keys, "layers 0-1 spilled chunks to disk before the interrupt"
     codec = RecordCodec()
+    sig = bytes.fromhex(disk.get_meta("store")["signature"])
     for key in keys:
         header = codec.read_header(disk.get(key), "record")
-        sig = bytes.fromhex(disk.get_meta("store")["signature"])
-        codec.decode(disk.get(key), header.layer, header.chunk_id, sig, torch.float32)
+        k, _ = codec.decode(disk.get(key), dataclasses.replace(header, signature=sig))
+        assert k.dtype == torch.float32
     assert disk.get_meta("session")["state"] == "incomplete"
     disk.close()
     # Starting over on the same path works with overwrite=True.

@@ -45,7 +45,7 @@ def _manager(device_budget, host_budget, tmp):
     cfg = KVTierConfig(device_budget=device_budget, host_budget=host_budget, chunk_size=4, sink_tokens=0,
                        recent_window=0)
     return TierManager(cfg, [0], torch.device("cpu"), torch.float32, b"s" * 16,
-                       lambda: DiskStore(tempfile.mkdtemp(dir=tmp), remove_on_close=True))
+                       lambda: DiskStore(tempfile.mkdtemp(dir=tmp), remove_on_close=True), (H, D))
 
 
 ops = st.lists(

@@ -48,7 +48,7 @@ def _measure(codec: RecordCodec, k: torch.Tensor, v: torch.Tensor, reps: int = 9
     raw = k.nbytes + v.nbytes
     blob = codec.encode(header, k, v)
     enc = _median_time(lambda: codec.encode(header, k, v), reps)
-    dec = _median_time(lambda: codec.decode(blob, 0, 0, b"\0" * 16, k.dtype), reps)
+    dec = _median_time(lambda: codec.decode(blob, header), reps)
     return {"ratio": round(raw / len(blob), 4), "encode_mb_s": round(raw / enc / 1e6, 1),
             "decode_mb_s": round(raw / dec / 1e6, 1)}
 

@@ -28,7 +28,7 @@ class Chunk:
     start: int  # first logical position
     length: int  # tokens
     tier: Tier
-    stored_batch: int  # batch rows in the stored tensors
+    stored_batch: int  # batch rows of the disk record (set when it is written)
     rows: torch.Tensor | None = None  # logical batch row -> row of the host copy; None: identity
     disk_rows: torch.Tensor | None = None  # logical batch row -> row of the disk record; None: identity
     slots: torch.Tensor | None = None  # device-pool slot of each token, while tier == DEVICE
@@ -39,6 +39,8 @@ class Chunk:
     row: int = -1  # index in the layer's chunk table (and its abstract table)
     importance: float | None = None  # attention mass relative to a uniform share (1.0), from profiling
     selected: int = 0  # decode steps that selected it since the last refinement
+    writer: bytes = b""  # session id of the cache that wrote the disk record (records are bound to it)
+    lossy: bool = False  # the disk record holds int8 values
 
     @property
     def end(self) -> int:

@@ -1,12 +1,19 @@
 """Disk record format: a fixed binary header plus a zstd payload. Never pickle: a store is data, never code.
 
-Record layout (little-endian)::
+Record layout, version 2 (little-endian)::
 
     +--------+--------+-------+-------+-------+----------+-------+--------+-------+-------+----------+
     | magic  | layout | flags | dtype | layer | chunk id | start | length | batch | heads | head_dim |
     +--------+--------+-------+-------+-------+----------+-------+--------+-------+-------+----------+
-    | raw bytes | payload bytes | model signature (16 B) | header crc32 | zstd frame (content xxhash) |
-    +-----------+---------------+------------------------+--------------+-----------------------------+
+    | raw bytes | payload bytes | model signature (16 B) | session id (16 B) | header crc32 | zstd frame |
+    +-----------+---------------+------------------------+-------------------+--------------+------------+
+
+A record is bound to its place: the reader says which record it expects (session, layer, chunk, start,
+length, shape, dtype, lossless or int8) and every field must match before anything is decompressed, so a
+record read from anywhere but its own slot (another chunk, another session of the same model, another
+store) is detected, and a damaged size can never make zstd allocate more than the chunk's shape needs.
+The session id is the id of the cache that wrote the record (a fresh one each time a cache is created or
+a session reopened), so records of two continuations of one saved session never pass for each other.
 
 The payload is K then V, both `[batch, heads, length, head_dim]`, optionally split into byte planes
 (all first bytes, then all second bytes, ...) before zstd: the exponent bytes of 16-bit floats repeat
@@ -33,15 +40,21 @@ import zstandard
 from ..errors import StoreCorruptError, StoreMismatchError
 from .chunk import chunk_name
 
-LAYOUT_VERSION = 1
-MAGIC = b"KVT1"
+LAYOUT_VERSION = 2
+MAGIC = b"KVT2"
+OLD_MAGICS = {b"KVT1": 1}
 FLAG_BYTE_PLANES = 1
 FLAG_ZSTD = 2
 FLAG_INT8 = 4  # lossy: int8 values with a float32 scale per (row, head, channel), for K and V
+_KNOWN_FLAGS = FLAG_BYTE_PLANES | FLAG_ZSTD | FLAG_INT8
+# KV compresses 1.1-1.3x lossless and 2-4x as int8 (docs/benchmarks/codec.json): a record claiming far more
+# is damaged or hostile, and is refused before zstd allocates for it.
+MAX_COMPRESSION_RATIO = 64
 
-_HEADER = struct.Struct("<4sHHBxxxIQQIIIIQQ16s")
+_HEADER = struct.Struct("<4sHHBxxxIQQIIIIQQ16s16s")
 _HEADER_CRC = struct.Struct("<I")
 HEADER_BYTES = _HEADER.size + _HEADER_CRC.size
+SESSION_ID_BYTES = 16
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -51,8 +64,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 @dataclass(slots=True, frozen=True)
 class RecordHeader:
+    """What a record holds. Readers build the one they expect and `decode` compares every field."""
+
     layer: int
     chunk_id: int
     start: int
@@ -62,10 +81,22 @@ class RecordHeader:
     head_dim: int
     dtype: torch.dtype
     signature: bytes  # first 16 bytes of the model signature
+    session: bytes = bytes(SESSION_ID_BYTES)  # id of the cache that wrote the record
     layout_version: int = LAYOUT_VERSION
-    flags: int = 0
+    flags: int = 0  # expected records: FLAG_INT8 when the record is lossy, else 0
     raw_nbytes: int = 0
     payload_nbytes: int = 0
+
+    @property
+    def lossy(self) -> bool:
+        return bool(self.flags & FLAG_INT8)
+
+    def raw_size(self) -> int:
+        """Decompressed bytes of a record of this shape: K and V (or their int8 values and scales)."""
+        b, h, n, d = self.batch, self.heads, self.length, self.head_dim
+        if self.lossy:
+            return 2 * (4 * b * h * d) + 2 * b * h * n * d
+        return 2 * _itemsize(self.dtype) * b * h * n * d
 
 
 def _to_planes(raw: np.ndarray, itemsize: int) -> np.ndarray:
@@ -151,11 +182,18 @@ class RecordCodec:
             raw.nbytes,
             len(payload),
             header.signature[:16].ljust(16, b"\0"),
+            header.session,
         )
         return head + _HEADER_CRC.pack(zlib.crc32(head)) + payload
 
     @staticmethod
     def read_header(blob: bytes, name: str) -> RecordHeader:
+        """The record's header, checked for damage (magic, layout version, crc, dtype, flags); not its place."""
+        if blob[:4] in OLD_MAGICS:
+            raise StoreMismatchError(
+                f"{name}: record has layout version {OLD_MAGICS[blob[:4]]}, written by an older kvtier; this "
+                f"kvtier reads version {LAYOUT_VERSION}. Prefill the document again."
+            )
         if len(blob) < HEADER_BYTES:
             raise StoreCorruptError(f"{name}: record truncated to {len(blob)} bytes (header needs {HEADER_BYTES})")
         head = blob[: _HEADER.size]
@@ -166,31 +204,31 @@ class RecordCodec:
         if zlib.crc32(head) != crc:
             raise StoreCorruptError(f"{name}: header checksum mismatch (record corrupted)")
         (_, layout, flags, dtype_code, layer, chunk_id, start, length, batch, heads, head_dim, raw_nbytes,
-         payload_nbytes, signature) = fields
+         payload_nbytes, signature, session) = fields
+        if layout != LAYOUT_VERSION:
+            raise StoreMismatchError(
+                f"{name}: record layout version {layout}, this kvtier reads version {LAYOUT_VERSION}"
+            )
         if dtype_code not in CODE_DTYPES:
             raise StoreCorruptError(f"{name}: unknown dtype code {dtype_code}")
+        if flags & ~_KNOWN_FLAGS or not flags & FLAG_ZSTD:
+            raise StoreCorruptError(f"{name}: unknown record flags {flags:#x}")
         return RecordHeader(layer, chunk_id, start, length, batch, heads, head_dim, CODE_DTYPES[dtype_code],
-                            signature, layout, flags, raw_nbytes, payload_nbytes)
+                            signature, session, layout, flags, raw_nbytes, payload_nbytes)
 
-    def decode(
-        self, blob: bytes, layer: int, chunk_id: int, signature: bytes, dtype: torch.dtype
-    ) -> tuple[RecordHeader, torch.Tensor, torch.Tensor]:
-        """Check and decode a record that must hold `layer`/`chunk_id` of the given model and dtype."""
-        name = chunk_name(layer, chunk_id)
+    def decode(self, blob: bytes, expect: RecordHeader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check that `blob` is exactly the record `expect` describes, then decode it: k, v [B, H, n, D]."""
+        name = chunk_name(expect.layer, expect.chunk_id)
         h = self.read_header(blob, name)
-        if h.layout_version != LAYOUT_VERSION:
-            raise StoreMismatchError(
-                f"{name}: record layout version {h.layout_version}, this kvtier reads version {LAYOUT_VERSION}"
-            )
-        if (h.layer, h.chunk_id) != (layer, chunk_id):
-            raise StoreCorruptError(f"{name}: record holds layer {h.layer} chunk {h.chunk_id} instead")
-        if h.signature != signature[:16].ljust(16, b"\0"):
-            raise StoreMismatchError(f"{name}: record was written by another model (signature mismatch)")
-        if h.dtype != dtype:
-            raise StoreMismatchError(f"{name}: record dtype is {dtype_name(h.dtype)}, the cache uses {dtype_name(dtype)}")
+        _check_place(h, expect, name)
         payload = blob[HEADER_BYTES:]
         if len(payload) != h.payload_nbytes:
             raise StoreCorruptError(f"{name}: payload truncated ({len(payload)} of {h.payload_nbytes} bytes)")
+        if h.raw_nbytes > MAX_COMPRESSION_RATIO * len(payload) + 4096:
+            raise StoreCorruptError(
+                f"{name}: record declares {h.raw_nbytes} bytes from a {len(payload)}-byte payload, more than "
+                f"{MAX_COMPRESSION_RATIO}x: refused before decompressing"
+            )
         try:
             # A damaged frame header could claim any size: check it before zstd allocates for it.
             if zstandard.frame_content_size(payload) != h.raw_nbytes:
@@ -198,25 +236,48 @@ class RecordCodec:
             raw = self._decompressor.decompress(payload, max_output_size=h.raw_nbytes)
         except zstandard.ZstdError as exc:  # includes the frame's content checksum failing
             raise StoreCorruptError(f"{name}: payload corrupted ({exc})") from exc
+        if len(raw) != h.raw_nbytes:
+            raise StoreCorruptError(f"{name}: decoded {len(raw)} bytes, expected {h.raw_nbytes}")
         b, heads, n, d = h.batch, h.heads, h.length, h.head_dim
         shape = (b, heads, n, d)
         arr = np.frombuffer(raw, dtype=np.uint8)
         if h.flags & FLAG_INT8:
             n_scale = b * heads * d * 4
-            expected = 2 * n_scale + 2 * b * heads * n * d
-            if len(raw) != h.raw_nbytes or len(raw) != expected:
-                raise StoreCorruptError(f"{name}: decoded {len(raw)} bytes, expected {expected}")
             scales = torch.from_numpy(arr[: 2 * n_scale].copy().view(np.float32)).view(2, b, heads, 1, d)
             values = torch.from_numpy(arr[2 * n_scale:].copy().view(np.int8)).view(2, *shape)
             kv = (values.float() * scales).to(h.dtype)
-            return h, kv[0], kv[1]
-        itemsize = torch.empty((), dtype=h.dtype).element_size()
-        expected = 2 * itemsize * b * heads * n * d
-        if len(raw) != h.raw_nbytes or len(raw) != expected:
-            raise StoreCorruptError(f"{name}: decoded {len(raw)} bytes, expected {expected}")
+            return kv[0], kv[1]
         if h.flags & FLAG_BYTE_PLANES:
-            arr = _from_planes(arr, itemsize)
+            arr = _from_planes(arr, _itemsize(h.dtype))
         else:
             arr = arr.copy()  # frombuffer is read-only; torch wants a writable buffer
         kv = torch.from_numpy(arr).view(h.dtype).view(2, *shape)
-        return h, kv[0], kv[1]
+        return kv[0], kv[1]
+
+
+def _check_place(h: RecordHeader, expect: RecordHeader, name: str) -> None:
+    """Every field of the record's header against what its slot in the session says it must hold."""
+    if (h.layer, h.chunk_id) != (expect.layer, expect.chunk_id):
+        raise StoreCorruptError(f"{name}: record holds layer {h.layer} chunk {h.chunk_id} instead")
+    if h.signature != expect.signature[:16].ljust(16, b"\0"):
+        raise StoreMismatchError(f"{name}: record was written by another model (signature mismatch)")
+    if h.session != expect.session:
+        raise StoreMismatchError(
+            f"{name}: record belongs to another session (session id {h.session.hex()[:12]}, the manifest names "
+            f"{expect.session.hex()[:12]}); it was copied in from elsewhere"
+        )
+    if h.dtype != expect.dtype:
+        raise StoreMismatchError(f"{name}: record dtype is {dtype_name(h.dtype)}, the cache uses "
+                                 f"{dtype_name(expect.dtype)}")
+    if (h.start, h.length) != (expect.start, expect.length):
+        raise StoreCorruptError(f"{name}: record covers positions {h.start}..{h.start + h.length}, expected "
+                                f"{expect.start}..{expect.start + expect.length}")
+    if (h.batch, h.heads, h.head_dim) != (expect.batch, expect.heads, expect.head_dim):
+        raise StoreCorruptError(f"{name}: record holds [{h.batch}, {h.heads}, {h.length}, {h.head_dim}], expected "
+                                f"[{expect.batch}, {expect.heads}, {expect.length}, {expect.head_dim}]")
+    if h.lossy != expect.lossy:
+        raise StoreCorruptError(f"{name}: record is {'int8' if h.lossy else 'lossless'}, the manifest says "
+                                f"{'int8' if expect.lossy else 'lossless'}")
+    want = expect.raw_size()
+    if h.raw_nbytes != want:
+        raise StoreCorruptError(f"{name}: record declares {h.raw_nbytes} decoded bytes, its shape needs {want}")

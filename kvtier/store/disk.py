@@ -1,8 +1,14 @@
-"""The disk tier: an LMDB environment holding chunk records and a little JSON metadata.
+"""The disk tier: an LMDB environment holding chunk records and a little sealed JSON metadata.
 
-One process at a time: an exclusive `flock` guards the directory, so a second opener gets a clear
-error instead of two writers interleaving. Each write is one LMDB transaction: a crash or a full map
+One process at a time: an exclusive `flock` on `kvtier.lock` guards the directory, so a second opener gets
+a clear error instead of two writers interleaving. Each write is one LMDB transaction: a crash or a full map
 leaves the store exactly as the last committed transaction left it.
+
+A store is untrusted data. Before LMDB maps `data.mdb`, its structure is checked page by page
+(`lmdb_check`), so a truncated or damaged file raises `StoreCorruptError` instead of killing the process.
+Nothing inside a store is ever followed if it is a symbolic link, a directory that is not a store is never
+written to, and every LMDB or filesystem failure surfaces as a `StoreError` naming the store. Metadata
+entries are JSON sealed with a SHA-256 digest: a flipped bit or an edited digit is detected.
 """
 
 from __future__ import annotations
@@ -10,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,11 +28,68 @@ from typing import Any
 
 import lmdb
 
-from ..errors import StoreFullError, StoreLockedError
+from ..errors import (
+    IncompleteSessionError,
+    StoreCorruptError,
+    StoreError,
+    StoreFullError,
+    StoreLockedError,
+    StoreMismatchError,
+    StoreNotFoundError,
+)
+from .lmdb_check import check_lmdb_file
 
 LOCK_FILE = "kvtier.lock"
+DATA_FILE = "data.mdb"
+LMDB_LOCK_FILE = "lock.mdb"
+STORE_FILES = (LOCK_FILE, DATA_FILE, LMDB_LOCK_FILE)
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
+_META_MAGIC = b"KVTM"
+_DIGEST_BYTES = 32
+# LMDB failures that mean the file is damaged (anything else is an I/O or usage problem).
+_CORRUPT = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.VersionMismatchError,
+            lmdb.IncompatibleError, lmdb.BadValsizeError, lmdb.PanicError)
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether `path` is a kvtier store directory (or one whose creation was interrupted)."""
+    path = Path(path)
+    return path.is_dir() and os.path.lexists(path / LOCK_FILE)
+
+
+def seal(obj: Any) -> bytes:
+    """JSON with a SHA-256 digest in front, so any change to the bytes is detected."""
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    return _META_MAGIC + hashlib.sha256(body).digest() + body
+
+
+def unseal(raw: bytes, what: str) -> Any:
+    """The JSON value of a sealed entry; StoreCorruptError if it was changed or damaged."""
+    if raw[:4] != _META_MAGIC:
+        legacy = _legacy_version(raw)
+        if legacy is not None:
+            raise StoreMismatchError(f"{what} was written by an older kvtier (layout version {legacy}); "
+                                     "prefill the document again with this version")
+        raise StoreCorruptError(f"{what} is damaged (not a sealed kvtier entry)")
+    digest, body = raw[4:4 + _DIGEST_BYTES], raw[4 + _DIGEST_BYTES:]
+    if hashlib.sha256(body).digest() != digest:
+        raise StoreCorruptError(f"{what} is damaged (checksum mismatch)")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # the digest matched: written so on purpose, still refused
+        raise StoreCorruptError(f"{what} is not valid JSON ({type(exc).__name__})") from None
+
+
+def _legacy_version(raw: bytes) -> int | None:
+    """Layout version of plain-JSON metadata written before entries were sealed, if that is what it is."""
+    if not raw.startswith(b"{"):
+        return None
+    try:
+        version = json.loads(raw).get("layout_version")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    return version if isinstance(version, int) else None
 
 
 class _ResizeLock:
@@ -63,11 +128,15 @@ class _ResizeLock:
 
 
 class DiskStore:
-    """Minimal storage interface: contains / put / get / remove / close, plus JSON metadata.
+    """Minimal storage interface: contains / put / get / remove / close, plus sealed JSON metadata.
 
     Records are opaque bytes here; `RecordCodec` gives them meaning. Writes are batched into one
     transaction per call. When the LMDB map fills up it doubles (up to `max_bytes`); when it cannot
     grow the write is rolled back and `StoreFullError` is raised, leaving the store readable.
+
+    create: make the directory (or use an empty one) if there is no store yet; never a non-empty directory
+        that is not a store. wipe: start from an empty store (the files of an existing one are removed, even
+        damaged ones). readonly: read without writing anything, not even LMDB's lock file.
     """
 
     def __init__(
@@ -75,71 +144,167 @@ class DiskStore:
         path: str | os.PathLike,
         *,
         create: bool = True,
+        readonly: bool = False,
+        wipe: bool = False,
         initial_map_bytes: int = 1 << 28,
         max_bytes: int | None = None,
         remove_on_close: bool = False,
     ):
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.readonly = readonly
         self.remove_on_close = remove_on_close
+        self.closed = True
         self._resize_lock = _ResizeLock()
-        if not self.path.exists():
-            if not create:
-                raise FileNotFoundError(f"no kvtier store at {self.path}")
-            self.path.mkdir(parents=True, mode=_DIR_MODE)
-        elif not self.path.is_dir():
-            raise NotADirectoryError(f"kvtier store path {self.path} exists and is not a directory")
-        os.chmod(self.path, _DIR_MODE)
-        self._lock_fd = self._acquire_lock()
+        self._lock_fd: int | None = None
+        with self._os_errors("create" if create and not readonly else "open"):
+            self._prepare_directory(create and not readonly)
+            self._lock_fd = self._acquire_lock()
         try:
-            map_size = max(initial_map_bytes, self._existing_data_bytes())
-            self.env = lmdb.open(
-                str(self.path),
-                map_size=map_size,
-                max_dbs=4,
-                mode=_FILE_MODE,
-                subdir=True,
-                # Durability comes from explicit sync() at save and close; a killed process still leaves a
-                # consistent store (the OS keeps the pages), only an OS crash could lose unsynced commits.
-                sync=False,
-                metasync=False,
-                readahead=False,
-            )
-            self._chunks = self.env.open_db(b"chunks")
-            self._meta = self.env.open_db(b"meta")
+            with self._os_errors("open"):
+                self._check_files(wipe)
+            with self._lmdb_errors("open"):
+                self._open_env(initial_map_bytes)
         except BaseException:
             self._release_lock()
             raise
         self.closed = False
 
-    # ----------------------------------------------------------------------------------------- locking
+    # ------------------------------------------------------------------------------------ opening
+    def _prepare_directory(self, create: bool) -> None:
+        if create:
+            try:
+                self.path.mkdir(parents=True, mode=_DIR_MODE)
+            except FileExistsError:
+                pass  # made by someone else meanwhile, or there already: checked below
+        if not self.path.is_dir():
+            if not create and not self.path.exists():
+                raise StoreNotFoundError(f"no kvtier store at {self.path}")
+            raise StoreError(f"kvtier store path {self.path} exists and is not a directory")
+        if os.path.lexists(self.path / LOCK_FILE):
+            return
+        if not create:
+            raise StoreNotFoundError(f"no kvtier store at {self.path} (the directory holds no {LOCK_FILE})")
+        if any(self.path.iterdir()):
+            raise StoreError(f"{self.path} is not empty and is not a kvtier store; choose a new or empty directory")
+        os.chmod(self.path, _DIR_MODE)  # an empty directory becomes a store: owner-only, like a new one
+
     def _acquire_lock(self) -> int:
-        lock_path = self.path / LOCK_FILE
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        """Open `kvtier.lock` without following links and take the store's exclusive lock."""
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        flags |= os.O_RDONLY if self.readonly else os.O_RDWR | os.O_CREAT
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(self.path / LOCK_FILE, flags, _FILE_MODE)
         except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if exc.errno == errno.ELOOP:
+                raise self._link_error(LOCK_FILE) from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StoreCorruptError(f"kvtier store {self.path}: {LOCK_FILE} is not a regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                holder = holder if holder.isdigit() else "unknown"
                 raise StoreLockedError(
                     f"kvtier store {self.path} is already open (holder pid {holder}); close the other cache "
                     "or process first, or use another store_path"
                 ) from None
+            if not self.readonly:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except BaseException:
+            os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
 
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+    def _link_error(self, name: str) -> StoreCorruptError:
+        return StoreCorruptError(f"kvtier store {self.path}: {name} is a symbolic link; kvtier never follows "
+                                 "links inside a store (replace the store)")
 
-    def _existing_data_bytes(self) -> int:
-        data = self.path / "data.mdb"
-        return data.stat().st_size if data.exists() else 0
+    def _check_files(self, wipe: bool) -> None:
+        """Refuse links and odd files; with `wipe`, remove LMDB's files; else check data.mdb's structure."""
+        for name in (DATA_FILE, LMDB_LOCK_FILE):
+            try:
+                st = os.lstat(self.path / name)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                raise self._link_error(name)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreCorruptError(f"kvtier store {self.path}: {name} is not a regular file")
+            if wipe:
+                os.unlink(self.path / name)
+        data = self.path / DATA_FILE
+        if self.readonly and not data.exists():
+            raise IncompleteSessionError(
+                f"kvtier store {self.path} was interrupted before its first commit (it holds no {DATA_FILE}); "
+                "prefill again with overwrite=True"
+            )
+        if data.exists():
+            check_lmdb_file(data, f"kvtier store {self.path} ({DATA_FILE})")
+
+    def _open_env(self, initial_map_bytes: int) -> None:
+        data = self.path / DATA_FILE
+        existing = data.stat().st_size if data.exists() else 0
+        self.env = lmdb.open(
+            str(self.path),
+            map_size=max(initial_map_bytes, existing),
+            max_dbs=4,
+            mode=_FILE_MODE,
+            subdir=True,
+            readonly=self.readonly,
+            lock=not self.readonly,  # read-only: our flock keeps writers out, and LMDB writes no lock file
+            # Durability comes from explicit sync() at save and close; a killed process still leaves a
+            # consistent store (the OS keeps the pages), only an OS crash could lose unsynced commits.
+            sync=False,
+            metasync=False,
+            readahead=False,
+        )
+        try:
+            self._chunks = self._open_db(b"chunks")
+            self._meta = self._open_db(b"meta")
+        except BaseException:
+            self.env.close()
+            raise
+
+    def _open_db(self, name: bytes):
+        if not self.readonly:
+            return self.env.open_db(name)
+        try:
+            return self.env.open_db(name, create=False)
+        except lmdb.NotFoundError:
+            raise IncompleteSessionError(
+                f"kvtier store {self.path} was interrupted before its first commit; prefill again with "
+                "overwrite=True"
+            ) from None
+
+    # ------------------------------------------------------------------------------------ errors
+    @contextlib.contextmanager
+    def _os_errors(self, doing: str):
+        try:
+            yield
+        except (StoreError, lmdb.MapFullError):
+            raise
+        except OSError as exc:
+            what = exc.strerror or type(exc).__name__
+            raise StoreError(f"kvtier store {self.path}: cannot {doing} ({what}"
+                             f"{': ' + str(exc.filename) if exc.filename else ''})") from None
+
+    @contextlib.contextmanager
+    def _lmdb_errors(self, doing: str):
+        try:
+            with self._os_errors(doing):
+                yield
+        except lmdb.MapFullError:
+            raise
+        except _CORRUPT as exc:
+            raise StoreCorruptError(f"kvtier store {self.path} is damaged: {doing} failed ({exc})") from None
+        except lmdb.Error as exc:
+            raise StoreError(f"kvtier store {self.path}: {doing} failed ({exc})") from None
 
     # ------------------------------------------------------------------------------------- records
     def contains(self, key: bytes) -> bool:
@@ -147,11 +312,11 @@ class DiskStore:
 
     def get(self, key: bytes) -> bytes | None:
         """Thread-safe: reader threads call it concurrently."""
-        with self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
+        with self._lmdb_errors("read"), self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
             return txn.get(key)
 
     def get_many(self, keys: Iterable[bytes]) -> list[bytes | None]:
-        with self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
+        with self._lmdb_errors("read"), self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
             return [txn.get(k) for k in keys]
 
     def put(self, key: bytes, value: bytes) -> None:
@@ -159,12 +324,13 @@ class DiskStore:
 
     def put_many(self, items: list[tuple[bytes, bytes]], meta: dict[str, Any] | None = None) -> None:
         """Write records (and optionally metadata entries) in one transaction."""
+        sealed = [(name.encode(), seal(obj)) for name, obj in (meta or {}).items()]
 
         def write(txn: lmdb.Transaction) -> None:
             for key, value in items:
                 txn.put(key, value, db=self._chunks)
-            for name, obj in (meta or {}).items():
-                txn.put(name.encode(), json.dumps(obj).encode(), db=self._meta)
+            for name, value in sealed:
+                txn.put(name, value, db=self._meta)
 
         self._write(write)
 
@@ -177,15 +343,20 @@ class DiskStore:
             self._write(lambda txn: [txn.delete(k, db=self._chunks) for k in keys])
 
     def keys(self) -> Iterator[bytes]:
-        with self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
+        with self._lmdb_errors("list records"), self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
             keys = list(txn.cursor().iternext(keys=True, values=False))
         yield from keys
 
+    def record_count(self) -> int:
+        with self._lmdb_errors("count records"), self._resize_lock.shared(), self.env.begin() as txn:
+            return txn.stat(self._chunks)["entries"]
+
     # ---------------------------------------------------------------------------------------- meta
     def get_meta(self, name: str) -> Any | None:
-        with self._resize_lock.shared(), self.env.begin(db=self._meta) as txn:
+        """A metadata entry (checked against its seal), or None if there is none."""
+        with self._lmdb_errors("read metadata"), self._resize_lock.shared(), self.env.begin(db=self._meta) as txn:
             raw = txn.get(name.encode())
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else unseal(raw, f"kvtier store {self.path}: metadata {name!r}")
 
     def put_meta(self, name: str, obj: Any) -> None:
         self.put_many([], meta={name: obj})
@@ -198,14 +369,21 @@ class DiskStore:
     def map_bytes(self) -> int:
         return self.env.info()["map_size"]
 
+    def data_bytes(self) -> int:
+        """Size of the data file: no record or manifest can declare more than it holds."""
+        with self._os_errors("read the data file's size"):
+            return (self.path / DATA_FILE).stat().st_size
+
     def used_bytes(self) -> int:
-        info, stat = self.env.info(), self.env.stat()
-        return (info["last_pgno"] + 1) * stat["psize"]
+        info, stat_ = self.env.info(), self.env.stat()
+        return (info["last_pgno"] + 1) * stat_["psize"]
 
     def _write(self, fn) -> None:
+        if self.readonly:
+            raise StoreError(f"kvtier store {self.path} is open read-only")
         while True:
             try:
-                with self._resize_lock.shared(), self.env.begin(write=True) as txn:
+                with self._lmdb_errors("write"), self._resize_lock.shared(), self.env.begin(write=True) as txn:
                     fn(txn)
                 return
             except lmdb.MapFullError:
@@ -223,26 +401,36 @@ class DiskStore:
                 "the failed write was rolled back. Raise max_store_bytes or free disk space."
             )
         free = shutil.disk_usage(self.path).free
-        if target - current > free + self._existing_data_bytes():
+        if target - current > free + self.data_bytes():
             raise StoreFullError(
                 f"kvtier store {self.path} is full and the disk has only {free} bytes free; "
                 "the failed write was rolled back"
             )
-        self.env.set_mapsize(target)
+        with self._lmdb_errors("grow the map"):
+            self.env.set_mapsize(target)
 
     # --------------------------------------------------------------------------------------- close
     def sync(self) -> None:
-        self.env.sync(True)
+        if not self.readonly:
+            with self._lmdb_errors("sync"):
+                self.env.sync(True)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         try:
-            if not self.remove_on_close:
-                self.env.sync(True)
-            self.env.close()
+            if not self.remove_on_close and not self.readonly:
+                with self._lmdb_errors("sync"):
+                    self.env.sync(True)
         finally:
+            self.env.close()
             self._release_lock()
             if self.remove_on_close:
                 shutil.rmtree(self.path, ignore_errors=True)
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None

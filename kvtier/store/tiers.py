@@ -11,20 +11,21 @@ rows onto them, so a beam-search reorder never rewrites data below the device.
 
 from __future__ import annotations
 
+import copy
+import secrets
 from collections.abc import Callable, Iterable
 
 import torch
 
 from ..config import KVTierConfig
-from ..errors import StoreMissingRecordError
+from ..errors import StoreCorruptError, StoreMissingRecordError
 from .chunk import Chunk, Tier, chunk_key
-from .codec import RecordCodec, RecordHeader
+from .codec import FLAG_INT8, SESSION_ID_BYTES, RecordCodec, RecordHeader
 from .disk import DiskStore
 from .eviction import LRUEviction
 from .pools import DevicePool, HostPool
 from .prefetch import Prefetcher
 from .stats import CacheStats
-
 
 ABSTRACT_ID = 2**64 - 1  # chunk id under which a layer's abstract table is stored
 
@@ -48,11 +49,14 @@ class TierManager:
         dtype: torch.dtype,
         signature: bytes,
         disk_factory: Callable[[], DiskStore],
+        kv_shape: tuple[int, int],
     ):
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
         self.signature = signature
+        self.kv_heads, self.head_dim = kv_shape
+        self.session_id = secrets.token_bytes(SESSION_ID_BYTES)  # names every record this cache writes
         pin = self.device.type == "cuda"
         layers = list(tiered_layers)
         self.device_pools = {i: DevicePool(config.device_budget, self.device, dtype) for i in layers}
@@ -96,17 +100,20 @@ class TierManager:
         """Encode chunks (k, v in the chunk's stored row order) and write them in one transaction."""
         if not items:
             return
-        blobs = []
+        blobs, sizes = [], []
         for chunk, k, v in items:
             b, h, n, d = k.shape
-            header = RecordHeader(chunk.layer, chunk.chunk_id, chunk.start, n, b, h, d, k.dtype, self.signature)
-            blob = self.codec.encode(header, k, v, lossy=self._lossy(chunk))
+            header = RecordHeader(chunk.layer, chunk.chunk_id, chunk.start, n, b, h, d, k.dtype, self.signature,
+                                  self.session_id)
+            lossy = self._lossy(chunk)
+            blob = self.codec.encode(header, k, v, lossy=lossy)
             blobs.append((chunk.key, blob))
-            self.record_sizes[chunk.key] = (n, k.nbytes + v.nbytes, len(blob))
-        self.disk.put_many(blobs)
-        for chunk, k, v in items:
-            chunk.on_disk = True
-            self.counters.disk.bytes_written += self.record_sizes[chunk.key][2]
+            sizes.append((b, lossy, (n, k.nbytes + v.nbytes, len(blob))))
+        self.disk.put_many(blobs)  # may raise StoreFullError: then nothing below has changed
+        for (chunk, _, _), (b, lossy, size) in zip(items, sizes):
+            chunk.on_disk, chunk.stored_batch, chunk.lossy, chunk.writer = True, b, lossy, self.session_id
+            self.record_sizes[chunk.key] = size
+            self.counters.disk.bytes_written += size[2]
 
     def _lossy(self, chunk: Chunk) -> bool:
         """Opt-in: chunks that got little attention at prefill are stored as int8 on disk."""
@@ -119,33 +126,40 @@ class TierManager:
         self.counters.disk.bytes_read += self.record_sizes[chunk.key][2]
         return k, v
 
+    def expected_header(self, chunk: Chunk) -> RecordHeader:
+        """What the chunk's record must say about itself: its session, place, shape, dtype and encoding."""
+        return RecordHeader(chunk.layer, chunk.chunk_id, chunk.start, chunk.length, chunk.stored_batch,
+                            self.kv_heads, self.head_dim, self.dtype, self.signature, chunk.writer,
+                            flags=FLAG_INT8 if chunk.lossy else 0)
+
     def _load_record(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """Read, check and decode one record. Thread-safe (reader threads call it); counts nothing."""
         blob = self.disk.get(chunk.key)
         if blob is None:
             raise StoreMissingRecordError(f"{chunk.name()}: record missing from store {self.disk.path}")
-        header, k, v = self.codec.decode(blob, chunk.layer, chunk.chunk_id, self.signature, self.dtype)
-        if header.start != chunk.start or header.length != chunk.length:
-            raise StoreMissingRecordError(
-                f"{chunk.name()}: record covers positions {header.start}..{header.start + header.length}, "
-                f"expected {chunk.start}..{chunk.end}"
-            )
-        self.record_sizes.setdefault(chunk.key, (chunk.length, k.nbytes + v.nbytes, len(blob)))
+        k, v = self.codec.decode(blob, self.expected_header(chunk))
+        known = self.record_sizes.setdefault(chunk.key, (chunk.length, k.nbytes + v.nbytes, len(blob)))
+        if known[2] != len(blob):
+            raise StoreCorruptError(f"{chunk.name()}: record is {len(blob)} bytes, the session recorded {known[2]}")
         return k, v
 
     def write_abstracts(self, layer: int, kmin: torch.Tensor, kmax: torch.Tensor) -> bytes:
         """Persist a layer's abstract table ([B, Hkv, C, D] float32 each) as one record; returns its key."""
         b, h, c, d = kmin.shape
-        header = RecordHeader(layer, ABSTRACT_ID, 0, c, b, h, d, torch.float32, self.signature)
+        header = RecordHeader(layer, ABSTRACT_ID, 0, c, b, h, d, torch.float32, self.signature, self.session_id)
         key = chunk_key(layer, ABSTRACT_ID)
         self.disk.put(key, self.codec.encode(header, kmin.cpu().contiguous(), kmax.cpu().contiguous()))
         return key
 
-    def read_abstracts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        blob = self.disk.get(chunk_key(layer, ABSTRACT_ID))
+    def read_abstracts(self, expect: RecordHeader) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's abstract table, which must be exactly the record `expect` describes."""
+        blob = self.disk.get(chunk_key(expect.layer, ABSTRACT_ID))
         if blob is None:
-            raise StoreMissingRecordError(f"layer {layer}: chunk abstracts missing from store {self.disk.path}")
-        _, kmin, kmax = self.codec.decode(blob, layer, ABSTRACT_ID, self.signature, torch.float32)
+            raise StoreMissingRecordError(f"layer {expect.layer}: chunk abstracts missing from store {self.disk.path}")
+        kmin, kmax = self.codec.decode(blob, expect)
+        if not bool((kmin <= kmax).all()):  # NaN fails too
+            raise StoreCorruptError(f"layer {expect.layer}: chunk abstracts in store {self.disk.path} are damaged "
+                                    "(a minimum above its maximum)")
         return kmin, kmax
 
     # ---------------------------------------------------------------------------------- placement
@@ -181,14 +195,17 @@ class TierManager:
         self.adopt_device(chunk, slots)
 
     def evict_from_device(self, chunk: Chunk) -> None:
+        """Move a chunk one tier down. The copy below is made first: if it fails (a full store), the chunk
+        stays on the device untouched."""
         pool = self.device_pools[chunk.layer]
-        k, v = pool.read(chunk.slots)
-        pool.release(chunk.slots)
+        slots = chunk.slots
+        k, v = pool.read(slots)
+        chunk.rows = None  # the device copy was in logical order
+        self._to_host(chunk, k, v)
+        pool.release(slots)
         del self._on_device[chunk.layer][chunk.chunk_id]
         chunk.slots = None
         self.counters.device.bytes_read += k.nbytes + v.nbytes
-        chunk.rows = None  # the device copy was in logical order
-        self._to_host(chunk, k, v)
 
     def _to_host(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> None:
         host = self.host_pools[chunk.layer]
@@ -205,10 +222,12 @@ class TierManager:
             self._to_disk(chunk, k.cpu(), v.cpu())
 
     def evict_from_host(self, chunk: Chunk) -> None:
-        k, v = self.host_pools[chunk.layer].pop(chunk.chunk_id)
+        """Move a host chunk to disk; the host copy is dropped only once the record is written."""
+        k, v = self.host_pools[chunk.layer].get(chunk.chunk_id)
+        self._to_disk(chunk, k, v)
+        self.host_pools[chunk.layer].pop(chunk.chunk_id)
         del self._on_host[chunk.layer][chunk.chunk_id]
         self.counters.host.bytes_read += k.nbytes + v.nbytes
-        self._to_disk(chunk, k, v)
 
     def _to_disk(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> None:
         if not chunk.on_disk:
@@ -375,8 +394,9 @@ class TierManager:
         for chunk in chunks:
             self.prefetcher.discard(chunk)
             if chunk.tier == Tier.DEVICE:
-                self.device_pools[chunk.layer].release(chunk.slots)
-                del self._on_device[chunk.layer][chunk.chunk_id]
+                if chunk.slots is not None:  # None: a new chunk whose placement failed (a full store) holds nothing
+                    self.device_pools[chunk.layer].release(chunk.slots)
+                self._on_device[chunk.layer].pop(chunk.chunk_id, None)
                 chunk.slots = None
             elif chunk.tier == Tier.HOST:
                 self.host_pools[chunk.layer].pop(chunk.chunk_id)
@@ -402,20 +422,23 @@ class TierManager:
                 chunk.disk_rows = _compose(chunk.disk_rows, index)
 
     def stats(self) -> CacheStats:
-        s = self.counters
+        """A snapshot of the counters and pool sizes (a copy: safe to read while the cache goes on)."""
+        s = copy.deepcopy(self.counters)
         p = self.prefetcher.stats
         s.prefetch_issued, s.prefetch_hits, s.prefetch_wasted, s.stall_s = p.issued, p.hits, p.wasted, p.stall_s
-        s.device.tokens = sum(p.used for p in self.device_pools.values())
-        s.device.bytes = sum(p.used * p.bytes_per_token() for p in self.device_pools.values())
+        devices, hosts = list(self.device_pools.values()), list(self.host_pools.values())
+        sizes = list(self.record_sizes.values())  # one C-level copy: other threads may be adding records
+        s.device.tokens = sum(p.used for p in devices)
+        s.device.bytes = sum(p.used * p.bytes_per_token() for p in devices)
         s.device.budget_tokens = self.config.device_budget
-        s.device.peak_tokens = max((p.peak for p in self.device_pools.values()), default=0)
-        s.host.tokens = sum(p.used for p in self.host_pools.values())
-        s.host.bytes = sum(p.nbytes for p in self.host_pools.values())
+        s.device.peak_tokens = max((p.peak for p in devices), default=0)
+        s.host.tokens = sum(p.used for p in hosts)
+        s.host.bytes = sum(p.nbytes for p in hosts)
         s.host.budget_tokens = self.config.host_budget
-        s.host.peak_tokens = max((p.peak for p in self.host_pools.values()), default=0)
-        s.disk.tokens = sum(n for n, _, _ in self.record_sizes.values())
-        s.disk.raw_bytes = sum(raw for _, raw, _ in self.record_sizes.values())
-        s.disk.bytes = sum(stored for _, _, stored in self.record_sizes.values())
+        s.host.peak_tokens = max((p.peak for p in hosts), default=0)
+        s.disk.tokens = sum(n for n, _, _ in sizes)
+        s.disk.raw_bytes = sum(raw for _, raw, _ in sizes)
+        s.disk.bytes = sum(stored for _, _, stored in sizes)
         return s
 
     def clear(self) -> None:

@@ -1,0 +1,274 @@
+"""Check an LMDB data file's structure before LMDB maps it.
+
+LMDB trusts its file: a truncated `data.mdb` makes it touch pages past the end of the file (SIGBUS), and
+a damaged page header or node size makes it read or copy past a page, or trip an `abort()` assertion.
+None of that can be caught in Python. So before LMDB opens a store, kvtier walks the file itself, with
+bounds checks on every read: both meta pages, every B-tree page of the free-page database, the main
+database and the named databases in it, and the header of every overflow page. It checks that every
+page LMDB could reach lies inside the file, that no page is reachable twice, that no reachable page is
+listed as free (a write would reuse it), and that the counts in each database record match the tree.
+
+The layout follows LMDB 0.9 (`mdb.c`; data format version 1) on a 64-bit little-endian machine::
+
+    page:  pgno u64 | pad u16 | flags u16 | lower u16 | upper u16 | node offsets u16[] ... nodes
+           (overflow pages: pgno u64 | pad u16 | flags u16 | page count u32 | data)
+    meta:  page header | magic u32 | version u32 | address u64 | mapsize u64 | free db | main db |
+           last page u64 | txnid u64
+    db:    pad u32 (page size, in the free db) | flags u16 | depth u16 | branch, leaf, overflow pages,
+           entries, root: u64 each
+    node:  lo u16 | hi u16 | flags u16 | key size u16 | key | data (or the overflow page number)
+
+The walk reads each tree page once and one 16-byte header per overflow value: it costs a small fraction
+of reading the values themselves.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import StoreCorruptError
+
+_PAGE = struct.Struct("<QHHHH")  # pgno, pad, flags, lower, upper (overflow pages: lower|upper = page count)
+_META = struct.Struct("<IIQQ")  # magic, version, address, mapsize
+_DB = struct.Struct("<IHHQQQQQ")  # pad, flags, depth, branch pages, leaf pages, overflow pages, entries, root
+_NODE = struct.Struct("<HHHH")  # lo, hi, flags, key size
+_U64 = struct.Struct("<Q")
+_U16 = struct.Struct("<H")
+PAGE_HEADER = _PAGE.size  # 16
+NODE_HEADER = _NODE.size  # 8
+_META_AT = PAGE_HEADER
+_DBS_AT = _META_AT + _META.size
+_LAST_PAGE_AT = _DBS_AT + 2 * _DB.size
+META_BYTES = _LAST_PAGE_AT + 16  # what LMDB reads of each meta page
+
+MAGIC = 0xBEEFC0DE
+DATA_VERSION = 1
+NUM_METAS = 2
+EMPTY_ROOT = 2**64 - 1
+MAX_DEPTH = 31  # LMDB's cursor stack holds 32 pages
+
+P_BRANCH, P_LEAF, P_OVERFLOW, P_META = 0x01, 0x02, 0x04, 0x08
+F_BIGDATA, F_SUBDATA, F_DUPDATA = 0x01, 0x02, 0x04
+FREE_DB_FLAGS = 0x08  # MDB_INTEGERKEY: what LMDB stores in the free db record
+
+
+@dataclass(frozen=True, slots=True)
+class _Db:
+    pad: int
+    flags: int
+    depth: int
+    branch_pages: int
+    leaf_pages: int
+    overflow_pages: int
+    entries: int
+    root: int
+
+
+@dataclass(slots=True)
+class LmdbSummary:
+    """What the walk learned: page size, the file's pages, and the entries of each named database."""
+
+    page_size: int = 0
+    file_pages: int = 0
+    named: dict[bytes, int] = field(default_factory=dict)  # database name -> entries
+
+
+class _Walker:
+    def __init__(self, buf: mmap.mmap | bytes, size: int, name: str):
+        self.buf, self.size, self.name = buf, size, name
+        self.psize = 0
+        self.limit = 0  # pages below this exist in the file and in LMDB's view
+        self.next_pgno = 0
+        self.ranges: list[tuple[int, int]] = []  # reachable [first, end) page runs
+        self.free: list[int] = []  # pages the free-page database lists
+
+    def fail(self, what: str) -> StoreCorruptError:
+        return StoreCorruptError(f"{self.name} is damaged: {what}")
+
+    def read(self, offset: int, st: struct.Struct) -> tuple:
+        if offset < 0 or offset + st.size > self.size:
+            raise self.fail(f"a read at byte {offset} runs past the end of the file ({self.size} bytes)")
+        return st.unpack_from(self.buf, offset)
+
+    # ------------------------------------------------------------------------------------- meta
+    def meta(self, offset: int, which: int) -> tuple[_Db, _Db, int, int, int]:
+        if offset + META_BYTES > self.size:
+            raise self.fail(f"meta page {which} is missing (the file is {self.size} bytes)")
+        _, _, flags, _, _ = self.read(offset, _PAGE)
+        if flags != P_META:
+            raise self.fail(f"page {which} is not a meta page")
+        magic, version, _, _ = self.read(offset + _META_AT, _META)
+        if magic != MAGIC:
+            raise self.fail(f"meta page {which} has a bad magic number")
+        if version != DATA_VERSION:
+            raise self.fail(f"meta page {which} has data format version {version}, expected {DATA_VERSION}")
+        free = _Db(*self.read(offset + _DBS_AT, _DB))
+        main = _Db(*self.read(offset + _DBS_AT + _DB.size, _DB))
+        last_pg, txnid = self.read(offset + _LAST_PAGE_AT, struct.Struct("<QQ"))
+        return free, main, last_pg, txnid, free.pad
+
+    def metas(self) -> tuple[_Db, _Db]:
+        """Both meta pages must be valid (LMDB refuses the file otherwise); LMDB uses the newer one."""
+        free0, main0, last0, txn0, psize = self.meta(0, 0)
+        if psize < 512 or psize > 32768 or psize & (psize - 1):
+            raise self.fail(f"meta page 0 declares a page size of {psize} bytes")
+        free1, main1, last1, txn1, psize1 = self.meta(psize, 1)
+        if psize1 != psize:
+            raise self.fail(f"the meta pages disagree on the page size ({psize} and {psize1})")
+        self.psize = psize
+        free, main, last = (free1, main1, last1) if txn0 < txn1 else (free0, main0, last0)
+        if free.flags != FREE_DB_FLAGS:
+            raise self.fail(f"the free-page database has flags {free.flags:#x}")
+        self.next_pgno = last + 1
+        self.limit = min(self.next_pgno, self.size // psize)
+        return free, main
+
+    # ------------------------------------------------------------------------------------- trees
+    def page(self, pgno: int, what: str) -> tuple[int, int, int, int]:
+        """Header of a page LMDB can reach: (flags, lower, upper, offset)."""
+        if pgno < NUM_METAS or pgno >= self.limit:
+            if NUM_METAS <= pgno < self.next_pgno:
+                raise self.fail(f"{what} page {pgno} lies past the end of the file: the file is truncated to "
+                                f"{self.size} bytes, its pages need {self.next_pgno * self.psize}")
+            raise self.fail(f"{what} refers to page {pgno}, outside pages 2..{self.next_pgno - 1}")
+        offset = pgno * self.psize
+        stored, _, flags, lower, upper = self.read(offset, _PAGE)
+        if stored != pgno:
+            raise self.fail(f"page {pgno} says it is page {stored}")
+        return flags, lower, upper, offset
+
+    def tree(self, db: _Db, what: str, free_db: bool = False) -> list[tuple[bytes, _Db]]:
+        """Walk one B-tree; returns the named databases found in its leaves ([(name, record)] in the main db)."""
+        if db.root == EMPTY_ROOT:
+            if db.entries or db.depth or db.branch_pages or db.leaf_pages or db.overflow_pages:
+                raise self.fail(f"the empty {what} database declares entries or pages")
+            return []
+        counts = {"branch": 0, "leaf": 0, "overflow": 0, "entries": 0}
+        named: list[tuple[bytes, _Db]] = []
+        leaf_depths: set[int] = set()
+        stack = [(db.root, 1)]
+        while stack:
+            pgno, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise self.fail(f"the {what} database is deeper than {MAX_DEPTH} pages (a page loop?)")
+            kind, lower, upper, offset = self.page(pgno, f"the {what} database")
+            self.ranges.append((pgno, pgno + 1))
+            if kind not in (P_BRANCH, P_LEAF):  # what LMDB writes; dirty, dupsort or other bits are damage
+                raise self.fail(f"page {pgno} of the {what} database has flags {kind:#x}")
+            if lower < PAGE_HEADER or lower % 2 or upper > self.psize or lower > upper:
+                raise self.fail(f"page {pgno} has free-space bounds {lower}..{upper}")
+            n = (lower - PAGE_HEADER) // 2
+            if n < (2 if kind == P_BRANCH and not free_db else 1):
+                raise self.fail(f"page {pgno} of the {what} database holds {n} keys")
+            for i in range(n):
+                (ptr,) = self.read(offset + PAGE_HEADER + 2 * i, _U16)
+                if ptr < upper or ptr % 2 or ptr + NODE_HEADER > self.psize:
+                    raise self.fail(f"page {pgno} node {i} starts at byte {ptr}")
+                lo, hi, nflags, ksize = self.read(offset + ptr, _NODE)
+                key_at = offset + ptr + NODE_HEADER
+                if ptr + NODE_HEADER + ksize > self.psize:
+                    raise self.fail(f"page {pgno} node {i} has a {ksize}-byte key past the page end")
+                if kind == P_BRANCH:
+                    stack.append((lo | hi << 16 | nflags << 32, depth + 1))
+                    continue
+                leaf_depths.add(depth)
+                counts["entries"] += 1
+                size = lo | hi << 16
+                value = self.leaf_value(pgno, i, nflags, size, key_at + ksize, ptr + NODE_HEADER + ksize, counts)
+                if free_db:
+                    self.free_list(value, size, pgno, i)
+                elif nflags & F_SUBDATA:
+                    sub = _Db(*self.read(value, _DB))
+                    if sub.flags:
+                        raise self.fail(f"named database {bytes(self.buf[key_at:key_at + ksize])!r} has flags "
+                                        f"{sub.flags:#x}")
+                    named.append((bytes(self.buf[key_at:key_at + ksize]), sub))
+            counts["branch" if kind == P_BRANCH else "leaf"] += 1
+        if len(leaf_depths) != 1 or leaf_depths.pop() != db.depth:
+            raise self.fail(f"the {what} database's leaves are not all at its recorded depth {db.depth}")
+        recorded = {"branch": db.branch_pages, "leaf": db.leaf_pages, "overflow": db.overflow_pages,
+                    "entries": db.entries}
+        for name, value in counts.items():
+            if recorded[name] != value:
+                raise self.fail(f"the {what} database records {recorded[name]} {name} "
+                                f"{'' if name == 'entries' else 'pages '}but holds {value}")
+        return named
+
+    def leaf_value(self, pgno: int, i: int, nflags: int, size: int, value_at: int, end_in_page: int,
+                   counts: dict[str, int]) -> int:
+        """Check where a leaf node's value lies; returns its offset in the file."""
+        if nflags & ~(F_BIGDATA | F_SUBDATA) or nflags == F_BIGDATA | F_SUBDATA:
+            raise self.fail(f"page {pgno} node {i} has flags {nflags:#x}")
+        if nflags & F_SUBDATA and size != _DB.size:
+            raise self.fail(f"page {pgno} node {i} is a database record of {size} bytes")
+        if not nflags & F_BIGDATA:
+            if end_in_page + size > self.psize:
+                raise self.fail(f"page {pgno} node {i} declares {size} bytes past the page end")
+            return value_at
+        if end_in_page + 8 > self.psize:
+            raise self.fail(f"page {pgno} node {i} has no room for its overflow page number")
+        (first,) = self.read(value_at, _U64)
+        pages = (PAGE_HEADER - 1 + size) // self.psize + 1
+        if first < NUM_METAS or first + pages > self.limit:
+            raise self.fail(f"page {pgno} node {i}: a {size}-byte value on pages {first}..{first + pages - 1} "
+                            f"does not fit the file ({self.limit} pages hold data)")
+        stored, _, flags, lower, upper = self.read(first * self.psize, _PAGE)
+        if stored != first or flags != P_OVERFLOW or lower | upper << 16 != pages:
+            raise self.fail(f"overflow page {first} (page {pgno} node {i}) has a damaged header")
+        self.ranges.append((first, first + pages))
+        counts["overflow"] += pages
+        return first * self.psize + PAGE_HEADER
+
+    def free_list(self, at: int, size: int, pgno: int, i: int) -> None:
+        if size < 8 or size % 8:
+            raise self.fail(f"free list at page {pgno} node {i} has {size} bytes")
+        (count,) = self.read(at, _U64)
+        if count != size // 8 - 1:
+            raise self.fail(f"free list at page {pgno} node {i} counts {count} pages in {size} bytes")
+        pages = struct.unpack_from(f"<{count}Q", self.buf, at + 8)
+        if any(p < NUM_METAS or p >= self.next_pgno for p in pages):
+            raise self.fail(f"free list at page {pgno} node {i} names a page outside the file")
+        self.free.extend(pages)
+
+    # ----------------------------------------------------------------------------------- overlaps
+    def check_overlaps(self) -> None:
+        ranges = sorted(self.ranges)
+        for (a0, a1), (b0, _) in zip(ranges, ranges[1:]):
+            if b0 < a1:
+                raise self.fail(f"page {b0} is reachable twice")
+        starts = [r[0] for r in ranges]
+        for p in self.free:
+            j = bisect.bisect_right(starts, p) - 1
+            if j >= 0 and p < ranges[j][1]:
+                raise self.fail(f"page {p} is in use and also listed as free")
+        missing = self.next_pgno - self.size // self.psize
+        if missing > 0 and sum(1 for p in self.free if p * self.psize >= self.size) < missing:
+            raise self.fail(f"the file is truncated to {self.size} bytes; its pages need "
+                            f"{self.next_pgno * self.psize}")
+
+
+def check_lmdb_file(path: str | os.PathLike, name: str | None = None) -> LmdbSummary:
+    """Walk an LMDB data file; raise StoreCorruptError naming the damage, else return a summary.
+
+    An empty file is what LMDB creates before its first write; it passes (LMDB initialises it)."""
+    path = Path(path)
+    label = name or str(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return LmdbSummary()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            walker = _Walker(buf, size, label)
+            free, main = walker.metas()
+            walker.tree(free, "free-page", free_db=True)
+            summary = LmdbSummary(walker.psize, walker.limit)
+            for db_name, db in walker.tree(main, "main"):
+                walker.tree(db, f"{db_name.decode(errors='replace')!r}")
+                summary.named[db_name] = db.entries
+            walker.check_overlaps()
+            return summary
