@@ -43,28 +43,28 @@ def main() -> None:
     prompt = torch.cat([document, question], dim=1)
     kw = cache_argument(model)  # "cache" on transformers >= 5.24, "past_key_values" before
 
-    # 1. A drop-in cache: at most 256 tokens per layer on the device and 256 in host memory, the rest on disk.
-    cache = KVTierCache.for_model(model, device_budget=256, host_budget=256)
-    out = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False, **{kw: cache})
-    answer = out[0, prompt.shape[1]:]
-    s = cache.stats()
+    # 1. A drop-in cache: at most 256 tokens per layer on the device and 256 in host memory, the rest on disk
+    #    (a temporary store, deleted when the cache closes: `with` closes it even if generate fails).
+    with KVTierCache.for_model(model, device_budget=256, host_budget=256) as cache:
+        out = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False, **{kw: cache})
+        answer = out[0, prompt.shape[1]:]
+        s = cache.stats()
     print(f"generated {answer.tolist() if tokenizer is None else tokenizer.decode(answer)!r}")
     print(f"tokens per tier: device {s.device.tokens}, host {s.host.tokens}, disk {s.disk.tokens} "
           f"(disk compression x{s.disk.compression_ratio or 1:.2f})")
-    cache.close()
 
     # 2. Prefill the document once into a store, save it, reopen it, and ask without a new prefill.
-    store = Path(tempfile.mkdtemp()) / "doc.kvt"
-    cache = KVTierCache.for_model(model, device_budget=256, host_budget=256, store_path=store)
-    with torch.inference_mode():
-        model(input_ids=document, use_cache=True, **{kw: cache})
-    cache.save()
-    cache.close()
-    reopened = KVTierCache.open(store, model)
-    out2 = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False, **{kw: reopened})
-    print(f"reopened session ({reopened.get_seq_length()} cached tokens) gives the same answer: "
-          f"{torch.equal(out2[0, prompt.shape[1]:], answer)}")
-    reopened.close()
+    #    A saved store stays on disk after close; this one lives in a directory removed at the end.
+    with tempfile.TemporaryDirectory(prefix="kvtier-quickstart-") as tmp:
+        store = Path(tmp) / "doc.kvt"
+        with KVTierCache.for_model(model, device_budget=256, host_budget=256, store_path=store) as cache:
+            with torch.inference_mode():
+                model(input_ids=document, use_cache=True, **{kw: cache})
+            cache.save()
+        with KVTierCache.open(store, model) as reopened:
+            out2 = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False, **{kw: reopened})
+            print(f"reopened session ({reopened.get_seq_length()} cached tokens) gives the same answer: "
+                  f"{torch.equal(out2[0, prompt.shape[1]:], answer)}")
 
 
 if __name__ == "__main__":

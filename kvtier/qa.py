@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -19,13 +20,27 @@ from typing import Any
 import torch
 
 from .cache import KVTierCache, cache_argument
-from .errors import CacheInputError, IncompleteSessionError, KVTierError, StoreMismatchError
+from .cli import error_line, printable
+from .config import KVTierConfig
+from .errors import (
+    CacheInputError,
+    IncompleteSessionError,
+    KVTierError,
+    PromptMismatchError,
+    StoreCorruptError,
+    StoreMismatchError,
+)
 from .model_spec import ModelSpec
 from .prefill import prefill
-from .sizes import parse_budget
+from .sizes import parse_budget, parse_sparse_budget, split_budget
+from .store.disk import is_store
 
 PLACEHOLDER = "\u2063KVTIER-QUESTION\u2063"  # invisible separator: never in a real document
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# files a saved tokenizer leaves in a model directory (one of them at least)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# what the hub accepts as a model id ("gpt2", "Qwen/Qwen2.5-7B-Instruct"); anything else can only be a path
+HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?(?:/[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?)?")
 
 
 class QAError(Exception):
@@ -55,36 +70,150 @@ def build_prompt(tokenizer, document: str, use_chat: bool) -> Prompt:
     return Prompt(ids, "\nAnswer:", "plain")
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load(model_id: str, dtype: str, device: str):
+    """Tokenizer and model, each failure named for what it is (no model, no tokenizer, not a causal LM)."""
     import transformers as tf
 
     tf.logging.set_verbosity_error()
     tf.logging.disable_progress_bar()
+    local = Path(model_id)
+    if local.is_file():
+        raise QAError(f"{model_id} is not a causal language model kvtier can load (a file; pass the directory "
+                      "that holds the model's config.json, weights and tokenizer)")
+    if not local.exists() and not HUB_ID.fullmatch(model_id):
+        raise QAError(f"model not found: there is no directory {model_id}; pass a local model directory or "
+                      "a hub id (Qwen/Qwen2.5-7B-Instruct)")
+    try:
+        tf.AutoConfig.from_pretrained(model_id)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the user needs one line
+        if not local.exists():
+            raise QAError(f"{model_id}: no local directory of that name, and the hub did not provide it "
+                          f"({_first_line(exc)})") from None
+        raise QAError(f"{model_id} is not a causal language model kvtier can load ({_first_line(exc)})") from None
+    if local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
+        raise QAError(f"{model_id} holds no tokenizer (no {' or '.join(TOKENIZER_FILES[:2])}); save the model's "
+                      "tokenizer into that directory: tokenizer.save_pretrained(DIR)")
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(model_id)
+    except Exception as exc:  # noqa: BLE001
+        raise QAError(f"could not load the tokenizer of {model_id} ({_first_line(exc)})") from None
+    try:
         torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
         model = tf.AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype).to(device).eval()
-    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QAError(f"{model_id} is not a causal language model kvtier can load ({first})") from None
+    except Exception as exc:  # noqa: BLE001
+        raise QAError(f"{model_id} is not a causal language model kvtier can load ({_first_line(exc)})") from None
     if dtype == "auto" and device == "cpu" and model.dtype in (torch.float16, torch.bfloat16):
         model = model.float()  # half precision matmuls are slow or missing on CPUs
     return tokenizer, model
 
 
+def check_device(name: str) -> None:
+    """Refuse a device this machine does not have, before anything is loaded onto it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise QAError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise QAError(f"--device {name}: CUDA is not available ({why}); pass --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise QAError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise QAError(f"--device {name}: MPS is not available on this machine; pass --device cpu")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything about the arguments that can be checked before a model is loaded or a store touched."""
+    check_device(args.device)
+    if args.max_new_tokens < 1:
+        raise QAError(f"--max-new-tokens {args.max_new_tokens}: an answer needs at least 1 new token")
+    if args.segment_tokens < 1:
+        raise QAError(f"--segment-tokens {args.segment_tokens}: a prefill segment needs at least 1 token")
+    if args.question is not None and not args.question.strip():
+        raise QAError("--question is empty: ask something, or leave --question out to type questions one per line")
+    try:
+        sparse_budget = parse_sparse_budget(args.sparse_budget)
+    except ValueError as exc:
+        raise QAError(f"--sparse-budget: {exc}") from None
+    tokens: dict[str, int | None] = {"device_budget": None, "host_budget": None}
+    for flag, text in (("--device-budget", args.device_budget), ("--host-budget", args.host_budget)):
+        if text is None:
+            continue
+        try:
+            number, unit = split_budget(text)
+        except ValueError as exc:
+            raise QAError(f"{flag}: {exc}") from None
+        if unit == "":  # sizes become tokens once the model is known
+            tokens[flag[2:].replace("-", "_")] = int(number)
+    try:
+        KVTierConfig(mode=args.mode, sparse_budget=sparse_budget, **tokens)
+    except ValueError as exc:
+        raise QAError(str(exc)) from None
+
+
+def read_document(path: str) -> str:
+    doc = Path(path)
+    if not doc.is_file():
+        raise QAError(f"document not found: {doc}")
+    try:
+        text = doc.read_text(errors="replace")
+    except OSError as exc:
+        raise QAError(f"cannot read the document: {error_line(exc)}") from None
+    if not text.strip():
+        raise QAError(f"document {doc} is empty; pass a text file that holds the document")
+    return text
+
+
+def store_problem(path: Path) -> str | None:
+    """Why a store cannot be created or written at `path`, or None when nothing says it cannot."""
+    place = path
+    try:
+        while not place.exists() and place.parent != place:
+            place = place.parent
+    except OSError as exc:  # a parent that cannot be searched
+        return error_line(exc)
+    if not place.is_dir():
+        return f"{place} is not a directory"
+    if not os.access(place, os.W_OK | os.X_OK):
+        return f"{place} is not writable"
+    return None
+
+
+def check_store_place(args: argparse.Namespace) -> None:
+    """Refuse an unwritable --store or $KVTIER_HOME before the model is loaded (and change nothing)."""
+    if args.store:
+        problem = store_problem(Path(args.store))
+        if problem and Path(args.store).is_dir():
+            raise QAError(f"cannot open the store {args.store}: {problem} (kvtier writes to a store even to reopen "
+                          "it); make it writable or pass another --store")
+        if problem:
+            raise QAError(f"cannot keep the store in {args.store}: {problem}; pass --store DIR in a writable place")
+        return
+    root = default_store_root()
+    problem = store_problem(root)
+    if problem:
+        raise QAError(f"cannot keep stores in {root}: {problem}; set KVTIER_HOME to a writable directory "
+                      "or pass --store DIR")
+
+
 class Session:
     """A document held in a kvtier store, and the questions asked about it."""
 
-    def __init__(self, args: argparse.Namespace, tokenizer, model):
+    def __init__(self, args: argparse.Namespace, tokenizer, model, document: str):
         self.args, self.tokenizer, self.model = args, tokenizer, model
         doc = Path(args.doc)
-        if not doc.is_file():
-            raise QAError(f"document not found: {doc}")
-        self.document = doc.read_text(errors="replace")
+        self.document = document
         self.prompt = build_prompt(tokenizer, self.document, not args.no_chat_template)
         self.spec = ModelSpec.from_model(model)
         digest = hashlib.sha256(self.prompt.prefix_ids.numpy().tobytes()).hexdigest()
-        self.info = {"document": str(doc.resolve()), "prefix_sha256": digest, "model": args.model,
+        self.info = {"document": str(doc.resolve()), "model": args.model,
                      "prefix_tokens": int(self.prompt.prefix_ids.shape[1]), "template": self.prompt.template}
         self.store = Path(args.store) if args.store else default_store_root() / f"{self.spec.signature[:12]}-{digest[:16]}"
         self.options = self._options()
@@ -92,30 +221,43 @@ class Session:
         self.prefill_s: float | None = None
 
     def _options(self) -> dict[str, Any]:
+        """The cache options, checked in full (budgets as sizes need the model) before any store is touched."""
         a = self.args
         opts: dict[str, Any] = {"mode": a.mode}
-        if a.device_budget is not None:
-            opts["device_budget"] = parse_budget(a.device_budget, self.spec)
-        if a.host_budget is not None:
-            opts["host_budget"] = parse_budget(a.host_budget, self.spec)
+        for flag, name, text in (("--device-budget", "device_budget", a.device_budget),
+                                 ("--host-budget", "host_budget", a.host_budget)):
+            if text is not None:
+                try:
+                    opts[name] = parse_budget(text, self.spec)
+                except ValueError as exc:
+                    raise QAError(f"{flag}: {exc}") from None
         if a.mode == "sparse" and a.sparse_budget is not None:
-            opts["sparse_budget"] = float(a.sparse_budget) if "." in a.sparse_budget else int(a.sparse_budget)
+            opts["sparse_budget"] = parse_sparse_budget(a.sparse_budget)
+        KVTierConfig(**opts)  # ValueError (one line) names the option and its allowed range
         return opts
 
     def open(self) -> KVTierCache:
         """Reopen the stored document, or prefill it (first run, --rebuild, or an interrupted prefill)."""
-        if self.store.exists() and not self.args.rebuild:
+        try:
+            return self._open()
+        except OSError as exc:
+            raise QAError(f"cannot use the store {self.store}: {error_line(exc)}; pass --store DIR in a "
+                          "writable place") from None
+
+    def _open(self) -> KVTierCache:
+        if is_store(self.store) and not self.args.rebuild:
             try:
-                cache = KVTierCache.open(self.store, self.model, **self.options)
+                # The session must hold exactly this document's tokens: the check names where they diverge.
+                cache = KVTierCache.open(self.store, self.model, prompt_ids=self.prompt.prefix_ids, **self.options)
             except IncompleteSessionError:
-                print(f"kvtier: the prefill stored in {self.store} never finished; starting over", file=sys.stderr)
-            except StoreMismatchError as exc:
-                raise QAError(f"store {self.store} was made by another model or dtype: {exc}") from None
+                print(f"kvtier: the prefill stored in {printable(self.store)} never finished; starting over",
+                      file=sys.stderr)
+            except PromptMismatchError as exc:
+                raise QAError(f"store {self.store} holds another document ({exc}); pass another --store or "
+                              "--rebuild") from None
+            except (StoreMismatchError, StoreCorruptError) as exc:
+                raise QAError(f"{exc}; pass --rebuild to prefill the document again, or another --store") from None
             else:
-                if cache.info.get("prefix_sha256") != self.info["prefix_sha256"]:
-                    cache.close()
-                    raise QAError(f"store {self.store} holds another document ({cache.info.get('document')}); "
-                                  "pass another --store or --rebuild")
                 cache.warm()
                 return cache
         return self._prefill()
@@ -123,7 +265,8 @@ class Session:
     def _prefill(self) -> KVTierCache:
         cache = KVTierCache.for_model(self.model, store_path=self.store, overwrite=True, **self.options)
         n = self.prompt.prefix_ids.shape[1]
-        print(f"kvtier: prefilling {n} tokens of {self.args.doc} into {self.store}", file=sys.stderr)
+        print(f"kvtier: prefilling {n} tokens of {printable(self.args.doc)} into {printable(self.store)}",
+              file=sys.stderr)
         t = time.perf_counter()
         prefill(self.model, cache, self.prompt.prefix_ids.to(self.model.device), segment_tokens=self.args.segment_tokens,
                 progress=not self.args.quiet)
@@ -213,7 +356,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["exact", "sparse"], default="sparse",
                    help="attention while answering (the prefill is always exact)")
     p.add_argument("--sparse-budget", default="0.05",
-                   help="sparse mode: tokens per step (256) or a share of the context (0.05)")
+                   help="sparse mode: tokens per step (256), a share of the context (0.05) or a percentage (5%%)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="model dtype (auto: the checkpoint's, float32 on a CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -226,10 +369,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not Path(args.doc).is_file():
-        raise QAError(f"document not found: {args.doc}")
+    check_arguments(args)  # cheap checks first: nothing is loaded or written before they pass
+    document = read_document(args.doc)
+    check_store_place(args)
     tokenizer, model = load(args.model, args.dtype, args.device)
-    session = Session(args, tokenizer, model)
+    session = Session(args, tokenizer, model, document)
     try:
         if args.question is not None:
             answer = session.ask(args.question)
@@ -260,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (QAError, KVTierError, ValueError) as exc:
-        print(f"kvtier qa: error: {exc}", file=sys.stderr)
+    except (QAError, KVTierError, ValueError, OSError) as exc:
+        print(f"kvtier qa: error: {error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nkvtier qa: interrupted", file=sys.stderr)

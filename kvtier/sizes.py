@@ -19,18 +19,50 @@ def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype | None = None, batch:
     return 2 * batch * spec.kv_heads * spec.head_dim * itemsize
 
 
+def split_budget(text: str) -> tuple[float, str]:
+    """(number, lower-case unit) of a budget written as tokens ("8192", unit "") or a size ("8GiB").
+
+    Checks the spelling only, so a command line can refuse a bad budget before it loads a model.
+    """
+    m = _SIZE.match(str(text))
+    if not m or m.group(2).lower() not in _UNITS or (m.group(2) == "" and "." in m.group(1)):
+        raise ValueError(f"budget {text!r}: write a number of tokens (8192) or a size (8GiB, 512MB)")
+    return float(m.group(1)), m.group(2).lower()
+
+
 def parse_budget(text: str | int, spec: ModelSpec, dtype: torch.dtype | None = None) -> int:
     """Tokens per layer for a budget written as tokens ("8192") or a size of KV ("8GiB", "1.5GB").
 
     A size covers all full-attention layers together: 8GiB on a 32-layer model is 256 MiB per layer.
+    A size above zero that holds less than one token per layer is refused (it would mean no budget at all).
     """
     if isinstance(text, int):
         return text
-    m = _SIZE.match(str(text))
-    if not m or m.group(2).lower() not in _UNITS or (m.group(2) == "" and "." in m.group(1)):
-        raise ValueError(f"budget {text!r}: write a number of tokens (8192) or a size (8GiB, 512MB)")
-    number, unit = float(m.group(1)), m.group(2).lower()
+    number, unit = split_budget(text)
     if unit == "":
         return int(number)
     layers = sum(1 for layer in spec.layers if layer.kind == FULL) or 1
-    return int(number * _UNITS[unit] // (kv_bytes_per_token(spec, dtype) * layers))
+    token_bytes = kv_bytes_per_token(spec, dtype) * layers
+    tokens = int(number * _UNITS[unit] // token_bytes)
+    if tokens == 0 and number > 0:
+        raise ValueError(f"budget {str(text).strip()} is less than one token per layer "
+                         f"(needs at least {token_bytes} bytes)")
+    return tokens
+
+
+def parse_sparse_budget(text: str) -> int | float:
+    """A sparse budget as written on a command line: tokens ("256"), a share ("0.05") or a percentage ("5%")."""
+    s = str(text).strip()
+    try:
+        if s.endswith("%"):
+            value: int | float = float(s[:-1]) / 100
+        elif any(c in s for c in ".eE"):
+            value = float(s)
+        else:
+            value = int(s)
+    except ValueError:
+        value = 0
+    if isinstance(value, int) and value >= 1 or isinstance(value, float) and 0.0 < value <= 1.0:
+        return value
+    raise ValueError(f"{text!r} is not a sparse budget: write tokens per step (256), a share of the context "
+                     "in (0, 1] (0.05) or a percentage (5%)")

@@ -90,9 +90,27 @@ def _import_tasks():
 
 
 T = _import_tasks()
-from kvtier.bench.common import machine_info  # noqa: E402  (loaded by _import_tasks either way)
+from kvtier.bench.common import HAYSTACK_ENV, machine_info  # noqa: E402  (loaded by _import_tasks either way)
 
-DEFAULT_DATA_DIR = "/work/shared/data/paul_graham_essays"
+# The benchmark data lives beside the repository, in ../shared/data/ (its README says what is there).
+DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "paul_graham_essays"
+
+
+def haystack_dir(data_dir: str) -> str | None:
+    """The directory of essays for the natural-text haystack, or None for generated text (no essays here).
+
+    `kvtier.bench.tasks` reads it (through `haystack_text`); this only refuses a directory that was asked
+    for and is not there, and says so when the default one is missing.
+    """
+    if Path(data_dir).is_dir():
+        return data_dir
+    if Path(data_dir) != DEFAULT_DATA_DIR:
+        print(f"train_retrieval_model.py: error: haystack directory {data_dir} (--data-dir or ${HAYSTACK_ENV}) "
+              "does not exist; pass --data-dir DIR, a directory of .txt essays", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"no essays in {DEFAULT_DATA_DIR}: the natural-text haystack is generated text "
+          f"(pass --data-dir or set ${HAYSTACK_ENV} for essays)", file=sys.stderr, flush=True)
+    return None
 
 
 def parse_schedule(text: str, tokens_per_step: int) -> list[tuple[int, int, float, int]]:
@@ -395,7 +413,7 @@ def train(args: argparse.Namespace) -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    data_dir = args.data_dir if args.data_dir and Path(args.data_dir).is_dir() else None
+    data_dir = haystack_dir(args.data_dir)
     mix = parse_mix(args.task_mix)
     schedule = parse_schedule(args.schedule, args.tokens_per_step)
     total = sum(stage[1] for stage in schedule)
@@ -541,7 +559,7 @@ def train(args: argparse.Namespace) -> None:
 
 def run_eval_into(ckpt: Path, args: argparse.Namespace) -> None:
     """Evaluate the saved checkpoint and record the result in its training.json."""
-    data_dir = args.data_dir if args.data_dir and Path(args.data_dir).is_dir() else None
+    data_dir = haystack_dir(args.data_dir)
     model = load_checkpoint(str(ckpt), args.eval_dtype)
     t0 = time.time()
     res = evaluate(model, args.eval_tasks, args.eval_lengths, args.eval_n, args.eval_seed, data_dir, args.eval_batch)
@@ -569,7 +587,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="checkpoints/retrieval-llama")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=os.environ.get("KVTIER_HAYSTACK_DIR", DEFAULT_DATA_DIR))
+    p.add_argument("--data-dir", default=os.environ.get(HAYSTACK_ENV, str(DEFAULT_DATA_DIR)),
+                   help=f"directory of .txt essays for the natural-text haystack (default: ${HAYSTACK_ENV}, "
+                        "else ../shared/data/paul_graham_essays beside the repository)")
     # model
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)

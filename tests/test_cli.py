@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,49 @@ def _one_error_line(out: subprocess.CompletedProcess, text: str) -> None:
     assert len(errors) == 1 and text in errors[0], out.stderr
 
 
+def _tree(*roots: Path, modes: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every path under `roots` with its size, mtime (and mode): compared before and after a refused command."""
+    out = {}
+    for root in roots:
+        for path in [root, *sorted(root.rglob("*"))] if root.exists() else []:
+            st = path.lstat()
+            out[str(path)] = (st.st_size, st.st_mtime_ns, *([st.st_mode] if modes else []))
+    return out
+
+
+def _refused(args: list[str], text: str, watch: list[Path], env: dict | None = None, modes: bool = True) -> None:
+    """`kvtier *args` fails with one line naming `text`, exit code 2, and creates or changes nothing in `watch`."""
+    before = _tree(*watch, modes=modes)
+    _one_error_line(kvtier(*args, env=env), text)
+    assert _tree(*watch, modes=modes) == before, f"{args} changed files it should not have"
+
+
+def _all_refused(cases: list[tuple[list[str], str]], watch: list[Path], at_once: int = 4) -> None:
+    """`_refused` for many commands, a few processes at a time (each start-up imports torch)."""
+    before = _tree(*watch)
+    exe = shutil.which("kvtier")
+    for i in range(0, len(cases), at_once):
+        batch = cases[i:i + at_once]
+        procs = [subprocess.Popen([exe, *args] if exe else [sys.executable, "-m", "kvtier.cli", *args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, _ in batch]
+        for proc, (args, text) in zip(procs, batch):
+            out, err = proc.communicate(timeout=600)
+            _one_error_line(subprocess.CompletedProcess(args, proc.returncode, out, err), text)
+    assert _tree(*watch) == before, "a refused command changed files it should not have"
+
+
+@pytest.fixture(scope="module")
+def saved(tiny):
+    """A store prefilled by `kvtier qa` with a 5% sparse budget, from a document whose name holds escape codes."""
+    doc = tiny / "red\x1b[31mdoc\x07.txt"
+    doc.write_text(DOC)
+    out = kvtier("qa", "--model", str(tiny / "model"), "--doc", str(doc), "--store", str(tiny / "saved"),
+                 "--sparse-budget", "5%", "--question", "x", "--max-new-tokens", "2", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stderr and "\\x1b[31m" in out.stderr  # the prefill line names the document, escaped
+    return tiny / "saved"
+
+
 def test_qa_prefills_once_then_reopens(tiny, tmp_path):
     store = tmp_path / "store"
     args = ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--store", str(store),
@@ -74,14 +118,14 @@ def test_qa_sizes_dtype_exact_mode_and_plain_prompt(tiny, tmp_path):
 
 def test_qa_errors_are_one_line(tiny, tmp_path):
     base = ["--doc", str(tiny / "doc.txt"), "--question", "x"]
-    _one_error_line(kvtier("qa", "--model", str(tiny / "model"), "--doc", str(tmp_path / "missing.txt"),
-                           "--question", "x"), "document not found")
-    _one_error_line(kvtier("qa", "--model", str(tiny / "doc.txt"), *base), "is not a causal language model")
-    _one_error_line(kvtier("qa", "--model", str(tmp_path), *base), "is not a causal language model")
+    _all_refused([(["qa", "--model", str(tiny / "model"), "--doc", str(tmp_path / "missing.txt"), "--question", "x"],
+                   "document not found"),
+                  (["qa", "--model", str(tiny / "doc.txt"), *base], "is not a causal language model"),
+                  (["qa", "--model", str(tmp_path), *base], "is not a causal language model"),
+                  (["qa", "--model", str(tiny / "model"), *base, "--device-budget", "lots"], "budget")], [])
     store = tmp_path / "s"
     assert kvtier("qa", "--model", str(tiny / "model"), *base, "--store", str(store), "--max-new-tokens", "2").returncode == 0
     _one_error_line(kvtier("qa", "--model", str(tiny / "other"), *base, "--store", str(store)), "another model")
-    _one_error_line(kvtier("qa", "--model", str(tiny / "model"), *base, "--device-budget", "lots"), "budget")
 
 
 def test_qa_refuses_a_store_of_another_document(tiny, tmp_path):
@@ -119,6 +163,10 @@ def test_parse_budget():
     for bad in ("lots", "1.5", "8 parsecs", "-3"):
         with pytest.raises(ValueError, match="budget"):
             parse_budget(bad, spec)
+    # a size under one token per layer is refused, not read as "nothing on this tier"; zero stays zero
+    with pytest.raises(ValueError, match=rf"1000B is less than one token per layer \(needs at least {per_token * 4} "):
+        parse_budget("1000B", spec)
+    assert parse_budget("1KiB", spec) == 1 and parse_budget("0MiB", spec) == 0
 
 
 def test_cache_info_survives_a_reopen(tmp_path):
@@ -130,3 +178,120 @@ def test_cache_info_survives_a_reopen(tmp_path):
     again = KVTierCache.open(tmp_path / "s", model)
     assert again.info == {"document": "a.txt"}
     again.close()
+
+
+def test_qa_unwritable_store_places_are_one_line(tiny, tmp_path):
+    """A --store or $KVTIER_HOME that cannot hold a store is refused before the model loads (and as root too)."""
+    afile = tmp_path / "file.txt"
+    afile.write_text("not a directory")
+    base = ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--question", "x",
+            "--max-new-tokens", "2"]
+    _refused([*base, "--store", str(afile / "store")], "file.txt is not a directory", [tmp_path])
+    _refused(base, "set KVTIER_HOME to a writable directory", [tmp_path], env={**os.environ, "KVTIER_HOME": str(afile)})
+
+
+def test_qa_and_inspect_read_only_places_are_one_line(tiny, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip(reason="running as root: permissions do not stop writes (the file-path variants cover root)")
+    store, locked = tmp_path / "s", tmp_path / "locked"
+    base = ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--question", "x",
+            "--max-new-tokens", "2"]
+    assert kvtier(*base, "--store", str(store)).returncode == 0
+    locked.mkdir()
+    paths = [store, *store.iterdir(), locked]
+    try:
+        for path in paths:
+            path.chmod(0o500 if path.is_dir() else 0o400)
+        _refused([*base, "--store", str(store)], "is not writable", [tmp_path])
+        _refused([*base, "--store", str(locked / "s")], "is not writable", [tmp_path])
+        _refused(base, "is not writable", [tmp_path], env={**os.environ, "KVTIER_HOME": str(locked)})
+        # modes=False: opening a store sets its directory to 0o700 (kvtier/store/disk.py), even to read it
+        _refused(["inspect", str(store)], "Permission denied", [store], modes=False)
+        _refused(["inspect", str(store), "--plot", str(locked / "p.png")], "is not writable", [tmp_path])
+    finally:
+        for path in paths:
+            path.chmod(0o700 if path.is_dir() else 0o600)
+
+
+def test_inspect_os_errors_are_one_line(tmp_path):
+    """A filesystem error while reading a store (here a directory where the lock file goes) is one line."""
+    broken = tmp_path / "broken"
+    (broken / "kvtier.lock").mkdir(parents=True)
+    out = kvtier("inspect", str(broken))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert len([line for line in out.stderr.splitlines() if "error:" in line]) == 1, out.stderr
+
+
+def test_qa_model_problems_have_their_own_messages(tiny, tmp_path):
+    """No tokenizer, no such model, no CUDA: each says what it is, not 'is not a causal language model'."""
+    notok = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny / "model", notok)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (notok / name).unlink(missing_ok=True)
+    base = ["--doc", str(tiny / "doc.txt"), "--question", "x", "--store", str(tmp_path / "s")]
+    device = (["--device", "cuda:99"], "CUDA device") if torch.cuda.is_available() else \
+        (["--device", "cuda"], "CUDA is not available")
+    _all_refused([(["qa", "--model", str(notok), *base], "holds no tokenizer"),
+                  (["qa", "--model", str(tmp_path / "missing" / "model"), *base], "model not found"),
+                  (["qa", "--model", str(tiny / "model"), *base, *device[0]], device[1])], [tmp_path])
+
+
+def test_qa_arguments_are_checked_before_anything_is_written(tiny, tmp_path):
+    store = tmp_path / "s"
+    empty, blank = tmp_path / "empty.txt", tmp_path / "blank.txt"
+    empty.write_text("")
+    blank.write_text("  \n\t\n")
+    base = ["qa", "--model", str(tiny / "model"), "--store", str(store)]
+    doc = ["--doc", str(tiny / "doc.txt")]
+    cases = [([*base, "--doc", str(path), "--question", "x"], "is empty") for path in (empty, blank)]
+    cases += [([*base, *doc, "--question", question], "--question is empty") for question in ("", "   ")]
+    cases += [([*base, *doc, "--question", "x", "--max-new-tokens", n], "--max-new-tokens") for n in ("0", "-3")]
+    cases += [([*base, *doc, "--question", "x", "--sparse-budget", junk], "is not a sparse budget")
+              for junk in ("5x", "0", "150%", "2.5")]
+    # a size under one token per layer (2 layers x 2 KV heads of 16 x fp32: 512 bytes) is not "no budget"
+    cases += [([*base, *doc, "--question", "x", flag, "100B"],
+               "100B is less than one token per layer (needs at least 512 bytes)")
+              for flag in ("--device-budget", "--host-budget")]
+    photos = tmp_path / "photos"  # a directory of the user's that is not a store: never written to
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"\xff\xd8")
+    cases += [(["qa", "--model", str(tiny / "model"), "--store", str(photos), *doc, "--question", "x"],
+               "is not empty and is not a kvtier store")]
+    _all_refused(cases, [tmp_path])
+
+
+def test_qa_rebuild_with_a_bad_segment_leaves_the_store_alone(saved, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(saved, store)
+    doc = next(saved.parent.glob("red*.txt"))
+    _refused(["qa", "--model", str(saved.parent / "model"), "--doc", str(doc), "--store", str(store), "--rebuild",
+              "--segment-tokens", "0", "--question", "x"], "--segment-tokens 0", [store])
+
+
+def test_qa_accepts_a_percentage_sparse_budget(saved):
+    desc = json.loads(kvtier("inspect", str(saved), "--json").stdout)
+    assert desc["options"]["mode"] == "sparse" and desc["options"]["sparse_budget"] == 0.05
+
+
+def test_inspect_escapes_control_characters(saved, tmp_path):
+    out = kvtier("inspect", str(saved))
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout
+    assert "red\\x1b[31mdoc\\x07.txt" in out.stdout
+    desc = json.loads(kvtier("inspect", str(saved), "--json").stdout)  # JSON keeps the string as it is
+    assert desc["info"]["document"].endswith("red\x1b[31mdoc\x07.txt")
+    missing = tmp_path / "no\x1b[2Jstore"
+    _refused(["inspect", str(missing)], "no kvtier store", [tmp_path])
+    assert "\x1b" not in kvtier("inspect", str(missing)).stderr
+
+
+def test_inspect_plot_errors_are_one_line(saved, tmp_path):
+    afile = tmp_path / "file.txt"
+    afile.write_text("not a directory")
+    _all_refused([(["inspect", str(saved), "--plot", str(target)], text)
+                  for target, text in ((tmp_path / "out.xyz", "cannot write .xyz files"),
+                                       (tmp_path / "out", "needs a file extension"),
+                                       (afile / "p.png", "is not a directory"),
+                                       (tmp_path / "missing" / "p.png", "is not a directory"))], [tmp_path, saved])
+    out = kvtier("inspect", str(saved), "--plot", str(tmp_path / "p.svg"))
+    assert out.returncode == 0 and (tmp_path / "p.svg").read_text().startswith("<?xml"), out.stderr

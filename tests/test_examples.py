@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
+    """Run an example with a temp directory of its own, and check it leaves no store behind there."""
+    with tempfile.TemporaryDirectory(prefix="kvtier-test-tmp-") as tmp:
+        out = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True,
+                             text=True, timeout=300, cwd=ROOT, env={**os.environ, "TMPDIR": tmp})
+        assert out.returncode == 0, out.stderr
+        # torch may keep its compile cache (torchinductor_<user>) in the temp directory; anything else is a leak
+        left = sorted(p.name for p in Path(tmp).iterdir() if not p.name.startswith("torchinductor_"))
+        assert not left, f"{script} left {left} in the temp directory"
     return out
 
 
@@ -46,3 +53,26 @@ def test_long_doc_qa_prefills_then_reopens(tiny, tmp_path):
 def test_custom_loop_runs(tiny):
     out = run("custom_loop.py", "--model", str(tiny), "--max-new-tokens", "300", "--prompt", "The pass key")
     assert "tokens cached" in out.stdout and "bytes moved per step" in out.stdout
+
+
+def test_training_script_finds_the_shared_data_beside_the_repository(tmp_path):
+    """The default haystack is ../shared/data/ beside whichever checkout holds the script, not one machine's path."""
+    script = tmp_path / "checkout" / "scripts" / "train_retrieval_model.py"
+    script.parent.mkdir(parents=True)
+    script.write_text((ROOT / "scripts" / "train_retrieval_model.py").read_text())
+    env = {k: v for k, v in os.environ.items() if k != "KVTIER_HAYSTACK_DIR"}
+    work = tmp_path / "work"
+    work.mkdir()
+    code = "import runpy, sys; print(runpy.run_path(sys.argv[1], run_name='probe')['DEFAULT_DATA_DIR'])"
+    default = subprocess.run([sys.executable, "-c", code, str(script)], capture_output=True, text=True, timeout=300,
+                             cwd=work, env=env)
+    assert default.returncode == 0, default.stderr
+    assert Path(default.stdout.strip()) == tmp_path / "shared" / "data" / "paul_graham_essays"
+    # a directory asked for and missing is one line, before any checkpoint is read or written
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_retrieval_model.py"), "--eval-only",
+                          str(work / "ckpt"), "--data-dir", str(work / "no-essays")], capture_output=True, text=True,
+                         timeout=300, cwd=work, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "no-essays" in errors[0] and "--data-dir" in errors[0], out.stderr
+    assert list(work.iterdir()) == []
