@@ -3,20 +3,20 @@ directly on CUDA by the gpu-marked test. Not collected on its own (no test_ pref
 
 from __future__ import annotations
 
-import itertools
 import sys
 
 import pytest
 import torch
-
 from kvtier.kernels import chunk_scores, chunk_scores_ref, sparse_decode_attention, sparse_decode_attention_ref
-from kvtier.kernels._triton import use_triton
+from kvtier.kernels._triton import INTERPRET, use_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_triton_is_in_use():
     assert use_triton(torch.empty(1, device=DEVICE)), "this file must run with Triton active"
+    if DEVICE == "cuda":
+        assert not INTERPRET, "on CUDA the kernels must be compiled: unset TRITON_INTERPRET"
 
 
 @pytest.mark.parametrize("b, hq, hkv, c, d", [(1, 4, 2, 37, 16), (2, 8, 8, 5, 64), (1, 6, 2, 130, 24)])

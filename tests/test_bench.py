@@ -113,3 +113,37 @@ def test_speed_run_on_an_emulated_card_uses_its_device_budget():
     assert row["shared-tiered"]["options"]["device_budget"] == 300
     assert row["shared-tiered"]["device_peak_tokens_per_layer"] <= 300
     assert "exact" not in row and "offloaded" not in row  # offloading is measured on CUDA only
+
+
+def test_bench_kernels_runs_on_cpu_with_tiny_shapes(tmp_path):
+    """`kvtier bench kernels --device cpu` in this process: the references are timed; the Triton kernels run
+    only under TRITON_INTERPRET=1 (test_kernels.py checks them there)."""
+    from kvtier.cli import main
+
+    assert main(["bench", "kernels", "--device", "cpu", "--contexts", "256", "--heads", "4", "--kv-heads", "2",
+                 "--head-dim", "16", "--chunk", "16", "--budget", "0.25", "--reps", "2", "--warmup", "1",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    assert result["machine"]["torch"] and "triton" in result["machine"] and "cuda" in result["machine"]
+    rows = {r["kernel"]: r for r in result["results"]}
+    assert set(rows) == {"chunk_scores", "sparse_decode_attention"}
+    assert rows["chunk_scores"]["shape"]["chunks"] == 16
+    assert rows["sparse_decode_attention"]["shape"]["selected_slots"] == 64
+    assert all(r["reference_ms"] > 0 for r in rows.values()) and result["all_match"]
+    if result["config"]["triton_mode"] == "unavailable":
+        assert not any("kernel_ms" in r for r in rows.values())
+    else:
+        assert all(r["match"] and r["kernel_ms"] > 0 for r in rows.values())
+
+
+def test_speed_run_skips_contexts_past_its_time_limit():
+    """The first context always runs; a later one that the previous one's time says would not fit is skipped,
+    and the partial result handed out after each context says it is not complete."""
+    from kvtier.bench.speed import run
+
+    partial = []
+    result = run([600, 700], 1, 1, 0.05, 0.1, 0.1, TINY_SHAPE, configs=["shared-tiered"], time_limit_s=1e-3,
+                 on_context=partial.append)
+    assert [r["context"] for r in result["results"]] == [600]
+    assert result["skipped_contexts"] == [700] and result["complete"] is False
+    assert [p["complete"] for p in partial] == [False] and partial[0]["results"][0]["context"] == 600

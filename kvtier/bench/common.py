@@ -9,6 +9,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +38,31 @@ def machine_info() -> dict[str, Any]:
                 mem = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
+    gpu = torch.cuda.is_available()
     info = {
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "ram_gib": mem,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(0) if gpu else None,
+        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if gpu else None,
+        "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if gpu else None,
+        "cuda": torch.version.cuda,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "triton": _version("triton"),
     }
     return info
+
+
+def _version(dist: str) -> str | None:
+    """The installed version of a distribution, or None."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def write_result(name: str, result: dict[str, Any], out_dir: str | Path = DEFAULT_OUT) -> Path:

@@ -35,6 +35,8 @@ import copy
 import resource
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,6 @@ from tqdm import tqdm
 
 from ..cache import KVTierCache, cache_argument
 from .common import bytes_moved, median_ms, timed, write_result
-
 
 SHAPES: dict[str, dict[str, int]] = {
     "attention-heavy": dict(layers=4, heads=16, kv_heads=16, head_dim=64, intermediate=1024, vocab=1024),
@@ -131,12 +132,40 @@ def _tier_summary(cache: KVTierCache, steps: int, warm) -> dict[str, Any]:
 
 def run(contexts: list[int], steps: int, warmup: int, budget: float, device_fraction: float, host_fraction: float,
         shape: dict[str, int], device: str = "cpu", dtype: torch.dtype = torch.float32, gpu_gib: float | None = None,
-        reserve_gib: float = 2.0, configs: list[str] | None = None) -> dict[str, Any]:
+        reserve_gib: float = 2.0, configs: list[str] | None = None,
+        on_context: Callable[[dict[str, Any]], None] | None = None,
+        time_limit_s: float | None = None) -> dict[str, Any]:
+    """Every context in turn; `on_context` gets the result so far after each one (to keep what a stopped run
+    finished). With `time_limit_s`, a context is skipped when the previous one's time, scaled by the ratio of
+    their lengths (1.2x for the quadratic share of the prefill), says it would not finish in the time left."""
+    started = time.perf_counter()
     base = speed_model(shape, max(contexts) + steps + warmup + 8, device, dtype)
     kv_model = copy.deepcopy(base)
     emulated = emulated_device_budget(base, gpu_gib, reserve_gib) if gpu_gib else None
-    rows = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[int] = []
+    last: tuple[int, float] | None = None  # (context, seconds) of the context measured last
+
+    def summary(complete: bool) -> dict[str, Any]:
+        return {
+            "config": {**shape, "device": device, "dtype": str(dtype).removeprefix("torch."), "decode_steps": steps,
+                       "warmup_steps": warmup, "sparse_budget": budget, "host_fraction": host_fraction,
+                       "device_fraction": None if emulated else device_fraction, "emulated_gpu_gib": gpu_gib,
+                       "reserve_gib": reserve_gib if gpu_gib else None, "emulated_device_budget": emulated},
+            "results": list(rows),
+            "complete": complete and not skipped,  # False: written before every context was measured
+            "skipped_contexts": list(skipped),  # not run: the time limit would not have allowed them
+            "time_limit_s": time_limit_s,
+            "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        }
+
     for n in tqdm(contexts, desc="contexts"):
+        if time_limit_s is not None and last is not None:  # the first context always runs
+            left = time_limit_s - (time.perf_counter() - started)
+            if skipped or last[1] * n / last[0] * 1.2 > left:
+                skipped.append(n)
+                continue
+        context_started = time.perf_counter()
         ids = torch.randint(0, shape["vocab"], (1, n), generator=torch.Generator().manual_seed(n)).to(device)
         store = Path(tempfile.mkdtemp(prefix="kvtier-speed-")) / "doc"
         first = torch.tensor([[7]], device=device)
@@ -192,14 +221,10 @@ def run(contexts: list[int], steps: int, warmup: int, budget: float, device_frac
             cache.close()
         shutil.rmtree(store.parent, ignore_errors=True)
         rows.append(row)
-    return {
-        "config": {**shape, "device": device, "dtype": str(dtype).removeprefix("torch."), "decode_steps": steps,
-                   "warmup_steps": warmup, "sparse_budget": budget, "host_fraction": host_fraction,
-                   "device_fraction": None if emulated else device_fraction, "emulated_gpu_gib": gpu_gib,
-                   "reserve_gib": reserve_gib if gpu_gib else None, "emulated_device_budget": emulated},
-        "results": rows,
-        "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-    }
+        last = (n, time.perf_counter() - context_started)
+        if on_context is not None and len(rows) < len(contexts):
+            on_context(summary(complete=False))
+    return summary(complete=True)
 
 
 CONFIGS = ("exact", "sparse", "sparse-tiered", "shared-tiered", "shared-tiered+lookahead")
@@ -258,6 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reserve-gib", type=float, default=2.0, help="activations' share of the emulated card")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, help="kvtier configurations to run (default: all)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--time-limit", type=float,
+                   help="seconds for all contexts: skip a context the previous one's time says would not finish "
+                        "(recorded as skipped_contexts)")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--name", help="result file name (default: speed on cpu, speed-<shape>-cuda on a GPU)")
     p.add_argument("--no-plot", action="store_true")
@@ -273,10 +301,16 @@ def main(argv: list[str] | None = None) -> None:
     shape.update({k: v for k, v in (("layers", a.layers), ("head_dim", a.head_dim),
                                     ("intermediate", a.intermediate)) if v})
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
-    result = run(a.contexts, a.steps, a.warmup, a.budget, a.device_fraction, a.host_fraction, shape, a.device,
-                 dtype, a.gpu_memory_gib, a.reserve_gib, a.configs)
-    result["config"]["shape"] = a.shape
     name = a.name or ("speed" if a.device == "cpu" else f"speed-{a.shape}-cuda")
+
+    def keep_partial(partial: dict[str, Any]) -> None:  # a run stopped later still leaves these contexts
+        partial["config"]["shape"] = a.shape
+        write_result(name, partial, a.out)
+
+    result = run(a.contexts, a.steps, a.warmup, a.budget, a.device_fraction, a.host_fraction, shape, a.device,
+                 dtype, a.gpu_memory_gib, a.reserve_gib, a.configs, on_context=keep_partial,
+                 time_limit_s=a.time_limit)
+    result["config"]["shape"] = a.shape
     path = write_result(name, result, a.out)
     if not a.no_plot:
         import json
@@ -289,4 +323,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{n} {row[n]['decode_step_ms']:8.1f}" + (f" ({row[n]['decode_ratio_vs_dynamic']}x)"
                                                        if "decode_ratio_vs_dynamic" in row[n] else "")
             for n in names))
+    if result["skipped_contexts"]:
+        print(f"skipped (would not finish within --time-limit {a.time_limit:g}s): {result['skipped_contexts']}")
     print(f"wrote {path}")
