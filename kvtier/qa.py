@@ -240,6 +240,8 @@ class Session:
         """Reopen the stored document, or prefill it (first run, --rebuild, or an interrupted prefill)."""
         try:
             return self._open()
+        except (StoreMismatchError, StoreCorruptError) as exc:  # another model or version, a damaged store
+            raise QAError(f"{exc}; pass --rebuild to prefill the document again, or another --store") from None
         except OSError as exc:
             raise QAError(f"cannot use the store {self.store}: {error_line(exc)}; pass --store DIR in a "
                           "writable place") from None
@@ -255,10 +257,12 @@ class Session:
             except PromptMismatchError as exc:
                 raise QAError(f"store {self.store} holds another document ({exc}); pass another --store or "
                               "--rebuild") from None
-            except (StoreMismatchError, StoreCorruptError) as exc:
-                raise QAError(f"{exc}; pass --rebuild to prefill the document again, or another --store") from None
             else:
-                cache.warm()
+                try:
+                    cache.warm()  # reads records: a damaged one is found here
+                except BaseException:
+                    cache.close()
+                    raise
                 return cache
         return self._prefill()
 
@@ -282,9 +286,12 @@ class Session:
         ids = torch.cat([self.prompt.prefix_ids, q_ids], dim=1).to(model.device)
         streamer = _TimedStreamer(tok, quiet=self.args.quiet)
         t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, max_new_tokens=self.args.max_new_tokens, do_sample=False,
-                             streamer=streamer, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                             **{cache_argument(model): cache})
+        try:
+            out = model.generate(input_ids=ids, max_new_tokens=self.args.max_new_tokens, do_sample=False,
+                                 streamer=streamer, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                                 **{cache_argument(model): cache})
+        except (StoreMismatchError, StoreCorruptError) as exc:  # a record read while answering
+            raise QAError(f"{exc}; pass --rebuild to prefill the document again, or another --store") from None
         elapsed = time.perf_counter() - t0
         answer_ids = out[0, ids.shape[1]:]
         answer = tok.decode(answer_ids, skip_special_tokens=True)

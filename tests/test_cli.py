@@ -295,3 +295,23 @@ def test_inspect_plot_errors_are_one_line(saved, tmp_path):
                                        (tmp_path / "missing" / "p.png", "is not a directory"))], [tmp_path, saved])
     out = kvtier("inspect", str(saved), "--plot", str(tmp_path / "p.svg"))
     assert out.returncode == 0 and (tmp_path / "p.svg").read_text().startswith("<?xml"), out.stderr
+
+
+def test_qa_on_a_damaged_store_says_so_and_rebuild_repairs_it(saved, tmp_path):
+    import lmdb
+
+    store = tmp_path / "s"
+    shutil.copytree(saved, store)
+    env = lmdb.open(str(store), max_dbs=4)
+    with env.begin(write=True, db=env.open_db(b"chunks")) as txn:  # one flipped payload byte in one record
+        key, value = next(iter(txn.cursor()))
+        damaged = bytearray(value)
+        damaged[-5] ^= 0x10
+        txn.put(key, bytes(damaged))
+    env.close()
+    doc = next(saved.parent.glob("red*.txt"))
+    args = ["qa", "--model", str(saved.parent / "model"), "--doc", str(doc), "--store", str(store),
+            "--sparse-budget", "5%", "--question", "x", "--max-new-tokens", "2", "--quiet"]
+    _one_error_line(kvtier(*args), "pass --rebuild")
+    assert kvtier(*args, "--rebuild").returncode == 0
+    assert kvtier(*args).returncode == 0

@@ -216,9 +216,10 @@ class RecordCodec:
         return RecordHeader(layer, chunk_id, start, length, batch, heads, head_dim, CODE_DTYPES[dtype_code],
                             signature, session, layout, flags, raw_nbytes, payload_nbytes)
 
-    def decode(self, blob: bytes, expect: RecordHeader) -> tuple[torch.Tensor, torch.Tensor]:
-        """Check that `blob` is exactly the record `expect` describes, then decode it: k, v [B, H, n, D]."""
-        name = chunk_name(expect.layer, expect.chunk_id)
+    def decode(self, blob: bytes, expect: RecordHeader, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """Check that `blob` is exactly the record `expect` describes, then decode it: k, v [B, H, n, D].
+        where: prefixed to error messages (the store)."""
+        name = where + chunk_name(expect.layer, expect.chunk_id)
         h = self.read_header(blob, name)
         _check_place(h, expect, name)
         payload = blob[HEADER_BYTES:]

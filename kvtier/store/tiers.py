@@ -126,6 +126,9 @@ class TierManager:
         self.counters.disk.bytes_read += self.record_sizes[chunk.key][2]
         return k, v
 
+    def _where(self) -> str:
+        return f"kvtier store {self.disk.path}: "
+
     def expected_header(self, chunk: Chunk) -> RecordHeader:
         """What the chunk's record must say about itself: its session, place, shape, dtype and encoding."""
         return RecordHeader(chunk.layer, chunk.chunk_id, chunk.start, chunk.length, chunk.stored_batch,
@@ -137,10 +140,11 @@ class TierManager:
         blob = self.disk.get(chunk.key)
         if blob is None:
             raise StoreMissingRecordError(f"{chunk.name()}: record missing from store {self.disk.path}")
-        k, v = self.codec.decode(blob, self.expected_header(chunk))
+        k, v = self.codec.decode(blob, self.expected_header(chunk), self._where())
         known = self.record_sizes.setdefault(chunk.key, (chunk.length, k.nbytes + v.nbytes, len(blob)))
         if known[2] != len(blob):
-            raise StoreCorruptError(f"{chunk.name()}: record is {len(blob)} bytes, the session recorded {known[2]}")
+            raise StoreCorruptError(f"{self._where()}{chunk.name()}: record is {len(blob)} bytes, the session "
+                                    f"recorded {known[2]}")
         return k, v
 
     def write_abstracts(self, layer: int, kmin: torch.Tensor, kmax: torch.Tensor) -> bytes:
@@ -156,7 +160,7 @@ class TierManager:
         blob = self.disk.get(chunk_key(expect.layer, ABSTRACT_ID))
         if blob is None:
             raise StoreMissingRecordError(f"layer {expect.layer}: chunk abstracts missing from store {self.disk.path}")
-        kmin, kmax = self.codec.decode(blob, expect)
+        kmin, kmax = self.codec.decode(blob, expect, self._where())
         if not bool((kmin <= kmax).all()):  # NaN fails too
             raise StoreCorruptError(f"layer {expect.layer}: chunk abstracts in store {self.disk.path} are damaged "
                                     "(a minimum above its maximum)")
