@@ -47,13 +47,12 @@ def describe(path: str | Path) -> dict[str, Any]:
         return out
     layers, total_raw, total_stored = [], 0, 0
     shape = mf.parse_shape(header, str(path))
-    bytes_per_token_row = 2 * shape.kv_heads * shape.head_dim * shape.dtype.itemsize
     for i, entry in enumerate(manifest.layers):
         if entry.kind != mf.FULL:
             layers.append({"layer": i, "kind": "sliding", "tokens_kept": entry.buffer.length if entry.buffer else 0})
             continue
         sizes = [c.length for c in entry.chunks]
-        raw = sum(c.record_batch * c.length * bytes_per_token_row for c in entry.chunks)
+        raw = sum(shape.kv_bytes(c.record_batch, c.length) for c in entry.chunks)
         stored = sum(c.stored_bytes for c in entry.chunks)
         total_raw += raw
         total_stored += stored

@@ -30,10 +30,9 @@ from .layers import TieredLayer
 from .model_spec import FULL, ModelSpec
 from .sparse.profile import LayerSkew
 from .store import manifest as mf
-from .store.chunk import Chunk, Tier, chunk_key
+from .store.chunk import Chunk, Tier
 from .store.codec import LAYOUT_VERSION, dtype_name
 from .store.disk import DiskStore, is_store
-from .store.tiers import ABSTRACT_ID
 
 if TYPE_CHECKING:
     from .cache import KVTierCache
@@ -155,7 +154,7 @@ def read_session(disk: DiskStore, spec: ModelSpec | None) -> tuple[dict, mf.Mani
     manifest = mf.parse(session, where=f"kvtier store {disk.path}: session manifest", header=header, shape=shape,
                         records=disk.record_count(), data_bytes=disk.data_bytes(), check_options=check_options)
     present = set(disk.keys())
-    for key, name in manifest.record_keys(ABSTRACT_ID):
+    for key, name in manifest.record_keys():
         if key not in present:
             raise StoreMissingRecordError(f"{name}: record missing from store {disk.path}")
     return header, manifest
@@ -185,7 +184,7 @@ def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
     tiers = cache.tiers
     disk = tiers.disk
     header = read_header(disk)
-    entries, keys = [], set()
+    entries = []
     for layer in cache.layers:
         if isinstance(layer, TieredLayer):
             layer.commit_pending()
@@ -200,16 +199,12 @@ def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
                 decode_chunk=layer.decode_chunk,
                 skew=None if layer.skew is None else layer.skew.to_dict(),
             )
-            keys.update(c.key for c in layer.chunks)
             if layer.chunks:
                 kmin, kmax, _, _ = layer.abstracts.view()
-                keys.add(tiers.write_abstracts(layer.index, kmin, kmax))
+                tiers.write_abstracts(layer.index, kmin, kmax)
         else:
             start = layer.length - (0 if layer.k is None else layer.k.shape[2])
             entry = mf.LayerEntry(mf.SLIDING, buffer=_persist_run(cache, layer.index, start, layer.k, layer.v))
-        for run in (entry.tail, entry.buffer):
-            if run is not None:
-                keys.add(chunk_key(layer.index, run.chunk_id))
         entries.append(entry)
     writers = list(dict.fromkeys([tiers.session_id, *(c.session for e in entries for c in e.chunks)]))
     tokens = cache.token_ids
@@ -223,6 +218,7 @@ def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
         layers=entries,
     )
     disk.put_meta(SESSION_META, manifest.to_json())
+    keys = {key for key, _ in manifest.record_keys()}
     live = {c.key for layer in cache.layers if isinstance(layer, TieredLayer) for c in layer.chunks if c.on_disk}
     tiers.drop_records([k for k in cache._saved_keys - keys if k not in live])
     cache._saved_keys = keys
@@ -251,7 +247,6 @@ def load(cache: "KVTierCache", manifest: mf.Manifest) -> None:
     cache.info = dict(manifest.info)
     length, batch = manifest.length, manifest.batch
     shape = spec_shape(cache.spec)
-    keys: set[bytes] = set()
     for layer, entry in zip(cache.layers, manifest.layers):
         layer.batch = batch
         if isinstance(layer, TieredLayer):
@@ -261,28 +256,26 @@ def load(cache: "KVTierCache", manifest: mf.Manifest) -> None:
                               disk_rows=None if row.rows is None else torch.tensor(row.rows),
                               importance=row.importance, writer=row.session, lossy=row.lossy)
                 layer.chunks.append(chunk)
-                keys.add(chunk.key)
-                raw = 2 * row.record_batch * shape.kv_heads * row.length * shape.head_dim * cache.dtype.itemsize
-                tiers.record_sizes[chunk.key] = (row.length, raw, row.stored_bytes)
+                tiers.record_sizes[chunk.key] = (row.length, shape.kv_bytes(row.record_batch, row.length),
+                                                 row.stored_bytes)
             if layer.chunks:
-                kmin, kmax = tiers.read_abstracts(manifest.abstracts_header(layer.index, ABSTRACT_ID, shape))
-                keys.add(chunk_key(layer.index, ABSTRACT_ID))
+                kmin, kmax = tiers.read_abstracts(manifest.abstracts_header(layer.index, shape))
                 for c in layer.chunks:
                     layer.abstracts.append(kmin[:, :, c.row], kmax[:, :, c.row], c.start, c.length)
             layer.decode_chunk = entry.decode_chunk
             layer.skew = None if entry.skew is None else LayerSkew(**entry.skew)
             layer.length = layer.chunks[-1].end if layer.chunks else 0
             if entry.tail is not None:
-                _load_window(cache, layer, _run_chunk(cache, layer.index, entry.tail, manifest), keys)
+                _load_window(cache, layer, _run_chunk(cache, layer.index, entry.tail, manifest))
             layer.length = length
         else:
             if entry.buffer is not None:
                 run = _run_chunk(cache, layer.index, entry.buffer, manifest)
-                keys.add(run.key)
                 k, v = tiers.read_record(run)
                 layer.k, layer.v = k.to(cache.device), v.to(cache.device)
             layer.length = length
     cache.restore_tokens(manifest.token_ids(), length)
+    keys = {key for key, _ in manifest.record_keys()}
     cache._saved_keys = keys
     # Records no saved session refers to are leftovers of an interrupted continuation: drop them.
     tiers.drop_records([k for k in tiers.disk.keys() if k not in keys])
@@ -293,8 +286,7 @@ def _run_chunk(cache: "KVTierCache", layer_idx: int, run: mf.Run, manifest: mf.M
     return Chunk(layer_idx, run.chunk_id, run.start, run.length, Tier.DISK, manifest.batch, writer=manifest.session)
 
 
-def _load_window(cache: "KVTierCache", layer: TieredLayer, run: Chunk, keys: set[bytes]) -> None:
-    keys.add(run.key)
+def _load_window(cache: "KVTierCache", layer: TieredLayer, run: Chunk) -> None:
     k, v = cache.tiers.read_record(run)
     layer.pool.init_shape(k.shape[0], k.shape[1], k.shape[3])
     slots = cache.tiers.allocate_device(layer.index, run.length)

@@ -59,6 +59,9 @@ class Chunk:
         self.rows = index.clone() if self.rows is None else self.rows[index]
 
 
+ABSTRACT_ID = 2**64 - 1  # chunk id under which a layer's abstract table is stored
+
+
 def chunk_key(layer: int, chunk_id: int) -> bytes:
     # Big-endian so records sort by layer, then chunk id.
     return b"c" + struct.pack(">IQ", layer, chunk_id)

@@ -29,12 +29,12 @@ from typing import Any
 import torch
 
 from ..errors import StoreCorruptError
-from .chunk import chunk_key, chunk_name
+from .chunk import ABSTRACT_ID, chunk_key, chunk_name
 from .codec import CODE_DTYPES, HEADER_BYTES, LAYOUT_VERSION, MAX_COMPRESSION_RATIO, RecordHeader, dtype_name
 
 FULL, SLIDING = "full", "sliding"
 _HEX16 = re.compile(r"^[0-9a-f]{32}$")
-MAX_ID = 2**64 - 2  # 2**64 - 1 names a layer's abstract table
+MAX_ID = ABSTRACT_ID - 1  # the last id names a layer's abstract table
 TOKEN_BYTES = 4
 _DTYPES = {dtype_name(d): d for d in CODE_DTYPES.values()}
 _SKEW_FIELDS = ("tokens", "top1", "top5", "top10", "desert", "top5_per_head", "desert_per_head")
@@ -88,6 +88,11 @@ class Shape:
     dtype: torch.dtype
 
 
+    def kv_bytes(self, batch: int, tokens: int) -> int:
+        """Bytes of K and V for `tokens` positions of `batch` rows in one layer, uncompressed."""
+        return 2 * batch * tokens * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+
 @dataclass(slots=True)
 class Manifest:
     store_id: str
@@ -131,18 +136,18 @@ class Manifest:
         }
 
     # ------------------------------------------------------------------------------------ reading
-    def abstracts_header(self, layer: int, abstract_id: int, shape: Shape) -> RecordHeader:
+    def abstracts_header(self, layer: int, shape: Shape) -> RecordHeader:
         n = len(self.layers[layer].chunks)
-        return RecordHeader(layer, abstract_id, 0, n, self.batch, shape.kv_heads, shape.head_dim, torch.float32,
+        return RecordHeader(layer, ABSTRACT_ID, 0, n, self.batch, shape.kv_heads, shape.head_dim, torch.float32,
                             bytes.fromhex(self.signature), self.session)
 
-    def record_keys(self, abstract_id: int) -> list[tuple[bytes, str]]:
+    def record_keys(self) -> list[tuple[bytes, str]]:
         """(key, name) of every record the session refers to: chunks, windows, buffers, abstract tables."""
         out = []
         for i, e in enumerate(self.layers):
             ids = [c.chunk_id for c in e.chunks] + [r.chunk_id for r in (e.tail, e.buffer) if r is not None]
-            ids += [abstract_id] if e.chunks else []
-            out += [(chunk_key(i, c), f"layer {i} chunk abstracts" if c == abstract_id else chunk_name(i, c))
+            ids += [ABSTRACT_ID] if e.chunks else []
+            out += [(chunk_key(i, c), f"layer {i} chunk abstracts" if c == ABSTRACT_ID else chunk_name(i, c))
                     for c in ids]
         return out
 

@@ -19,15 +19,13 @@ import torch
 
 from ..config import KVTierConfig
 from ..errors import StoreCorruptError, StoreMissingRecordError
-from .chunk import Chunk, Tier, chunk_key
+from .chunk import ABSTRACT_ID, Chunk, Tier, chunk_key
 from .codec import FLAG_INT8, SESSION_ID_BYTES, RecordCodec, RecordHeader
 from .disk import DiskStore
 from .eviction import LRUEviction
 from .pools import DevicePool, HostPool
 from .prefetch import Prefetcher
 from .stats import CacheStats
-
-ABSTRACT_ID = 2**64 - 1  # chunk id under which a layer's abstract table is stored
 
 
 def _apply_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
