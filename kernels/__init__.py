@@ -4,12 +4,15 @@ Every kernel has a plain-torch reference beside it; the reference is what runs w
 """
 
 from .chunk_scores import chunk_scores, chunk_scores_ref
+from .fused_attention import fused_attention, fused_available
 from .partial_attention import merge_partials, merge_sink, partial_attention
 from .sparse_attention import sparse_decode_attention, sparse_decode_attention_ref
 
 __all__ = [
     "chunk_scores",
     "chunk_scores_ref",
+    "fused_attention",
+    "fused_available",
     "merge_partials",
     "merge_sink",
     "partial_attention",
