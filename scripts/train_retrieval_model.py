@@ -43,6 +43,17 @@ Train::
 Evaluate a checkpoint (greedy decoding, transformers' default DynamicCache)::
 
     python scripts/train_retrieval_model.py --eval-only checkpoints/retrieval-llama --eval-lengths 4096 8192
+
+Tokenizer. Training writes a transformers tokenizer beside the weights (``save_tokenizer``), so
+``AutoTokenizer`` and ``kvtier qa --model checkpoints/retrieval-llama`` load the checkpoint like any other.
+It encodes text exactly as the model was trained on it: byte by byte (``kvtier.bench.tasks.encode_text``,
+never a word token, even for "apple" in a text), with ``<bos>``, ``<eos>``, ``<pad>``, ``<needle>``,
+``</needle>`` and ``<query>`` as special tokens, and the word tokens written ``<key:apple>`` and
+``<value:amber>`` so that decoding and encoding again give back the same ids. Its chat template builds
+the task prompt from one user message, ``<bos>`` document ``<query>`` question, the question being what
+follows the message's last "\n\nQuestion: ". Write it into an existing checkpoint::
+
+    python scripts/train_retrieval_model.py --tokenizer-only checkpoints/retrieval-llama
 """
 
 from __future__ import annotations
@@ -111,6 +122,65 @@ def haystack_dir(data_dir: str) -> str | None:
     print(f"no essays in {DEFAULT_DATA_DIR}: the natural-text haystack is generated text "
           f"(pass --data-dir or set ${HAYSTACK_ENV} for essays)", file=sys.stderr, flush=True)
     return None
+
+
+# One user message: the document, then "\n\nQuestion: " and the question (what `kvtier qa` sends) becomes
+# the task prompt `<bos> document <query> question`, which the model answers with a value word.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set parts = message['content'].rsplit('\\n\\nQuestion: ', 1) %}"
+    "{{ parts[0] }}{% if parts | length > 1 %}<query>{{ parts[1] }}{% endif %}{% endfor %}"
+)
+
+
+def word_surfaces() -> dict[str, int]:
+    """How the tokenizer writes each word token: ``<key:apple>``, ``<value:amber>`` (text never holds them by
+    accident, unlike " apple", so they encode back to the same id)."""
+    return {**{f"<key:{w}>": i for w, i in T.KEY_TOKENS.items()},
+            **{f"<value:{w}>": i for w, i in T.VALUE_TOKENS.items()}}
+
+
+def build_tokenizer():
+    """A transformers tokenizer with exactly the training vocabulary (`kvtier.bench.tasks`): ids 0-255 the
+    bytes of UTF-8 text, then the special tokens, then one token per key and value word (`word_surfaces`).
+
+    A BPE model over the byte alphabet with no merges: every byte of a text is its own token, as
+    `encode_text` gives it. Special and word tokens are added tokens that keep their training ids."""
+    import transformers as tf
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()  # the byte-level alphabet: byte b is written as one printable character
+    words = word_surfaces()
+    vocab = {byte_chars[b]: b for b in range(256)}
+    vocab.update({name: i for i, name in T.SPECIAL_TOKENS.items()})
+    vocab.update(words)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in T.SPECIAL_TOKENS.values()])
+    tok.add_tokens([AddedToken(name, special=False, normalized=False) for name in words])
+    bos = T.SPECIAL_TOKENS[T.BOS]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                       special_tokens=[(bos, T.BOS)])
+    fast = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=T.SPECIAL_TOKENS[T.EOS], pad_token=T.SPECIAL_TOKENS[T.PAD],
+        clean_up_tokenization_spaces=False, model_max_length=16384,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tokenizer(out: Path) -> None:
+    """Write the tokenizer into a checkpoint directory (tokenizer.json, tokenizer_config.json, the template)."""
+    build_tokenizer().save_pretrained(out)
 
 
 def parse_schedule(text: str, tokens_per_step: int) -> list[tuple[int, int, float, int]]:
@@ -536,7 +606,8 @@ def train(args: argparse.Namespace) -> None:
     model.generation_config.eos_token_id = T.EOS
     model.generation_config.bos_token_id = T.BOS
     model.save_pretrained(out, safe_serialization=True)
-    print(f"saved {out} ({args.save_dtype})", flush=True)
+    save_tokenizer(out)
+    print(f"saved {out} ({args.save_dtype}) with its tokenizer", flush=True)
     info = {
         "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]),
         "args": vars(args),
@@ -630,6 +701,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     # evaluation
     p.add_argument("--eval-only", default="", metavar="CHECKPOINT", help="evaluate this checkpoint and exit")
+    p.add_argument("--tokenizer-only", default="", metavar="CHECKPOINT",
+                   help="write the tokenizer into this checkpoint directory and exit")
     p.add_argument("--eval-lengths", type=int, nargs="*", default=[4096])
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--eval-tasks", nargs="*", default=list(T.TASKS))
@@ -639,6 +712,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tokenizer_only:
+        save_tokenizer(Path(args.tokenizer_only))
+        print(f"wrote the tokenizer into {args.tokenizer_only}", flush=True)
+        return
     if args.eval_only:
         run_eval_into(Path(args.eval_only), args)
         return
