@@ -30,8 +30,8 @@ from .layers import TieredLayer
 from .model_spec import FULL, ModelSpec
 from .sparse.profile import LayerSkew
 from .store import manifest as mf
-from .store.chunk import Chunk, Tier
-from .store.codec import LAYOUT_VERSION, dtype_name
+from .store.chunk import ABSTRACT_ID, Chunk, Tier, chunk_key
+from .store.codec import LAYOUT_VERSION, RecordHeader, dtype_name
 from .store.disk import DiskStore, is_store
 
 if TYPE_CHECKING:
@@ -173,8 +173,13 @@ def reopen_options(header: dict, options: dict[str, Any]) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------- save
 def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
-    """Write every chunk, the recent windows and sliding buffers, the abstracts, then the manifest in one
-    transaction (the commit point), then fsync."""
+    """Write every chunk, the recent windows and sliding buffers, then the abstracts and the manifest in one
+    transaction (the commit point), then fsync.
+
+    Every record written before the commit point has a key no saved manifest names yet; the abstract tables
+    are the only records rewritten under the same key, so they commit together with the manifest. A save
+    interrupted at any point (Ctrl-C, a kill, a full disk) leaves the previous saved session readable as it
+    was, which is what lets a long prefill be saved after each segment and resumed from the last save."""
     lengths = {layer.logical_length for layer in cache.layers}
     if len(lengths) != 1 or cache.interrupted:
         raise IncompleteSessionError(
@@ -185,6 +190,7 @@ def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
     disk = tiers.disk
     header = read_header(disk)
     entries = []
+    abstracts: list[tuple[bytes, bytes]] = []  # written with the manifest, in its transaction
     for layer in cache.layers:
         if isinstance(layer, TieredLayer):
             layer.commit_pending()
@@ -201,7 +207,7 @@ def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
             )
             if layer.chunks:
                 kmin, kmax, _, _ = layer.abstracts.view()
-                tiers.write_abstracts(layer.index, kmin, kmax)
+                abstracts.append(_abstracts_record(cache, layer.index, kmin, kmax))
         else:
             start = layer.length - (0 if layer.k is None else layer.k.shape[2])
             entry = mf.LayerEntry(mf.SLIDING, buffer=_persist_run(cache, layer.index, start, layer.k, layer.v))
@@ -217,13 +223,24 @@ def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
         tokens=None if tokens is None else tokens.to("cpu", torch.int32).contiguous().numpy().tobytes(),
         layers=entries,
     )
-    disk.put_meta(SESSION_META, manifest.to_json())
+    disk.put_many(abstracts, meta={SESSION_META: manifest.to_json()})
     keys = {key for key, _ in manifest.record_keys()}
     live = {c.key for layer in cache.layers if isinstance(layer, TieredLayer) for c in layer.chunks if c.on_disk}
     tiers.drop_records([k for k in cache._saved_keys - keys if k not in live])
     cache._saved_keys = keys
     disk.sync()
     return disk.path
+
+
+def _abstracts_record(cache: KVTierCache, layer_idx: int, kmin: torch.Tensor,
+                      kmax: torch.Tensor) -> tuple[bytes, bytes]:
+    """(key, record) of a layer's abstract table ([B, Hkv, C, D] float32 each), as `TierManager.read_abstracts`
+    reads it back; encoded here so that `save` can commit it in the manifest's transaction."""
+    tiers = cache.tiers
+    b, h, c, d = kmin.shape
+    header = RecordHeader(layer_idx, ABSTRACT_ID, 0, c, b, h, d, torch.float32, tiers.signature, tiers.session_id)
+    return chunk_key(layer_idx, ABSTRACT_ID), tiers.codec.encode(header, kmin.cpu().contiguous(),
+                                                                 kmax.cpu().contiguous())
 
 
 def _persist_run(cache: "KVTierCache", layer_idx: int, start: int, k: torch.Tensor | None,
@@ -247,6 +264,8 @@ def load(cache: "KVTierCache", manifest: mf.Manifest) -> None:
     cache.info = dict(manifest.info)
     length, batch = manifest.length, manifest.batch
     shape = spec_shape(cache.spec)
+    config = cache.config  # exact mode will bring every chunk to the device; sparse mode its selection
+    cache.reserve(length if config.mode == "exact" else config.budget_tokens(length) + config.recent_window)
     for layer, entry in zip(cache.layers, manifest.layers):
         layer.batch = batch
         if isinstance(layer, TieredLayer):
