@@ -23,6 +23,7 @@ from .errors import CacheInputError, CacheThreadError, StoreError
 from .handle import KVHandle
 from .layers import SlidingLayer, TieredLayer
 from .model_spec import FULL, ModelSpec
+from .sizes import budgets_in_tokens
 from .sparse.lookahead import Lookahead, QueryGuesser
 from .store.chunk import Tier
 from .store.codec import dtype_name
@@ -69,7 +70,7 @@ class KVTierCache(Cache):
     ):
         if config is not None and options:
             raise TypeError("pass either a KVTierConfig or keyword options, not both")
-        self.config = config if config is not None else KVTierConfig(**options)
+        self.config = config if config is not None else KVTierConfig(**budgets_in_tokens(options, spec))
         self.spec = spec
         self.dtype = spec.dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -112,11 +113,13 @@ class KVTierCache(Cache):
     ) -> "KVTierCache":
         """A cache sized for `model`, with the model's attention switched to kvtier.
 
-        options: any `KVTierConfig` field (device_budget, host_budget, store_path, mode, chunk_size, ...).
+        options: any `KVTierConfig` field (device_budget, host_budget, store_path, mode, chunk_size, ...);
+            device_budget and host_budget also as strings, tokens ("8192") or a size of KV for all
+            full-attention layers ("8GiB"), converted for this model as `kvtier qa` does.
         overwrite: allow `store_path` to replace an existing store.
         """
-        config = KVTierConfig(**options)
         spec = ModelSpec.from_model(model)
+        config = KVTierConfig(**budgets_in_tokens(options, spec))
         enable(model)
         cache = cls(spec, config, device=_model_device(model), overwrite=overwrite)
         cache._watch(model)
@@ -129,14 +132,15 @@ class KVTierCache(Cache):
 
         prompt_ids: the prompt you will generate from ([batch, length] or [length]); it must start with the
             token ids the session holds, else PromptMismatchError says where they diverge (see `check_prompt`).
-        options: budgets, mode and every other runtime option, as for `for_model` (defaults when not given:
-            a store never decides how much memory or how many threads this process uses); chunking options
-            come from the store.
+        options: budgets (sizes such as "8GiB" too), mode and every other runtime option, as for `for_model`
+            (defaults when not given: a store never decides how much memory or how many threads this process
+            uses); chunking options come from the store.
         Raises StoreMismatchError for another model, dtype or layout version, IncompleteSessionError for a
         session that was never saved or whose prefill was interrupted, StoreCorruptError for a damaged store.
         """
         path = Path(path)
         spec = ModelSpec.from_model(model)
+        options = budgets_in_tokens(options, spec)  # a bad budget fails before the store is touched
         disk = DiskStore(path, create=False)
         try:
             header, saved = session.read_session(disk, spec)
@@ -390,6 +394,28 @@ class KVTierCache(Cache):
                 self.tiers.promote(chunk, k, v)
                 moved += chunk.tier != Tier.DISK
         return moved
+
+    def reserve(self, tokens: int) -> None:
+        """Size every device pool ahead for a context of `tokens` tokens (capped by `device_budget`).
+
+        Pools grow by copying, so growing to the final size in one step keeps a long prefill from copying
+        its arena again and again and leaves room for the first decode tokens. `kvtier.prefill` and `open`
+        call it; call it yourself before `model.generate` on a long prompt to do the same."""
+        self._check_open()
+        if tokens < 0:
+            raise CacheInputError(f"reserve() takes a token count >= 0, got {tokens}")
+        for pool in self.tiers.device_pools.values():
+            pool.reserve(tokens)
+
+    def set_mode(self, mode: str) -> None:
+        """Attend in `mode` ("exact" or "sparse") from the next forward pass on, e.g. after a prefill.
+
+        The chunk layout stays the one the prefill made: a prefill in sparse mode sizes chunks by the attention
+        skew it measures, and exact attention reads those chunks as well as fixed ones, so one prefill can
+        serve both modes (`kvtier qa` prefills that way)."""
+        self._check_thread("set_mode()")
+        checked = KVTierConfig(**{**self.config.to_dict(), "mode": mode})  # raises ValueError on bad values
+        self.config.mode = checked.mode
 
     def set_sparse(self, budget: int | float | None = None, selector: str | None = None,
                    shared_selection: bool | None = None) -> None:

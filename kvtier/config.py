@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("exact", "sparse")
+# options counted in tokens per layer that a size of KV may stand for (converted for a model: kvtier.sizes)
+TOKEN_BUDGETS = ("device_budget", "host_budget")
 
 
 def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
@@ -23,6 +25,10 @@ class KVTierConfig:
     """How a KVTierCache places and finds its KV.
 
     Budgets count tokens per full-attention layer (every batch row and KV head of a token together).
+    `KVTierCache.for_model` and `KVTierCache.open` also take them as strings, tokens ("8192") or a size of KV
+    for all full-attention layers ("8GiB"), and convert them for their model as `kvtier qa` does; a config built
+    alone has no model to convert a size with, so it takes tokens only. Byte options (`initial_map_bytes`,
+    `max_store_bytes`) take a number of bytes or a size ("64GiB").
     A chunk is `chunk_size` consecutive tokens of one layer, sealed from the recent window once the
     window holds `recent_window + chunk_size` tokens; the first `sink_tokens` tokens form a chunk of
     their own that never leaves the device (attention sinks, arXiv 2309.17453).
@@ -78,8 +84,8 @@ class KVTierConfig:
     staging_tokens: int = 8192
     zstd_level: int = 1
     byte_planes: bool = True
-    initial_map_bytes: int = 1 << 28
-    max_store_bytes: int | None = None
+    initial_map_bytes: int | str = 1 << 28
+    max_store_bytes: int | str | None = None
     sparse_budget: int | float = 0.05
     selector: str = "quest_bound"
     shared_selection: bool = False
@@ -100,6 +106,23 @@ class KVTierConfig:
         for f in fields(self):
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise ValueError(f"`{f.name}` must be True or False, got {getattr(self, f.name)!r}")
+        # imported here: kvtier.sizes needs the model spec, whose imports need this module
+        from .sizes import parse_size
+
+        for name in ("initial_map_bytes", "max_store_bytes"):
+            if isinstance(getattr(self, name), str):
+                try:
+                    setattr(self, name, parse_size(getattr(self, name)))
+                except ValueError as exc:
+                    raise ValueError(f"`{name}`: {exc}") from None
+        for name in TOKEN_BUDGETS:
+            value = getattr(self, name)
+            if isinstance(value, str):  # a ValueError like every bad option (STYLE: config errors)
+                raise ValueError(  # noqa: TRY004
+                    f"`{name}`={value!r}: a KVTierConfig built alone takes tokens per layer; pass the string to "
+                    "KVTierCache.for_model or KVTierCache.open, which convert a size for their model, or convert "
+                    "it with kvtier.parse_budget(text, ModelSpec.from_model(model))"
+                )
         if self.mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
         _check_int("chunk_size", self.chunk_size, 1)

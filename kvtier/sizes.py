@@ -1,11 +1,18 @@
-"""Budgets as sizes: "8GiB" of KV becomes tokens per layer for a given model."""
+"""Budgets as sizes: "8GiB" of KV becomes tokens per layer for a given model; "64GiB" of store becomes bytes.
+
+The command line and the API read sizes the same way: `KVTierCache.for_model` and `KVTierCache.open` turn a
+`device_budget` or `host_budget` written as a string into tokens per layer for their model (`budgets_in_tokens`),
+and `KVTierConfig` reads its byte options (`max_store_bytes`, `initial_map_bytes`) with `parse_size`.
+"""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
+from .config import TOKEN_BUDGETS
 from .model_spec import FULL, ModelSpec
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -48,6 +55,32 @@ def parse_budget(text: str | int, spec: ModelSpec, dtype: torch.dtype | None = N
         raise ValueError(f"budget {str(text).strip()} is less than one token per layer "
                          f"(needs at least {token_bytes} bytes)")
     return tokens
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of a size written as a number of bytes ("1048576") or with a unit ("64GiB", "1.5GB", "512MiB")."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m or m.group(2).lower() not in _UNITS or (m.group(2) == "" and "." in m.group(1)):
+        raise ValueError(f"size {text!r}: write a number of bytes (1048576) or a size (64GiB, 512MB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def budgets_in_tokens(options: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
+    """`options` with each budget written as a string ("8192" tokens, "8GiB" of KV) in tokens per layer.
+
+    A size covers every full-attention layer of `spec`'s model in its dtype, at batch 1, as on the command line.
+    A string that is neither raises ValueError naming the option."""
+    out = dict(options)
+    for name in TOKEN_BUDGETS:
+        value = out.get(name)
+        if isinstance(value, str):
+            try:
+                out[name] = parse_budget(value, spec)
+            except ValueError as exc:
+                raise ValueError(f"`{name}`: {exc}") from None
+    return out
 
 
 def parse_sparse_budget(text: str) -> int | float:

@@ -7,7 +7,7 @@ import torch
 from conftest import build_model, twin
 from helpers import cache_kw, padded_batch, step_logits
 
-from kvtier import CacheInputError, KVTierCache
+from kvtier import CacheInputError, KVTierCache, KVTierConfig, ModelSpec, parse_budget
 
 CHUNKING = dict(chunk_size=16, sink_tokens=4, recent_window=16, device_budget=40, host_budget=32)
 
@@ -124,4 +124,66 @@ def test_grad_modes_mix_freely():
     want = ref(input_ids=ids).logits[:, 120:]
     assert (got.detach() - want.detach()).abs().max() < 1e-5
     cache.crop(-10)
+    cache.close()
+
+
+def test_budgets_as_sizes_are_read_as_on_the_command_line(tmp_path):
+    """device_budget/host_budget as strings: tokens ("64") or a size of KV for all full-attention layers, the
+    same tokens per layer `kvtier.parse_budget` (the command line's reading) gives; byte options take sizes."""
+    model = build_model("llama")  # 4 full layers, 2 KV heads of 16, fp32: 256 bytes per token and layer
+    spec = ModelSpec.from_model(model)
+    cache = KVTierCache.for_model(model, device_budget="96KiB", host_budget="64", max_store_bytes="1GiB",
+                                  store_path=tmp_path / "s", chunk_size=16, sink_tokens=4, recent_window=16)
+    assert cache.config.device_budget == parse_budget("96KiB", spec) == 96 * 1024 // (256 * 4)
+    assert cache.config.host_budget == 64 and cache.config.max_store_bytes == 2**30
+    model(input_ids=torch.randint(3, 128, (1, 100)), **{cache_kw(model): cache})
+    assert cache.stats().device.peak_tokens <= 96
+    cache.save()
+    cache.close()
+    again = KVTierCache.open(tmp_path / "s", model, device_budget="0.046875MiB", host_budget="0")
+    assert (again.config.device_budget, again.config.host_budget) == (48, 0)
+    again.close()
+    assert KVTierConfig(initial_map_bytes="64MiB").initial_map_bytes == 64 * 2**20
+
+
+@pytest.mark.parametrize(("options", "message", "unread"), [
+    ({"device_budget": "lots"}, "`device_budget`: budget 'lots': write a number of tokens (8192) or a size", True),
+    ({"host_budget": "8 parsecs"}, "`host_budget`: budget '8 parsecs'", True),
+    ({"device_budget": "100B"}, "`device_budget`: budget 100B is less than one token per layer", True),
+    ({"max_store_bytes": "big"}, "`max_store_bytes`: size 'big': write a number of bytes", False),
+    ({"device_budget": "1KiB"}, "`device_budget`=1 tokens per layer cannot hold the sinks", False),
+])
+def test_bad_size_strings_are_one_line_errors(tmp_path, options, message, unread):
+    """unread: `open` refuses the budget string before it looks for the store (the rest needs its header)."""
+    model = build_model("llama")
+    with pytest.raises(ValueError) as err:
+        KVTierCache.for_model(model, **options)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    if unread:
+        with pytest.raises(ValueError, match="^`"):
+            KVTierCache.open(tmp_path / "nothing", model, **options)
+
+
+def test_a_config_alone_takes_tokens_and_says_where_sizes_go():
+    with pytest.raises(ValueError, match=r"`device_budget`='8GiB': a KVTierConfig built alone takes tokens per "
+                                         r"layer; pass the string to KVTierCache.for_model or KVTierCache.open"):
+        KVTierConfig(device_budget="8GiB")
+
+
+def test_set_mode_switches_attention_and_keeps_the_chunks():
+    model = twin(build_model("llama"))
+    cache = KVTierCache.for_model(model, mode="sparse", sparse_budget=24, **CHUNKING)
+    ids = torch.randint(3, 128, (1, 200))
+    with torch.no_grad():
+        model(input_ids=ids, **{cache_kw(model): cache})
+    layout = [(c.start, c.length) for c in cache.layers[0].chunks]
+    cache.set_mode("exact")
+    assert cache.config.mode == "exact" and [(c.start, c.length) for c in cache.layers[0].chunks] == layout
+    step = torch.tensor([[7]])
+    with torch.no_grad():
+        got = model(input_ids=step, **{cache_kw(model): cache}).logits[:, -1]
+        want = build_model("llama")(input_ids=torch.cat([ids, step], 1)).logits[:, -1]
+    assert torch.allclose(got, want, atol=1e-5)  # exact again: every chunk attended
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        cache.set_mode("fast")
     cache.close()
