@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
+
 # benchmark name -> module under kvtier.bench with a `main(argv)`
 BENCHMARKS = {"exact": "exact", "codec": "codec", "speed": "speed", "quality": "quality", "kernels": "kernels"}
 
@@ -34,6 +36,7 @@ def error_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="kvtier", description="Tiered KV cache for transformers.")
+    parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("qa", help="answer questions about a long document (prefilled once into a store)",
                    add_help=False)

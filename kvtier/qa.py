@@ -1,14 +1,22 @@
 """`kvtier qa`: load a long document once, then answer questions about it, on your own machine.
 
 The first run prefills the document (in segments, with a progress bar) into a store; later runs with the
-same model and document reopen the store and answer at once. Without --question it is an interactive
-loop (one question per line; an empty line or EOF ends it).
+same model and document reopen the store and answer at once. The session is saved after every completed
+segment, so an interrupted prefill (Ctrl-C, a crash, a closed laptop) resumes from the last segment when the
+same command runs again. Without --question it is an interactive loop (one question per line; an empty line
+or EOF ends it).
+
+Answers are exact by default, as with the API (KVTierConfig's mode): the same tokens the model gives with a
+full cache. --mode sparse reads only a budget of the document's chunks per step: faster on long documents
+whose KV lives on disk, approximate.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import json
 import os
 import re
 import sys
@@ -18,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from .cache import KVTierCache, cache_argument
 from .cli import error_line, printable
@@ -39,6 +48,9 @@ PLACEHOLDER = "\u2063KVTIER-QUESTION\u2063"  # invisible separator: never in a r
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # files a saved tokenizer leaves in a model directory (one of them at least)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# the API's defaults (KVTierConfig), also the command line's: one default mode everywhere
+DEFAULT_MODE = next(f.default for f in dataclasses.fields(KVTierConfig) if f.name == "mode")
+DEFAULT_SPARSE_BUDGET = next(f.default for f in dataclasses.fields(KVTierConfig) if f.name == "sparse_budget")
 # what the hub accepts as a model id ("gpt2", "Qwen/Qwen2.5-7B-Instruct"); anything else can only be a path
 HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?(?:/[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?)?")
 
@@ -138,8 +150,14 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise QAError(f"--segment-tokens {args.segment_tokens}: a prefill segment needs at least 1 token")
     if args.question is not None and not args.question.strip():
         raise QAError("--question is empty: ask something, or leave --question out to type questions one per line")
+    if args.mode != "sparse":  # a sparse option in exact mode would be silently ignored
+        for flag, given in (("--sparse-budget", args.sparse_budget is not None),
+                            ("--shared-selection", args.shared_selection)):
+            if given:
+                raise QAError(f"{flag} applies to sparse mode only; add --mode sparse (the default mode, "
+                              f"{DEFAULT_MODE}, attends to every chunk)")
     try:
-        sparse_budget = parse_sparse_budget(args.sparse_budget)
+        sparse_budget = DEFAULT_SPARSE_BUDGET if args.sparse_budget is None else parse_sparse_budget(args.sparse_budget)
     except ValueError as exc:
         raise QAError(f"--sparse-budget: {exc}") from None
     tokens: dict[str, int | None] = {"device_budget": None, "host_budget": None}
@@ -204,7 +222,13 @@ def check_store_place(args: argparse.Namespace) -> None:
 
 
 class Session:
-    """A document held in a kvtier store, and the questions asked about it."""
+    """A document held in a kvtier store, and the questions asked about it.
+
+    The store is prefilled in segments and saved after each one (a checkpoint: `KVTierCache.save` commits
+    atomically, so an interruption leaves the last checkpoint readable). A later run reopens the session, and
+    its token ids (checked with `check_prompt`) prove it holds the start of this document's prompt: the
+    prefill goes on from where it stopped, or, once complete, questions are answered at once.
+    """
 
     def __init__(self, args: argparse.Namespace, tokenizer, model, document: str):
         self.args, self.tokenizer, self.model = args, tokenizer, model
@@ -218,7 +242,9 @@ class Session:
         self.store = Path(args.store) if args.store else default_store_root() / f"{self.spec.signature[:12]}-{digest[:16]}"
         self.options = self._options()
         self.cache: KVTierCache | None = None
-        self.prefill_s: float | None = None
+        self.prefill_s: float | None = None  # this run's prefill, reported with the first answer
+        self.resumed_at: int | None = None  # the token a resumed prefill started from
+        self.reopen_s: float | None = None  # reopening the stored session for the next question
 
     def _options(self) -> dict[str, Any]:
         """The cache options, checked in full (budgets as sizes need the model) before any store is touched."""
@@ -231,13 +257,16 @@ class Session:
                     opts[name] = parse_budget(text, self.spec)
                 except ValueError as exc:
                     raise QAError(f"{flag}: {exc}") from None
-        if a.mode == "sparse" and a.sparse_budget is not None:
-            opts["sparse_budget"] = parse_sparse_budget(a.sparse_budget)
+        if a.mode == "sparse":
+            if a.sparse_budget is not None:
+                opts["sparse_budget"] = parse_sparse_budget(a.sparse_budget)
+            if a.shared_selection:
+                opts["shared_selection"] = True
         KVTierConfig(**opts)  # ValueError (one line) names the option and its allowed range
         return opts
 
     def open(self) -> KVTierCache:
-        """Reopen the stored document, or prefill it (first run, --rebuild, or an interrupted prefill)."""
+        """Reopen the stored document, resume its interrupted prefill, or prefill it (first run, --rebuild)."""
         try:
             return self._open()
         except (StoreMismatchError, StoreCorruptError) as exc:  # another model or version, a damaged store
@@ -248,43 +277,98 @@ class Session:
 
     def _open(self) -> KVTierCache:
         if is_store(self.store) and not self.args.rebuild:
-            try:
-                # The session must hold exactly this document's tokens: the check names where they diverge.
-                cache = KVTierCache.open(self.store, self.model, prompt_ids=self.prompt.prefix_ids, **self.options)
-            except IncompleteSessionError:
-                print(f"kvtier: the prefill stored in {printable(self.store)} never finished; starting over",
-                      file=sys.stderr)
-            except PromptMismatchError as exc:
-                raise QAError(f"store {self.store} holds another document ({exc}); pass another --store or "
-                              "--rebuild") from None
-            else:
-                try:
-                    cache.warm()  # reads records: a damaged one is found here
-                except BaseException:
-                    cache.close()
-                    raise
+            cache = self._reopen()
+            if cache is not None:
                 return cache
-        return self._prefill()
+        return self._prefill(None)
 
-    def _prefill(self) -> KVTierCache:
-        cache = KVTierCache.for_model(self.model, store_path=self.store, overwrite=True, **self.options)
-        n = self.prompt.prefix_ids.shape[1]
-        print(f"kvtier: prefilling {n} tokens of {printable(self.args.doc)} into {printable(self.store)}",
-              file=sys.stderr)
-        t = time.perf_counter()
-        prefill(self.model, cache, self.prompt.prefix_ids.to(self.model.device), segment_tokens=self.args.segment_tokens,
-                progress=not self.args.quiet)
-        self.prefill_s = time.perf_counter() - t
-        cache.save(info=self.info)
+    def _reopen(self) -> KVTierCache | None:
+        """The stored session, ready to answer, or resumed and completed; None: start over (said why)."""
+        started = time.perf_counter()
+        try:
+            cache = KVTierCache.open(self.store, self.model, **self.options)
+        except IncompleteSessionError:
+            print(f"kvtier: the prefill stored in {printable(self.store)} stopped before its first segment was "
+                  "saved; starting over", file=sys.stderr)
+            return None
+        try:
+            try:
+                # The session must hold the start of exactly this document's prompt: its token ids prove it.
+                cache.check_prompt(self.prompt.prefix_ids)
+            except PromptMismatchError as exc:
+                if cache.info.get("prefill") != "partial":  # a finished store of something else: not ours to wipe
+                    raise QAError(f"store {self.store} holds another document ({exc}); pass another --store or "
+                                  "--rebuild") from None
+                print(f"kvtier: the unfinished prefill in {printable(self.store)} is not this document's ({exc}); "
+                      "starting over", file=sys.stderr)
+                cache.close()
+                return None
+            if cache.get_seq_length() < self.info["prefix_tokens"]:
+                return self._prefill(cache)
+            cache.warm()  # reads records: a damaged one is found here
+        except BaseException:
+            cache.close()
+            raise
+        self.reopen_s = time.perf_counter() - started
         return cache
 
-    def ask(self, question: str) -> str:
+    def _prefill(self, cache: KVTierCache | None) -> KVTierCache:
+        """Prefill the document (or, given a reopened partial session, the rest of it), saving each segment.
+
+        The prefill runs in sparse mode whatever the answering mode: it is exact either way, and sparse mode
+        sizes the chunks by the attention skew it measures, a layout that serves both modes (exact attention
+        reads every chunk, whatever its size), so one store answers in either."""
+        n = self.info["prefix_tokens"]
+        if cache is None:
+            cache = KVTierCache.for_model(self.model, store_path=self.store, overwrite=True,
+                                          **{**self.options, "mode": "sparse"})
+        done = saved = cache.get_seq_length()
+        what = printable(self.args.doc)
+        if done:
+            self.resumed_at = done
+            print(f"kvtier: resuming the prefill of {what} at token {done} of {n} in {printable(self.store)}",
+                  file=sys.stderr)
+        else:
+            print(f"kvtier: prefilling {n} tokens of {what} into {printable(self.store)}", file=sys.stderr)
+        seg, ids = self.args.segment_tokens, self.prompt.prefix_ids
+        bar = tqdm(total=n, initial=done, unit="tok", unit_scale=True, desc="prefill", disable=self.args.quiet,
+                   leave=False)
+        started = time.perf_counter()
+        try:
+            for start in range(done, n, seg):
+                end = min(n, start + seg)
+                cache.set_mode("exact" if end - start == 1 else "sparse")  # a 1-token forward would attend sparsely
+                prefill(self.model, cache, ids[:, start:end].to(self.model.device), segment_tokens=seg, progress=False)
+                if end < n:  # a checkpoint: a rerun resumes here (the last segment's save is the final one)
+                    cache.save(info={**self.info, "prefill": "partial"})
+                    saved = end
+                bar.update(end - start)
+                bar.set_postfix_str(_progress_note(cache, end - done, time.perf_counter() - started))
+            cache.set_mode(self.options["mode"])
+            cache.save(info={**self.info, "prefill": "complete"})
+        except KeyboardInterrupt:
+            bar.close()
+            cache.close()
+            kept = f"its first {saved} of {n} tokens are saved" if saved else "no segment was saved yet"
+            print(f"\nkvtier: prefill interrupted; {kept}: run the same command again to "
+                  f"{'resume' if saved else 'start over'}", file=sys.stderr)
+            raise
+        except BaseException:
+            bar.close()
+            cache.close()
+            raise
+        bar.close()
+        self.prefill_s = time.perf_counter() - started
+        return cache
+
+    def ask(self, question: str) -> dict[str, Any]:
+        """Answer `question`; returns the answer with its timings and where the KV was (see `_record`)."""
         if self.cache is None:
             self.cache = self.open()
         cache, tok, model = self.cache, self.tokenizer, self.model
         q_ids = tok(question + self.prompt.suffix_text, add_special_tokens=False, return_tensors="pt").input_ids
         ids = torch.cat([self.prompt.prefix_ids, q_ids], dim=1).to(model.device)
-        streamer = _TimedStreamer(tok, quiet=self.args.quiet)
+        streamer = _TimedStreamer(tok, quiet=self.args.quiet or self.args.json)
         t0 = time.perf_counter()
         try:
             out = model.generate(input_ids=ids, max_new_tokens=self.args.max_new_tokens, do_sample=False,
@@ -295,11 +379,12 @@ class Session:
         elapsed = time.perf_counter() - t0
         answer_ids = out[0, ids.shape[1]:]
         answer = tok.decode(answer_ids, skip_special_tokens=True)
-        self._summary(ids.shape[1], len(answer_ids), streamer.first_token_s(t0), elapsed)
-        self._rewind(len(q_ids[0]) + len(answer_ids))
-        return answer
+        record = self._record(question, answer, ids.shape[1], len(answer_ids), streamer.first_token_s(t0), elapsed)
+        print(f"\n[{self._summary(record)}]", file=sys.stderr)
+        self._rewind()
+        return record
 
-    def _rewind(self, n_added: int) -> None:
+    def _rewind(self) -> None:
         """Back to the stored document for the next question (reopen if a sliding layer cannot crop)."""
         try:
             self.cache.crop(self.info["prefix_tokens"] - self.cache.get_seq_length())
@@ -307,22 +392,58 @@ class Session:
             self.cache.close()
             self.cache = None
 
-    def _summary(self, context: int, new: int, ttft: float | None, elapsed: float) -> None:
+    def _record(self, question: str, answer: str, context: int, new: int, first: float | None,
+                elapsed: float) -> dict[str, Any]:
+        """What `--json` prints for one question. first_token_s is the time to first token as the user waits
+        for it: from the question to the first answer token, the reopening of the store included when this
+        question reopened it (reopen_s); a prefill is reported apart (prefill_s)."""
         s = self.cache.stats()
-        decode_s = elapsed - (ttft or 0.0)
-        rate = (new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0
-        parts = [f"context {context} tokens"]
-        if self.prefill_s is not None:
-            parts.append(f"prefill {self.prefill_s:.1f} s")
-            self.prefill_s = None
-        parts.append(f"first token {ttft:.2f} s" if ttft is not None else "no tokens")
-        parts.append(f"{rate:.1f} tok/s")
-        parts.append(f"tiers device {s.device.tokens} / host {s.host.tokens} / disk {s.disk.tokens} tokens")
-        print(f"\n[{' | '.join(parts)}]", file=sys.stderr)
+        decode_s = elapsed - (first or 0.0)
+        reopen_s, self.reopen_s = self.reopen_s, None
+        prefill_s, self.prefill_s = self.prefill_s, None
+        resumed_at, self.resumed_at = self.resumed_at, None
+        return {
+            "question": question, "answer": answer, "mode": self.options["mode"], "store": str(self.store),
+            "context_tokens": context, "new_tokens": new, "prefill_s": prefill_s, "resumed_at": resumed_at,
+            "reopen_s": reopen_s, "first_token_s": None if first is None else first + (reopen_s or 0.0),
+            "tokens_per_s": (new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0,
+            "tiers": {"device": s.device.tokens, "host": s.host.tokens, "disk": s.disk.tokens},
+        }
+
+    @staticmethod
+    def _summary(r: dict[str, Any]) -> str:
+        """The stderr line a person reads after each answer."""
+        parts = [f"context {r['context_tokens']} tokens"]
+        if r["prefill_s"] is not None:
+            resumed = f" (resumed at token {r['resumed_at']})" if r["resumed_at"] else ""
+            parts.append(f"prefill {r['prefill_s']:.1f} s{resumed}")
+        if r["first_token_s"] is None:
+            parts.append("no tokens")
+        elif r["reopen_s"] is not None:
+            parts.append(f"first token {r['first_token_s']:.2f} s (reopen {r['reopen_s']:.2f} s + "
+                         f"{r['first_token_s'] - r['reopen_s']:.2f} s)")
+        else:
+            parts.append(f"first token {r['first_token_s']:.2f} s")
+        parts.append(f"{r['tokens_per_s']:.1f} tok/s")
+        t = r["tiers"]
+        parts.append(f"tiers device {t['device']} / host {t['host']} / disk {t['disk']} tokens")
+        return " | ".join(parts)
 
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
+
+
+def _short(n: int) -> str:
+    return f"{n / 1000:.1f}k" if n >= 1000 else str(n)
+
+
+def _progress_note(cache: KVTierCache, tokens: int, seconds: float) -> str:
+    """The progress bar's note: this run's prefill speed and where the KV sits."""
+    s = cache.stats()
+    rate = tokens / seconds if seconds > 0 else 0.0
+    return (f"{rate:.0f} tok/s | device {_short(s.device.tokens)} host {_short(s.host.tokens)} "
+            f"disk {_short(s.disk.tokens)}")
 
 
 class _TimedStreamer:
@@ -360,19 +481,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "$KVTIER_HOME/qa, ~/.cache/kvtier/qa)")
     p.add_argument("--device-budget", help="KV kept on the device: tokens per layer (8192) or a size (8GiB)")
     p.add_argument("--host-budget", help="KV kept in CPU memory: tokens per layer or a size")
-    p.add_argument("--mode", choices=["exact", "sparse"], default="sparse",
-                   help="attention while answering (the prefill is always exact)")
-    p.add_argument("--sparse-budget", default="0.05",
-                   help="sparse mode: tokens per step (256), a share of the context (0.05) or a percentage (5%%)")
+    p.add_argument("--mode", choices=["exact", "sparse"], default=DEFAULT_MODE,
+                   help=f"attention while answering (default {DEFAULT_MODE}, as in the API: the model's own answer, "
+                        "equal to a full cache's; sparse reads a budget of chunks per step, faster on long documents "
+                        "and approximate). The prefill is always exact, and one store serves both modes")
+    p.add_argument("--sparse-budget",
+                   help=f"sparse mode: tokens per step (256), a share of the context (0.05) or a percentage (5%%); "
+                        f"default {DEFAULT_SPARSE_BUDGET}")
+    p.add_argument("--shared-selection", action="store_true",
+                   help="sparse mode: every KV head of a layer attends to the same chunks, so a step reads at most "
+                        "the budget per layer (fewer reads when the KV lives on disk)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="model dtype (auto: the checkpoint's, float32 on a CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model runs (default: cuda when available)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
-    p.add_argument("--segment-tokens", type=int, default=2048, help="prefill segment length")
+    p.add_argument("--segment-tokens", type=int, default=2048,
+                   help="prefill segment length; the session is saved after each segment, and an interrupted "
+                        "prefill resumes from the last one")
     p.add_argument("--no-chat-template", action="store_true", help="plain text prompt even if a template exists")
     p.add_argument("--rebuild", action="store_true", help="prefill again even if the store exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar, answers printed whole")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per question on stdout (answer, prefill/reopen/first-token times, "
+                        "tokens per tier) instead of the streamed answer")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -381,11 +513,17 @@ def run(args: argparse.Namespace) -> int:
     check_store_place(args)
     tokenizer, model = load(args.model, args.dtype, args.device)
     session = Session(args, tokenizer, model, document)
+
+    def answer(question: str) -> None:
+        record = session.ask(question)
+        if args.json:
+            print(json.dumps(record), flush=True)
+        elif args.quiet:
+            print(record["answer"], flush=True)
+
     try:
         if args.question is not None:
-            answer = session.ask(args.question)
-            if args.quiet:
-                print(answer)
+            answer(args.question)
             return 0
         interactive = sys.stdin.isatty()
         while True:
@@ -394,9 +532,7 @@ def run(args: argparse.Namespace) -> int:
             line = sys.stdin.readline()
             if not line or not line.strip():
                 return 0
-            answer = session.ask(line.strip())
-            if args.quiet:
-                print(answer, flush=True)
+            answer(line.strip())
     finally:
         session.close()
 

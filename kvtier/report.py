@@ -106,6 +106,9 @@ def format_report(d: dict[str, Any]) -> str:
     ]
     if d["info"]:
         lines.append("info        " + ", ".join(f"{p(k)}={p(v)}" for k, v in d["info"].items()))
+    if d["info"].get("prefill") == "partial":  # a kvtier qa checkpoint: a valid session of the document's start
+        lines.append(f"prefill     unfinished: {d['context_tokens']} of {p(d['info'].get('prefix_tokens'))} tokens; the "
+                     "same kvtier qa command resumes it")
     lines.append("")
     lines.append(f"{'layer':>5} {'kind':8} {'chunks':>6} {'tokens':>8} {'stored':>10} {'ratio':>6} "
                  f"{'chunk min/med/max':>18} {'top5%':>6} {'desert':>6}")

@@ -11,8 +11,8 @@ from helpers import cache_kw
 from kvtier import KVTierCache, prefill
 from kvtier.store.disk import DiskStore
 
-OPTIONS = dict(chunk_size=16, sink_tokens=4, recent_window=16, device_budget=40, host_budget=32, mode="sparse",
-               min_chunk_size=8, max_chunk_size=64)
+OPTIONS = {"chunk_size": 16, "sink_tokens": 4, "recent_window": 16, "device_budget": 40, "host_budget": 32,
+           "mode": "sparse", "min_chunk_size": 8, "max_chunk_size": 64}
 DOC = torch.randint(3, 128, (1, 400), generator=torch.Generator().manual_seed(7))
 SEGMENT = 96
 

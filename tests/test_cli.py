@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import torch
 from conftest import build_model
 from tiny import save_tiny_model
 
-from kvtier import KVTierCache, ModelSpec, cache_argument, parse_budget
+import kvtier as kvtier_package
+from kvtier import KVTierCache, KVTierConfig, ModelSpec, cache_argument, parse_budget
 
 DOC = " ".join(["The pass key is 71432. Remember it."] + ["The grass is green and the sky is blue."] * 120)
 
@@ -78,7 +80,7 @@ def saved(tiny):
     doc = tiny / "red\x1b[31mdoc\x07.txt"
     doc.write_text(DOC)
     out = kvtier("qa", "--model", str(tiny / "model"), "--doc", str(doc), "--store", str(tiny / "saved"),
-                 "--sparse-budget", "5%", "--question", "x", "--max-new-tokens", "2", "--quiet")
+                 "--mode", "sparse", "--sparse-budget", "5%", "--question", "x", "--max-new-tokens", "2", "--quiet")
     assert out.returncode == 0, out.stderr
     assert "\x1b" not in out.stderr and "\\x1b[31m" in out.stderr  # the prefill line names the document, escaped
     return tiny / "saved"
@@ -94,9 +96,61 @@ def test_qa_prefills_once_then_reopens(tiny, tmp_path):
     assert "context" in first.stderr and "first token" in first.stderr and "tiers device" in first.stderr
     second = kvtier(*args)
     assert second.returncode == 0, second.stderr
-    assert "prefilling" not in second.stderr and "first token" in second.stderr
+    assert "prefilling" not in second.stderr
+    # a reopened question's time to first token counts the reopening: "first token T s (reopen R s + A s)"
+    summary = next(line for line in second.stderr.splitlines() if line.startswith("[context"))
+    total, reopen = (float(summary.split(key)[1].split(" s")[0]) for key in ("first token ", "(reopen "))
+    assert 0 < reopen <= total, summary
     # answers are streamed to stdout and the same both times (greedy, same prefix)
     assert first.stdout.strip() == second.stdout.strip()
+
+
+def test_qa_json_reports_prefill_reopen_and_time_to_first_token(tiny, tmp_path):
+    args = ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--store", str(tmp_path / "s"),
+            "--max-new-tokens", "4", "--json"]
+    first = kvtier(*args, stdin="One?\nTwo?\n")
+    assert first.returncode == 0, first.stderr
+    one, two = (json.loads(line) for line in first.stdout.splitlines())
+    assert (one["question"], two["question"]) == ("One?", "Two?")
+    assert one["prefill_s"] > 0 and one["reopen_s"] is None and one["first_token_s"] > 0
+    assert two["prefill_s"] is None and two["reopen_s"] is None  # the session stayed open between questions
+    assert one["mode"] == "exact" and one["new_tokens"] == 4 and one["context_tokens"] > 3000
+    assert set(one["tiers"]) == {"device", "host", "disk"}
+    again = json.loads(kvtier(*args, "--question", "One?").stdout)
+    assert again["prefill_s"] is None and 0 < again["reopen_s"] <= again["first_token_s"]
+    assert again["answer"] == one["answer"]
+
+
+def test_qa_answers_in_the_api_default_mode_and_says_why(tiny, tmp_path):
+    assert KVTierConfig().mode == "exact"
+    out = kvtier("qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--store", str(tmp_path / "s"),
+                 "--question", "x", "--max-new-tokens", "2", "--quiet")
+    assert out.returncode == 0, out.stderr
+    desc = json.loads(kvtier("inspect", str(tmp_path / "s"), "--json").stdout)
+    assert desc["options"]["mode"] == KVTierConfig().mode
+    # one store for both modes: the prefill sized its chunks by the attention skew it measured
+    assert all(layer["top5_mass"] is not None for layer in desc["layers"])
+    assert len({size for layer in desc["layers"] for size in layer["chunk_sizes"]}) > 2
+    text = " ".join(kvtier("qa", "--help").stdout.split())
+    assert "default exact, as in the API" in text and "one store serves both modes" in text
+
+
+def test_qa_shared_selection(tiny, tmp_path):
+    store = tmp_path / "s"
+    base = ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--store", str(store),
+            "--question", "What is the pass key?", "--max-new-tokens", "3", "--json", "--mode", "sparse"]
+    shared = kvtier(*base, "--shared-selection", "--sparse-budget", "256")
+    assert shared.returncode == 0, shared.stderr
+    assert json.loads(kvtier("inspect", str(store), "--json").stdout)["options"]["shared_selection"] is True
+    per_head = kvtier(*base, "--sparse-budget", "256")  # the same store, reopened with per-head selection
+    assert per_head.returncode == 0 and json.loads(per_head.stdout)["reopen_s"] > 0, per_head.stderr
+
+
+def test_version():
+    out = kvtier("--version")
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, flags=re.MULTILINE).group(1)
+    assert out.returncode == 0 and out.stdout.strip() == f"kvtier {version}" == f"kvtier {kvtier_package.__version__}"
 
 
 def test_qa_interactive_loop_answers_each_line(tiny, tmp_path):
@@ -246,8 +300,11 @@ def test_qa_arguments_are_checked_before_anything_is_written(tiny, tmp_path):
     cases = [([*base, "--doc", str(path), "--question", "x"], "is empty") for path in (empty, blank)]
     cases += [([*base, *doc, "--question", question], "--question is empty") for question in ("", "   ")]
     cases += [([*base, *doc, "--question", "x", "--max-new-tokens", n], "--max-new-tokens") for n in ("0", "-3")]
-    cases += [([*base, *doc, "--question", "x", "--sparse-budget", junk], "is not a sparse budget")
+    cases += [([*base, *doc, "--question", "x", "--mode", "sparse", "--sparse-budget", junk], "is not a sparse budget")
               for junk in ("5x", "0", "150%", "2.5")]
+    # sparse options in the default (exact) mode would be ignored: refused, naming the missing --mode sparse
+    cases += [([*base, *doc, "--question", "x", *flags], f"{flags[0]} applies to sparse mode only; add --mode sparse")
+              for flags in (["--sparse-budget", "5%"], ["--shared-selection"], ["--shared-selection", "--mode", "exact"])]
     # a size under one token per layer (2 layers x 2 KV heads of 16 x fp32: 512 bytes) is not "no budget"
     cases += [([*base, *doc, "--question", "x", flag, "100B"],
                "100B is less than one token per layer (needs at least 512 bytes)")
@@ -311,7 +368,7 @@ def test_qa_on_a_damaged_store_says_so_and_rebuild_repairs_it(saved, tmp_path):
     env.close()
     doc = next(saved.parent.glob("red*.txt"))
     args = ["qa", "--model", str(saved.parent / "model"), "--doc", str(doc), "--store", str(store),
-            "--sparse-budget", "5%", "--question", "x", "--max-new-tokens", "2", "--quiet"]
+            "--mode", "sparse", "--sparse-budget", "5%", "--question", "x", "--max-new-tokens", "2", "--quiet"]
     _one_error_line(kvtier(*args), "pass --rebuild")
     assert kvtier(*args, "--rebuild").returncode == 0
     assert kvtier(*args).returncode == 0
