@@ -48,12 +48,17 @@ def fused_attention(
     hkv = k.shape[1]
     g = hq // hkv
     bias = None if mask is None else _additive(mask, q.dtype)
-    if bias is None and not causal:  # fold the query group: one call over [B, Hkv, G*Q, D]
-        res = _call(q.reshape(b, hkv, g * nq, d), k, v, scale, None, False)
+    if not causal and (bias is None or bias.shape[-2] == 1):
+        # Every query row of a group sees the same keys: fold the group into the rows, one call over
+        # [B, Hkv, G*Q, D] (a mask that does not vary by query broadcasts over the folded rows).
+        if bias is not None:
+            bias = bias.expand(*bias.shape[:2], g * nq, bias.shape[-1])
+        res = _call(q.reshape(b, hkv, g * nq, d), k, v, scale, bias, False)
         if res is None:
             return None
         out, lse = res
-        return out.reshape(b, hq, nq, d).float(), lse.reshape(b, hq, nq)
+        out, lse = out.reshape(b, hq, nq, d).float(), lse.reshape(b, hq, nq)
+        return _unseen(out, lse, mask, b, hkv, g, nq)
     if g == 1:
         res = _call(q, k, v, scale, bias, causal)
         if res is None:
@@ -69,14 +74,18 @@ def fused_attention(
                 return None
             out[:, :, i], lse[:, :, i] = res
         out, lse = out.view(b, hq, nq, d), lse.view(b, hq, nq)
-    out = out.float()
-    if mask is not None:  # a row that sees no key: kernels differ on what they return, the merge needs -inf
-        sees = mask.any(-1)  # [B or 1, Hkv or 1, Q]
-        if not bool(sees.all()):
-            sees = sees.unsqueeze(2).expand(b, hkv, g, nq).reshape(b, hq, nq)
-            lse = lse.masked_fill(~sees, float("-inf"))
-            out = out.masked_fill(~sees.unsqueeze(-1), 0.0)
-    return out, lse
+    return _unseen(out.float(), lse, mask, b, hkv, g, nq)
+
+
+def _unseen(out, lse, mask, b, hkv, g, nq) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that see no key get out 0 and lse -inf (kernels differ on what they return; the merge needs that)."""
+    if mask is None:
+        return out, lse
+    sees = mask.any(-1)  # [B or 1, Hkv or 1, Q or 1]
+    if bool(sees.all()):
+        return out, lse
+    sees = sees.unsqueeze(2).expand(b, hkv, g, nq).reshape(b, hkv * g, nq)
+    return out.masked_fill(~sees.unsqueeze(-1), 0.0), lse.masked_fill(~sees, float("-inf"))
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, use_triton
+from .fused_attention import fused_attention, fused_available
 from .partial_attention import partial_attention
 
 
@@ -26,6 +27,13 @@ def sparse_decode_attention_ref(
     """q: [B, Hq, D]; k, v: [B, Hkv, S, D] contiguous (the arena); idx: [B, Hkv, N] slot indices, valid below
     counts [B, Hkv].
     Returns out [B, Hq, D] and lse [B, Hq], float32 (lse -inf and out 0 where a head attends to nothing)."""
+    ks, vs, mask = _gather(k, v, idx, counts)
+    out, lse = partial_attention(q.unsqueeze(2), ks, vs, scale, mask, softcap)
+    return out.squeeze(2), lse.squeeze(2)
+
+
+def _gather(k, v, idx, counts):
+    """Each (sequence, KV head)'s listed slots as dense rows: ks, vs [B, Hkv, N, D] and mask [B, Hkv, 1, N]."""
     b, hkv, n = idx.shape
     s, d = k.shape[2], k.shape[3]
     k, v = k.contiguous(), v.contiguous()  # no copy for the arena
@@ -35,14 +43,19 @@ def sparse_decode_attention_ref(
     ks = k.reshape(-1, d).index_select(0, flat).view(b, hkv, n, d)  # [B, Hkv, N, D]
     vs = v.reshape(-1, d).index_select(0, flat).view(b, hkv, n, d)
     mask = (torch.arange(n, device=idx.device)[None, None, :] < counts[..., None]).unsqueeze(2)  # [B, Hkv, 1, N]
-    out, lse = partial_attention(q.unsqueeze(2), ks, vs, scale, mask, softcap)
-    return out.squeeze(2), lse.squeeze(2)
+    return ks, vs, mask
 
 
 def sparse_decode_attention(q, k, v, idx, counts, scale, softcap=None):
-    """Dispatch: the Triton kernel where it may run, else the reference."""
+    """Dispatch: the Triton kernel where it may run; else the listed rows gathered and attended by torch's
+    fused kernel (the reference's own math where soft-capping leaves no fused kernel)."""
     if idx.shape[-1] and use_triton(q):
         return _sparse_decode_triton(q, k, v, idx, counts, scale, softcap)
+    if fused_available(q, softcap):
+        ks, vs, mask = _gather(k, v, idx, counts)
+        res = fused_attention(q.unsqueeze(2), ks, vs, scale, None if bool(mask.all()) else mask)
+        if res is not None:
+            return res[0].squeeze(2), res[1].squeeze(2)
     return sparse_decode_attention_ref(q, k, v, idx, counts, scale, softcap)
 
 

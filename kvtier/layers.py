@@ -57,6 +57,7 @@ class TieredLayer:
         self.skew: LayerSkew | None = None
         self.last_union: list[Chunk] = []  # chunks the last sparse step attended to (prefetch hint)
         self.steps_since_refine = 0
+        self._slot_table: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def win_start(self) -> int:
@@ -76,6 +77,7 @@ class TieredLayer:
         self.batch = b
         past = self.length
         if q > 1:
+            self.pool.reserve(self.pool.used + q)  # grow once for the whole forward, not chunk by chunk
             self.pending = KVHandle(self, past, k, v)
             return self.pending
         slots = self.tiers.allocate_device(self.index, 1)
@@ -193,6 +195,24 @@ class TieredLayer:
         self.abstracts.append(kmin, kmax, chunk.start, chunk.length)
 
     # ------------------------------------------------------------------------------------- reads
+    def slot_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device chunks' slots end to end (flat [T]) and where each chunk row's run starts in it
+        (offsets [C], -1 off the device). Rebuilt only after slots change hands, so a sparse step finds its
+        chunks' slots without looking at the rest of the arena."""
+        version = self.pool.version
+        if self._slot_table is None or self._slot_table[0] != version:
+            offsets = [-1] * len(self.chunks)
+            runs, at = [], 0
+            for chunk in self.chunks:
+                if chunk.tier == Tier.DEVICE and chunk.slots is not None:
+                    offsets[chunk.row] = at
+                    runs.append(chunk.slots)
+                    at += chunk.length
+            device = self.pool.device
+            flat = torch.cat(runs).to(device) if runs else torch.zeros(0, dtype=torch.long, device=device)
+            self._slot_table = (version, flat, torch.tensor(offsets, dtype=torch.long, device=device))
+        return self._slot_table[1], self._slot_table[2]
+
     def attend(self, q: torch.Tensor, handle: KVHandle, pad: torch.Tensor | None, scale: float,
                softcap: float | None, need_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of q [B, Hq, Q, D] for this forward: out [B, Hq, Q, D] and lse [B, Hq, Q], both float32,

@@ -50,6 +50,7 @@ def prefill(
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
     else:
         positions = torch.arange(past, past + total, device=input_ids.device).expand(input_ids.shape[0], -1)
+    cache.reserve(past + total)  # the device pools grow once, not at every segment
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="prefill", disable=not progress, leave=False)
     start_time, logits = time.perf_counter(), None
     try:

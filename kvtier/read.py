@@ -78,9 +78,13 @@ def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad
     # Decode: the new token already sits in the window, so the arena covers it and no causal cut is needed.
     arena_has_new = nq == 1 and handle.new_in_window
     limit = past + 1 if arena_has_new else past
-    remote = [c for c in layer.chunks if c.tier != Tier.DEVICE and c.start < past]
-    layer.tiers.counters.device.hits += sum(1 for c in layer.chunks if c.start < past) - len(remote)
-    remote = _promote_into_free_room(layer, remote)
+    if layer.pool.used == layer.length:  # every token is in the arena: no chunk to look for elsewhere
+        remote = []
+        layer.tiers.counters.device.hits += len(layer.chunks) - bool(layer.chunks and layer.chunks[-1].start >= past)
+    else:
+        remote = [c for c in layer.chunks if c.tier != Tier.DEVICE and c.start < past]
+        layer.tiers.counters.device.hits += sum(1 for c in layer.chunks if c.start < past) - len(remote)
+        remote = _promote_into_free_room(layer, remote)
     parts = []
     if limit > 0 and layer.pool.high_water:
         k, v, pos = layer.pool.view()
@@ -149,7 +153,6 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
     tiers.prefetch_next(layer)
     sel, always = select_chunks(layer, q[:, :, 0], pad)
     lengths = layer.abstracts.view()[2]
-    n_chunks = len(layer.chunks)
     union = sel.any(dim=1).any(dim=0).nonzero().flatten().tolist()
     needed = [layer.chunks[i] for i in union]
     if tiers.lookahead is not None:
@@ -162,18 +165,15 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
     tiers.counters.selected_tokens += int((sel.float() * lengths.float()).sum()) + always * sel.shape[0] * sel.shape[1]
     tiers.counters.selection_steps += sel.shape[0] * sel.shape[1]
 
-    # The arena: selected chunks' slots, the window (owner -1) and nothing else, per (sequence, KV head).
-    k, v, pos = layer.pool.view()
-    owner = layer.pool.owners()
-    sel_ext = torch.cat([torch.ones_like(sel[..., :1]), sel], dim=-1)  # column 0: the window
-    staged_rows = torch.tensor([c.row for c, _, _ in staged], dtype=torch.long, device=owner.device)
-    if staged_rows.numel():  # staged chunks are attended from their staging copy, not the arena
-        sel_ext[..., staged_rows + 1] = False
-    mask = sel_ext[:, :, (owner + 1).clamp(0, n_chunks)] & (pos >= 0)[None, None, :]
-    if pad is not None:
-        mask &= pad[:, pos.clamp(0, pad.shape[1] - 1)][:, None, :]
-    counts = mask.sum(-1)  # [B, Hkv]
-    idx = _compact(mask, int(counts.max()))
+    # The arena: selected chunks' slots and the window; staged chunks are attended from their staging copy.
+    arena_sel = sel
+    if staged:
+        arena_sel = sel.clone()
+        arena_sel[..., [c.row for c, _, _ in staged]] = False
+    if pad is None:
+        idx, counts = _arena_lists(layer, arena_sel)
+    else:  # padding hides single slots: mask the arena slot by slot (batched decode of left-padded rows)
+        idx, counts = _arena_lists_masked(layer, arena_sel, pad)
     # The whole (contiguous) arena: slot indices address it directly, nothing is copied.
     out, lse = sparse_decode_attention(q[:, :, 0], layer.pool.k, layer.pool.v, idx, counts, scale, softcap)
     parts = [(out.unsqueeze(2), lse.unsqueeze(2))]
@@ -200,6 +200,49 @@ def _chunks_with_tokens(pad: torch.Tensor, starts: torch.Tensor, lengths: torch.
     """[B, C]: whether chunk c holds at least one real (non-padding) token of row b."""
     cum = torch.nn.functional.pad(pad.long().cumsum(-1), (1, 0))  # [B, L+1]
     return (cum[:, starts + lengths] - cum[:, starts]) > 0
+
+
+def _arena_lists(layer: "TieredLayer", sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (sequence, KV head)'s arena slots: its selected chunks' slots, then the recent window.
+
+    sel: [B, Hkv, C] bool, only chunks on the device. Returns idx [B, Hkv, width] (valid below counts) and
+    counts [B, Hkv]. Built from the selected chunks alone: O(chunks + attended tokens), whatever the context.
+    """
+    b, h, _ = sel.shape
+    flat, offsets = layer.slot_table()
+    lengths = layer.abstracts.view()[2]
+    window = layer.win_slots.to(flat.device)
+    nz = sel.nonzero()  # (b, h, chunk) triples in row-major order: each (b, h)'s entries are contiguous
+    rows = nz[:, 2]
+    lens = lengths[rows].to(torch.long)
+    owner = nz[:, 0] * h + nz[:, 1]  # flat (b, h)
+    per_bh = torch.zeros(b * h, dtype=torch.long, device=sel.device).index_add_(0, owner, lens)
+    counts = per_bh + window.numel()
+    width = max(1, int(counts.max()))
+    idx = torch.zeros(b * h, width, dtype=torch.long, device=sel.device)
+    total = int(lens.sum())
+    if total:
+        entry = torch.arange(total, device=sel.device)
+        triple = torch.repeat_interleave(torch.arange(nz.shape[0], device=sel.device), lens, output_size=total)
+        within = entry - (lens.cumsum(0) - lens)[triple]  # offset inside the chunk
+        bh = owner[triple]
+        col = entry - (per_bh.cumsum(0) - per_bh)[bh]  # offset inside the (b, h) list
+        idx[bh, col] = flat[offsets[rows[triple]] + within]
+    if window.numel():
+        cols = per_bh[:, None] + torch.arange(window.numel(), device=sel.device)[None, :]
+        idx.scatter_(1, cols, window[None, :].expand(b * h, -1))
+    return idx.view(b, h, width), counts.view(b, h)
+
+
+def _arena_lists_masked(layer: "TieredLayer", sel: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `_arena_lists`, dropping padding slots: a mask over the whole arena, O(context)."""
+    _, _, pos = layer.pool.view()
+    owner = layer.pool.owners()
+    sel_ext = torch.cat([torch.ones_like(sel[..., :1]), sel], dim=-1)  # column 0: the window
+    mask = sel_ext[:, :, (owner + 1).clamp(0, sel.shape[-1])] & (pos >= 0)[None, None, :]
+    mask &= pad[:, pos.clamp(0, pad.shape[1] - 1)][:, None, :]
+    counts = mask.sum(-1)  # [B, Hkv]
+    return _compact(mask, int(counts.max())), counts
 
 
 def _compact(mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -9,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvtier import attend as attend_mod
 from kvtier.attend import attend
-from kvtier.kernels import fused_attention, fused_available, partial_attention
+from kvtier.kernels import (
+    fused_attention,
+    fused_available,
+    partial_attention,
+    sparse_decode_attention,
+    sparse_decode_attention_ref,
+)
 
 
 def _inputs(b, hq, hkv, nq, nk, d=16, seed=0, dtype=torch.float32):
@@ -21,15 +27,18 @@ def _inputs(b, hq, hkv, nq, nk, d=16, seed=0, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("g", [1, 4])
-@pytest.mark.parametrize("mask_kind", ["none", "shared", "per-row", "per-head"])
+@pytest.mark.parametrize("mask_kind", ["none", "shared", "per-row", "per-head", "per-head-every-query"])
 def test_fused_equals_reference(g, mask_kind):
     q, k, v = _inputs(2, 2 * g, 2, 7, 19)
     gen = torch.Generator().manual_seed(1)
     mask = {"none": None,
             "shared": torch.rand(1, 1, 7, 19, generator=gen) > 0.3,
             "per-row": torch.rand(2, 1, 7, 19, generator=gen) > 0.3,
-            "per-head": torch.rand(2, 2, 7, 19, generator=gen) > 0.3}[mask_kind]
-    if mask is not None:
+            "per-head": torch.rand(2, 2, 7, 19, generator=gen) > 0.3,
+            "per-head-every-query": torch.rand(2, 2, 1, 19, generator=gen) > 0.3}[mask_kind]
+    if mask_kind == "per-head-every-query":
+        mask[1, 0] = False  # a head that sees nothing
+    elif mask is not None:
         mask[..., 3, :] = False  # a row that sees nothing: out 0, lse -inf, as the reference
     out, lse = fused_attention(q, k, v, 0.3, mask)
     ref_out, ref_lse = partial_attention(q, k, v, 0.3, mask)
@@ -86,3 +95,17 @@ def test_bf16_inputs_give_float32_partials():
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("g", [1, 3])
+def test_sparse_decode_dispatch_equals_reference(g):
+    """The gathered rows through the fused kernel give the reference's output and LSE, empty lists included."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2 * g, 16, generator=gen)
+    k, v = torch.randn(2, 2, 50, 16, generator=gen), torch.randn(2, 2, 50, 16, generator=gen)
+    idx = torch.randint(0, 50, (2, 2, 12), generator=gen)
+    counts = torch.tensor([[12, 5], [0, 9]])
+    out, lse = sparse_decode_attention(q, k, v, idx, counts, 0.3)
+    ref_out, ref_lse = sparse_decode_attention_ref(q, k, v, idx, counts, 0.3)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)

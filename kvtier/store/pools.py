@@ -12,6 +12,11 @@ Device arena layout (one per full-attention layer)::
 
 Attention never cares about key order, so a layer attends over `k[:, :, :high_water]` in one call,
 masking free slots; slots are handed out lowest first to keep that prefix dense.
+
+Growing the arena copies it, so it grows rarely and tightly: to what is needed plus 1/32 headroom (at least
+16 slots), never past the budget, and in one step to a size announced ahead (`reserve`: a prefill's whole
+prompt, a reopened session's length), so a decode step right after a prefill finds room without a copy and
+the arena stays within a few percent of the tokens it holds (a preallocated StaticCache's footprint).
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ from collections import OrderedDict
 
 import torch
 
-_MIN_CAPACITY = 256
+_MIN_HEADROOM = 16  # slots added beyond a growth's need, at least
+_HEADROOM_SHARE = 32  # ... or 1/32 of the need, whichever is larger
+
+
+def _with_headroom(n: int) -> int:
+    return n + max(_MIN_HEADROOM, n // _HEADROOM_SHARE)
 
 
 def storage_mode() -> contextlib.ExitStack:
@@ -32,6 +42,18 @@ def storage_mode() -> contextlib.ExitStack:
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.no_grad())
     return stack
+
+
+def _as_run(slots: torch.Tensor) -> slice | None:
+    """The slots as one slice when they are consecutive and on the CPU (reading a CUDA tensor's values
+    would wait for the device, so there the index kernels run)."""
+    n = slots.numel()
+    if slots.device.type != "cpu" or n == 0:
+        return None
+    first = int(slots[0])
+    if n > 1 and not bool((slots.diff() == 1).all()):
+        return None
+    return slice(first, first + n)
 
 
 class DevicePool:
@@ -48,6 +70,8 @@ class DevicePool:
         self.used = 0
         self.peak = 0
         self.high_water = 0
+        self.version = 0  # changes whenever a chunk's slots change (set_owner, release): tables over them rebuild
+        self.expected = 0  # tokens announced ahead (`reserve`): the next growth goes straight there
         # Free slots below high_water: a set, plus a min-heap with lazy deletion for lowest-first reuse.
         self._holes: set[int] = set()
         self._hole_heap: list[int] = []
@@ -71,9 +95,33 @@ class DevicePool:
         b, h, _, d = self.k.shape
         return 2 * b * h * d * self.k.element_size()
 
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes the arena holds (capacity, used or not)."""
+        return 0 if self.k is None else self.capacity * self.bytes_per_token()
+
     def init_shape(self, batch: int, heads: int, head_dim: int) -> None:
         if self.k is None:
             self._resize(batch, heads, head_dim, 0)
+            if self.expected:
+                self.reserve(self.expected)
+
+    def reserve(self, n: int) -> None:
+        """Announce that about `n` slots will be in use: grow once to hold them (capped by the budget), so
+        reaching them copies nothing more. Before the first write (shape unknown) the growth happens then."""
+        self.expected = max(self.expected, n)
+        if self.budget is not None:
+            n = min(n, self.budget)
+        if self.k is not None and n > self.capacity:
+            self._grow(n)
+
+    def _grow(self, needed: int) -> None:
+        """Resize to `needed` slots plus headroom (or to what was announced, if more), within the budget."""
+        want = _with_headroom(max(needed, self.expected))
+        if self.budget is not None:
+            want = min(want, self.budget)
+        b, h, _, d = self.k.shape
+        self._resize(b, h, d, max(want, needed))
 
     def _resize(self, batch: int, heads: int, head_dim: int, capacity: int) -> None:
         with storage_mode():
@@ -100,11 +148,7 @@ class DevicePool:
         fresh = n - len(take)
         if fresh:
             if self.high_water + fresh > self.capacity:
-                want = max(2 * self.capacity, self.high_water + fresh, _MIN_CAPACITY)
-                if self.budget is not None:
-                    want = min(want, self.budget)
-                b, h, _, d = self.k.shape
-                self._resize(b, h, d, max(want, self.high_water + fresh))
+                self._grow(self.high_water + fresh)
             take.extend(range(self.high_water, self.high_water + fresh))
             self.high_water += fresh
         self.used += n
@@ -121,6 +165,7 @@ class DevicePool:
     def release(self, slots: torch.Tensor) -> None:
         """Return slots to the pool (their data is dropped)."""
         idx = slots.tolist()
+        self.version += 1
         with storage_mode():
             self.slot_pos[slots] = -1
         for s in idx:
@@ -139,12 +184,20 @@ class DevicePool:
     ) -> None:
         """k, v: [batch, heads, n, head_dim]; positions: [n] logical positions; owner: chunk row (-1: window)."""
         with storage_mode():
+            run = _as_run(slots)
+            if run is not None:  # one run of slots: plain copies, no index kernels (a decode token's write)
+                self.k[:, :, run].copy_(k)
+                self.v[:, :, run].copy_(v)
+                self.slot_pos[run].copy_(positions)
+                self.slot_owner[run] = owner
+                return
             self.k[:, :, slots] = k.to(self.device, self.dtype)
             self.v[:, :, slots] = v.to(self.device, self.dtype)
             self.slot_pos[slots] = positions.to(self.device)
             self.slot_owner[slots] = owner
 
     def set_owner(self, slots: torch.Tensor, owner: int) -> None:
+        self.version += 1
         with storage_mode():
             self.slot_owner[slots] = owner
 
@@ -170,7 +223,8 @@ class DevicePool:
 
     def clear(self) -> None:
         self.k = self.v = self.slot_pos = self.slot_owner = None
-        self.used = self.high_water = 0
+        self.used = self.high_water = self.expected = 0
+        self.version += 1
         self._holes.clear()
         self._hole_heap.clear()
 
