@@ -1,0 +1,51 @@
+"""The device arena holds what it is asked to, plus a little: no doubling, one growth for a whole prompt,
+and room for the first decode tokens without copying the arena."""
+
+from __future__ import annotations
+
+import torch
+
+import kvtier
+from kvtier import KVTierCache
+from kvtier.cache import cache_argument
+from kvtier.store.pools import DevicePool
+
+from conftest import VOCAB, build_model
+
+
+def test_growth_adds_a_thirty_second_not_a_doubling():
+    pool = DevicePool(None, torch.device("cpu"), torch.float32)
+    pool.init_shape(1, 2, 4)
+    pool.allocate(4096)
+    assert pool.capacity == 4096 + 128  # need plus 1/32
+    pool.allocate(128)
+    assert pool.capacity == 4096 + 128  # the headroom took it without growing
+    pool.allocate(1)
+    assert 4225 <= pool.capacity <= 4225 * 1.04
+
+
+def test_reserve_grows_once_and_respects_the_budget():
+    pool = DevicePool(1000, torch.device("cpu"), torch.float32)
+    pool.reserve(5000)  # before the shape is known: applied at init_shape
+    pool.init_shape(1, 2, 4)
+    assert pool.capacity == 1000  # capped by the budget
+    pool = DevicePool(None, torch.device("cpu"), torch.float32)
+    pool.init_shape(1, 2, 4)
+    pool.reserve(3000)
+    cap = pool.capacity
+    for _ in range(30):
+        pool.allocate(100)
+    assert pool.capacity == cap  # 3000 slots came without a resize
+
+
+@torch.inference_mode()
+def test_segmented_prefill_allocates_about_the_prompt_and_first_step_does_not_grow():
+    model = build_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 1024), generator=torch.Generator().manual_seed(0))
+    with KVTierCache.for_model(model, chunk_size=32) as cache:
+        kvtier.prefill(model, cache, ids, segment_tokens=256, progress=False)
+        pools = list(cache.tiers.device_pools.values())
+        caps = [p.capacity for p in pools]
+        assert all(1024 <= c <= 1.05 * 1024 for c in caps)
+        model(input_ids=ids[:, :1], use_cache=True, **{cache_argument(model): cache})  # the first decode step
+        assert [p.capacity for p in pools] == caps
