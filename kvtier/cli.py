@@ -41,10 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("qa", help="answer questions about a long document (prefilled once into a store)",
                    add_help=False)
     sub.add_parser("inspect", help="show what a store holds", add_help=False)
-    bench = sub.add_parser("bench", help="run a benchmark and write JSON to docs/benchmarks/",
-                           description="Run a benchmark; `kvtier bench NAME --help` lists its options.")
-    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    # add_help=False: `kvtier bench NAME --help` reaches the benchmark's own parser
+    bench = sub.add_parser("bench", help="run a benchmark and write its JSON (default: the current directory)",
+                           description="Run a benchmark; `kvtier bench NAME --help` lists its options.",
+                           add_help=False)
+    bench.add_argument("name", nargs="?", choices=sorted(BENCHMARKS))
     args, rest = parser.parse_known_args(argv)
+    if args.command == "bench" and args.name is None:
+        if any(a in ("-h", "--help") for a in rest):
+            bench.print_help()
+            return 0
+        bench.error("name a benchmark: " + ", ".join(sorted(BENCHMARKS)))
     if args.command == "qa":
         from .qa import main as qa_main
 

@@ -17,16 +17,25 @@ def _kvtier(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_bench_exact_writes_json(tmp_path):
-    out = _kvtier("bench", "exact", "--contexts", "600", "--steps", "2", "--layers", "2", "--kv-heads", "2",
-                  "--out", str(tmp_path), "--no-plot")
+    out = _kvtier("bench", "exact", "--shapes", "qwen2.5-0.5b", "--contexts", "600", "--steps", "2", "--layers", "1",
+                  "--segment", "256", "--out", str(tmp_path), "--no-plot")
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "exact.json").read_text())
     assert result["machine"]["torch"] and result["results"][0]["context"] == 600
     row = result["results"][0]
-    for name in ("dynamic", "all-device", "disk-heavy"):
-        assert row[name]["decode_step_ms"] > 0
-    assert row["disk-heavy"]["disk_token_share"] > 0.5
-    assert row["all-device"]["max_abs_logit_diff_vs_dynamic"] < 1e-4
+    for name in ("static", "dynamic", "kvtier"):
+        assert row[name]["decode_step_ms"] > 0 and row[name]["prefill_s"] > 0
+    kv = row["kvtier"]
+    assert kv["max_abs_logit_diff_vs_static"] < 1e-4  # segmented prefill and decode give StaticCache's logits
+    assert 1.0 <= kv["kv_bytes_ratio_vs_static"] <= 1.1  # the pool holds the tokens plus a little headroom
+    for kind in ("cold", "warm"):
+        assert row["reopen"][kind]["time_to_first_token_ms"] > 0
+    assert row["reopen"]["cold"]["disk_mb_read"] > 0  # exact mode reads every chunk back
+
+
+def test_bench_help_is_the_benchmarks_own(tmp_path):
+    out = _kvtier("bench", "exact", "--help")
+    assert out.returncode == 0 and "--segment" in out.stdout and "StaticCache" in out.stdout
 
 
 def test_bench_codec_writes_json(tmp_path):
@@ -75,15 +84,16 @@ def test_bench_quality_names_a_model_it_cannot_load(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_bench_speed_writes_json_and_exact_matches_dynamic(tmp_path):
+def test_bench_speed_writes_json_and_exact_matches_static(tmp_path):
     out = _kvtier("bench", "speed", "--contexts", "700", "--steps", "2", "--warmup", "2", "--layers", "2",
                   "--kv-heads", "2", "--head-dim", "16", "--intermediate", "64", "--out", str(tmp_path), "--no-plot")
     assert out.returncode == 0, out.stderr
     row = json.loads((tmp_path / "speed.json").read_text())["results"][0]
     assert row["context"] == 700
-    for name in ("dynamic", "exact", "sparse", "sparse-tiered", "shared-tiered"):
+    for name in ("static", "static-ideal", "dynamic", "exact", "sparse", "sparse-tiered", "shared-tiered"):
         assert row[name]["decode_step_ms"] > 0
-    assert row["exact"]["max_abs_logit_diff_vs_dynamic"] < 1e-4  # fed the same tokens as DynamicCache
+    assert row["exact"]["max_abs_logit_diff_vs_static"] < 1e-4  # fed the same tokens as StaticCache
+    assert row["static-ideal"]["attended_tokens"] == 35 and row["sparse"]["ratio_vs_ideal"] > 0
     assert row["sparse"]["mean_attended_tokens"] < 0.2 * 700  # 5% budget plus sinks and window
     assert row["sparse-tiered"]["disk_tokens"] > 0
 

@@ -16,7 +16,7 @@ import torch
 import transformers as tf
 
 from ..store.codec import RecordCodec, RecordHeader
-from .common import haystack_text, write_result
+from .common import add_out_argument, haystack_text, write_result
 
 
 def _model_kv(tokens: int, data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="kvtier bench codec", description=__doc__)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--data-dir", help="directory of .txt files for natural text (default: generated text)")
-    p.add_argument("--out", default="docs/benchmarks")
+    add_out_argument(p)
     a = p.parse_args(argv)
     result = run(a.tokens, a.data_dir)
     path = write_result("codec", result, a.out)

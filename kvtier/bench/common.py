@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-DEFAULT_OUT = Path("docs/benchmarks")
+DEFAULT_OUT = Path(".")  # results go where the user runs the command, never into the package
 HAYSTACK_ENV = "KVTIER_HAYSTACK_DIR"
 
 
@@ -65,6 +65,12 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def add_out_argument(parser) -> None:
+    """`--out DIR`, the same for every benchmark."""
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help="directory for the result JSON and plot (default: the current directory)")
+
+
 def write_result(name: str, result: dict[str, Any], out_dir: str | Path = DEFAULT_OUT) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -72,6 +78,30 @@ def write_result(name: str, result: dict[str, Any], out_dir: str | Path = DEFAUL
     result = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), **result}
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def drop_page_cache(path: str | Path) -> bool:
+    """Ask the kernel to forget the cached pages of every file under `path` (posix_fadvise DONTNEED), so the
+    next read comes from the disk. False where the platform has no such call."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    files = [Path(path)] if Path(path).is_file() else [p for p in Path(path).rglob("*") if p.is_file()]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def sequential_read_mb_s(path: str | Path, block: int = 8 * 2**20) -> float:
+    """Plain sequential read speed of one file (MB/s), the yardstick for reading a store."""
+    start, total = time.perf_counter(), 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(block):
+            total += len(chunk)
+    return total / 1e6 / max(time.perf_counter() - start, 1e-9)
 
 
 def timed(fn: Callable[[], Any], sync: bool = False) -> tuple[float, Any]:

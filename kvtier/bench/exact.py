@@ -1,16 +1,30 @@
-"""`kvtier bench exact`: prefill time and decode step time of exact mode against DynamicCache.
+"""`kvtier bench exact`: exact mode against transformers' own caches, on the paths users run.
 
-Three configurations on the same random-weight Llama, in one run:
-  dynamic      transformers' DynamicCache (sdpa attention)
-  all-device   KVTierCache with no budgets: every chunk in the device pool
-  disk-heavy   KVTierCache with a device budget of (1 - disk_fraction) of the context and no host pool,
-               so about `disk_fraction` of the chunks live only on disk and are read back every step
+For each shape and context length, on the same random-weight Llama, in one run:
+
+  static     StaticCache sized to the tokens it will hold (one-shot prefill, sdpa attention): the baseline
+  dynamic    DynamicCache (one-shot prefill)
+  kvtier     `kvtier.prefill` in `--segment`-token segments (the `kvtier qa` path), then decoding with every
+             chunk on the device (no budgets)
+  reopen     the kvtier session saved, then `KVTierCache.open` and the first token, with the store's pages
+             in memory (warm) and dropped from the page cache first (cold), against a plain sequential read
+             of the same file
+
+Reported: prefill time, the first decode step and the steady (median) step, the KV bytes each cache
+allocated for the same tokens, and the largest logit difference from StaticCache. Ratios are kvtier over
+the baseline named in the key, so below 1 is faster or smaller.
+
+Shapes (`--shapes`): "attention-heavy" (4 layers, 16 query and 16 KV heads of 64) and "qwen2.5-0.5b" (its
+attention and MLP geometry: 14 query and 2 KV heads of 64, MLP 4864) in 4 layers.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,88 +33,144 @@ import transformers as tf
 from tqdm import tqdm
 
 from ..cache import KVTierCache, cache_argument
-from .common import bytes_moved, median_ms, timed, write_result
+from ..prefill import prefill as segmented_prefill
+from ..store.disk import DATA_FILE
+from .common import (
+    add_out_argument,
+    drop_page_cache,
+    median_ms,
+    sequential_read_mb_s,
+    timed,
+    write_result,
+)
+from .speed import SHAPES, speed_model
 
-
-def bench_model(layers: int, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype) -> torch.nn.Module:
-    torch.manual_seed(0)
-    hidden = kv_heads * head_dim
-    cfg = tf.LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=kv_heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                         max_position_embeddings=max_len)
-    return tf.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+DEFAULT_SHAPES = ("attention-heavy", "qwen2.5-0.5b")
 
 
 @torch.inference_mode()
-def run_one(model, cache, ids: torch.Tensor, steps: int, warmup: int = 2) -> dict[str, Any]:
-    """Prefill `ids`, then time `steps` single-token decode forwards (after `warmup` untimed ones)."""
-    kw = {cache_argument(model): cache}
-    prefill_s, out = timed(lambda: model(input_ids=ids, use_cache=True, **kw))
-    tok = out.logits[:, -1:].argmax(-1)
-    times, before = [], None
-    for i in range(warmup + steps):
-        if i == warmup and isinstance(cache, KVTierCache):
-            before = copy.deepcopy(cache.stats())
-        dt, out = timed(lambda: model(input_ids=tok, use_cache=True, **kw))
+def decode(model, cache, first: torch.Tensor, steps: int) -> dict[str, Any]:
+    """`steps` + 1 greedy steps from token `first`: the first step's time, the median of the rest."""
+    kw = {cache_argument(model): cache, "use_cache": True}
+    tok, times, out = first, [], None
+    for _ in range(steps + 1):
+        dt, out = timed(lambda t=tok: model(input_ids=t, **kw))
         tok = out.logits[:, -1:].argmax(-1)
-        if i >= warmup:
-            times.append(dt)
-    result = {"prefill_s": round(prefill_s, 3), "decode_step_ms": median_ms(times),
-              "decode_step_ms_max": round(max(times) * 1000, 3), "last_logits": out.logits[:, -1].float()}
-    if isinstance(cache, KVTierCache):
-        after = cache.stats()
-        result["bytes_moved_per_step"] = bytes_moved(before, after, steps)
-        result["tiers"] = {t: {"tokens": getattr(after, t).tokens, "bytes": getattr(after, t).bytes}
-                           for t in ("device", "host", "disk")}
-        result["disk_compression_ratio"] = after.disk.compression_ratio
-        result["disk_token_share"] = _disk_share(cache)
-    return result
+        times.append(dt)
+    return {"first_step_ms": round(times[0] * 1000, 3), "decode_step_ms": median_ms(times[1:]),
+            "last_logits": out.logits[:, -1].float()}
 
 
-def _disk_share(cache: KVTierCache) -> float:
-    from ..layers import TieredLayer
-    from ..store.chunk import Tier
-
-    total = on_disk = 0
-    for layer in cache.layers:
-        if isinstance(layer, TieredLayer):
-            total += layer.length
-            on_disk += sum(c.length for c in layer.chunks if c.tier == Tier.DISK)
-    return round(on_disk / total, 3) if total else 0.0
+@torch.inference_mode()
+def one_shot(model, cache, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Prefill `ids` in one forward, as `generate` does: (seconds, last logits)."""
+    seconds, out = timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                                       **{cache_argument(model): cache}))
+    return seconds, out.logits[:, -1].float()
 
 
-def run(contexts: list[int], steps: int, layers: int, kv_heads: int, head_dim: int, disk_fraction: float,
-        dtype: torch.dtype, chunk_size: int) -> dict[str, Any]:
-    base = bench_model(layers, kv_heads, head_dim, max(contexts) + steps + 16, dtype)
-    kv_model = copy.deepcopy(base)
-    rows = []
-    for n in tqdm(contexts, desc="contexts"):
-        ids = torch.randint(0, 1024, (1, n), generator=torch.Generator().manual_seed(n))
-        dyn = run_one(base, tf.DynamicCache(), ids, steps)
-        configs = {
-            "all-device": dict(chunk_size=chunk_size),
-            "disk-heavy": dict(chunk_size=chunk_size, device_budget=max(int(n * (1 - disk_fraction)), 2 * chunk_size + 68),
-                               host_budget=0),
+def kv_bytes_static(cache: tf.StaticCache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def kv_bytes_kvtier(cache: KVTierCache) -> int:
+    """Device memory the cache allocated for KV: the pools' capacity and the sliding layers' buffers."""
+    pools = sum(p.allocated_bytes for p in cache.tiers.device_pools.values())
+    sliding = sum(layer.k.nbytes + layer.v.nbytes for layer in cache.layers
+                  if getattr(layer, "is_sliding", False) and layer.k is not None)
+    return pools + sliding
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+def run_context(base, kv_model, n: int, steps: int, segment: int, vocab: int) -> dict[str, Any]:
+    ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n))
+    first = torch.tensor([[7]])
+    row: dict[str, Any] = {"context": n}
+
+    static = tf.StaticCache(config=base.config, max_cache_len=n + steps + 1)
+    prefill_s, logits = one_shot(base, static, ids)
+    st = decode(base, static, first, steps)
+    st_logits = st.pop("last_logits")
+    row["static"] = {"prefill_s": round(prefill_s, 3), **st, "kv_bytes": kv_bytes_static(static)}
+    del static
+
+    dynamic = tf.DynamicCache()
+    prefill_s, _ = one_shot(base, dynamic, ids)
+    dy = decode(base, dynamic, first, steps)
+    dy.pop("last_logits")
+    row["dynamic"] = {"prefill_s": round(prefill_s, 3), **dy}
+    del dynamic
+
+    store = Path(tempfile.mkdtemp(prefix="kvtier-exact-")) / "doc"
+    try:
+        with KVTierCache.for_model(kv_model, mode="exact", store_path=store) as cache:
+            prefill_s, kv_logits = timed(lambda: segmented_prefill(kv_model, cache, ids, segment_tokens=segment,
+                                                                   progress=False))
+            prefill_diff = float((kv_logits.float() - logits).abs().max())
+            cache.save()
+            kv = decode(kv_model, cache, first, steps)
+            kv_alloc = kv_bytes_kvtier(cache)
+        kv_logits = kv.pop("last_logits")
+        row["kvtier"] = {
+            "prefill_s": round(prefill_s, 3), **kv, "kv_bytes": kv_alloc,
+            "prefill_ratio_vs_dynamic": _ratio(prefill_s, row["dynamic"]["prefill_s"]),
+            "prefill_ratio_vs_static": _ratio(prefill_s, row["static"]["prefill_s"]),
+            "decode_ratio_vs_static": _ratio(kv["decode_step_ms"], row["static"]["decode_step_ms"]),
+            "decode_ratio_vs_dynamic": _ratio(kv["decode_step_ms"], row["dynamic"]["decode_step_ms"]),
+            "first_step_ratio_vs_steady": _ratio(kv["first_step_ms"], kv["decode_step_ms"]),
+            "kv_bytes_ratio_vs_static": _ratio(kv_alloc, row["static"]["kv_bytes"]),
+            "max_abs_logit_diff_vs_static": max(prefill_diff, float((kv_logits - st_logits).abs().max())),
         }
-        row: dict[str, Any] = {"context": n, "dynamic": _public(dyn)}
-        for name, options in configs.items():
-            with KVTierCache.for_model(kv_model, **options) as cache:
-                r = run_one(kv_model, cache, ids, steps)
-            r["max_abs_logit_diff_vs_dynamic"] = float((r["last_logits"] - dyn["last_logits"]).abs().max())
-            r["decode_ratio_vs_dynamic"] = round(r["decode_step_ms"] / dyn["decode_step_ms"], 3)
-            r["prefill_ratio_vs_dynamic"] = round(r["prefill_s"] / dyn["prefill_s"], 3)
-            r["options"] = options
-            row[name] = _public(r)
-        rows.append(row)
-    return {
-        "config": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch."),
-                   "decode_steps": steps, "disk_fraction": disk_fraction, "chunk_size": chunk_size},
-        "results": rows,
-    }
+        row["reopen"] = reopen(kv_model, store, first, steps)
+    finally:
+        shutil.rmtree(store.parent, ignore_errors=True)
+    return row
 
 
-def _public(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in r.items() if k != "last_logits"}
+def reopen(model, store: Path, first: torch.Tensor, steps: int) -> dict[str, Any]:
+    """Open the saved session and answer with it, warm and cold; reads are compared with a raw read."""
+    data = store / DATA_FILE
+    out: dict[str, Any] = {"store_bytes": data.stat().st_size}
+    dropped = drop_page_cache(store)
+    out["raw_read_mb_s_cold"] = round(sequential_read_mb_s(data), 1)
+    for kind in ("cold", "warm"):
+        if kind == "cold":
+            drop_page_cache(store)
+        else:
+            sequential_read_mb_s(data)  # every page in memory
+        open_s, cache = timed(lambda: KVTierCache.open(store, model, mode="exact"))
+        try:
+            r = decode(model, cache, first, steps)
+            r.pop("last_logits")
+            s = cache.stats()
+            read_mb = s.disk.bytes_read / 1e6
+        finally:
+            cache.close()
+        ttft_ms = open_s * 1000 + r["first_step_ms"]
+        out[kind] = {"open_ms": round(open_s * 1000, 3), **r, "time_to_first_token_ms": round(ttft_ms, 3),
+                     "first_step_ratio_vs_steady": _ratio(r["first_step_ms"], r["decode_step_ms"]),
+                     "disk_mb_read": round(read_mb, 1),
+                     "disk_read_mb_s": round(read_mb / (ttft_ms / 1000), 1)}
+    out["cold"]["read_ratio_vs_raw"] = _ratio(out["cold"]["disk_read_mb_s"], out["raw_read_mb_s_cold"])
+    out["page_cache_dropped"] = dropped
+    return out
+
+
+def run(shapes: list[str], contexts: list[int], steps: int, segment: int,
+        layers: int | None = None) -> dict[str, Any]:
+    results = []
+    for name in shapes:
+        shape = dict(SHAPES[name], **({"layers": layers} if layers else {}))
+        base = speed_model(shape, max(contexts) + steps + 16)
+        kv_model = copy.deepcopy(base)
+        for n in tqdm(contexts, desc=name):
+            results.append({"shape": name, **run_context(base, kv_model, n, steps, segment, shape["vocab"])})
+    return {"config": {"shapes": {s: dict(SHAPES[s], **({"layers": layers} if layers else {})) for s in shapes}, "dtype": "float32", "decode_steps": steps,
+                       "segment_tokens": segment, "torch_threads": torch.get_num_threads()},
+            "results": results}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -109,49 +179,52 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["results"]
-    names = ["dynamic", "all-device", "disk-heavy"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    width = 0.25
-    for ax, metric, label in ((axes[0], "decode_step_ms", "decode step (ms)"), (axes[1], "prefill_s", "prefill (s)")):
-        for i, name in enumerate(names):
-            xs = [j + (i - 1) * width for j in range(len(rows))]
-            ax.bar(xs, [row[name][metric] for row in rows], width, label=name)
-        ax.set_xticks(range(len(rows)), [f"{row['context'] // 1024}k" for row in rows])
-        ax.set_xlabel("context tokens")
-        ax.set_ylabel(label)
-        ax.set_yscale("log")
-    axes[0].legend()
-    fig.suptitle(f"kvtier exact mode vs DynamicCache ({result['machine']['cpu']})", fontsize=9)
+    shapes = list(result["config"]["shapes"])
+    fig, axes = plt.subplots(len(shapes), 3, figsize=(12, 3.4 * len(shapes)), squeeze=False)
+    for row_axes, shape in zip(axes, shapes):
+        rows = [r for r in result["results"] if r["shape"] == shape]
+        xs = [r["context"] for r in rows]
+        panels = (("prefill_s", "prefill (s)", ("static", "dynamic", "kvtier")),
+                  ("decode_step_ms", "decode step (ms)", ("static", "dynamic", "kvtier")),
+                  ("kv_bytes", "KV allocated (MiB)", ("static", "kvtier")))
+        for ax, (metric, label, names) in zip(row_axes, panels):
+            for name in names:
+                ys = [r[name][metric] / (2**20 if metric == "kv_bytes" else 1) for r in rows]
+                ax.plot(xs, ys, marker="o", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(xs, [f"{x / 1024:g}k" for x in xs])
+            ax.set_title(f"{shape}: {label}", fontsize=9)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"kvtier exact mode vs StaticCache and DynamicCache ({result['machine']['cpu']}, "
+                 f"{result['config']['torch_threads']} thread)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="kvtier bench exact", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
-    p.add_argument("--steps", type=int, default=16, help="timed decode steps per configuration")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--disk-fraction", type=float, default=0.9)
-    p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(DEFAULT_SHAPES))
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 32768])
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed after the first")
+    p.add_argument("--layers", type=int, help="override the shapes' layer count")
+    p.add_argument("--segment", type=int, default=2048, help="kvtier.prefill segment length")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default="docs/benchmarks")
+    add_out_argument(p)
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    result = run(a.contexts, a.steps, a.layers, a.kv_heads, a.head_dim, a.disk_fraction, getattr(torch, a.dtype),
-                 a.chunk_size)
+    result = run(a.shapes, a.contexts, a.steps, a.segment, a.layers)
     path = write_result("exact", result, a.out)
     if not a.no_plot:
-        result["machine"] = __import__("json").loads(path.read_text())["machine"]
+        result["machine"] = json.loads(path.read_text())["machine"]
         plot(result, path.with_suffix(".png"))
-    for row in result["results"]:
-        print(f"{row['context']:>7} tokens  dynamic {row['dynamic']['decode_step_ms']:8.1f} ms/step  "
-              f"all-device {row['all-device']['decode_step_ms']:8.1f} ({row['all-device']['decode_ratio_vs_dynamic']}x)  "
-              f"disk-heavy {row['disk-heavy']['decode_step_ms']:8.1f} ({row['disk-heavy']['decode_ratio_vs_dynamic']}x)")
+    for r in result["results"]:
+        k = r["kvtier"]
+        print(f"{r['shape']:>16} {r['context']:>6}  prefill {k['prefill_ratio_vs_dynamic']}x dynamic  "
+              f"decode {k['decode_ratio_vs_static']}x static  KV {k['kv_bytes_ratio_vs_static']}x static  "
+              f"first step {k['first_step_ratio_vs_steady']}x steady  cold reopen read "
+              f"{r['reopen']['cold']['read_ratio_vs_raw']}x raw")
     print(f"wrote {path}")

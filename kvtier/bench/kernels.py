@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..kernels import chunk_scores, chunk_scores_ref, sparse_decode_attention, sparse_decode_attention_ref
 from ..kernels._triton import HAS_TRITON, INTERPRET, use_triton
-from .common import write_result
+from .common import add_out_argument, write_result
 from .speed import SHAPES
 
 _FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 cache (60 MB on an H200)
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rtol", type=float, default=1e-3)
     p.add_argument("--atol", type=float, default=1e-3)
-    p.add_argument("--out", default="docs/benchmarks")
+    add_out_argument(p)
     p.add_argument("--name", help="result file name (default: kernels on cpu, kernels-cuda on a GPU)")
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")

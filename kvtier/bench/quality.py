@@ -32,7 +32,7 @@ import transformers as tf
 from tqdm import tqdm
 
 from ..cache import KVTierCache, cache_argument
-from .common import write_result
+from .common import add_out_argument, write_result
 from .tasks import TASKS, Example, decode_ids, make_example
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "retrieval-llama"
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", help="directory of .txt files for the natural-text haystack")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default="docs/benchmarks")
+    add_out_argument(p)
     p.add_argument("--name", default="quality", help="output file name (without .json)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)

@@ -1,9 +1,12 @@
-"""`kvtier bench speed`: decode step time against context length, sparse vs exact vs DynamicCache.
+"""`kvtier bench speed`: decode step time against context length, sparse vs exact vs StaticCache.
 
 For each context length the document is prefilled once by kvtier (sparse mode, so chunks are planned
 from the measured skew) into a store, then every configuration decodes from that same KV:
 
-  dynamic          transformers' DynamicCache holding the same KV (sdpa attention)
+  static           transformers' StaticCache holding the same KV, sized to it (sdpa attention): the baseline
+  static-ideal     a StaticCache holding only as many tokens as a sparse step attends to (the budget): what
+                   a sparse step would cost if selecting and gathering were free
+  dynamic          transformers' DynamicCache holding the same KV
   exact            the saved session reopened in exact mode, everything on the device
   sparse           reopened in sparse mode at `--budget` of the context, everything on the device
   sparse-tiered    sparse, with device and host budgets of `--device-fraction` / `--host-fraction` of the
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import resource
 import shutil
 import tempfile
@@ -45,10 +49,12 @@ import transformers as tf
 from tqdm import tqdm
 
 from ..cache import KVTierCache, cache_argument
-from .common import bytes_moved, median_ms, timed, write_result
+from .common import add_out_argument, bytes_moved, median_ms, timed, write_result
 
 SHAPES: dict[str, dict[str, int]] = {
     "attention-heavy": dict(layers=4, heads=16, kv_heads=16, head_dim=64, intermediate=1024, vocab=1024),
+    # Qwen2.5-0.5B's attention and MLP geometry (hidden 896 = 14 query heads x 64, 2 KV heads) in 4 layers
+    "qwen2.5-0.5b": dict(layers=4, heads=14, kv_heads=2, head_dim=64, intermediate=4864, vocab=1024),
     "llama3-8b": dict(layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256),
 }
 
@@ -99,6 +105,27 @@ def dynamic_from(cache: KVTierCache, config=None, offloading: bool = False) -> t
         k, v = cache.tiers.layer_kv(layer)
         dyn.update(k.clone(), v.clone(), layer.index)
     return dyn
+
+
+def static_from(cache: KVTierCache, config, extra: int) -> tf.StaticCache:
+    """A StaticCache holding exactly the KV a kvtier cache stores, with room for `extra` more tokens."""
+    static = tf.StaticCache(config=config, max_cache_len=cache.get_seq_length() + extra)
+    for layer in cache.tiers.layers:
+        k, v = cache.tiers.layer_kv(layer)
+        static.update(k.clone(), v.clone(), layer.index)
+    return static
+
+
+@torch.inference_mode()
+def ideal_sparse_step(model, attended: int, first: torch.Tensor, steps: int, warmup: int) -> list[float]:
+    """Dense decode steps over a StaticCache of `attended` tokens: the floor a sparse step at that budget
+    could reach if finding and gathering its tokens cost nothing."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, attended), generator=torch.Generator().manual_seed(attended)).to(first.device)
+    static = tf.StaticCache(config=model.config, max_cache_len=attended + steps + warmup + 1)
+    model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): static})
+    times, _, _ = decode_steps(model, static, first, steps, warmup)
+    return times
 
 
 def _reset_peak(device: str) -> int:
@@ -176,11 +203,20 @@ def run(contexts: list[int], steps: int, warmup: int, budget: float, device_frac
             skew = [layer.skew.top5 if layer.skew else None for layer in cache.tiers.layers]
             chunk_sizes = [sorted(c.length for c in layer.chunks) for layer in cache.tiers.layers]
             before = _reset_peak(device)
-            dyn = dynamic_from(cache)
-            times, dyn_logits, _ = decode_steps(base, dyn, first, steps, warmup)
+            static = static_from(cache, base.config, steps + warmup + 1)
+            times, static_logits, _ = decode_steps(base, static, first, steps, warmup)
             row: dict[str, Any] = {"context": n, "kvtier_prefill_s": round(prefill_s, 2), "top5_mass_by_layer": skew,
                                    "median_chunk_by_layer": [s[len(s) // 2] if s else None for s in chunk_sizes],
-                                   "dynamic": {"decode_step_ms": median_ms(times), "peak_device_bytes": None}}
+                                   "static": {"decode_step_ms": median_ms(times),
+                                              "peak_device_bytes": _peak_bytes(device, before)}}
+            del static
+            attended = math.ceil(budget * n)
+            row["static-ideal"] = {"attended_tokens": attended, "decode_step_ms": median_ms(
+                ideal_sparse_step(base, attended, first, steps, warmup))}
+            before = _reset_peak(device)
+            dyn = dynamic_from(cache)
+            times, _, _ = decode_steps(base, dyn, first, steps, warmup)
+            row["dynamic"] = {"decode_step_ms": median_ms(times), "peak_device_bytes": None}
             del dyn
             if device.startswith("cuda"):
                 row["dynamic"]["peak_device_bytes"] = _peak_bytes(device, before)
@@ -189,7 +225,7 @@ def run(contexts: list[int], steps: int, warmup: int, budget: float, device_frac
                 times, off_logits, _ = decode_steps(base, dyn, first, steps, warmup)
                 row["offloaded"] = {"decode_step_ms": median_ms(times),
                                     "peak_device_bytes": _peak_bytes(device, before),
-                                    "max_abs_logit_diff_vs_dynamic": float((off_logits - dyn_logits).abs().max())}
+                                    "max_abs_logit_diff_vs_static": float((off_logits - static_logits).abs().max())}
                 del dyn
         device_budget = min(n, emulated) if emulated else max(512, int(device_fraction * n))
         tiered = dict(mode="sparse", sparse_budget=budget, device_budget=device_budget,
@@ -210,13 +246,16 @@ def run(contexts: list[int], steps: int, warmup: int, budget: float, device_frac
             warm = copy.deepcopy(cache.stats())
             times, logits, _ = decode_steps(kv_model, cache, tok, steps, 0)
             result = {"decode_step_ms": median_ms(times),
+                      "decode_ratio_vs_static": round(median_ms(times) / row["static"]["decode_step_ms"], 3),
                       "decode_ratio_vs_dynamic": round(median_ms(times) / row["dynamic"]["decode_step_ms"], 3),
                       "peak_device_bytes": _peak_bytes(device, before), "options": options,
                       **_tier_summary(cache, steps, warm)}
             if "offloaded" in row:
                 result["speedup_vs_offloaded"] = round(row["offloaded"]["decode_step_ms"] / median_ms(times), 2)
             if name == "exact":
-                result["max_abs_logit_diff_vs_dynamic"] = float((logits - dyn_logits).abs().max())
+                result["max_abs_logit_diff_vs_static"] = float((logits - static_logits).abs().max())
+            else:
+                result["ratio_vs_ideal"] = round(median_ms(times) / row["static-ideal"]["decode_step_ms"], 3)
             row[name] = result
             cache.close()
         shutil.rmtree(store.parent, ignore_errors=True)
@@ -232,7 +271,8 @@ CONFIGS = ("exact", "sparse", "sparse-tiered", "shared-tiered", "shared-tiered+l
 
 def _measured(rows: list[dict[str, Any]]) -> list[str]:
     """The baselines and configurations a result holds, in a fixed order."""
-    return [name for name in ("dynamic", "offloaded", *CONFIGS) if all(name in r for r in rows)]
+    return [name for name in ("static", "static-ideal", "dynamic", "offloaded", *CONFIGS)
+            if all(name in r for r in rows)]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -286,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-limit", type=float,
                    help="seconds for all contexts: skip a context the previous one's time says would not finish "
                         "(recorded as skipped_contexts)")
-    p.add_argument("--out", default="docs/benchmarks")
+    add_out_argument(p)
     p.add_argument("--name", help="result file name (default: speed on cpu, speed-<shape>-cuda on a GPU)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
@@ -320,8 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     names = _measured(result["results"])
     for row in result["results"]:
         print(f"{row['context']:>7}  " + "  ".join(
-            f"{n} {row[n]['decode_step_ms']:8.1f}" + (f" ({row[n]['decode_ratio_vs_dynamic']}x)"
-                                                       if "decode_ratio_vs_dynamic" in row[n] else "")
+            f"{n} {row[n]['decode_step_ms']:8.1f}" + (f" ({row[n]['decode_ratio_vs_static']}x)"
+                                                       if "decode_ratio_vs_static" in row[n] else "")
             for n in names))
     if result["skipped_contexts"]:
         print(f"skipped (would not finish within --time-limit {a.time_limit:g}s): {result['skipped_contexts']}")
