@@ -59,7 +59,7 @@ def prefill(
             seg_kw = dict(kw)
             if attention_mask is not None:
                 seg_kw["attention_mask"] = attention_mask[:, : past + end]
-            out = model(input_ids=input_ids[:, start:end], position_ids=positions[:, start:end], **seg_kw)
+            out = _exact_forward(model, cache, input_ids[:, start:end], positions[:, start:end], seg_kw)
             logits = out.logits[:, -1]
             bar.update(end - start)
             s = cache.stats()
@@ -69,3 +69,16 @@ def prefill(
     finally:
         bar.close()
     return logits
+
+
+def _exact_forward(model, cache: KVTierCache, ids: torch.Tensor, positions: torch.Tensor, kw: dict):
+    """One segment's forward, always with exact attention: a one-token forward in sparse mode would otherwise
+    take the sparse decode path, and a prefill must give what a one-shot prefill gives."""
+    if ids.shape[1] > 1 or cache.config.mode == "exact":
+        return model(input_ids=ids, position_ids=positions, **kw)
+    mode = cache.config.mode
+    cache.set_mode("exact")
+    try:
+        return model(input_ids=ids, position_ids=positions, **kw)
+    finally:
+        cache.set_mode(mode)

@@ -337,7 +337,7 @@ class Session:
         try:
             for start in range(done, n, seg):
                 end = min(n, start + seg)
-                cache.set_mode("exact" if end - start == 1 else "sparse")  # a 1-token forward would attend sparsely
+                cache.set_mode("sparse")  # chunks planned from the measured skew; the prefill itself is exact
                 prefill(self.model, cache, ids[:, start:end].to(self.model.device), segment_tokens=seg, progress=False)
                 if end < n:  # a checkpoint: a rerun resumes here (the last segment's save is the final one)
                     cache.save(info={**self.info, "prefill": "partial"})

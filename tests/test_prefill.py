@@ -74,3 +74,17 @@ def test_prefill_checks_its_arguments():
         prefill(model, cache, torch.zeros(1, 5, dtype=torch.long), segment_tokens=0)
     with pytest.raises(ValueError, match="attention_mask covers 3 positions, expected 5"):
         prefill(model, cache, torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 3))
+
+
+def test_a_one_token_last_segment_is_still_exact_in_sparse_mode():
+    """141 tokens in segments of 70 end with a one-token forward: it must not take the sparse decode path."""
+    ref = build_model("llama")
+    model = twin(ref)
+    ids = torch.randint(3, 100, (1, 141), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits[:, -1]
+    with KVTierCache.for_model(model, mode="sparse", sparse_budget=0.1, chunk_size=16, sink_tokens=4,
+                               recent_window=16) as cache:
+        got = prefill(model, cache, ids, segment_tokens=70, progress=False)
+        assert cache.config.mode == "sparse"  # restored after the one-token segment
+    assert (got - want).abs().max() < 1e-5
