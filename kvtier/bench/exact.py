@@ -49,16 +49,22 @@ DEFAULT_SHAPES = ("attention-heavy", "qwen2.5-0.5b")
 
 
 @torch.inference_mode()
-def decode(model, cache, first: torch.Tensor, steps: int) -> dict[str, Any]:
-    """`steps` + 1 greedy steps from token `first`: the first step's time, the median of the rest."""
-    kw = {cache_argument(model): cache, "use_cache": True}
-    tok, times, out = first, [], None
+def decode(runs: dict[str, tuple[torch.nn.Module, Any]], first: torch.Tensor, steps: int) -> dict[str, dict[str, Any]]:
+    """`steps` + 1 greedy steps of every (model, cache) in `runs`, taken in turn step by step so that a
+    change in the machine's speed during the run touches all of them alike: the first step's time and the
+    median of the rest, per run."""
+    toks = {name: first for name in runs}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    logits: dict[str, torch.Tensor] = {}
     for _ in range(steps + 1):
-        dt, out = timed(lambda t=tok: model(input_ids=t, **kw))
-        tok = out.logits[:, -1:].argmax(-1)
-        times.append(dt)
-    return {"first_step_ms": round(times[0] * 1000, 3), "decode_step_ms": median_ms(times[1:]),
-            "last_logits": out.logits[:, -1].float()}
+        for name, (model, cache) in runs.items():
+            kw = {cache_argument(model): cache, "use_cache": True}
+            dt, out = timed(lambda m=model, t=toks[name], kw=kw: m(input_ids=t, **kw))
+            toks[name] = out.logits[:, -1:].argmax(-1)
+            logits[name] = out.logits[:, -1].float()
+            times[name].append(dt)
+    return {name: {"first_step_ms": round(t[0] * 1000, 3), "decode_step_ms": median_ms(t[1:]),
+                   "last_logits": logits[name]} for name, t in times.items()}
 
 
 @torch.inference_mode()
@@ -91,19 +97,9 @@ def run_context(base, kv_model, n: int, steps: int, segment: int, vocab: int) ->
     row: dict[str, Any] = {"context": n}
 
     static = tf.StaticCache(config=base.config, max_cache_len=n + steps + 1)
-    prefill_s, logits = one_shot(base, static, ids)
-    st = decode(base, static, first, steps)
-    st_logits = st.pop("last_logits")
-    row["static"] = {"prefill_s": round(prefill_s, 3), **st, "kv_bytes": kv_bytes_static(static)}
-    del static
-
+    static_prefill_s, logits = one_shot(base, static, ids)
     dynamic = tf.DynamicCache()
-    prefill_s, _ = one_shot(base, dynamic, ids)
-    dy = decode(base, dynamic, first, steps)
-    dy.pop("last_logits")
-    row["dynamic"] = {"prefill_s": round(prefill_s, 3), **dy}
-    del dynamic
-
+    dynamic_prefill_s, _ = one_shot(base, dynamic, ids)
     store = Path(tempfile.mkdtemp(prefix="kvtier-exact-")) / "doc"
     try:
         with KVTierCache.for_model(kv_model, mode="exact", store_path=store) as cache:
@@ -111,9 +107,17 @@ def run_context(base, kv_model, n: int, steps: int, segment: int, vocab: int) ->
                                                                    progress=False))
             prefill_diff = float((kv_logits.float() - logits).abs().max())
             cache.save()
-            kv = decode(kv_model, cache, first, steps)
+            steps_out = decode({"static": (base, static), "dynamic": (base, dynamic), "kvtier": (kv_model, cache)},
+                               first, steps)
             kv_alloc = kv_bytes_kvtier(cache)
-        kv_logits = kv.pop("last_logits")
+        static_bytes = kv_bytes_static(static)
+        del static, dynamic
+        st_logits = steps_out["static"].pop("last_logits")
+        steps_out["dynamic"].pop("last_logits")
+        kv_logits = steps_out["kvtier"].pop("last_logits")
+        row["static"] = {"prefill_s": round(static_prefill_s, 3), **steps_out["static"], "kv_bytes": static_bytes}
+        row["dynamic"] = {"prefill_s": round(dynamic_prefill_s, 3), **steps_out["dynamic"]}
+        kv = steps_out["kvtier"]
         row["kvtier"] = {
             "prefill_s": round(prefill_s, 3), **kv, "kv_bytes": kv_alloc,
             "prefill_ratio_vs_dynamic": _ratio(prefill_s, row["dynamic"]["prefill_s"]),
@@ -121,7 +125,7 @@ def run_context(base, kv_model, n: int, steps: int, segment: int, vocab: int) ->
             "decode_ratio_vs_static": _ratio(kv["decode_step_ms"], row["static"]["decode_step_ms"]),
             "decode_ratio_vs_dynamic": _ratio(kv["decode_step_ms"], row["dynamic"]["decode_step_ms"]),
             "first_step_ratio_vs_steady": _ratio(kv["first_step_ms"], kv["decode_step_ms"]),
-            "kv_bytes_ratio_vs_static": _ratio(kv_alloc, row["static"]["kv_bytes"]),
+            "kv_bytes_ratio_vs_static": _ratio(kv_alloc, static_bytes),
             "max_abs_logit_diff_vs_static": max(prefill_diff, float((kv_logits - st_logits).abs().max())),
         }
         row["reopen"] = reopen(kv_model, store, first, steps)
@@ -143,7 +147,7 @@ def reopen(model, store: Path, first: torch.Tensor, steps: int) -> dict[str, Any
             sequential_read_mb_s(data)  # every page in memory
         open_s, cache = timed(lambda: KVTierCache.open(store, model, mode="exact"))
         try:
-            r = decode(model, cache, first, steps)
+            r = decode({"reopened": (model, cache)}, first, steps)["reopened"]
             r.pop("last_logits")
             s = cache.stats()
             read_mb = s.disk.bytes_read / 1e6
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(DEFAULT_SHAPES))
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 32768])
-    p.add_argument("--steps", type=int, default=16, help="decode steps timed after the first")
+    p.add_argument("--steps", type=int, default=24, help="decode steps timed after the first")
     p.add_argument("--layers", type=int, help="override the shapes' layer count")
     p.add_argument("--segment", type=int, default=2048, help="kvtier.prefill segment length")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -47,12 +47,15 @@ def storage_mode() -> contextlib.ExitStack:
 def _as_run(slots: torch.Tensor) -> slice | None:
     """The slots as one slice when they are consecutive and on the CPU (reading a CUDA tensor's values
     would wait for the device, so there the index kernels run)."""
+    if slots.device.type != "cpu":
+        return None
     n = slots.numel()
-    if slots.device.type != "cpu" or n == 0:
+    if n == 1:
+        first = slots.item()
+        return slice(first, first + 1)
+    if n == 0 or not bool((slots.diff() == 1).all()):
         return None
     first = int(slots[0])
-    if n > 1 and not bool((slots.diff() == 1).all()):
-        return None
     return slice(first, first + n)
 
 
@@ -183,14 +186,14 @@ class DevicePool:
         self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, owner: int = -1
     ) -> None:
         """k, v: [batch, heads, n, head_dim]; positions: [n] logical positions; owner: chunk row (-1: window)."""
+        run = _as_run(slots)
+        if run is not None:  # one run of slots: plain copies into views, no index kernels (a decode token)
+            self.k[:, :, run].copy_(k.detach())  # detached: never a graph, in or out of inference mode
+            self.v[:, :, run].copy_(v.detach())
+            self.slot_pos[run].copy_(positions)
+            self.slot_owner[run] = owner
+            return
         with storage_mode():
-            run = _as_run(slots)
-            if run is not None:  # one run of slots: plain copies, no index kernels (a decode token's write)
-                self.k[:, :, run].copy_(k)
-                self.v[:, :, run].copy_(v)
-                self.slot_pos[run].copy_(positions)
-                self.slot_owner[run] = owner
-                return
             self.k[:, :, slots] = k.to(self.device, self.dtype)
             self.v[:, :, slots] = v.to(self.device, self.dtype)
             self.slot_pos[slots] = positions.to(self.device)
