@@ -8,6 +8,9 @@
 #            against their references (TRITON_INTERPRET unset)
 #   kernels  kvtier bench kernels: each Triton kernel timed against its torch reference at Llama-3-8B's
 #            attention shape (32 query / 8 KV heads of 128, bf16) for 32k, 64k and 128k tokens -> kernels-cuda.json
+#   exact    kvtier bench exact --device cuda --shapes llama3-8b at 32k and 64k tokens: kvtier.prefill in
+#            segments (fused CUDA attention with its log-sum-exp) and exact decode against StaticCache,
+#            DynamicCache and DynamicCache(offloading=True), all on the GPU -> exact-llama3-8b-cuda.json (+ .png)
 #   speed    kvtier bench speed --device cuda --shape llama3-8b at 32k, 64k and 128k tokens: DynamicCache on the
 #            GPU, transformers' offloaded DynamicCache and kvtier (shared-tiered, 24 GiB card emulated)
 #            -> speed-llama3-8b-cuda.json (+ .png)
@@ -15,13 +18,16 @@
 # Usage:  bash scripts/gpu_check.sh              on the GPU machine, from anywhere
 #         bash scripts/gpu_check.sh --cpu-smoke  every step's command on the CPU with tiny shapes (also
 #                                                GPU_CHECK_DRY_RUN=1): checks the plumbing, measures nothing
-# Results: docs/benchmarks/{kernels-cuda.json,speed-llama3-8b-cuda.json,speed-llama3-8b-cuda.png,gpu-check.log};
+# Results: docs/benchmarks/{kernels-cuda.json,exact-llama3-8b-cuda.{json,png},speed-llama3-8b-cuda.{json,png},
+# gpu-check.log};
 # with OUT set, they are copied into that folder too (flat, with the pytest report gpu-check-pytest.xml).
 # A CPU smoke run writes to a temporary folder instead, never to docs/benchmarks.
 #
 # Time: each step runs under `timeout`; all of them share one deadline (GPU_CHECK_LIMIT_S, 480 s) and the speed
 # step, the last, gets whatever the others left. Estimates for one H200, not measurements: setup 15-25 s;
-# tests 60-120 s (CUDA start-up and ~20 Triton compiles); kernels 20-40 s; speed ~20 s to build the two
+# tests 60-120 s (CUDA start-up and ~20 Triton compiles); kernels 20-40 s; exact 60-120 s (two random-weight
+# 8B models on the GPU, four one-shot or segmented prefills per context at ~1-2 s (32k) and ~4-8 s (64k), nine
+# decode steps each; capped at 150 s); speed ~20 s to build the two
 # random-weight 8B models, then per context mostly CPU work: the prefill on the GPU (~1-2 s at 32k, ~15-25 s at
 # 128k: 4.5 PFLOP of causal attention and 2 PFLOP of matmuls), saving the KV to the store (128 KiB per token,
 # 16 GiB at 128k, zstd on one thread at 0.12-0.3 GB/s: 1-2.5 min at 128k) and reading it back for the kvtier
@@ -33,7 +39,7 @@
 #     GPU_CHECK_STEPS=speed GPU_CHECK_CONTEXTS=131072 bash scripts/gpu_check.sh
 #
 # Environment:
-#   GPU_CHECK_STEPS      steps to run after setup (default "tests kernels speed")
+#   GPU_CHECK_STEPS      steps to run after setup (default "tests kernels exact speed")
 #   GPU_CHECK_LIMIT_S    deadline for the whole script in seconds (default 480)
 #   GPU_CHECK_CONTEXTS   contexts of the kernels and speed steps (default "32768 65536 131072")
 #   GPU_CHECK_CONFIGS    kvtier configurations of the speed step (default "shared-tiered")
@@ -57,7 +63,7 @@ done
 
 PY="${GPU_CHECK_PYTHON:-python3}"
 LIMIT_S="${GPU_CHECK_LIMIT_S:-480}"
-STEPS="${GPU_CHECK_STEPS:-tests kernels speed}"
+STEPS="${GPU_CHECK_STEPS:-tests kernels exact speed}"
 DEFAULT_CONTEXTS="32768 65536 131072"
 CONTEXTS="${GPU_CHECK_CONTEXTS:-$DEFAULT_CONTEXTS}"
 CONFIGS="${GPU_CHECK_CONFIGS:-shared-tiered}"
@@ -197,14 +203,17 @@ if [ "$CONTEXTS" != "$DEFAULT_CONTEXTS" ]; then
 fi
 KERNELS_NAME="kernels-cuda$SUFFIX"
 SPEED_NAME="speed-llama3-8b-cuda$SUFFIX"
+EXACT_NAME="exact-llama3-8b-cuda"
 if [ "$DRY" = 1 ]; then
     RESULTS="$WORK/results" # a smoke run never touches docs/benchmarks
     KERNELS_NAME="kernels-cpu-smoke"
+    EXACT_NAME="exact-llama3-8b-cpu-smoke"
     SPEED_NAME="speed-llama3-8b-cpu-smoke"
 else
     RESULTS="$ROOT/docs/benchmarks"
 fi
-RESULT_FILES=("$RESULTS/$KERNELS_NAME.json" "$RESULTS/$SPEED_NAME.json" "$RESULTS/$SPEED_NAME.png")
+RESULT_FILES=("$RESULTS/$KERNELS_NAME.json" "$RESULTS/$EXACT_NAME.json" "$RESULTS/$EXACT_NAME.png"
+    "$RESULTS/$SPEED_NAME.json" "$RESULTS/$SPEED_NAME.png")
 mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu-check.log"
 JUNIT="$WORK/gpu-check-pytest.xml"
@@ -285,11 +294,14 @@ finish() {
 read -ra CONTEXT_LIST <<<"$CONTEXTS"
 read -ra CONFIG_LIST <<<"$CONFIGS"
 KERNEL_ARGS=(--contexts "${CONTEXT_LIST[@]}")
+# StaticCache's one-shot prefill builds a [Q, K] mask: 128k would need 16 GiB for it alone, so 32k and 64k.
+EXACT_ARGS=(--shapes llama3-8b --contexts 32768 65536 --steps 8 --no-reopen)
 SPEED_ARGS=(--shape llama3-8b --contexts "${CONTEXT_LIST[@]}" --gpu-memory-gib 24 --host-fraction 1.0
     --configs "${CONFIG_LIST[@]}" --steps 5 --warmup 2)
 if [ "$DRY" = 1 ]; then
     say "CPU smoke run: each step's command on the CPU with tiny shapes; nothing here is a GPU result"
     KERNEL_ARGS=(--contexts 512 --heads 4 --kv-heads 2 --head-dim 16 --chunk 16 --reps 2 --warmup 1)
+    EXACT_ARGS=(--shapes qwen2.5-0.5b --contexts 600 --layers 1 --segment 256 --steps 2 --threads 1)
     SPEED_ARGS=(--shape llama3-8b --contexts 600 700 --layers 2 --kv-heads 2 --head-dim 16 --intermediate 64
         --gpu-memory-gib 1 --reserve-gib 0.1 --host-fraction 1.0 --configs "${CONFIG_LIST[@]}" --steps 2 --warmup 1
         --threads 1)
@@ -329,6 +341,15 @@ for step in $STEPS; do
                     --name "$KERNELS_NAME" --out "$RESULTS"
             fi
             ;;
+        exact)
+            if [ "$DRY" = 1 ]; then
+                run_step exact 120 env CUDA_VISIBLE_DEVICES= "$PY" -m kvtier.cli bench exact --device cpu \
+                    "${EXACT_ARGS[@]}" --name "$EXACT_NAME" --out "$RESULTS"
+            else
+                run_step exact 150 "$PY" -m kvtier.cli bench exact --device cuda "${EXACT_ARGS[@]}" \
+                    --name "$EXACT_NAME" --out "$RESULTS"
+            fi
+            ;;
         speed)
             if [ "$DRY" = 1 ]; then
                 run_step speed 300 env CUDA_VISIBLE_DEVICES= "$PY" -m kvtier.cli bench speed --device cpu \
@@ -347,7 +368,7 @@ print("measured", " ".join(str(x["context"]) for x in r["results"]) or "none", "
             fi
             ;;
         *)
-            say "unknown step $step (steps: tests kernels speed)"
+            say "unknown step $step (steps: tests kernels exact speed)"
             SUMMARY+=("$step|unknown step|0")
             FAILED=1
             ;;

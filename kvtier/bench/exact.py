@@ -6,6 +6,7 @@ For each shape and context length, on the same random-weight Llama, in one run:
   dynamic    DynamicCache (one-shot prefill)
   kvtier     `kvtier.prefill` in `--segment`-token segments (the `kvtier qa` path), then decoding with every
              chunk on the device (no budgets)
+  offloaded  on CUDA: DynamicCache(offloading=True), the KV in CPU memory, each layer's copied to the GPU
   reopen     the kvtier session saved, then `KVTierCache.open` and the first token, with the store's pages
              in memory (warm) and dropped from the page cache first (cold), against a plain sequential read
              of the same file
@@ -15,7 +16,7 @@ allocated for the same tokens, and the largest logit difference from StaticCache
 the baseline named in the key, so below 1 is faster or smaller.
 
 Shapes (`--shapes`): "attention-heavy" (4 layers, 16 query and 16 KV heads of 64) and "qwen2.5-0.5b" (its
-attention and MLP geometry: 14 query and 2 KV heads of 64, MLP 4864) in 4 layers.
+attention and MLP geometry: 14 query and 2 KV heads of 64, MLP 4864) in 4 layers; on a GPU "llama3-8b".
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def decode(runs: dict[str, tuple[torch.nn.Module, Any]], first: torch.Tensor, st
     for _ in range(steps + 1):
         for name, (model, cache) in runs.items():
             kw = {cache_argument(model): cache, "use_cache": True}
-            dt, out = timed(lambda m=model, t=toks[name], kw=kw: m(input_ids=t, **kw))
+            dt, out = timed(lambda m=model, t=toks[name], kw=kw: m(input_ids=t, **kw), sync=first.is_cuda)
             toks[name] = out.logits[:, -1:].argmax(-1)
             logits[name] = out.logits[:, -1].float()
             times[name].append(dt)
@@ -71,7 +72,7 @@ def decode(runs: dict[str, tuple[torch.nn.Module, Any]], first: torch.Tensor, st
 def one_shot(model, cache, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Prefill `ids` in one forward, as `generate` does: (seconds, last logits)."""
     seconds, out = timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1,
-                                       **{cache_argument(model): cache}))
+                                       **{cache_argument(model): cache}), sync=ids.is_cuda)
     return seconds, out.logits[:, -1].float()
 
 
@@ -91,29 +92,39 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
 
-def run_context(base, kv_model, n: int, steps: int, segment: int, vocab: int) -> dict[str, Any]:
-    ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n))
-    first = torch.tensor([[7]])
+def run_context(base, kv_model, n: int, steps: int, segment: int, vocab: int,
+                with_reopen: bool = True) -> dict[str, Any]:
+    device = base.device
+    ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
+    first = torch.tensor([[7]], device=device)
     row: dict[str, Any] = {"context": n}
 
     static = tf.StaticCache(config=base.config, max_cache_len=n + steps + 1)
     static_prefill_s, logits = one_shot(base, static, ids)
     dynamic = tf.DynamicCache()
     dynamic_prefill_s, _ = one_shot(base, dynamic, ids)
+    runs = {"static": (base, static), "dynamic": (base, dynamic)}
+    if device.type == "cuda":  # transformers' own answer to a KV cache larger than the GPU
+        offloaded = tf.DynamicCache(config=base.config, offloading=True)
+        offloaded_prefill_s, _ = one_shot(base, offloaded, ids)
+        runs["offloaded"] = (base, offloaded)
     store = Path(tempfile.mkdtemp(prefix="kvtier-exact-")) / "doc"
     try:
-        with KVTierCache.for_model(kv_model, mode="exact", store_path=store) as cache:
+        with KVTierCache.for_model(kv_model, mode="exact", store_path=store if with_reopen else None) as cache:
             prefill_s, kv_logits = timed(lambda: segmented_prefill(kv_model, cache, ids, segment_tokens=segment,
                                                                    progress=False))
             prefill_diff = float((kv_logits.float() - logits).abs().max())
-            cache.save()
-            steps_out = decode({"static": (base, static), "dynamic": (base, dynamic), "kvtier": (kv_model, cache)},
-                               first, steps)
+            if with_reopen:
+                cache.save()
+            steps_out = decode({**runs, "kvtier": (kv_model, cache)}, first, steps)
             kv_alloc = kv_bytes_kvtier(cache)
         static_bytes = kv_bytes_static(static)
-        del static, dynamic
+        del static, dynamic, runs
         st_logits = steps_out["static"].pop("last_logits")
         steps_out["dynamic"].pop("last_logits")
+        if "offloaded" in steps_out:
+            steps_out["offloaded"].pop("last_logits")
+            row["offloaded"] = {"prefill_s": round(offloaded_prefill_s, 3), **steps_out["offloaded"]}
         kv_logits = steps_out["kvtier"].pop("last_logits")
         row["static"] = {"prefill_s": round(static_prefill_s, 3), **steps_out["static"], "kv_bytes": static_bytes}
         row["dynamic"] = {"prefill_s": round(dynamic_prefill_s, 3), **steps_out["dynamic"]}
@@ -128,7 +139,8 @@ def run_context(base, kv_model, n: int, steps: int, segment: int, vocab: int) ->
             "kv_bytes_ratio_vs_static": _ratio(kv_alloc, static_bytes),
             "max_abs_logit_diff_vs_static": max(prefill_diff, float((kv_logits - st_logits).abs().max())),
         }
-        row["reopen"] = reopen(kv_model, store, first, steps)
+        if with_reopen:
+            row["reopen"] = reopen(kv_model, store, first, steps)
     finally:
         shutil.rmtree(store.parent, ignore_errors=True)
     return row
@@ -163,16 +175,19 @@ def reopen(model, store: Path, first: torch.Tensor, steps: int) -> dict[str, Any
     return out
 
 
-def run(shapes: list[str], contexts: list[int], steps: int, segment: int,
-        layers: int | None = None) -> dict[str, Any]:
+def run(shapes: list[str], contexts: list[int], steps: int, segment: int, layers: int | None = None,
+        device: str = "cpu", dtype: torch.dtype = torch.float32, with_reopen: bool = True) -> dict[str, Any]:
     results = []
     for name in shapes:
         shape = dict(SHAPES[name], **({"layers": layers} if layers else {}))
-        base = speed_model(shape, max(contexts) + steps + 16)
+        base = speed_model(shape, max(contexts) + steps + 16, device, dtype)
         kv_model = copy.deepcopy(base)
         for n in tqdm(contexts, desc=name):
-            results.append({"shape": name, **run_context(base, kv_model, n, steps, segment, shape["vocab"])})
-    return {"config": {"shapes": {s: dict(SHAPES[s], **({"layers": layers} if layers else {})) for s in shapes}, "dtype": "float32", "decode_steps": steps,
+            results.append({"shape": name, **run_context(base, kv_model, n, steps, segment, shape["vocab"],
+                                                         with_reopen)})
+        del base, kv_model
+    return {"config": {"shapes": {s: dict(SHAPES[s], **({"layers": layers} if layers else {})) for s in shapes},
+                       "device": device, "dtype": str(dtype).removeprefix("torch."), "decode_steps": steps,
                        "segment_tokens": segment, "torch_threads": torch.get_num_threads()},
             "results": results}
 
@@ -200,8 +215,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.set_xticks(xs, [f"{x / 1024:g}k" for x in xs])
             ax.set_title(f"{shape}: {label}", fontsize=9)
             ax.legend(fontsize=8)
-    fig.suptitle(f"kvtier exact mode vs StaticCache and DynamicCache ({result['machine']['cpu']}, "
-                 f"{result['config']['torch_threads']} thread)", fontsize=9)
+    m, c = result["machine"], result["config"]
+    where = m["gpu"] if c["device"].startswith("cuda") else f"{m['cpu']}, {c['torch_threads']} thread"
+    fig.suptitle(f"kvtier exact mode vs StaticCache and DynamicCache ({where})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -214,21 +230,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=24, help="decode steps timed after the first")
     p.add_argument("--layers", type=int, help="override the shapes' layer count")
     p.add_argument("--segment", type=int, default=2048, help="kvtier.prefill segment length")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (offloaded DynamicCache is measured on cuda only)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--no-reopen", action="store_true", help="skip saving the session and reopening it")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add_out_argument(p)
+    p.add_argument("--name", default="exact", help="result file name (default: exact)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    result = run(a.shapes, a.contexts, a.steps, a.segment, a.layers)
-    path = write_result("exact", result, a.out)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
+    result = run(a.shapes, a.contexts, a.steps, a.segment, a.layers, a.device, dtype, not a.no_reopen)
+    path = write_result(a.name, result, a.out)
     if not a.no_plot:
         result["machine"] = json.loads(path.read_text())["machine"]
         plot(result, path.with_suffix(".png"))
     for r in result["results"]:
         k = r["kvtier"]
+        cold = f"  cold reopen read {r['reopen']['cold']['read_ratio_vs_raw']}x raw" if "reopen" in r else ""
         print(f"{r['shape']:>16} {r['context']:>6}  prefill {k['prefill_ratio_vs_dynamic']}x dynamic  "
               f"decode {k['decode_ratio_vs_static']}x static  KV {k['kv_bytes_ratio_vs_static']}x static  "
-              f"first step {k['first_step_ratio_vs_steady']}x steady  cold reopen read "
-              f"{r['reopen']['cold']['read_ratio_vs_raw']}x raw")
+              f"first step {k['first_step_ratio_vs_steady']}x steady{cold}")
     print(f"wrote {path}")
