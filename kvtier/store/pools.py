@@ -205,6 +205,11 @@ class DevicePool:
             self.slot_owner[slots] = owner
 
     def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the slots' k and v ([B, H, n, D]): a sliced memcpy for one run of slots (a chunk's usual
+        case, ~10x faster than an indexed gather on CPU), else a gather."""
+        run = _as_run(slots)
+        if run is not None:
+            return self.k[:, :, run].clone(), self.v[:, :, run].clone()
         return self.k[:, :, slots], self.v[:, :, slots]
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
