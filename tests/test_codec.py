@@ -7,13 +7,14 @@ import dataclasses
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier.errors import StoreCorruptError, StoreMismatchError
-from kvtier.store.codec import _HEADER, FLAG_INT8, HEADER_BYTES, RecordCodec, RecordHeader
+from kvtier.store.codec import _HEADER, FLAG_INT8, HEADER_BYTES, RecordCodec, RecordHeader, _from_planes, _to_planes
 
 SIG = bytes(range(16))
 SESSION = bytes(range(100, 116))
@@ -55,6 +56,21 @@ def test_round_trip_is_lossless(dtype, shape, planes, level):
     assert header.start == 64 and header.length == shape[2] and header.session == SESSION
     k2, v2 = codec.decode(blob, _header(k))
     assert torch.equal(k2, k) and torch.equal(v2, v)
+
+
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+@pytest.mark.parametrize("values", [1, 2, 3, 70_001])
+def test_byte_planes_keep_the_record_layout(itemsize, values):
+    """Plane i holds byte i of every value, K's values then V's: the layout records have always had, so
+    records written before and after the vectorised planes read the same."""
+    rng = np.random.default_rng(values)
+    k, v = (rng.integers(0, 256, values * itemsize, dtype=np.uint8) for _ in range(2))
+    raw = np.concatenate([k, v])
+    reference = np.concatenate([raw[i::itemsize] for i in range(itemsize)])
+    planes = _to_planes([k, v], itemsize)
+    assert np.array_equal(planes, reference)
+    back = _from_planes(planes, itemsize)
+    assert np.array_equal(back, raw) and back.flags.writeable
 
 
 def test_byte_planes_compress_16_bit_kv_better():
