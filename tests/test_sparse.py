@@ -47,12 +47,18 @@ def test_selection_takes_the_best_chunks_that_fit(c, budget, seed):
             assert bool(chosen[forced].all())
             free = chosen & ~forced
             assert int(lengths[free].sum()) <= budget
-            # a prefix of the free chunks in score order: the best one left out did not fit
+            # the best chunks in score order while they fit ...
             order = [i for i in scores[bi, hi].argsort(descending=True).tolist() if not forced[i]]
-            taken = [i for i in order if free[i]]
-            assert taken == order[: len(taken)]
-            if len(taken) < len(order):
-                assert int(lengths[taken].sum()) + int(lengths[order[len(taken)]]) > budget
+            prefix = 0
+            while prefix < len(order) and int(lengths[order[: prefix + 1]].sum()) <= budget:
+                prefix += 1
+            assert all(free[i] for i in order[:prefix])
+            # ... then, past the first that did not fit, the best of the rest that fits what is left is taken too
+            # (one large chunk does not shut out every smaller one)
+            left = budget - int(lengths[order[:prefix]].sum())
+            rest = [i for i in order[prefix:] if int(lengths[i]) <= left]
+            if rest:
+                assert free[rest[0]]
 
 
 def test_padding_only_chunks_are_never_selected():

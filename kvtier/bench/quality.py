@@ -61,8 +61,20 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Any]:
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, TypeError):
-        tokenizer = None  # the task-vocabulary models trained by scripts/train_retrieval_model.py have none
+        tokenizer = None  # a task-vocabulary model without a tokenizer
+    if tokenizer is not None and _speaks_task_ids(tokenizer):
+        tokenizer = None  # the retrieval checkpoint's own tokenizer: its ids are the task ids, feed them as they are
     return model, tokenizer
+
+
+def _speaks_task_ids(tokenizer) -> bool:
+    """Whether the tokenizer's text for task ids encodes back to the same ids (the retrieval checkpoint's does)."""
+    ex = make_example("niah_multikey", 300, random.Random(0))
+    ids = list(ex.prompt_ids) + list(ex.answer_ids)
+    try:
+        return tokenizer(tokenizer.decode(ids), add_special_tokens=False).input_ids == ids
+    except Exception:  # noqa: BLE001 - a tokenizer of another vocabulary may refuse foreign ids
+        return False
 
 
 def encode_example(ex: Example, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:

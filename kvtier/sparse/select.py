@@ -43,8 +43,14 @@ class Selector:
         if forced is not None:
             scores = scores.masked_fill(forced[None, None, :], float("-inf"))
         order = scores.argsort(dim=-1, descending=True)
-        taken = torch.cumsum(lengths[order], dim=-1) <= budget
-        taken &= torch.gather(scores, -1, order) > float("-inf")
+        sizes = lengths[order]
+        usable = torch.gather(scores, -1, order) > float("-inf")
+        taken = (torch.cumsum(sizes, dim=-1) <= budget) & usable
+        # A chunk larger than what is left would block every smaller one after it: a second pass fills the
+        # rest of the budget with the best chunks that still fit (it matters most at tight budgets).
+        left = budget - (sizes * taken).sum(-1, keepdim=True)
+        fits = usable & ~taken & (sizes <= left)
+        taken |= fits & (torch.cumsum(sizes * fits, dim=-1) <= left)
         sel = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, taken)
         if forced is not None:
             sel |= forced[None, None, :]
