@@ -88,3 +88,16 @@ def test_same_process_cannot_open_twice(tmp_path):
 def test_open_missing_store_without_create(tmp_path):
     with pytest.raises(FileNotFoundError):
         DiskStore(tmp_path / "nope", create=False)
+
+
+def test_readahead_is_on_by_default_and_can_be_turned_off(tmp_path):
+    """Readahead makes cold reads of whole records 10-30x faster (docs/benchmarks.md); it stays an option."""
+    store = DiskStore(tmp_path / "s")
+    store.put(b"a", os.urandom(100_000))
+    assert store.env.flags()["readahead"] is True
+    store.close()
+    for readonly in (False, True):
+        store = DiskStore(tmp_path / "s", create=False, readonly=readonly, readahead=False)
+        assert store.env.flags()["readahead"] is False and store.readahead is False
+        assert len(store.get(b"a")) == 100_000
+        store.close()
