@@ -45,8 +45,10 @@ class KVTierConfig:
         recent_window: newest tokens kept unsealed on the device (sliding-window layers also keep this many
             tokens beyond their window, so `crop` can take back that many).
         staging_tokens: most tokens fetched from host/disk into one attention batch (bounds staging memory).
-        zstd_level: zstd level for disk records (1-22).
-        byte_planes: split 16/32-bit values into byte planes before zstd (see docs/benchmarks/codec.json).
+        zstd_level: zstd level for disk records: 1-22, or a fast negative level (-1: the default, chosen by
+            `kvtier bench codec`; see docs/benchmarks.md).
+        byte_planes: split 16/32-bit values into byte planes before zstd: 1.1-1.3x fewer bytes on disk, read
+            back more slowly than a fast disk delivers them (docs/benchmarks.md).
         initial_map_bytes: LMDB map size at creation; it doubles when full.
         max_store_bytes: hard limit of the store size (None: grow while the disk allows).
 
@@ -82,8 +84,8 @@ class KVTierConfig:
     sink_tokens: int = 4
     recent_window: int = 64
     staging_tokens: int = 8192
-    zstd_level: int = 1
-    byte_planes: bool = True
+    zstd_level: int = -1
+    byte_planes: bool = False
     initial_map_bytes: int | str = 1 << 28
     max_store_bytes: int | str | None = None
     sparse_budget: int | float = 0.05
@@ -133,8 +135,9 @@ class KVTierConfig:
         _check_int("host_budget", self.host_budget, 0, allow_none=True)
         _check_int("initial_map_bytes", self.initial_map_bytes, 1 << 16)
         _check_int("max_store_bytes", self.max_store_bytes, 1 << 16, allow_none=True)
-        if not isinstance(self.zstd_level, int) or not 1 <= self.zstd_level <= 22:
-            raise ValueError(f"`zstd_level` must be an integer in [1, 22], got {self.zstd_level!r}")
+        from .store.codec import check_zstd_level
+
+        check_zstd_level(self.zstd_level)
         if self.device_budget is not None and self.device_budget < self.min_device_budget:
             raise ValueError(
                 f"`device_budget`={self.device_budget} tokens per layer cannot hold the sinks, the recent window "

@@ -14,7 +14,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier.errors import StoreCorruptError, StoreMismatchError
-from kvtier.store.codec import _HEADER, FLAG_INT8, HEADER_BYTES, RecordCodec, RecordHeader, _from_planes, _to_planes
+from kvtier.config import KVTierConfig
+from kvtier.store.codec import (
+    _HEADER,
+    FLAG_BYTE_PLANES,
+    FLAG_INT8,
+    HEADER_BYTES,
+    MIN_ZSTD_LEVEL,
+    RecordCodec,
+    RecordHeader,
+    _from_planes,
+    _to_planes,
+)
 
 SIG = bytes(range(16))
 SESSION = bytes(range(100, 116))
@@ -41,12 +52,15 @@ def _reseal(blob: bytearray) -> bytes:
     return bytes(blob)
 
 
+LEVELS = [-5, -3, -1, 1, 3]  # what `kvtier bench codec` compares
+
+
 @settings(max_examples=40, deadline=None)
 @given(
-    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
     shape=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 40), st.integers(1, 24)),
     planes=st.booleans(),
-    level=st.integers(1, 6),
+    level=st.sampled_from([*LEVELS, 6, -50]),
 )
 def test_round_trip_is_lossless(dtype, shape, planes, level):
     codec = RecordCodec(zstd_level=level, byte_planes=planes)
@@ -71,6 +85,43 @@ def test_byte_planes_keep_the_record_layout(itemsize, values):
     assert np.array_equal(planes, reference)
     back = _from_planes(planes, itemsize)
     assert np.array_equal(back, raw) and back.flags.writeable
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("planes", [False, True])
+@pytest.mark.parametrize("level", LEVELS)
+def test_every_setting_round_trips_and_any_codec_reads_it(level, planes, dtype):
+    """The level and the plane split are the writer's choice: a reader with other settings decodes the record
+    (the planes flag travels in the header), and the result owns writable memory of its own."""
+    k, v = _kv((2, 3, 64, 16), dtype, seed=level + 10)
+    k[..., :4] = 0.5  # some redundancy, so the compressing levels really compress
+    blob = _encode(RecordCodec(level, planes), k, v)
+    assert bool(RecordCodec.read_header(blob, "r").flags & FLAG_BYTE_PLANES) == planes
+    for reader in (RecordCodec(level, planes), RecordCodec(3, not planes), RecordCodec()):
+        k2, v2 = reader.decode(blob, _header(k))
+        assert torch.equal(k2, k) and torch.equal(v2, v)
+        k2.add_(1)  # writable, and not the blob's memory
+        assert torch.equal(reader.decode(blob, _header(k))[0], k)
+
+
+@pytest.mark.parametrize("level", [-1, -5, MIN_ZSTD_LEVEL, 1, 22])
+def test_fast_negative_levels_are_accepted_by_config_and_codec(level):
+    assert KVTierConfig(zstd_level=level).zstd_level == level
+    assert RecordCodec(level).zstd_level == level
+
+
+@pytest.mark.parametrize("level", [0, 23, MIN_ZSTD_LEVEL - 1, 1.0, True, "1", None])
+def test_levels_zstd_cannot_write_are_refused_by_config_and_codec_alike(level):
+    with pytest.raises(ValueError, match="zstd_level") as from_config:
+        KVTierConfig(zstd_level=level)
+    with pytest.raises(ValueError, match="zstd_level") as from_codec:
+        RecordCodec(level)
+    assert str(from_config.value) == str(from_codec.value)
+
+
+def test_defaults_are_the_configs():
+    codec, config = RecordCodec(), KVTierConfig()
+    assert (codec.zstd_level, codec.byte_planes) == (config.zstd_level, config.byte_planes)
 
 
 def test_byte_planes_compress_16_bit_kv_better():
@@ -151,10 +202,12 @@ def test_records_hold_no_pickle():
     assert b"\x80\x04" not in blob[:HEADER_BYTES]  # no pickle protocol marker in the header
 
 
-@settings(max_examples=200, deadline=None)
+@pytest.mark.parametrize("level, planes", [(-1, False), (-5, True), (1, True)])
+@settings(max_examples=120, deadline=None)
 @given(data=st.data())
-def test_any_single_flipped_byte_is_detected(data):
-    codec = RecordCodec()
+def test_any_single_flipped_byte_is_detected(level, planes, data):
+    """Raw blocks (what the fast levels write for noise) are covered by the frame's checksum too."""
+    codec = RecordCodec(level, planes)
     k, v = _kv((1, 2, 16, 8), torch.bfloat16, seed=1)
     blob = bytearray(_encode(codec, k, v))
     i = data.draw(st.integers(0, len(blob) - 1))

@@ -51,6 +51,21 @@ _KNOWN_FLAGS = FLAG_BYTE_PLANES | FLAG_ZSTD | FLAG_INT8
 # is damaged or hostile, and is refused before zstd allocates for it.
 MAX_COMPRESSION_RATIO = 64
 
+# zstd levels a store may use: 1-22, and the fast negative levels (zstd's --fast=N is level -N), which search
+# less and store incompressible blocks raw, so they decode close to memcpy speed. 0 (zstd's "default") is
+# refused: say 3 instead. The level only matters when writing: every level writes the same frame format.
+MIN_ZSTD_LEVEL = -(1 << 17)  # ZSTD_minCLevel()
+MAX_ZSTD_LEVEL = 22
+
+
+def check_zstd_level(level: object, name: str = "zstd_level") -> None:
+    """Raise ValueError unless `level` is a zstd level kvtier writes with."""
+    if isinstance(level, bool) or not isinstance(level, int) or not MIN_ZSTD_LEVEL <= level <= MAX_ZSTD_LEVEL \
+            or level == 0:
+        raise ValueError(f"`{name}` must be an integer in [1, {MAX_ZSTD_LEVEL}] or a fast level in "
+                         f"[{MIN_ZSTD_LEVEL}, -1], got {level!r}")
+
+
 _HEADER = struct.Struct("<4sHHBxxxIQQIIIIQQ16s16s")
 _HEADER_CRC = struct.Struct("<I")
 HEADER_BYTES = _HEADER.size + _HEADER_CRC.size
@@ -164,7 +179,8 @@ class RecordCodec:
 
     Thread-safe: each thread gets its own zstd contexts (reader threads decode concurrently)."""
 
-    def __init__(self, zstd_level: int = 1, byte_planes: bool = True):
+    def __init__(self, zstd_level: int = -1, byte_planes: bool = False):  # KVTierConfig's defaults
+        check_zstd_level(zstd_level)
         self.zstd_level = zstd_level
         self.byte_planes = byte_planes
         self._local = threading.local()
