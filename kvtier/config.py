@@ -47,8 +47,8 @@ class KVTierConfig:
         staging_tokens: most tokens fetched from host/disk into one attention batch (bounds staging memory).
         zstd_level: zstd level for disk records: 1-22, or a fast negative level (-1: the default, chosen by
             `kvtier bench codec`; see docs/benchmarks.md).
-        byte_planes: split 16/32-bit values into byte planes before zstd: 1.1-1.3x fewer bytes on disk, read
-            back more slowly than a fast disk delivers them (docs/benchmarks.md).
+        byte_planes: split 16/32-bit values into byte planes before zstd: 1.1-1.3x fewer bytes on disk, but
+            decoded more slowly than a fast disk delivers them (docs/benchmarks.md).
         initial_map_bytes: LMDB map size at creation; it doubles when full.
         max_store_bytes: hard limit of the store size (None: grow while the disk allows).
 

@@ -16,8 +16,9 @@ The session id is the id of the cache that wrote the record (a fresh one each ti
 a session reopened), so records of two continuations of one saved session never pass for each other.
 
 The payload is K then V, both `[batch, heads, length, head_dim]`, optionally split into byte planes
-(all first bytes, then all second bytes, ...) before zstd: the exponent bytes of 16-bit floats repeat
-a lot and compress far better apart from the noisy mantissa bytes (docs/benchmarks/codec.json).
+(all first bytes, then all second bytes, ...) before zstd: the exponent bytes repeat a lot and compress
+better apart from the noisy mantissa bytes. The default is zstd's fast level -1 without planes: KV barely
+compresses, and its raw blocks decode faster than a disk delivers them (docs/benchmarks.md).
 The header carries its own crc32; the payload is checked by the zstd frame's content checksum, which
 costs less than a crc32 over the compressed bytes.
 

@@ -267,9 +267,10 @@ class DiskStore:
             metasync=False,
             # Readahead on: a record is one run of pages and reading it faults them in one by one, so without
             # readahead every 4 KiB page is a separate synchronous disk read. Measured cold (page cache
-            # dropped, `kvtier bench codec`, docs/benchmarks.md): reading every record in order, as an exact
-            # reopen does, ran 11-28x faster with it; a random 5% of the records, as a sparse step reads,
-            # still 1.2-1.6x faster although the kernel read 17-22x the bytes asked for. readahead=False
+            # dropped, `kvtier bench codec`, docs/benchmarks.md): every record in order, as an exact reopen
+            # reads them, 42 -> 1868 MB/s (0.97x a plain sequential read); a random 5% of the records, as
+            # sparse steps read them, 41 -> 108 MB/s although the kernel read 15x the bytes asked for (an
+            # 8 MiB readahead window on that machine). readahead=False
             # remains for a store far larger than memory read at random, where those extra pages would
             # push out pages worth keeping.
             readahead=self.readahead,
