@@ -51,19 +51,27 @@ def _groups(chunks: list[Chunk], limit: int) -> Iterator[list[Chunk]]:
 
 
 def _stage(layer: "TieredLayer", group: list[Chunk], device: torch.device):
-    """Fetch a group of chunks into one staging batch: k, v [B, H, n, D] and their positions [n]."""
-    ks, vs, poss = [], [], []
+    """Fetch a group of chunks into the staging buffers: k, v [B, H, n, D] and their positions [n]. Each chunk
+    is copied once, straight into its place (no concatenation of per-chunk copies, no new allocation)."""
+    n = sum(c.length for c in group)
+    fetched = []
     for chunk in group:
         k, v = layer.tiers.fetch(chunk)
         layer.tiers.promote(chunk, k, v)
-        ks.append(k)
-        vs.append(v)
-        poss.append(torch.arange(chunk.start, chunk.end, device=device))
-    cat = (lambda xs, dim: xs[0] if len(xs) == 1 else torch.cat(xs, dim=dim))
-    k, v, pos = cat(ks, 2), cat(vs, 2), cat(poss, 0)
+        fetched.append((chunk, k, v))
+    if len(fetched) == 1:
+        chunk, k, v = fetched[0]
+        return k, v, torch.arange(chunk.start, chunk.end, device=device)
+    sk, sv = layer.tiers.staging(fetched[0][1].shape[0], n, device)
+    at = 0
+    for chunk, k, v in fetched:
+        sk[:, :, at:at + chunk.length].copy_(k)
+        sv[:, :, at:at + chunk.length].copy_(v)
+        at += chunk.length
+    pos = torch.cat([torch.arange(c.start, c.end, device=device) for c in group])
     counters = layer.tiers.counters
-    counters.staging_peak_tokens = max(counters.staging_peak_tokens, k.shape[2])
-    return k, v, pos
+    counters.staging_peak_tokens = max(counters.staging_peak_tokens, n)
+    return sk, sv, pos
 
 
 # ----------------------------------------------------------------------------------------- exact

@@ -23,7 +23,7 @@ from .chunk import ABSTRACT_ID, Chunk, Tier, chunk_key
 from .codec import FLAG_INT8, SESSION_ID_BYTES, RecordCodec, RecordHeader
 from .disk import DiskStore
 from .eviction import LRUEviction
-from .pools import DevicePool, HostPool
+from .pools import DevicePool, HostPool, storage_mode
 from .prefetch import Prefetcher
 from .stats import CacheStats
 
@@ -78,6 +78,20 @@ class TierManager:
         self.lookahead = None  # kvtier.sparse.lookahead.Lookahead when the cache can guess next-layer queries
         self._side_stream = None  # CUDA stream for host -> device copies ahead of need
         self._uploads: dict[int, tuple] = {}  # layer -> (event, tensors kept alive until the copy is done)
+        self._staging: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by every streamed group
+
+    def staging(self, batch: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v buffers [batch, kv_heads, n, head_dim] that streamed chunks are copied into for one attention
+        call. One pair, grown when needed and reused by every group and layer, so streaming allocates (and
+        faults in) no new memory per group."""
+        buf = self._staging
+        if (buf is None or buf[0].shape[0] != batch or buf[0].shape[2] < n or buf[0].device != device):
+            shape = (batch, self.kv_heads, max(n, buf[0].shape[2] if buf is not None else 0), self.head_dim)
+            with storage_mode():
+                buf = (torch.empty(shape, dtype=self.dtype, device=device),
+                       torch.empty(shape, dtype=self.dtype, device=device))
+            self._staging = buf
+        return buf[0][:, :, :n], buf[1][:, :, :n]
 
     def new_chunk_id(self) -> int:
         self.next_chunk_id += 1
@@ -450,6 +464,7 @@ class TierManager:
             pool.clear()
         for d in (*self._on_device.values(), *self._on_host.values()):
             d.clear()
+        self._staging = None
 
     def close(self) -> None:
         self.prefetcher.close()
