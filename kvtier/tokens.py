@@ -37,12 +37,12 @@ class TokenLog:
         ids = ids.detach().to("cpu", torch.long)
         if past < self.length:  # a forward that never finished, or a crop: the log runs ahead of the KV
             self.truncate(past)
-        held = self.ids()
-        if held is not None and held.shape[0] != ids.shape[0]:
-            if held.shape[0] != 1:
+        rows = self._parts[0].shape[0] if self._parts else None  # no join per step: parts are joined when read
+        if rows is not None and rows != ids.shape[0]:
+            if rows != 1:
                 self.forget()
                 return
-            self._parts = [held.expand(ids.shape[0], -1).clone()]  # one prefix, many continuations
+            self._parts = [self.ids().expand(ids.shape[0], -1).clone()]  # one prefix, many continuations
         self._parts.append(ids)
         self.length = past + ids.shape[1]
 
