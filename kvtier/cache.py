@@ -402,8 +402,9 @@ class KVTierCache(Cache):
         its arena again and again and leaves room for the first decode tokens. `kvtier.prefill` and `open`
         call it; call it yourself before `model.generate` on a long prompt to do the same."""
         self._check_open()
-        if tokens < 0:
-            raise CacheInputError(f"reserve() takes a token count >= 0, got {tokens}")
+        self._check_thread("reserve()")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise CacheInputError(f"reserve() takes a token count (an int >= 0), got {tokens!r}")
         for pool in self.tiers.device_pools.values():
             pool.reserve(tokens)
 

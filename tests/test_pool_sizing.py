@@ -49,3 +49,14 @@ def test_segmented_prefill_allocates_about_the_prompt_and_first_step_does_not_gr
         assert all(1024 <= c <= 1.05 * 1024 for c in caps)
         model(input_ids=ids[:, :1], use_cache=True, **{cache_argument(model): cache})  # the first decode step
         assert [p.capacity for p in pools] == caps
+
+
+def test_reserve_refuses_what_is_not_a_token_count():
+    import pytest
+
+    from kvtier.errors import CacheInputError
+
+    with KVTierCache.for_model(build_model("llama")) as cache:
+        for bad in (-1, 1.5, "8GiB", True):
+            with pytest.raises(CacheInputError, match="token count"):
+                cache.reserve(bad)
