@@ -3,11 +3,13 @@ and room for the first decode tokens without copying the arena."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import kvtier
 from kvtier import KVTierCache
 from kvtier.cache import cache_argument
+from kvtier.errors import CacheInputError
 from kvtier.store.pools import DevicePool
 
 from conftest import VOCAB, build_model
@@ -52,10 +54,6 @@ def test_segmented_prefill_allocates_about_the_prompt_and_first_step_does_not_gr
 
 
 def test_reserve_refuses_what_is_not_a_token_count():
-    import pytest
-
-    from kvtier.errors import CacheInputError
-
     with KVTierCache.for_model(build_model("llama")) as cache:
         for bad in (-1, 1.5, "8GiB", True):
             with pytest.raises(CacheInputError, match="token count"):
