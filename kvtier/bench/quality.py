@@ -32,6 +32,7 @@ import transformers as tf
 from tqdm import tqdm
 
 from ..cache import KVTierCache, cache_argument
+from ..session import LAYOUT_OPTIONS
 from .common import add_out_argument, write_result
 from .tasks import TASKS, Example, decode_ids, make_example
 
@@ -101,9 +102,14 @@ def answer_logits(model, cache, prompt: torch.Tensor, answer: torch.Tensor) -> t
 
 
 def sparse_logits(model, store: Path, prompt: torch.Tensor, answer: torch.Tensor, budget: float,
-                  selector: str, shared: bool) -> torch.Tensor:
-    """Answer logits at one budget, from the saved prefill reopened fresh (every budget sees the same cache)."""
-    with KVTierCache.open(store, model, sparse_budget=budget, selector=selector, shared_selection=shared) as cache:
+                  selector: str, shared: bool, options: dict[str, Any]) -> torch.Tensor:
+    """Answer logits at one budget, from the saved prefill reopened fresh (every budget sees the same cache).
+
+    options: the method's cache options; the runtime ones (mode, budgets, refine, ...) are given again, as a
+    store never decides them, and the chunking ones come from the store."""
+    runtime = {k: v for k, v in options.items() if k not in LAYOUT_OPTIONS}
+    with KVTierCache.open(store, model, **{**runtime, "sparse_budget": budget, "selector": selector,
+                                            "shared_selection": shared}) as cache:
         return answer_logits(model, cache, prompt, answer)
 
 
@@ -145,7 +151,7 @@ def run(model_path: str | Path, context: int, examples: int, budgets: list[float
                     if METHOD_CACHE[m][0] != cache_name:
                         continue
                     for b in budgets:
-                        logits = sparse_logits(model, store, prompt, answer, b, *METHOD_CACHE[m][1:])
+                        logits = sparse_logits(model, store, prompt, answer, b, *METHOD_CACHE[m][1:], options)
                         s = _score(logits, answer, ref)
                         cell = stats[m][str(b)]
                         cell["solved"] += int(s["solved"])
