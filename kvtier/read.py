@@ -20,9 +20,6 @@ if TYPE_CHECKING:
     from .layers import TieredLayer
 
 
-_READ_AHEAD_CHUNKS = 8  # disk chunks requested at once while a reopened session is brought to the device
-
-
 def pad_slice(pad: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
     """The padding mask of positions [start, end), or None when none of them is padding."""
     if pad is None:
@@ -139,23 +136,14 @@ def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad
 
 
 def _promote_into_free_room(layer: "TieredLayer", remote: list[Chunk]) -> list[Chunk]:
-    """Pull non-resident chunks into free device room (none is evicted for it); return the rest.
-
-    Disk chunks are read by the reader threads a window ahead of the one being promoted, so reading,
-    checking and decoding overlap (a reopened exact session reads its whole store this way)."""
-    tiers = layer.tiers
+    """Pull non-resident chunks into free device room (none is evicted for it); return the rest."""
     rest = []
-    on_disk = [c for c in remote if c.tier == Tier.DISK]
-    at = 0  # on_disk[at] is the next disk chunk to promote
     for chunk in remote:
-        if not tiers.device_has_room(layer.index, chunk.length):
+        if layer.tiers.device_has_room(layer.index, chunk.length):
+            k, v = layer.tiers.fetch(chunk)
+            layer.tiers.promote(chunk, k, v)
+        else:
             rest.append(chunk)
-            continue
-        if chunk.tier == Tier.DISK:  # keep the readers a window ahead (pending reads are not asked twice)
-            tiers.prefetcher.request(on_disk[at:at + _READ_AHEAD_CHUNKS], tiers.clock)
-            at += 1
-        k, v = tiers.fetch(chunk)
-        tiers.promote(chunk, k, v)
     return rest
 
 
