@@ -201,6 +201,10 @@ class DevicePool:
 
     def set_owner(self, slots: torch.Tensor, owner: int) -> None:
         self.version += 1
+        run = _as_run(slots)
+        if run is not None:  # a chunk's usual case: a plain fill of a view, no storage-mode guard needed
+            self.slot_owner[run] = owner
+            return
         with storage_mode():
             self.slot_owner[slots] = owner
 
