@@ -160,3 +160,10 @@ def test_speed_run_skips_contexts_past_its_time_limit():
     assert [r["context"] for r in result["results"]] == [600]
     assert result["skipped_contexts"] == [700] and result["complete"] is False
     assert [p["complete"] for p in partial] == [False] and partial[0]["results"][0]["context"] == 600
+
+
+@pytest.mark.parametrize("args", [["exact", "--contexts", "0"], ["exact", "--steps", "-1"], ["speed", "--contexts", "x"]])
+def test_bench_refuses_bad_counts_in_one_line(args):
+    out = _kvtier("bench", *args)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert [line for line in out.stderr.splitlines() if "error:" in line][0].startswith(f"kvtier bench {args[0]}: error:")

@@ -40,6 +40,7 @@ from ..store.codec import MAGIC, RecordCodec
 from ..store.disk import DATA_FILE, DiskStore
 from .common import (
     add_out_argument,
+    positive_int,
     drop_page_cache,
     median_ms,
     sequential_read_mb_s,
@@ -245,15 +246,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="kvtier bench exact", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(DEFAULT_SHAPES))
-    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 32768])
-    p.add_argument("--steps", type=int, default=24, help="decode steps timed after the first")
-    p.add_argument("--layers", type=int, help="override the shapes' layer count")
-    p.add_argument("--segment", type=int, default=2048, help="kvtier.prefill segment length")
+    p.add_argument("--contexts", type=positive_int, nargs="+", default=[512, 2048, 8192, 32768])
+    p.add_argument("--steps", type=positive_int, default=24, help="decode steps timed after the first")
+    p.add_argument("--layers", type=positive_int, help="override the shapes' layer count")
+    p.add_argument("--segment", type=positive_int, default=2048, help="kvtier.prefill segment length")
     p.add_argument("--device", default="cpu", help="cpu or cuda (offloaded DynamicCache is measured on cuda only)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--no-reopen", action="store_true", help="skip saving the session and reopening it")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     add_out_argument(p)
     p.add_argument("--name", default="exact", help="result file name (default: exact)")
     p.add_argument("--no-plot", action="store_true")

@@ -49,7 +49,7 @@ import transformers as tf
 from tqdm import tqdm
 
 from ..cache import KVTierCache, cache_argument
-from .common import add_out_argument, bytes_moved, median_ms, timed, write_result
+from .common import add_out_argument, bytes_moved, median_ms, positive_int, timed, write_result
 
 SHAPES: dict[str, dict[str, int]] = {
     "attention-heavy": dict(layers=4, heads=16, kv_heads=16, head_dim=64, intermediate=1024, vocab=1024),
@@ -302,18 +302,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="kvtier bench speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--contexts", type=positive_int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
+    p.add_argument("--steps", type=positive_int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget", type=float, default=0.05, help="sparse budget, a fraction of the context")
     p.add_argument("--device-fraction", type=float, default=0.10,
                    help="device budget of the tiered configurations, a fraction of the context")
     p.add_argument("--host-fraction", type=float, default=0.10)
     p.add_argument("--shape", choices=sorted(SHAPES), default="attention-heavy")
-    p.add_argument("--layers", type=int, help="override the shape's layer count")
-    p.add_argument("--kv-heads", type=int, help="override the shape's KV heads (query heads follow)")
-    p.add_argument("--head-dim", type=int, help="override the shape's head dimension")
-    p.add_argument("--intermediate", type=int, help="override the shape's MLP width")
+    p.add_argument("--layers", type=positive_int, help="override the shape's layer count")
+    p.add_argument("--kv-heads", type=positive_int, help="override the shape's KV heads (query heads follow)")
+    p.add_argument("--head-dim", type=positive_int, help="override the shape's head dimension")
+    p.add_argument("--intermediate", type=positive_int, help="override the shape's MLP width")
     p.add_argument("--device", default="cpu", help="cpu or cuda (offloaded DynamicCache is measured on cuda only)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                         "--device-fraction)")
     p.add_argument("--reserve-gib", type=float, default=2.0, help="activations' share of the emulated card")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, help="kvtier configurations to run (default: all)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--time-limit", type=float,
                    help="seconds for all contexts: skip a context the previous one's time says would not finish "
                         "(recorded as skipped_contexts)")
