@@ -1,0 +1,189 @@
+"""One RoPE helper for everything in kvtier that moves keys or queries in position without recomputing them.
+
+Stored keys are rotated at their logical positions. Two features move them afterwards: Hogwild
+(arXiv 2504.06261) rotates a worker's *query* by each block's offset in that worker's view, and TIM
+(arXiv 2507.16784) moves the keys kept after a pruned span left by the span's length. RoPE
+(arXiv 2104.09864) turns the pair (x_i, x_j) of a key by the angle p * inv_freq, so a key already at
+p reaches p + d by one more turn through d * inv_freq: exact, with no recompute, provided the
+frequencies never change with the sequence length.
+
+`Rope` holds the model's own inverse frequencies (so default, linear, llama3 and yarn are exact), its
+rotary width (partial rotary: Phi3, GLM, StableLM rotate the first R of D channels) and its attention
+scaling (yarn multiplies cos and sin by it once, when a position is first applied; `shift` never does),
+and the channel layout of the pairs:
+
+    rotate-half (Llama, most):  pairs (i, i + R/2)   x = [x_0 .. x_{R/2-1} | x_{R/2} .. x_{R-1} | pass]
+    interleaved (GLM, Cohere):  pairs (2i, 2i + 1)   x = [x_0 x_1 | x_2 x_3 | ... | pass]
+
+Dynamic-NTK and longrope change their frequencies with the sequence length, so a key rotated under
+one set cannot be moved exactly later; they are refused, as are models without RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .errors import UnsupportedModelError
+
+SUPPORTED = ("default", "linear", "llama3", "yarn")  # static frequencies: moving a position is one rotation
+# Families whose pairs are adjacent channels (their rotary module or apply_rotary_pos_emb interleaves).
+INTERLEAVED_FAMILIES = frozenset({"cohere", "cohere2", "ernie4_5", "ernie4_5_moe", "glm", "glm4", "helium"})
+
+Positions = torch.Tensor | int  # () for every token, [T], or [B, T] (one row per sequence, e.g. left padding)
+
+
+@dataclass(frozen=True, eq=False)
+class Rope:
+    inv_freq: torch.Tensor  # [R/2] float32: R = rotary_dim <= head_dim; channels past R pass through
+    attention_scaling: float = 1.0  # multiplies cos and sin where a position is applied (yarn), never in shift
+    interleaved: bool = False  # pairs (2i, 2i+1) instead of (i, i + R/2)
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self.inv_freq.numel()
+
+    @classmethod
+    def from_config(cls, config: PreTrainedConfig, layer_type: str | None = None) -> Rope:
+        """From a transformers config: frequencies from `ROPE_INIT_FUNCTIONS` (the standard formula for
+        "default"). Models whose RoPE differs per layer type (Gemma3: local and global) need `layer_type`."""
+        text, params, layer_type = _rope_parameters(config, layer_type)
+        if params.get("rope_type", "default") == "default":
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+            inv_freq = 1.0 / params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+            scaling = 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](text, layer_type=layer_type)
+        return cls(inv_freq.float(), float(scaling), _family(text) in INTERLEAVED_FAMILIES)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, layer_type: str | None = None) -> Rope:
+        """From a transformers model: the inverse frequencies and scaling its rotary module holds."""
+        config = getattr(model, "config", None)
+        text, _, layer_type = _rope_parameters(config, layer_type)
+        found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+        rotary = next((m for m in found if getattr(m, "config", None) is text), found[0] if found else None)
+        prefix = f"{layer_type}_" if layer_type is not None else ""
+        inv_freq = getattr(rotary, f"{prefix}inv_freq", None)
+        if not isinstance(inv_freq, torch.Tensor):
+            raise UnsupportedModelError(
+                f"{_family(text)} has no rotary embedding module with `{prefix}inv_freq`, so kvtier cannot move "
+                "its keys or queries in position"
+            )
+        scaling = getattr(rotary, f"{prefix}attention_scaling", 1.0)
+        return cls(inv_freq.detach().float().clone(), float(scaling), _family(text) in INTERLEAVED_FAMILIES)
+
+    @classmethod
+    def for_layers(cls, model: torch.nn.Module) -> tuple[Rope, ...]:
+        """One `Rope` per decoder layer (shared by the layers of one type; Gemma3's local and global differ)."""
+        text, params = _text_and_params(getattr(model, "config", None))
+        types = text.layer_types if _nested(params) else [None] * text.num_hidden_layers
+        ropes = {t: cls.from_model(model, t) for t in set(types)}
+        return tuple(ropes[t] for t in types)
+
+    def cos_sin(self, positions: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at absolute positions, attention scaling included: positions.shape + [R/2], float32."""
+        device = positions.device if isinstance(positions, torch.Tensor) else self.inv_freq.device
+        angles = self._angles(positions, device)
+        return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+
+    def rotate(self, x: torch.Tensor, positions: Positions) -> torch.Tensor:
+        """Apply RoPE to unrotated x [B, H, T, D] at positions (() / [T] / [B, T]) as the model does: in x's
+        dtype, attention scaling included."""
+        cos, sin = self.cos_sin(torch.as_tensor(positions, device=x.device))
+        return self._turn(x, *_over_heads(cos.to(x.dtype), sin.to(x.dtype)))
+
+    def shift(self, x: torch.Tensor, delta: Positions) -> torch.Tensor:
+        """Move x [B, H, T, D], already rotated, by delta positions (() / [T] / [B, T], either sign): one
+        rotation through delta, without attention scaling (x carries it once already). Computed in float32
+        and rounded once to x's dtype."""
+        angles = self._angles(delta, x.device)
+        return self._turn(x.float(), *_over_heads(angles.cos(), angles.sin())).to(x.dtype)
+
+    def _angles(self, positions: Positions, device: torch.device) -> torch.Tensor:
+        p = torch.as_tensor(positions, device=device)
+        return p[..., None].float() * self.inv_freq.to(device)  # positions.shape + [R/2]
+
+    def _turn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [B, H, T, D]; cos, sin: broadcastable to [B, H, T, R/2]
+        r = self.rotary_dim
+        if r > x.shape[-1]:
+            raise ValueError(f"x has {x.shape[-1]} channels but this Rope rotates {r}; pass [B, H, T, head_dim]")
+        rot = x[..., :r]
+        if self.interleaved:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)
+
+
+def _over_heads(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """[B, T, R/2] -> [B, 1, T, R/2] so per-row positions broadcast over heads; () and [T] broadcast as they are."""
+    return tuple(t[:, None] if t.dim() == 3 else t for t in ts)
+
+
+def _family(config) -> str:
+    return getattr(config, "model_type", None) or type(config).__name__
+
+
+def _text_and_params(config) -> tuple:
+    if config is None:
+        raise UnsupportedModelError("kvtier.rope needs a transformers model or config (one with `config`)")
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    params = getattr(text, "rope_parameters", None)
+    if not params:
+        raise UnsupportedModelError(f"{_family(text)} has no rotary position embedding (RoPE), so kvtier cannot "
+                                    "move its keys or queries in position")
+    if getattr(text, "no_rope_layers", None):
+        raise UnsupportedModelError(f"{_family(text)} mixes layers with and without RoPE (no_rope_layers); "
+                                    "kvtier.rope cannot move positions in such models")
+    return text, params
+
+
+def _nested(params: dict) -> bool:
+    """RoPE parameters per layer type, {layer_type: params} (Gemma3), rather than one set."""
+    return all(v is None or isinstance(v, dict) for v in params.values())
+
+
+def _rope_parameters(config, layer_type: str | None) -> tuple:
+    """(text config, the RoPE parameters of layer_type, layer_type or None where parameters are shared);
+    raises UnsupportedModelError where a position cannot be moved exactly."""
+    text, params = _text_and_params(config)
+    if not _nested(params):
+        layer_type = None
+    elif layer_type not in params:
+        raise ValueError(f"{_family(text)} has RoPE per layer type; pass `layer_type`, one of {sorted(params)}")
+    else:
+        params = params[layer_type]
+    _check(_family(text), params)
+    return text, params, layer_type
+
+
+def _check(family: str, params: dict | None) -> None:
+    if params is None:
+        raise UnsupportedModelError(f"{family} has layers without RoPE; kvtier.rope does not support moving "
+                                    "positions in such models")
+    rope_type = params.get("rope_type", "default")
+    if "dynamic" in rope_type:
+        raise UnsupportedModelError(
+            f"{family} uses dynamic-NTK RoPE (rope_type={rope_type!r}): its frequencies change with the sequence "
+            f"length, so a key rotated once cannot be moved exactly; use one of {', '.join(SUPPORTED)}"
+        )
+    if rope_type == "longrope":
+        raise UnsupportedModelError(
+            f"{family} uses longrope, which switches frequencies when the sequence passes "
+            "original_max_position_embeddings, so a key rotated once cannot be moved exactly; "
+            f"use one of {', '.join(SUPPORTED)}"
+        )
+    if rope_type not in SUPPORTED:
+        raise UnsupportedModelError(f"{family} uses rope_type={rope_type!r}; kvtier can move positions only "
+                                    f"under {', '.join(SUPPORTED)}")
+    if "mrope_section" in params:
+        raise UnsupportedModelError(f"{family} uses multimodal RoPE (mrope_section) with 3-D positions; kvtier.rope "
+                                    "moves 1-D positions only")
