@@ -41,6 +41,9 @@ class KVTierConfig:
         host_budget: tokens per layer the host pool may hold (None: no limit; 0: go straight to disk).
         store_path: LMDB store directory; None makes a temporary one that is removed on close.
         chunk_size: tokens per sealed chunk.
+        page_size: tokens per page: sparse selection scores chunks, then cuts them down to the pages that
+            matter, so a needle in a large chunk costs one page of the budget, not the chunk (page key
+            bounds cost 1/page_size of the keys' memory on the device). Fixed when the store is created.
         sink_tokens: leading tokens pinned on the device (0 disables).
         recent_window: newest tokens kept unsealed on the device (sliding-window layers also keep this many
             tokens beyond their window, so `crop` can take back that many).
@@ -81,6 +84,7 @@ class KVTierConfig:
     host_budget: int | None = None
     store_path: str | Path | None = None
     chunk_size: int = 64
+    page_size: int = 16
     sink_tokens: int = 4
     recent_window: int = 64
     staging_tokens: int = 8192
@@ -128,6 +132,7 @@ class KVTierConfig:
         if self.mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
         _check_int("chunk_size", self.chunk_size, 1)
+        _check_int("page_size", self.page_size, 1)
         _check_int("sink_tokens", self.sink_tokens, 0)
         _check_int("recent_window", self.recent_window, 0)
         _check_int("staging_tokens", self.staging_tokens, 1)

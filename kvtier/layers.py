@@ -27,7 +27,7 @@ from .errors import CacheInputError
 from .handle import KVHandle
 from .model_spec import LayerSpec
 from .read import exact_attention, pad_slice, sparse_attention
-from .sparse.abstracts import AbstractTable
+from .sparse.abstracts import AbstractTable, Row
 from .sparse.plan import decode_granularity, plan_chunks
 from .sparse.profile import LayerSkew, skew_stats, token_importance
 from .store.chunk import Chunk, Tier
@@ -47,7 +47,7 @@ class TieredLayer:
         self.config = config
         self.tiers = tiers
         self.pool = tiers.device_pools[index]
-        self.abstracts = AbstractTable(tiers.device)
+        self.abstracts = AbstractTable(tiers.device, config.page_size)
         self.chunks: list[Chunk] = []
         self.length = 0  # tokens stored (sealed or in the window)
         self.win_slots = torch.empty(0, dtype=torch.long)
@@ -191,8 +191,7 @@ class TieredLayer:
         return chunk
 
     def _add_abstract(self, chunk: Chunk, k: torch.Tensor) -> None:
-        kmin, kmax = AbstractTable.summarize(k)
-        self.abstracts.append(kmin, kmax, chunk.start, chunk.length)
+        self.abstracts.add(k, chunk.start)
 
     # ------------------------------------------------------------------------------------- reads
     def slot_table(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,14 +281,13 @@ class TieredLayer:
             self._rebuild(out)
 
     def _rebuild(self, groups: list[list[Chunk | None]]) -> None:
-        kmin_all, kmax_all, _, _ = self.abstracts.view()
         new_chunks: list[Chunk] = []
-        rows: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+        rows: list[Row] = []
         to_place: list[tuple[Chunk, torch.Tensor, torch.Tensor]] = []
         for group in groups:
             if len(group) == 1:
                 c = group[0]
-                rows.append((kmin_all[:, :, c.row].clone(), kmax_all[:, :, c.row].clone(), c.start, c.length))
+                rows.append(self.abstracts.row(c.row))
                 new_chunks.append(c)
                 continue
             old = [c for c in group if c is not None]
@@ -300,7 +298,7 @@ class TieredLayer:
             for lo, hi in zip(cuts, cuts[1:]):
                 chunk = Chunk(self.index, self.tiers.new_chunk_id(), old[0].start + lo, hi - lo, Tier.DEVICE,
                               k.shape[0], last_used=self.tiers.clock, importance=old[0].importance)
-                rows.append((*AbstractTable.summarize(k[:, :, lo:hi]), chunk.start, chunk.length))
+                rows.append(self.abstracts.summarize(k[:, :, lo:hi], chunk.start))
                 new_chunks.append(chunk)
                 to_place.append((chunk, k[:, :, lo:hi], v[:, :, lo:hi]))
         self.chunks = new_chunks
@@ -308,7 +306,7 @@ class TieredLayer:
             chunk.row = row
             if chunk.tier == Tier.DEVICE and chunk.slots is not None:
                 self.pool.set_owner(chunk.slots, row)
-        self.abstracts.replace(0, len(self.abstracts), rows)
+        self.abstracts.rebuild(rows)
         for chunk, k, v in to_place:
             self.tiers.place(chunk, k, v)
 

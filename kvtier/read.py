@@ -14,6 +14,7 @@ import torch
 from .attend import attend
 from .handle import KVHandle
 from .kernels import merge_partials, partial_attention, sparse_decode_attention
+from .sparse.select import Selection
 from .store.chunk import Chunk, Tier
 
 if TYPE_CHECKING:
@@ -151,17 +152,18 @@ def _promote_into_free_room(layer: "TieredLayer", remote: list[Chunk]) -> list[C
 def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad: torch.Tensor | None,
                      scale: float, softcap: float | None,
                      need_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One decode step attending to sinks, the recent window and the chunks the selector keeps.
+    """One decode step attending to sinks, the recent window and the pages the selector keeps.
 
-    q: [B, Hq, 1, D]; the new token is already in the window. Selected chunks not on the device are
-    brought there (evicting chunks this step does not need); any that cannot fit are staged and merged.
+    q: [B, Hq, 1, D]; the new token is already in the window. Chunks holding selected pages and not on the
+    device are brought there (evicting chunks this step does not need); any that cannot fit are staged and
+    merged.
     Returns out [B, Hq, 1, D] and lse [B, Hq, 1] (float32) if need_lse, else out in q.dtype and None.
     """
     tiers = layer.tiers
     tiers.prefetch_next(layer)
     sel, always = select_chunks(layer, q[:, :, 0], pad)
-    lengths = layer.abstracts.view()[2]
-    union = sel.any(dim=1).any(dim=0).nonzero().flatten().tolist()
+    pages = layer.abstracts.pages()
+    union = sel.chunks.any(dim=1).any(dim=0).nonzero().flatten().tolist()
     needed = [layer.chunks[i] for i in union]
     if tiers.lookahead is not None:
         tiers.lookahead.score(layer.index, needed)
@@ -170,38 +172,45 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
         chunk.selected += 1
     layer.last_union = needed
     staged = tiers.make_resident(layer.index, needed)
-    tiers.counters.selected_tokens += int((sel.float() * lengths.float()).sum()) + always * sel.shape[0] * sel.shape[1]
-    tiers.counters.selection_steps += sel.shape[0] * sel.shape[1]
+    b, h = sel.pages.shape[:2]
+    tiers.counters.selected_tokens += int((sel.pages * pages.lengths).sum()) + always * b * h
+    tiers.counters.selection_steps += b * h
 
-    # The arena: selected chunks' slots and the window; staged chunks are attended from their staging copy.
-    arena_sel = sel
+    # The arena: selected pages' slots and the window; staged chunks are attended from their staging copy.
+    arena_pages = sel.pages
     if staged:
-        arena_sel = sel.clone()
-        arena_sel[..., [c.row for c, _, _ in staged]] = False
+        arena_pages = sel.pages.clone()
+        for chunk, _, _ in staged:
+            first = int(pages.first[chunk.row])
+            arena_pages[..., first:first + int(pages.count[chunk.row])] = False
     if pad is None:
-        idx, counts = _arena_lists(layer, arena_sel)
+        idx, counts = _arena_lists(layer, arena_pages)
     else:  # padding hides single slots: mask the arena slot by slot (batched decode of left-padded rows)
-        idx, counts = _arena_lists_masked(layer, arena_sel, pad)
+        idx, counts = _arena_lists_masked(layer, arena_pages, pad)
     # The whole (contiguous) arena: slot indices address it directly, nothing is copied.
     out, lse = sparse_decode_attention(q[:, :, 0], layer.pool.k, layer.pool.v, idx, counts, scale, softcap)
     parts = [(out.unsqueeze(2), lse.unsqueeze(2))]
+    page_size = layer.abstracts.page_size
     for chunk, ck, cv in staged:
-        head_mask = sel[:, :, chunk.row][:, :, None, None].expand(-1, -1, 1, chunk.length)
+        token_page = pages.first[chunk.row] + torch.arange(chunk.length, device=sel.pages.device) // page_size
+        head_mask = sel.pages[:, :, token_page][:, :, None, :]  # [B, Hkv, 1, n]
         if pad is not None:
             head_mask = head_mask & pad[:, None, None, chunk.start:chunk.end]
         parts.append(partial_attention(q, ck, cv, scale, head_mask, softcap))
     return _merge(parts, q.dtype, need_lse)
 
 
-def select_chunks(layer: "TieredLayer", q: torch.Tensor, pad: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """The chunks query q [B, Hq, D] attends to under the layer's budget: ([B, Hkv, C] bool, tokens every
-    (sequence, KV head) attends to besides them: sinks and the recent window)."""
+def select_chunks(layer: "TieredLayer", q: torch.Tensor, pad: torch.Tensor | None) -> tuple[Selection, int]:
+    """What query q [B, Hq, D] attends to under the layer's budget: (the selected pages and their chunks,
+    tokens every (sequence, KV head) attends to besides them: sinks and the recent window)."""
     kmin, kmax, lengths, starts = layer.abstracts.view()
     forced = torch.tensor([c.pinned for c in layer.chunks], device=lengths.device)
     always = int(lengths[forced].sum()) + layer.win_slots.numel()
     chunk_budget = max(0, layer.config.budget_tokens(layer.length) - always)
     has_tokens = _chunks_with_tokens(pad, starts, lengths) if pad is not None else None
-    return layer.tiers.selector.select(q, kmin, kmax, lengths, starts, chunk_budget, forced, has_tokens), always
+    sel = layer.tiers.selector.select_pages(q, kmin, kmax, lengths, starts, layer.abstracts.pages(),
+                                            layer.abstracts.max_pages, chunk_budget, forced, has_tokens)
+    return sel, always
 
 
 def _chunks_with_tokens(pad: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -211,18 +220,19 @@ def _chunks_with_tokens(pad: torch.Tensor, starts: torch.Tensor, lengths: torch.
 
 
 def _arena_lists(layer: "TieredLayer", sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each (sequence, KV head)'s arena slots: its selected chunks' slots, then the recent window.
+    """Each (sequence, KV head)'s arena slots: its selected pages' slots, then the recent window.
 
-    sel: [B, Hkv, C] bool, only chunks on the device. Returns idx [B, Hkv, width] (valid below counts) and
-    counts [B, Hkv]. Built from the selected chunks alone: O(chunks + attended tokens), whatever the context.
-    """
+    sel: [B, Hkv, P] bool, only pages of chunks on the device. Returns idx [B, Hkv, width] (valid below
+    counts) and counts [B, Hkv]. Built from the selected pages alone: O(pages + attended tokens), whatever
+    the context."""
     b, h, _ = sel.shape
-    flat, offsets = layer.slot_table()
-    lengths = layer.abstracts.view()[2]
+    flat, run_at = layer.slot_table()
+    pages = layer.abstracts.pages()
     window = layer.win_slots.to(flat.device)
-    nz = sel.nonzero()  # (b, h, chunk) triples in row-major order: each (b, h)'s entries are contiguous
-    rows = nz[:, 2]
-    lens = lengths[rows].to(torch.long)
+    nz = sel.nonzero()  # (b, h, page) triples in row-major order: each (b, h)'s entries are contiguous
+    page = nz[:, 2]
+    lens = pages.lengths[page]
+    base = run_at[pages.chunk[page]] + pages.offsets[page]  # where each page's slots start in `flat`
     owner = nz[:, 0] * h + nz[:, 1]  # flat (b, h)
     per_bh = torch.zeros(b * h, dtype=torch.long, device=sel.device).index_add_(0, owner, lens)
     counts = per_bh + window.numel()
@@ -232,10 +242,10 @@ def _arena_lists(layer: "TieredLayer", sel: torch.Tensor) -> tuple[torch.Tensor,
     if total:
         entry = torch.arange(total, device=sel.device)
         triple = torch.repeat_interleave(torch.arange(nz.shape[0], device=sel.device), lens, output_size=total)
-        within = entry - (lens.cumsum(0) - lens)[triple]  # offset inside the chunk
+        within = entry - (lens.cumsum(0) - lens)[triple]  # offset inside the page
         bh = owner[triple]
         col = entry - (per_bh.cumsum(0) - per_bh)[bh]  # offset inside the (b, h) list
-        idx[bh, col] = flat[offsets[rows[triple]] + within]
+        idx[bh, col] = flat[base[triple] + within]
     if window.numel():
         cols = per_bh[:, None] + torch.arange(window.numel(), device=sel.device)[None, :]
         idx.scatter_(1, cols, window[None, :].expand(b * h, -1))
@@ -246,8 +256,13 @@ def _arena_lists_masked(layer: "TieredLayer", sel: torch.Tensor, pad: torch.Tens
     """As `_arena_lists`, dropping padding slots: a mask over the whole arena, O(context)."""
     _, _, pos = layer.pool.view()
     owner = layer.pool.owners()
+    pages = layer.abstracts.pages()
+    starts = layer.abstracts.view()[3]
+    chunk = owner.clamp(0, starts.numel() - 1)
+    page = pages.first[chunk] + (pos - starts[chunk]).clamp(min=0) // layer.abstracts.page_size
+    page = torch.where(owner >= 0, page.clamp(max=sel.shape[-1] - 1), -1)
     sel_ext = torch.cat([torch.ones_like(sel[..., :1]), sel], dim=-1)  # column 0: the window
-    mask = sel_ext[:, :, (owner + 1).clamp(0, sel.shape[-1])] & (pos >= 0)[None, None, :]
+    mask = sel_ext[:, :, page + 1] & (pos >= 0)[None, None, :]
     mask &= pad[:, pos.clamp(0, pad.shape[1] - 1)][:, None, :]
     counts = mask.sum(-1)  # [B, Hkv]
     return _compact(mask, int(counts.max())), counts

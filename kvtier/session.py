@@ -30,7 +30,7 @@ from .layers import TieredLayer
 from .model_spec import FULL, ModelSpec
 from .sparse.profile import LayerSkew
 from .store import manifest as mf
-from .store.chunk import ABSTRACT_ID, Chunk, Tier, chunk_key
+from .store.chunk import ABSTRACT_ID, PAGES_ID, Chunk, Tier, chunk_key
 from .store.codec import LAYOUT_VERSION, RecordHeader, dtype_name
 from .store.disk import DiskStore, is_store
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 STORE_META = "store"
 SESSION_META = "session"
 # Options a saved session fixes (they shape the chunk table); budgets and the rest may change on reopen.
-LAYOUT_OPTIONS = ("chunk_size", "sink_tokens", "recent_window")
+LAYOUT_OPTIONS = ("chunk_size", "sink_tokens", "recent_window", "page_size")
 # Options a session was saved with (shown by `kvtier inspect`; a reopened session takes the caller's).
 RUNTIME_OPTIONS = tuple(f.name for f in dataclasses.fields(KVTierConfig)
                         if f.name not in (*LAYOUT_OPTIONS, "store_path", "initial_map_bytes"))
@@ -207,7 +207,9 @@ def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
             )
             if layer.chunks:
                 kmin, kmax, _, _ = layer.abstracts.view()
-                abstracts.append(_abstracts_record(cache, layer.index, kmin, kmax))
+                pages = layer.abstracts.pages()
+                abstracts.append(_abstracts_record(cache, layer.index, ABSTRACT_ID, kmin, kmax))
+                abstracts.append(_abstracts_record(cache, layer.index, PAGES_ID, pages.pmin, pages.pmax))
         else:
             start = layer.length - (0 if layer.k is None else layer.k.shape[2])
             entry = mf.LayerEntry(mf.SLIDING, buffer=_persist_run(cache, layer.index, start, layer.k, layer.v))
@@ -232,15 +234,16 @@ def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
     return disk.path
 
 
-def _abstracts_record(cache: KVTierCache, layer_idx: int, kmin: torch.Tensor,
+def _abstracts_record(cache: KVTierCache, layer_idx: int, table_id: int, kmin: torch.Tensor,
                       kmax: torch.Tensor) -> tuple[bytes, bytes]:
-    """(key, record) of a layer's abstract table ([B, Hkv, C, D] float32 each), as `TierManager.read_abstracts`
-    reads it back; encoded here so that `save` can commit it in the manifest's transaction."""
+    """(key, record) of a layer's chunk or page abstracts (minima and maxima, [B, Hkv, rows, D] each), as
+    `TierManager.read_abstracts` reads them back; encoded here so that `save` can commit them in the
+    manifest's transaction."""
     tiers = cache.tiers
-    b, h, c, d = kmin.shape
-    header = RecordHeader(layer_idx, ABSTRACT_ID, 0, c, b, h, d, torch.float32, tiers.signature, tiers.session_id)
-    return chunk_key(layer_idx, ABSTRACT_ID), tiers.codec.encode(header, kmin.cpu().contiguous(),
-                                                                 kmax.cpu().contiguous())
+    b, h, n, d = kmin.shape
+    header = RecordHeader(layer_idx, table_id, 0, n, b, h, d, kmin.dtype, tiers.signature, tiers.session_id)
+    return chunk_key(layer_idx, table_id), tiers.codec.encode(header, kmin.cpu().contiguous(),
+                                                              kmax.cpu().contiguous())
 
 
 def _persist_run(cache: "KVTierCache", layer_idx: int, start: int, k: torch.Tensor | None,
@@ -279,8 +282,13 @@ def load(cache: "KVTierCache", manifest: mf.Manifest) -> None:
                                                  row.stored_bytes)
             if layer.chunks:
                 kmin, kmax = tiers.read_abstracts(manifest.abstracts_header(layer.index, shape))
+                pmin, pmax = tiers.read_abstracts(manifest.pages_header(layer.index, shape, config.page_size))
+                first = 0
                 for c in layer.chunks:
-                    layer.abstracts.append(kmin[:, :, c.row], kmax[:, :, c.row], c.start, c.length)
+                    pages = layer.abstracts.pages_of(c.length)
+                    layer.abstracts.append((kmin[:, :, c.row], kmax[:, :, c.row], c.start, c.length,
+                                            pmin[:, :, first:first + pages], pmax[:, :, first:first + pages]))
+                    first += pages
             layer.decode_chunk = entry.decode_chunk
             layer.skew = None if entry.skew is None else LayerSkew(**entry.skew)
             layer.length = layer.chunks[-1].end if layer.chunks else 0

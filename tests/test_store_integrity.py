@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,7 @@ from kvtier import (
     StoreMissingRecordError,
     prefill,
 )
+from kvtier.store.chunk import ABSTRACT_ID, PAGES_ID, chunk_key
 from kvtier.store.disk import DiskStore, seal, unseal
 
 CHUNKING = dict(chunk_size=16, sink_tokens=4, recent_window=16, device_budget=40, host_budget=32)
@@ -96,8 +98,11 @@ def _edit_manifest(path: Path, fn) -> None:
     _with_db(path, b"meta", edit)
 
 
+TABLE_IDS = (struct.pack(">Q", ABSTRACT_ID), struct.pack(">Q", PAGES_ID))
+
+
 def _chunk_keys(path: Path) -> list[bytes]:
-    return _with_db(path, b"chunks", lambda txn: [k for k, _ in txn.cursor() if k[-8:] != b"\xff" * 8])
+    return _with_db(path, b"chunks", lambda txn: [k for k, _ in txn.cursor() if k[-8:] not in TABLE_IDS])
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -203,6 +208,14 @@ def test_swapped_records_are_detected(store):
     _with_db(a, b"chunks", swap)
     with pytest.raises(StoreCorruptError, match="record holds layer"):
         _answer(model, a, _doc(1))
+
+
+@pytest.mark.parametrize(("table", "name"), [(ABSTRACT_ID, "chunk abstracts"), (PAGES_ID, "page abstracts")])
+def test_a_deleted_abstract_table_is_named_at_open(store, table, name):
+    model, a, _ = store
+    _with_db(a, b"chunks", lambda txn: txn.delete(chunk_key(0, table)))
+    with pytest.raises(StoreMissingRecordError, match=f"layer 0 {name}: record missing"):
+        KVTierCache.open(a, twin(model))
 
 
 def test_a_deleted_record_is_named_at_open(store):

@@ -1,88 +1,172 @@
-"""Per-chunk KV abstracts of one layer: per KV head and channel, the min and max of the chunk's keys.
+"""Key abstracts of one layer's chunks: per KV head and channel, the min and max of the keys, at two grains.
 
-Small enough to keep on the device for every chunk (2 x heads x head_dim floats per chunk and row), they
-let a decode step score every chunk without loading it (see kvtier.kernels.chunk_scores).
-Rows follow the layer's chunk list: row i describes layer.chunks[i].
+Chunk rows bound a whole chunk; page rows bound each `page_size`-token page of a chunk (pages start at the
+chunk's start, the last one may be shorter). Both live on the device for every chunk, wherever the chunk's
+KV lives, so a decode step scores chunks without loading them (kvtier.kernels.chunk_scores) and then cuts
+its selection down to the pages that matter: a large chunk is never taken whole only because a needle sits
+in one of its pages. Chunk rows follow the layer's chunk list (row i describes layer.chunks[i]); a chunk's
+pages are consecutive page rows, in chunk order.
+
+Chunk bounds are float32; page bounds keep the keys' dtype, where a min or max is exact, so they cost
+1/page_size of the keys' memory.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..store.pools import storage_mode
 
+Row = tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor, torch.Tensor]
+"""One chunk: kmin, kmax [B, Hkv, D] float32, start, length, page mins and maxes [B, Hkv, pages, D]."""
+
+
+@dataclass(frozen=True)
+class PageView:
+    """The live page rows: bounds [B, Hkv, P, D]; starts, lengths, offset in the chunk, chunk row: [P];
+    per chunk row, its first page row and page count: [C]."""
+
+    pmin: torch.Tensor
+    pmax: torch.Tensor
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    offsets: torch.Tensor
+    chunk: torch.Tensor
+    first: torch.Tensor
+    count: torch.Tensor
+
 
 class AbstractTable:
-    """kmin, kmax: [B, Hkv, capacity, D] float32 on the device; lengths, starts: [capacity] on the device."""
+    """Chunk rows (kmin, kmax [B, Hkv, capacity, D], lengths, starts [capacity]) and their page rows."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, page_size: int):
         self.device = device
+        self.page_size = page_size
         self.kmin: torch.Tensor | None = None
         self.kmax: torch.Tensor | None = None
-        self.lengths = torch.empty(0, dtype=torch.long, device=device)
-        self.starts = torch.empty(0, dtype=torch.long, device=device)
+        self.pmin: torch.Tensor | None = None
+        self.pmax: torch.Tensor | None = None
+        self._chunk_cols = torch.empty(4, 0, dtype=torch.long, device=device)  # start, length, first page, pages
+        self._page_cols = torch.empty(4, 0, dtype=torch.long, device=device)  # start, length, offset, chunk row
         self.count = 0
+        self.page_count = 0
+        self.max_pages = 0  # most pages of one chunk
 
     def __len__(self) -> int:
         return self.count
 
-    @staticmethod
-    def summarize(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k: [B, Hkv, n, D] -> (min, max) over tokens, each [B, Hkv, D] float32."""
-        kf = k.detach().float()
-        return kf.amin(dim=2), kf.amax(dim=2)
+    def pages_of(self, length: int) -> int:
+        return -(-length // self.page_size)
 
-    def append(self, kmin: torch.Tensor, kmax: torch.Tensor, start: int, length: int) -> None:
+    # ------------------------------------------------------------------------------------ building
+    def summarize(self, k: torch.Tensor, start: int) -> Row:
+        """The row of a chunk of keys k [B, Hkv, n, D] starting at position `start`."""
+        k = k.detach()
+        b, h, n, d = k.shape
+        pages = self.pages_of(n)
+        if pages == 1:
+            pmin, pmax = k.amin(dim=2, keepdim=True), k.amax(dim=2, keepdim=True)
+        else:
+            if pages * self.page_size != n:  # repeat the last key into the short last page: min, max stay exact
+                k = torch.cat([k, k[:, :, -1:].expand(b, h, pages * self.page_size - n, d)], dim=2)
+            paged = k.reshape(b, h, pages, self.page_size, d)
+            pmin, pmax = paged.amin(dim=3), paged.amax(dim=3)
+        return pmin.float().amin(dim=2), pmax.float().amax(dim=2), start, n, pmin, pmax
+
+    def add(self, k: torch.Tensor, start: int) -> None:
+        """Append the row of a new chunk of keys k [B, Hkv, n, D]."""
+        self.append(self.summarize(k, start))
+
+    def append(self, row: Row) -> None:
+        kmin, kmax, start, length, pmin, pmax = row
+        pages = pmin.shape[2]
+        if pages != self.pages_of(length):
+            raise ValueError(f"a chunk of {length} tokens has {self.pages_of(length)} pages, got {pages}")
         with storage_mode():
-            kmin, kmax = kmin.to(self.device, torch.float32), kmax.to(self.device, torch.float32)
             if self.kmin is None or self.count == self.kmin.shape[2]:
-                self._grow(kmin.shape)
-            self.kmin[:, :, self.count] = kmin
-            self.kmax[:, :, self.count] = kmax
-            self.lengths[self.count] = length
-            self.starts[self.count] = start
+                self._grow_chunks(kmin.shape)
+            if self.pmin is None or self.page_count + pages > self.pmin.shape[2]:
+                self._grow_pages(pmin.shape, pmin.dtype, self.page_count + pages)
+            c, p = self.count, self.page_count
+            self.kmin[:, :, c] = kmin.to(self.device, torch.float32)
+            self.kmax[:, :, c] = kmax.to(self.device, torch.float32)
+            self.pmin[:, :, p:p + pages] = pmin.to(self.device)
+            self.pmax[:, :, p:p + pages] = pmax.to(self.device)
+            self._chunk_cols[:, c] = torch.tensor([start, length, p, pages])
+            offsets = torch.arange(pages) * self.page_size
+            self._page_cols[:, p:p + pages] = torch.stack([
+                start + offsets, (length - offsets).clamp(max=self.page_size), offsets, torch.full((pages,), c)])
         self.count += 1
+        self.page_count += pages
+        self.max_pages = max(self.max_pages, pages)
 
-    def _grow(self, shape: torch.Size) -> None:
+    def _grow_chunks(self, shape: torch.Size) -> None:
         b, h, d = shape
-        cap = max(64, 2 * (0 if self.kmin is None else self.kmin.shape[2]))
-        kmin = torch.empty(b, h, cap, d, device=self.device)
-        kmax = torch.empty(b, h, cap, d, device=self.device)
-        lengths = torch.zeros(cap, dtype=torch.long, device=self.device)
-        starts = torch.zeros(cap, dtype=torch.long, device=self.device)
+        cap = max(64, 2 * self.count)
+        kmin, kmax = (torch.empty(b, h, cap, d, device=self.device) for _ in range(2))
+        cols = torch.zeros(4, cap, dtype=torch.long, device=self.device)
         if self.kmin is not None:
             n = self.count
             kmin[:, :, :n], kmax[:, :, :n] = self.kmin[:, :, :n], self.kmax[:, :, :n]
-            lengths[:n], starts[:n] = self.lengths[:n], self.starts[:n]
-        self.kmin, self.kmax, self.lengths, self.starts = kmin, kmax, lengths, starts
+            cols[:, :n] = self._chunk_cols[:, :n]
+        self.kmin, self.kmax, self._chunk_cols = kmin, kmax, cols
 
+    def _grow_pages(self, shape: torch.Size, dtype: torch.dtype, need: int) -> None:
+        b, h, _, d = shape
+        cap = max(256, 2 * self.page_count, need)
+        pmin, pmax = (torch.empty(b, h, cap, d, dtype=dtype, device=self.device) for _ in range(2))
+        cols = torch.zeros(4, cap, dtype=torch.long, device=self.device)
+        if self.pmin is not None:
+            n = self.page_count
+            pmin[:, :, :n], pmax[:, :, :n] = self.pmin[:, :, :n], self.pmax[:, :, :n]
+            cols[:, :n] = self._page_cols[:, :n]
+        self.pmin, self.pmax, self._page_cols = pmin, pmax, cols
+
+    # ------------------------------------------------------------------------------------- reading
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """kmin, kmax [B, Hkv, C, D], lengths [C], starts [C] of the live rows."""
+        """kmin, kmax [B, Hkv, C, D], lengths [C], starts [C] of the live chunk rows."""
         n = self.count
         if self.kmin is None:
             empty = torch.empty(0, dtype=torch.long, device=self.device)
             return torch.empty(0, 0, 0, 0, device=self.device), torch.empty(0, 0, 0, 0, device=self.device), empty, empty
-        return self.kmin[:, :, :n], self.kmax[:, :, :n], self.lengths[:n], self.starts[:n]
+        return self.kmin[:, :, :n], self.kmax[:, :, :n], self._chunk_cols[1, :n], self._chunk_cols[0, :n]
 
+    def pages(self) -> PageView:
+        """The live page rows (call only when the table has chunks)."""
+        c, p = self.count, self.page_count
+        starts, lengths, offsets, chunk = self._page_cols[:, :p]
+        return PageView(self.pmin[:, :, :p], self.pmax[:, :, :p], starts, lengths, offsets, chunk,
+                        self._chunk_cols[2, :c], self._chunk_cols[3, :c])
+
+    def row(self, i: int) -> Row:
+        """A copy of chunk row i (to carry it into a rebuilt table)."""
+        start, length, first, pages = (int(x) for x in self._chunk_cols[:, i])
+        return (self.kmin[:, :, i].clone(), self.kmax[:, :, i].clone(), start, length,
+                self.pmin[:, :, first:first + pages].clone(), self.pmax[:, :, first:first + pages].clone())
+
+    # ---------------------------------------------------------------------------------- maintenance
     def truncate(self, n: int) -> None:
-        self.count = min(self.count, n)
+        """Keep the first n chunk rows and their pages."""
+        if n < self.count:
+            self.count = n
+            self.page_count = int(self._chunk_cols[2, n])
 
-    def replace(self, first: int, last: int, rows: list[tuple[torch.Tensor, torch.Tensor, int, int]]) -> None:
-        """Replace rows [first, last) with new ones (chunk split or merge), shifting the rest."""
-        kmin, kmax, lengths, starts = self.view()
-        tail = (kmin[:, :, last:].clone(), kmax[:, :, last:].clone(), lengths[last:].clone(), starts[last:].clone())
-        self.count = first
-        for mn, mx, start, length in rows:
-            self.append(mn, mx, start, length)
-        for i in range(tail[0].shape[2]):
-            self.append(tail[0][:, :, i], tail[1][:, :, i], int(tail[3][i]), int(tail[2][i]))
+    def rebuild(self, rows: list[Row]) -> None:
+        """Replace every row (chunks split or merged)."""
+        self.count = self.page_count = self.max_pages = 0
+        for row in rows:
+            self.append(row)
 
     def select_rows(self, index: torch.Tensor) -> None:
+        """Reorder the batch rows (beam search)."""
         if self.kmin is not None:
             with storage_mode():
                 index = index.to(self.device)
                 self.kmin, self.kmax = self.kmin.index_select(0, index), self.kmax.index_select(0, index)
+                self.pmin, self.pmax = self.pmin.index_select(0, index), self.pmax.index_select(0, index)
 
     def clear(self) -> None:
-        self.kmin = self.kmax = None
-        self.count = 0
+        self.kmin = self.kmax = self.pmin = self.pmax = None
+        self.count = self.page_count = self.max_pages = 0

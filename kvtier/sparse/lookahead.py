@@ -127,7 +127,7 @@ class Lookahead:
             return  # nothing to fetch
         q = self.guesser.guess(nxt.index, hidden, position_embeddings)
         sel, _ = select_chunks(nxt, q[:, :, -1].to(nxt.abstracts.view()[0].dtype), None)
-        chunks = [nxt.chunks[i] for i in sel.any(dim=1).any(dim=0).nonzero().flatten().tolist()]
+        chunks = [nxt.chunks[i] for i in sel.chunks.any(dim=1).any(dim=0).nonzero().flatten().tolist()]
         self.guessed[nxt.index] = {c.chunk_id for c in chunks}
         tiers.counters.lookahead_guesses += 1
         tiers.prefetcher.request([c for c in chunks if c.tier == Tier.DISK], tiers.clock)

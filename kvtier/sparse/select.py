@@ -1,15 +1,44 @@
 """Chunk selection policies: one small class per policy, one method to write (as kvpress's presses).
 
 The base class does the mechanics once: every chunk is scored per (sequence, KV head), chunks holding only
-padding are dropped, forced chunks (attention sinks) are always kept, and the best-scoring chunks are
-taken while they fit the token budget. A policy only implements `score`.
+padding are dropped, forced chunks (attention sinks) are always kept, and the best-scoring units are taken
+while they fit the token budget. A policy only implements `score`, which rates chunks and pages alike.
+
+`select` takes whole chunks. `select_pages` cuts the selection down to pages (kvtier.sparse.abstracts): it
+scores the chunks, then the pages of the best-ranked chunks only, widening that set until every page it
+leaves out is bounded below the pages it takes. The pages taken are those a selector scoring every page
+would take first, at a cost that follows the budget, not the context.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..kernels import chunk_scores
+from .abstracts import PageView
+
+_NEG = float("-inf")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one decode step attends to besides the recent window: chunks [B, Hkv, C] (any of their tokens)
+    and pages [B, Hkv, P] bool (the tokens themselves)."""
+
+    chunks: torch.Tensor
+    pages: torch.Tensor
+
+
+def take_in_order(sizes: torch.Tensor, usable: torch.Tensor, budget: int) -> torch.Tensor:
+    """Units in rank order (sizes, usable: [..., N]) -> which are taken: the best while they fit the budget,
+    then, past the first that did not fit, the best of the rest that still fit what is left (one large unit
+    does not shut out every smaller one; it matters most at tight budgets)."""
+    taken = (torch.cumsum(sizes, dim=-1) <= budget) & usable
+    left = budget - (sizes * taken).sum(-1, keepdim=True)
+    fits = usable & ~taken & (sizes <= left)
+    return taken | (fits & (torch.cumsum(sizes * fits, dim=-1) <= left))
 
 
 class Selector:
@@ -18,7 +47,8 @@ class Selector:
     name = "base"
 
     def score(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        """q: [B, Hq, D]; kmin, kmax: [B, Hkv, C, D]; starts: [C]. Returns [B, Hkv, C] (higher: keep first)."""
+        """q: [B, Hq, D]; kmin, kmax: [B, Hkv, C, D] (chunks, or pages gathered per head); starts: [C] or
+        [B, Hkv, C]. Returns [B, Hkv, C] (higher: keep first)."""
         raise NotImplementedError
 
     def select(
@@ -37,24 +67,85 @@ class Selector:
         budget: tokens per (sequence, KV head) for the non-forced chunks; forced: [C] bool (sinks);
         has_tokens: [B, C] bool, False for chunks that hold only padding in that row.
         """
-        scores = self.score(q, kmin, kmax, starts).float()
-        if has_tokens is not None:
-            scores = scores.masked_fill(~has_tokens[:, None, :], float("-inf"))
-        if forced is not None:
-            scores = scores.masked_fill(forced[None, None, :], float("-inf"))
+        scores = self._chunk_scores(q, kmin, kmax, starts, forced, has_tokens)
         order = scores.argsort(dim=-1, descending=True)
-        sizes = lengths[order]
-        usable = torch.gather(scores, -1, order) > float("-inf")
-        taken = (torch.cumsum(sizes, dim=-1) <= budget) & usable
-        # A chunk larger than what is left would block every smaller one after it: a second pass fills the
-        # rest of the budget with the best chunks that still fit (it matters most at tight budgets).
-        left = budget - (sizes * taken).sum(-1, keepdim=True)
-        fits = usable & ~taken & (sizes <= left)
-        taken |= fits & (torch.cumsum(sizes * fits, dim=-1) <= left)
+        usable = torch.gather(scores, -1, order) > _NEG
+        taken = take_in_order(lengths[order], usable, budget)
         sel = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, taken)
         if forced is not None:
             sel |= forced[None, None, :]
         return sel
+
+    def _chunk_scores(self, q, kmin, kmax, starts, forced, has_tokens) -> torch.Tensor:
+        """Chunk scores, -inf where a chunk may not be chosen (forced: taken anyway; padding only)."""
+        scores = self.score(q, kmin, kmax, starts).float()
+        if has_tokens is not None:
+            scores = scores.masked_fill(~has_tokens[:, None, :], _NEG)
+        if forced is not None:
+            scores = scores.masked_fill(forced[None, None, :], _NEG)
+        return scores
+
+    def select_pages(
+        self,
+        q: torch.Tensor,
+        kmin: torch.Tensor,
+        kmax: torch.Tensor,
+        lengths: torch.Tensor,
+        starts: torch.Tensor,
+        pages: PageView,
+        max_pages: int,
+        budget: int,
+        forced: torch.Tensor | None = None,
+        has_tokens: torch.Tensor | None = None,
+    ) -> Selection:
+        """The pages (and the chunks holding them) to attend to, as `select` but page by page.
+
+        Pages are ranked by their own bound, which is never above their chunk's. So once the pages of the
+        best-ranked chunks that outscore the best chunk left out hold the budget, no page outside could be
+        ranked before the ones taken: the candidates start at twice the budget in tokens and double until
+        that holds. max_pages: most pages of one chunk (the table's `max_pages`)."""
+        b, h, c = kmin.shape[0], kmin.shape[1], kmin.shape[2]
+        if max_pages <= 1:  # one page per chunk: pages are the chunks
+            sel = self.select(q, kmin, kmax, lengths, starts, budget, forced, has_tokens)
+            return Selection(sel, sel[:, :, pages.chunk])
+        scores = self._chunk_scores(q, kmin, kmax, starts, forced, has_tokens)
+        order = scores.argsort(dim=-1, descending=True, stable=True)  # stable: shared scores rank alike per head
+        ranked = torch.gather(scores, -1, order)
+        sizes = lengths[order]
+        usable = ranked > _NEG
+        ahead = sizes.cumsum(-1) - sizes  # tokens ranked before each chunk
+        within = torch.arange(max_pages, device=kmin.device)
+        horizon = 2 * max(budget, 1)
+        while True:
+            cand = usable & (ahead < horizon) if budget > 0 else torch.zeros_like(usable)
+            n_cand = cand.sum(-1)  # candidates are a prefix of the ranking
+            width = max(1, int(n_cand.max()))
+            rows = order[..., :width]
+            page_ok = cand[..., :width, None] & (within < pages.count[rows][..., None])  # [B, H, W, M]
+            pid = torch.where(page_ok, pages.first[rows][..., None] + within, 0).flatten(2)
+            page_ok = page_ok.flatten(2)
+            gather = pid[..., None].expand(-1, -1, -1, pages.pmin.shape[-1])
+            pscores = self.score(q, torch.gather(pages.pmin, 2, gather), torch.gather(pages.pmax, 2, gather),
+                                 pages.starts[pid]).float().masked_fill(~page_ok, _NEG)
+            psizes = pages.lengths[pid]
+            # the best score a chunk left out can give any of its pages
+            left_out = torch.gather(ranked, -1, n_cand.clamp(max=c - 1)[..., None])[..., 0]
+            left_out = torch.where(n_cand < c, left_out, _NEG)
+            held = (psizes * (pscores > left_out[..., None])).sum(-1)
+            if budget <= 0 or bool(((held >= budget) | (left_out == _NEG)).all()):
+                break
+            horizon *= 2
+        porder = pscores.argsort(dim=-1, descending=True, stable=True)
+        taken = take_in_order(psizes.gather(-1, porder), pscores.gather(-1, porder) > _NEG, budget)
+        chosen = torch.zeros_like(taken).scatter_(-1, porder, taken).long()
+        page_sel = torch.zeros(b, h, pages.lengths.numel(), dtype=torch.long, device=kmin.device)
+        page_sel = page_sel.scatter_add_(-1, pid, chosen) > 0
+        chunk_sel = torch.zeros(b, h, c, dtype=torch.long, device=kmin.device)
+        chunk_sel = chunk_sel.scatter_add_(-1, rows.repeat_interleave(max_pages, dim=-1), chosen) > 0
+        if forced is not None:
+            chunk_sel |= forced[None, None, :]
+            page_sel |= forced[pages.chunk][None, None, :]
+        return Selection(chunk_sel, page_sel)
 
 
 class QuestBound(Selector):
@@ -73,7 +164,7 @@ class Recency(Selector):
 
     def score(self, q, kmin, kmax, starts):
         b, hkv = kmin.shape[0], kmin.shape[1]
-        return starts.float()[None, None, :].expand(b, hkv, -1)
+        return starts.float().expand(b, hkv, starts.shape[-1])  # starts: [C], or [B, Hkv, C] gathered per head
 
 
 class SharedAcrossHeads(Selector):

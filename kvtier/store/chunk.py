@@ -59,7 +59,9 @@ class Chunk:
         self.rows = index.clone() if self.rows is None else self.rows[index]
 
 
-ABSTRACT_ID = 2**64 - 1  # chunk id under which a layer's abstract table is stored
+ABSTRACT_ID = 2**64 - 1  # chunk id under which a layer's chunk abstracts are stored
+PAGES_ID = 2**64 - 2  # chunk id under which a layer's page abstracts are stored
+TABLE_NAMES = {ABSTRACT_ID: "chunk abstracts", PAGES_ID: "page abstracts"}
 
 
 def chunk_key(layer: int, chunk_id: int) -> bytes:

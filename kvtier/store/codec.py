@@ -41,7 +41,7 @@ import zstandard
 from ..errors import StoreCorruptError, StoreMismatchError
 from .chunk import chunk_name
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 MAGIC = b"KVT2"
 OLD_MAGICS = {b"KVT1": 1}
 FLAG_BYTE_PLANES = 1

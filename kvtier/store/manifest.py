@@ -29,12 +29,12 @@ from typing import Any
 import torch
 
 from ..errors import StoreCorruptError
-from .chunk import ABSTRACT_ID, chunk_key, chunk_name
+from .chunk import ABSTRACT_ID, PAGES_ID, TABLE_NAMES, chunk_key, chunk_name
 from .codec import CODE_DTYPES, HEADER_BYTES, LAYOUT_VERSION, MAX_COMPRESSION_RATIO, RecordHeader, dtype_name
 
 FULL, SLIDING = "full", "sliding"
 _HEX16 = re.compile(r"^[0-9a-f]{32}$")
-MAX_ID = ABSTRACT_ID - 1  # the last id names a layer's abstract table
+MAX_ID = PAGES_ID - 1  # the last ids name a layer's abstract tables
 TOKEN_BYTES = 4
 _DTYPES = {dtype_name(d): d for d in CODE_DTYPES.values()}
 _SKEW_FIELDS = ("tokens", "top1", "top5", "top10", "desert", "top5_per_head", "desert_per_head")
@@ -137,8 +137,16 @@ class Manifest:
 
     # ------------------------------------------------------------------------------------ reading
     def abstracts_header(self, layer: int, shape: Shape) -> RecordHeader:
+        """The record of a layer's chunk abstracts: one float32 row per chunk."""
         n = len(self.layers[layer].chunks)
         return RecordHeader(layer, ABSTRACT_ID, 0, n, self.batch, shape.kv_heads, shape.head_dim, torch.float32,
+                            bytes.fromhex(self.signature), self.session)
+
+    def pages_header(self, layer: int, shape: Shape, page_size: int) -> RecordHeader:
+        """The record of a layer's page abstracts: one row per `page_size`-token page of each chunk, in the
+        model's dtype."""
+        n = sum(-(-c.length // page_size) for c in self.layers[layer].chunks)
+        return RecordHeader(layer, PAGES_ID, 0, n, self.batch, shape.kv_heads, shape.head_dim, shape.dtype,
                             bytes.fromhex(self.signature), self.session)
 
     def record_keys(self) -> list[tuple[bytes, str]]:
@@ -146,8 +154,8 @@ class Manifest:
         out = []
         for i, e in enumerate(self.layers):
             ids = [c.chunk_id for c in e.chunks] + [r.chunk_id for r in (e.tail, e.buffer) if r is not None]
-            ids += [ABSTRACT_ID] if e.chunks else []
-            out += [(chunk_key(i, c), f"layer {i} chunk abstracts" if c == ABSTRACT_ID else chunk_name(i, c))
+            ids += [ABSTRACT_ID, PAGES_ID] if e.chunks else []
+            out += [(chunk_key(i, c), f"layer {i} {TABLE_NAMES[c]}" if c in TABLE_NAMES else chunk_name(i, c))
                     for c in ids]
         return out
 

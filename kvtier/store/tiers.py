@@ -19,7 +19,7 @@ import torch
 
 from ..config import KVTierConfig
 from ..errors import StoreCorruptError, StoreMissingRecordError
-from .chunk import ABSTRACT_ID, Chunk, Tier, chunk_key
+from .chunk import TABLE_NAMES, Chunk, Tier, chunk_key
 from .codec import FLAG_INT8, SESSION_ID_BYTES, RecordCodec, RecordHeader
 from .disk import DiskStore
 from .eviction import LRUEviction
@@ -159,23 +159,16 @@ class TierManager:
                                     f"recorded {known[2]}")
         return k, v
 
-    def write_abstracts(self, layer: int, kmin: torch.Tensor, kmax: torch.Tensor) -> bytes:
-        """Persist a layer's abstract table ([B, Hkv, C, D] float32 each) as one record; returns its key."""
-        b, h, c, d = kmin.shape
-        header = RecordHeader(layer, ABSTRACT_ID, 0, c, b, h, d, torch.float32, self.signature, self.session_id)
-        key = chunk_key(layer, ABSTRACT_ID)
-        self.disk.put(key, self.codec.encode(header, kmin.cpu().contiguous(), kmax.cpu().contiguous()))
-        return key
-
     def read_abstracts(self, expect: RecordHeader) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's abstract table, which must be exactly the record `expect` describes."""
-        blob = self.disk.get(chunk_key(expect.layer, ABSTRACT_ID))
+        """A layer's chunk or page abstracts (minima, maxima), which must be exactly the record `expect`
+        describes."""
+        name = f"layer {expect.layer}: {TABLE_NAMES[expect.chunk_id]}"
+        blob = self.disk.get(chunk_key(expect.layer, expect.chunk_id))
         if blob is None:
-            raise StoreMissingRecordError(f"layer {expect.layer}: chunk abstracts missing from store {self.disk.path}")
+            raise StoreMissingRecordError(f"{name} missing from store {self.disk.path}")
         kmin, kmax = self.codec.decode(blob, expect, self._where())
         if not bool((kmin <= kmax).all()):  # NaN fails too
-            raise StoreCorruptError(f"layer {expect.layer}: chunk abstracts in store {self.disk.path} are damaged "
-                                    "(a minimum above its maximum)")
+            raise StoreCorruptError(f"{name} in store {self.disk.path} are damaged (a minimum above its maximum)")
         return kmin, kmax
 
     # ---------------------------------------------------------------------------------- placement

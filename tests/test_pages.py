@@ -1,0 +1,173 @@
+"""Page-level selection: page key bounds inside chunks, and selection cut down to the pages that matter."""
+
+from __future__ import annotations
+
+import torch
+from conftest import build_model, twin
+from helpers import cache_kw
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvtier import KVTierCache
+from kvtier.sparse import AbstractTable, QuestBound, Recency, SharedAcrossHeads
+from kvtier.sparse.select import take_in_order
+
+SPARSE = dict(mode="sparse", chunk_size=16, sink_tokens=4, recent_window=16, min_chunk_size=8, max_chunk_size=48,
+              observation_window=16)
+
+
+def _table(lengths: list[int], page_size: int, seed: int, b: int = 2, h: int = 2, d: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    table = AbstractTable(torch.device("cpu"), page_size)
+    keys, start = [], 0
+    for n in lengths:
+        k = torch.randn(b, h, n, d, generator=g)
+        table.add(k, start)
+        keys.append(k)
+        start += n
+    return table, keys
+
+
+# --------------------------------------------------------------------------------------- the table
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 70), min_size=1, max_size=8), page_size=st.integers(1, 20),
+       seed=st.integers(0, 1000))
+def test_page_bounds_are_each_pages_min_and_max(lengths, page_size, seed):
+    table, keys = _table(lengths, page_size, seed)
+    pages = table.pages()
+    kmin, kmax, lens, starts = table.view()
+    assert lens.tolist() == lengths and pages.count.tolist() == [-(-n // page_size) for n in lengths]
+    for c, k in enumerate(keys):
+        assert torch.equal(kmin[:, :, c], k.amin(2)) and torch.equal(kmax[:, :, c], k.amax(2))
+        for j in range(int(pages.count[c])):
+            p = int(pages.first[c]) + j
+            lo, hi = j * page_size, min(len(k[0, 0]), (j + 1) * page_size)
+            assert int(pages.chunk[p]) == c and int(pages.offsets[p]) == lo and int(pages.lengths[p]) == hi - lo
+            assert int(pages.starts[p]) == int(starts[c]) + lo
+            assert torch.equal(pages.pmin[:, :, p], k[:, :, lo:hi].amin(2))
+            assert torch.equal(pages.pmax[:, :, p], k[:, :, lo:hi].amax(2))
+
+
+def test_truncate_rebuild_and_row_reorder_keep_pages_with_their_chunks():
+    table, keys = _table([20, 7, 33, 16], 8, seed=1)
+    table.truncate(2)
+    assert len(table) == 2 and table.page_count == 3 + 1
+    table.add(keys[3], 27)
+    pages = table.pages()
+    assert pages.chunk.tolist() == [0, 0, 0, 1, 2, 2] and pages.starts.tolist()[-2:] == [27, 35]
+    rows = [table.row(2), table.row(0)]
+    table.rebuild(rows)
+    assert table.pages().chunk.tolist() == [0, 0, 1, 1, 1]
+    assert torch.equal(table.pages().pmin[:, :, 0], keys[3][:, :, :8].amin(2))
+    table.select_rows(torch.tensor([1, 1]))
+    assert torch.equal(table.pages().pmax[0], table.pages().pmax[1])
+
+
+# ------------------------------------------------------------------------------------- selection
+def _greedy_pages(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> set[int]:
+    """First pass of a selector that scores every page: the best pages while they fit."""
+    order = scores.argsort(descending=True).tolist()
+    out, used = set(), 0
+    for p in order:
+        if used + int(sizes[p]) > budget:
+            break
+        out.add(p)
+        used += int(sizes[p])
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 64), min_size=2, max_size=14), page_size=st.integers(2, 16),
+       budget=st.integers(0, 120), seed=st.integers(0, 10_000), shared=st.booleans())
+def test_pages_taken_are_those_a_selector_scoring_every_page_takes_first(lengths, page_size, budget, seed, shared):
+    table, _ = _table(lengths, page_size, seed)
+    q = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(seed + 1))
+    kmin, kmax, lens, starts = table.view()
+    pages = table.pages()
+    selector = SharedAcrossHeads(QuestBound()) if shared else QuestBound()
+    sel = selector.select_pages(q, kmin, kmax, lens, starts, pages, table.max_pages, budget)
+    all_scores = selector.score(q, pages.pmin, pages.pmax, pages.starts)
+    for b in range(2):
+        for h in range(2):
+            chosen = set(sel.pages[b, h].nonzero().flatten().tolist())
+            assert sum(int(pages.lengths[p]) for p in chosen) <= budget
+            assert _greedy_pages(all_scores[b, h], pages.lengths, budget) <= chosen
+            # the chunk mask names exactly the chunks holding a chosen page
+            assert set(sel.chunks[b, h].nonzero().flatten().tolist()) == {int(pages.chunk[p]) for p in chosen}
+    if shared:
+        assert torch.equal(sel.pages[:, 0], sel.pages[:, 1])
+
+
+def test_a_needle_in_a_large_chunk_costs_one_page_not_the_chunk():
+    b, h, d = 1, 1, 8
+    k = torch.zeros(b, h, 96, d)
+    k[:, :, 70, 0] = 5.0  # the only key that matches the query: inside a 96-token chunk
+    table = AbstractTable(torch.device("cpu"), 16)
+    table.add(torch.zeros(b, h, 4, d), 0)  # sinks
+    table.add(torch.randn(b, h, 24, d) * 0.1, 4)
+    table.add(k, 28)
+    q = torch.zeros(b, h, d)
+    q[..., 0] = 1.0
+    kmin, kmax, lens, starts = table.view()
+    forced = torch.tensor([True, False, False])
+    whole = QuestBound().select(q, kmin, kmax, lens, starts, 20, forced)
+    assert not whole[0, 0, 2]  # the chunk does not fit a 20-token budget
+    sel = QuestBound().select_pages(q, kmin, kmax, lens, starts, table.pages(), table.max_pages, 20, forced)
+    pages = table.pages()
+    chosen = sel.pages[0, 0].nonzero().flatten().tolist()
+    needle_page = int(pages.first[2]) + 70 // 16
+    assert needle_page in chosen and sel.chunks[0, 0].tolist() == [True, False, True]  # 4 tokens left fit no page
+    assert sum(int(pages.lengths[p]) for p in chosen if int(pages.chunk[p]) != 0) <= 20
+
+
+def test_one_page_per_chunk_selects_as_whole_chunks():
+    table, _ = _table([16, 16, 16, 16, 16], 16, seed=3)
+    q = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(4))
+    kmin, kmax, lens, starts = table.view()
+    for selector in (QuestBound(), Recency()):
+        whole = selector.select(q, kmin, kmax, lens, starts, 40)
+        sel = selector.select_pages(q, kmin, kmax, lens, starts, table.pages(), table.max_pages, 40)
+        assert torch.equal(sel.chunks, whole) and torch.equal(sel.pages, whole)
+
+
+def test_take_in_order_fills_what_a_large_unit_leaves():
+    sizes = torch.tensor([10, 30, 5, 5, 20])
+    usable = torch.tensor([True, True, True, False, True])
+    assert take_in_order(sizes, usable, 22).tolist() == [True, False, True, False, False]
+
+
+# ------------------------------------------------------------------------------------------ caches
+def test_page_selection_reads_the_same_tokens_wherever_chunks_live(tmp_path):
+    """Pages of chunks brought to the device and of chunks attended from staging give the same logits."""
+    ref = build_model("llama")
+    ids = torch.randint(3, 128, (1, 400), generator=torch.Generator().manual_seed(5))
+    outs = []
+    for placement in (dict(), dict(device_budget=90, host_budget=0, staging_tokens=64)):
+        model = twin(ref)
+        cache = KVTierCache.for_model(model, **SPARSE, page_size=8, sparse_budget=0.1, **placement)
+        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, **{cache_kw(model): cache})
+        outs.append(torch.stack(out.logits))
+        layer = cache.tiers.layers[0]
+        assert layer.abstracts.max_pages > 1  # chunks of 8 to 48 tokens hold up to six 8-token pages
+        cache.close()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_saved_page_bounds_come_back_with_the_session(tmp_path):
+    model = build_model("llama")
+    ids = torch.randint(3, 128, (1, 300), generator=torch.Generator().manual_seed(6))
+    cache = KVTierCache.for_model(model, **SPARSE, page_size=8, store_path=tmp_path / "s")
+    with torch.no_grad():
+        model(input_ids=ids, **{cache_kw(model): cache})
+    cache.save()
+    before = [(layer.abstracts.pages(), layer.abstracts.view()) for layer in cache.tiers.layers]
+    cache.close()
+    reopened = KVTierCache.open(tmp_path / "s", model, mode="sparse")
+    assert reopened.config.page_size == 8
+    for layer, (pages, chunks) in zip(reopened.tiers.layers, before):
+        again = layer.abstracts.pages()
+        for name in ("pmin", "pmax", "starts", "lengths", "offsets", "chunk", "first", "count"):
+            assert torch.equal(getattr(again, name), getattr(pages, name)), name
+        assert all(torch.equal(x, y) for x, y in zip(layer.abstracts.view(), chunks))
+    reopened.close()
