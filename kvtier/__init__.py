@@ -21,6 +21,7 @@ from .errors import (
 )
 from .model_spec import ModelSpec
 from .prefill import prefill
+from .rope import Rope
 from .sizes import parse_budget
 from .store.stats import CacheStats, DiskStats, TierStats
 
@@ -39,6 +40,7 @@ __all__ = [
     "KVTierError",
     "ModelSpec",
     "PromptMismatchError",
+    "Rope",
     "StoreCorruptError",
     "StoreError",
     "StoreFullError",
