@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kvtier import KVTierCache
 from kvtier.sparse import AbstractTable, QuestBound, Recency, SharedAcrossHeads
-from kvtier.sparse.select import take_in_order
+from kvtier.sparse.select import CANDIDATES, take_in_order
 
 SPARSE = dict(mode="sparse", chunk_size=16, sink_tokens=4, recent_window=16, min_chunk_size=8, max_chunk_size=48,
               observation_window=16)
@@ -69,7 +69,7 @@ def _greedy_pages(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> set
     order = scores.argsort(descending=True).tolist()
     out, used = set(), 0
     for p in order:
-        if used + int(sizes[p]) > budget:
+        if scores[p] == float("-inf") or used + int(sizes[p]) > budget:
             break
         out.add(p)
         used += int(sizes[p])
@@ -79,19 +79,32 @@ def _greedy_pages(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> set
 @settings(max_examples=60, deadline=None)
 @given(lengths=st.lists(st.integers(1, 64), min_size=2, max_size=14), page_size=st.integers(2, 16),
        budget=st.integers(0, 120), seed=st.integers(0, 10_000), shared=st.booleans())
-def test_pages_taken_are_those_a_selector_scoring_every_page_takes_first(lengths, page_size, budget, seed, shared):
+def test_pages_taken_are_the_best_pages_of_the_best_chunks(lengths, page_size, budget, seed, shared):
     table, _ = _table(lengths, page_size, seed)
     q = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(seed + 1))
     kmin, kmax, lens, starts = table.view()
     pages = table.pages()
     selector = SharedAcrossHeads(QuestBound()) if shared else QuestBound()
     sel = selector.select_pages(q, kmin, kmax, lens, starts, pages, table.max_pages, budget)
-    all_scores = selector.score(q, pages.pmin, pages.pmax, pages.starts)
+    chunk_scores = selector.score(q, kmin, kmax, starts)
+    page_scores = selector.score(q, pages.pmin, pages.pmax, pages.starts)
     for b in range(2):
         for h in range(2):
+            # candidates: the best-ranked chunks holding up to CANDIDATES x the budget in tokens
+            ranked, ahead = [], 0
+            for c in chunk_scores[b, h].argsort(descending=True, stable=True).tolist():
+                if ahead >= CANDIDATES * budget:
+                    break
+                ranked.append(c)
+                ahead += lengths[c]
+            candidates = torch.tensor([int(pages.chunk[p]) in ranked for p in range(len(pages.chunk))])
+            scores = page_scores[b, h].masked_fill(~candidates, float("-inf"))
             chosen = set(sel.pages[b, h].nonzero().flatten().tolist())
             assert sum(int(pages.lengths[p]) for p in chosen) <= budget
-            assert _greedy_pages(all_scores[b, h], pages.lengths, budget) <= chosen
+            assert chosen <= set(candidates.nonzero().flatten().tolist())
+            assert _greedy_pages(scores, pages.lengths, budget) <= chosen
+            if CANDIDATES * budget >= sum(lengths):  # every chunk is a candidate: the best pages overall
+                assert _greedy_pages(page_scores[b, h], pages.lengths, budget) <= chosen
             # the chunk mask names exactly the chunks holding a chosen page
             assert set(sel.chunks[b, h].nonzero().flatten().tolist()) == {int(pages.chunk[p]) for p in chosen}
     if shared:

@@ -5,9 +5,9 @@ padding are dropped, forced chunks (attention sinks) are always kept, and the be
 while they fit the token budget. A policy only implements `score`, which rates chunks and pages alike.
 
 `select` takes whole chunks. `select_pages` cuts the selection down to pages (kvtier.sparse.abstracts): it
-scores the chunks, then the pages of the best-ranked chunks only, widening that set until every page it
-leaves out is bounded below the pages it takes. The pages taken are those a selector scoring every page
-would take first, at a cost that follows the budget, not the context.
+scores the chunks, then only the pages of the best-ranked chunks (up to CANDIDATES x the budget in
+tokens), whose own bounds are tighter, and takes pages while they fit: a needle in a large chunk costs one
+page of the budget, at a cost that follows the budget, not the context.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from ..kernels import chunk_scores
 from .abstracts import PageView
 
 _NEG = float("-inf")
+# Page selection looks inside the best-ranked chunks holding up to this many times the budget in tokens.
+CANDIDATES = 4
 
 
 @dataclass(frozen=True)
@@ -100,52 +102,56 @@ class Selector:
     ) -> Selection:
         """The pages (and the chunks holding them) to attend to, as `select` but page by page.
 
-        Pages are ranked by their own bound, which is never above their chunk's. So once the pages of the
-        best-ranked chunks that outscore the best chunk left out hold the budget, no page outside could be
-        ranked before the ones taken: the candidates start at twice the budget in tokens and double until
-        that holds. max_pages: most pages of one chunk (the table's `max_pages`)."""
+        The candidates are the best-ranked chunks holding up to CANDIDATES x the budget in tokens; their
+        pages are ranked by their own bounds (never above their chunk's) and taken while they fit. The
+        cost follows the budget, not the context. max_pages: most pages of one chunk (the table's)."""
         b, h, c = kmin.shape[0], kmin.shape[1], kmin.shape[2]
         if max_pages <= 1:  # one page per chunk: pages are the chunks
             sel = self.select(q, kmin, kmax, lengths, starts, budget, forced, has_tokens)
             return Selection(sel, sel[:, :, pages.chunk])
         scores = self._chunk_scores(q, kmin, kmax, starts, forced, has_tokens)
         order = scores.argsort(dim=-1, descending=True, stable=True)  # stable: shared scores rank alike per head
-        ranked = torch.gather(scores, -1, order)
         sizes = lengths[order]
-        usable = ranked > _NEG
         ahead = sizes.cumsum(-1) - sizes  # tokens ranked before each chunk
-        within = torch.arange(max_pages, device=kmin.device)
-        horizon = 2 * max(budget, 1)
-        while True:
-            cand = usable & (ahead < horizon) if budget > 0 else torch.zeros_like(usable)
-            n_cand = cand.sum(-1)  # candidates are a prefix of the ranking
-            width = max(1, int(n_cand.max()))
-            rows = order[..., :width]
-            page_ok = cand[..., :width, None] & (within < pages.count[rows][..., None])  # [B, H, W, M]
-            pid = torch.where(page_ok, pages.first[rows][..., None] + within, 0).flatten(2)
-            page_ok = page_ok.flatten(2)
-            gather = pid[..., None].expand(-1, -1, -1, pages.pmin.shape[-1])
-            pscores = self.score(q, torch.gather(pages.pmin, 2, gather), torch.gather(pages.pmax, 2, gather),
-                                 pages.starts[pid]).float().masked_fill(~page_ok, _NEG)
-            psizes = pages.lengths[pid]
-            # the best score a chunk left out can give any of its pages
-            left_out = torch.gather(ranked, -1, n_cand.clamp(max=c - 1)[..., None])[..., 0]
-            left_out = torch.where(n_cand < c, left_out, _NEG)
-            held = (psizes * (pscores > left_out[..., None])).sum(-1)
-            if budget <= 0 or bool(((held >= budget) | (left_out == _NEG)).all()):
-                break
-            horizon *= 2
+        cand = (torch.gather(scores, -1, order) > _NEG) & (ahead < CANDIDATES * budget)  # a prefix of the ranking
+        pid, page_ok = _candidate_pages(order, cand, pages)
+        gather = pid[..., None].expand(-1, -1, -1, pages.pmin.shape[-1])
+        pscores = self.score(q, torch.gather(pages.pmin, 2, gather), torch.gather(pages.pmax, 2, gather),
+                             pages.starts[pid]).float().masked_fill(~page_ok, _NEG)
         porder = pscores.argsort(dim=-1, descending=True, stable=True)
-        taken = take_in_order(psizes.gather(-1, porder), pscores.gather(-1, porder) > _NEG, budget)
+        taken = take_in_order(pages.lengths[pid].gather(-1, porder), pscores.gather(-1, porder) > _NEG, budget)
         chosen = torch.zeros_like(taken).scatter_(-1, porder, taken).long()
         page_sel = torch.zeros(b, h, pages.lengths.numel(), dtype=torch.long, device=kmin.device)
         page_sel = page_sel.scatter_add_(-1, pid, chosen) > 0
         chunk_sel = torch.zeros(b, h, c, dtype=torch.long, device=kmin.device)
-        chunk_sel = chunk_sel.scatter_add_(-1, rows.repeat_interleave(max_pages, dim=-1), chosen) > 0
+        chunk_sel = chunk_sel.scatter_add_(-1, pages.chunk[pid], chosen) > 0
         if forced is not None:
             chunk_sel |= forced[None, None, :]
             page_sel |= forced[pages.chunk][None, None, :]
         return Selection(chunk_sel, page_sel)
+
+
+def _candidate_pages(order: torch.Tensor, cand: torch.Tensor, pages: PageView) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pages of each (row, KV head)'s candidate chunks, listed end to end: page rows [B, Hkv, W] and
+    which entries are real [B, Hkv, W] (W: the longest list). O(candidate pages), whatever the context."""
+    b, h, _ = order.shape
+    width_c = max(1, int(cand.sum(-1).max()))
+    rows = order[..., :width_c]
+    counts = torch.where(cand[..., :width_c], pages.count[rows], 0).flatten()  # pages per candidate
+    per_bh = counts.view(b * h, width_c).sum(-1)
+    width = max(1, int(per_bh.max()))
+    pid = torch.zeros(b * h, width, dtype=torch.long, device=order.device)
+    ok = torch.zeros(b * h, width, dtype=torch.bool, device=order.device)
+    total = int(per_bh.sum())
+    if total:
+        entry = torch.arange(total, device=order.device)
+        src = torch.repeat_interleave(torch.arange(counts.numel(), device=order.device), counts, output_size=total)
+        within = entry - (counts.cumsum(0) - counts)[src]  # page index inside its chunk
+        bh = src // width_c
+        col = entry - (per_bh.cumsum(0) - per_bh)[bh]  # place in the (row, head) list
+        pid[bh, col] = pages.first[rows.flatten()[src]] + within
+        ok[bh, col] = True
+    return pid.view(b, h, width), ok.view(b, h, width)
 
 
 class QuestBound(Selector):
