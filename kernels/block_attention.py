@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..rope import Rope
+from ._triton import HAS_TRITON, use_triton
 from .fused_attention import fused_attention, fused_available
 from .partial_attention import merge_partials, partial_attention
 
@@ -75,9 +76,12 @@ def block_decode_attention(
     Returns out [N, Hq, D] float32 and lse [N, Hq] float32 (natural log; -inf and out 0 for a worker that
     sees no key).
 
-    Dispatch: one fused attention call per block (the reference's own math where soft-capping leaves no
-    fused kernel)."""
+    Dispatch: the Triton kernel where it may run (CUDA, or the CPU interpreter); else one fused attention
+    call per block (the reference's own math where soft-capping leaves no fused kernel)."""
     _check(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, window)
+    if q.shape[0] and block_start.shape[0] and use_triton(q):
+        return _block_decode_attention_triton(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved,
+                                              scale, softcap, window)
     return _per_block(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap, window,
                       fused=fused_available(q, softcap))
 
@@ -134,3 +138,138 @@ def _check(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, window) -> No
     if window is not None and window < 1:
         raise ValueError(f"window must be None or at least 1; got {window}")
 
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _block_decode_kernel(
+        q_ptr, qpos_ptr, k_ptr, v_ptr, bstart_ptr, blen_ptr, qrel_ptr, freq_ptr, out_ptr, lse_ptr,
+        scale, softcap, window, D, HALF, NB,
+        sq_n, sq_h, sk_h, sk_t, sv_h, sv_t, sr_n, so_n, so_h, so_s, sl_n, sl_h,
+        HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        SPLITS: tl.constexpr, INTERLEAVED: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+    ):
+        # one program: one (worker, KV head), all G query heads of its group, and split `split` of every block's
+        # visible keys; the query is turned per block, an online softmax runs over all blocks' keys
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        n = pid // HKV
+        h = pid % HKV
+        k_head = k_ptr + h.to(tl.int64) * sk_h  # int64: a long cache's head offset passes 2**31 elements
+        v_head = v_ptr + h.to(tl.int64) * sv_h
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        gmask = offs_g < G
+        dmask = offs_d < D
+        # Each rotated channel c turns with its pair partner p(c) through frequency f(c):
+        #   c' = c * cos - p(c) * sin (first of the pair), c * cos + p(c) * sin (second); channels past R pass.
+        if INTERLEAVED:
+            first = offs_d % 2 == 0
+            fidx = offs_d // 2
+            partner = tl.where(first, offs_d + 1, offs_d - 1)
+        else:
+            first = offs_d < HALF
+            fidx = tl.where(first, offs_d, offs_d - HALF)
+            partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+        rot = offs_d < 2 * HALF
+        freq = tl.load(freq_ptr + fidx, mask=rot, other=0.0)  # 0 past R: cos 1, and sign 0 drops the partner
+        sign = tl.where(rot, tl.where(first, -1.0, 1.0), 0.0)
+        partner = tl.where(rot, partner, offs_d)
+        rows = q_ptr + n * sq_n + (h * G + offs_g)[:, None] * sq_h
+        qmask = gmask[:, None] & dmask[None, :]
+        q = tl.load(rows + offs_d[None, :], mask=qmask, other=0.0).to(tl.float32)  # [G, D]
+        qp = tl.load(rows + partner[None, :], mask=qmask, other=0.0).to(tl.float32)  # q's pair partners
+        qpos = tl.load(qpos_ptr + n)
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for b in range(NB):
+            rel = tl.load(qrel_ptr + n * sr_n + b)
+            start = tl.load(bstart_ptr + b)
+            hi = tl.minimum(tl.load(blen_ptr + b), rel + 1)  # keys j <= rel
+            lo = 0
+            if WINDOW:
+                lo = tl.maximum(rel - window + 1, 0)  # and rel - j < window
+            if SPLITS > 1:  # this program's share of the block's visible keys, whole tiles
+                per = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), SPLITS), BLOCK_N) * BLOCK_N
+                lo = lo + split * per
+                hi = tl.minimum(hi, lo + per)
+            ang = (rel - qpos).to(tl.float32) * freq  # [D]: the query moves from q_pos to rel
+            qr = q * tl.cos(ang)[None, :] + qp * (sign * tl.sin(ang))[None, :]  # [G, D]
+            for s0 in range(lo, hi, BLOCK_N):
+                offs_n = s0 + tl.arange(0, BLOCK_N)
+                nmask = offs_n < hi
+                row = (start + offs_n).to(tl.int64)
+                kv_mask = nmask[:, None] & dmask[None, :]
+                kb = tl.load(k_head + row[:, None] * sk_t + offs_d[None, :], mask=kv_mask,
+                             other=0.0).to(tl.float32)  # [N, D]
+                vb = tl.load(v_head + row[:, None] * sv_t + offs_d[None, :], mask=kv_mask,
+                             other=0.0).to(tl.float32)
+                sc = tl.sum(qr[:, None, :] * kb[None, :, :], axis=2) * scale  # [G, N]
+                if SOFTCAP:
+                    sc = softcap * (2.0 * tl.sigmoid(2.0 * sc / softcap) - 1.0)  # softcap * tanh(sc / softcap)
+                sc = tl.where(nmask[None, :], sc, float("-inf"))
+                m_new = tl.maximum(m, tl.max(sc, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp(sc - m_safe[:, None])
+                alpha = tl.exp(m - m_safe)
+                l = l * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vb[None, :, :], axis=1)
+                m = m_new
+        empty = l == 0.0
+        out = acc / tl.where(empty, 1.0, l)[:, None]
+        lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
+        heads = (h * G + offs_g).to(tl.int64)
+        tl.store(out_ptr + n * so_n + heads[:, None] * so_h + split * so_s + offs_d[None, :], out, mask=qmask)
+        tl.store(lse_ptr + n * sl_n + heads * sl_h + split, lse, mask=gmask)
+
+    def _splits(q: torch.Tensor, n: int, hkv: int, t: int) -> int:
+        """Key splits per (worker, KV head): enough programs to fill the GPU twice over when N * Hkv alone does
+        not, each split at least 512 keys; one under the interpreter."""
+        if not q.is_cuda:
+            return 1
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        return max(1, min(-(-2 * sms // (n * hkv)), t // 512, 64))
+
+    def _block_decode_attention_triton(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale,
+                                       softcap, window, splits: int | None = None):
+        n, hq, d = q.shape
+        hkv, t, _ = k.shape
+        g = hq // hkv
+        k = k if k.stride(2) == 1 else k.contiguous()  # the kernel walks rows by stride, channels by one
+        v = v if v.stride(2) == 1 else v.contiguous()
+        splits = splits or _splits(q, n, hkv, t)
+        dev = q.device
+        q = q.contiguous()
+        i32 = {"device": dev, "dtype": torch.int32}
+        q_pos, qrel = q_pos.to(**i32).contiguous(), qrel.to(**i32).contiguous()
+        block_start, block_len = block_start.to(**i32).contiguous(), block_len.to(**i32).contiguous()
+        freq = inv_freq.to(device=dev, dtype=torch.float32).contiguous()
+        out = torch.empty(n, hq, splits, d, dtype=torch.float32, device=dev)
+        lse = torch.empty(n, hq, splits, dtype=torch.float32, device=dev)
+        block_g = triton.next_power_of_2(g)
+        block_d = triton.next_power_of_2(d)
+        # The [G, N, D] product tile stays within 16k elements: at 8 warps ptxas (sm_90) then keeps every shape
+        # from G*D = 64 to 2048 in registers without spills.
+        block_n = max(16, min(64, 16384 // (block_g * block_d)))
+        warps = 8 if block_g * block_n * block_d >= 8192 else 4
+        _block_decode_kernel[(n * hkv, splits)](
+            q, q_pos, k, v, block_start, block_len, qrel, freq, out, lse,
+            float(scale), float(softcap or 1.0), int(window or 1), d, freq.numel(), block_start.numel(),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), qrel.stride(0),
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            HKV=hkv, G=g, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, SPLITS=splits,
+            INTERLEAVED=bool(interleaved), SOFTCAP=softcap is not None, WINDOW=window is not None, num_warps=warps,
+        )
+        if splits == 1:
+            return out[:, :, 0], lse[:, :, 0]
+        return _merge_splits(out, lse)
+
+    def _merge_splits(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """out [N, Hq, S, D], lse [N, Hq, S] -> the log-sum-exp mix over S (a split that saw nothing drops out)."""
+        total = torch.logsumexp(lse, -1)  # [N, Hq]; -inf where no split saw a key
+        w = torch.exp(lse - torch.where(torch.isfinite(total), total, 0.0)[..., None])  # [N, Hq, S]
+        return (out * w[..., None]).sum(2), total

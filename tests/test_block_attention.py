@@ -10,6 +10,12 @@ worker does not see, and a worker that sees nothing.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -19,8 +25,12 @@ from kvtier.kernels import (
     block_decode_attention_ref,
     partial_attention,
 )
+from kvtier.kernels._triton import use_triton
 
 from kvtier.rope import Rope
+
+if importlib.util.find_spec("triton") is not None:
+    from kvtier.kernels.block_attention import _block_decode_attention_triton
 
 TOL = {"rtol": 5e-5, "atol": 5e-5}  # fp32 round-off: the two sides turn through different angles
 
@@ -184,3 +194,74 @@ def test_bad_shapes_are_refused():
         block_decode_attention(q, q_pos, k, v, block_start, block_len, qrel, _inv_freq(32), False, 1.0)
     with pytest.raises(ValueError, match="window"):
         block_decode_attention(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, False, 1.0, None, 0)
+
+
+# --- the Triton kernel against the reference: run in a TRITON_INTERPRET=1 subprocess on the CPU, compiled on CUDA
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_ACTIVE = use_triton(torch.empty(1, device=DEVICE))
+needs_triton = pytest.mark.skipif(
+    not TRITON_ACTIVE, reason="run by test_triton_kernel_under_interpreter (TRITON_INTERPRET=1) or on CUDA")
+KERNEL_CASES = {  # name -> (workers, Hq, Hkv, head_dim, rotary_dim, block lengths)
+    "g2-d16": (3, 4, 2, 16, 16, [9, 4, 0, 6]),
+    "g1-d64-partial": (2, 2, 2, 64, 32, [5, 70, 3]),
+    "g4-d24": (2, 8, 2, 24, 12, [17, 1, 6]),
+    "g3-d80": (2, 6, 2, 80, 40, [11, 5]),
+}
+
+
+def _kernel_case(name, dtype):
+    n, hq, hkv, d, r, lens = KERNEL_CASES[name]
+    args = _case(len(name) + d, n=n, hq=hq, hkv=hkv, d=d, lens=lens, rotary_dim=r, dtype=dtype)
+    args[6][-1] = -1  # the last worker sees nothing
+    return tuple(a.to(DEVICE) for a in args)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate-half", "interleaved"])
+@pytest.mark.parametrize("softcap, window", [(None, None), (3.0, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_matches_reference(name, interleaved, softcap, window, dtype):
+    args = _kernel_case(name, dtype)
+    got_o, got_l = block_decode_attention(*args, interleaved, 0.2, softcap, window)
+    want_o, want_l = block_decode_attention_ref(*args, interleaved, 0.2, softcap, window)
+    torch.testing.assert_close(got_o, want_o, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(got_l, want_l, rtol=2e-4, atol=2e-4)
+    assert torch.all(got_l[-1] == float("-inf")) and torch.all(got_o[-1] == 0)
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("window", [None, 3])
+def test_triton_kernel_split_keys(splits, window):
+    """Each block's visible keys cut into splits (as on a GPU that N * Hkv programs would not fill), merged by LSE."""
+    args = _kernel_case("g1-d64-partial", torch.float32)
+    got_o, got_l = _block_decode_attention_triton(*args, True, 0.2, 2.0, window, splits=splits)
+    want_o, want_l = block_decode_attention_ref(*args, True, 0.2, 2.0, window)
+    torch.testing.assert_close(got_o, want_o, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(got_l, want_l, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_triton_kernel_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    out = _run_kernel_cases(env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-3000:]
+
+
+@pytest.mark.gpu
+def test_triton_kernel_compiled_on_cuda():
+    # Compiled for real: a TRITON_INTERPRET=1 left in the environment would run the interpreter on CUDA tensors.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KVTIER_NO_TRITON")}
+    out = _run_kernel_cases(env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-3000:]
+
+
+def _run_kernel_cases(env):
+    cmd = [sys.executable, "-m", "pytest", __file__, "-k", "triton_kernel_matches or triton_kernel_split",
+           "-o", "addopts=--import-mode=importlib", "-p", "no:cacheprovider", "-q", "-W", "ignore"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parent,
+                          check=False)
