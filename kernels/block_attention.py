@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from ..rope import Rope
 from ._triton import HAS_TRITON, use_triton
 from .fused_attention import fused_attention, fused_available
 from .partial_attention import merge_partials, partial_attention
@@ -93,6 +92,10 @@ def _per_block(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleav
     lse = torch.full((n, hq), float("-inf"), dtype=torch.float32, device=q.device)
     if n == 0:
         return out, lse
+    # Imported here, not at the top: transformers probes for a hub package named `kernels` with a real import,
+    # which from the repository root finds this folder as a top-level package, where `..rope` cannot resolve.
+    from ..rope import Rope
+
     rope = Rope(inv_freq.float(), interleaved=interleaved)
     # Workers become the query rows of one batch-1 call per block: x [1, Hq, N, D], delta [N] per row.
     qrows = q.float().permute(1, 0, 2).unsqueeze(0)  # [1, Hq, N, D]
