@@ -25,7 +25,7 @@
 #
 # Time: each step runs under `timeout`; all of them share one deadline (GPU_CHECK_LIMIT_S, 480 s) and the speed
 # step, the last, gets whatever the others left. Estimates for one H200, not measurements: setup 15-25 s;
-# tests 60-120 s (CUDA start-up and ~20 Triton compiles); kernels 20-40 s; exact 60-120 s (two random-weight
+# tests 60-120 s (CUDA start-up and ~30 Triton compiles); kernels 25-45 s; exact 60-120 s (two random-weight
 # 8B models on the GPU, four one-shot or segmented prefills per context at ~1-2 s (32k) and ~4-8 s (64k), nine
 # decode steps each; capped at 150 s); speed ~20 s to build the two
 # random-weight 8B models, then per context mostly CPU work: the prefill on the GPU (~1-2 s at 32k, ~15-25 s at
@@ -325,7 +325,8 @@ for step in $STEPS; do
                 # the kernels are then checked against their references under the Triton interpreter.
                 run_step tests 300 env CUDA_VISIBLE_DEVICES= "$PY" -m pytest -m gpu -rA -p no:cacheprovider \
                     --continue-on-collection-errors --junitxml="$JUNIT" "$ROOT/tests"
-                run_step tests-interp 300 "$PY" -m pytest -rA -p no:cacheprovider "$ROOT/tests/test_kernels.py"
+                run_step tests-interp 300 "$PY" -m pytest -rA -p no:cacheprovider "$ROOT/tests/test_kernels.py" \
+                    "$ROOT/tests/test_block_attention.py"
             else
                 # A module that fails to import is reported, but does not stop the gpu tests of the others.
                 run_step tests 180 "$PY" -m pytest -m gpu -rA -p no:cacheprovider --continue-on-collection-errors \

@@ -139,9 +139,10 @@ def test_bench_kernels_runs_on_cpu_with_tiny_shapes(tmp_path):
     result = json.loads((tmp_path / "kernels.json").read_text())
     assert result["machine"]["torch"] and "triton" in result["machine"] and "cuda" in result["machine"]
     rows = {r["kernel"]: r for r in result["results"]}
-    assert set(rows) == {"chunk_scores", "sparse_decode_attention"}
+    assert set(rows) == {"chunk_scores", "sparse_decode_attention", "block_decode_attention"}
     assert rows["chunk_scores"]["shape"]["chunks"] == 16
     assert rows["sparse_decode_attention"]["shape"]["selected_slots"] == 64
+    assert rows["block_decode_attention"]["shape"]["blocks"] == 5  # history + 4 workers' steps
     assert all(r["reference_ms"] > 0 for r in rows.values()) and result["all_match"]
     if result["config"]["triton_mode"] == "unavailable":
         assert not any("kernel_ms" in r for r in rows.values())

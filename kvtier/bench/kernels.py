@@ -9,10 +9,16 @@ attention shape by default (32 query and 8 KV heads of 128, bf16, batch 1):
                            arena that holds the whole context: --budget of the context, as runs of --chunk
                            consecutive slots at random places, in ascending slot order (as kvtier selects)
 
-Both are run as the Triton kernel and as the reference on the same inputs. `ratio_vs_reference` is kernel
+  block_decode_attention   Hogwild!: --workers workers over one cache of the context's length, a shared
+                           history block and each worker's current step of --step tokens; each worker sees
+                           the history, the others' steps, then its own (its query turned per block)
+
+Each is run as the Triton kernel and as the reference on the same inputs. `ratio_vs_reference` is kernel
 time / reference time (below 1: the kernel is faster). For sparse_decode_attention, `dense_sdpa_ms` is
 torch's fused attention over the whole context for the same query: what a full (non-sparse) decode step
-spends on that layer's attention.
+spends on that layer's attention; for block_decode_attention it is the same for the workers' N queries over
+the whole cache as one sequence (no per-block rotation), and `per_block_fused_ms` is what runs without
+Triton (one fused attention call per block).
 
 On CUDA, every timed call starts with the L2 cache flushed (a 256 MiB buffer is zeroed) and is timed with
 CUDA events; the median of --reps calls is reported, with the bytes the kernel has to read and the
@@ -35,9 +41,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kernels import chunk_scores, chunk_scores_ref, sparse_decode_attention, sparse_decode_attention_ref
+from ..kernels import (
+    block_decode_attention,
+    block_decode_attention_ref,
+    chunk_scores,
+    chunk_scores_ref,
+    sparse_decode_attention,
+    sparse_decode_attention_ref,
+)
 from ..kernels._triton import HAS_TRITON, INTERPRET, use_triton
-from .common import add_out_argument, write_result
+from ..kernels.block_attention import _per_block
+from .common import add_out_argument, positive_int, write_result
 from .speed import SHAPES
 
 _FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 cache (60 MB on an H200)
@@ -166,6 +180,48 @@ def bench_sparse_decode(b: int, hq: int, hkv: int, d: int, context: int, budget:
     return _rates(row)
 
 
+def bench_block_decode(workers: int, step: int, hq: int, hkv: int, d: int, context: int, dtype: torch.dtype,
+                       device: torch.device, timer: Timer, mode: str, rtol: float, atol: float) -> dict[str, Any]:
+    gen = torch.Generator(device=device).manual_seed(context + 3)
+    step = max(1, min(step, context // (workers + 1)))
+    lens = [context - workers * step] + [step] * workers  # history, then each worker's current step
+    q = torch.randn(workers, hq, d, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(hkv, context, d, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(hkv, context, d, device=device, dtype=dtype, generator=gen)
+    block_len = torch.tensor(lens, device=device)
+    block_start = torch.cumsum(block_len, 0) - block_len
+    # worker n's view: history, the other workers' steps in order, its own step last; its query one past that
+    first = torch.zeros(workers, workers + 1, dtype=torch.long)
+    for n in range(workers):
+        at = lens[0]
+        for b in [w for w in range(workers) if w != n] + [n]:
+            first[n, b + 1] = at
+            at += step
+    qrel = (context - first).to(device)  # the query sits at view position `context`
+    q_pos = torch.full((workers,), step, device=device)  # rotated at its own step's local position
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
+    args = (q, q_pos, k, v, block_start, block_len, qrel, inv_freq, False, d ** -0.5)
+    want_o, want_l = block_decode_attention_ref(*args)
+    qd, kd, vd = q.permute(1, 0, 2)[None], k[None], v[None]  # [1, Hq, N, D], [1, Hkv, T, D]
+    row: dict[str, Any] = {
+        "kernel": "block_decode_attention", "context": context,
+        "shape": {"workers": workers, "q_heads": hq, "kv_heads": hkv, "head_dim": d, "blocks": len(lens),
+                  "step_tokens": step, "dtype": str(dtype).removeprefix("torch.")},
+        "bytes_read": 2 * k.numel() * k.element_size() + q.numel() * q.element_size(),  # the cache read once
+        "reference_ms": timer(lambda: block_decode_attention_ref(*args)),
+        "per_block_fused_ms": timer(lambda: _per_block(*args, None, None, fused=True)),
+        "dense_sdpa_ms": timer(lambda: F.scaled_dot_product_attention(qd, kd, vd, scale=d ** -0.5,
+                                                                        enable_gqa=hq != hkv)),
+    }
+    if mode != "unavailable":
+        got_o, got_l = block_decode_attention(*args)
+        err_o, ok_o = _errors(got_o, want_o, rtol, atol)
+        err_l, ok_l = _errors(got_l, want_l, rtol, atol)
+        row["kernel_ms"] = timer(lambda: block_decode_attention(*args))
+        row.update(max_abs_err=err_o, max_abs_err_lse=err_l, match=ok_o and ok_l)
+    return _rates(row)
+
+
 def _rates(row: dict[str, Any]) -> dict[str, Any]:
     """Ratio to the reference and the read bandwidth each side implies (GB/s, 1e9 bytes)."""
     ref = row["reference_ms"]
@@ -179,7 +235,7 @@ def _rates(row: dict[str, Any]) -> dict[str, Any]:
 
 def run(contexts: list[int], shape: dict[str, int], budget: float = 0.05, chunk: int = 64, batch: int = 1,
         dtype: torch.dtype = torch.bfloat16, device: str = "cuda", reps: int = 50, warmup: int = 5,
-        rtol: float = 1e-3, atol: float = 1e-3) -> dict[str, Any]:
+        rtol: float = 1e-3, atol: float = 1e-3, workers: int = 4, step: int = 256) -> dict[str, Any]:
     dev = torch.device(device)
     if dev.type == "cuda" and INTERPRET:
         raise SystemExit("TRITON_INTERPRET=1 would interpret the kernels on CUDA: unset it to time them compiled")
@@ -192,12 +248,13 @@ def run(contexts: list[int], shape: dict[str, int], budget: float = 0.05, chunk:
             rows.append(bench_chunk_scores(batch, hq, hkv, d, n, chunk, dtype, dev, timer, mode, rtol, atol))
             rows.append(bench_sparse_decode(batch, hq, hkv, d, n, budget, chunk, dtype, dev, timer, mode, rtol,
                                             atol))
+            rows.append(bench_block_decode(workers, step, hq, hkv, d, n, dtype, dev, timer, mode, rtol, atol))
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return {
         "config": {"device": device, "triton_mode": mode, "triton_installed": HAS_TRITON, "batch": batch,
                    "q_heads": hq, "kv_heads": hkv, "head_dim": d, "dtype": str(dtype).removeprefix("torch."),
-                   "budget": budget, "chunk_tokens": chunk, "reps": reps, "warmup": warmup,
+                   "budget": budget, "chunk_tokens": chunk, "workers": workers, "step_tokens": step, "reps": reps, "warmup": warmup,
                    "timing": "CUDA events, L2 flushed before each call, median" if dev.type == "cuda"
                    else "perf_counter, median", "rtol": rtol, "atol": atol},
         "results": rows,
@@ -216,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--budget", type=float, default=0.05, help="selected share of the context (sparse attention)")
     p.add_argument("--chunk", type=int, default=64, help="tokens per chunk (kvtier's default chunk_size)")
+    p.add_argument("--workers", type=positive_int, default=4, help="Hogwild workers (block_decode_attention)")
+    p.add_argument("--step", type=positive_int, default=256, help="tokens in each worker's current step (block_decode_attention)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="query and KV dtype (the abstracts are float32)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when torch sees one)")
@@ -234,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     if shape["heads"] % shape["kv_heads"]:
         raise SystemExit(f"--heads {shape['heads']} is not a multiple of --kv-heads {shape['kv_heads']}")
     result = run(a.contexts, shape, a.budget, a.chunk, a.batch, getattr(torch, a.dtype), device, a.reps, a.warmup,
-                 a.rtol, a.atol)
+                 a.rtol, a.atol, a.workers, a.step)
     result["config"]["shape"] = a.shape
     name = a.name or ("kernels" if device == "cpu" else "kernels-cuda")
     path = write_result(name, result, a.out)
@@ -246,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"  {'ok' if r['match'] else 'MISMATCH'}")
         if "dense_sdpa_ms" in r:
             line += f"  dense sdpa {r['dense_sdpa_ms']:.4f} ms"
+        if "per_block_fused_ms" in r:
+            line += f"  per-block fused {r['per_block_fused_ms']:.4f} ms"
         print(line)
     print(f"wrote {path}")
     if not result["all_match"]:
