@@ -36,6 +36,18 @@ class PageView:
     chunk: torch.Tensor
     first: torch.Tensor
     count: torch.Tensor
+    capacity: int  # page rows allocated per (batch row, KV head) in the buffers pmin and pmax are views of
+
+    def bounds(self, pid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page bounds for each (batch row, KV head)'s own page rows pid [B, Hkv, W]: ([B, Hkv, W, D],) x 2.
+        Whole rows are copied out of the contiguous buffers (much faster than an element-wise gather)."""
+        b, h, w = pid.shape
+        d = self.pmin.shape[-1]
+        rows = (torch.arange(b * h, device=pid.device) * self.capacity).view(b, h, 1) + pid
+        flat = rows.flatten()
+        full = (self.pmin.as_strided((b * h * self.capacity, d), (d, 1)),
+                self.pmax.as_strided((b * h * self.capacity, d), (d, 1)))
+        return tuple(t.index_select(0, flat).view(b, h, w, d) for t in full)
 
 
 class AbstractTable:
@@ -138,7 +150,7 @@ class AbstractTable:
         c, p = self.count, self.page_count
         starts, lengths, offsets, chunk = self._page_cols[:, :p]
         return PageView(self.pmin[:, :, :p], self.pmax[:, :, :p], starts, lengths, offsets, chunk,
-                        self._chunk_cols[2, :c], self._chunk_cols[3, :c])
+                        self._chunk_cols[2, :c], self._chunk_cols[3, :c], self.pmin.shape[2])
 
     def row(self, i: int) -> Row:
         """A copy of chunk row i (to carry it into a rebuilt table)."""

@@ -115,9 +115,7 @@ class Selector:
         ahead = sizes.cumsum(-1) - sizes  # tokens ranked before each chunk
         cand = (torch.gather(scores, -1, order) > _NEG) & (ahead < CANDIDATES * budget)  # a prefix of the ranking
         pid, page_ok = _candidate_pages(order, cand, pages)
-        gather = pid[..., None].expand(-1, -1, -1, pages.pmin.shape[-1])
-        pscores = self.score(q, torch.gather(pages.pmin, 2, gather), torch.gather(pages.pmax, 2, gather),
-                             pages.starts[pid]).float().masked_fill(~page_ok, _NEG)
+        pscores = self.score(q, *pages.bounds(pid), pages.starts[pid]).float().masked_fill(~page_ok, _NEG)
         porder = pscores.argsort(dim=-1, descending=True, stable=True)
         taken = take_in_order(pages.lengths[pid].gather(-1, porder), pscores.gather(-1, porder) > _NEG, budget)
         chosen = torch.zeros_like(taken).scatter_(-1, porder, taken).long()
