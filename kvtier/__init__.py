@@ -19,6 +19,7 @@ from .errors import (
     StoreNotFoundError,
     UnsupportedModelError,
 )
+from .hogwild import HogwildCache
 from .model_spec import ModelSpec
 from .prefill import prefill
 from .rope import Rope
@@ -34,6 +35,7 @@ __all__ = [
     "CacheStats",
     "CacheThreadError",
     "DiskStats",
+    "HogwildCache",
     "IncompleteSessionError",
     "KVTierCache",
     "KVTierConfig",

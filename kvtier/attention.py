@@ -17,7 +17,7 @@ from . import hooks
 from .attend import attend
 from .errors import CacheInputError, UnsupportedModelError
 from .kernels import merge_sink
-from .layers import KVHandle, SlidingLayer
+from .layers import KVHandle
 from .sparse.lookahead import decoder_layers
 
 # Not containing "sdpa", "flash_attention" or "flex_attention": transformers dispatches on those substrings.
@@ -68,7 +68,7 @@ def kvtier_attention(
     need_lse = sink is not None  # the sink rescales the merged result by its LSE
     if isinstance(key, KVHandle):
         layer = key.layer
-        if sliding_window is not None and not isinstance(layer, SlidingLayer):
+        if sliding_window is not None and not layer.is_sliding:
             raise UnsupportedModelError(
                 f"layer {layer.index} attends with sliding_window={sliding_window} but its config marks it as a "
                 "full-attention layer; set config.layer_types to match the model"

@@ -16,7 +16,6 @@ import torch
 from ..errors import CacheInputError
 from ..handle import KVHandle
 from ..kernels import block_decode_attention, merge_partials
-from ..layers import SlidingLayer
 from ..model_spec import SLIDING, LayerSpec
 from ..rope import Rope
 from .history import History
@@ -151,9 +150,7 @@ class HogwildLayer:
         return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
 
-class SlidingHogwildLayer(HogwildLayer, SlidingLayer):
-    """A sliding-window layer (its window counts view positions). Derives from SlidingLayer only because
-    kvtier's attention function recognises sliding layers with isinstance(layer, SlidingLayer); every method
-    it uses comes from HogwildLayer."""
+class SlidingHogwildLayer(HogwildLayer):
+    """A sliding-window layer: its window counts view positions."""
 
     is_sliding = True
