@@ -19,11 +19,12 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..attention import enable
-from ..cache import cache_argument
+from ..cache import KVTierCache, cache_argument
 from ..errors import CacheInputError, UnsupportedModelError
 from ..handle import KVHandle
 from ..model_spec import SLIDING, ModelSpec
 from ..rope import Rope
+from .history import TieredHistory
 from .layer import HogwildLayer, Plan, SlidingHogwildLayer
 from .layout import OTHERS, OWN, STEP0, Layout, Target
 
@@ -47,7 +48,7 @@ class HogwildCache(Cache):
     longrope), since each view places the same stored keys at other positions.
     """
 
-    def __init__(self, model: torch.nn.Module, workers: int, *, step_capacity: int = 64):
+    def __init__(self, model: torch.nn.Module, workers: int, *, step_capacity: int = 64, **history_options: Any):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         try:
@@ -60,9 +61,13 @@ class HogwildCache(Cache):
         self.device = param.device if param is not None else torch.device("cpu")
         self.dtype = spec.dtype
         self.spec = spec
-        layers = [(SlidingHogwildLayer if layer.kind == SLIDING else HogwildLayer)(
-            i, layer, rope, spec.kv_heads, spec.head_dim, spec.dtype, self.device)
-            for i, (layer, rope) in enumerate(zip(spec.layers, ropes))]
+        # The history of full-attention layers is a batch-1 KVTierCache: budgets, store and sparse mode are its.
+        self.history_cache = KVTierCache(spec, device=self.device, **history_options)
+        layers = [SlidingHogwildLayer(i, layer, rope, spec.kv_heads, spec.head_dim, spec.dtype, self.device)
+                  if layer.kind == SLIDING else
+                  HogwildLayer(i, layer, rope, spec.kv_heads, spec.head_dim, spec.dtype, self.device,
+                               TieredHistory(rope, self.history_cache.layers[i], spec.kv_heads, spec.head_dim))
+                  for i, (layer, rope) in enumerate(zip(spec.layers, ropes))]
         super().__init__(layers=layers)
         enable(model)
         self.model = model
@@ -79,11 +84,26 @@ class HogwildCache(Cache):
         self._broken = False
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, *, workers: int, step_capacity: int = 64) -> HogwildCache:
+    def for_model(cls, model: torch.nn.Module, *, workers: int, step_capacity: int = 64,
+                  **history_options: Any) -> HogwildCache:
         """A cache for `workers` workers of `model`, with the model's attention switched to kvtier.
 
-        step_capacity: device rows first reserved per current step (they double when a step outgrows them)."""
-        return cls(model, workers, step_capacity=step_capacity)
+        step_capacity: device rows first reserved per current step (they double when a step outgrows them).
+        history_options: `KVTierConfig` options of the shared history (full-attention layers), e.g.
+        device_budget / host_budget (it spills to host and disk beyond them), mode="sparse" and sparse_budget
+        (each worker reads only the history pages that matter), store_path. The current steps and headers
+        stay on the device."""
+        return cls(model, workers, step_capacity=step_capacity, **history_options)
+
+    def close(self) -> None:
+        """Release the history's store and memory (a temporary store is deleted)."""
+        self.history_cache.close()
+
+    def __enter__(self) -> HogwildCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def workers(self) -> int:

@@ -2,9 +2,12 @@
 
 Its keys are rotated at their absolute positions 0..length-1 (the history opens every worker's view, so
 these are view positions too). A finished step joins it by one re-rotation of its keys, done once
-(`append_block`), instead of a re-rotation per view per step. Kept behind this small class so that a tiered
-layer (host and disk spill, sparse selection) can take its place: the cache only ever calls `length`,
-`extend`, `append_block`, `attend`, `attend_newest`, `kv` and `reset`.
+(`append_block`), instead of a re-rotation per view per step. The cache only ever calls `length`, `extend`,
+`append_block`, `attend`, `attend_newest`, `kv` and `reset`, which two classes implement:
+
+- `TieredHistory` (full-attention layers): a `TieredLayer` of a batch-1 `KVTierCache`, so the history spills
+  to host and disk under that cache's budgets and is read exactly or sparsely like any kvtier layer.
+- `History` (sliding-window layers, never tiered in kvtier): one block on the device.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from __future__ import annotations
 import torch
 
 from ..attend import attend
+from ..handle import KVHandle
 from ..kernels import block_decode_attention
+from ..layers import TieredLayer
+from ..read import exact_attention, sparse_attention
 from ..rope import Rope
 
 
@@ -78,3 +84,72 @@ class History:
         k, v = self.kv()
         return attend(q, k[None], v[None], q_pos0=self.length - n, key_pos=0, scale=scale, causal=True,
                       window=window, softcap=softcap, need_lse=need_lse)
+
+
+class TieredHistory:
+    """One full-attention layer's history as a kvtier `TieredLayer` (batch 1): its chunks live on the device,
+    the host or disk under the owning `KVTierCache`'s budgets, and `mode="sparse"` reads only the selected
+    pages of it at each step."""
+
+    def __init__(self, rope: Rope, layer: TieredLayer, kv_heads: int, head_dim: int):
+        self.rope = rope
+        self.layer = layer
+        self._empty = (kv_heads, head_dim)
+        self._pending: KVHandle | None = None
+
+    @property
+    def length(self) -> int:
+        return self.layer.length
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of every history token's keys and values [Hkv, length, D] (checks and baselines only)."""
+        if not self.layer.length:
+            h, d = self._empty
+            empty = torch.empty(h, 0, d, dtype=self.layer.tiers.dtype, device=self.layer.tiers.device)
+            return empty, empty
+        k, v = self.layer.tiers.layer_kv(self.layer)
+        return k[0], v[0]
+
+    # ------------------------------------------------------------------------------------ writes
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append k, v [Hkv, T, D] rotated at length .. length+T-1, whose queries attend next (a prefill):
+        the layer cuts them into chunks once `attend_newest` ran, as after any kvtier prefill."""
+        self._pending = self.layer.update(k[None], v[None])
+
+    def append_block(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append a block whose keys [Hkv, T, D] are rotated at block-local positions 0..T-1: one rotation by
+        the history's length moves them to their place; no query attends, so they are sealed at once."""
+        self.layer.update(self.rope.shift(k[None], self.layer.length), v[None])
+        self.layer.commit_pending()
+
+    def reset(self) -> None:
+        self.layer.reset()
+        self._pending = None
+
+    # ------------------------------------------------------------------------------------- reads
+    def attend(self, q: torch.Tensor, q_pos: torch.Tensor, view_pos: torch.Tensor, scale: float,
+               softcap: float | None = None, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `History.attend`: rows q [R, Hq, D] rotated at q_pos [R], turned to view_pos [R] (their distance
+        from the history's first key), over every history token (exact mode) or each row's selected pages
+        (sparse mode, one selection per row). Returns out [R, Hq, D] and lse [R, Hq], float32."""
+        if window is not None:
+            raise ValueError("a tiered history serves full-attention layers only")
+        turned = self.rope.shift(q.transpose(0, 1)[None], view_pos - q_pos)  # [1, Hq, R, D]: rows at view_pos
+        layer = self.layer
+        if layer.config.mode == "sparse" and layer.chunks:
+            parts = [sparse_attention(layer, turned[:, :, r:r + 1], None, None, scale, softcap, need_lse=True)
+                     for r in range(turned.shape[2])]
+            out = torch.cat([o for o, _ in parts], dim=2)
+            lse = torch.cat([s for _, s in parts], dim=2)
+        else:  # every stored token precedes every row: no new tokens, no causal cut
+            empty = turned.new_empty(1, self._empty[0], 0, self._empty[1])
+            out, lse = exact_attention(layer, turned, KVHandle(layer, layer.length, empty, empty), None, scale,
+                                       softcap, need_lse=True)
+        return out[0].transpose(0, 1), lse[0].transpose(0, 1)
+
+    def attend_newest(self, q: torch.Tensor, scale: float, softcap: float | None, window: int | None,
+                      need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Causal attention of the newest tokens' queries q [1, Hq, Q, D] (the `extend` just made) over the
+        history, through the layer's own attention (which then seals those tokens into chunks)."""
+        handle, self._pending = self._pending, None
+        return self.layer.attend(q, handle, None, scale, softcap, need_lse)

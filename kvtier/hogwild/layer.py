@@ -18,7 +18,7 @@ from ..handle import KVHandle
 from ..kernels import block_decode_attention, merge_partials
 from ..model_spec import SLIDING, LayerSpec
 from ..rope import Rope
-from .history import History
+from .history import History, TieredHistory
 from .layout import Layout, Rows, Target
 
 
@@ -54,11 +54,11 @@ class HogwildLayer:
     is_sliding = False
 
     def __init__(self, index: int, spec: LayerSpec, rope: Rope, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, history: TieredHistory | None = None):
         self.index = index
         self.window = spec.window if spec.kind == SLIDING else None
         self.rope = rope
-        self.history = History(rope, kv_heads, head_dim, dtype, device)
+        self.history = history if history is not None else History(rope, kv_heads, head_dim, dtype, device)
         self.k = torch.empty(kv_heads, 0, head_dim, dtype=dtype, device=device)  # arena: [Hkv, size, D]
         self.v = torch.empty_like(self.k)
         self._regions: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
