@@ -109,6 +109,17 @@ class HogwildCache(Cache):
     def workers(self) -> int:
         return self.layout.workers
 
+    @property
+    def held(self) -> dict[str, Any]:
+        """What the cache holds now (read-only): tokens per block ("history", "headers", "steps": one count per
+        worker), tokens per tier ("tiers": device, host, disk; every block is on the device) and the KV bytes of
+        all of them ("bytes": every layer's keys and values, each token stored once)."""
+        steps = [self.layout.step_len(w) for w in range(self.workers)]
+        total = self.layout.total
+        per_token = 2 * self.spec.kv_heads * self.spec.head_dim * self.dtype.itemsize * len(self.layers)
+        return {"history": self.layout.history, "headers": self.layout.lengths[OTHERS] + self.layout.lengths[OWN],
+                "steps": steps, "tiers": {"device": total, "host": 0, "disk": 0}, "bytes": total * per_token}
+
     # ------------------------------------------------------------------------------ stepping API
     def prefill_history(self, ids: TokenIds) -> torch.Tensor | None:
         """Append tokens (the prompt, or any text every worker should read) to the shared history. Returns the

@@ -1,0 +1,234 @@
+"""kvtier.hogwild.generate: N workers on one problem over one HogwildCache.
+
+What is checked: one worker is ordinary greedy generation over the same prompt (token for token); the step
+detector on scripted text; the check-in question lands every `check_in_every` generated tokens and both of its
+answers do what they say; the run stops on an answer, on the budget (then the finisher answers, reading every
+step in the history), and on EOS (never written); sampling with a seed repeats; the streaming callback sees
+every token written. Models are tiny and random, so what they write is noise: the tests check the mechanics,
+not the reasoning.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+import transformers as tf
+from tiny import build_tokenizer
+
+from kvtier.hogwild import CollaborationTemplate, generate, step_ends
+from kvtier.hogwild.prompts import encode_text
+
+PROBLEM = "What is 2 + 3?"
+# the default rules are long for a character-level tokenizer; most tests read a short prompt (same mechanics)
+SHORT = dict(rules="Workers {names} ({n}) share the work; {example} opens a step.", history_intro="\n")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def run(model, tok, **kw):
+    kw.setdefault("template", CollaborationTemplate(**SHORT))
+    kw.setdefault("eos_token_id", [])
+    kw.setdefault("check_in_every", None)
+    return generate(model, tok, PROBLEM, **kw)
+
+
+def own_ids(result, worker: int) -> list[int]:
+    """Every token written into worker's steps, in order."""
+    steps = sorted([s for s in [*result.trace, *result.open_steps] if s.worker == worker], key=lambda s: s.number)
+    return [t for s in steps for t in s.token_ids]
+
+
+# ------------------------------------------------------------------------------------ step detector
+@pytest.mark.parametrize("text", [
+    "**Alice [1]:** It is 5.\n\n", "Done!\n\n", "Why?\n \n", "So 2 + 3 = 5.\n\n\n", "He said \"yes.\"\n\n",
+    "**Bold.**\n\n", "$$x = 1$$\n\n", "\\[ x = 1 \\]\n\n", "```\nprint(1)\n```\n\n", "Now (see above.)\n\n",
+])
+def test_a_step_ends_at_a_blank_line_after_a_sentence(text):
+    assert step_ends(text)
+
+
+@pytest.mark.parametrize("text", [
+    "", "It is 5.", "It is 5.\n", "It is 5\n\n", "**Alice [1]:**\n\n", "Let x = 3, y = 4\n\n",
+    "$$\nx = 1.\n\n", "```\nx = 1.\n\n", "```python\n\n", "We get 5. Then\n\nmore",
+])
+def test_no_step_boundary_elsewhere(text):
+    assert not step_ends(text)
+
+
+# -------------------------------------------------------------------------------------- the prompt
+def test_template_names_rules_and_prefixes(tok):
+    t = CollaborationTemplate()
+    assert t.worker_names(3) == ["Alice", "Bob", "Carol"] and t.worker_names(10)[-1] == "Worker 10"
+    user = t.user_text(PROBLEM, 3)
+    assert "Alice, Bob and Carol (3 in all)" in user and "**Alice [1]:**" in user and user.endswith(PROBLEM)
+    assert "shared history" in user and "current steps" in user and "Do not repeat" in user
+    enc = t.encode(tok, PROBLEM, 3)
+    text = tok.decode(enc.history)
+    assert text.startswith("<s><|user|>") and "<|assistant|>" in text  # the tokenizer's chat template
+    assert tok.decode(enc.others_header).strip().startswith("# Steps the other workers")
+    assert t.encode(tok, PROBLEM, 1).others_header == []  # no others: no header for them
+    plain = CollaborationTemplate(names=["Ann", "Ben"], use_chat_template=False, step_prefix="[{name} #{step}]")
+    assert "<|user|>" not in tok.decode(plain.encode(tok, PROBLEM, 2).history) and plain.prefix("Ben", 4) == "[Ben #4]"
+    for bad, match in ((dict(names=["A", "A"]), "differ"), (dict(step_prefix="{who}"), "step_prefix"),
+                       (dict(yes=" no"), "yes and no")):
+        with pytest.raises(ValueError, match=match):
+            CollaborationTemplate(**bad)
+    with pytest.raises(ValueError, match="2 names for 3 workers"):
+        CollaborationTemplate(names=["A", "B"]).worker_names(3)
+
+
+def test_arguments_are_checked_before_anything_runs(model, tok):
+    for kw, match in ((dict(workers=0), "workers"), (dict(max_new_tokens=0), "max_new_tokens"),
+                      (dict(do_sample=True, temperature=0.0), "temperature"), (dict(top_p=1.5), "top_p"),
+                      (dict(top_k=-1), "top_k"), (dict(check_in_every=-2), "check_in_every"),
+                      (dict(finisher_worker=2), "finisher_worker"), (dict(answer_pattern="("), "answer_pattern"),
+                      (dict(template=CollaborationTemplate(yes=" yes", no=" yes please")),
+                       "one starts with the other")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, tok, PROBLEM, **kw)
+    with pytest.raises(ValueError, match="problem is empty"):
+        generate(model, tok, "  ")
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def test_one_worker_is_greedy_generate(model, tok):
+    """N = 1 reads [prompt, own header, its step]: its tokens are what `generate` gives after the same ids (the
+    default template, through the chat template), as long as no step boundary or check-in intervenes."""
+    ref = copy.deepcopy(model)
+    template = CollaborationTemplate()
+    result = generate(model, tok, PROBLEM, workers=1, max_new_tokens=12, check_in_every=None, eos_token_id=[],
+                      finisher_tokens=0, template=template)
+    enc = template.encode(tok, PROBLEM, 1)
+    prefix = encode_text(tok, template.prefix("Alice", 1))
+    ids = torch.tensor([enc.history + enc.others_header + enc.own_header + prefix])
+    out = ref.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    assert result.trace == [] and len(result.open_steps) == 1  # no boundary intervened: one open step
+    assert list(result.open_steps[0].token_ids) == prefix + out[0, ids.shape[1]:].tolist()
+    assert result.texts[0] == tok.decode(prefix + out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    s = result.stats
+    assert result.stopped == "budget" and s.tokens_per_worker == [12] and s.inserted_per_worker == [len(prefix)]
+    assert s.rounds == 1 + 12 and s.prompt_tokens == len(enc.history)  # the prefix in one pass, then 12
+    assert s.kv["history"] == len(enc.history) and s.kv["steps"] == [len(prefix) + 12]
+
+
+def _segments(ids: list[int], worker: str, tok, template, every: int) -> list[str]:
+    """Parse one worker's token ids as the check-in rule says they must look: each step opens with its prefix,
+    then `every` generated tokens, the question, and an answer: yes (+ blank line) ends the step, no goes on.
+    Returns the answers in order ("cut": the budget ran out before one was given); fails if the ids break
+    the rule."""
+    question = encode_text(tok, template.check_in)
+    answers = {"yes": encode_text(tok, template.yes) + encode_text(tok, "\n\n"), "no": encode_text(tok, template.no)}
+    shared = next(i for i, (a, b) in enumerate(zip(*answers.values())) if a != b)  # tokens both answers open with
+    out, at, step = [], 0, 1
+    while at < len(ids):
+        prefix = encode_text(tok, template.prefix(worker, step))
+        assert ids[at:at + len(prefix)] == prefix[:len(ids) - at], f"step {step} does not open with its prefix"
+        at += len(prefix)
+        while at + every < len(ids):
+            at += every  # the worker's own tokens
+            assert ids[at:at + len(question)] == question[:len(ids) - at], f"no check-in after {every} tokens at {at}"
+            at += len(question)
+            rest = ids[at:]
+            if len(rest) <= shared:
+                return [*out, "cut"]
+            word = next((w for w, tail in answers.items() if rest[:len(tail)] == tail[:len(rest)]), None)
+            assert word is not None, f"the check-in answer {rest[:4]} is neither yes nor no"
+            out.append(word)
+            at += len(answers[word])
+            if word == "yes":
+                step += 1
+                break
+    return out
+
+
+def test_check_in_asks_at_the_interval_and_both_answers_act(model, tok):
+    """Every 4 generated tokens each worker is asked; after yes its step ends (a blank line) and a new one opens,
+    after no it goes on. Swapping the two words flips the first answer (the model ranks the same two tokens)."""
+    runs = []
+    for yes, no in ((" yes", " no"), (" no", " yes")):
+        template = CollaborationTemplate(**SHORT, yes=yes, no=no)
+        r = run(model, tok, workers=2, max_new_tokens=24, check_in_every=4, finisher_tokens=0, template=template)
+        answers = [_segments(own_ids(r, w), name, tok, template, 4) for w, name in enumerate(r.names)]
+        assert r.stats.check_ins == sum(map(len, answers)) >= 4
+        assert r.stats.redundant == sum(a.count("yes") for a in answers)
+        assert all(s.ended == "redundant" for s in r.trace) and len(r.trace) == r.stats.redundant
+        runs.append(answers)
+    assert runs[0][0][0] != runs[1][0][0]
+    assert {a for answers in runs for w in answers for a in w} >= {"yes", "no"}
+
+
+def test_stops_on_the_answer_pattern(model, tok):
+    free = run(model, tok, workers=2, max_new_tokens=20, finisher_tokens=0, answer_pattern=None)
+    body = free.texts[1][len("**Bob [1]:**"):]
+    wanted = body[3:6]
+    assert len(wanted) == 3
+    r = run(model, tok, workers=2, max_new_tokens=20, finisher_tokens=0, answer_pattern=re.escape(wanted))
+    assert r.stopped == "answer" and r.answer == wanted and r.final_text is None
+    assert sum(r.stats.tokens_per_worker) < 20
+    assert all(free.texts[w].startswith(r.texts[w]) for w in range(2))  # the same greedy run, cut short
+    assert any(wanted in s.text for s in r.open_steps)
+
+
+def test_stops_on_eos_without_writing_it(model, tok):
+    free = run(model, tok, workers=2, max_new_tokens=16, finisher_tokens=0)
+    prefix = encode_text(tok, "**Bob [1]:**")
+    eos = own_ids(free, 1)[len(prefix) + 3]  # worker 1's fourth own token
+    r = run(model, tok, workers=2, max_new_tokens=16, eos_token_id=eos)
+    assert r.stopped == "eos" and r.final_text is None and r.answer is None
+    assert all(free.texts[w].startswith(r.texts[w]) for w in range(2))
+    assert sum(r.stats.tokens_per_worker) <= 2 * 3
+    assert all(eos not in own_ids(r, w)[len(prefix) + 1:] for w in range(2))
+
+
+def test_budget_runs_the_finisher_over_every_step_and_streams_every_token(model, tok):
+    """At the budget every open step joins the history (the finisher's own last) and worker 0 completes the
+    finisher prompt greedily there; on_token saw each token written, on_step each step that joined."""
+    seen, steps = [], []
+    template = CollaborationTemplate(**SHORT)
+    r = run(model, tok, workers=3, max_new_tokens=12, finisher_tokens=5, template=template, check_in_every=2,
+            on_token=lambda w, t, text: seen.append((w, t, text)), on_step=steps.append)
+    assert r.stopped == "budget" and r.stats.tokens_per_worker == [4, 4, 4]
+    assert r.final_text.startswith(template.finisher) and r.stats.finisher_tokens == 5
+    assert [s.ended for s in r.trace[-3:]] == ["cut"] * 3 and r.trace[-1].worker == 0 and r.open_steps == []
+    assert steps == r.trace
+    finisher_ids = encode_text(tok, template.finisher)
+    s = r.stats
+    assert s.kv["history"] == s.prompt_tokens + sum(len(x.token_ids) for x in r.trace) + len(finisher_ids) + 4
+    assert s.kv["steps"] == [0, 0, 0] and s.kv["tiers"]["device"] == s.kv["history"] + s.kv["headers"]
+    for w in range(3):
+        mine = [(t, text) for v, t, text in seen if v == w]
+        extra = 5 if w == 0 else 0  # the finisher's tokens come last, for the finisher worker
+        assert [t for t, _ in mine][:len(mine) - extra] == own_ids(r, w)
+        # the text streamed is each step's, but for a character still incomplete when the step was cut
+        steps = sorted([s for s in r.trace if s.worker == w], key=lambda s: s.number)
+        assert "".join(text for _, text in mine[:len(mine) - extra]) == "".join(s.text.rstrip("\ufffd") for s in steps)
+    assert "".join(text for v, _, text in seen[-5:]) == r.final_text[len(template.finisher):].rstrip("\ufffd")
+    assert r.stats.inserted_per_worker == [len(own_ids(r, w)) - 4 for w in range(3)]
+    # an answer pattern the finisher's own prompt completes stops it after one token
+    short = run(model, tok, workers=2, max_new_tokens=2, finisher_tokens=5, answer_pattern=r"answer: \\boxed\{")
+    assert short.answer == "answer: \\boxed{" and short.stats.finisher_tokens == 1
+
+
+def test_sampling_with_a_seed_repeats(model, tok):
+    kw = dict(workers=2, max_new_tokens=12, do_sample=True, temperature=1.5, top_k=40, top_p=0.9, finisher_tokens=0)
+    a, b = run(model, tok, seed=7, **kw), run(model, tok, seed=7, **kw)
+    c = run(model, tok, seed=8, **kw)
+    assert [own_ids(a, w) for w in range(2)] == [own_ids(b, w) for w in range(2)]
+    assert [own_ids(a, w) for w in range(2)] != [own_ids(c, w) for w in range(2)]
+    greedy = run(model, tok, workers=2, max_new_tokens=12, finisher_tokens=0)
+    assert [own_ids(a, w) for w in range(2)] != [own_ids(greedy, w) for w in range(2)]
