@@ -1,4 +1,4 @@
-"""The `kvtier` command line: `kvtier qa`, `kvtier inspect`, `kvtier bench`."""
+"""The `kvtier` command line: `kvtier qa`, `kvtier inspect`, `kvtier hogwild`, `kvtier bench`."""
 
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("qa", help="answer questions about a long document (prefilled once into a store)",
                    add_help=False)
     sub.add_parser("inspect", help="show what a store holds", add_help=False)
+    sub.add_parser("hogwild", help="several workers solve a problem together over one shared cache, shown live",
+                   add_help=False)
     # add_help=False: `kvtier bench NAME --help` reaches the benchmark's own parser
     bench = sub.add_parser("bench", help="run a benchmark and write its JSON (default: the current directory)",
                            description="Run a benchmark; `kvtier bench NAME --help` lists its options.",
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         from .report import main as inspect_main
 
         return inspect_main(rest)
+    if args.command == "hogwild":
+        from .hogwild.cli import main as hogwild_main
+
+        return hogwild_main(rest)
     importlib.import_module(f"kvtier.bench.{BENCHMARKS[args.name]}").main(rest)
     return 0
 

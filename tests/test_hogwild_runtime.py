@@ -1,25 +1,32 @@
-"""kvtier.hogwild.generate: N workers on one problem over one HogwildCache.
+"""kvtier.hogwild.generate and `kvtier hogwild`: N workers on one problem over one HogwildCache.
 
 What is checked: one worker is ordinary greedy generation over the same prompt (token for token); the step
 detector on scripted text; the check-in question lands every `check_in_every` generated tokens and both of its
 answers do what they say; the run stops on an answer, on the budget (then the finisher answers, reading every
 step in the history), and on EOS (never written); sampling with a seed repeats; the streaming callback sees
-every token written. Models are tiny and random, so what they write is noise: the tests check the mechanics,
-not the reasoning.
+every token written; the command line prints lanes and one-line errors. Models are tiny and random, so what
+they write is noise: the tests check the mechanics, not the reasoning.
 """
 
 from __future__ import annotations
 
 import copy
+import io
+import json
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import transformers as tf
-from tiny import build_tokenizer
+from tiny import build_tokenizer, save_tiny_model
 
 from kvtier.hogwild import CollaborationTemplate, generate, step_ends
+from kvtier.hogwild.cli import Lanes
 from kvtier.hogwild.prompts import encode_text
+from kvtier.hogwild.runtime import Step
 
 PROBLEM = "What is 2 + 3?"
 # the default rules are long for a character-level tokenizer; most tests read a short prompt (same mechanics)
@@ -232,3 +239,65 @@ def test_sampling_with_a_seed_repeats(model, tok):
     assert [own_ids(a, w) for w in range(2)] != [own_ids(c, w) for w in range(2)]
     greedy = run(model, tok, workers=2, max_new_tokens=12, finisher_tokens=0)
     assert [own_ids(a, w) for w in range(2)] != [own_ids(greedy, w) for w in range(2)]
+
+
+# ----------------------------------------------------------------------------------- command line
+def test_lanes_rewrite_in_place_on_a_terminal():
+    out = io.StringIO()
+    lanes = Lanes(["Alice", "Bob"], out, live=True)
+    lanes.token(0, 5, "**Alice [1]:** x\x1b[2J")
+    lanes.draw()
+    lanes.step(Step(0, "Alice", 1, "**Alice [1]:** done.\n\n", (5,), "boundary"))
+    lanes.token(1, 6, "**Bob [1]:** y\nz")
+    lanes.draw()
+    lanes.close()
+    text = out.getvalue()
+    assert text.count("\x1b[2F\x1b[J") == 4  # back over both lanes before each redraw, the step, the end
+    assert "\x1b[2J" not in text and "\\x1b[2J" in text  # the model's text never drives the terminal
+    assert "Alice | **Alice [1]:** done." in text and "  Bob \u2502 **Bob [1]:** y\u21b5z" in text
+
+
+def _kvtier(*args: str, **kw) -> subprocess.Popen:
+    exe = shutil.which("kvtier")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "kvtier.cli", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_cli_shows_lanes_then_the_answer(tmp_path):
+    model = save_tiny_model(tmp_path / "model")
+    out_json = tmp_path / "run.json"
+    procs = {
+        "run": _kvtier("hogwild", "--model", str(model), "--workers", "2", "--problem", PROBLEM, "--max-new-tokens",
+                       "6", "--check-in-every", "2", "--json", str(out_json)),
+        "missing": _kvtier("hogwild", "--model", str(tmp_path / "nope"), "--problem", PROBLEM),
+    }
+    done = {name: (p.wait(timeout=600), *p.communicate()) for name, p in procs.items()}
+    rc, out, err = done["run"]
+    assert rc == 0, err
+    lanes = [line for line in out.splitlines() if re.match(r"^ *(Alice|Bob) \| ", line)]
+    assert any(line.lstrip().startswith("Alice | **Alice [1]:**") for line in lanes), out
+    assert any(line.lstrip().startswith("Bob | **Bob [1]:**") for line in lanes), out
+    assert "answer:" in out and "stopped: budget | 2 workers | 6 tokens" in out and "KV: history" in out
+    record = json.loads(out_json.read_text())
+    assert record["stopped"] == "budget" and record["names"] == ["Alice", "Bob"] and record["stats"]["kv"]["history"]
+    rc, out, err = done["missing"]
+    assert rc == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("kvtier hogwild: error: model not found"), err
+
+
+def test_cli_help_and_argument_errors(tmp_path, capsys):
+    """Through kvtier's entry point, in this process (no model loads): --help, and one line per bad argument."""
+    from kvtier.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["hogwild", "--help"])
+    assert exit_.value.code == 0 and "--workers" in capsys.readouterr().out
+    base = ["hogwild", "--model", str(tmp_path / "nope"), "--problem", PROBLEM]
+    for extra, text in ((["--workers", "0"], "--workers 0"), (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+                        (["--top-p", "0"], "--top-p 0"), (["--names", "A"], "give 2 non-empty names"),
+                        (["--json", str(tmp_path)], "is a directory"), (["--device", "nonsense"], "--device")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("kvtier hogwild: error:") and text in err[0], err
+    assert not (tmp_path / "nope").exists()
