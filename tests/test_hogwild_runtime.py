@@ -216,7 +216,8 @@ def test_budget_runs_the_finisher_over_every_step_and_streams_every_token(model,
     finisher_ids = encode_text(tok, template.finisher)
     s = r.stats
     assert s.kv["history"] == s.prompt_tokens + sum(len(x.token_ids) for x in r.trace) + len(finisher_ids) + 4
-    assert s.kv["steps"] == [0, 0, 0] and s.kv["tiers"]["device"] == s.kv["history"] + s.kv["headers"]
+    layers = model.config.num_hidden_layers  # every token on the device, counted per layer
+    assert s.kv["steps"] == [0, 0, 0] and s.kv["tiers"]["device"] == (s.kv["history"] + s.kv["headers"]) * layers
     for w in range(3):
         mine = [(t, text) for v, t, text in seen if v == w]
         extra = 5 if w == 0 else 0  # the finisher's tokens come last, for the finisher worker
@@ -229,6 +230,21 @@ def test_budget_runs_the_finisher_over_every_step_and_streams_every_token(model,
     # an answer pattern the finisher's own prompt completes stops it after one token
     short = run(model, tok, workers=2, max_new_tokens=2, finisher_tokens=5, answer_pattern=r"answer: \\boxed\{")
     assert short.answer == "answer: \\boxed{" and short.stats.finisher_tokens == 1
+
+
+def test_history_spilled_to_host_and_disk_gives_the_same_run(model, tok):
+    """history_options reach the shared history's tiers: with budgets that push most of it to host memory and
+    disk, exact attention gives the same tokens, and `stats.kv` says where the KV is."""
+    kw = dict(workers=2, max_new_tokens=16, check_in_every=4, finisher_tokens=3, template=CollaborationTemplate())
+    on_device = run(model, tok, **kw)
+    tiered = run(model, tok, history_options=dict(device_budget=132, host_budget=200), **kw)
+    assert [own_ids(tiered, w) for w in range(2)] == [own_ids(on_device, w) for w in range(2)]
+    assert tiered.final_text == on_device.final_text and tiered.stats.kv["history"] == on_device.stats.kv["history"]
+    tiers, total = tiered.stats.kv["tiers"], on_device.stats.kv["tiers"]
+    # residency per tier: a chunk brought back from disk may be counted in two tiers
+    assert tiers["host"] > 0 and tiers["disk"] > 0 and sum(tiers.values()) >= sum(total.values())
+    assert tiers["device"] < total["device"] / 4
+    assert on_device.stats.kv["tiers"]["host"] == on_device.stats.kv["tiers"]["disk"] == 0
 
 
 def test_sampling_with_a_seed_repeats(model, tok):

@@ -111,14 +111,21 @@ class HogwildCache(Cache):
 
     @property
     def held(self) -> dict[str, Any]:
-        """What the cache holds now (read-only): tokens per block ("history", "headers", "steps": one count per
-        worker), tokens per tier ("tiers": device, host, disk; every block is on the device) and the KV bytes of
-        all of them ("bytes": every layer's keys and values, each token stored once)."""
+        """What the cache holds now (read-only). Tokens per block: "history", "headers" (both), "steps" (one count
+        per worker), each stored once. Per tier, summed over layers as `KVTierCache.stats()` counts residency (a
+        chunk may be resident in two tiers at once): "tiers" (tokens) and "bytes" (on disk: compressed). The
+        full-attention layers' history is in `history_cache`'s tiers; sliding layers' history, the headers and
+        the steps are on the device."""
         steps = [self.layout.step_len(w) for w in range(self.workers)]
-        total = self.layout.total
-        per_token = 2 * self.spec.kv_heads * self.spec.head_dim * self.dtype.itemsize * len(self.layers)
-        return {"history": self.layout.history, "headers": self.layout.lengths[OTHERS] + self.layout.lengths[OWN],
-                "steps": steps, "tiers": {"device": total, "host": 0, "disk": 0}, "bytes": total * per_token}
+        headers = self.layout.lengths[OTHERS] + self.layout.lengths[OWN]
+        sliding = sum(layer.is_sliding for layer in self.layers)
+        on_device = (headers + sum(steps)) * len(self.layers) + self.layout.history * sliding
+        per_token = 2 * self.spec.kv_heads * self.spec.head_dim * self.dtype.itemsize  # one layer's k and v
+        s = self.history_cache.stats()
+        return {"history": self.layout.history, "headers": headers, "steps": steps,
+                "tiers": {"device": on_device + s.device.tokens, "host": s.host.tokens, "disk": s.disk.tokens},
+                "bytes": {"device": on_device * per_token + s.device.bytes, "host": s.host.bytes,
+                          "disk": s.disk.bytes}}
 
     # ------------------------------------------------------------------------------ stepping API
     def prefill_history(self, ids: TokenIds) -> torch.Tensor | None:

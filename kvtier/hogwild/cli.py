@@ -166,10 +166,10 @@ def summary(result: HogwildResult) -> list[str]:
                  f"({per}) | {s.steps_finished} steps finished | {s.check_ins} check-ins ({s.redundant} yes) | "
                  f"{s.rounds} rounds, {s.forward_passes} forward passes | {s.seconds:.1f} s")
     if kv:
-        tiers = kv["tiers"]
-        lines.append(f"KV: history {kv['history']} + headers {kv['headers']} + steps {sum(kv['steps'])} tokens | "
-                     f"device {tiers['device']} / host {tiers['host']} / disk {tiers['disk']} tokens | "
-                     f"{kv['bytes'] / 2**20:.1f} MiB")
+        tiers, size = kv["tiers"], kv["bytes"]
+        lines.append(f"KV: history {kv['history']} + headers {kv['headers']} + steps {sum(kv['steps'])} tokens, "
+                     f"each stored once | all layers: device {tiers['device']} / host {tiers['host']} / disk "
+                     f"{tiers['disk']} tokens, {sum(size.values()) / 2**20:.1f} MiB")
     return lines
 
 

@@ -63,7 +63,7 @@ class HogwildStats:
     """Counts of one run. tokens_per_worker: tokens each worker generated (what max_new_tokens limits);
     inserted_per_worker: tokens written into its steps for it (step prefixes, check-in questions and answers);
     forward_passes: every model call (prompt, headers, batched rounds, finisher); rounds: the batched ones;
-    kv: `HogwildCache.held` at the end (tokens per block and per tier, bytes)."""
+    kv: `HogwildCache.held` at the end (tokens per block; tokens and bytes per tier, summed over layers)."""
 
     tokens_per_worker: list[int]
     inserted_per_worker: list[int]
@@ -130,7 +130,8 @@ def generate(model: torch.nn.Module, tokenizer, problem: str, *, workers: int = 
              seed: int | None = None, answer_pattern: str | None = BOXED, check_in_every: int | None = 256,
              eos_token_id: int | Sequence[int] | None = None, finisher_tokens: int = 32, finisher_worker: int = 0,
              on_token: TokenCallback | None = None, on_step: Callable[[Step], None] | None = None,
-             template: CollaborationTemplate | None = None, step_capacity: int = 64) -> HogwildResult:
+             template: CollaborationTemplate | None = None, step_capacity: int = 64,
+             history_options: dict[str, Any] | None = None) -> HogwildResult:
     """`workers` copies of `model` solve `problem` together, each reading the others' text as it is written.
 
     max_new_tokens: the tokens all workers may generate together (inserted text not counted); a round that
@@ -150,8 +151,11 @@ def generate(model: torch.nn.Module, tokenizer, problem: str, *, workers: int = 
         across tokens; one still incomplete when the run stops is never streamed).
     on_step(step): called as each step joins the history.
     template: the prompt and inserted texts (`CollaborationTemplate()` by default).
+    step_capacity, history_options: as in `HogwildCache.for_model` (history_options: `KVTierConfig` options of
+        the shared history, e.g. device_budget, host_budget, mode="sparse"; the history spills past them).
 
-    The model's attention is switched to kvtier (as `HogwildCache.for_model` does). Returns a `HogwildResult`.
+    The model's attention is switched to kvtier (as `HogwildCache.for_model` does); the cache is closed before
+    returning. Returns a `HogwildResult`.
     """
     template = template or CollaborationTemplate()
     _check(workers, max_new_tokens, do_sample, temperature, top_p, top_k, check_in_every, finisher_tokens,
@@ -173,16 +177,17 @@ def generate(model: torch.nn.Module, tokenizer, problem: str, *, workers: int = 
     names = template.worker_names(workers)
     started = time.perf_counter()
     prompt = template.encode(tokenizer, problem, workers)
-    cache = HogwildCache.for_model(model, workers=workers, step_capacity=step_capacity)
-    run = _Run(cache, tokenizer, template, names, opts)
-    run.stats.prompt_tokens = len(prompt.history)
-    logits = cache.prefill_history(prompt.history)
-    headers = cache.set_headers(prompt.others_header, prompt.own_header)
-    run.stats.forward_passes += 1 + bool(prompt.others_header) + bool(prompt.own_header)
-    logits = headers if headers is not None else logits
-    stopped = run.run(logits[None].expand(workers, -1))  # every step is empty: all workers predict alike
-    final_text = run.finish() if stopped == "budget" and finisher_tokens and template.finisher else None
-    result = run.result(stopped, final_text)
+    with HogwildCache.for_model(model, workers=workers, step_capacity=step_capacity,
+                                **(history_options or {})) as cache:
+        run = _Run(cache, tokenizer, template, names, opts)
+        run.stats.prompt_tokens = len(prompt.history)
+        logits = cache.prefill_history(prompt.history)
+        headers = cache.set_headers(prompt.others_header, prompt.own_header)
+        run.stats.forward_passes += 1 + bool(prompt.others_header) + bool(prompt.own_header)
+        logits = headers if headers is not None else logits
+        stopped = run.run(logits[None].expand(workers, -1))  # every step is empty: all workers predict alike
+        final_text = run.finish() if stopped == "budget" and finisher_tokens and template.finisher else None
+        result = run.result(stopped, final_text)
     result.stats.seconds = time.perf_counter() - started
     return result
 
