@@ -284,7 +284,8 @@ def test_cli_shows_lanes_then_the_answer(tmp_path):
     out_json = tmp_path / "run.json"
     procs = {
         "run": _kvtier("hogwild", "--model", str(model), "--workers", "2", "--problem", PROBLEM, "--max-new-tokens",
-                       "6", "--check-in-every", "2", "--json", str(out_json)),
+                       "6", "--check-in-every", "2", "--json", str(out_json), "--device-budget", "140",
+                       "--host-budget", "300"),
         "missing": _kvtier("hogwild", "--model", str(tmp_path / "nope"), "--problem", PROBLEM),
     }
     done = {name: (p.wait(timeout=600), *p.communicate()) for name, p in procs.items()}
@@ -295,7 +296,8 @@ def test_cli_shows_lanes_then_the_answer(tmp_path):
     assert any(line.lstrip().startswith("Bob | **Bob [1]:**") for line in lanes), out
     assert "answer:" in out and "stopped: budget | 2 workers | 6 tokens" in out and "KV: history" in out
     record = json.loads(out_json.read_text())
-    assert record["stopped"] == "budget" and record["names"] == ["Alice", "Bob"] and record["stats"]["kv"]["history"]
+    assert record["stopped"] == "budget" and record["names"] == ["Alice", "Bob"]
+    assert record["stats"]["kv"]["tiers"]["disk"] > 0  # the budgets reached the history: it spilled
     rc, out, err = done["missing"]
     assert rc == 2 and "Traceback" not in err, err
     errors = [line for line in err.splitlines() if line.strip()]
@@ -312,7 +314,8 @@ def test_cli_help_and_argument_errors(tmp_path, capsys):
     base = ["hogwild", "--model", str(tmp_path / "nope"), "--problem", PROBLEM]
     for extra, text in ((["--workers", "0"], "--workers 0"), (["--max-new-tokens", "0"], "--max-new-tokens 0"),
                         (["--top-p", "0"], "--top-p 0"), (["--names", "A"], "give 2 non-empty names"),
-                        (["--json", str(tmp_path)], "is a directory"), (["--device", "nonsense"], "--device")):
+                        (["--json", str(tmp_path)], "is a directory"), (["--device", "nonsense"], "--device"),
+                        (["--host-budget", "lots"], "--host-budget: budget 'lots'")):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("kvtier hogwild: error:") and text in err[0], err

@@ -20,6 +20,7 @@ import torch
 
 from ..cli import error_line, printable
 from ..errors import KVTierError
+from ..sizes import split_budget
 from .prompts import CollaborationTemplate
 from .runtime import HogwildResult, Step, generate
 
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for sampling (reproducible runs)")
     p.add_argument("--check-in-every", type=int, default=DEFAULTS["check_in_every"],
                    help="ask each worker whether its work is redundant every N of its tokens (default 256; 0: never)")
+    p.add_argument("--device-budget", help="the shared history's KV kept on the device: tokens per layer (8192) or "
+                                          "a size (8GiB); beyond it the history spills to CPU memory and disk")
+    p.add_argument("--host-budget", help="the shared history's KV kept in CPU memory: tokens per layer or a size")
     p.add_argument("--names", help="comma-separated worker names (default: Alice, Bob, Carol, ...)")
     p.add_argument("--no-chat-template", action="store_true", help="plain text prompt even if a template exists")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -77,6 +81,12 @@ def check_arguments(args: argparse.Namespace) -> CollaborationTemplate:
         names = [n.strip() for n in args.names.split(",")]
         if len(names) < args.workers or not all(names):
             raise HogwildCLIError(f"--names {args.names!r}: give {args.workers} non-empty names, one per worker")
+    for flag, text in (("--device-budget", args.device_budget), ("--host-budget", args.host_budget)):
+        if text is not None:
+            try:
+                split_budget(text)
+            except ValueError as err:
+                raise HogwildCLIError(f"{flag}: {err}") from None
     if args.json is not None:
         target = Path(args.json).resolve()
         if target.is_dir():
@@ -189,7 +199,10 @@ def run(args: argparse.Namespace) -> int:
         result = generate(model, tokenizer, args.problem, workers=args.workers, max_new_tokens=args.max_new_tokens,
                           do_sample=sample, temperature=args.temperature if sample else 1.0, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, check_in_every=args.check_in_every or None,
-                          on_token=lanes.token, on_step=lanes.step, template=template)
+                          on_token=lanes.token, on_step=lanes.step, template=template,
+                          history_options={name: text for name, text in (("device_budget", args.device_budget),
+                                                                         ("host_budget", args.host_budget))
+                                           if text is not None})
     finally:
         lanes.close()
     for step in result.open_steps:
