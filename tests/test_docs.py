@@ -8,6 +8,7 @@ from pathlib import Path
 
 import kvtier
 from kvtier import KVTierConfig
+from kvtier.hogwild.cli import build_parser as hogwild_parser
 from kvtier.qa import build_parser as qa_parser
 from kvtier.report import build_parser as inspect_parser
 
@@ -34,13 +35,22 @@ def test_every_option_is_documented_with_its_default():
 
 def test_every_cli_flag_is_documented_and_no_other():
     documented = set(re.findall(r"^\| `(--[a-z-]+)` \|", CONFIG, flags=re.M))
-    actual = set(_flags(qa_parser())) | set(_flags(inspect_parser()))
+    actual = set(_flags(qa_parser())) | set(_flags(inspect_parser())) | set(_flags(hogwild_parser()))
     assert documented == actual, f"undocumented: {actual - documented}, stale: {documented - actual}"
     for action in qa_parser()._actions:
         if action.option_strings and action.default not in (None, False) and action.dest != "help":
             row = next(line for line in CONFIG.splitlines() if line.startswith(f"| `{action.option_strings[0]}` |"))
             if action.dest != "device":
                 assert f"`{action.default}`" in row, f"{action.option_strings[0]}: docs default differs"
+
+
+def test_hogwild_flags_are_documented_with_their_defaults():
+    section = CONFIG.split("## `kvtier hogwild`")[1].split("\n## ")[0]
+    rows = {m.group(1): line for line in section.splitlines() if (m := re.match(r"^\| `(--[a-z-]+)` \|", line))}
+    assert set(rows) == set(_flags(hogwild_parser()))
+    for action in hogwild_parser()._actions:
+        if action.option_strings and action.default not in (None, False) and action.dest not in ("help", "device"):
+            assert f"`{action.default}`" in rows[action.option_strings[0]], f"{action.option_strings[0]}: docs default"
 
 
 def test_tutorial_uses_real_flags():
@@ -54,3 +64,24 @@ def test_doc_links_resolve():
         for target in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
             if not target.startswith("http"):
                 assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+def test_hogwild_tutorial_uses_real_flags_and_its_example_runs(tmp_path):
+    """docs/hogwild.md's flags exist, and its Python example runs as written on a tiny model and tokenizer."""
+    import torch
+    import transformers as tf
+    from tiny import save_tiny_model
+
+    tutorial = (ROOT / "docs" / "hogwild.md").read_text()
+    used = set(re.findall(r"(--[a-z][a-z-]+)", tutorial))
+    assert used <= set(_flags(hogwild_parser())) | {"--help"}, used - set(_flags(hogwild_parser()))
+    blocks = re.findall(r"```python\n(.*?)```", tutorial, flags=re.S)
+    assert len(blocks) == 1
+    path = save_tiny_model(tmp_path / "model")
+    torch.manual_seed(0)
+    scope = {"tokenizer": tf.AutoTokenizer.from_pretrained(path),
+             "model": tf.AutoModelForCausalLM.from_pretrained(path).eval()}
+    exec(compile(blocks[0], "docs/hogwild.md", "exec"), scope)
+    result = scope["result"]
+    assert result.names == ["Ada", "Brian", "Chen"] and result.stopped in ("answer", "eos", "budget")
+    assert sum(result.stats.tokens_per_worker) <= 64

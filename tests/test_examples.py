@@ -55,6 +55,12 @@ def test_custom_loop_runs(tiny):
     assert "tokens cached" in out.stdout and "bytes moved per step" in out.stdout
 
 
+def test_hogwild_runs(tiny):
+    out = run("hogwild.py", "--model", str(tiny), "--workers", "2", "--max-new-tokens", "40")
+    assert "stopped: " in out.stdout and "tokens per worker" in out.stdout and "each stored once" in out.stdout
+    assert "[Alice, step 1," in out.stdout and "[Bob, step 1," in out.stdout  # steps as they joined the history
+
+
 def test_training_script_finds_the_shared_data_beside_the_repository(tmp_path):
     """The default haystack is ../shared/data/ beside whichever checkout holds the script, not one machine's path."""
     script = tmp_path / "checkout" / "scripts" / "train_retrieval_model.py"
