@@ -9,7 +9,8 @@ import sys
 from . import __version__
 
 # benchmark name -> module under kvtier.bench with a `main(argv)`
-BENCHMARKS = {"exact": "exact", "codec": "codec", "speed": "speed", "quality": "quality", "kernels": "kernels"}
+BENCHMARKS = {"exact": "exact", "codec": "codec", "speed": "speed", "quality": "quality", "kernels": "kernels",
+              "hogwild": "hogwild"}
 
 
 def printable(value: object) -> str:

@@ -14,6 +14,9 @@
 #   speed    kvtier bench speed --device cuda --shape llama3-8b at 32k, 64k and 128k tokens: DynamicCache on the
 #            GPU, transformers' offloaded DynamicCache and kvtier (shared-tiered, 24 GiB card emulated)
 #            -> speed-llama3-8b-cuda.json (+ .png)
+#   hogwild  (not in the default steps; run on its own, see below) kvtier bench hogwild --device cuda --shape
+#            llama3-8b: N = 1, 2, 4, 8 workers over one 16k-token prompt, HogwildCache against N independent
+#            StaticCache decodes and the re-rotating baseline -> hogwild-llama3-8b-cuda.json (+ .png)
 #
 # Usage:  bash scripts/gpu_check.sh              on the GPU machine, from anywhere
 #         bash scripts/gpu_check.sh --cpu-smoke  every step's command on the CPU with tiny shapes (also
@@ -37,9 +40,17 @@
 # (--time-limit; the JSON lists it under skipped_contexts) and rewrites its JSON after every context, so what
 # was measured is kept. Then measure 128k alone, within the same 8 minutes, into speed-llama3-8b-cuda-128k.json:
 #     GPU_CHECK_STEPS=speed GPU_CHECK_CONTEXTS=131072 bash scripts/gpu_check.sh
+# The hogwild step would take the speed step's time, so it runs in a call of its own (capped at 300 s):
+#     GPU_CHECK_STEPS=hogwild bash scripts/gpu_check.sh
+# Estimate for it, not a measurement: ~30 s to build the two random-weight 8B models, one 16k prefill for the
+# independent runs and two per worker count (Hogwild and the baseline; ~1-2 s each), 3 + 16 decode steps per
+# method and worker count (under 0.2 s each, the baseline at N = 8 the slowest), Triton compiles ~20 s. Every
+# worker count's caches are held at once (they take turns at each step): ~54 GiB of KV at 16k tokens (15
+# prompt copies for the independent runs, 4 for Hogwild, 8 for the baseline) beside the two models' 30 GiB of
+# weights; 32k would not fit in an H200's 139 GiB.
 #
 # Environment:
-#   GPU_CHECK_STEPS      steps to run after setup (default "tests kernels exact speed")
+#   GPU_CHECK_STEPS      steps to run after setup (default "tests kernels exact speed"; also "hogwild")
 #   GPU_CHECK_LIMIT_S    deadline for the whole script in seconds (default 480)
 #   GPU_CHECK_CONTEXTS   contexts of the kernels and speed steps (default "32768 65536 131072")
 #   GPU_CHECK_CONFIGS    kvtier configurations of the speed step (default "shared-tiered")
@@ -204,16 +215,18 @@ fi
 KERNELS_NAME="kernels-cuda$SUFFIX"
 SPEED_NAME="speed-llama3-8b-cuda$SUFFIX"
 EXACT_NAME="exact-llama3-8b-cuda"
+HOGWILD_NAME="hogwild-llama3-8b-cuda"
 if [ "$DRY" = 1 ]; then
     RESULTS="$WORK/results" # a smoke run never touches docs/benchmarks
     KERNELS_NAME="kernels-cpu-smoke"
     EXACT_NAME="exact-llama3-8b-cpu-smoke"
     SPEED_NAME="speed-llama3-8b-cpu-smoke"
+    HOGWILD_NAME="hogwild-llama3-8b-cpu-smoke"
 else
     RESULTS="$ROOT/docs/benchmarks"
 fi
 RESULT_FILES=("$RESULTS/$KERNELS_NAME.json" "$RESULTS/$EXACT_NAME.json" "$RESULTS/$EXACT_NAME.png"
-    "$RESULTS/$SPEED_NAME.json" "$RESULTS/$SPEED_NAME.png")
+    "$RESULTS/$SPEED_NAME.json" "$RESULTS/$SPEED_NAME.png" "$RESULTS/$HOGWILD_NAME.json" "$RESULTS/$HOGWILD_NAME.png")
 mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu-check.log"
 JUNIT="$WORK/gpu-check-pytest.xml"
@@ -298,6 +311,7 @@ KERNEL_ARGS=(--contexts "${CONTEXT_LIST[@]}")
 EXACT_ARGS=(--shapes llama3-8b --contexts 32768 65536 --steps 8 --no-reopen)
 SPEED_ARGS=(--shape llama3-8b --contexts "${CONTEXT_LIST[@]}" --gpu-memory-gib 24 --host-fraction 1.0
     --configs "${CONFIG_LIST[@]}" --steps 5 --warmup 2)
+HOGWILD_ARGS=(--shape llama3-8b --prompt 16384 --workers 1 2 4 8 --steps 16 --warmup 3)
 if [ "$DRY" = 1 ]; then
     say "CPU smoke run: each step's command on the CPU with tiny shapes; nothing here is a GPU result"
     KERNEL_ARGS=(--contexts 512 --heads 4 --kv-heads 2 --head-dim 16 --chunk 16 --reps 2 --warmup 1)
@@ -305,6 +319,8 @@ if [ "$DRY" = 1 ]; then
     SPEED_ARGS=(--shape llama3-8b --contexts 600 700 --layers 2 --kv-heads 2 --head-dim 16 --intermediate 64
         --gpu-memory-gib 1 --reserve-gib 0.1 --host-fraction 1.0 --configs "${CONFIG_LIST[@]}" --steps 2 --warmup 1
         --threads 1)
+    HOGWILD_ARGS=(--shape llama3-8b --prompt 256 --workers 1 2 --layers 2 --kv-heads 2 --head-dim 16 --intermediate 64
+        --steps 2 --warmup 1 --threads 1)
 fi
 
 run_step setup 120 env _GPU_CHECK_SETUP_WORK="$WORK" GPU_CHECK_DRY_RUN="$DRY" bash "$ROOT/scripts/gpu_check.sh"
@@ -368,8 +384,17 @@ print("measured", " ".join(str(x["context"]) for x in r["results"]) or "none", "
       " ".join(map(str, r.get("skipped_contexts", []))) or "none")' "$RESULTS/$SPEED_NAME.json" 2>&1)|")
             fi
             ;;
+        hogwild)
+            if [ "$DRY" = 1 ]; then
+                run_step hogwild 120 env CUDA_VISIBLE_DEVICES= "$PY" -m kvtier.cli bench hogwild --device cpu \
+                    "${HOGWILD_ARGS[@]}" --name "$HOGWILD_NAME" --out "$RESULTS"
+            else
+                run_step hogwild 300 "$PY" -m kvtier.cli bench hogwild --device cuda "${HOGWILD_ARGS[@]}" \
+                    --name "$HOGWILD_NAME" --out "$RESULTS"
+            fi
+            ;;
         *)
-            say "unknown step $step (steps: tests kernels exact speed)"
+            say "unknown step $step (steps: tests kernels exact speed hogwild)"
             SUMMARY+=("$step|unknown step|0")
             FAILED=1
             ;;

@@ -150,6 +150,34 @@ def test_bench_kernels_runs_on_cpu_with_tiny_shapes(tmp_path):
         assert all(r["match"] and r["kernel_ms"] > 0 for r in rows.values())
 
 
+def test_bench_hogwild_writes_json_and_its_methods_agree(tmp_path):
+    """`kvtier bench hogwild` on a tiny grouped-query Llama: each method timed at each worker count, the prompt's KV
+    held once by Hogwild and once per worker by the independent runs, and the same logits where the views are the
+    same (the re-rotation baseline rebuilds every Hogwild view; one worker's view is the independent sequence)."""
+    from kvtier.cli import main
+
+    assert main(["bench", "hogwild", "--workers", "1", "3", "--prompt", "40", "--steps", "3", "--warmup", "1",
+                 "--shape", "qwen2.5-0.5b", "--layers", "2", "--kv-heads", "2", "--head-dim", "16",
+                 "--intermediate", "64", "--out", str(tmp_path), "--no-plot"]) == 0
+    result = json.loads((tmp_path / "hogwild.json").read_text())
+    assert result["machine"]["torch"] and result["config"]["prompt_tokens"] == 40
+    rows = {r["workers"]: r for r in result["results"]}
+    assert set(rows) == {1, 3}
+    for n, row in rows.items():
+        assert all(row[name]["step_ms"] > 0 for name in ("independent", "hogwild", "rerotate"))
+        assert row["view_tokens"] == 40 + n * 4  # the prompt and every worker's 1 + 3 tokens
+        assert row["independent"]["prompt_copies"] == n and row["hogwild"]["prompt_copies"] == 1
+        assert row["independent"]["prompt_kv_bytes"] == n * row["hogwild"]["prompt_kv_bytes"]
+        assert row["hogwild"]["prompt_kv_bytes"] <= row["hogwild"]["kv_bytes_history"]
+        assert row["independent"]["kv_bytes"] >= row["independent"]["prompt_kv_bytes"]
+        assert row["max_abs_logit_diff_hogwild_vs_rerotate"] < 1e-4
+    assert rows[1]["max_abs_logit_diff_hogwild_vs_independent"] < 1e-4
+    assert rows[1]["hogwild"]["ratio_vs_one_worker"] == 1.0
+    targets = result["targets"]
+    assert targets["prompt_kv_held_once"]["met"] is True
+    assert targets["hogwild_step_vs_one_worker"]["met"] is None  # N = 4 was not run
+
+
 def test_speed_run_skips_contexts_past_its_time_limit():
     """The first context always runs; a later one that the previous one's time says would not fit is skipped,
     and the partial result handed out after each context says it is not complete."""
@@ -163,7 +191,8 @@ def test_speed_run_skips_contexts_past_its_time_limit():
     assert [p["complete"] for p in partial] == [False] and partial[0]["results"][0]["context"] == 600
 
 
-@pytest.mark.parametrize("args", [["exact", "--contexts", "0"], ["exact", "--steps", "-1"], ["speed", "--contexts", "x"]])
+@pytest.mark.parametrize("args", [["exact", "--contexts", "0"], ["exact", "--steps", "-1"], ["speed", "--contexts", "x"],
+                                  ["hogwild", "--workers", "0"], ["hogwild", "--warmup", "-1"]])
 def test_bench_refuses_bad_counts_in_one_line(args):
     out = _kvtier("bench", *args)
     assert out.returncode == 2 and "Traceback" not in out.stderr
