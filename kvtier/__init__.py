@@ -19,7 +19,7 @@ from .errors import (
     StoreNotFoundError,
     UnsupportedModelError,
 )
-from .hogwild import HogwildCache
+from .hogwild import CollaborationTemplate, HogwildCache, HogwildResult, HogwildStats
 from .model_spec import ModelSpec
 from .prefill import prefill
 from .rope import Rope
@@ -34,8 +34,11 @@ __all__ = [
     "CacheInputError",
     "CacheStats",
     "CacheThreadError",
+    "CollaborationTemplate",
     "DiskStats",
     "HogwildCache",
+    "HogwildResult",
+    "HogwildStats",
     "IncompleteSessionError",
     "KVTierCache",
     "KVTierConfig",
