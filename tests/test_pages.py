@@ -79,7 +79,7 @@ def _greedy_pages(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> set
 @settings(max_examples=60, deadline=None)
 @given(lengths=st.lists(st.integers(1, 64), min_size=2, max_size=14), page_size=st.integers(2, 16),
        budget=st.integers(0, 120), seed=st.integers(0, 10_000), shared=st.booleans())
-def test_pages_taken_are_the_best_pages_of_the_best_chunks(lengths, page_size, budget, seed, shared):
+def test_whole_chunks_while_they_fit_then_the_best_pages_of_the_next(lengths, page_size, budget, seed, shared):
     table, _ = _table(lengths, page_size, seed)
     q = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(seed + 1))
     kmin, kmax, lens, starts = table.view()
@@ -90,21 +90,27 @@ def test_pages_taken_are_the_best_pages_of_the_best_chunks(lengths, page_size, b
     page_scores = selector.score(q, pages.pmin, pages.pmax, pages.starts)
     for b in range(2):
         for h in range(2):
-            # candidates: the best-ranked chunks holding up to CANDIDATES x the budget in tokens
-            ranked, ahead = [], 0
-            for c in chunk_scores[b, h].argsort(descending=True, stable=True).tolist():
-                if ahead >= CANDIDATES * budget:
+            ranking = chunk_scores[b, h].argsort(descending=True, stable=True).tolist()
+            whole, used = [], 0
+            while len(whole) < len(ranking) and used + lengths[ranking[len(whole)]] <= budget:
+                used += lengths[ranking[len(whole)]]
+                whole.append(ranking[len(whole)])
+            left = budget - used
+            cand, ahead = [], 0
+            for c in ranking[len(whole):]:
+                if ahead >= CANDIDATES * left:
                     break
-                ranked.append(c)
+                cand.append(c)
                 ahead += lengths[c]
-            candidates = torch.tensor([int(pages.chunk[p]) in ranked for p in range(len(pages.chunk))])
-            scores = page_scores[b, h].masked_fill(~candidates, float("-inf"))
             chosen = set(sel.pages[b, h].nonzero().flatten().tolist())
-            assert sum(int(pages.lengths[p]) for p in chosen) <= budget
-            assert chosen <= set(candidates.nonzero().flatten().tolist())
-            assert _greedy_pages(scores, pages.lengths, budget) <= chosen
-            if CANDIDATES * budget >= sum(lengths):  # every chunk is a candidate: the best pages overall
-                assert _greedy_pages(page_scores[b, h], pages.lengths, budget) <= chosen
+            of_whole = {p for p in range(len(pages.chunk)) if int(pages.chunk[p]) in whole}
+            assert of_whole <= chosen  # the best chunks while they fit, every page of them
+            extra = chosen - of_whole
+            assert sum(int(pages.lengths[p]) for p in extra) <= left
+            in_cand = torch.tensor([int(pages.chunk[p]) in cand for p in range(len(pages.chunk))])
+            assert extra <= set(in_cand.nonzero().flatten().tolist())
+            scores = page_scores[b, h].masked_fill(~in_cand, float("-inf"))
+            assert _greedy_pages(scores, pages.lengths, left) <= extra  # then the best pages of the next chunks
             # the chunk mask names exactly the chunks holding a chosen page
             assert set(sel.chunks[b, h].nonzero().flatten().tolist()) == {int(pages.chunk[p]) for p in chosen}
     if shared:

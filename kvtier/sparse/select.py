@@ -4,10 +4,10 @@ The base class does the mechanics once: every chunk is scored per (sequence, KV 
 padding are dropped, forced chunks (attention sinks) are always kept, and the best-scoring units are taken
 while they fit the token budget. A policy only implements `score`, which rates chunks and pages alike.
 
-`select` takes whole chunks. `select_pages` cuts the selection down to pages (kvtier.sparse.abstracts): it
-scores the chunks, then only the pages of the best-ranked chunks (up to CANDIDATES x the budget in
-tokens), whose own bounds are tighter, and takes pages while they fit: a needle in a large chunk costs one
-page of the budget, at a cost that follows the budget, not the context.
+`select` takes whole chunks. `select_pages` (what a sparse step uses) takes the best chunks whole while they
+fit, then fills what is left of the budget with pages (kvtier.sparse.abstracts) of the chunks ranked next,
+ranked by their own, tighter bounds: a needle in a chunk too large for the rest of the budget costs one page
+of it, and the work follows the budget, not the context.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from ..kernels import chunk_scores
 from .abstracts import PageView
 
 _NEG = float("-inf")
-# Page selection looks inside the best-ranked chunks holding up to this many times the budget in tokens.
+# Pages fill what whole chunks leave of the budget, from the chunks ranked next holding up to this many times
+# what is left, in tokens.
 CANDIDATES = 4
 
 
@@ -100,40 +101,44 @@ class Selector:
         forced: torch.Tensor | None = None,
         has_tokens: torch.Tensor | None = None,
     ) -> Selection:
-        """The pages (and the chunks holding them) to attend to, as `select` but page by page.
-
-        The candidates are the best-ranked chunks holding up to CANDIDATES x the budget in tokens; their
-        pages are ranked by their own bounds (never above their chunk's) and taken while they fit. The
-        cost follows the budget, not the context. max_pages: most pages of one chunk (the table's)."""
-        b, h, c = kmin.shape[0], kmin.shape[1], kmin.shape[2]
+        """The chunks and pages to attend to: the best-ranked chunks whole while they fit the budget (as
+        `select`'s first pass), then, for what is left, the best pages of the chunks ranked next (up to
+        CANDIDATES x what is left, in tokens), by their own bounds. Whole chunks keep transfers in large
+        units; pages let a needle in a chunk too large for the rest of the budget cost one page of it.
+        max_pages: most pages of one chunk (the table's)."""
         if max_pages <= 1:  # one page per chunk: pages are the chunks
             sel = self.select(q, kmin, kmax, lengths, starts, budget, forced, has_tokens)
             return Selection(sel, sel[:, :, pages.chunk])
         scores = self._chunk_scores(q, kmin, kmax, starts, forced, has_tokens)
         order = scores.argsort(dim=-1, descending=True, stable=True)  # stable: shared scores rank alike per head
         sizes = lengths[order]
-        ahead = sizes.cumsum(-1) - sizes  # tokens ranked before each chunk
-        cand = (torch.gather(scores, -1, order) > _NEG) & (ahead < CANDIDATES * budget)  # a prefix of the ranking
-        pid, page_ok = _candidate_pages(order, cand, pages)
+        usable = torch.gather(scores, -1, order) > _NEG
+        whole = usable & (sizes.cumsum(-1) <= budget)  # a prefix of the ranking
+        left = budget - (sizes * whole).sum(-1, keepdim=True)  # [B, Hkv, 1]
+        rest = usable & ~whole
+        ahead = (sizes * rest).cumsum(-1) - sizes  # tokens of the rest ranked before each chunk
+        cand = rest & (ahead < CANDIDATES * left)  # the chunks ranked right after the whole ones
+        pid, page_ok = _candidate_pages(order, cand, int((whole.sum(-1) + cand.sum(-1)).max()), pages)
         pscores = self.score(q, *pages.bounds(pid), pages.starts[pid]).float().masked_fill(~page_ok, _NEG)
         porder = pscores.argsort(dim=-1, descending=True, stable=True)
-        taken = take_in_order(pages.lengths[pid].gather(-1, porder), pscores.gather(-1, porder) > _NEG, budget)
+        taken = take_in_order(pages.lengths[pid].gather(-1, porder), pscores.gather(-1, porder) > _NEG, left)
         chosen = torch.zeros_like(taken).scatter_(-1, porder, taken).long()
-        page_sel = torch.zeros(b, h, pages.lengths.numel(), dtype=torch.long, device=kmin.device)
-        page_sel = page_sel.scatter_add_(-1, pid, chosen) > 0
-        chunk_sel = torch.zeros(b, h, c, dtype=torch.long, device=kmin.device)
-        chunk_sel = chunk_sel.scatter_add_(-1, pages.chunk[pid], chosen) > 0
+        chunk_sel = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, whole)
+        page_sel = chunk_sel[:, :, pages.chunk].long().scatter_add_(-1, pid, chosen) > 0
+        chunk_sel = chunk_sel.long().scatter_add_(-1, pages.chunk[pid], chosen) > 0
         if forced is not None:
             chunk_sel |= forced[None, None, :]
             page_sel |= forced[pages.chunk][None, None, :]
         return Selection(chunk_sel, page_sel)
 
 
-def _candidate_pages(order: torch.Tensor, cand: torch.Tensor, pages: PageView) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pages of each (row, KV head)'s candidate chunks, listed end to end: page rows [B, Hkv, W] and
-    which entries are real [B, Hkv, W] (W: the longest list). O(candidate pages), whatever the context."""
+def _candidate_pages(order: torch.Tensor, cand: torch.Tensor, reach: int,
+                     pages: PageView) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pages of each (row, KV head)'s candidate chunks (cand, in rank order, all within the first `reach`
+    ranks), listed end to end: page rows [B, Hkv, W] and which entries are real [B, Hkv, W] (W: the longest
+    list). O(candidate pages), whatever the context."""
     b, h, _ = order.shape
-    width_c = max(1, int(cand.sum(-1).max()))
+    width_c = max(1, reach)
     rows = order[..., :width_c]
     counts = torch.where(cand[..., :width_c], pages.count[rows], 0).flatten()  # pages per candidate
     per_bh = counts.view(b * h, width_c).sum(-1)
