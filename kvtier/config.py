@@ -41,9 +41,10 @@ class KVTierConfig:
         host_budget: tokens per layer the host pool may hold (None: no limit; 0: go straight to disk).
         store_path: LMDB store directory; None makes a temporary one that is removed on close.
         chunk_size: tokens per sealed chunk.
-        page_size: tokens per page: sparse selection scores chunks, then cuts them down to the pages that
-            matter, so a needle in a large chunk costs one page of the budget, not the chunk (page key
-            bounds cost 1/page_size of the keys' memory on the device). Fixed when the store is created.
+        page_size: tokens per page: sparse selection takes the best chunks whole while they fit, then fills
+            the rest of the budget with the best pages of the chunks ranked next, so a needle in a chunk too
+            large for what is left costs one page of it (page key bounds cost 1/page_size of the keys'
+            memory on the device). Fixed when the store is created.
         sink_tokens: leading tokens pinned on the device (0 disables).
         recent_window: newest tokens kept unsealed on the device (sliding-window layers also keep this many
             tokens beyond their window, so `crop` can take back that many).
