@@ -34,10 +34,11 @@ class Selection:
     pages: torch.Tensor
 
 
-def take_in_order(sizes: torch.Tensor, usable: torch.Tensor, budget: int) -> torch.Tensor:
-    """Units in rank order (sizes, usable: [..., N]) -> which are taken: the best while they fit the budget,
-    then, past the first that did not fit, the best of the rest that still fit what is left (one large unit
-    does not shut out every smaller one; it matters most at tight budgets)."""
+def take_in_order(sizes: torch.Tensor, usable: torch.Tensor, budget: int | torch.Tensor) -> torch.Tensor:
+    """Units in rank order (sizes, usable: [..., N]) -> which are taken: the best while they fit the budget
+    (an int, or one per row broadcast against [..., 1]), then, past the first that did not fit, the best of
+    the rest that still fit what is left (one large unit does not shut out every smaller one; it matters
+    most at tight budgets)."""
     taken = (torch.cumsum(sizes, dim=-1) <= budget) & usable
     left = budget - (sizes * taken).sum(-1, keepdim=True)
     fits = usable & ~taken & (sizes <= left)
