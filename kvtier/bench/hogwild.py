@@ -55,7 +55,7 @@ from ..handle import KVHandle
 from ..hogwild import HogwildCache, Layout
 from ..hogwild.layer import HogwildLayer
 from .common import add_out_argument, median_ms, positive_int, timed, write_result
-from .speed import SHAPES, speed_model
+from .speed import SHAPES, shape_from_args, speed_model
 
 METHODS = ("independent", "hogwild", "rerotate")
 TARGET_WORKERS = 4
@@ -361,12 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
-    shape = dict(SHAPES[a.shape])
-    if a.kv_heads:
-        ratio = shape["heads"] // shape["kv_heads"]
-        shape.update(kv_heads=a.kv_heads, heads=a.kv_heads * ratio)
-    shape.update({k: v for k, v in (("layers", a.layers), ("head_dim", a.head_dim),
-                                    ("intermediate", a.intermediate)) if v})
+    shape = shape_from_args(a)
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     result = run(sorted(set(a.workers)), a.prompt, a.steps, a.warmup, shape, a.device, dtype)
     result["config"]["shape"] = a.shape

@@ -71,6 +71,18 @@ def speed_model(shape: dict[str, int], max_len: int, device: str = "cpu",
         return tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
+def shape_from_args(a) -> dict[str, int]:
+    """The shape `--shape` names, with the `--kv-heads` (query heads follow), `--layers`, `--head-dim` and
+    `--intermediate` overrides applied."""
+    shape = dict(SHAPES[a.shape])
+    if a.kv_heads:
+        ratio = shape["heads"] // shape["kv_heads"]
+        shape.update(kv_heads=a.kv_heads, heads=a.kv_heads * ratio)
+    shape.update({k: v for k, v in (("layers", a.layers), ("head_dim", a.head_dim),
+                                    ("intermediate", a.intermediate)) if v})
+    return shape
+
+
 def emulated_device_budget(model: torch.nn.Module, gpu_gib: float, reserve_gib: float) -> int:
     """Tokens per layer a `gpu_gib` card holds once the weights and `reserve_gib` of activations are in."""
     cfg = model.config
@@ -334,12 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
-    shape = dict(SHAPES[a.shape])
-    if a.kv_heads:
-        ratio = shape["heads"] // shape["kv_heads"]
-        shape.update(kv_heads=a.kv_heads, heads=a.kv_heads * ratio)
-    shape.update({k: v for k, v in (("layers", a.layers), ("head_dim", a.head_dim),
-                                    ("intermediate", a.intermediate)) if v})
+    shape = shape_from_args(a)
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     name = a.name or ("speed" if a.device == "cpu" else f"speed-{a.shape}-cuda")
 
