@@ -384,11 +384,13 @@ class KVTierCache(Cache):
         self._check_thread("warm()")
         moved = 0
         for layer in self.tiers.layers:
-            for chunk in reversed(layer.chunks):
-                if chunk.tier != Tier.DISK:
-                    continue
-                pool_free, host = self.tiers.device_pools[layer.index].free, self.tiers.host_pools[layer.index]
-                if (pool_free is not None and pool_free < chunk.length) and not host.fits(chunk.length):
+            on_disk = [c for c in reversed(layer.chunks) if c.tier == Tier.DISK]
+            # Into the device in groups (one read transaction, one allocation, one write of slot owners each) ...
+            rest = self.tiers.promote_into_free_room(layer.index, on_disk)
+            moved += len(on_disk) - len(rest)
+            host = self.tiers.host_pools[layer.index]
+            for chunk in rest:  # ... then what fits into the host, newest first
+                if not host.fits(chunk.length):
                     break
                 k, v = self.tiers.fetch(chunk)
                 self.tiers.promote(chunk, k, v)

@@ -6,7 +6,6 @@ tokens) and merge them by log-sum-exp, so where a token lives never changes the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,7 +14,7 @@ from .attend import attend
 from .handle import KVHandle
 from .kernels import merge_partials, partial_attention, sparse_decode_attention
 from .sparse.select import Selection
-from .store.chunk import Chunk, Tier
+from .store.chunk import Chunk, Tier, token_groups
 
 if TYPE_CHECKING:
     from .layers import TieredLayer
@@ -38,40 +37,20 @@ def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype,
     return (out, lse) if need_lse else (out.to(dtype), None)
 
 
-def _groups(chunks: list[Chunk], limit: int) -> Iterator[list[Chunk]]:
-    """Consecutive runs of chunks holding at most `limit` tokens (one staging batch each)."""
-    group, size = [], 0
-    for chunk in chunks:
-        if group and size + chunk.length > limit:
-            yield group
-            group, size = [], 0
-        group.append(chunk)
-        size += chunk.length
-    if group:
-        yield group
-
-
-def _stage(layer: "TieredLayer", group: list[Chunk], device: torch.device):
-    """Fetch a group of chunks into the staging buffers: k, v [B, H, n, D] and their positions [n]. Each chunk
-    is copied once, straight into its place (no concatenation of per-chunk copies, no new allocation)."""
+def _stage(layer: "TieredLayer", group: list[Chunk], batch: int, device: torch.device):
+    """Read a group of chunks into the staging buffers: k, v [B, H, n, D] and their positions [n]. The group's
+    records are read in one transaction and decoded straight into their place (no per-chunk tensors, no
+    concatenation, no new allocation); copies are then kept in whatever free room the tiers have."""
     n = sum(c.length for c in group)
-    fetched = []
-    for chunk in group:
-        k, v = layer.tiers.fetch(chunk)
-        layer.tiers.promote(chunk, k, v)
-        fetched.append((chunk, k, v))
-    if len(fetched) == 1:
-        chunk, k, v = fetched[0]
-        return k, v, torch.arange(chunk.start, chunk.end, device=device)
-    sk, sv = layer.tiers.staging(fetched[0][1].shape[0], n, device)
-    at = 0
-    for chunk, k, v in fetched:
-        sk[:, :, at:at + chunk.length].copy_(k)
-        sv[:, :, at:at + chunk.length].copy_(v)
-        at += chunk.length
-    pos = torch.cat([torch.arange(c.start, c.end, device=device) for c in group])
-    counters = layer.tiers.counters
-    counters.staging_peak_tokens = max(counters.staging_peak_tokens, n)
+    tiers = layer.tiers
+    sk, sv = tiers.staging(batch, n, device)
+    tiers.read_into(group, sk, sv)
+    tiers.keep_staged(group, sk, sv)
+    if len(group) == 1:
+        pos = torch.arange(group[0].start, group[0].end, device=device)
+    else:
+        pos = torch.cat([torch.arange(c.start, c.end, device=device) for c in group])
+    tiers.counters.staging_peak_tokens = max(tiers.counters.staging_peak_tokens, n)
     return sk, sv, pos
 
 
@@ -93,7 +72,7 @@ def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad
     else:
         remote = [c for c in layer.chunks if c.tier != Tier.DEVICE and c.start < past]
         layer.tiers.counters.device.hits += sum(1 for c in layer.chunks if c.start < past) - len(remote)
-        remote = _promote_into_free_room(layer, remote)
+        remote = layer.tiers.promote_into_free_room(layer.index, remote)
     parts = []
     if limit > 0 and layer.pool.high_water:
         k, v, pos = layer.pool.view()
@@ -114,9 +93,9 @@ def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad
     prefetcher = layer.tiers.prefetcher
     ahead = [c for c in remote if c.tier == Tier.DISK]
     prefetcher.request(ahead, layer.tiers.clock)
-    for group in _groups(remote, layer.config.staging_tokens):
+    for group in token_groups(remote, layer.config.staging_tokens):
         ahead = [c for c in ahead if c.start >= group[-1].end]
-        k, v, pos = _stage(layer, group, q.device)
+        k, v, pos = _stage(layer, group, q.shape[0], q.device)
         prefetcher.request(ahead, layer.tiers.clock)
         valid = None
         if any(c.end > past for c in group):
@@ -134,18 +113,6 @@ def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad
             return out, lse
         parts.append((out, lse))
     return _merge(parts, q.dtype, need_lse)
-
-
-def _promote_into_free_room(layer: "TieredLayer", remote: list[Chunk]) -> list[Chunk]:
-    """Pull non-resident chunks into free device room (none is evicted for it); return the rest."""
-    rest = []
-    for chunk in remote:
-        if layer.tiers.device_has_room(layer.index, chunk.length):
-            k, v = layer.tiers.fetch(chunk)
-            layer.tiers.promote(chunk, k, v)
-        else:
-            rest.append(chunk)
-    return rest
 
 
 # ---------------------------------------------------------------------------------------- sparse

@@ -25,6 +25,7 @@ from kvtier.store.codec import (
     RecordHeader,
     _from_planes,
     _to_planes,
+    byte_view,
 )
 
 SIG = bytes(range(16))
@@ -228,3 +229,60 @@ def test_lossy_records_are_int8_with_per_channel_scales():
         err = (orig.float() - back.float()).abs()
         assert bool((err <= scale * 0.5 + orig.float().abs() * 2 ** -7 + 1e-6).all())  # rounding + bf16 cast
     assert len(blob) < len(_encode(codec, k, v))
+
+
+# ------------------------------------------------------------------------------------- decode_into
+def _arena_views(shape, dtype, at=5):
+    """k, v destinations as a device arena's run of slots: [B, H, n, D] views of [B, H, capacity, D]."""
+    b, h, n, d = shape
+    arena = torch.full((2, b, h, n + 2 * at, d), 7.0).to(dtype)
+    return arena, arena[0][:, :, at:at + n], arena[1][:, :, at:at + n]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("planes, lossy", [(False, False), (True, False), (False, True)])
+def test_decode_into_a_strided_destination_equals_decode(dtype, planes, lossy):
+    """Straight into a run of arena slots (bytes copied, bfloat16 too), the neighbouring slots untouched."""
+    codec = RecordCodec(-1, planes)
+    k, v = _kv((2, 3, 8, 16), dtype, seed=9)
+    blob = _encode(codec, k, v, lossy=lossy)
+    arena, k_out, v_out = _arena_views(k.shape, dtype)
+    before = arena.clone()
+    codec.decode_into(memoryview(blob), _header(k, lossy=lossy), byte_view(k_out), byte_view(v_out))
+    k2, v2 = codec.decode(blob, _header(k, lossy=lossy))
+    assert torch.equal(k_out, k2) and torch.equal(v_out, v2)
+    if not lossy:
+        assert torch.equal(k_out, k) and torch.equal(v_out, v)
+    outside = torch.ones_like(arena, dtype=torch.bool)
+    outside[:, :, :, 5:13] = False
+    assert torch.equal(arena[outside], before[outside])
+
+
+@pytest.mark.parametrize("damage, error, text", [
+    ("payload", StoreCorruptError, "payload corrupted"),
+    ("header", StoreCorruptError, "header checksum"),
+    ("truncated", StoreCorruptError, "truncated"),
+    ("session", StoreMismatchError, "another session"),
+    ("place", StoreCorruptError, "holds layer 3 chunk 17"),
+])
+def test_decode_into_checks_everything_decode_checks_and_writes_nothing_on_failure(damage, error, text):
+    codec = RecordCodec()
+    k, v = _kv((1, 2, 8, 8), torch.float32, seed=2)
+    blob, expect = bytearray(_encode(codec, k, v)), _header(k)
+    if damage == "payload":
+        blob[-3] ^= 0x5A  # inside the last raw block: only the frame's content checksum sees it
+    elif damage == "header":
+        blob[30] ^= 0x01
+    elif damage == "truncated":
+        blob = blob[: len(blob) - 9]
+    elif damage == "session":
+        expect = dataclasses.replace(expect, session=b"s" * 16)
+    else:
+        expect = dataclasses.replace(expect, chunk_id=18)
+    arena, k_out, v_out = _arena_views(k.shape, k.dtype)
+    before = arena.clone()
+    with pytest.raises(error, match=text):
+        codec.decode_into(memoryview(bytes(blob)), expect, byte_view(k_out), byte_view(v_out))
+    with pytest.raises(error, match=text):
+        codec.decode(bytes(blob), expect)
+    assert torch.equal(arena, before)

@@ -54,8 +54,11 @@ ops = st.lists(
         st.tuples(st.just("fetch"), st.integers(0, 50)),
         st.tuples(st.just("free"), st.integers(0, 50)),
         st.tuples(st.just("reorder"), st.lists(st.integers(0, B - 1), min_size=B, max_size=B)),  # beams repeat rows
+        st.tuples(st.just("evict"), st.integers(0, 50)),  # free device room, holes in the arena
+        st.tuples(st.just("promote_group"), st.lists(st.integers(0, 50), max_size=6)),
+        st.tuples(st.just("read_group"), st.lists(st.integers(0, 50), min_size=1, max_size=6)),
     ),
-    min_size=1,
+    min_size=8,  # long enough for placements, evictions and promotions to meet
     max_size=40,
 )
 
@@ -72,6 +75,7 @@ def test_tier_manager_invariants(ops, device_budget, host_budget, tmp_path_facto
             if op == "place":
                 k, v = torch.randn(B, H, arg, D), torch.randn(B, H, arg, D)
                 chunk = Chunk(0, tm.new_chunk_id(), pos, arg, Tier.DEVICE, B)
+                chunk.row = chunk.chunk_id  # any distinct row: the pool's owner marks must name it
                 pos += arg
                 tm.place(chunk, k, v)
                 live[chunk.chunk_id] = (chunk, k, v)
@@ -83,6 +87,26 @@ def test_tier_manager_invariants(ops, device_budget, host_budget, tmp_path_facto
             elif op == "free" and live:
                 cid = list(live)[arg % len(live)]
                 tm.free([live.pop(cid)[0]])
+            elif op == "evict" and live:
+                chunk = list(live.values())[arg % len(live)][0]
+                if chunk.tier == Tier.DEVICE:
+                    tm.evict_from_device(chunk)
+            elif op == "promote_group" and live:
+                # Any chunks, resident or not, in any order (duplicates dropped): those that fit go up as groups.
+                picked = list({id(c): c for c in (list(live.values())[i % len(live)][0] for i in arg)}.values())
+                free = tm.device_pools[0].free
+                below = [c for c in picked if c.tier != Tier.DEVICE]
+                rest = tm.promote_into_free_room(0, picked)
+                assert all(c.tier != Tier.DEVICE for c in rest) and all(c in below for c in rest)
+                assert sum(c.length for c in below if c not in rest) <= free  # free room only, nothing evicted
+                assert all(c.tier == Tier.DEVICE for c in below if c not in rest)
+            elif op == "read_group" and live:
+                picked = [list(live.values())[i % len(live)] for i in arg]
+                n = sum(c.length for c, _, _ in picked)
+                k_out, v_out = torch.full((B, H, n, D), float("nan")), torch.full((B, H, n, D), float("nan"))
+                tm.read_into([c for c, _, _ in picked], k_out, v_out)
+                assert torch.equal(k_out, torch.cat([k for _, k, _ in picked], 2))
+                assert torch.equal(v_out, torch.cat([v for _, _, v in picked], 2))
             elif op == "reorder":
                 index = torch.tensor(arg)
                 tm.select_rows(0, [c for c, _, _ in live.values()], index)
@@ -105,6 +129,11 @@ def _check(tm, live, device_budget, host_budget):
     for c in chunks:
         if c.tier == Tier.DISK:
             assert c.on_disk and tm.disk.contains(c.key)
+        if c.tier == Tier.DEVICE:  # the pool knows which position of which chunk each of its slots holds
+            assert torch.equal(dev.slot_pos[c.slots], torch.arange(c.start, c.end))
+            assert bool((dev.slot_owner[c.slots] == c.row).all())
+    owned = sorted(s for c in chunks if c.tier == Tier.DEVICE for s in c.slots.tolist())
+    assert owned == sorted(set(owned)) and len(owned) == dev.used  # no slot shared, none leaked
     live_keys = {c.key for c in chunks if c.on_disk}
     if tm.has_disk:
         assert set(tm.disk.keys()) == live_keys  # freed chunks leave no records behind

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -71,3 +72,16 @@ def chunk_key(layer: int, chunk_id: int) -> bytes:
 
 def chunk_name(layer: int, chunk_id: int) -> str:
     return f"layer {layer} chunk {chunk_id}"
+
+
+def token_groups(chunks: list[Chunk], limit: int) -> Iterator[list[Chunk]]:
+    """Consecutive runs of chunks holding at most `limit` tokens each (a single larger chunk: a run of its own)."""
+    group, size = [], 0
+    for chunk in chunks:
+        if group and size + chunk.length > limit:
+            yield group
+            group, size = [], 0
+        group.append(chunk)
+        size += chunk.length
+    if group:
+        yield group

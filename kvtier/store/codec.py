@@ -80,10 +80,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 @dataclass(slots=True, frozen=True)
 class RecordHeader:
     """What a record holds. Readers build the one they expect and `decode` compares every field."""
@@ -112,7 +108,7 @@ class RecordHeader:
         b, h, n, d = self.batch, self.heads, self.length, self.head_dim
         if self.lossy:
             return 2 * (4 * b * h * d) + 2 * b * h * n * d
-        return 2 * _itemsize(self.dtype) * b * h * n * d
+        return 2 * self.dtype.itemsize * b * h * n * d
 
 
 # Byte planes with whole-array numpy operations. A plane is the truncation to uint8 of the little-endian words
@@ -198,17 +194,16 @@ class RecordCodec:
             self._local.d = zstandard.ZstdDecompressor()
         return self._local.d
 
-    def _decompress_into(self, payload: memoryview, size: int) -> tuple[np.ndarray, int]:
-        """Decompress one frame straight into a new writable array of `size` bytes (zstd cannot write past
-        it); returns the array and how many bytes the frame held (more than `size` counts as size + 1)."""
-        out = np.empty(size, dtype=np.uint8)
-        got = 0
+    def _decompress_into(self, payload: memoryview, out: np.ndarray) -> int:
+        """Decompress one frame straight into `out` (zstd cannot write past it); returns how many bytes the
+        frame held (more than `out` holds counts as its size + 1)."""
+        got, size = 0, out.size
         with self._decompressor.stream_reader(payload) as reader:
             while got < size and (n := reader.readinto(out[got:])):
                 got += n
             # read to the frame's end: zstd checks the content checksum there, and a longer frame shows
             got += len(reader.read(1))
-        return out, got
+        return got
 
     def encode(self, header: RecordHeader, k: torch.Tensor, v: torch.Tensor, lossy: bool = False) -> bytes:
         """k, v: [batch, heads, length, head_dim]. lossy: store int8 values with per-channel scales."""
@@ -227,36 +222,21 @@ class RecordCodec:
             else:
                 raw = np.concatenate(parts)
         payload = self._compressor.compress(raw)  # zstd reads the array's buffer: no copy to bytes
-        head = _HEADER.pack(
-            MAGIC,
-            LAYOUT_VERSION,
-            flags,
-            DTYPE_CODES[k.dtype],
-            header.layer,
-            header.chunk_id,
-            header.start,
-            header.length,
-            header.batch,
-            header.heads,
-            header.head_dim,
-            raw.nbytes,
-            len(payload),
-            header.signature[:16].ljust(16, b"\0"),
-            header.session,
-        )
-        return head + _HEADER_CRC.pack(zlib.crc32(head)) + payload
+        return _pack_header(header, flags, DTYPE_CODES[k.dtype], raw.nbytes, len(payload)) + payload
 
     @staticmethod
-    def read_header(blob: bytes, name: str) -> RecordHeader:
-        """The record's header, checked for damage (magic, layout version, crc, dtype, flags); not its place."""
-        if blob[:4] in OLD_MAGICS:
+    def read_header(blob: bytes | memoryview, name: str) -> RecordHeader:
+        """The record's header, checked for damage (magic, layout version, crc, dtype, flags); not its place.
+        `blob` may be a view of the mapped store: the header is copied out once and parsed from the copy."""
+        magic = bytes(blob[:4])
+        if magic in OLD_MAGICS:
             raise StoreMismatchError(
-                f"{name}: record has layout version {OLD_MAGICS[blob[:4]]}, written by an older kvtier; this "
+                f"{name}: record has layout version {OLD_MAGICS[magic]}, written by an older kvtier; this "
                 f"kvtier reads version {LAYOUT_VERSION}. Prefill the document again."
             )
         if len(blob) < HEADER_BYTES:
             raise StoreCorruptError(f"{name}: record truncated to {len(blob)} bytes (header needs {HEADER_BYTES})")
-        head = blob[: _HEADER.size]
+        head = bytes(blob[: _HEADER.size])
         (crc,) = _HEADER_CRC.unpack_from(blob, _HEADER.size)
         fields = _HEADER.unpack(head)
         if fields[0] != MAGIC:
@@ -276,41 +256,105 @@ class RecordCodec:
         return RecordHeader(layer, chunk_id, start, length, batch, heads, head_dim, CODE_DTYPES[dtype_code],
                             signature, session, layout, flags, raw_nbytes, payload_nbytes)
 
-    def decode(self, blob: bytes, expect: RecordHeader, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, blob: bytes | memoryview, expect: RecordHeader,
+               where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """Check that `blob` is exactly the record `expect` describes, then decode it: k, v [B, H, n, D].
         where: prefixed to error messages (the store)."""
         name = where + chunk_name(expect.layer, expect.chunk_id)
-        h = self.read_header(blob, name)
-        _check_place(h, expect, name)
+        flags, raw, payload = self._checked(blob, expect, name)
+        return self._tensors(self._decompress(payload, raw, name, np.empty(raw, dtype=np.uint8)), expect, flags)
+
+    def decode_into(self, blob: bytes | memoryview, expect: RecordHeader, k_out: np.ndarray, v_out: np.ndarray,
+                    where: str = "") -> None:
+        """As `decode`, into k_out, v_out: the bytes of [B, H, n, D] destinations, as uint8 arrays
+        [B, H, n, D * itemsize] of any strides (`byte_view` of a run of a device arena's slots, or of a range
+        of a staging buffer). Every check of `decode` runs first.
+
+        A lossless record without byte planes is decompressed into a buffer kept per thread, which stays in the
+        CPU cache until it is copied into place, once; no tensor is made per record. Other encodings decode as
+        `decode` does and are copied."""
+        name = where + chunk_name(expect.layer, expect.chunk_id)
+        flags, raw, payload = self._checked(blob, expect, name)
+        if flags & (FLAG_INT8 | FLAG_BYTE_PLANES):
+            k, v = self._tensors(self._decompress(payload, raw, name, np.empty(raw, dtype=np.uint8)), expect, flags)
+            k, v = byte_view(k), byte_view(v)
+        else:
+            k, v = self._decompress(payload, raw, name, self._scratch(raw)).reshape(2, *k_out.shape)
+        k_out[...] = k
+        v_out[...] = v
+
+    def _scratch(self, size: int) -> np.ndarray:
+        """This thread's decode buffer, `size` bytes (grown when needed, never shrunk: a record's size)."""
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or buf.size < size:
+            buf = self._local.scratch = np.empty(size, dtype=np.uint8)
+        return buf[:size]
+
+    def _checked(self, blob: bytes | memoryview, expect: RecordHeader, name: str) -> tuple[int, int, memoryview]:
+        """(flags, decoded size, payload) of a record whose header says it is the one `expect` describes.
+
+        A record usually carries exactly the header its slot would get if written now, which one comparison
+        checks (the header's crc32 included). Any other header is read field by field: a record in another
+        allowed encoding (byte planes) passes, anything else raises an error that says which field is wrong."""
         payload = memoryview(blob)[HEADER_BYTES:]
-        if len(payload) != h.payload_nbytes:
-            raise StoreCorruptError(f"{name}: payload truncated ({len(payload)} of {h.payload_nbytes} bytes)")
-        if h.raw_nbytes > MAX_COMPRESSION_RATIO * len(payload) + 4096:
+        flags, raw = FLAG_ZSTD | (FLAG_INT8 if expect.lossy else 0), expect.raw_size()
+        code = DTYPE_CODES.get(expect.dtype)
+        if (code is None or len(expect.session) != SESSION_ID_BYTES
+                or bytes(blob[:HEADER_BYTES]) != _pack_header(expect, flags, code, raw, len(payload))):
+            h = self.read_header(blob, name)
+            _check_place(h, expect, name)
+            if len(payload) != h.payload_nbytes:
+                raise StoreCorruptError(f"{name}: payload truncated ({len(payload)} of {h.payload_nbytes} bytes)")
+            flags, raw = h.flags, h.raw_nbytes
+        if raw > MAX_COMPRESSION_RATIO * len(payload) + 4096:
             raise StoreCorruptError(
-                f"{name}: record declares {h.raw_nbytes} bytes from a {len(payload)}-byte payload, more than "
+                f"{name}: record declares {raw} bytes from a {len(payload)}-byte payload, more than "
                 f"{MAX_COMPRESSION_RATIO}x: refused before decompressing"
             )
+        return flags, raw, payload
+
+    def _decompress(self, payload: memoryview, raw: int, name: str, out: np.ndarray) -> np.ndarray:
+        """Decompress the checked payload into `out` (`raw` bytes), the frame's content checksum verified."""
         try:
             # A damaged frame header could claim any size: check it before zstd allocates for it.
-            if zstandard.frame_content_size(payload) != h.raw_nbytes:
+            if zstandard.frame_content_size(payload) != raw:
                 raise StoreCorruptError(f"{name}: payload corrupted (frame size does not match the header)")
-            arr, got = self._decompress_into(payload, h.raw_nbytes)
+            got = self._decompress_into(payload, out)
         except zstandard.ZstdError as exc:  # includes the frame's content checksum failing
             raise StoreCorruptError(f"{name}: payload corrupted ({exc})") from exc
-        if got != h.raw_nbytes:
-            raise StoreCorruptError(f"{name}: decoded {got} bytes, expected {h.raw_nbytes}")
+        if got != raw:
+            raise StoreCorruptError(f"{name}: decoded {got} bytes, expected {raw}")
+        return out
+
+    @staticmethod
+    def _tensors(arr: np.ndarray, h: RecordHeader, flags: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, H, n, D] over a decoded payload (int8 records dequantized, byte planes interleaved)."""
         b, heads, n, d = h.batch, h.heads, h.length, h.head_dim
         shape = (b, heads, n, d)
-        if h.flags & FLAG_INT8:
+        if flags & FLAG_INT8:
             n_scale = b * heads * d * 4
             scales = torch.from_numpy(arr[: 2 * n_scale].view(np.float32)).view(2, b, heads, 1, d)
             values = torch.from_numpy(arr[2 * n_scale:].view(np.int8)).view(2, *shape)
             kv = (values.float() * scales).to(h.dtype)
             return kv[0], kv[1]
-        if h.flags & FLAG_BYTE_PLANES:
-            arr = _from_planes(arr, _itemsize(h.dtype))
+        if flags & FLAG_BYTE_PLANES:
+            arr = _from_planes(arr, h.dtype.itemsize)
         kv = torch.from_numpy(arr).view(h.dtype).view(2, *shape)
         return kv[0], kv[1]
+
+
+def byte_view(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a CPU tensor [..., D] whose last dimension is contiguous, as a uint8 array [..., D * itemsize]
+    sharing its memory (any dtype, bfloat16 too, which numpy lacks)."""
+    return t.view(torch.uint8).numpy()
+
+
+def _pack_header(header: RecordHeader, flags: int, dtype_code: int, raw_nbytes: int, payload_nbytes: int) -> bytes:
+    """A record's header bytes, its crc32 included."""
+    head = _HEADER.pack(MAGIC, LAYOUT_VERSION, flags, dtype_code, header.layer, header.chunk_id, header.start,
+                        header.length, header.batch, header.heads, header.head_dim, raw_nbytes, payload_nbytes,
+                        header.signature[:16].ljust(16, b"\0"), header.session)
+    return head + _HEADER_CRC.pack(zlib.crc32(head))
 
 
 def _check_place(h: RecordHeader, expect: RecordHeader, name: str) -> None:

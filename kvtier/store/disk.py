@@ -22,7 +22,7 @@ import os
 import shutil
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -329,6 +329,15 @@ class DiskStore:
     def get_many(self, keys: Iterable[bytes]) -> list[bytes | None]:
         with self._lmdb_errors("read"), self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
             return [txn.get(k) for k in keys]
+
+    @contextlib.contextmanager
+    def viewing(self) -> Iterator[Callable[[bytes], memoryview | None]]:
+        """One read transaction for a batch of reads: inside the block, `get(key)` returns the record as a
+        read-only view of the mapped file (None if absent), with no copy into a bytes object. A view is valid
+        only until the block ends: decode it there, never keep it. Thread-safe, as `get` is."""
+        with (self._lmdb_errors("read"), self._resize_lock.shared(),
+              self.env.begin(db=self._chunks, buffers=True) as txn):
+            yield txn.get
 
     def put(self, key: bytes, value: bytes) -> None:
         self.put_many([(key, value)])

@@ -73,7 +73,7 @@ class DevicePool:
         self.used = 0
         self.peak = 0
         self.high_water = 0
-        self.version = 0  # changes whenever a chunk's slots change (set_owner, release): tables over them rebuild
+        self.version = 0  # changes whenever a chunk's slots change (set_owner, claim, release): tables rebuild
         self.expected = 0  # tokens announced ahead (`reserve`): the next growth goes straight there
         # Free slots below high_water: a set, plus a min-heap with lazy deletion for lowest-first reuse.
         self._holes: set[int] = set()
@@ -149,13 +149,16 @@ class DevicePool:
             return None
         take = [self._pop_hole() for _ in range(min(n, len(self._holes)))]
         fresh = n - len(take)
+        first = self.high_water
         if fresh:
             if self.high_water + fresh > self.capacity:
                 self._grow(self.high_water + fresh)
-            take.extend(range(self.high_water, self.high_water + fresh))
             self.high_water += fresh
         self.used += n
         self.peak = max(self.peak, self.used)
+        if not take:  # fresh slots only (a run): no Python list of every slot
+            return torch.arange(first, first + fresh, dtype=torch.long, device=self.device)
+        take.extend(range(first, first + fresh))
         return torch.tensor(take, dtype=torch.long, device=self.device)
 
     def _pop_hole(self) -> int:
@@ -183,21 +186,40 @@ class DevicePool:
             self._hole_heap.clear()
 
     def write(
-        self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, owner: int = -1
+        self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+        owner: int | torch.Tensor = -1,
     ) -> None:
-        """k, v: [batch, heads, n, head_dim]; positions: [n] logical positions; owner: chunk row (-1: window)."""
+        """k, v: [batch, heads, n, head_dim]; positions: [n] logical positions; owner: chunk row of every slot
+        (-1: the recent window) or of each slot ([n])."""
         run = _as_run(slots)
         if run is not None:  # one run of slots: plain copies into views, no index kernels (a decode token)
             self.k[:, :, run].copy_(k.detach())  # detached: never a graph, in or out of inference mode
             self.v[:, :, run].copy_(v.detach())
+        else:
+            with storage_mode():
+                self.k[:, :, slots] = k.to(self.device, self.dtype)
+                self.v[:, :, slots] = v.to(self.device, self.dtype)
+        self._claim(slots, run, positions, owner)
+
+    def claim(self, slots: torch.Tensor, positions: torch.Tensor, owner: int | torch.Tensor = -1) -> None:
+        """Record the logical position ([n]) and owner (chunk row, one or [n]; -1: the recent window) of slots
+        whose k and v are in place (decoded straight into `k`, `v` by the caller)."""
+        self._claim(slots, _as_run(slots), positions, owner)
+
+    def _claim(self, slots: torch.Tensor, run: slice | None, positions: torch.Tensor,
+               owner: int | torch.Tensor) -> None:
+        if not isinstance(owner, int) or owner >= 0:
+            self.version += 1  # a chunk's slots changed: tables over them rebuild
+        if run is not None:
             self.slot_pos[run].copy_(positions)
-            self.slot_owner[run] = owner
+            if isinstance(owner, int):
+                self.slot_owner[run] = owner
+            else:
+                self.slot_owner[run].copy_(owner)
             return
         with storage_mode():
-            self.k[:, :, slots] = k.to(self.device, self.dtype)
-            self.v[:, :, slots] = v.to(self.device, self.dtype)
             self.slot_pos[slots] = positions.to(self.device)
-            self.slot_owner[slots] = owner
+            self.slot_owner[slots] = owner if isinstance(owner, int) else owner.to(self.device)
 
     def set_owner(self, slots: torch.Tensor, owner: int) -> None:
         self.version += 1

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import copy
 import secrets
+import time
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 
 from ..config import KVTierConfig
 from ..errors import StoreCorruptError, StoreMissingRecordError
-from .chunk import TABLE_NAMES, Chunk, Tier, chunk_key
-from .codec import FLAG_INT8, SESSION_ID_BYTES, RecordCodec, RecordHeader
+from .chunk import TABLE_NAMES, Chunk, Tier, chunk_key, token_groups
+from .codec import FLAG_INT8, SESSION_ID_BYTES, RecordCodec, RecordHeader, byte_view
 from .disk import DiskStore
 from .eviction import LRUEviction
-from .pools import DevicePool, HostPool, storage_mode
+from .pools import DevicePool, HostPool, _as_run, storage_mode
 from .prefetch import Prefetcher
 from .stats import CacheStats
 
@@ -79,6 +81,7 @@ class TierManager:
         self._side_stream = None  # CUDA stream for host -> device copies ahead of need
         self._uploads: dict[int, tuple] = {}  # layer -> (event, tensors kept alive until the copy is done)
         self._staging: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by every streamed group
+        self._host_staging: tuple[torch.Tensor, torch.Tensor] | None = None  # groups decoded for the device
 
     def staging(self, batch: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v buffers [batch, kv_heads, n, head_dim] that streamed chunks are copied into for one attention
@@ -149,15 +152,23 @@ class TierManager:
 
     def _load_record(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """Read, check and decode one record. Thread-safe (reader threads call it); counts nothing."""
-        blob = self.disk.get(chunk.key)
+        blob = self._present(chunk, self.disk.get(chunk.key))
+        k, v = self.codec.decode(blob, self.expected_header(chunk), self._where())
+        self._check_size(chunk, len(blob))
+        return k, v
+
+    def _present(self, chunk: Chunk, blob: bytes | memoryview | None) -> bytes | memoryview:
         if blob is None:
             raise StoreMissingRecordError(f"{chunk.name()}: record missing from store {self.disk.path}")
-        k, v = self.codec.decode(blob, self.expected_header(chunk), self._where())
-        known = self.record_sizes.setdefault(chunk.key, (chunk.length, k.nbytes + v.nbytes, len(blob)))
-        if known[2] != len(blob):
-            raise StoreCorruptError(f"{self._where()}{chunk.name()}: record is {len(blob)} bytes, the session "
+        return blob
+
+    def _check_size(self, chunk: Chunk, stored: int) -> None:
+        """A decoded record must have the size the session recorded for it (the first read records it)."""
+        raw = 2 * chunk.stored_batch * chunk.length * self.kv_heads * self.head_dim * self.dtype.itemsize
+        known = self.record_sizes.setdefault(chunk.key, (chunk.length, raw, stored))
+        if known[2] != stored:
+            raise StoreCorruptError(f"{self._where()}{chunk.name()}: record is {stored} bytes, the session "
                                     f"recorded {known[2]}")
-        return k, v
 
     def read_abstracts(self, expect: RecordHeader) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's chunk or page abstracts (minima, maxima), which must be exactly the record `expect`
@@ -193,15 +204,19 @@ class TierManager:
 
     def adopt_device(self, chunk: Chunk, slots: torch.Tensor) -> None:
         """Register a chunk whose tokens already sit in device slots (sealed from the recent window)."""
-        chunk.tier, chunk.slots, chunk.rows = Tier.DEVICE, slots, None
         self.device_pools[chunk.layer].set_owner(slots, chunk.row)
+        self._register_device(chunk, slots)
+
+    def _register_device(self, chunk: Chunk, slots: torch.Tensor) -> None:
+        """The chunk's bookkeeping once its slots hold its tokens and name it as their owner."""
+        chunk.tier, chunk.slots, chunk.rows = Tier.DEVICE, slots, None
         self._on_device[chunk.layer][chunk.chunk_id] = chunk
 
     def _write_device(self, chunk: Chunk, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         pool = self.device_pools[chunk.layer]
-        pool.write(slots, k, v, _positions(chunk, pool.device), chunk.row)
+        pool.write(slots, k, v, _positions(chunk, pool.device), chunk.row)  # marks the owner too
         self.counters.device.bytes_written += k.nbytes + v.nbytes
-        self.adopt_device(chunk, slots)
+        self._register_device(chunk, slots)
 
     def evict_from_device(self, chunk: Chunk) -> None:
         """Move a chunk one tier down. The copy below is made first: if it fails (a full store), the chunk
@@ -290,6 +305,153 @@ class TierManager:
             k, v = k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)
         c.device.bytes_written += n
         return k, v
+
+    def read_into(self, chunks: list[Chunk], k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        """The chunks' k, v in logical row order, one after another in k_out, v_out [B, H, N, D] (N: their total
+        length), wherever they live, counted as `fetch` counts each chunk.
+
+        The disk records are read in one transaction, as views of the mapped file (no copy per record), each
+        checked as `fetch` checks it, and decoded straight into place when the destination is on the CPU; for
+        a device destination the group is decoded into a host buffer and copied over once."""
+        if k_out.device.type != "cpu":
+            hk, hv = self._host_buffer(k_out.shape[0], k_out.shape[2])
+            self.read_into(chunks, hk, hv)
+            k_out.copy_(hk)  # synchronous: the host buffer is reused by the next group
+            v_out.copy_(hv)
+            return
+        c, prefetcher = self.counters, self.prefetcher
+        token_bytes = k_out[:, :, :1].nbytes + v_out[:, :, :1].nbytes
+        direct: list[tuple[Chunk, int, int]] = []  # disk records read and decoded below, straight into place
+        at = 0
+        for chunk in chunks:
+            a, b = at, at + chunk.length
+            at = b
+            chunk.last_used = self.clock
+            if chunk.tier == Tier.DEVICE:
+                c.device.hits += 1
+                k, v = self.device_pools[chunk.layer].read(chunk.slots)
+                k_out[:, :, a:b].copy_(k)
+                v_out[:, :, a:b].copy_(v)
+                continue
+            c.device.misses += 1
+            c.device.bytes_written += chunk.length * token_bytes
+            if chunk.tier == Tier.HOST:
+                c.host.hits += 1
+                k, v = self.host_pools[chunk.layer].get(chunk.chunk_id)
+                k_out[:, :, a:b].copy_(_apply_rows(k, chunk.rows))
+                v_out[:, :, a:b].copy_(_apply_rows(v, chunk.rows))
+                c.host.bytes_read += chunk.length * token_bytes
+                continue
+            c.host.misses += 1
+            c.disk.hits += 1
+            kv = prefetcher.take(chunk)  # a read started ahead
+            if kv is None and chunk.disk_rows is None and chunk.stored_batch == k_out.shape[0]:  # the usual case
+                direct.append((chunk, a, b))
+                continue
+            if kv is None:
+                kv = prefetcher.load_now(chunk)
+                c.disk_loads_sync += 1
+            k_out[:, :, a:b].copy_(_apply_rows(kv[0], chunk.disk_rows))
+            v_out[:, :, a:b].copy_(_apply_rows(kv[1], chunk.disk_rows))
+            c.disk.bytes_read += self.record_sizes[chunk.key][2]
+        if direct:
+            t = time.perf_counter()
+            self._decode_records(direct, byte_view(k_out), byte_view(v_out))
+            prefetcher.stats.stall_s += time.perf_counter() - t
+            c.disk_loads_sync += len(direct)
+            c.disk.bytes_read += sum(self.record_sizes[chunk.key][2] for chunk, _, _ in direct)
+
+    def _decode_records(self, items: list[tuple[Chunk, int, int]], k_bytes: np.ndarray, v_bytes: np.ndarray) -> None:
+        """Read the chunks' records in one transaction, check each and decode it into tokens [a, b) of k_bytes,
+        v_bytes (uint8 views [B, H, N, D * itemsize]). One thread: a reader thread taking half of a group was
+        measured no faster on 2 cores (the copies are bound by memory bandwidth) and slower for small records."""
+        with self.disk.viewing() as get:
+            for chunk, a, b in items:
+                blob = self._present(chunk, get(chunk.key))
+                self.codec.decode_into(blob, self.expected_header(chunk), k_bytes[:, :, a:b], v_bytes[:, :, a:b],
+                                       self._where())
+                self._check_size(chunk, len(blob))
+
+    def _host_buffer(self, batch: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [batch, kv_heads, n, head_dim] in host memory (pinned for a CUDA device) that a group bound for
+        the device is decoded into; one pair, grown when needed (groups hold at most `staging_tokens`)."""
+        buf = self._host_staging
+        if buf is None or buf[0].shape[0] != batch or buf[0].shape[2] < n:
+            shape = (batch, self.kv_heads, max(n, buf[0].shape[2] if buf is not None else 0), self.head_dim)
+            pin = self.device.type == "cuda"
+            with storage_mode():
+                buf = (torch.empty(shape, dtype=self.dtype, pin_memory=pin),
+                       torch.empty(shape, dtype=self.dtype, pin_memory=pin))
+            self._host_staging = buf
+        return buf[0][:, :, :n], buf[1][:, :, :n]
+
+    def promote_into_free_room(self, layer: int, chunks: list[Chunk]) -> list[Chunk]:
+        """Bring host and disk chunks of one layer into its free device room (nothing is evicted for them) and
+        return, in order, those that found none.
+
+        Group by group of at most `staging_tokens` tokens: one slot allocation, the group's records read in one
+        transaction and decoded straight into a run of arena slots (on a CPU device; on a GPU, one copy per group
+        from a host buffer), and one write of the slots' positions and owners."""
+        pool = self.device_pools[layer]
+        if pool.k is None:  # the arena's shape is not known before the layer's first write
+            return [c for c in chunks if c.tier != Tier.DEVICE]
+        free = pool.free
+        fit, rest = [], []
+        for chunk in chunks:
+            if chunk.tier == Tier.DEVICE:
+                continue
+            if free is None or chunk.length <= free:
+                fit.append(chunk)
+                free = None if free is None else free - chunk.length
+            else:
+                rest.append(chunk)
+        for group in token_groups(fit, self.config.staging_tokens):
+            self._promote_group(layer, group)
+        return rest
+
+    def keep_staged(self, group: list[Chunk], k: torch.Tensor, v: torch.Tensor) -> None:
+        """After a group was read into the staging buffers k, v [B, H, n, D] (reused by the next group): keep a
+        copy of each chunk where free room allows, as `promote` does (the device, else the host for a chunk
+        that is only on disk), so that the next step finds it higher up."""
+        at = 0
+        for chunk in group:
+            n = chunk.length
+            host_room = chunk.tier == Tier.DISK and self.host_pools[chunk.layer].fits(n)
+            if host_room or self.device_has_room(chunk.layer, n):
+                self.promote(chunk, k[:, :, at:at + n].clone(), v[:, :, at:at + n].clone())
+            at += n
+
+    def _promote_group(self, layer: int, group: list[Chunk]) -> None:
+        pool = self.device_pools[layer]
+        n = sum(c.length for c in group)
+        slots = pool.allocate(n)
+        if slots is None:  # the caller counted the free room: unreachable, but never write without slots
+            raise RuntimeError(f"layer {layer}: no device room for {n} tokens the free room was counted for")
+        # Each slot's logical position and owner (the chunk's row), for the whole group at once.
+        lengths = torch.tensor([c.length for c in group])
+        owners = torch.repeat_interleave(torch.tensor([c.row for c in group]), lengths, output_size=n)
+        first = torch.tensor([c.start for c in group]) - (lengths.cumsum(0) - lengths)  # start - offset in group
+        positions = torch.repeat_interleave(first, lengths, output_size=n) + torch.arange(n)
+        try:
+            run = _as_run(slots)
+            if run is not None:  # fresh slots in a row (the usual case): decode straight into the arena
+                self.read_into(group, pool.k[:, :, run], pool.v[:, :, run])
+                pool.claim(slots, positions, owners)
+            else:
+                k, v = self._host_buffer(pool.k.shape[0], n)
+                self.read_into(group, k, v)
+                pool.write(slots, k, v, positions.to(pool.device), owners.to(pool.device))
+        except BaseException:
+            pool.release(slots)  # a damaged record: the group stays where it was, its slots free again
+            raise
+        host, on_host = self.host_pools[layer], self._on_host[layer]
+        at = 0
+        for chunk in group:
+            if chunk.tier == Tier.HOST:
+                host.pop(chunk.chunk_id)
+                del on_host[chunk.chunk_id]
+            self._register_device(chunk, slots[at:at + chunk.length])
+            at += chunk.length
 
     def layer_kv(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored token of a tiered layer in position order: k, v [B, Hkv, length, D] (copies; for
@@ -381,8 +543,8 @@ class TierManager:
                 self.host_pools[chunk.layer].pop(chunk.chunk_id)
                 del self._on_host[chunk.layer][chunk.chunk_id]
             chunk.rows = None
-            pool.write(slots, k, v, _positions(chunk, pool.device), chunk.row)
-            self.adopt_device(chunk, slots)
+            pool.write(slots, k, v, _positions(chunk, pool.device), chunk.row)  # marks the owner too
+            self._register_device(chunk, slots)
             return True
         host = self.host_pools[chunk.layer]
         if chunk.tier == Tier.DISK and host.fits(chunk.length):
