@@ -10,6 +10,7 @@ import inspect
 import tempfile
 import threading
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ from transformers.cache_utils import Cache
 from . import session
 from .attention import enable
 from .config import KVTierConfig
-from .errors import CacheInputError, CacheThreadError, StoreError
+from .errors import CacheInputError, CacheThreadError, StoreError, StoreMismatchError, UnsupportedModelError
 from .handle import KVHandle
 from .layers import SlidingLayer, TieredLayer
 from .model_spec import FULL, ModelSpec
+from .rope import Rope
 from .sizes import budgets_in_tokens
 from .sparse.lookahead import Lookahead, QueryGuesser
 from .store.chunk import Tier
@@ -104,6 +106,8 @@ class KVTierCache(Cache):
             self.tiers._disk = _disk
         elif self.config.store_path is not None:
             self.tiers._disk = session.create_store(Path(self.config.store_path), spec, self.config, overwrite)
+        # The model's RoPE per layer (`_watch`; or why it has none that can move), for remove_span.
+        self._ropes: tuple[Rope, ...] | UnsupportedModelError | None = None
         self._closed = False
 
     # ------------------------------------------------------------------------------ construction
@@ -159,10 +163,22 @@ class KVTierCache(Cache):
             disk.close()
             raise
         cache._watch(model)
+        moved = next((c for layer in cache.tiers.layers for c in layer.chunks if c.record_shift), None)
+        if moved is not None and moved.layer not in cache.tiers.ropes:
+            cache.close()
+            raise StoreMismatchError(f"{path}: {moved.name()} was moved by a removed span, but this model has no RoPE "
+                                     f"kvtier can move keys with ({cache._ropes})")
         return cache
 
     def _watch(self, model: torch.nn.Module) -> None:
-        """Let sparse decoding guess each next layer's query from `model`'s own weights (config.lookahead)."""
+        """Keep `model`'s RoPE (for `remove_span`) and let sparse decoding guess each next layer's query from
+        its own weights (config.lookahead)."""
+        try:
+            self._ropes = Rope.for_layers(model)
+        except UnsupportedModelError as err:  # said when a span is removed, the only use
+            self._ropes = err
+        else:
+            self.tiers.ropes.update((layer.index, self._ropes[layer.index]) for layer in self.tiers.layers)
         if self.config.lookahead and self.tiers.layers:
             guesser = QueryGuesser.from_model(model, [layer.index for layer in self.tiers.layers])
             self.tiers.lookahead = Lookahead(guesser, self.tiers) if guesser is not None else None
@@ -360,6 +376,58 @@ class KVTierCache(Cache):
         for layer in self.layers:
             layer.truncate(target)
         self._tokens.truncate(target)
+
+    def remove_span(self, start: int, end: int, *, ropes: Sequence[Rope] | None = None) -> None:
+        """Forget positions [start, end) in every layer and tier, and move the tokens after them left by
+        `end - start`: the next token's position is the kept length, and the freed device slots are reused.
+
+        Moving a token turns its key through RoPE (no recompute): device and host copies in place, disk
+        records when they are next read, so a removal never reads the disk tier (a chunk cut by an edge of
+        the span, at most two per layer, is read). Needs the model's RoPE: built from the model the cache was
+        made for, or pass `ropes` (one `kvtier.Rope` per layer, `Rope.for_layers(model)`). Models without
+        RoPE, and RoPE whose frequencies change with length (dynamic NTK, longrope), are refused.
+        Raises CacheInputError for a span outside [0, length] and when a sliding-window layer no longer holds
+        the tokens its window would reach after the move."""
+        self._check_open()
+        self._check_thread("remove_span()")
+        length = self.get_seq_length()
+        if isinstance(start, bool) or isinstance(end, bool) or not isinstance(start, int) or not isinstance(end, int):
+            raise CacheInputError(f"remove_span takes integer positions, got start={start!r}, end={end!r}")
+        if not 0 <= start <= end <= length:
+            raise CacheInputError(f"remove_span({start}, {end}): the span must lie within the {length} tokens held "
+                                  "(0 <= start <= end <= length)")
+        if self._in_forward:
+            raise CacheInputError("remove_span() during or after an interrupted forward pass; call reset() first")
+        if start == end:
+            return
+        layer_ropes = self._layer_ropes(ropes)
+        for layer in self.layers:
+            problem = layer.span_problem(start, end) if isinstance(layer, SlidingLayer) else None
+            if problem is not None:
+                raise CacheInputError(problem)
+        for layer in self.layers:
+            if isinstance(layer, TieredLayer):
+                layer.remove_span(start, end)
+            else:
+                layer.remove_span(start, end, layer_ropes[layer.index])
+        self._tokens.remove(start, end)
+
+    def _layer_ropes(self, ropes: Sequence[Rope] | None) -> tuple[Rope, ...]:
+        """One Rope per layer: given, kept from an earlier call, or read from the model the cache was made for."""
+        if ropes is None:
+            ropes = self._ropes
+        if isinstance(ropes, UnsupportedModelError):
+            raise ropes
+        if ropes is None:
+            raise CacheInputError("this cache does not know its model's RoPE: pass ropes=kvtier.Rope.for_layers("
+                                  "model) to remove_span")
+        ropes = tuple(ropes)
+        if len(ropes) != len(self.layers) or not all(isinstance(r, Rope) for r in ropes):
+            raise CacheInputError(f"ropes must hold one kvtier.Rope per layer ({len(self.layers)}), got {len(ropes)}")
+        self._ropes = ropes
+        for layer in self.tiers.layers:
+            self.tiers.ropes[layer.index] = ropes[layer.index]
+        return ropes
 
     def reset(self) -> None:
         """Forget every token (the store's saved session, if any, stays on disk)."""

@@ -301,7 +301,12 @@ class TieredLayer:
                 rows.append(self.abstracts.summarize(k[:, :, lo:hi], chunk.start))
                 new_chunks.append(chunk)
                 to_place.append((chunk, k[:, :, lo:hi], v[:, :, lo:hi]))
-        self.chunks = new_chunks
+        self._install(new_chunks, rows, to_place)
+
+    def _install(self, chunks: list[Chunk], rows: list[Row], to_place: list[tuple[Chunk, torch.Tensor, torch.Tensor]]
+                 ) -> None:
+        """Make `chunks` the chunk table (rows: their abstracts, in order) and store the new ones (`to_place`)."""
+        self.chunks = chunks
         for row, chunk in enumerate(self.chunks):
             chunk.row = row
             if chunk.tier == Tier.DEVICE and chunk.slots is not None:
@@ -347,6 +352,71 @@ class TieredLayer:
             self.win_slots = slots
         self.length = length
         self._refill_window()
+
+    def remove_span(self, start: int, end: int) -> None:
+        """Forget positions [start, end) and move every later token left by `end - start`, so positions and
+        device slots are reused (TIM pruning). The layer's RoPE must be in `tiers.ropes`.
+
+        Chunks inside the span are freed wherever they live. A chunk cut by an edge of the span (at most two)
+        is read and its kept part stored again as a new chunk. Chunks after the span move without a disk read
+        (`TierManager.move`); their abstracts follow exactly when the keys are resident, and by interval bounds
+        (`Rope.shift_bounds`, still upper bounds for selection) when they are only on disk."""
+        self.commit_pending()
+        d = end - start
+        if d <= 0:
+            return
+        self.tiers.wait_uploads(self.index)
+        rope = self.tiers.ropes[self.index]
+        kept: list[Chunk] = []
+        rows: list[Row] = []
+        to_place: list[tuple[Chunk, torch.Tensor, torch.Tensor]] = []
+        doomed: list[Chunk] = []
+        for c in self.chunks:
+            if c.end <= start:
+                rows.append(self.abstracts.row(c.row))
+                kept.append(c)
+            elif c.start >= end:
+                kmin, kmax, _, n, pmin, pmax = self.abstracts.row(c.row)
+                self.tiers.move(c, -d)
+                if c.tier == Tier.DISK:
+                    rows.append((*rope.shift_bounds(kmin, kmax, -d), c.start, n, *rope.shift_bounds(pmin, pmax, -d)))
+                else:
+                    rows.append(self.abstracts.summarize(self.tiers.resident_keys(c), c.start))
+                kept.append(c)
+            else:
+                doomed.append(c)
+                if start <= c.start and c.end <= end:
+                    continue
+                k, v = self.tiers.fetch(c)
+                for lo, hi, at, delta in ((0, start - c.start, c.start, 0), (end - c.start, c.length, start, -d)):
+                    if hi <= lo:
+                        continue
+                    pk = rope.shift(k[:, :, lo:hi], delta) if delta else k[:, :, lo:hi].clone()
+                    piece = Chunk(self.index, self.tiers.new_chunk_id(), at, hi - lo, Tier.DEVICE, k.shape[0],
+                                  pinned=c.pinned, last_used=self.tiers.clock, importance=c.importance)
+                    rows.append(self.abstracts.summarize(pk, at))
+                    kept.append(piece)
+                    to_place.append((piece, pk, v[:, :, lo:hi].clone()))
+        self.tiers.free(doomed)
+        self._remove_from_window(start, end, rope)
+        self._install(kept, rows, to_place)
+        self.length -= d
+        self.last_union = []
+        self._refill_window()
+
+    def _remove_from_window(self, start: int, end: int, rope) -> None:
+        """The recent window's part of `remove_span`: slots in the span are freed, later ones turned in place."""
+        slots = self.win_slots
+        if not slots.numel():
+            return
+        pos = torch.arange(self.win_start, self.length, device=slots.device)
+        gone, moved = (pos >= start) & (pos < end), pos >= end
+        if gone.any():
+            self.pool.release(slots[gone])
+        if moved.any():
+            k, v = self.pool.read(slots[moved])
+            self.pool.write(slots[moved], rope.shift(k, start - end), v, (pos[moved] - (end - start)).to(self.pool.device))
+        self.win_slots = slots[~gone]
 
     def _refill_window(self) -> None:
         """After a crop, unseal trailing chunks until the window again holds `recent_window` tokens, so a
@@ -424,6 +494,35 @@ class SlidingLayer:
             index = index.to(self.k.device)
             self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
         self.batch = index.numel()
+
+    def span_problem(self, start: int, end: int) -> str | None:
+        """Why `remove_span(start, end)` could not be exact here (None: it can): the tokens that the window
+        would reach back to after the move must still be held."""
+        held = 0 if self.k is None else self.k.shape[2]
+        first = self.length - held
+        lost = max(0, min(end, self.length) - max(start, first))
+        after = self.length - (end - start)
+        if held - lost < min(after, self.window - 1):
+            return (f"sliding-window layer {self.index} keeps only its last {held} tokens; after removing positions "
+                    f"{start}-{end} its window would reach tokens it no longer holds (raise recent_window to keep "
+                    f"{self.window - 1 - (held - lost)} more)")
+        return None
+
+    def remove_span(self, start: int, end: int, rope) -> None:
+        """Forget positions [start, end) and turn the later held keys left (`span_problem` must be None)."""
+        d = end - start
+        if d <= 0 or self.k is None:
+            self.length -= max(0, d)
+            return
+        first = self.length - self.k.shape[2]
+        pos = torch.arange(first, self.length, device=self.k.device)
+        keep = (pos < start) | (pos >= end)
+        moved = pos[keep] >= end
+        k, v = self.k[:, :, keep], self.v[:, :, keep]
+        if moved.any():
+            k = torch.cat([k[:, :, ~moved], rope.shift(k[:, :, moved], -d)], dim=2)
+        self.k, self.v = k, v
+        self.length -= d
 
     def truncate(self, length: int) -> None:
         drop = self.length - length

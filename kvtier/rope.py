@@ -104,6 +104,38 @@ class Rope:
         angles = self._angles(delta, x.device)
         return self._turn(x.float(), *_over_heads(angles.cos(), angles.sin())).to(x.dtype)
 
+    def shift_bounds(self, lo: torch.Tensor, hi: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds (elementwise min and max over some keys, [..., D]) that hold for those keys moved by delta.
+
+        A turn mixes the two channels of a pair, so the moved keys' exact bounds cannot be read off the old
+        ones; interval arithmetic gives bounds that still hold (looser by up to a factor of sqrt 2 per pair).
+        This is how a chunk's abstract follows a shift without reading the chunk (it may be on disk)."""
+        angles = self._angles(delta, lo.device)
+        cos, sin = angles.cos(), angles.sin()
+        lo32, hi32 = lo.float(), hi.float()
+        r = self.rotary_dim
+        if self.interleaved:
+            pick = lambda t: (t[..., 0:r:2], t[..., 1:r:2])  # noqa: E731
+        else:
+            pick = lambda t: (t[..., : r // 2], t[..., r // 2:r])  # noqa: E731
+        (lo1, lo2), (hi1, hi2) = pick(lo32), pick(hi32)
+
+        def scaled(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.minimum(a * c, b * c), torch.maximum(a * c, b * c)
+
+        (c1lo, c1hi), (s2lo, s2hi) = scaled(lo1, hi1, cos), scaled(lo2, hi2, sin)
+        (c2lo, c2hi), (s1lo, s1hi) = scaled(lo2, hi2, cos), scaled(lo1, hi1, sin)
+        first = (c1lo - s2hi, c1hi - s2lo)  # x1 cos - x2 sin
+        second = (c2lo + s1lo, c2hi + s1hi)  # x2 cos + x1 sin
+        out = []
+        for a, b, src in ((first[0], second[0], lo32), (first[1], second[1], hi32)):
+            if self.interleaved:
+                rot = torch.stack((a, b), dim=-1).flatten(-2)
+            else:
+                rot = torch.cat((a, b), dim=-1)
+            out.append((rot if r == src.shape[-1] else torch.cat((rot, src[..., r:]), dim=-1)))
+        return _rounded_out(out[0], lo.dtype, -1.0), _rounded_out(out[1], hi.dtype, 1.0)
+
     def _angles(self, positions: Positions, device: torch.device) -> torch.Tensor:
         p = torch.as_tensor(positions, device=device)
         return p[..., None].float() * self.inv_freq.to(device)  # positions.shape + [R/2]
@@ -121,6 +153,15 @@ class Rope:
             x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
             out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)
+
+
+def _rounded_out(x: torch.Tensor, dtype: torch.dtype, sign: float) -> torch.Tensor:
+    """x (float32) in dtype, rounded away from the interval's inside (down for a minimum, up for a maximum) so
+    a bound still holds after rounding to a narrower type."""
+    if dtype == torch.float32:
+        return x
+    eps = torch.finfo(dtype).eps
+    return (x + sign * (x.abs() * eps + torch.finfo(dtype).tiny)).to(dtype)
 
 
 def _over_heads(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:

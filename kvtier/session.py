@@ -200,7 +200,7 @@ def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
                 mf.FULL,
                 [mf.ChunkRow(c.chunk_id, c.start, c.length, c.pinned, c.writer, c.stored_batch,
                              None if c.disk_rows is None else tuple(c.disk_rows.tolist()), c.lossy,
-                             tiers.record_sizes[c.key][2], c.importance) for c in layer.chunks],
+                             tiers.record_sizes[c.key][2], c.importance, c.record_start) for c in layer.chunks],
                 tail=_persist_run(cache, layer.index, layer.win_start, *window),
                 decode_chunk=layer.decode_chunk,
                 skew=None if layer.skew is None else layer.skew.to_dict(),
@@ -276,7 +276,8 @@ def load(cache: "KVTierCache", manifest: mf.Manifest) -> None:
                 chunk = Chunk(layer.index, row.chunk_id, row.start, row.length, Tier.DISK, row.record_batch,
                               on_disk=True, pinned=row.pinned, persisted=True, row=len(layer.chunks),
                               disk_rows=None if row.rows is None else torch.tensor(row.rows),
-                              importance=row.importance, writer=row.session, lossy=row.lossy)
+                              importance=row.importance, writer=row.session, lossy=row.lossy,
+                              record_start=row.record_start)
                 layer.chunks.append(chunk)
                 tiers.record_sizes[chunk.key] = (row.length, shape.kv_bytes(row.record_batch, row.length),
                                                  row.stored_bytes)

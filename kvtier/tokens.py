@@ -57,6 +57,14 @@ class TokenLog:
         if held is not None and n < self.length:
             self._parts, self.length = [held[:, :n]], n
 
+    def remove(self, start: int, end: int) -> None:
+        """Positions [start, end) left the cache (`remove_span`); later ids move left with their KV."""
+        held = self.ids()
+        if held is not None:
+            self._parts = [torch.cat([held[:, :start], held[:, end:]], dim=1)]
+        if self.known:
+            self.length -= end - start
+
     def select_rows(self, index: torch.Tensor) -> None:
         held = self.ids()
         if held is not None:

@@ -160,6 +160,22 @@ def test_query_rotation_stands_for_moving_the_block(case, i, block, offset):
                                rtol=0, atol=tol)
 
 
+@settings(max_examples=60, deadline=None)
+@given(case=st.sampled_from(CASES), d=st.integers(-4000, 4000), seed=st.integers(0, 99),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_shift_bounds_hold_for_the_moved_keys(case, d, seed, dtype):
+    """A chunk's abstract (min and max per channel) moved with `shift_bounds` still bounds its keys moved with
+    `shift`, in the keys' dtype too (rounded outwards): how a chunk on disk follows a removed span unread."""
+    rope = _rope(*case)
+    k = rope.rotate(_x(2, 3, 16, _head_dim(case[0]), seed=seed), torch.arange(16) + 100).to(dtype)
+    lo, hi = rope.shift_bounds(k.amin(dim=2), k.amax(dim=2), d)
+    moved = rope.shift(k, d)
+    assert lo.dtype == hi.dtype == dtype
+    assert (lo <= moved.amin(dim=2)).all() and (moved.amax(dim=2) <= hi).all()
+    if d == 0 and dtype == torch.float32:  # no turn: the bounds stay exact
+        torch.testing.assert_close(lo, k.amin(dim=2), rtol=0, atol=1e-6)
+
+
 def test_shift_keeps_dtype_and_leaves_unrotated_channels():
     rope = _rope("phi3", None)  # rotates 8 of 16 channels
     k = rope.rotate(_x(1, 2, 4, 16, dtype=torch.bfloat16), torch.arange(4))

@@ -42,6 +42,13 @@ class Chunk:
     selected: int = 0  # decode steps that selected it since the last refinement
     writer: bytes = b""  # session id of the cache that wrote the disk record (records are bound to it)
     lossy: bool = False  # the disk record holds int8 values
+    record_start: int | None = None  # position the disk record's keys are rotated at (None: `start`)
+
+    @property
+    def record_shift(self) -> int:
+        """Positions the chunk moved since its disk record was written (a span removed before it): its keys
+        read from disk are turned by this much before use. Records never change, so nothing is rewritten."""
+        return 0 if self.record_start is None else self.start - self.record_start
 
     @property
     def end(self) -> int:

@@ -52,6 +52,7 @@ class ChunkRow:
     lossy: bool
     stored_bytes: int
     importance: float | None
+    record_start: int  # position the record's keys are rotated at (start, unless a removed span moved the chunk)
 
     @property
     def end(self) -> int:
@@ -120,7 +121,8 @@ class Manifest:
             layers.append({
                 "kind": FULL,
                 "chunks": [[c.chunk_id, c.start, c.length, c.pinned, index[c.session], c.record_batch,
-                            None if c.rows is None else list(c.rows), c.lossy, c.stored_bytes, c.importance]
+                            None if c.rows is None else list(c.rows), c.lossy, c.stored_bytes, c.importance,
+                            c.record_start]
                            for c in entry.chunks],
                 "tail": _run_json(entry.tail),
                 "decode_chunk": entry.decode_chunk,
@@ -318,7 +320,11 @@ def _run(f: _Fields, value: Any, path: str, next_id: int) -> Run | None:
 
 def _chunk(f: _Fields, value: Any, path: str, sessions: list[bytes], batch: int, next_id: int, shape: Shape,
            data_bytes: int) -> ChunkRow:
-    (chunk_id, start, length, pinned, writer, record_batch, rows, lossy, stored, importance) = f.list(value, path, n=10)
+    fields = f.list(value, path)
+    if len(fields) not in (10, 11):  # sessions saved before spans could be removed have no record_start
+        raise f.fail(path, f"has {len(fields)} fields, expected 11")
+    (chunk_id, start, length, pinned, writer, record_batch, rows, lossy, stored, importance) = fields[:10]
+    record_start = fields[10] if len(fields) == 11 else start
     record_batch = f.int(record_batch, f"{path}.record_batch", 1, 2**31)
     if rows is None:
         if record_batch != batch:
@@ -330,7 +336,7 @@ def _chunk(f: _Fields, value: Any, path: str, sessions: list[bytes], batch: int,
                    f.int(length, f"{path}.length", 1, 2**40), f.bool(pinned, f"{path}.pinned"),
                    sessions[f.int(writer, f"{path}.writer", 0, len(sessions) - 1)], record_batch, rows,
                    f.bool(lossy, f"{path}.lossy"), f.int(stored, f"{path}.stored_bytes", HEADER_BYTES + 1, data_bytes),
-                   f.number(importance, f"{path}.importance"))
+                   f.number(importance, f"{path}.importance"), f.int(record_start, f"{path}.record_start"))
     raw = RecordHeader(0, 0, 0, row.length, record_batch, shape.kv_heads, shape.head_dim, shape.dtype, b"",
                        flags=4 if row.lossy else 0).raw_size()
     if raw > MAX_COMPRESSION_RATIO * (row.stored_bytes - HEADER_BYTES) + 4096:

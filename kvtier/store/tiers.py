@@ -15,6 +15,7 @@ import copy
 import secrets
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from .eviction import LRUEviction
 from .pools import DevicePool, HostPool, _as_run, storage_mode
 from .prefetch import Prefetcher
 from .stats import CacheStats
+
+if TYPE_CHECKING:
+    from ..rope import Rope
 
 
 def _apply_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -78,6 +82,7 @@ class TierManager:
         self.prefetcher = Prefetcher(self._load_record, threads, config.prefetch_tokens)
         self.layers: list = []  # the tiered layers in model order (set by the cache), for next-layer prefetch
         self.lookahead = None  # kvtier.sparse.lookahead.Lookahead when the cache can guess next-layer queries
+        self.ropes: dict[int, "Rope"] = {}  # layer -> its RoPE, once a chunk of it can have moved (remove_span)
         self._side_stream = None  # CUDA stream for host -> device copies ahead of need
         self._uploads: dict[int, tuple] = {}  # layer -> (event, tensors kept alive until the copy is done)
         self._staging: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by every streamed group
@@ -127,6 +132,7 @@ class TierManager:
         self.disk.put_many(blobs)  # may raise StoreFullError: then nothing below has changed
         for (chunk, _, _), (b, lossy, size) in zip(items, sizes):
             chunk.on_disk, chunk.stored_batch, chunk.lossy, chunk.writer = True, b, lossy, self.session_id
+            chunk.record_start = chunk.start
             self.record_sizes[chunk.key] = size
             self.counters.disk.bytes_written += size[2]
 
@@ -139,14 +145,26 @@ class TierManager:
         """The chunk's disk record in stored row order (CPU tensors), counted as a disk read."""
         k, v = self._load_record(chunk)
         self.counters.disk.bytes_read += self.record_sizes[chunk.key][2]
-        return k, v
+        return self.to_logical(chunk, k), v
+
+    def to_logical(self, chunk: Chunk, k: torch.Tensor) -> torch.Tensor:
+        """Keys read from the chunk's disk record, turned to the chunk's current positions (see
+        `Chunk.record_shift`); unchanged when it never moved."""
+        shift = chunk.record_shift
+        if shift == 0:
+            return k
+        rope = self.ropes.get(chunk.layer)
+        if rope is None:  # remove_span and load set it before any chunk can move; keep the invariant loud
+            raise RuntimeError(f"{chunk.name()} moved {shift} positions but the cache has no RoPE to turn its keys")
+        return rope.shift(k, shift)
 
     def _where(self) -> str:
         return f"kvtier store {self.disk.path}: "
 
     def expected_header(self, chunk: Chunk) -> RecordHeader:
         """What the chunk's record must say about itself: its session, place, shape, dtype and encoding."""
-        return RecordHeader(chunk.layer, chunk.chunk_id, chunk.start, chunk.length, chunk.stored_batch,
+        start = chunk.start if chunk.record_start is None else chunk.record_start
+        return RecordHeader(chunk.layer, chunk.chunk_id, start, chunk.length, chunk.stored_batch,
                             self.kv_heads, self.head_dim, self.dtype, self.signature, chunk.writer,
                             flags=FLAG_INT8 if chunk.lossy else 0)
 
@@ -298,7 +316,7 @@ class TierManager:
                 c.disk_loads_sync += 1
             k, v = kv
             c.disk.bytes_read += self.record_sizes[chunk.key][2]
-            k, v = _apply_rows(k, chunk.disk_rows), _apply_rows(v, chunk.disk_rows)
+            k, v = self.to_logical(chunk, _apply_rows(k, chunk.disk_rows)), _apply_rows(v, chunk.disk_rows)
         chunk.last_used = self.clock
         n = k.nbytes + v.nbytes
         if self.device.type != "cpu":
@@ -351,12 +369,15 @@ class TierManager:
             if kv is None:
                 kv = prefetcher.load_now(chunk)
                 c.disk_loads_sync += 1
-            k_out[:, :, a:b].copy_(_apply_rows(kv[0], chunk.disk_rows))
+            k_out[:, :, a:b].copy_(self.to_logical(chunk, _apply_rows(kv[0], chunk.disk_rows)))
             v_out[:, :, a:b].copy_(_apply_rows(kv[1], chunk.disk_rows))
             c.disk.bytes_read += self.record_sizes[chunk.key][2]
         if direct:
             t = time.perf_counter()
             self._decode_records(direct, byte_view(k_out), byte_view(v_out))
+            for chunk, a, b in direct:
+                if chunk.record_shift:
+                    k_out[:, :, a:b].copy_(self.to_logical(chunk, k_out[:, :, a:b]))
             prefetcher.stats.stall_s += time.perf_counter() - t
             c.disk_loads_sync += len(direct)
             c.disk.bytes_read += sum(self.record_sizes[chunk.key][2] for chunk, _, _ in direct)
@@ -553,6 +574,30 @@ class TierManager:
             self._on_host[chunk.layer][chunk.chunk_id] = chunk
             self.counters.host.bytes_written += k.nbytes + v.nbytes
         return False
+
+    def move(self, chunk: Chunk, delta: int) -> None:
+        """Move a chunk by delta positions (a span before it was removed): a device or host copy is turned in
+        place, a disk record is left as written and turned when read (`to_logical`), so a move never reads
+        the disk."""
+        rope = self.ropes[chunk.layer]
+        if chunk.tier == Tier.DEVICE:
+            pool = self.device_pools[chunk.layer]
+            k, v = pool.read(chunk.slots)
+            chunk.start += delta
+            pool.write(chunk.slots, rope.shift(k, delta), v, _positions(chunk, pool.device), chunk.row)
+            return
+        if chunk.tier == Tier.HOST:
+            k = self.host_pools[chunk.layer].get(chunk.chunk_id)[0]
+            with storage_mode():
+                k.copy_(rope.shift(k, delta))  # in place: a pinned host copy stays pinned
+        chunk.start += delta
+
+    def resident_keys(self, chunk: Chunk) -> torch.Tensor:
+        """A device or host chunk's keys in logical row order, where they are (not counted as a read: for
+        bookkeeping such as abstracts, not attention)."""
+        if chunk.tier == Tier.DEVICE:
+            return self.device_pools[chunk.layer].read(chunk.slots)[0]
+        return _apply_rows(self.host_pools[chunk.layer].get(chunk.chunk_id)[0], chunk.rows)
 
     def device_has_room(self, layer: int, n: int) -> bool:
         free = self.device_pools[layer].free
