@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..sampling import Sampling, check_sampling, eos_ids, is_int
 from .cache import HogwildCache
 from .prompts import CollaborationTemplate, encode_text, step_ends
 
@@ -101,30 +102,6 @@ class HogwildResult:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class _Sampling:
-    do_sample: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    generator: torch.Generator | None
-
-    def __call__(self, logits: torch.Tensor) -> list[int]:
-        """One token per row of logits [R, V]."""
-        if not self.do_sample:
-            return logits.argmax(-1).tolist()
-        x = logits.float() / self.temperature
-        if self.top_k:
-            kth = torch.topk(x, min(self.top_k, x.shape[-1]), dim=-1).values[:, -1:]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if self.top_p < 1.0:
-            sorted_x, order = x.sort(dim=-1, descending=True)
-            probs = sorted_x.softmax(-1)
-            drop = probs.cumsum(-1) - probs >= self.top_p  # mass before a token already reaches top_p
-            x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
-        return torch.multinomial(x.softmax(-1), 1, generator=self.generator)[:, 0].tolist()
-
-
 def generate(model: torch.nn.Module, tokenizer, problem: str, *, workers: int = 2, max_new_tokens: int = 1024,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, answer_pattern: str | None = BOXED, check_in_every: int | None = 256,
@@ -168,12 +145,9 @@ def generate(model: torch.nn.Module, tokenizer, problem: str, *, workers: int = 
             pattern = re.compile(answer_pattern, re.S)
         except re.error as err:
             raise ValueError(f"answer_pattern {answer_pattern!r} is not a regular expression ({err})") from None
-    generator = None
-    if do_sample and seed is not None:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    sampling = _Sampling(do_sample, temperature, top_k, top_p, generator)
+    sampling = Sampling.from_options(do_sample, temperature, top_p, top_k, seed, next(model.parameters()).device)
     opts = _Options(max_new_tokens, check_in_every, finisher_tokens, finisher_worker, pattern,
-                    _eos_ids(model, tokenizer, eos_token_id), sampling, on_token, on_step)
+                    eos_ids(model, tokenizer, eos_token_id), sampling, on_token, on_step)
     names = template.worker_names(workers)
     started = time.perf_counter()
     prompt = template.encode(tokenizer, problem, workers)
@@ -226,7 +200,7 @@ class _Options:
     finisher_worker: int
     pattern: re.Pattern | None
     eos: set[int]
-    sample: _Sampling
+    sample: Sampling
     on_token: TokenCallback | None
     on_step: Callable[[Step], None] | None
 
@@ -398,33 +372,14 @@ class _Run:
                              final_text, stopped, self.stats)
 
 
-def _eos_ids(model: torch.nn.Module, tokenizer, given: int | Sequence[int] | None) -> set[int]:
-    if given is None:
-        config = getattr(model, "generation_config", None)
-        given = getattr(config, "eos_token_id", None)
-        if given is None:
-            given = getattr(tokenizer, "eos_token_id", None)
-    if given is None:
-        return set()
-    return {int(given)} if isinstance(given, int) else {int(t) for t in given}
-
-
 def _check(workers, max_new_tokens, do_sample, temperature, top_p, top_k, check_in_every, finisher_tokens,
            finisher_worker) -> None:
     """ValueError naming the argument and its allowed range, before anything runs."""
-    def is_int(x):
-        return isinstance(x, int) and not isinstance(x, bool)
-
     if not is_int(workers) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not is_int(top_k) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {top_k!r}")
+    check_sampling(do_sample, temperature, top_p, top_k)
     if check_in_every is not None and (not is_int(check_in_every) or check_in_every < 0):
         raise ValueError(f"check_in_every must be an int >= 1, or 0 / None for no check-in, got {check_in_every!r}")
     if not is_int(finisher_tokens) or finisher_tokens < 0:
