@@ -15,12 +15,17 @@ small frames, and a value is decoded once, when its last character arrives. It a
 each field occupies, because pruning removes tokens, not characters.
 
 Token indices count every token of the stream after the prompt, generated and injected alike: the n-th
-call to `feed` is token n (from 0). Spans are half-open token ranges::
+call to `feed` is token n (from 0). Spans are half-open token ranges (`TokenSpan(start, end)`)::
 
-    tokens:   | {"reasoning": {"th | ought": "a", "sub | tasks": [ | {"thought": ... } | ] ,  | "conclusion...
-    index:           3                    4                5                6..8         9
-    field span of "subtasks":   [4, 10)  token holding the key's opening quote .. token holding "]"
-    "subtasks_body":            [6, 9)   only tokens wholly inside the brackets
+    token  text
+      0    {"reasoning": {"th
+      1    ought": "a", "sub                   the key "subtasks" starts here
+      2    tasks": [{"tho                      "[" (and the first subtask's "{")
+      3    ught": "b", "conclusion": "c"
+      4    }, {"thought": "d", "conclusion": "e"}
+      5    ], "conclusion": "f"}               "]"
+    spans["subtasks"]      == TokenSpan(1, 6)  the key's opening quote .. "]"
+    spans["subtasks_body"] == TokenSpan(3, 5)  the tokens wholly inside "[" .. "]"
 
 A field's span runs from the token holding the first character of its key (the opening quote) to the
 token holding the last character of its value, inclusive (so `end` is that token + 1). The body of a
@@ -629,7 +634,14 @@ class _Top:
 class TaskTracker:
     """Parses a TIM thread from its tokens' text as they are generated (see the module for the format and
     the span conventions). Each `feed` looks at its text once: O(len(text)) work, plus decoding a value
-    once when it completes. After a `TimFormatError` the tracker is dead and raises it again."""
+    once when it completes (amortised O(1) a character).
+
+    What it has seen so far: `root` (the reasoning task) and `nodes` (every task by path, added at its "{"),
+    `spans` ("reasoning", "answer", "thread"), `answer`, `done` (the outer "}" was seen) and `tokens` (how
+    many were fed). A "subtasks" list may be empty, which the format's JSON Schema does not allow; keys
+    must be written without escapes. A `TimFormatError` kills the tracker: the events of the token that
+    raised it are lost and every later `feed` raises it again.
+    """
 
     def __init__(self, max_depth: int = 3):
         if type(max_depth) is not int or max_depth < 1:
