@@ -45,7 +45,8 @@ def thread_schema(tools: ToolRegistry | None = None, max_depth: int = 3, max_str
     tools: the tools a task may call; with none (None or an empty registry) tasks have no "tooluse".
     max_depth: depth of the deepest task (the reasoning task is depth 1); tasks at this depth have no "subtasks".
     max_string_length: the most characters of a "thought" or "conclusion" (None: unbounded). A constrained model
-        with random weights may otherwise write one string forever.
+        with random weights may otherwise write one string forever. Under xgrammar 0.2.9 a bounded string holds
+        no escape sequences, so no `"`, `\\` or newline (see `kvtier.tim.constrain`).
     answer: the schema of the "answer" value (default: any JSON value).
 
     Every object lists its properties in the order they must be written and sets additionalProperties false.
