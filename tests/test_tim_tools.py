@@ -150,6 +150,11 @@ def test_bad_parameters_are_an_error_result(params, fragment):
     assert "bad parameters for 'lookup'" in msg and fragment in msg
 
 
+def test_a_schema_with_odd_keywords_is_an_error_result():
+    odd = tool(lambda q: q, name="odd", parameters={"type": "object", "properties": {"q": {"maxLength": "ten"}}})
+    assert "cannot check the parameters" in _error(ToolRegistry([odd]).call("odd", {"q": "x"}))
+
+
 def test_schema_errors_accepts_valid_values():
     s = parameters_schema(lookup)
     assert schema_errors({"city": "x", "days": 1, "scale": 2, "note": None, "weights": {"a": 0.5}}, s) is None

@@ -3,8 +3,8 @@
 A task's "tooluse" names a tool and its parameters; the runtime calls `ToolRegistry.call`, which never raises:
 whatever goes wrong (an unknown tool, parameters that do not match the tool's schema, the tool raising, running past
 its timeout, returning something JSON cannot hold) comes back as a `ToolOutcome` whose `result_json` is
-`{"error": "..."}`, so the model reads the failure as the tool's result and carries on (TIM, arXiv 2507.16784,
-section 3: tool results are written into the reasoning tree in the same generation).
+`{"error": "..."}`, so the model reads the failure as the tool's result and carries on (TIM, arXiv 2507.16784:
+tool results are written into the reasoning tree in the same generation).
 
 Each call runs in a daemon worker thread so that a timeout can be kept. Python cannot stop a thread: a call that
 runs past its timeout is abandoned, not killed. It keeps running (and holding whatever it holds) until its
@@ -278,7 +278,11 @@ class ToolRegistry:
         t = self._tools.get(name) if isinstance(name, str) else None
         if t is None:
             return fail(f"unknown tool {name!r}; known tools: {', '.join(self._tools) or 'none'}")
-        if (err := schema_errors(parameters, t.parameters)) is not None:
+        try:
+            err = schema_errors(parameters, t.parameters)
+        except Exception as e:  # a schema whose keywords hold odd values ("maxLength": "ten")
+            return fail(f"cannot check the parameters of {t.name!r} against its schema: {_describe(e)}")
+        if err is not None:
             return fail(f"bad parameters for {t.name!r}: {err}")
         finished, value, error = _run_in_thread(t, parameters)
         if not finished:
