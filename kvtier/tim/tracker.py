@@ -108,6 +108,13 @@ class TaskNode:
         """The whole task object, "{" .. "}", once it is closed."""
         return TokenSpan(self.start, self.end) if self.end is not None else None
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data: the fields written so far, each field's token span, the subtasks."""
+        return {"path": list(self.path), "depth": self.depth, "thought": self.thought, "tool_name": self.tool_name,
+                "parameters": self.parameters, "tool_result": self.tool_result, "conclusion": self.conclusion,
+                "spans": {name: [s.start, s.end] for name, s in self.spans.items()},
+                "children": [child.as_dict() for child in self.children]}
+
 
 @dataclass(frozen=True, slots=True)
 class ListClosed:
