@@ -1,4 +1,4 @@
-"""The `kvtier` command line: `kvtier qa`, `kvtier inspect`, `kvtier hogwild`, `kvtier bench`."""
+"""The `kvtier` command line: `kvtier qa`, `kvtier inspect`, `kvtier hogwild`, `kvtier tim`, `kvtier bench`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from . import __version__
 
 # benchmark name -> module under kvtier.bench with a `main(argv)`
 BENCHMARKS = {"exact": "exact", "codec": "codec", "speed": "speed", "quality": "quality", "kernels": "kernels",
-              "hogwild": "hogwild"}
+              "hogwild": "hogwild", "tim": "tim"}
 
 
 def printable(value: object) -> str:
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("inspect", help="show what a store holds", add_help=False)
     sub.add_parser("hogwild", help="several workers solve a problem together over one shared cache, shown live",
                    add_help=False)
+    sub.add_parser("tim", help="reason as a task tree, with tools, pruning finished sub-tasks from the cache (TIM)",
+                   add_help=False)
     # add_help=False: `kvtier bench NAME --help` reaches the benchmark's own parser
     bench = sub.add_parser("bench", help="run a benchmark and write its JSON (default: the current directory)",
                            description="Run a benchmark; `kvtier bench NAME --help` lists its options.",
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from .hogwild.cli import main as hogwild_main
 
         return hogwild_main(rest)
+    if args.command == "tim":
+        from .tim.cli import main as tim_main
+
+        return tim_main(rest)
     importlib.import_module(f"kvtier.bench.{BENCHMARKS[args.name]}").main(rest)
     return 0
 
