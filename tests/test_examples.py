@@ -82,3 +82,12 @@ def test_training_script_finds_the_shared_data_beside_the_repository(tmp_path):
     errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "no-essays" in errors[0] and "--data-dir" in errors[0], out.stderr
     assert list(work.iterdir()) == []
+
+
+def test_tim_example_runs_the_tool_and_prunes(tiny):
+    out = run("tim.py", "--model", str(tiny), "--max-new-tokens", "20")
+    lines = out.stdout.splitlines()
+    assert "  tool calculator({\"expression\": \"3 * 8\"}) -> 24" in lines
+    assert any(line.startswith("  pruned the sub-tasks of task root") for line in lines)
+    assert "  answer: '48' (stopped: answer)" in lines
+    assert out.stdout.count("answer:") == 2  # the constrained run ends too (on its budget, with random weights)
