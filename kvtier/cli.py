@@ -10,7 +10,7 @@ from . import __version__
 
 # benchmark name -> module under kvtier.bench with a `main(argv)`
 BENCHMARKS = {"exact": "exact", "codec": "codec", "speed": "speed", "quality": "quality", "kernels": "kernels",
-              "hogwild": "hogwild", "tim": "tim"}
+              "hogwild": "hogwild", "tim": "tim", "span": "span"}
 
 
 def printable(value: object) -> str:

@@ -4,8 +4,9 @@
 #   setup    install what the machine lacks from wheels in .whl/ (no network needed), make kvtier importable
 #            (kvtier.kernels included), and stop at once if torch sees no CUDA device
 #   tests    pytest -m gpu: the CUDA-only paths (device pool on the GPU, pinned host memory, exact parity,
-#            side-stream uploads, the offloaded-cache baseline) and the Triton kernels compiled for real
-#            against their references (TRITON_INTERPRET unset)
+#            side-stream uploads, the offloaded-cache baseline, TIM's span removal turning keys on the GPU and
+#            in pinned memory, xgrammar masking CUDA logits when its wheel is in .whl/) and the Triton kernels
+#            compiled for real against their references (TRITON_INTERPRET unset)
 #   kernels  kvtier bench kernels: each Triton kernel timed against its torch reference at Llama-3-8B's
 #            attention shape (32 query / 8 KV heads of 128, bf16) for 32k, 64k and 128k tokens -> kernels-cuda.json
 #   exact    kvtier bench exact --device cuda --shapes llama3-8b at 32k and 64k tokens: kvtier.prefill in

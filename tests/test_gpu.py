@@ -80,3 +80,46 @@ def test_speed_benchmark_measures_offloaded_dynamic_cache_on_cuda():
     assert row["offloaded"]["max_abs_logit_diff_vs_static"] < 1e-3  # the same KV, moved through CPU memory
     assert row["exact"]["max_abs_logit_diff_vs_static"] < 1e-3
     assert row["shared-tiered"]["speedup_vs_offloaded"] > 0 and row["shared-tiered"]["peak_device_bytes"] > 0
+
+
+def test_remove_span_on_cuda_matches_the_moved_reference():
+    """TIM's span removal with chunks on the GPU, in pinned host memory (turned in place) and on disk (turned
+    when read): the next token's logits equal a DynamicCache holding the kept KV moved by hand."""
+    import transformers as tf
+
+    from kvtier.rope import Rope
+
+    ref = build_model("llama").cuda()
+    model = twin(ref)
+    ids = torch.randint(3, 128, (1, 200), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    cache = KVTierCache.for_model(model, **CHUNKING)
+    with torch.no_grad():
+        model(input_ids=ids, **{cache_kw(model): cache})
+        full = tf.DynamicCache()
+        ref(input_ids=ids, use_cache=True, **{cache_kw(ref): full})
+    cache.remove_span(30, 90)
+    moved = tf.DynamicCache()
+    for i, (layer, rope) in enumerate(zip(full.layers, Rope.for_layers(ref))):
+        k, v = layer.keys, layer.values
+        moved.update(torch.cat([k[:, :, :30], rope.shift(k[:, :, 90:], -60)], 2),
+                     torch.cat([v[:, :, :30], v[:, :, 90:]], 2), i)
+    token, pos = torch.tensor([[7]], device="cuda"), torch.tensor([[140]], device="cuda")
+    with torch.no_grad():
+        got = model(input_ids=token, position_ids=pos, **{cache_kw(model): cache}).logits
+        want = ref(input_ids=token, position_ids=pos, **{cache_kw(ref): moved}).logits
+    assert (got - want).abs().max().item() < 1e-4
+    cache.close()
+
+
+def test_schema_constraint_masks_cuda_logits():
+    pytest.importorskip("xgrammar")
+    from tiny import build_tokenizer
+
+    from kvtier.tim import SchemaConstraint, thread_schema
+
+    tok = build_tokenizer()
+    constraint = SchemaConstraint(tok, thread_schema(None, 2, 8))
+    logits = torch.zeros(len(tok) + 7, device="cuda")
+    constraint.mask_logits(logits)
+    allowed = torch.isfinite(logits).nonzero().flatten().tolist()
+    assert allowed and all(tok.decode([i]).startswith("{") for i in allowed)  # a thread opens with "{"
