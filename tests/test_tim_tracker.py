@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from kvtier.errors import CacheInputError, KVTierError
 from kvtier.tim import (
+    FieldDone,
     ListClosed,
     PruneBuffer,
     PrunedList,
@@ -164,6 +165,8 @@ def reference(text: str) -> dict:
                 end = j + 1
             else:
                 _, end = _DEC.raw_decode(text, vc)
+                if key in ("thought", "conclusion"):
+                    out["events"].append((end - 1, "field", (path, key)))
             fields[key] = (kc, end - 1)
             return end
 
@@ -222,6 +225,8 @@ def kind_of(event) -> tuple[str, object]:
         return "list", event.node_path
     if isinstance(event, TaskClosed):
         return "task", event.node_path
+    if isinstance(event, FieldDone):
+        return "field", (event.node_path, event.field)
     assert isinstance(event, ThreadDone)
     return "done", None
 
@@ -268,6 +273,8 @@ def check_thread(text: str, tokens: list[str], max_depth: int = 3) -> TaskTracke
             assert e.body == tracker.nodes[e.node_path].spans["subtasks_body"] and e.body.end == t
         elif isinstance(e, ThreadDone):
             assert e.answer == value["answer"]
+        elif isinstance(e, FieldDone):
+            assert e.value == getattr(tracker.nodes[e.node_path], e.field)
     return tracker
 
 
@@ -327,8 +334,10 @@ def test_list_and_task_close_order():
 def test_events_share_a_token_in_character_order():
     tracker = TaskTracker()
     tracker.feed('{"reasoning": {"thought": "t", "subtasks": [{"thought": "a", "conclusion": "b')
-    assert tracker.feed('"}]') == [TaskClosed((0,)), ListClosed((), TokenSpan(1, 1))]
-    assert tracker.feed(', "conclusion": "c"}, "answer": 1}') == [TaskClosed(()), ThreadDone(1)]
+    assert tracker.feed('"}]') == [FieldDone((0,), "conclusion", "b"), TaskClosed((0,)),
+                                   ListClosed((), TokenSpan(1, 1))]
+    assert tracker.feed(', "conclusion": "c"}, "answer": 1}') == [FieldDone((), "conclusion", "c"), TaskClosed(()),
+                                                                   ThreadDone(1)]
     assert tracker.nodes[()].spans["subtasks_body"] == TokenSpan(1, 1)  # "[" and "]" in tokens 0, 1: empty
 
 
@@ -621,3 +630,50 @@ def test_token_span_is_checked():
     for bad in ((5, 3), (-1, 2), (0.0, 1)):
         with pytest.raises(CacheInputError):
             TokenSpan(*bad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FieldDone: a task's thought and conclusion, reported as each completes (what `kvtier tim` prints).
+
+
+def test_field_done_reports_each_thought_and_conclusion_depth_first():
+    got = [e for _, e in feed_all(TaskTracker(), structural(SCRIPT_TEXT))]
+    expected = []
+
+    def walk(task, path):
+        expected.append(FieldDone(path, "thought", task["thought"]))
+        for k, sub in enumerate(task.get("subtasks", [])):
+            walk(sub, path + (k,))
+        expected.append(FieldDone(path, "conclusion", task["conclusion"]))
+
+    walk(SCRIPT["reasoning"], ())
+    assert [e for e in got if isinstance(e, FieldDone)] == expected
+    for i, e in enumerate(got):
+        if isinstance(e, TaskClosed):  # the conclusion is a task's last field: its "}" comes next
+            assert got[i - 1] == FieldDone(e.node_path, "conclusion", got[i - 1].value)
+        elif isinstance(e, ToolCallReady):  # after its task's thought
+            assert any(x == FieldDone(e.node_path, "thought", x.value) for x in got[:i] if isinstance(x, FieldDone))
+
+
+def test_field_done_comes_with_the_token_holding_the_closing_quote_and_decodes_escapes():
+    tracker = TaskTracker()
+    assert tracker.feed('{"reasoning": {"thought": "a\\') == []
+    assert tracker.feed('"b\\u00e9') == []
+    assert tracker.feed('", "subtasks": [{"thought": ""') == [FieldDone((), "thought", 'a"b\u00e9'),
+                                                              FieldDone((0,), "thought", "")]
+    assert tracker.feed(', "conclusion": "\\n"}], "conclusion": "') == [FieldDone((0,), "conclusion", "\n"),
+                                                                        TaskClosed((0,)),
+                                                                        ListClosed((), TokenSpan(3, 3))]
+    assert tracker.feed('done"}, "answer": "done"}') == [FieldDone((), "conclusion", "done"), TaskClosed(()),
+                                                          ThreadDone("done")]
+    events = [e for _, e in feed_all(TaskTracker(), one_char(RAW_TEXT)) if isinstance(e, FieldDone)]
+    assert events == [FieldDone((), "thought", "a/b ]} \U0001f600"), FieldDone((), "conclusion", "")]
+
+
+def test_tool_fields_and_results_report_no_field_done():
+    tracker = TaskTracker()
+    tracker.feed(TOOL + '"parameters": {"thought": "x"')
+    events = tracker.feed('}')
+    assert events == [ToolCallReady((), "s", {"thought": "x"}, "")]
+    for piece in chunks(tool_result_text("", '{"conclusion": "no"}'), 4):
+        assert tracker.feed(piece) == []

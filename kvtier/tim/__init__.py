@@ -16,6 +16,7 @@ from .schema import thread_schema
 from .tools import Tool, ToolOutcome, ToolRegistry, calculator, tool
 from .tracker import (
     Event,
+    FieldDone,
     ListClosed,
     TaskClosed,
     TaskNode,
@@ -27,7 +28,7 @@ from .tracker import (
     tool_result_text,
 )
 
-__all__ = ["ConstraintError", "Event", "ListClosed", "PruneBuffer", "Pruned", "PrunedList", "RemovedSpans",
-           "SchemaConstraint", "TaskClosed", "TaskNode", "TaskTracker", "ThreadDone", "TimFormatError", "TimResult",
-           "TimStats", "TokenSpan", "Tool", "ToolCall", "ToolCallReady", "ToolOutcome", "ToolRegistry", "calculator",
-           "generate", "thread_schema", "tool", "tool_result_text"]
+__all__ = ["ConstraintError", "Event", "FieldDone", "ListClosed", "PruneBuffer", "Pruned", "PrunedList",
+           "RemovedSpans", "SchemaConstraint", "TaskClosed", "TaskNode", "TaskTracker", "ThreadDone", "TimFormatError",
+           "TimResult", "TimStats", "TokenSpan", "Tool", "ToolCall", "ToolCallReady", "ToolOutcome", "ToolRegistry",
+           "calculator", "generate", "thread_schema", "tool", "tool_result_text"]

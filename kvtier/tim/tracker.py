@@ -44,7 +44,7 @@ from typing import Any
 
 from kvtier.errors import CacheInputError, KVTierError
 
-__all__ = ["Event", "ListClosed", "TaskClosed", "TaskNode", "TaskTracker", "ThreadDone", "TimFormatError",
+__all__ = ["Event", "FieldDone", "ListClosed", "TaskClosed", "TaskNode", "TaskTracker", "ThreadDone", "TimFormatError",
            "TokenSpan", "ToolCallReady", "tool_result_text"]
 
 _WS = " \t\n\r"
@@ -143,13 +143,23 @@ class TaskClosed:
 
 
 @dataclass(frozen=True, slots=True)
+class FieldDone:
+    """The "thought" or "conclusion" of task `node_path` was completed (its closing quote was seen); `value` is
+    the decoded string. Tool calls are reported by `ToolCallReady` instead."""
+
+    node_path: tuple[int, ...]
+    field: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
 class ThreadDone:
     """The thread's outer "}" was seen; only whitespace may follow."""
 
     answer: Any
 
 
-Event = ListClosed | ToolCallReady | TaskClosed | ThreadDone
+Event = FieldDone | ListClosed | ToolCallReady | TaskClosed | ThreadDone
 
 
 class _Bad(Exception):
@@ -405,6 +415,7 @@ _LABEL = {"reasoning": "reasoning", "answer": "answer", "thought": "thought", "t
           "subtasks": "subtasks", "conclusion": "conclusion", "tool_name": "tool name", "parameters": "parameters",
           "tool_result": "tool result"}
 _DECODED = frozenset({"thought", "conclusion", "tool_name", "parameters", "tool_result"})
+_REPORTED = frozenset({"thought", "conclusion"})  # fields that emit FieldDone
 _VALUE_KIND = {"answer": "any", "thought": "string", "conclusion": "string", "tool_name": "string",
                "parameters": "object", "tool_result": "any"}
 (_O_OPEN, _O_FIRST, _O_KEY, _O_COLON, _O_VALUE, _O_AFTER, _O_NEXT) = range(7)
@@ -559,6 +570,8 @@ class _Obj:
         self.state = _O_AFTER
         if key in _DECODED:
             setattr(self.node, key, value)
+            if key in _REPORTED:
+                tr._events.append(FieldDone(self.node.path, key, value))
         elif key == "answer":
             tr.answer = value
         elif key == "subtasks":
@@ -667,7 +680,8 @@ class TaskTracker:
         self._text = ""
 
     def feed(self, text: str) -> list[Event]:
-        """Take the decoded text of the next token; returns what it closed, in the order of its characters."""
+        """Take the decoded text of the next token; returns what it completed or closed (`Event`s), in the order
+        of its characters."""
         if self._error is not None:
             raise self._error
         self._events, self._text = [], text
