@@ -197,3 +197,45 @@ def test_bench_refuses_bad_counts_in_one_line(args):
     out = _kvtier("bench", *args)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert [line for line in out.stderr.splitlines() if "error:" in line][0].startswith(f"kvtier bench {args[0]}: error:")
+
+
+def test_bench_tim_writes_json_and_pruning_keeps_fewer_tokens(tmp_path, capsys):
+    """`kvtier bench tim` on a tiny Llama and a short scripted thread: every method writes the script's text, the
+    pruning methods hold fewer KV tokens than the unpruned run (whose positions pass the 4k window only on a
+    long thread, so that target is unmet here), and shift and re-encode keep the same tokens."""
+    from kvtier.cli import main
+
+    assert main(["bench", "tim", "--tokens", "600", "--leaves", "2", "--layers", "1", "--heads", "2",
+                 "--kv-heads", "1", "--head-dim", "16", "--intermediate", "32", "--edge-steps", "20",
+                 "--out", str(tmp_path), "--no-plot"]) == 0
+    result = json.loads((tmp_path / "tim.json").read_text())
+    assert result["machine"]["torch"] and result["config"]["max_position_embeddings"] == 4096
+    assert result["config"]["script_tokens"] >= 600 and result["config"]["parts"] >= 3
+    rows = result["results"]
+    assert set(rows) == {"shift", "reencode", "none"}
+    for name, row in rows.items():
+        assert row["stopped"] == "answer" and row["text_matches_script"], name
+        assert row["generated_tokens"] == result["config"]["script_tokens"]
+        assert row["tool_calls"] == result["config"]["parts"] * 2 and row["injected_tokens"] > 0
+        assert row["step_ms_start"] > 0 and row["step_ms_end"] > 0
+        assert row["max_position"] == row["peak_kv_tokens"] - 1
+        assert row["device_kv_bytes_at_peak"] > 0
+    shift, reencode, none = rows["shift"], rows["reencode"], rows["none"]
+    assert shift["peak_kv_tokens"] < none["peak_kv_tokens"] and shift["final_kv_tokens"] < none["final_kv_tokens"]
+    assert shift["device_kv_bytes_at_peak"] < none["device_kv_bytes_at_peak"]
+    assert shift["share_pruned"] > 0 and shift["removals"] > 0 and none["share_pruned"] == 0
+    assert shift["prune_s_total"] > 0 and reencode["reencoded_tokens"] > 0 and shift["reencoded_tokens"] == 0
+    assert reencode["kept_ids_match_shift"] and reencode["peak_kv_tokens"] == shift["peak_kv_tokens"]
+    assert result["ratios"]["peak_kv_shift_vs_none"] < 1
+    targets = result["targets"]
+    assert targets["texts_match_script"]["met"] is True
+    assert targets["finishes_past_the_window"]["met"] is False  # 600 tokens stay far below 4096
+    assert set(targets) == {"finishes_past_the_window", "peak_kv_shift_vs_none", "shift_step_end_vs_start",
+                            "texts_match_script"}
+    points = -(-result["config"]["script_tokens"] // 250)  # one per 250 generated tokens
+    assert {m: len(s["kv_tokens"]) for m, s in result["series"].items()} == {m: points for m in rows}
+    for args in (["--tokens", "0"], ["--prune-buffer", "-1"], ["--heads", "3", "--kv-heads", "2"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "tim", *args])
+        assert exit_.value.code == 2, args
+        assert capsys.readouterr().err.splitlines()[-1].startswith("kvtier bench tim: error:")
