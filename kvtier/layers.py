@@ -358,48 +358,49 @@ class TieredLayer:
         device slots are reused (TIM pruning). The layer's RoPE must be in `tiers.ropes`.
 
         Chunks inside the span are freed wherever they live. A chunk cut by an edge of the span (at most two)
-        is read and its kept part stored again as a new chunk. Chunks after the span move without a disk read
-        (`TierManager.move`); their abstracts follow exactly when the keys are resident, and by interval bounds
-        (`Rope.shift_bounds`, still upper bounds for selection) when they are only on disk."""
+        is read and its kept parts stored again as new chunks. The chunks after the span move as one block,
+        whatever their number: their device keys in one turn, disk records not at all (`TierManager.move`),
+        their abstracts by one interval-bound turn (`AbstractTable.move`), made exact again for the ones on
+        the device (`AbstractTable.refresh`)."""
         self.commit_pending()
         d = end - start
         if d <= 0:
             return
         self.tiers.wait_uploads(self.index)
         rope = self.tiers.ropes[self.index]
-        kept: list[Chunk] = []
+        chunks = self.chunks
+        a = next((i for i, c in enumerate(chunks) if c.end > start), len(chunks))
+        b = next((i for i in range(a, len(chunks)) if chunks[i].start >= end), len(chunks))
+        pieces: list[Chunk] = []
         rows: list[Row] = []
         to_place: list[tuple[Chunk, torch.Tensor, torch.Tensor]] = []
-        doomed: list[Chunk] = []
-        for c in self.chunks:
-            if c.end <= start:
-                rows.append(self.abstracts.row(c.row))
-                kept.append(c)
-            elif c.start >= end:
-                kmin, kmax, _, n, pmin, pmax = self.abstracts.row(c.row)
-                self.tiers.move(c, -d)
-                if c.tier == Tier.DISK:
-                    rows.append((*rope.shift_bounds(kmin, kmax, -d), c.start, n, *rope.shift_bounds(pmin, pmax, -d)))
-                else:
-                    rows.append(self.abstracts.summarize(self.tiers.resident_keys(c), c.start))
-                kept.append(c)
-            else:
-                doomed.append(c)
-                if start <= c.start and c.end <= end:
+        for c in chunks[a:b]:
+            if start <= c.start and c.end <= end:
+                continue
+            k, v = self.tiers.fetch(c)
+            for lo, hi, at, delta in ((0, start - c.start, c.start, 0), (end - c.start, c.length, start, -d)):
+                if hi <= lo:
                     continue
-                k, v = self.tiers.fetch(c)
-                for lo, hi, at, delta in ((0, start - c.start, c.start, 0), (end - c.start, c.length, start, -d)):
-                    if hi <= lo:
-                        continue
-                    pk = rope.shift(k[:, :, lo:hi], delta) if delta else k[:, :, lo:hi].clone()
-                    piece = Chunk(self.index, self.tiers.new_chunk_id(), at, hi - lo, Tier.DEVICE, k.shape[0],
-                                  pinned=c.pinned, last_used=self.tiers.clock, importance=c.importance)
-                    rows.append(self.abstracts.summarize(pk, at))
-                    kept.append(piece)
-                    to_place.append((piece, pk, v[:, :, lo:hi].clone()))
-        self.tiers.free(doomed)
+                pk = rope.shift(k[:, :, lo:hi], delta) if delta else k[:, :, lo:hi].clone()
+                piece = Chunk(self.index, self.tiers.new_chunk_id(), at, hi - lo, Tier.DEVICE, k.shape[0],
+                              pinned=c.pinned, last_used=self.tiers.clock, importance=c.importance)
+                rows.append(self.abstracts.summarize(pk, at))
+                pieces.append(piece)
+                to_place.append((piece, pk, v[:, :, lo:hi].clone()))
+        self.tiers.free(chunks[a:b])
+        moved = chunks[b:]
+        self.chunks = chunks[:a] + pieces + moved
+        for row in range(a, len(self.chunks)):
+            self.chunks[row].row = row
+        self.abstracts.splice(a, b, rows)
+        self.abstracts.move(a + len(pieces), -d, rope)
+        on_device, keys = self.tiers.move(moved, -d)
+        if on_device:
+            self.abstracts.refresh(torch.tensor([c.row for c in on_device]), keys)
+        self.pool.version += 1  # chunk rows changed: tables over the slots rebuild
         self._remove_from_window(start, end, rope)
-        self._install(kept, rows, to_place)
+        for chunk, k, v in to_place:
+            self.tiers.place(chunk, k, v)
         self.length -= d
         self.last_union = []
         self._refill_window()

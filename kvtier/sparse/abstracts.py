@@ -114,9 +114,9 @@ class AbstractTable:
         self.page_count += pages
         self.max_pages = max(self.max_pages, pages)
 
-    def _grow_chunks(self, shape: torch.Size) -> None:
+    def _grow_chunks(self, shape: torch.Size, need: int = 0) -> None:
         b, h, d = shape
-        cap = max(64, 2 * self.count)
+        cap = max(64, 2 * self.count, need)
         kmin, kmax = (torch.empty(b, h, cap, d, device=self.device) for _ in range(2))
         cols = torch.zeros(4, cap, dtype=torch.long, device=self.device)
         if self.kmin is not None:
@@ -170,6 +170,77 @@ class AbstractTable:
         self.count = self.page_count = self.max_pages = 0
         for row in rows:
             self.append(row)
+
+    def splice(self, a: int, b: int, rows: list[Row]) -> None:
+        """Replace chunk rows [a, b) (and their pages) by `rows`; the rows after b follow them, moved as one
+        block (a span removed from the layer: its chunks go, at most two cut chunks come back as pieces)."""
+        if self.kmin is None:
+            for row in rows:
+                self.append(row)
+            return
+        pa, pb = self._first_page(a), self._first_page(b)
+        tail = (self.kmin[:, :, b:self.count].clone(), self.kmax[:, :, b:self.count].clone(),
+                self._chunk_cols[:, b:self.count].clone(), self.pmin[:, :, pb:self.page_count].clone(),
+                self.pmax[:, :, pb:self.page_count].clone(), self._page_cols[:, pb:self.page_count].clone())
+        self.count, self.page_count = a, pa
+        for row in rows:
+            self.append(row)
+        kmin, kmax, cols, pmin, pmax, pcols = tail
+        n, m = cols.shape[1], pcols.shape[1]
+        if not n:
+            return
+        with storage_mode():
+            if self.count + n > self.kmin.shape[2]:
+                self._grow_chunks(kmin.shape[:2] + kmin.shape[3:], self.count + n)
+            if self.page_count + m > self.pmin.shape[2]:
+                self._grow_pages(pmin.shape, pmin.dtype, self.page_count + m)
+            c, p = self.count, self.page_count
+            cols[2] += p - pb  # first page row
+            pcols[3] += c - b  # chunk row
+            self.kmin[:, :, c:c + n], self.kmax[:, :, c:c + n], self._chunk_cols[:, c:c + n] = kmin, kmax, cols
+            self.pmin[:, :, p:p + m], self.pmax[:, :, p:p + m], self._page_cols[:, p:p + m] = pmin, pmax, pcols
+        self.count += n
+        self.page_count += m
+
+    def move(self, first: int, delta: int, rope) -> None:
+        """Chunk rows from `first` on moved by `delta` positions (`Rope.shift`): starts follow, and bounds turn
+        by interval arithmetic (`Rope.shift_bounds`: they still hold, a little looser; `refresh` makes a
+        chunk's exact again from its keys). One call for all of them, whatever their number."""
+        if first >= self.count:
+            return
+        c, p = slice(first, self.count), slice(self._first_page(first), self.page_count)
+        with storage_mode():
+            self.kmin[:, :, c], self.kmax[:, :, c] = rope.shift_bounds(self.kmin[:, :, c], self.kmax[:, :, c], delta)
+            self.pmin[:, :, p], self.pmax[:, :, p] = rope.shift_bounds(self.pmin[:, :, p], self.pmax[:, :, p], delta)
+            self._chunk_cols[0, c] += delta
+            self._page_cols[0, p] += delta
+
+    def refresh(self, rows: torch.Tensor, k: torch.Tensor) -> None:
+        """Exact bounds for chunk rows `rows` ([R], their chunks' keys end to end in k [B, Hkv, N, D]), computed
+        for all of them at once (segment minima and maxima by scatter), not chunk by chunk."""
+        rows = rows.to(self.device)
+        _, lengths, first, pages = self._chunk_cols[:, rows]
+        b, h, n, d = k.shape
+        r = rows.numel()
+        local_first = pages.cumsum(0) - pages
+        offset = torch.arange(n, device=self.device) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths,
+                                                                                output_size=n)
+        tok_page = torch.repeat_interleave(local_first, lengths, output_size=n) + offset // self.page_size
+        n_pages = int(pages.sum())
+        index = tok_page.view(1, 1, n, 1).expand(b, h, n, d)
+        pmin = k.new_full((b, h, n_pages, d), float("inf")).scatter_reduce_(2, index, k, "amin")
+        pmax = k.new_full((b, h, n_pages, d), float("-inf")).scatter_reduce_(2, index, k, "amax")
+        page_chunk = torch.repeat_interleave(torch.arange(r, device=self.device), pages, output_size=n_pages)
+        page_rows = first[page_chunk] + torch.arange(n_pages, device=self.device) - local_first[page_chunk]
+        index = page_chunk.view(1, 1, n_pages, 1).expand(b, h, n_pages, d)
+        kmin = torch.full((b, h, r, d), float("inf"), device=self.device).scatter_reduce_(2, index, pmin.float(), "amin")
+        kmax = torch.full((b, h, r, d), float("-inf"), device=self.device).scatter_reduce_(2, index, pmax.float(), "amax")
+        with storage_mode():
+            self.pmin[:, :, page_rows], self.pmax[:, :, page_rows] = pmin, pmax
+            self.kmin[:, :, rows], self.kmax[:, :, rows] = kmin, kmax
+
+    def _first_page(self, row: int) -> int:
+        return int(self._chunk_cols[2, row]) if row < self.count else self.page_count
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Reorder the batch rows (beam search)."""

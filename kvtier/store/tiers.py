@@ -575,22 +575,33 @@ class TierManager:
             self.counters.host.bytes_written += k.nbytes + v.nbytes
         return False
 
-    def move(self, chunk: Chunk, delta: int) -> None:
-        """Move a chunk by delta positions (a span before it was removed): a device or host copy is turned in
-        place, a disk record is left as written and turned when read (`to_logical`), so a move never reads
-        the disk."""
-        rope = self.ropes[chunk.layer]
-        if chunk.tier == Tier.DEVICE:
-            pool = self.device_pools[chunk.layer]
-            k, v = pool.read(chunk.slots)
+    def move(self, chunks: list[Chunk], delta: int) -> tuple[list[Chunk], torch.Tensor | None]:
+        """Move chunks of one layer by delta positions (a span before them was removed). The device copies are
+        turned in place, all in one read, turn and write (their slots also take the chunks' current rows as
+        owners); host copies are turned in place; a disk record is left as written and turned when read
+        (`to_logical`), so a move never reads the disk. Returns the device chunks and their turned keys end to
+        end ([B, H, N, D]; None when there are none), for their abstracts."""
+        if not chunks:
+            return [], None
+        layer = chunks[0].layer
+        rope = self.ropes[layer]
+        on_device = [c for c in chunks if c.tier == Tier.DEVICE]
+        for chunk in chunks:
+            if chunk.tier == Tier.HOST:
+                k = self.host_pools[layer].get(chunk.chunk_id)[0]
+                with storage_mode():
+                    k.copy_(rope.shift(k, delta))  # in place: a pinned host copy stays pinned
             chunk.start += delta
-            pool.write(chunk.slots, rope.shift(k, delta), v, _positions(chunk, pool.device), chunk.row)
-            return
-        if chunk.tier == Tier.HOST:
-            k = self.host_pools[chunk.layer].get(chunk.chunk_id)[0]
-            with storage_mode():
-                k.copy_(rope.shift(k, delta))  # in place: a pinned host copy stays pinned
-        chunk.start += delta
+        if not on_device:
+            return [], None
+        pool = self.device_pools[layer]
+        slots = torch.cat([c.slots for c in on_device]).to(pool.device)
+        lengths = torch.tensor([c.length for c in on_device])
+        owners = torch.repeat_interleave(torch.tensor([c.row for c in on_device]), lengths).to(pool.device)
+        k, v = pool.read(slots)
+        k = rope.shift(k, delta)
+        pool.write(slots, k, v, pool.slot_pos[slots] + delta, owners)
+        return on_device, k
 
     def resident_keys(self, chunk: Chunk) -> torch.Tensor:
         """A device or host chunk's keys in logical row order, where they are (not counted as a read: for
