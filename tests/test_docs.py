@@ -11,6 +11,7 @@ from kvtier import KVTierConfig
 from kvtier.hogwild.cli import build_parser as hogwild_parser
 from kvtier.qa import build_parser as qa_parser
 from kvtier.report import build_parser as inspect_parser
+from kvtier.tim.cli import build_parser as tim_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 API = (ROOT / "docs" / "api.md").read_text()
@@ -35,7 +36,8 @@ def test_every_option_is_documented_with_its_default():
 
 def test_every_cli_flag_is_documented_and_no_other():
     documented = set(re.findall(r"^\| `(--[a-z-]+)` \|", CONFIG, flags=re.M))
-    actual = set(_flags(qa_parser())) | set(_flags(inspect_parser())) | set(_flags(hogwild_parser()))
+    actual = set(_flags(qa_parser())) | set(_flags(inspect_parser())) | set(_flags(hogwild_parser())) | \
+        set(_flags(tim_parser()))
     assert documented == actual, f"undocumented: {actual - documented}, stale: {documented - actual}"
     for action in qa_parser()._actions:
         if action.option_strings and action.default not in (None, False) and action.dest != "help":
@@ -49,6 +51,15 @@ def test_hogwild_flags_are_documented_with_their_defaults():
     rows = {m.group(1): line for line in section.splitlines() if (m := re.match(r"^\| `(--[a-z-]+)` \|", line))}
     assert set(rows) == set(_flags(hogwild_parser()))
     for action in hogwild_parser()._actions:
+        if action.option_strings and action.default not in (None, False) and action.dest not in ("help", "device"):
+            assert f"`{action.default}`" in rows[action.option_strings[0]], f"{action.option_strings[0]}: docs default"
+
+
+def test_tim_flags_are_documented_with_their_defaults():
+    section = CONFIG.split("## `kvtier tim`")[1].split("\n## ")[0]
+    rows = {m.group(1): line for line in section.splitlines() if (m := re.match(r"^\| `(--[a-z-]+)` \|", line))}
+    assert set(rows) == set(_flags(tim_parser()))
+    for action in tim_parser()._actions:
         if action.option_strings and action.default not in (None, False) and action.dest not in ("help", "device"):
             assert f"`{action.default}`" in rows[action.option_strings[0]], f"{action.option_strings[0]}: docs default"
 
