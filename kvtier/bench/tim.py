@@ -266,10 +266,10 @@ def rolling_median(values: list[float], width: int) -> list[float]:
     return out
 
 
-@torch.inference_mode()
 def run(tokens: int, leaves: int, methods: list[str], prune_buffer: int, shape: dict[str, int],
         edge: int = 500) -> tuple[dict[str, Any], dict[str, dict[str, list]]]:
-    """Every method over the same scripted thread; the result and each method's per-step series."""
+    """Every method over the same scripted thread; the result and each method's per-step series. Not under
+    `torch.inference_mode()`: `generate` runs its forwards under `no_grad`, as a user's call does."""
     tokenizer = build_tokenizer()
     doc, ids = sized_thread(tokenizer, tokens, leaves)
     expected = with_results(doc)
