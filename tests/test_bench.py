@@ -239,3 +239,17 @@ def test_bench_tim_writes_json_and_pruning_keeps_fewer_tokens(tmp_path, capsys):
             main(["bench", "tim", *args])
         assert exit_.value.code == 2, args
         assert capsys.readouterr().err.splitlines()[-1].startswith("kvtier bench tim: error:")
+
+
+def test_bench_span_writes_json_and_reads_no_moved_record(tmp_path):
+    """`kvtier bench span` on a tiny shape: the removal reads only the chunks an edge cut, the alternatives are
+    timed, and the JSON holds the ratios."""
+    from kvtier.cli import main
+
+    assert main(["bench", "span", "--context", "1200", "--at", "64", "--span", "64", "--steps", "2", "--warmup", "1",
+                 "--layers", "2", "--segment", "256", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "span.json").read_text())["result"]
+    assert result["turn_on_read"]["disk_bytes_read"] == result["disk_bytes_of_cut_chunks"]
+    assert result["disk_chunks_moved"] > 0 and result["rewrite"]["disk_bytes_read_and_written"] > 0
+    assert result["reencode"]["tokens_encoded"] > 1000
+    assert set(result["ratios"]) == {"rewrite_vs_turn_on_read", "reencode_vs_turn_on_read", "step_after_vs_before"}
