@@ -234,8 +234,6 @@ def test_tree_printer_on_a_scripted_thread():
     assert sum(p.positions[1] - p.positions[0] for p in result.pruned) == result.stats.pruned_tokens
 
 
-@pytest.mark.xfail(strict=True, reason="kvtier.tim.generate names a Pruned event after the list that closed, not "
-                                       "the list that left the cache (runtime.py passes ListClosed.node_path)")
 def test_tree_printer_marks_a_list_pruned_later_where_it_leaves():
     lines, result = _run_scripted(prune_buffer=1)
     # the list of 1.1 leaves when the list of 1.2 closes, that one when the reasoning task's list closes

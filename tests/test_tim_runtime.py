@@ -162,6 +162,8 @@ def test_the_buffer_size_decides_how_much_is_pruned_and_what_stays():
     assert pruned[0] > pruned[1] > pruned[2] > pruned[9] == 0
     # size 0: every list leaves as it closes, the three inner lists and then the outer (what is left of it)
     assert [p.path for p in runs[0].pruned] == [(0,), (1,), ()]
+    assert [p.path for p in runs[1].pruned] == [(0,), (1,)]  # the oldest list leaves when the next one closes
+    assert [p.path for p in runs[2].pruned] == [(0,)]
     for b, r in runs.items():
         s = r.stats
         assert s.final_kv_tokens == s.prompt_tokens + s.generated_tokens + s.injected_tokens - s.pruned_tokens

@@ -124,8 +124,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *,
     reencode: after a removal, encode the kept suffix again at its new positions instead of moving its keys
         (TIM's paper formulation; slower, for comparison).
     do_sample, temperature, top_p, top_k, seed: as in transformers' generate (greedy by default).
-    on_event(event): called with each tracker event (`ListClosed`, `ToolCallReady`, `TaskClosed`, `ThreadDone`),
-        each `ToolCall` and each `Pruned`, as they happen.
+    on_event(event): called with each tracker event (`FieldDone`, `ListClosed`, `ToolCallReady`, `TaskClosed`,
+        `ThreadDone`), each `ToolCall` and each `Pruned`, as they happen.
     choose(logits [V]) -> token id: replaces sampling (a scripted stream; the constraint, when on, masks first).
     prompt_ids: the prompt's token ids as given (instead of kvtier's instructions around `prompt`).
     cache: a KVTierCache to generate in (it must be empty); else one is made with `cache_options`
@@ -222,8 +222,10 @@ class _Run:
         for event in self.tracker.feed(piece):
             self.emit(event)
             if isinstance(event, ListClosed):
-                for span in self.buffer.on_list_closed(event.node_path, event.body, index):
-                    self.prune(event.node_path, span, index)
+                logged = len(self.buffer.pruned)
+                self.buffer.on_list_closed(event.node_path, event.body, index)
+                for gone in self.buffer.pruned[logged:]:  # the lists pushed out: the oldest, not this one
+                    self.prune(gone.path, gone.body, index)
             elif isinstance(event, ToolCallReady):
                 injected += self.call_tool(event, index)
             elif isinstance(event, ThreadDone):
