@@ -114,12 +114,12 @@ class HogwildCache(Cache):
         """What the cache holds now (read-only). Tokens per block: "history", "headers" (both), "steps" (one count
         per worker), each stored once. Per tier, summed over layers as `KVTierCache.stats()` counts residency (a
         chunk may be resident in two tiers at once): "tiers" (tokens) and "bytes" (on disk: compressed). The
-        full-attention layers' history is in `history_cache`'s tiers; sliding layers' history, the headers and
-        the steps are on the device."""
+        full-attention layers' history is in `history_cache`'s tiers; sliding layers' history (the keys their
+        window can still reach), the headers and the steps are on the device."""
         steps = [self.layout.step_len(w) for w in range(self.workers)]
         headers = self.layout.lengths[OTHERS] + self.layout.lengths[OWN]
-        sliding = sum(layer.is_sliding for layer in self.layers)
-        on_device = (headers + sum(steps)) * len(self.layers) + self.layout.history * sliding
+        sliding = sum(layer.history.held for layer in self.layers if layer.is_sliding)  # window-bounded
+        on_device = (headers + sum(steps)) * len(self.layers) + sliding
         per_token = 2 * self.spec.kv_heads * self.spec.head_dim * self.dtype.itemsize  # one layer's k and v
         s = self.history_cache.stats()
         return {"history": self.layout.history, "headers": headers, "steps": steps,

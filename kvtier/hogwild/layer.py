@@ -58,7 +58,8 @@ class HogwildLayer:
         self.index = index
         self.window = spec.window if spec.kind == SLIDING else None
         self.rope = rope
-        self.history = history if history is not None else History(rope, kv_heads, head_dim, dtype, device)
+        self.history = history if history is not None else History(rope, kv_heads, head_dim, dtype, device,
+                                                                   self.window)
         self.k = torch.empty(kv_heads, 0, head_dim, dtype=dtype, device=device)  # arena: [Hkv, size, D]
         self.v = torch.empty_like(self.k)
         self._regions: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
@@ -126,7 +127,7 @@ class HogwildLayer:
             out, lse = block_decode_attention(rows, plan.q_pos, self.k, self.v, plan.block_start, plan.block_len,
                                               plan.qrel, self.rope.inv_freq, self.rope.interleaved, scale, softcap,
                                               self.window)
-        if self.history.length:
+        if self.history.held:
             ho, hl = self.history.attend(rows, plan.q_pos, plan.view_pos, scale, softcap, self.window)
             out, lse = (ho, hl) if out is None else merge_partials(out, lse, ho, hl)
         out = out.reshape(b, nq, hq, d).permute(0, 2, 1, 3)
@@ -136,9 +137,15 @@ class HogwildLayer:
 
     def view_kv(self, layout: Layout, worker: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The worker's view as one ordinary sequence: k, v [Hkv, total, D], every block's keys moved to their
-        view positions (one rotation each). For checking and for baselines; attention never needs it."""
+        view positions (one rotation each). For checking and for baselines; attention never needs it.
+
+        A sliding layer's history no longer holds the positions before `history.first` (no query to come can
+        see them): their rows are zeros, so row i is still view position i."""
         hk, hv = self.history.kv()
         ks, vs = [hk], [hv]
+        if self.history.first:
+            gap = hk.new_zeros(hk.shape[0], self.history.first, hk.shape[2])
+            ks, vs = [gap, hk], [gap, hv]
         vstart, starts = layout.view_starts(worker), self._regions[0]
         for b in layout.view_order(worker):
             n = layout.lengths[b]
