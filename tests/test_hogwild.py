@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 import transformers as tf
-from conftest import VOCAB, family_config
+from conftest import VOCAB, WINDOW, family_config
 from transformers import DynamicCache
 
 from kvtier import cache_argument
@@ -224,6 +224,141 @@ def test_a_promoted_step_equals_the_same_tokens_prefilled():
             torch.testing.assert_close(x, y, **TOL)
     torch.testing.assert_close(promoted.step([9]), prefilled.step([9]), **TOL)
     assert torch.equal(promoted.view_ids(0), prefilled.view_ids(0))
+
+
+# ------------------------------------------------------------------------------- sliding windows
+def test_a_windowed_history_keeps_what_the_window_reaches():
+    """With a window W the history holds only a tail of at least W - 1 keys, at most 2 (W - 1) in a buffer of
+    as many rows, yet reads, prefills over it and its keys equal those of a history kept whole; trims happen
+    both on prefills (keys dropped after their queries attended) and on appended blocks, short and long."""
+    window = 8
+    rope = Rope.from_model(_model("gemma2", layers=1))
+    cpu = torch.device("cpu")
+    whole = History(rope, kv_heads=2, head_dim=16, dtype=torch.float32, device=cpu)
+    bounded = History(rope, kv_heads=2, head_dim=16, dtype=torch.float32, device=cpu, window=window)
+    assert bounded.bound == 14 and whole.bound is None
+    g = torch.Generator().manual_seed(0)
+    tol = {"atol": 1e-4, "rtol": 1e-4}  # positions in the hundreds: float32 rotation round-off
+    firsts = set()
+    for op, n in enumerate([30, 3, 5, 2, 9, 1, 20, 4, 7, 6, 12, 3, 2, 40, 5, 1, 1, 8, 25, 3] * 3):
+        x, v = torch.randn(1, 2, n, 16, generator=g), torch.randn(2, n, 16, generator=g)
+        if op % 3 == 0:  # a prefill: keys at their absolute positions, then its queries attend causally
+            k = rope.rotate(x, torch.arange(whole.length, whole.length + n))[0]
+            q = rope.rotate(torch.randn(1, 4, n, 16, generator=g), torch.arange(whole.length, whole.length + n))
+            for h in (whole, bounded):
+                h.extend(k, v)
+            want, got = (h.attend_newest(q, 0.25, 20.0, window, need_lse=True) for h in (whole, bounded))
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, **tol)
+        else:  # a finished step: keys at block-local positions
+            for h in (whole, bounded):
+                h.append_block(rope.rotate(x, torch.arange(n))[0], v)
+        firsts.add(bounded.first)
+        assert bounded.length == whole.length and window - 1 <= bounded.held <= bounded.bound
+        assert bounded._k.shape[1] <= bounded.bound and bounded._v.shape == bounded._k.shape
+        (kw, vw), (kb, vb) = whole.kv(), bounded.kv()
+        assert kb.shape[1] == bounded.held == whole.length - bounded.first
+        torch.testing.assert_close(kb, kw[:, bounded.first:], **tol)
+        assert torch.equal(vb, vw[:, bounded.first:])
+        q_pos = torch.tensor([0, 2, 4])  # three rows of a step, at view positions from length on
+        q = rope.rotate(torch.randn(1, 4, 3, 16, generator=g), q_pos)[0].transpose(0, 1)
+        view_pos = whole.length + torch.tensor([0, 3, 9])
+        want, got = (h.attend(q, q_pos, view_pos, 0.25, 20.0, window) for h in (whole, bounded))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **tol)
+    assert len(firsts) > 10 and whole.length > 20 * window  # it trimmed often, over a long history
+
+
+def _long_collaboration(cache: HogwildCache, check, prefill) -> None:
+    """A prompt longer than the window (30 tokens; WINDOW = 24), headers 3 + 2, then 60 steps of 3 workers, one
+    step joining the history every other step; after step 35 every step joins and 40 more tokens are prefilled
+    into the trimmed history. check(t, logits) after each step; prefill(ids) prefills (and checks)."""
+    g = torch.Generator().manual_seed(7)
+    prefill(_ids(30, g))
+    cache.set_headers(_ids(3, g), _ids(2, g))
+    for t in range(60):
+        check(t, cache.step(_ids(3, g)))
+        if t % 2:
+            cache.finish_step(t // 2 % 3)
+        if t == 35:
+            assert all(layer.history.first > 0 for layer in cache.layers if layer.is_sliding)
+            for w in range(3):
+                cache.finish_step(w)
+            prefill(_ids(40, g))
+    assert cache.layout.history > 8 * WINDOW
+
+
+def _check_bounded(cache: HogwildCache) -> None:
+    """Every sliding layer's history holds the window's reach, within its bound (keys and their buffer)."""
+    sliding = [layer.history for layer in cache.layers if layer.is_sliding]
+    assert sliding
+    for h in sliding:
+        assert min(h.length, WINDOW - 1) <= h.held <= h.bound == 2 * (WINDOW - 1)
+        assert h._k.shape[1] <= h.bound and h._v.shape[1] <= h.bound
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss"])  # soft-capping; attention sinks
+def test_a_long_collaboration_over_a_sliding_window_equals_a_plain_forward(name):
+    """One sliding layer, a history ten windows long: every worker's logits at every step, and a prefill's over
+    the trimmed history, equal a plain forward over the token ids, while the layer holds at most 2 (W - 1) keys
+    of history."""
+    model = _model(name, layers=1)
+    ref = copy.deepcopy(model)
+    cache = HogwildCache.for_model(model, workers=3, step_capacity=4)
+
+    def plain(ids):
+        with torch.no_grad():
+            return ref(ids[None]).logits[0, -1]
+
+    def check(t, logits):
+        for w in range(3):
+            torch.testing.assert_close(logits[w], plain(cache.view_ids(w)), **TOL, msg=f"step {t} worker {w}")
+        _check_bounded(cache)
+
+    def prefill(ids):
+        logits = cache.prefill_history(ids)
+        torch.testing.assert_close(logits, plain(cache.view_ids(0)[: cache.layout.history]), **TOL)
+        _check_bounded(cache)
+
+    _long_collaboration(cache, check, prefill)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "mistral"])  # alternating sliding and full; every layer sliding
+def test_a_long_collaboration_over_a_sliding_window_equals_a_dynamic_cache(name):
+    """Every layer, a history ten windows long: each worker's logits equal a plain model reading its view from
+    a DynamicCache (the positions the window dropped are zeros there, and masked), and a prefill into the
+    trimmed history gives the logits of the plain model continuing the stored history; the sliding layers hold
+    at most 2 (W - 1) keys of history, and `held` counts them so."""
+    model = _model(name)
+    ref = copy.deepcopy(model)
+    cache = HogwildCache.for_model(model, workers=3, step_capacity=4)
+
+    def check(t, logits):
+        _check_bounded(cache)
+        if t % 4 == 3:
+            for w in range(3):
+                torch.testing.assert_close(logits[w], _dynamic_cache_logits(ref, cache, w), **TOL,
+                                           msg=f"step {t} worker {w}")
+
+    def prefill(ids):
+        h = cache.layout.history
+        dyn = DynamicCache()
+        for i in range(len(cache.layers) if h else 0):
+            k, v = cache.view_kv(0, i)  # the view opens with the history
+            dyn.update(k[None, :, :h], v[None, :, :h], i)
+        with torch.no_grad():
+            want = ref(input_ids=ids[None], position_ids=torch.arange(h, h + len(ids))[None], use_cache=True,
+                       **{cache_argument(ref): dyn}).logits[0, -1]
+        torch.testing.assert_close(cache.prefill_history(ids), want, **TOL)
+        _check_bounded(cache)
+
+    _long_collaboration(cache, check, prefill)
+    held = cache.held
+    full = [layer for layer in cache.layers if not layer.is_sliding]
+    arena = (held["headers"] + sum(held["steps"])) * len(cache.layers)
+    assert held["tiers"]["device"] == arena + held["history"] * len(full) + sum(
+        layer.history.held for layer in cache.layers if layer.is_sliding)
+    assert held["tiers"]["device"] <= arena + held["history"] * len(full) + 2 * (WINDOW - 1) * (4 - len(full))
 
 
 # --------------------------------------------------------------------------------------- misuse
