@@ -226,6 +226,8 @@ def test_bench_tim_writes_json_and_pruning_keeps_fewer_tokens(tmp_path, capsys):
     assert shift["share_pruned"] > 0 and shift["removals"] > 0 and none["share_pruned"] == 0
     assert shift["prune_s_total"] > 0 and reencode["reencoded_tokens"] > 0 and shift["reencoded_tokens"] == 0
     assert reencode["kept_ids_match_shift"] and reencode["peak_kv_tokens"] == shift["peak_kv_tokens"]
+    assert 0 < shift["first_removal_at"] == reencode["first_removal_at"] < shift["generated_tokens"]
+    assert shift["step_ms_after_first_removal"] > 0 and none["step_ms_after_first_removal"] is None
     assert result["ratios"]["peak_kv_shift_vs_none"] < 1
     targets = result["targets"]
     assert targets["texts_match_script"]["met"] is True

@@ -28,7 +28,8 @@ written (the cache is compacted, so it is the peak held less one) and whether it
 share pruned, positions reused, device KV bytes at the peak (per-layer peak occupancy of the device pools)
 and the pools' allocated bytes; the step time at the start and at the end of the thread (median of the
 first and last `--edge-steps` steps, default 500; a step is the time between two calls of `choose`: the
-tracker, any pruning or tool call, and the forward); and the time pruning takes, from the start of the cache
+tracker, any pruning or tool call, and the forward), and from the first removal on (the same count of steps:
+the start of the pruned regime); and the time pruning takes, from the start of the cache
 call (`remove_span`, or `crop` for reencode) to the runtime's `Pruned` event (for reencode, the re-encoding
 forward included). Each method's text is checked against the script (with the calculator's results), and
 reencode's kept tokens against shift's. The methods run one after the other (each over the whole thread).
@@ -174,6 +175,7 @@ class Stepper:
         self.stamps: list[float] = []
         self.held: list[int] = []  # tokens in the cache when each token was chosen (prompt included)
         self.prune_s: list[float] = []
+        self.pruned_at: list[int] = []  # generated tokens when each removal happened
 
     def __call__(self, logits: torch.Tensor) -> int:
         self.stamps.append(time.perf_counter())
@@ -187,6 +189,7 @@ class Stepper:
     def on_event(self, event: Any) -> None:
         if isinstance(event, Pruned):
             self.prune_s.append(time.perf_counter() - self.cache.removal_started)
+            self.pruned_at.append(self.at)
 
     def step_s(self, ended: float) -> list[float]:
         """Each generated token's step: from its `choose` to the next (the last one: to the end of the run)."""
@@ -219,6 +222,8 @@ def run_method(model: torch.nn.Module, tokenizer, method: str, ids: list[int], p
     s = result.stats
     steps = stepper.step_s(ended)
     start_ms, end_ms = median_ms(steps[:edge]), median_ms(steps[-edge:])
+    first = stepper.pruned_at[0] if stepper.pruned_at else None
+    pruned_ms = median_ms(steps[first:first + edge]) if first is not None else None
     layers = len(cache.tiers.device_pools)
     row: dict[str, Any] = {
         "stopped": result.stopped,
@@ -241,6 +246,9 @@ def run_method(model: torch.nn.Module, tokenizer, method: str, ids: list[int], p
         "step_ms_start": start_ms,
         "step_ms_end": end_ms,
         "end_vs_start": _ratio(end_ms, start_ms),
+        "first_removal_at": first,  # generated tokens
+        "step_ms_after_first_removal": pruned_ms,  # median of the edge_steps steps from the first removal on
+        "end_vs_after_first_removal": _ratio(end_ms, pruned_ms),
         "step_ms_mean": round(1000 * statistics.fmean(steps), 3),
         "prune_s_total": round(sum(stepper.prune_s), 4),
         "prune_ms_per_removal": median_ms(stepper.prune_s) if stepper.prune_s else None,
@@ -317,6 +325,8 @@ def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "peak_kv_shift_vs_none": _ratio(get("shift", "peak_kv_tokens"), get("none", "peak_kv_tokens")),
         "peak_kv_reencode_vs_none": _ratio(get("reencode", "peak_kv_tokens"), get("none", "peak_kv_tokens")),
         "end_vs_start": {m: r["end_vs_start"] for m, r in rows.items()},
+        "end_vs_after_first_removal": {m: r["end_vs_after_first_removal"] for m, r in rows.items()
+                                       if r["end_vs_after_first_removal"] is not None},
         "prune_time_reencode_vs_shift": _ratio(get("reencode", "prune_s_total"), get("shift", "prune_s_total")),
         "step_end_shift_vs_none": _ratio(get("shift", "step_ms_end"), get("none", "step_ms_end")),
     }
@@ -346,17 +356,17 @@ def plot(result: dict[str, Any], series: dict[str, dict[str, list]], path: Path,
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"shift": "-", "reencode": "--", "none": "-"}  # shift and reencode hold the same tokens
     for method, s in series.items():
-        ax.plot(range(len(s["held"])), s["held"], label=method, linewidth=1)
+        ax.plot(range(len(s["held"])), s["held"], styles[method], label=method, linewidth=1)
         smooth = rolling_median(s["step_s"], width)
         bx.plot(range(width - 1, width - 1 + len(smooth)), [1000 * v for v in smooth], label=method, linewidth=1)
     ax.axhline(WINDOW, color="grey", linestyle=":", linewidth=1, label=f"context window ({WINDOW})")
     ax.set_ylabel("KV tokens held")
     bx.set_ylabel(f"step (ms, rolling median of {width})")
-    bx.set_yscale("log")
     for a in (ax, bx):
+        a.set_yscale("log")
         a.set_xlabel("generated tokens")
-        a.set_ylim(bottom=0 if a is ax else None)
         a.legend(fontsize=8)
     m, c = result["machine"], result["config"]
     fig.suptitle(f"TIM thread of {c['script_tokens']} generated tokens ({c['parts']} parts x {c['leaves']} leaves), "
