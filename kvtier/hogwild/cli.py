@@ -18,16 +18,15 @@ from pathlib import Path
 
 import torch
 
-from ..cli import error_line, printable
-from ..errors import KVTierError
-from ..sizes import split_budget
+from ..cli import printable
+from ..cli_args import UsageError, check_outputs_and_memory, check_sampling, run_command
 from .prompts import CollaborationTemplate
 from .runtime import HogwildResult, Step, generate
 
 DEFAULTS = {"workers": 2, "max_new_tokens": 1024, "check_in_every": 256}
 
 
-class HogwildCLIError(Exception):
+class HogwildCLIError(UsageError):
     """A problem worth one line to the user, not a traceback."""
 
 
@@ -60,18 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_arguments(args: argparse.Namespace) -> CollaborationTemplate:
     """Everything that can be checked before a model is loaded; returns the template the flags describe."""
-    from ..qa import QAError, check_device
-
     if args.workers < 1:
         raise HogwildCLIError(f"--workers {args.workers}: at least 1 worker is needed")
     if args.max_new_tokens < 1:
         raise HogwildCLIError(f"--max-new-tokens {args.max_new_tokens}: the workers need at least 1 token")
-    if args.temperature < 0:
-        raise HogwildCLIError(f"--temperature {args.temperature}: must be 0 (greedy) or above")
-    if not 0 < args.top_p <= 1:
-        raise HogwildCLIError(f"--top-p {args.top_p}: must be in (0, 1]")
-    if args.top_k < 0:
-        raise HogwildCLIError(f"--top-k {args.top_k}: must be 0 (all tokens) or above")
+    check_sampling(args)
     if args.check_in_every < 0:
         raise HogwildCLIError(f"--check-in-every {args.check_in_every}: must be 0 (never) or above")
     if not args.problem.strip():
@@ -81,22 +73,7 @@ def check_arguments(args: argparse.Namespace) -> CollaborationTemplate:
         names = [n.strip() for n in args.names.split(",")]
         if len(names) < args.workers or not all(names):
             raise HogwildCLIError(f"--names {args.names!r}: give {args.workers} non-empty names, one per worker")
-    for flag, text in (("--device-budget", args.device_budget), ("--host-budget", args.host_budget)):
-        if text is not None:
-            try:
-                split_budget(text)
-            except ValueError as err:
-                raise HogwildCLIError(f"{flag}: {err}") from None
-    if args.json is not None:
-        target = Path(args.json).resolve()
-        if target.is_dir():
-            raise HogwildCLIError(f"--json {args.json} is a directory; pass a file path")
-        if not target.parent.is_dir() or not os.access(target.parent, os.W_OK | os.X_OK):
-            raise HogwildCLIError(f"--json {args.json}: cannot write in {target.parent} (not a writable directory)")
-    try:
-        check_device(args.device)
-    except QAError as err:
-        raise HogwildCLIError(str(err)) from None
+    check_outputs_and_memory(args)
     try:
         return CollaborationTemplate(names=names, use_chat_template=not args.no_chat_template)
     except ValueError as err:
@@ -217,12 +194,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (HogwildCLIError, KVTierError, ValueError, OSError) as exc:
-        print(f"kvtier hogwild: error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nkvtier hogwild: interrupted", file=sys.stderr)
-        return 130
+    return run_command("kvtier hogwild", run, build_parser().parse_args(argv))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -20,9 +19,8 @@ from typing import Any, TextIO
 
 import torch
 
-from ..cli import error_line, printable
-from ..errors import KVTierError
-from ..sizes import split_budget
+from ..cli import printable
+from ..cli_args import UsageError, check_outputs_and_memory, check_sampling, run_command
 from .runtime import Pruned, TimResult, ToolCall, generate
 from .tools import Tool, calculator
 from .tracker import FieldDone, ListClosed, TaskNode, TimFormatError
@@ -33,7 +31,7 @@ STOPPED = {"answer": "the thread closed", "eos": "the model ended its text befor
            "budget": "--max-new-tokens reached"}
 
 
-class TimCLIError(Exception):
+class TimCLIError(UsageError):
     """A problem worth one line to the user, not a traceback."""
 
 
@@ -90,8 +88,6 @@ def parse_tools(text: str) -> list[Tool]:
 
 def check_arguments(args: argparse.Namespace) -> list[Tool]:
     """Everything that can be checked before a model is loaded; returns the tools the flags name."""
-    from ..qa import QAError, check_device
-
     if not args.prompt.strip():
         raise TimCLIError("--prompt is empty: pass the text of the problem")
     tools = parse_tools(args.tools)
@@ -107,28 +103,8 @@ def check_arguments(args: argparse.Namespace) -> list[Tool]:
         if args.no_constrain:
             raise TimCLIError("--max-string-length bounds strings under the schema constraint; it does nothing "
                               "with --no-constrain")
-    if args.temperature < 0:
-        raise TimCLIError(f"--temperature {args.temperature}: must be 0 (greedy) or above")
-    if not 0 < args.top_p <= 1:
-        raise TimCLIError(f"--top-p {args.top_p}: must be in (0, 1]")
-    if args.top_k < 0:
-        raise TimCLIError(f"--top-k {args.top_k}: must be 0 (all tokens) or above")
-    for flag, text in (("--device-budget", args.device_budget), ("--host-budget", args.host_budget)):
-        if text is not None:
-            try:
-                split_budget(text)
-            except ValueError as err:
-                raise TimCLIError(f"{flag}: {err}") from None
-    if args.json is not None:
-        target = Path(args.json).resolve()
-        if target.is_dir():
-            raise TimCLIError(f"--json {args.json} is a directory; pass a file path")
-        if not target.parent.is_dir() or not os.access(target.parent, os.W_OK | os.X_OK):
-            raise TimCLIError(f"--json {args.json}: cannot write in {target.parent} (not a writable directory)")
-    try:
-        check_device(args.device)
-    except QAError as err:
-        raise TimCLIError(str(err)) from None
+    check_sampling(args)
+    check_outputs_and_memory(args)
     return tools
 
 
@@ -257,12 +233,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (TimCLIError, KVTierError, ValueError, OSError) as exc:
-        print(f"kvtier tim: error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nkvtier tim: interrupted", file=sys.stderr)
-        return 130
+    return run_command("kvtier tim", run, build_parser().parse_args(argv))
