@@ -394,11 +394,11 @@ class TieredLayer:
             self.chunks[row].row = row
         self.abstracts.splice(a, b, rows)
         self.abstracts.move(a + len(pieces), -d, rope)
+        self._remove_from_window(start, end, rope)
         on_device, keys = self.tiers.move(moved, -d)
         if on_device:
             self.abstracts.refresh(torch.tensor([c.row for c in on_device]), keys)
         self.pool.version += 1  # chunk rows changed: tables over the slots rebuild
-        self._remove_from_window(start, end, rope)
         for chunk, k, v in to_place:
             self.tiers.place(chunk, k, v)
         self.length -= d
@@ -406,7 +406,8 @@ class TieredLayer:
         self._refill_window()
 
     def _remove_from_window(self, start: int, end: int, rope) -> None:
-        """The recent window's part of `remove_span`: slots in the span are freed, later ones turned in place."""
+        """The recent window's part of `remove_span`: slots in the span are freed, the later tokens turned and
+        written into the lowest free slots (as `TierManager.move` does, to keep the arena dense)."""
         slots = self.win_slots
         if not slots.numel():
             return
@@ -414,10 +415,14 @@ class TieredLayer:
         gone, moved = (pos >= start) & (pos < end), pos >= end
         if gone.any():
             self.pool.release(slots[gone])
+        kept = slots[~gone & ~moved]
         if moved.any():
             k, v = self.pool.read(slots[moved])
-            self.pool.write(slots[moved], rope.shift(k, start - end), v, (pos[moved] - (end - start)).to(self.pool.device))
-        self.win_slots = slots[~gone]
+            self.pool.release(slots[moved])
+            new = self.pool.allocate(int(moved.sum()))
+            self.pool.write(new, rope.shift(k, start - end), v, (pos[moved] - (end - start)).to(self.pool.device))
+            kept = torch.cat([kept.to(new.device), new])
+        self.win_slots = kept
 
     def _refill_window(self) -> None:
         """After a crop, unseal trailing chunks until the window again holds `recent_window` tokens, so a

@@ -145,7 +145,9 @@ def test_device_memory_stays_flat_when_every_sub_task_is_removed():
                 _next_logits(model, cache, t.view(1, 1))
         cache.remove_span(64, cache.get_seq_length())  # the round's tokens leave; positions are reused
         assert cache.get_seq_length() == 64
-        peaks.append(sum(p.used for p in cache.tiers.device_pools.values()))
+        pools = cache.tiers.device_pools.values()
+        assert all(p.dense and p.high_water == p.used for p in pools)  # no holes left: attention needs no mask
+        peaks.append(sum(p.used for p in pools))
     assert len(set(peaks)) == 1
 
 
@@ -206,4 +208,22 @@ def test_rope_that_changes_with_length_and_models_without_rope_are_refused():
     cache = _prefilled(gpt2, _ids(32))
     with pytest.raises(UnsupportedModelError):
         cache.remove_span(4, 8)
+    cache.close()
+
+
+def test_the_arena_stays_dense_after_a_span_in_the_middle_leaves():
+    """The moved tokens are written into the lowest free slots, the removed span's among them: when they held the
+    top of the arena (the usual case: the newest tokens follow the span) no hole is left, so attention over the
+    arena needs no mask and spans no more slots than tokens."""
+    model, ref_model = build_model("llama"), build_model("llama")
+    ids = _ids(200)
+    cache = _prefilled(model, ids, chunk_size=16, sink_tokens=4, recent_window=8, adaptive_chunks=False)
+    cache.remove_span(50, 90)
+    for pool in cache.tiers.device_pools.values():
+        assert pool.dense and pool.high_water == pool.used == 160
+    cache.remove_span(150, 155)  # cuts the last chunk and the recent window
+    kv = _removed(_full_kv(ref_model, ids), Rope.for_layers(ref_model), [(50, 90), (150, 155)])
+    token = torch.tensor([[11]])
+    torch.testing.assert_close(_next_logits(model, cache, token), _reference_logits(ref_model, kv, token),
+                               atol=1e-4, rtol=1e-4)
     cache.close()

@@ -577,8 +577,8 @@ class TierManager:
 
     def move(self, chunks: list[Chunk], delta: int) -> tuple[list[Chunk], torch.Tensor | None]:
         """Move chunks of one layer by delta positions (a span before them was removed). The device copies are
-        turned in place, all in one read, turn and write (their slots also take the chunks' current rows as
-        owners); host copies are turned in place; a disk record is left as written and turned when read
+        turned all in one read, turn and write, into the lowest free slots (their owners: the chunks' current
+        rows); host copies are turned in place; a disk record is left as written and turned when read
         (`to_logical`), so a move never reads the disk. Returns the device chunks and their turned keys end to
         end ([B, H, N, D]; None when there are none), for their abstracts."""
         if not chunks:
@@ -596,11 +596,19 @@ class TierManager:
             return [], None
         pool = self.device_pools[layer]
         slots = torch.cat([c.slots for c in on_device]).to(pool.device)
-        lengths = torch.tensor([c.length for c in on_device])
-        owners = torch.repeat_interleave(torch.tensor([c.row for c in on_device]), lengths).to(pool.device)
+        lengths = [c.length for c in on_device]
+        owners = torch.repeat_interleave(torch.tensor([c.row for c in on_device]), torch.tensor(lengths))
         k, v = pool.read(slots)
         k = rope.shift(k, delta)
-        pool.write(slots, k, v, pool.slot_pos[slots] + delta, owners)
+        positions = pool.slot_pos[slots] + delta
+        # Written back into the lowest free slots (the removed span's among them), not in place: when they held the
+        # top of the arena (the newest tokens follow the span) it stays dense, so attention over it needs no mask
+        # for holes and spans no more slots than tokens.
+        pool.release(slots)
+        slots = pool.allocate(slots.numel())
+        pool.write(slots, k, v, positions, owners.to(pool.device))
+        for chunk, part in zip(on_device, slots.split(lengths)):
+            self._register_device(chunk, part)
         return on_device, k
 
     def resident_keys(self, chunk: Chunk) -> torch.Tensor:
