@@ -265,6 +265,17 @@ def test_bad_arguments_are_refused_before_anything_runs():
             generate(_model(), TOK, "x", constrain=False, **kwargs)
 
 
+def test_a_model_whose_keys_cannot_move_is_refused_before_anything_runs():
+    from conftest import build_model
+
+    from kvtier.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError):
+        generate(build_model("gpt2"), TOK, "x", constrain=False, prompt_ids=[1, 2, 3])
+    with pytest.raises(ValueError, match="prompt must be text"):
+        generate(_model(), TOK, None, constrain=False)
+
+
 def test_schema_constrained_random_model_writes_a_valid_thread_prefix():
     pytest.importorskip("xgrammar", reason="schema-constrained decoding needs xgrammar (pip install kvtier[tim])")
     result = generate(_model(), TOK, "what is 2+3?", tools=[calculator], max_string_length=12, max_new_tokens=300,

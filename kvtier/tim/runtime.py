@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..cache import KVTierCache, cache_argument
+from ..rope import Rope
 from ..sampling import Sampling, eos_ids, is_int
 from .prompts import encode_prompt
 from .prune import PruneBuffer, RemovedSpans
@@ -136,6 +137,10 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *,
     """
     registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools or ())
     _check(prune_buffer, max_depth, max_new_tokens, reencode)
+    if prompt_ids is None and not isinstance(prompt, str):
+        raise ValueError(f"prompt must be text (or pass prompt_ids), got {type(prompt).__name__}")
+    if not reencode:
+        Rope.for_layers(model)  # a model whose keys cannot be moved is refused now, not at the first pruning
     sampling = Sampling.from_options(do_sample, temperature, top_p, top_k, seed, _device(model))
     if constrain is None:
         constrain = _xgrammar_available()
