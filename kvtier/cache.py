@@ -30,6 +30,7 @@ from .sparse.lookahead import Lookahead, QueryGuesser
 from .store.chunk import Tier
 from .store.codec import dtype_name
 from .store.disk import DiskStore
+from .store.pools import storage_mode
 from .store.stats import CacheStats
 from .store.tiers import TierManager
 from .tokens import TokenLog, check_prefix
@@ -405,11 +406,12 @@ class KVTierCache(Cache):
             problem = layer.span_problem(start, end) if isinstance(layer, SlidingLayer) else None
             if problem is not None:
                 raise CacheInputError(problem)
-        for layer in self.layers:
-            if isinstance(layer, TieredLayer):
-                layer.remove_span(start, end)
-            else:
-                layer.remove_span(start, end, layer_ropes[layer.index])
+        with storage_mode():  # the tables it rewrites are updated in place later: never inference tensors
+            for layer in self.layers:
+                if isinstance(layer, TieredLayer):
+                    layer.remove_span(start, end)
+                else:
+                    layer.remove_span(start, end, layer_ropes[layer.index])
         self._tokens.remove(start, end)
 
     def _layer_ropes(self, ropes: Sequence[Rope] | None) -> tuple[Rope, ...]:

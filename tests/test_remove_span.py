@@ -102,6 +102,20 @@ def test_logits_equal_a_forward_over_the_kept_tokens_moved(spans):
     cache.close()
 
 
+def test_a_removal_under_inference_mode_leaves_tables_that_later_steps_can_update():
+    model = build_model("llama")
+    cache = _prefilled(model, _ids(256), **TIERED, mode="sparse")
+    with torch.inference_mode():
+        cache.remove_span(100, 200)
+        for t in range(20):  # decoding on: chunks sealed, abstracts and pools updated in place
+            _next_logits(model, cache, torch.tensor([[t + 3]]))
+        cache.remove_span(30, 60)
+    with torch.no_grad():
+        _next_logits(model, cache, torch.tensor([[5]]))
+    assert cache.get_seq_length() == 256 - 100 + 20 - 30 + 1
+    cache.close()
+
+
 def test_a_move_reads_no_disk_record_and_abstracts_still_bound_the_keys():
     model = build_model("llama")
     cache = _prefilled(model, _ids(256), **TIERED, mode="sparse")
