@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from .cache import KVTierCache, cache_argument
 from .cli import error_line, printable
+from .cli_args import UsageError, run_command
 from .config import KVTierConfig
 from .errors import (
     CacheInputError,
     IncompleteSessionError,
-    KVTierError,
     PromptMismatchError,
     StoreCorruptError,
     StoreMismatchError,
@@ -55,7 +55,7 @@ DEFAULT_SPARSE_BUDGET = next(f.default for f in dataclasses.fields(KVTierConfig)
 HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?(?:/[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?)?")
 
 
-class QAError(Exception):
+class QAError(UsageError):
     """A problem worth one line to the user, not a traceback."""
 
 
@@ -544,12 +544,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (QAError, KVTierError, ValueError, OSError) as exc:
-        print(f"kvtier qa: error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nkvtier qa: interrupted", file=sys.stderr)
-        return 130
+    return run_command("kvtier qa", run, build_parser().parse_args(argv))

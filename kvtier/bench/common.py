@@ -170,3 +170,11 @@ def haystack_text(min_chars: int, data_dir: str | Path | None = None, seed: int 
         parts.append(sentence)
         n += len(sentence)
     return "".join(parts), "generated"
+
+
+def print_targets(targets: dict[str, dict[str, Any]]) -> None:
+    """One line per target of a result: met, not met or not measured, with the measured ratio and its limit."""
+    for key, t in targets.items():
+        state = "not measured" if t["met"] is None else "met" if t["met"] else "not met"
+        print(f"target {key}: {state}" + (f" ({t['measured']}x, at most {t['target_at_most']}x)"
+                                          if t.get("measured") is not None else ""))

@@ -54,7 +54,7 @@ from ..cache import cache_argument
 from ..handle import KVHandle
 from ..hogwild import HogwildCache, Layout
 from ..hogwild.layer import HogwildLayer
-from .common import add_out_argument, median_ms, positive_int, timed, write_result
+from .common import add_out_argument, median_ms, positive_int, print_targets, timed, write_result
 from .speed import SHAPES, shape_from_args, speed_model
 
 METHODS = ("independent", "hogwild", "rerotate")
@@ -376,8 +376,5 @@ def main(argv: list[str] | None = None) -> None:
               f"  hogwild {h['step_ms']:8.2f}  rerotate {r['rerotate']['step_ms']:8.2f}  | hogwild x1-worker {h['ratio_vs_one_worker']}"
               f"  x independent {h['ratio_vs_independent']}  rerotate x hogwild {r['rerotate']['ratio_vs_hogwild']}"
               f"  | KV MiB {r['independent']['kv_bytes'] / 2**20:.1f} vs {h['kv_bytes'] / 2**20:.1f}")
-    for key, t in result["targets"].items():
-        state = "not measured" if t["met"] is None else "met" if t["met"] else "not met"
-        print(f"target {key}: {state}" + (f" ({t['measured']}x, at most {t['target_at_most']}x)"
-                                          if t.get("measured") is not None else ""))
+    print_targets(result["targets"])
     print(f"wrote {path}")

@@ -57,7 +57,7 @@ from ..cache import KVTierCache
 from ..tim import Pruned, calculator, generate
 from ..tim.schema import dump_json
 from ..tim.tools import calculate
-from .common import add_out_argument, median_ms, positive_int, write_result
+from .common import add_out_argument, median_ms, positive_int, print_targets, write_result
 from .speed import speed_model
 
 METHODS = ("shift", "reencode", "none")
@@ -414,8 +414,5 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['max_position']:>6}  pruned {r['share_pruned']:.1%}  step ms {r['step_ms_start']:.2f} -> "
               f"{r['step_ms_end']:.2f} ({r['end_vs_start']}x)  pruning {r['prune_s_total']:.2f} s  "
               f"text ok: {r['text_matches_script']}")
-    for key, t in result["targets"].items():
-        state = "not measured" if t["met"] is None else "met" if t["met"] else "not met"
-        print(f"target {key}: {state}" + (f" ({t['measured']}x, at most {t['target_at_most']}x)"
-                                          if t.get("measured") is not None else ""))
+    print_targets(result["targets"])
     print(f"wrote {path}")
