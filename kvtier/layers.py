@@ -301,12 +301,7 @@ class TieredLayer:
                 rows.append(self.abstracts.summarize(k[:, :, lo:hi], chunk.start))
                 new_chunks.append(chunk)
                 to_place.append((chunk, k[:, :, lo:hi], v[:, :, lo:hi]))
-        self._install(new_chunks, rows, to_place)
-
-    def _install(self, chunks: list[Chunk], rows: list[Row], to_place: list[tuple[Chunk, torch.Tensor, torch.Tensor]]
-                 ) -> None:
-        """Make `chunks` the chunk table (rows: their abstracts, in order) and store the new ones (`to_place`)."""
-        self.chunks = chunks
+        self.chunks = new_chunks
         for row, chunk in enumerate(self.chunks):
             chunk.row = row
             if chunk.tier == Tier.DEVICE and chunk.slots is not None:

@@ -611,13 +611,6 @@ class TierManager:
             self._register_device(chunk, part)
         return on_device, k
 
-    def resident_keys(self, chunk: Chunk) -> torch.Tensor:
-        """A device or host chunk's keys in logical row order, where they are (not counted as a read: for
-        bookkeeping such as abstracts, not attention)."""
-        if chunk.tier == Tier.DEVICE:
-            return self.device_pools[chunk.layer].read(chunk.slots)[0]
-        return _apply_rows(self.host_pools[chunk.layer].get(chunk.chunk_id)[0], chunk.rows)
-
     def device_has_room(self, layer: int, n: int) -> bool:
         free = self.device_pools[layer].free
         return free is None or free >= n
