@@ -29,7 +29,9 @@ from .sizes import budgets_in_tokens
 from .sparse.lookahead import Lookahead, QueryGuesser
 from .store.chunk import Tier
 from .store.codec import dtype_name
+from .store.backend import RecordStore
 from .store.disk import DiskStore
+from .store.remote import RemoteSessionStore, RemoteURL, is_remote, publish
 from .store.pools import storage_mode
 from .store.stats import CacheStats
 from .store.tiers import TierManager
@@ -68,7 +70,7 @@ class KVTierCache(Cache):
         *,
         device: torch.device | str | None = None,
         overwrite: bool = False,
-        _disk: DiskStore | None = None,
+        _disk: RecordStore | None = None,
         **options: Any,
     ):
         if config is not None and options:
@@ -135,22 +137,37 @@ class KVTierCache(Cache):
              **options: Any) -> "KVTierCache":
         """Reopen a cache saved with `save()`; continue generating without a new prefill.
 
+        path: the store's directory, or a session published on a Redis/Valkey server
+            (`redis://[user:password@]host:6379/0/NAME`, `rediss://` for TLS; see docs/remote.md). A server
+            session's records are read on demand into a local cache: `store_path=` keeps it in that directory
+            (a later open reads nothing twice), else a temporary one removed on close.
         prompt_ids: the prompt you will generate from ([batch, length] or [length]); it must start with the
             token ids the session holds, else PromptMismatchError says where they diverge (see `check_prompt`).
         options: budgets (sizes such as "8GiB" too), mode and every other runtime option, as for `for_model`
             (defaults when not given: a store never decides how much memory or how many threads this process
             uses); chunking options come from the store.
         Raises StoreMismatchError for another model, dtype or layout version, IncompleteSessionError for a
-        session that was never saved or whose prefill was interrupted, StoreCorruptError for a damaged store.
+        session that was never saved or whose prefill was interrupted, StoreCorruptError for a damaged store,
+        RemoteStoreError when a server cannot be reached or fails.
         """
-        path = Path(path)
         spec = ModelSpec.from_model(model)
         options = budgets_in_tokens(options, spec)  # a bad budget fails before the store is touched
-        disk = DiskStore(path, create=False)
+        disk: RecordStore
+        if is_remote(path):
+            local = options.pop("store_path", None)
+            KVTierConfig(**options)  # bad options fail before the server is touched
+            disk = RemoteSessionStore(RemoteURL.parse(path), local=local,
+                                      initial_map_bytes=options.get("initial_map_bytes", 1 << 28),
+                                      max_bytes=options.get("max_store_bytes"))
+            where = disk.where
+        else:
+            path = Path(path)
+            disk = DiskStore(path, create=False)
+            where = str(path)
         try:
             header, saved = session.read_session(disk, spec)
             options = session.reopen_options(header, options)
-            options["store_path"] = path
+            options["store_path"] = disk.path
             enable(model)
             cache = cls(spec, KVTierConfig(**options), device=_model_device(model), _disk=disk)
             try:
@@ -167,8 +184,8 @@ class KVTierCache(Cache):
         moved = next((c for layer in cache.tiers.layers for c in layer.chunks if c.record_shift), None)
         if moved is not None and moved.layer not in cache.tiers.ropes:
             cache.close()
-            raise StoreMismatchError(f"{path}: {moved.name()} was moved by a removed span, but this model has no RoPE "
-                                     f"kvtier can move keys with ({cache._ropes})")
+            raise StoreMismatchError(f"{where}: {moved.name()} was moved by a removed span, but this model has no "
+                                     f"RoPE kvtier can move keys with ({cache._ropes})")
         return cache
 
     def _watch(self, model: torch.nn.Module) -> None:
@@ -507,16 +524,39 @@ class KVTierCache(Cache):
     def store_path(self) -> Path | None:
         return self.tiers.disk.path if self.tiers.has_disk else None
 
-    def save(self, info: dict[str, Any] | None = None) -> Path:
+    @property
+    def remote(self) -> str | None:
+        """The server session this cache was opened from (its URL without credentials), or None."""
+        disk = self.tiers._disk
+        return disk.where if isinstance(disk, RemoteSessionStore) else None
+
+    def save(self, info: dict[str, Any] | None = None, *, remote: str | None = None,
+             name: str | None = None) -> Path:
         """Persist the whole cache in its store and mark the session complete (atomically, then fsync).
 
         info: JSON-able facts to keep with the session (e.g. which document it holds); `open` puts them in
-        `cache.info`. Needs a cache built with `store_path=`."""
+            `cache.info`. Needs a cache built with `store_path=`, unless it is published.
+        remote: also publish the saved session on a Redis/Valkey server (`redis://host:6379/0/NAME`, see
+            docs/remote.md), where `KVTierCache.open(url, model)` reopens it on any machine. name: the session's
+            name there, if the URL does not end with one. A published session never changes:
+            SessionExistsError if the name is taken (nothing is left on the server), RemoteStoreError if the
+            server fails (the local save stands; what the publish wrote expires)."""
         self._check_open()
         self._check_thread("save()")
-        if not self._persistent:
-            raise StoreError("this cache has a temporary store; build it with store_path=... to save a session")
-        return session.save(self, info)
+        url = None
+        if remote is not None:
+            url = RemoteURL.parse(remote, name=name)
+            url.need_name()
+        if self.remote is not None:
+            raise StoreError(f"this cache was opened from {self.remote}; a session read from a server is not saved "
+                             "again (build a cache with store_path=... to keep a local session)")
+        if not self._persistent and url is None:
+            raise StoreError("this cache has a temporary store; build it with store_path=... to save a session, or "
+                             "publish it with save(remote=...)")
+        path = session.save(self, info)
+        if url is not None:
+            publish(self.tiers.disk, self._saved_keys, url)
+        return path
 
     # ------------------------------------------------------------------------------- lifetime
     def _check_open(self) -> None:

@@ -57,3 +57,12 @@ class StoreFullError(StoreError):
 
 class IncompleteSessionError(StoreError):
     """The store holds a session whose prefill never finished (it was interrupted)."""
+
+
+class RemoteStoreError(StoreError):
+    """A Redis/Valkey server could not be reached, timed out, refused the credentials or a command (after
+    bounded retries); the local store is left as it was."""
+
+
+class SessionExistsError(RemoteStoreError):
+    """A session of that name is already published on the server (published sessions are immutable)."""

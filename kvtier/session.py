@@ -32,6 +32,7 @@ from .sparse.profile import LayerSkew
 from .store import manifest as mf
 from .store.chunk import ABSTRACT_ID, PAGES_ID, Chunk, Tier, chunk_key
 from .store.codec import LAYOUT_VERSION, RecordHeader, dtype_name
+from .store.backend import RecordStore
 from .store.disk import DiskStore, is_store
 
 if TYPE_CHECKING:
@@ -60,21 +61,21 @@ def store_header(spec: ModelSpec, config: KVTierConfig) -> dict[str, Any]:
     }
 
 
-def read_header(disk: DiskStore) -> dict[str, Any]:
+def read_header(disk: RecordStore) -> dict[str, Any]:
     """The store's header, checked for shape (not yet against a model)."""
     header = disk.get_meta(STORE_META)
     if header is None:
         raise IncompleteSessionError(
-            f"kvtier store {disk.path} was interrupted before its first commit (it has no header yet); prefill "
+            f"kvtier store {disk.where} was interrupted before its first commit (it has no header yet); prefill "
             "again with overwrite=True"
         )
-    where = f"kvtier store {disk.path}: header"
+    where = f"kvtier store {disk.where}: header"
     if not isinstance(header, dict):
         raise StoreCorruptError(f"{where} is not an object")
     version = header.get("layout_version")
     if version != LAYOUT_VERSION:
         raise StoreMismatchError(
-            f"kvtier store {disk.path} has layout version {version}; this kvtier reads version {LAYOUT_VERSION}. "
+            f"kvtier store {disk.where} has layout version {version}; this kvtier reads version {LAYOUT_VERSION}. "
             "Prefill the document again with this version."
         )
     if header.get("format") != "kvtier" or not isinstance(header.get("store_id"), str):
@@ -89,7 +90,7 @@ def read_header(disk: DiskStore) -> dict[str, Any]:
     return header
 
 
-def check_header(header: dict, spec: ModelSpec, path: Path) -> None:
+def check_header(header: dict, spec: ModelSpec, path: Path | str) -> None:
     """Refuse a store of another dtype or model, saying which."""
     if header.get("dtype") != dtype_name(spec.dtype):
         raise StoreMismatchError(
@@ -131,16 +132,16 @@ def create_store(path: Path, spec: ModelSpec, config: KVTierConfig, overwrite: b
     return disk
 
 
-def read_session(disk: DiskStore, spec: ModelSpec | None) -> tuple[dict, mf.Manifest]:
+def read_session(disk: RecordStore, spec: ModelSpec | None) -> tuple[dict, mf.Manifest]:
     """The store's header and complete session manifest, checked (against the model when one is given)."""
     header = read_header(disk)
     if spec is not None:
-        check_header(header, spec, disk.path)
-    shape = spec_shape(spec) if spec is not None else mf.parse_shape(header, f"kvtier store {disk.path}")
+        check_header(header, spec, disk.where)
+    shape = spec_shape(spec) if spec is not None else mf.parse_shape(header, f"kvtier store {disk.where}")
     session = disk.get_meta(SESSION_META)
     if not isinstance(session, dict) or session.get("state") != "complete":
         raise IncompleteSessionError(
-            f"kvtier store {disk.path} holds no complete session: its prefill was interrupted or it was never "
+            f"kvtier store {disk.where} holds no complete session: its prefill was interrupted or it was never "
             "saved. Prefill again (KVTierCache.for_model(model, store_path=..., overwrite=True)) and call "
             "cache.save()."
         )
@@ -151,12 +152,13 @@ def read_session(disk: DiskStore, spec: ModelSpec | None) -> tuple[dict, mf.Mani
             raise ValueError(f"unknown options {unknown}")
         KVTierConfig(**{**header["layout"], **options})
 
-    manifest = mf.parse(session, where=f"kvtier store {disk.path}: session manifest", header=header, shape=shape,
+    manifest = mf.parse(session, where=f"kvtier store {disk.where}: session manifest", header=header, shape=shape,
                         records=disk.record_count(), data_bytes=disk.data_bytes(), check_options=check_options)
-    present = set(disk.keys())
-    for key, name in manifest.record_keys():
-        if key not in present:
-            raise StoreMissingRecordError(f"{name}: record missing from store {disk.path}")
+    names = dict(manifest.record_keys())
+    missing = disk.missing(names)
+    if missing:
+        raise StoreMissingRecordError(f"{names[missing[0]]}: record missing from store {disk.where}"
+                                      + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
     return header, manifest
 
 

@@ -13,6 +13,8 @@ import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).parent))  # helpers importable as `from helpers import ...`
 
+from redis_server import private_redis, redis_base, redis_url  # noqa: E402,F401 - fixtures for the remote tier
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 tf.logging.set_verbosity_error()
 

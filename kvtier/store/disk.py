@@ -37,6 +37,7 @@ from ..errors import (
     StoreMismatchError,
     StoreNotFoundError,
 )
+from .backend import RecordStore
 from .lmdb_check import check_lmdb_file
 
 LOCK_FILE = "kvtier.lock"
@@ -127,8 +128,8 @@ class _ResizeLock:
                 self._cond.notify_all()
 
 
-class DiskStore:
-    """Minimal storage interface: contains / put / get / remove / close, plus sealed JSON metadata.
+class DiskStore(RecordStore):
+    """The embedded record store (`RecordStore`): records and sealed JSON metadata in one LMDB environment.
 
     Records are opaque bytes here; `RecordCodec` gives them meaning. Writes are batched into one
     transaction per call. When the LMDB map fills up it doubles (up to `max_bytes`); when it cannot
@@ -318,8 +319,9 @@ class DiskStore:
             raise StoreError(f"kvtier store {self.path}: {doing} failed ({exc})") from None
 
     # ------------------------------------------------------------------------------------- records
-    def contains(self, key: bytes) -> bool:
-        return self.get(key) is not None
+    @property
+    def where(self) -> str:
+        return str(self.path)
 
     def get(self, key: bytes) -> bytes | None:
         """Thread-safe: reader threads call it concurrently."""
@@ -339,9 +341,6 @@ class DiskStore:
               self.env.begin(db=self._chunks, buffers=True) as txn):
             yield txn.get
 
-    def put(self, key: bytes, value: bytes) -> None:
-        self.put_many([(key, value)])
-
     def put_many(self, items: list[tuple[bytes, bytes]], meta: dict[str, Any] | None = None) -> None:
         """Write records (and optionally metadata entries) in one transaction."""
         sealed = [(name.encode(), seal(obj)) for name, obj in (meta or {}).items()]
@@ -353,9 +352,6 @@ class DiskStore:
                 txn.put(name, value, db=self._meta)
 
         self._write(write)
-
-    def remove(self, key: bytes) -> None:
-        self.remove_many([key])
 
     def remove_many(self, keys: Iterable[bytes]) -> None:
         keys = list(keys)
@@ -377,9 +373,6 @@ class DiskStore:
         with self._lmdb_errors("read metadata"), self._resize_lock.shared(), self.env.begin(db=self._meta) as txn:
             raw = txn.get(name.encode())
         return None if raw is None else unseal(raw, f"kvtier store {self.path}: metadata {name!r}")
-
-    def put_meta(self, name: str, obj: Any) -> None:
-        self.put_many([], meta={name: obj})
 
     def delete_meta(self, name: str) -> None:
         self._write(lambda txn: txn.delete(name.encode(), db=self._meta))

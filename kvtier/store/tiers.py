@@ -24,7 +24,7 @@ from ..config import KVTierConfig
 from ..errors import StoreCorruptError, StoreMissingRecordError
 from .chunk import TABLE_NAMES, Chunk, Tier, chunk_key, token_groups
 from .codec import FLAG_INT8, SESSION_ID_BYTES, RecordCodec, RecordHeader, byte_view
-from .disk import DiskStore
+from .backend import RecordStore
 from .eviction import LRUEviction
 from .pools import DevicePool, HostPool, _as_run, storage_mode
 from .prefetch import Prefetcher
@@ -52,7 +52,7 @@ class TierManager:
         device: torch.device,
         dtype: torch.dtype,
         signature: bytes,
-        disk_factory: Callable[[], DiskStore],
+        disk_factory: Callable[[], RecordStore],
         kv_shape: tuple[int, int],
     ):
         self.config = config
@@ -69,7 +69,7 @@ class TierManager:
         self._on_host: dict[int, dict[int, Chunk]] = {i: {} for i in layers}
         self.codec = RecordCodec(config.zstd_level, config.byte_planes)
         self.policy = LRUEviction()
-        self._disk: DiskStore | None = None
+        self._disk: RecordStore | None = None
         self._disk_factory = disk_factory
         self.record_sizes: dict[bytes, tuple[int, int, int]] = {}  # key -> (tokens, raw bytes, stored bytes)
         self.counters = CacheStats()
@@ -107,7 +107,7 @@ class TierManager:
 
     # --------------------------------------------------------------------------------------- disk
     @property
-    def disk(self) -> DiskStore:
+    def disk(self) -> RecordStore:
         if self._disk is None:
             self._disk = self._disk_factory()
         return self._disk
@@ -159,7 +159,7 @@ class TierManager:
         return rope.shift(k, shift)
 
     def _where(self) -> str:
-        return f"kvtier store {self.disk.path}: "
+        return f"kvtier store {self.disk.where}: "
 
     def expected_header(self, chunk: Chunk) -> RecordHeader:
         """What the chunk's record must say about itself: its session, place, shape, dtype and encoding."""
@@ -177,7 +177,7 @@ class TierManager:
 
     def _present(self, chunk: Chunk, blob: bytes | memoryview | None) -> bytes | memoryview:
         if blob is None:
-            raise StoreMissingRecordError(f"{chunk.name()}: record missing from store {self.disk.path}")
+            raise StoreMissingRecordError(f"{chunk.name()}: record missing from store {self.disk.where}")
         return blob
 
     def _check_size(self, chunk: Chunk, stored: int) -> None:
@@ -194,10 +194,10 @@ class TierManager:
         name = f"layer {expect.layer}: {TABLE_NAMES[expect.chunk_id]}"
         blob = self.disk.get(chunk_key(expect.layer, expect.chunk_id))
         if blob is None:
-            raise StoreMissingRecordError(f"{name} missing from store {self.disk.path}")
+            raise StoreMissingRecordError(f"{name} missing from store {self.disk.where}")
         kmin, kmax = self.codec.decode(blob, expect, self._where())
         if not bool((kmin <= kmax).all()):  # NaN fails too
-            raise StoreCorruptError(f"{name} in store {self.disk.path} are damaged (a minimum above its maximum)")
+            raise StoreCorruptError(f"{name} in store {self.disk.where} are damaged (a minimum above its maximum)")
         return kmin, kmax
 
     # ---------------------------------------------------------------------------------- placement
@@ -386,6 +386,7 @@ class TierManager:
         """Read the chunks' records in one transaction, check each and decode it into tokens [a, b) of k_bytes,
         v_bytes (uint8 views [B, H, N, D * itemsize]). One thread: a reader thread taking half of a group was
         measured no faster on 2 cores (the copies are bound by memory bandwidth) and slower for small records."""
+        self.disk.warm([chunk.key for chunk, _, _ in items])
         with self.disk.viewing() as get:
             for chunk, a, b in items:
                 blob = self._present(chunk, get(chunk.key))

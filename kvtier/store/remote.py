@@ -1,0 +1,619 @@
+"""Sessions on a Redis/Valkey server: publish a saved session under a name, reopen it on another machine.
+
+The server is an existing one (Redis, or its fork Valkey: the same protocol), reached with the maintained
+`redis` client: one connection pool per store, pipelined batches, socket timeouts and bounded retries with
+backoff. Keys live under a prefix (default "kvtier") and a session's keys share the hash tag `{name}`, so on a
+cluster one session lives in one slot:
+
+    PREFIX:{NAME}:session              the pointer, sealed JSON: the namespace and a summary. Commit point.
+    PREFIX:{NAME}:NS:meta:store        the store header (sealed JSON, as in a local store)
+    PREFIX:{NAME}:NS:meta:session      the session manifest (sealed JSON)
+    PREFIX:{NAME}:NS:index             every record's key and size (sealed JSON)
+    PREFIX:{NAME}:NS:r:KEYHEX          one record, byte for byte as the local store holds it
+
+NS is random per publish. Records and metadata are written first, with a time to live, under a namespace
+no pointer names; one server-side script then checks that the name is free and that every key is still there,
+makes them permanent and writes the pointer. So a session appears complete or not at all, two machines
+publishing one name leave exactly one session (the other gets `SessionExistsError` and its records are
+deleted), and an interrupted publish leaves keys that expire.
+
+Reading: `RemoteSessionStore` implements `RecordStore` over the published session and a local `DiskStore`
+that caches each record the first time it is read, so a session is never downloaded up front and a second
+run on the same machine reads nothing twice. What the server returns is untrusted data: every read is
+bounded in size before it is made (a record by its size in the index, metadata by a fixed cap), every entry
+is sealed or checksummed, and the session goes through the same checks as a local one.
+
+Credentials (a password or ACL user in the URL) are used to connect and never written into a store, a
+message or a log: `RemoteURL.shown` is the URL without them.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import (
+    CacheInputError,
+    RemoteStoreError,
+    SessionExistsError,
+    StoreCorruptError,
+    StoreError,
+    StoreFullError,
+    StoreNotFoundError,
+)
+from .backend import RecordStore
+from .disk import DiskStore, seal, unseal
+
+SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
+DEFAULT_PREFIX = "kvtier"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_NS = re.compile(r"[0-9a-f]{32}")
+POINTER_FORMAT = "kvtier-remote-session"
+POINTER_VERSION = 1
+# Largest entries read from a server: a pointer, and any metadata (a manifest lists every chunk and token).
+POINTER_MAX_BYTES = 1 << 20
+META_MAX_BYTES = 256 << 20
+RECORD_MAX_BYTES = 512 << 20  # the protocol's own limit on one value
+BATCH_BYTES = 32 << 20  # bytes per pipelined round trip
+PUBLISH_TTL_S = 24 * 3600  # an interrupted publish's keys expire after this
+REMOTE_META = "remote"  # marker in a local cache store: which published session it caches
+STORE_META, SESSION_META = "store", "session"  # as in kvtier.session (imported there from here would cycle)
+
+# Commit point of a publish: KEYS[1] the pointer, KEYS[2..] every key of the namespace. Atomic on the server.
+_COMMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return -1 end
+end
+for i = 2, #KEYS do redis.call('PERSIST', KEYS[i]) end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+def is_remote(target: object) -> bool:
+    """Whether `target` names a server session (redis://, rediss://, valkey://, valkeys://) and not a path."""
+    return isinstance(target, str) and target.split("://", 1)[0].lower() in SCHEMES and "://" in target
+
+
+@dataclass(frozen=True)
+class RemoteURL:
+    """A server URL split into what connects (credentials included, never shown) and what names a session.
+
+    Form: `redis://[user:password@]host[:port][/db[/name]][?prefix=P&...]`; `rediss://` for TLS; `valkey://`
+    and `valkeys://` are the same. Other query options go to the client as redis-py reads them."""
+
+    connect: str
+    shown: str
+    name: str | None
+    prefix: str
+    secrets: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str, *, name: str | None = None, prefix: str | None = None) -> "RemoteURL":
+        if not isinstance(text, str) or not is_remote(text):
+            raise CacheInputError("a remote must be a URL such as redis://host:6379/0/NAME (rediss:// for TLS; "
+                                  "valkey:// and valkeys:// also work)")
+        try:
+            parts = urllib.parse.urlsplit(text)
+            host, port = parts.hostname, parts.port
+            username, password = parts.username, parts.password
+        except ValueError as exc:
+            raise CacheInputError(f"cannot read the remote URL ({exc})") from None
+        scheme = SCHEMES[parts.scheme.lower()]
+        if not host:
+            raise CacheInputError("the remote URL names no host (redis://host:6379/0/NAME)")
+        segments = [s for s in parts.path.split("/") if s]
+        if len(segments) > 2:
+            raise CacheInputError("the remote URL's path is /DB/NAME: a database number and a session name")
+        db = segments[0] if segments else "0"
+        if not db.isdigit() or int(db) > 1 << 16:
+            raise CacheInputError(f"the remote URL's database must be a number, not {db[:40]!r}")
+        url_name = urllib.parse.unquote(segments[1]) if len(segments) == 2 else None
+        if name is not None and url_name is not None and name != url_name:
+            raise CacheInputError(f"two session names: {url_name!r} in the URL and {name!r}")
+        name = name if name is not None else url_name
+        if name is not None and not _NAME.fullmatch(name):
+            raise CacheInputError("a session name is 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+                                  "or digit")
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        url_prefix = [v for k, v in query if k == "prefix"]
+        query = [(k, v) for k, v in query if k != "prefix"]
+        prefix = prefix if prefix is not None else (url_prefix[-1] if url_prefix else DEFAULT_PREFIX)
+        if not _PREFIX.fullmatch(prefix):
+            raise CacheInputError("a key prefix is 1-64 letters, digits, '.', '_' or '-'")
+        netloc = f"[{host}]" if ":" in host else host
+        netloc += f":{port}" if port else ""
+        shown = f"{parts.scheme.lower()}://{netloc}/{db}" + (f"/{name}" if name else "")
+        cred = ""
+        if username or password:
+            cred = urllib.parse.quote(username or "", safe="") + (
+                ":" + urllib.parse.quote(password, safe="") if password is not None else "") + "@"
+        connect = urllib.parse.urlunsplit((scheme, cred + netloc, f"/{db}", urllib.parse.urlencode(query), ""))
+        hidden = tuple(s for s in (password, urllib.parse.quote(password or "", safe="")) if s)
+        return cls(connect, shown, name, prefix, hidden)
+
+    def need_name(self) -> str:
+        if self.name is None:
+            raise CacheInputError(f"{self.shown}: name the session (redis://host:6379/0/NAME, or name=...)")
+        return self.name
+
+    def with_name(self, name: str) -> "RemoteURL":
+        return RemoteURL(self.connect, f"{self.shown.rsplit('/', 1)[0] if self.name else self.shown}/{name}", name,
+                         self.prefix, self.secrets)
+
+    def scrub(self, text: str) -> str:
+        """`text` with any credential of this URL replaced by ***."""
+        for s in self.secrets:
+            text = text.replace(s, "***")
+        return text
+
+
+# -------------------------------------------------------------------------------------------- server
+class RedisServer:
+    """One connection pool to a server and the key layout of sessions on it; server errors become
+    `RemoteStoreError` naming the URL without credentials."""
+
+    def __init__(self, url: RemoteURL, *, timeout_s: float = 10.0, retries: int = 3):
+        try:
+            import redis
+            from redis.backoff import ExponentialBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise StoreError("sessions on a server need the redis client: pip install 'kvtier[remote]'") from None
+        self.url = url
+        self._redis = redis
+        with self.errors("connect"):
+            self.client = redis.Redis.from_url(
+                url.connect, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
+                retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+                health_check_interval=30, client_name="kvtier")
+
+    def errors(self, doing: str):
+        return _ServerErrors(self, doing)
+
+    # key layout
+    def tag(self, name: str) -> str:
+        return f"{self.url.prefix}:{{{name}}}"
+
+    def pointer_key(self, name: str) -> str:
+        return f"{self.tag(name)}:session"
+
+    def data_key(self, name: str, ns: str, what: str) -> str:
+        return f"{self.tag(name)}:{ns}:{what}"
+
+    def record_key(self, name: str, ns: str, key: bytes) -> str:
+        return self.data_key(name, ns, "r:" + key.hex())
+
+    def get_bounded(self, keys: list[str], limits: list[int], what: str) -> list[bytes | None]:
+        """Values of `keys` (None where absent), reading at most `limits[i]` bytes of each: a longer value is
+        refused before it is read. One round trip per `BATCH_BYTES`."""
+        out: list[bytes | None] = []
+        i = 0
+        while i < len(keys):
+            j, size = i, 0
+            while j < len(keys) and (j == i or size + limits[j] <= BATCH_BYTES):
+                size += limits[j]
+                j += 1
+            with self.errors(f"read {what}"):
+                pipe = self.client.pipeline(transaction=False)
+                for key, limit in zip(keys[i:j], limits[i:j]):
+                    pipe.strlen(key)
+                    pipe.getrange(key, 0, max(limit, 1) - 1)
+                replies = pipe.execute()
+            for key, limit, length, value in zip(keys[i:j], limits[i:j], replies[0::2], replies[1::2]):
+                if not length:
+                    out.append(None)
+                elif length > limit:
+                    raise StoreCorruptError(f"{self.url.shown}: {what} {_short(key)} holds {length} bytes, more than "
+                                            f"the {limit} it may")
+                else:
+                    out.append(bytes(value))
+            i = j
+        return out
+
+    def get_sealed(self, key: str, limit: int, what: str) -> Any | None:
+        raw = self.get_bounded([key], [limit], what)[0]
+        return None if raw is None else unseal(raw, f"{self.url.shown}: {what}")
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001 - closing a pool to a server that went away is not an error
+            pass
+
+
+class _ServerErrors:
+    """Turn the client's exceptions into one-line `RemoteStoreError`s without credentials."""
+
+    def __init__(self, server: RedisServer, doing: str):
+        self.server, self.doing = server, doing
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is None or not isinstance(exc, self.server._redis.exceptions.RedisError):
+            return False
+        e = self.server._redis.exceptions
+        url = self.server.url
+        if isinstance(exc, e.AuthenticationError | e.AuthorizationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(
+                exc):
+            why = "the server refused the credentials (check the user and password in the URL)"
+        elif isinstance(exc, e.TimeoutError):
+            why = "the server did not answer in time"
+        elif isinstance(exc, e.ConnectionError):
+            why = f"cannot reach the server ({url.scrub(str(exc)).rstrip('.')})"
+        elif "OOM" in str(exc):
+            why = "the server is out of memory (maxmemory); raise it or free room"
+        else:
+            why = url.scrub(str(exc))
+        raise RemoteStoreError(f"{url.shown}: {self.doing} failed: {why}") from None
+
+
+def _short(key: str) -> str:
+    return key if len(key) < 90 else key[:87] + "..."
+
+
+# ------------------------------------------------------------------------------------------- publish
+def publish(store: RecordStore, keys: Iterable[bytes], url: RemoteURL, *,
+            progress: Callable[[int], None] | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
+    """Copy a saved session (its header, manifest and the records `keys`) from `store` to the server under
+    `url.name`; returns the pointer's summary. Raises SessionExistsError if the name is taken (nothing of this
+    publish stays on the server), RemoteStoreError if the server fails (what was written expires)."""
+    name = url.need_name()
+    header, manifest = store.get_meta(STORE_META), store.get_meta(SESSION_META)
+    if not isinstance(header, dict) or not isinstance(manifest, dict) or manifest.get("state") != "complete":
+        raise StoreError(f"kvtier store {store.where} holds no complete session to publish; save it first")
+    server = RedisServer(url, timeout_s=timeout_s)
+    ns = secrets.token_hex(16)
+    written: list[str] = []
+    try:
+        pointer = server.pointer_key(name)
+        with server.errors("look up the session name"):
+            taken = server.client.exists(pointer)
+        if taken:
+            raise SessionExistsError(f"{url.shown}: a session named {name!r} is already published (published "
+                                     "sessions never change: choose another name, or unpublish it first)")
+        index: list[list[Any]] = []
+        keys = list(dict.fromkeys(keys))
+        batch: list[bytes] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal batch, size
+            blobs = store.get_many(batch)
+            with server.errors("publish records"):
+                pipe = server.client.pipeline(transaction=False)
+                for key, blob in zip(batch, blobs):
+                    if blob is None:
+                        raise StoreError(f"kvtier store {store.where}: record {key.hex()} is missing; cannot publish")
+                    rkey = server.record_key(name, ns, key)
+                    pipe.set(rkey, bytes(blob), ex=PUBLISH_TTL_S)
+                    written.append(rkey)
+                    index.append([key.hex(), len(blob)])
+                pipe.execute()
+            if progress is not None:
+                progress(len(batch))
+            batch, size = [], 0
+
+        sizes = dict(zip(keys, _sizes(store, keys)))
+        for key in keys:
+            batch.append(key)
+            size += sizes[key]
+            if size >= BATCH_BYTES:
+                flush()
+        if batch:
+            flush()
+        total = sum(n for _, n in index)
+        meta = {server.data_key(name, ns, "meta:" + STORE_META): seal(header),
+                server.data_key(name, ns, "meta:" + SESSION_META): seal(manifest),
+                server.data_key(name, ns, "index"): seal({"records": index})}
+        with server.errors("publish the manifest"):
+            pipe = server.client.pipeline(transaction=False)
+            for key, value in meta.items():
+                pipe.set(key, value, ex=PUBLISH_TTL_S)
+                written.append(key)
+            pipe.execute()
+        summary = {
+            "format": POINTER_FORMAT, "version": POINTER_VERSION, "ns": ns, "name": name,
+            "records": len(index), "bytes": total + sum(len(v) for v in meta.values()),
+            "published": time.time(), "length": manifest.get("length"), "batch": manifest.get("batch"),
+            "dtype": header.get("dtype"), "signature": header.get("signature"),
+            "structure": header.get("structure"), "info": _small(manifest.get("info")),
+        }
+        with server.errors("commit the session"):
+            done = server.client.eval(_COMMIT, 1 + len(written), pointer, *written, seal(summary))
+        if done == 0:
+            raise SessionExistsError(f"{url.shown}: another machine published a session named {name!r} first; "
+                                     "that one stays (published sessions never change)")
+        if done != 1:
+            raise RemoteStoreError(f"{url.shown}: records were evicted while publishing (the server is under "
+                                   "maxmemory with an eviction policy); give it room or set maxmemory-policy "
+                                   "noeviction, then publish again")
+        written = []
+        return summary
+    finally:
+        if written:  # not committed: take back what this publish wrote (it would expire anyway)
+            try:
+                for i in range(0, len(written), 1000):
+                    server.client.unlink(*written[i:i + 1000])
+            except Exception:  # noqa: BLE001 - the server may be gone: the keys expire after PUBLISH_TTL_S
+                pass
+        server.close()
+
+
+def _sizes(store: RecordStore, keys: list[bytes]) -> list[int]:
+    """Record sizes, to size publish batches (read in batches of 256, so at most that many records at once)."""
+    out = []
+    for i in range(0, len(keys), 256):
+        out += [0 if b is None else len(b) for b in store.get_many(keys[i:i + 256])]
+    return out
+
+
+def _small(info: Any) -> dict[str, Any]:
+    """The session's user info for listings, with long values cut."""
+    if not isinstance(info, dict):
+        return {}
+    return {str(k)[:64]: (v if isinstance(v, int | float | bool) or v is None else str(v)[:200])
+            for k, v in list(info.items())[:16]}
+
+
+# ---------------------------------------------------------------------------------- list and delete
+def read_pointer(server: RedisServer, name: str) -> dict[str, Any] | None:
+    """The checked pointer of session `name`, or None if none is published."""
+    value = server.get_sealed(server.pointer_key(name), POINTER_MAX_BYTES, f"session {name!r}")
+    if value is None:
+        return None
+    where = f"{server.url.shown}: session {name!r}"
+    if not isinstance(value, dict) or value.get("format") != POINTER_FORMAT:
+        raise StoreCorruptError(f"{where} is not a kvtier session")
+    if value.get("version") != POINTER_VERSION:
+        raise StoreError(f"{where} was published by another kvtier version (format {value.get('version')!r})")
+    if not isinstance(value.get("ns"), str) or not _NS.fullmatch(value["ns"]) or value.get("name") != name:
+        raise StoreCorruptError(f"{where}: its pointer is damaged")
+    for field in ("records", "bytes", "length"):
+        if not isinstance(value.get(field), int) or isinstance(value.get(field), bool) or value[field] < 0:
+            raise StoreCorruptError(f"{where}: {field} is not a count")
+    return value
+
+
+def list_sessions(url: RemoteURL, *, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """Every session published under the URL's prefix (their pointers' summaries), by name."""
+    server = RedisServer(url, timeout_s=timeout_s)
+    try:
+        names = []
+        pattern = f"{url.prefix}:{{*}}:session"
+        with server.errors("list sessions"):
+            for key in server.client.scan_iter(match=pattern, count=1000):
+                key = key.decode(errors="replace")
+                name = key[len(url.prefix) + 2:-len("}:session")]
+                if _NAME.fullmatch(name):
+                    names.append(name)
+        out = []
+        for name in sorted(set(names)):
+            try:
+                pointer = read_pointer(server, name)
+            except StoreError as exc:
+                out.append({"name": name, "error": str(exc)})
+                continue
+            if pointer is not None:
+                out.append(pointer)
+        return out
+    finally:
+        server.close()
+
+
+def unpublish(url: RemoteURL, *, timeout_s: float = 10.0) -> bool:
+    """Delete a published session: its pointer first (it disappears at once), then its records. Machines that
+    are reading it fail with a missing-record error, never wrong logits. False if there was none."""
+    name = url.need_name()
+    server = RedisServer(url, timeout_s=timeout_s)
+    try:
+        pointer = read_pointer(server, name)
+        with server.errors("delete the session"):
+            if pointer is None or not server.client.delete(server.pointer_key(name)):
+                return False
+            for keys in _batched(server.client.scan_iter(match=server.data_key(name, pointer["ns"], "*"),
+                                                         count=1000), 1000):
+                server.client.unlink(*keys)
+        return True
+    finally:
+        server.close()
+
+
+def _batched(it: Iterable, n: int) -> Iterator[list]:
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------------------------- read
+class RemoteSessionStore(RecordStore):
+    """A published session as a `RecordStore`: metadata and the record index read once at open, records read
+    on demand (in batches where the tier manager says which come next) and kept in a local `DiskStore`.
+
+    local: the local cache's directory; a new one, or one that caches this same publish (its records are
+    reused), never another store. None: a temporary directory, removed on close."""
+
+    def __init__(self, url: RemoteURL, *, local: str | Path | None = None, timeout_s: float = 10.0,
+                 initial_map_bytes: int = 1 << 28, max_bytes: int | None = None):
+        self.url = url
+        name = url.need_name()
+        self.server = RedisServer(url, timeout_s=timeout_s)
+        self.local: DiskStore | None = None
+        try:
+            pointer = read_pointer(self.server, name)
+            if pointer is None:
+                raise StoreNotFoundError(f"{url.shown}: no session named {name!r} is published there (a publish "
+                                         "that was interrupted never appears)")
+            self.pointer = pointer
+            ns = pointer["ns"]
+            self._meta = {m: self.server.get_sealed(self.server.data_key(name, ns, "meta:" + m), META_MAX_BYTES,
+                                                    f"session {name!r} {m} metadata")
+                          for m in (STORE_META, SESSION_META)}
+            if any(v is None for v in self._meta.values()):
+                raise StoreCorruptError(f"{url.shown}: session {name!r} lost its metadata (evicted from the server?)")
+            self._index = self._read_index(name, ns)
+            self.local = self._open_local(local, ns, initial_map_bytes, max_bytes)
+        except BaseException:
+            self.close()
+            raise
+        self._removed: set[bytes] = set()
+        self.fetched_bytes = 0  # read from the server by this store (records only)
+
+    def _read_index(self, name: str, ns: str) -> dict[bytes, int]:
+        value = self.server.get_sealed(self.server.data_key(name, ns, "index"), META_MAX_BYTES,
+                                       f"session {name!r} index")
+        where = f"{self.url.shown}: session {name!r} index"
+        if value is None:
+            raise StoreCorruptError(f"{where} is missing (evicted from the server?)")
+        rows = value.get("records") if isinstance(value, dict) else None
+        if not isinstance(rows, list) or len(rows) != self.pointer["records"]:
+            raise StoreCorruptError(f"{where} is damaged")
+        index: dict[bytes, int] = {}
+        for row in rows:
+            if (not isinstance(row, list) or len(row) != 2 or not isinstance(row[0], str) or len(row[0]) > 64
+                    or not isinstance(row[1], int) or isinstance(row[1], bool) or not 0 < row[1] <= RECORD_MAX_BYTES):
+                raise StoreCorruptError(f"{where} is damaged")
+            try:
+                index[bytes.fromhex(row[0])] = row[1]
+            except ValueError:
+                raise StoreCorruptError(f"{where} is damaged") from None
+        return index
+
+    def _open_local(self, path: str | Path | None, ns: str, initial_map_bytes: int,
+                    max_bytes: int | None) -> DiskStore:
+        marker = {"ns": ns, "name": self.url.name, "prefix": self.url.prefix}
+        if path is None:
+            disk = DiskStore(tempfile.mkdtemp(prefix="kvtier-remote-"), initial_map_bytes=initial_map_bytes,
+                             max_bytes=max_bytes, remove_on_close=True)
+        else:
+            path = Path(path)
+            disk = DiskStore(path, create=True, initial_map_bytes=initial_map_bytes, max_bytes=max_bytes)
+            try:
+                held = disk.get_meta(REMOTE_META)
+                if held is None and (disk.get_meta(STORE_META) is not None or disk.record_count()):
+                    raise StoreError(f"kvtier store {path} is not a cache of a server session; choose another "
+                                     "local directory for it")
+                if held is not None and held != marker:  # another session, or another publish of this name
+                    disk.close()
+                    disk = DiskStore(path, create=True, wipe=True, initial_map_bytes=initial_map_bytes,
+                                     max_bytes=max_bytes)
+            except BaseException:
+                disk.close()
+                raise
+        try:
+            disk.put_many([], meta={REMOTE_META: marker, STORE_META: self._meta[STORE_META]})
+        except BaseException:
+            disk.close()
+            raise
+        return disk
+
+    @property
+    def where(self) -> str:
+        return self.url.shown
+
+    @property
+    def path(self) -> Path | None:
+        """The local cache's directory."""
+        return None if self.local is None else self.local.path
+
+    # ---------------------------------------------------------------------------------- records
+    def get_many(self, keys: Iterable[bytes]) -> list[bytes | None]:
+        keys = list(keys)
+        out = self.local.get_many(keys)
+        missing = [i for i, (k, v) in enumerate(zip(keys, out)) if v is None and k in self._index
+                   and k not in self._removed]
+        if missing:
+            fetched = self._fetch([keys[i] for i in missing])
+            for i, blob in zip(missing, fetched):
+                out[i] = blob
+        return out
+
+    def warm(self, keys: Iterable[bytes]) -> None:
+        keys = [k for k in keys if k in self._index and k not in self._removed]
+        if keys:
+            have = self.local.get_many(keys)
+            self._fetch([k for k, v in zip(keys, have) if v is None])
+
+    def _fetch(self, keys: list[bytes]) -> list[bytes | None]:
+        """Read records from the server (bounded by their indexed sizes) and keep them in the local store."""
+        if not keys:
+            return []
+        name, ns = self.url.name, self.pointer["ns"]
+        blobs = self.server.get_bounded([self.server.record_key(name, ns, k) for k in keys],
+                                        [self._index[k] for k in keys], f"session {name!r} record")
+        got = [(k, b) for k, b in zip(keys, blobs) if b is not None]
+        self.fetched_bytes += sum(len(b) for _, b in got)
+        try:
+            self.local.put_many(got)
+        except StoreFullError:
+            pass  # the local cache is full: the records are still returned, only not kept
+        return blobs
+
+    def put_many(self, items: list[tuple[bytes, bytes]], meta: dict[str, Any] | None = None) -> None:
+        if meta and set(meta) & {STORE_META, SESSION_META}:
+            raise StoreError(f"{self.url.shown}: a session read from a server is not saved into its local cache; "
+                             "publish a new one with cache.save(remote=...)")
+        self.local.put_many(items, meta)
+        self._removed.difference_update(k for k, _ in items)
+
+    def remove_many(self, keys: Iterable[bytes]) -> None:
+        keys = list(keys)
+        self.local.remove_many(keys)
+        self._removed.update(keys)
+
+    def keys(self) -> Iterator[bytes]:
+        seen = set()
+        for key in (*self._index, *self.local.keys()):
+            if key not in seen and key not in self._removed:
+                seen.add(key)
+                yield key
+
+    def missing(self, keys: Iterable[bytes]) -> list[bytes]:
+        """Keys not held locally nor on the server (an evicted record shows here, before it is needed)."""
+        keys = list(keys)
+        local = self.local.get_many(keys)
+        ask = [k for k, v in zip(keys, local) if v is None and k in self._index and k not in self._removed]
+        gone = {k for k, v in zip(keys, local) if v is None and k not in ask}
+        name, ns = self.url.name, self.pointer["ns"]
+        for i in range(0, len(ask), 1000):
+            with self.server.errors("check the session's records"):
+                pipe = self.server.client.pipeline(transaction=False)
+                for k in ask[i:i + 1000]:
+                    pipe.exists(self.server.record_key(name, ns, k))
+                gone.update(k for k, n in zip(ask[i:i + 1000], pipe.execute()) if not n)
+        return [k for k in keys if k in gone]
+
+    def get_meta(self, name: str) -> Any | None:
+        if name in self._meta:
+            return self._meta[name]
+        return self.local.get_meta(name)
+
+    def data_bytes(self) -> int:
+        return sum(self._index.values()) + self.local.data_bytes()
+
+    def sync(self) -> None:
+        self.local.sync()
+
+    def close(self) -> None:
+        try:
+            if self.local is not None:
+                self.local.close()
+        finally:
+            self.server.close()
