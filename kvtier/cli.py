@@ -10,7 +10,7 @@ from . import __version__
 
 # benchmark name -> module under kvtier.bench with a `main(argv)`
 BENCHMARKS = {"exact": "exact", "codec": "codec", "speed": "speed", "quality": "quality", "kernels": "kernels",
-              "hogwild": "hogwild", "tim": "tim", "span": "span"}
+              "hogwild": "hogwild", "tim": "tim", "span": "span", "remote": "remote"}
 
 
 def printable(value: object) -> str:

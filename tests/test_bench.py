@@ -255,3 +255,39 @@ def test_bench_span_writes_json_and_reads_no_moved_record(tmp_path):
     assert result["disk_chunks_moved"] > 0 and result["rewrite"]["disk_bytes_read_and_written"] > 0
     assert result["reencode"]["tokens_encoded"] > 1000
     assert set(result["ratios"]) == {"rewrite_vs_turn_on_read", "reencode_vs_turn_on_read", "step_after_vs_before"}
+
+
+@pytest.mark.redis
+def test_bench_remote_writes_json_and_leaves_nothing_on_the_server(tmp_path, redis_base, redis_url):
+    """`kvtier bench remote` on a tiny shape: the second machine's answers equal the local session's, the
+    second answer reads nothing from the server, and the benchmark's keys are gone afterwards."""
+    from redis_server import client_for
+
+    out = _kvtier("bench", "remote", "--url", redis_url, "--layers", "1", "--kv-heads", "2", "--head-dim", "16",
+                  "--intermediate", "64", "--tokens", "600", "--segment", "256", "--question", "4", "--steps", "3",
+                  "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "remote.json").read_text())
+    r = result["result"]
+    assert result["config"]["tokens"] == 600 and r["publish"]["records"] > 0 and r["keys_removed"] > 0
+    assert r["reprefill"]["ttft_ms"] > 0 and r["headline"] == "sparse"
+    assert r["sparse"]["options"]["host_budget"] == 0 and r["sparse"]["options"]["device_budget"] < 600
+    for mode in ("exact", "sparse"):
+        row = r[mode]
+        assert row["same_tokens_first_answer"] and row["same_tokens_second_answer"], mode
+        assert row["max_abs_logit_diff"] == 0.0, mode
+        assert 0 < row["remote"]["server_bytes_by_first_token"] <= r["publish"]["bytes"]
+        assert row["remote"]["server_bytes_second_answer"] == 0  # every chunk it selects is cached locally by then
+        assert row["remote"]["ttft_ms"] > 0 and row["local"]["steady_step_ms"] > 0
+    assert set(r["targets"]) == {"ttft_exact", "steady_step_exact", "ttft_sparse", "steady_step_sparse"}
+    prefix = redis_url.split("prefix=")[1]
+    assert not list(client_for(redis_base).scan_iter(match=f"{prefix}-bench-*"))
+
+
+def test_bench_remote_without_a_server_is_one_line_without_the_password(tmp_path):
+    pytest.importorskip("redis")
+    out = _kvtier("bench", "remote", "--url", "redis://bench:s3cret-pw@127.0.0.1:1/0", "--tokens", "64",
+                  "--out", str(tmp_path))
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "cannot reach the server" in out.stderr and "s3cret-pw" not in out.stderr + out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "remote.json").exists()
