@@ -1,4 +1,5 @@
-"""The `kvtier` command line: `kvtier qa`, `kvtier inspect`, `kvtier hogwild`, `kvtier tim`, `kvtier bench`."""
+"""The `kvtier` command line: `kvtier qa`, `kvtier inspect`, `kvtier sessions`, `kvtier hogwild`, `kvtier tim`,
+`kvtier bench`."""
 
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvtier", description="Tiered KV cache for transformers.")
     parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("qa", help="answer questions about a long document (prefilled once into a store)",
+    sub.add_parser("qa", help="answer questions about a long document (prefilled once into a store, shared through "
+                              "a Redis/Valkey server with --remote)",
                    add_help=False)
-    sub.add_parser("inspect", help="show what a store holds", add_help=False)
+    sub.add_parser("inspect", help="show what a store, or a session published on a Redis/Valkey server, holds",
+                   add_help=False)
+    sub.add_parser("sessions", help="list the sessions published on a Redis/Valkey server", add_help=False)
     sub.add_parser("hogwild", help="several workers solve a problem together over one shared cache, shown live",
                    add_help=False)
     sub.add_parser("tim", help="reason as a task tree, with tools, pruning finished sub-tasks from the cache (TIM)",
@@ -65,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from .report import main as inspect_main
 
         return inspect_main(rest)
+    if args.command == "sessions":
+        from .report import sessions_main
+
+        return sessions_main(rest)
     if args.command == "hogwild":
         from .hogwild.cli import main as hogwild_main
 

@@ -1,39 +1,69 @@
-"""`kvtier inspect STORE`: what a store holds, read from its header and session manifest (no model needed)."""
+"""`kvtier inspect STORE`: what a store or a published session holds, read from its header and session manifest
+(no model needed); `kvtier sessions URL`: the sessions published on a Redis/Valkey server."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from . import session
 from .cli import error_line, printable
+from .cli_args import UsageError, run_command
 from .errors import IncompleteSessionError, KVTierError
 from .store import manifest as mf
+from .store.backend import RecordStore
 from .store.disk import DiskStore
+from .store.remote import (
+    DEFAULT_PREFIX,
+    REMOTE_META,
+    RemoteSessionStore,
+    RemoteURL,
+    is_remote,
+    list_sessions,
+)
+
+
+def open_store(target: str | Path) -> RecordStore:
+    """The store `describe` reads: a directory opened read-only, or a session published on a server
+    (`redis://host:6379/0/NAME`), of which only the metadata is read: its records stay on the server."""
+    if isinstance(target, str) and is_remote(target):
+        url = RemoteURL.parse(target)
+        if url.name is None:
+            raise UsageError(f"{url.shown} names no session: add /NAME to the URL (`kvtier sessions "
+                             f"{session_address(url)}` lists them)")
+        return RemoteSessionStore(url)  # its local record cache is a temporary directory, left empty
+    return DiskStore(Path(target), create=False, readonly=True)
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """A plain-data summary of a store: model, session, and per-layer chunks, bytes and skew.
+    """A plain-data summary of a store or a published session: model, session, and per-layer chunks, bytes
+    and skew.
 
-    Opens the store read-only (nothing in it is written, not even a lock file) and checks it as `open` does,
-    against the model facts in its own header, so a damaged or foreign store is one KVTierError."""
-    path = Path(path)
-    disk = DiskStore(path, create=False, readonly=True)
+    A store is opened read-only (nothing in it is written, not even a lock file); a published session is read
+    through the same `RecordStore` interface, its metadata only (records are not downloaded; the server is
+    asked that each one is there). Either is checked as `open` does, against the model facts in its own
+    header, so a damaged or foreign store is one KVTierError."""
+    disk = open_store(path)
     try:
         header = session.read_header(disk)
         try:
             _, manifest = session.read_session(disk, None)
         except IncompleteSessionError:
             manifest = None
-        n_records, map_bytes = disk.record_count(), disk.map_bytes
+        n_records = disk.record_count()
+        server = _server_facts(disk) if isinstance(disk, RemoteSessionStore) else None
+        map_bytes = None if server is not None else disk.map_bytes
+        caches = None if server is not None else disk.get_meta(REMOTE_META)
     finally:
         disk.close()
     out: dict[str, Any] = {
-        "path": str(path),
+        "path": disk.where,
         "layout_version": header.get("layout_version"),
         "model": header.get("structure", {}),
         "signature": header.get("signature"),
@@ -43,6 +73,10 @@ def describe(path: str | Path) -> dict[str, Any]:
         "map_bytes": map_bytes,
         "session": "complete" if manifest is not None else "incomplete",
     }
+    if server is not None:
+        out["server"] = server
+    if isinstance(caches, dict):  # a local cache of a server session (kvtier qa --remote keeps one)
+        out["caches"] = {"name": caches.get("name"), "prefix": caches.get("prefix")}
     if manifest is None:
         return out
     layers, total_raw, total_stored = [], 0, 0
@@ -80,28 +114,67 @@ def describe(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def _server_facts(store: RemoteSessionStore) -> dict[str, Any]:
+    """What the published session's pointer says about it on the server."""
+    pointer = store.pointer
+    return {"url": session_address(store.url), "name": store.url.name, "prefix": store.url.prefix,
+            "bytes": pointer["bytes"], "published": _when(pointer.get("published"))}
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n /= 1024
+        i += 1
+    return f"{int(n)} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def _when(value: Any) -> float | None:
+    """A publish time from a pointer (untrusted: anything that is not a plausible time is None)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e11:
+        return float(value)
+    return None
+
+
+def _local_time(epoch: float | None) -> str:
+    return "-" if epoch is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
 
 
 def format_report(d: dict[str, Any]) -> str:
     """The text report. Every value read from the store goes through `printable`: a session's `info` and the
     paths in it are whatever a user wrote, and must not reach the terminal as escape sequences."""
     m, p = d["model"], printable
+    server = d.get("server")
+    where = (f"on the server {human_bytes(server['bytes'])}, published {_local_time(server['published'])}"
+             if server else f"LMDB map {_mb(d['map_bytes'])}")
     lines = [
-        f"store       {p(d['path'])}",
+        f"store       {p(d['path'])}" + (
+            f"   (key prefix {p(server['prefix'])})" if server and server["prefix"] != DEFAULT_PREFIX else ""),
         f"model       {p(m.get('model_type'))}: {p(m.get('num_layers'))} layers, {p(m.get('kv_heads'))} KV heads "
         f"of {p(m.get('head_dim'))}, signature {p(str(d['signature'])[:16])}",
         f"dtype       {p(d['dtype'])}   layout version {p(d['layout_version'])}   chunking {p(d['chunking'])}",
-        f"session     {p(d['session'])}   records {d['records']}   LMDB map {_mb(d['map_bytes'])}",
     ]
+    if d.get("caches"):
+        c = d["caches"]
+        lines.append(f"session     none here: a local cache of the records of server session {p(c['name'])} (key "
+                     f"prefix {p(c['prefix'])}); records {d['records']}   {where}")
+        return "\n".join(lines)
+    lines.append(f"session     {p(d['session'])}   records {d['records']}   {where}")
     if d["session"] != "complete":
         return "\n".join(lines)
     opts = d["options"]
     lines += [
         f"context     {d['context_tokens']} tokens x batch {d['batch']}",
-        f"on disk     {_mb(d['stored_bytes'])} stored, {_mb(d['raw_bytes'])} raw, compression x{d['compression_ratio']}",
-        f"tiers       a saved session lives on disk; reopened with device budget {p(opts.get('device_budget'))} "
+        f"{'stored' if server else 'on disk':12}{_mb(d['stored_bytes'])} stored, {_mb(d['raw_bytes'])} raw, "
+        f"compression x{d['compression_ratio']}",
+        f"tiers       a {'published session lives on the server' if server else 'saved session lives on disk'}; "
+        f"reopened with device budget {p(opts.get('device_budget'))} "
         f"and host budget {p(opts.get('host_budget'))} tokens per layer ({p(opts.get('mode'))} mode)",
     ]
     if d["info"]:
@@ -176,30 +249,117 @@ def check_plot_target(path: str | Path) -> None:
                           "write the plot somewhere else")
 
 
+def session_address(url: RemoteURL, name: str | None = None) -> str:
+    """The URL that names a session (or, without a name, the server and prefix) for another kvtier command:
+    no credentials, and the key prefix when it is not the default one."""
+    shown = url.with_name(name).shown if name is not None else url.shown
+    return shown + (f"?prefix={url.prefix}" if url.prefix != DEFAULT_PREFIX else "")
+
+
+def sessions(target: str) -> dict[str, Any]:
+    """The sessions published on a server under the URL's key prefix, as plain data (`kvtier sessions --json`).
+
+    What a pointer says is untrusted: each value is checked for its type before it is used."""
+    url = RemoteURL.parse(target)
+    if url.name is not None:
+        raise UsageError(f"{url.shown} names a session: `kvtier sessions` takes the server alone "
+                         f"(redis://host:6379/0), and `kvtier inspect {session_address(url)}` shows that session")
+    out = []
+    for pointer in list_sessions(url):
+        name = pointer["name"]
+        if "error" in pointer:  # a damaged pointer or one of another kvtier version: listed, not read
+            out.append({"name": name, "url": session_address(url, name), "error": pointer["error"]})
+            continue
+        structure = pointer.get("structure") if isinstance(pointer.get("structure"), dict) else {}
+        info = pointer.get("info") if isinstance(pointer.get("info"), dict) else {}
+        published = _when(pointer.get("published"))
+        out.append({
+            "name": name, "url": session_address(url, name),
+            "model_type": structure.get("model_type"), "num_layers": structure.get("num_layers"),
+            "dtype": pointer.get("dtype"), "signature": pointer.get("signature"),
+            "tokens": pointer["length"], "batch": pointer.get("batch"), "records": pointer["records"],
+            "bytes": pointer["bytes"], "published": published,
+            "published_utc": None if published is None else
+            datetime.datetime.fromtimestamp(published, datetime.timezone.utc).isoformat(timespec="seconds"),
+            "info": info,
+        })
+    return {"server": url.shown, "prefix": url.prefix, "sessions": out}
+
+
+def format_sessions(d: dict[str, Any]) -> str:
+    """The text listing: one row per session, every string from the server through `printable`."""
+    p = printable
+    if not d["sessions"]:
+        return f"no kvtier sessions on {p(d['server'])} under the key prefix {p(d['prefix'])}"
+    rows = [("NAME", "MODEL", "TOKENS", "SIZE", "PUBLISHED", "INFO")]
+    for s in d["sessions"]:
+        if "error" in s:
+            rows.append((p(s["name"]), "-", "-", "-", "-", "unreadable: " + error_line(Exception(s["error"]))[:200]))
+            continue
+        model = ", ".join(x for x in (p(s["model_type"] or "?"), f"{p(s['num_layers'])} layers" if s["num_layers"]
+                                      is not None else "", p(s["dtype"] or "")) if x)
+        info = ", ".join(f"{p(k)}={p(v)}" for k, v in s["info"].items()) or "-"
+        rows.append((p(s["name"]), model, str(s["tokens"]), human_bytes(s["bytes"]), _local_time(s["published"]),
+                     info))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    right = {2, 3}  # numbers
+    return "\n".join("  ".join([*(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in
+                                  enumerate(zip(r[:5], widths))), r[5]]) for r in rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvtier inspect", description=__doc__)
-    p.add_argument("store", help="store directory")
+    p = argparse.ArgumentParser(prog="kvtier inspect", description=__doc__.split("; `kvtier sessions")[0] + ".")
+    p.add_argument("store", help="store directory, or a session on a Redis/Valkey server "
+                                 "(redis://[user:password@]host:6379/0/NAME[?prefix=P], rediss:// for TLS): "
+                                 "its metadata is read, its records stay on the server")
     p.add_argument("--plot", metavar="FILE.png", help="draw chunk sizes and skew by layer (png, pdf, svg, ...)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.plot:
-            check_plot_target(args.plot)
-        d = describe(args.store)
-        if args.json:
-            import json
+def _inspect(args: argparse.Namespace) -> int:
+    if args.plot:
+        check_plot_target(args.plot)
+    d = describe(args.store)
+    if args.json:
+        import json
 
-            print(json.dumps(d, indent=2))
-        else:
-            print(format_report(d))
-        if args.plot:
-            plot(d, args.plot)
-            print(f"wrote {printable(args.plot)}", file=sys.stderr)
-    except (KVTierError, OSError) as exc:  # FileNotFoundError, PermissionError, a damaged or foreign store
-        print(f"kvtier inspect: error: {error_line(exc)}", file=sys.stderr)
-        return 2
+        print(json.dumps(d, indent=2))
+    else:
+        print(format_report(d))
+    if args.plot:
+        plot(d, args.plot)
+        print(f"wrote {printable(args.plot)}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`kvtier inspect`: a damaged or foreign store, a missing one, a server that fails: one line, exit code 2."""
+    return run_command("kvtier inspect", _inspect, build_parser().parse_args(argv))
+
+
+def build_sessions_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvtier sessions",
+        description="List the sessions published on a Redis/Valkey server (by cache.save(remote=...) or kvtier qa "
+                    "--remote): name, model, tokens, size, when published, and the session's info. Nothing is "
+                    "downloaded but each session's pointer.")
+    p.add_argument("server", help="redis://[user:password@]host:6379/0[?prefix=P] (rediss:// for TLS; valkey:// "
+                                  "too); the key prefix defaults to kvtier")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    return p
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    d = sessions(args.server)
+    if args.json:
+        import json
+
+        print(json.dumps(d, indent=2))
+    else:
+        print(format_sessions(d))
+    return 0
+
+
+def sessions_main(argv: list[str] | None = None) -> int:
+    return run_command("kvtier sessions", _sessions, build_sessions_parser().parse_args(argv))
