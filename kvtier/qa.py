@@ -9,6 +9,11 @@ or EOF ends it).
 Answers are exact by default, as with the API (KVTierConfig's mode): the same tokens the model gives with a
 full cache. --mode sparse reads only a budget of the document's chunks per step: faster on long documents
 whose KV lives on disk, approximate.
+
+With --remote redis://host:6379/0 several machines share one prefill through a Redis/Valkey server: before
+prefilling, kvtier qa looks there for the document's session (named from the model, its dtype and the
+document's tokens) and, if one is published, answers from it, reading its records on demand into the local
+store directory; otherwise it prefills here and publishes the session when the prefill is complete.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import re
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,13 +42,19 @@ from .errors import (
     CacheInputError,
     IncompleteSessionError,
     PromptMismatchError,
+    RemoteStoreError,
+    SessionExistsError,
     StoreCorruptError,
+    StoreError,
     StoreMismatchError,
 )
 from .model_spec import ModelSpec
 from .prefill import prefill
+from .report import session_address
 from .sizes import parse_budget, parse_sparse_budget, split_budget
-from .store.disk import is_store
+from .store.codec import dtype_name
+from .store.disk import DiskStore, is_store
+from .store.remote import REMOTE_META, RedisServer, RemoteURL, read_pointer
 
 PLACEHOLDER = "\u2063KVTIER-QUESTION\u2063"  # invisible separator: never in a real document
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -174,6 +186,49 @@ def check_arguments(args: argparse.Namespace) -> None:
         KVTierConfig(mode=args.mode, sparse_budget=sparse_budget, **tokens)
     except ValueError as exc:
         raise QAError(str(exc)) from None
+    if args.remote is not None:
+        try:
+            url = RemoteURL.parse(args.remote)
+        except CacheInputError as exc:  # names no credential: the URL parser's messages never quote it
+            raise QAError(f"--remote: {exc}") from None
+        if url.name is not None:
+            raise QAError(f"--remote {url.shown}: name the server alone (redis://host:6379/0, ?prefix=P for a key "
+                          "prefix); kvtier qa names each document's session itself")
+
+
+def check_server(args: argparse.Namespace) -> None:
+    """Reach the --remote server and pass its authentication before the model is loaded: a wrong host or
+    password is one line in a second, not after minutes of loading."""
+    if args.remote is None:
+        return
+    server = RedisServer(RemoteURL.parse(args.remote))
+    try:
+        with server.errors("connect"):
+            server.client.ping()
+    finally:
+        server.close()
+
+
+def session_url(server: str, name: str) -> str:
+    """The --remote URL (credentials and query kept) with the session's name appended: redis://h:6379/0/NAME."""
+    parts = urllib.parse.urlsplit(server)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{parts.path.strip('/') or '0'}/{name}"))
+
+
+def cached_session(path: Path) -> dict[str, Any] | None:
+    """Which server session the store at `path` is a local cache of (`kvtier qa --remote` keeps one there
+    when it answers from a server), or None: a store of its own, or one that cannot be read here."""
+    try:
+        disk = DiskStore(path, create=False, readonly=True)
+    except (StoreError, OSError):
+        return None
+    try:
+        held = disk.get_meta(REMOTE_META)
+    except StoreError:
+        held = None
+    finally:
+        disk.close()
+    return held if isinstance(held, dict) else None
 
 
 def read_document(path: str) -> str:
@@ -240,8 +295,17 @@ class Session:
         self.info = {"document": str(doc.resolve()), "model": args.model,
                      "prefix_tokens": int(self.prompt.prefix_ids.shape[1]), "template": self.prompt.template}
         self.store = Path(args.store) if args.store else default_store_root() / f"{self.spec.signature[:12]}-{digest[:16]}"
+        # --remote: the document's session on the server, named as the local store is (model, dtype, tokens).
+        # _remote_url is the user's URL, credentials included: it connects and is never printed.
+        self.remote: RemoteURL | None = None
+        self._remote_url: str | None = None
+        if args.remote is not None:
+            name = f"qa-{dtype_name(self.spec.dtype)}-{self.spec.signature[:16]}-{digest[:32]}"
+            self._remote_url = session_url(args.remote, name)
+            self.remote = RemoteURL.parse(self._remote_url)
         self.options = self._options()
         self.cache: KVTierCache | None = None
+        self.source: str | None = None  # where the open session came from: "prefill", "store" or "server"
         self.prefill_s: float | None = None  # this run's prefill, reported with the first answer
         self.resumed_at: int | None = None  # the token a resumed prefill started from
         self.reopen_s: float | None = None  # reopening the stored session for the next question
@@ -276,11 +340,95 @@ class Session:
                           "writable place") from None
 
     def _open(self) -> KVTierCache:
-        if is_store(self.store) and not self.args.rebuild:
-            cache = self._reopen()
+        """A session of this store first, then (--remote) the server's, else a prefill here."""
+        if self.args.rebuild:
+            return self._prefill(None)
+        if is_store(self.store):
+            cached = cached_session(self.store)
+            if cached is None:
+                cache = self._reopen()
+                if cache is not None:
+                    return cache
+            elif self.remote is None:
+                raise QAError(f"store {self.store} is the local cache of a session read from a server "
+                              f"({printable(cached.get('name'))}); pass the same --remote URL to answer from it, "
+                              "or --rebuild to prefill here")
+        if self.remote is not None:
+            cache = self._from_server()
             if cache is not None:
                 return cache
         return self._prefill(None)
+
+    @property
+    def address(self) -> str | None:
+        """The document's session on the server, as messages and --json name it (no credentials)."""
+        return None if self.remote is None else session_address(self.remote, self.remote.name)
+
+    def _published(self) -> bool:
+        server = RedisServer(self.remote)
+        try:
+            return read_pointer(server, self.remote.name) is not None
+        finally:
+            server.close()
+
+    def _from_server(self) -> KVTierCache | None:
+        """The document's session published on the server, its records read on demand into the store directory
+        (kept there: a later question or run reads nothing twice); None when none is published.
+
+        A session opened from a server is never saved back (`KVTierCache.save` refuses): it is only read, and a
+        rewind between questions drops what the answer added, here as for a local store."""
+        if not self._published():
+            print(f"kvtier: no session of this document on {printable(self.address)} yet", file=sys.stderr)
+            return None
+        if is_store(self.store) and cached_session(self.store) is None:
+            # a prefill of this store that this run does not use (unfinished, or replaced by the published
+            # session): the directory becomes the published session's local cache
+            DiskStore(self.store, create=True, wipe=True).close()
+        started = time.perf_counter()
+        cache = KVTierCache.open(self._remote_url, self.model, store_path=self.store, **self.options)
+        try:
+            try:
+                cache.check_prompt(self.prompt.prefix_ids)
+            except PromptMismatchError as exc:
+                raise QAError(f"the session {self.address} holds another document ({exc}); pass --rebuild to "
+                              "prefill here") from None
+            if cache.get_seq_length() < self.info["prefix_tokens"]:
+                raise QAError(f"the session {self.address} holds only the first {cache.get_seq_length()} of "
+                              f"{self.info['prefix_tokens']} tokens of this document; pass --rebuild to prefill here")
+            cache.warm()  # reads the records the tiers hold from the server: a missing or damaged one shows here
+        except BaseException:
+            cache.close()
+            raise
+        self.reopen_s = time.perf_counter() - started
+        self.source = "server"
+        print(f"kvtier: answering from the session published on {printable(self.address)} (no prefill; records "
+              f"are cached in {printable(self.store)})", file=sys.stderr)
+        return cache
+
+    def _publish_if_missing(self, cache: KVTierCache) -> None:
+        """A finished local session that the server lacks (prefilled without --remote, or its publish failed)
+        is published now; a server that fails here is said, and the local session answers."""
+        try:
+            published = self._published()
+        except RemoteStoreError as exc:
+            print(f"kvtier: answering from {printable(self.store)}; cannot look up {printable(self.address)} "
+                  f"({error_line(exc)})", file=sys.stderr)
+            return
+        if not published:
+            self._publish(cache, None)
+
+    def _publish(self, cache: KVTierCache, info: dict[str, Any] | None) -> None:
+        """Save the session and publish it on the server. A name another machine took meanwhile, or a server
+        that fails, is said and the answer goes on from this machine's session (saved locally either way)."""
+        print(f"kvtier: publishing the session as {printable(self.address)}", file=sys.stderr)
+        try:
+            cache.save(info, remote=self._remote_url)
+        except SessionExistsError:
+            print(f"kvtier: {printable(self.address)} is already published (another machine published it first); "
+                  "it stays, and this machine answers from its own prefill", file=sys.stderr)
+        except RemoteStoreError as exc:  # the local save stands: only the publish failed
+            print(f"kvtier: the session is saved in {printable(self.store)} but not published "
+                  f"({error_line(exc)}); the next kvtier qa --remote publishes it", file=sys.stderr)
 
     def _reopen(self) -> KVTierCache | None:
         """The stored session, ready to answer, or resumed and completed; None: start over (said why)."""
@@ -304,12 +452,20 @@ class Session:
                 cache.close()
                 return None
             if cache.get_seq_length() < self.info["prefix_tokens"]:
+                if self.remote is not None and self._published():
+                    print(f"kvtier: {printable(self.address)} is published; reading it from there instead of "
+                          f"resuming the prefill at token {cache.get_seq_length()}", file=sys.stderr)
+                    cache.close()
+                    return None
                 return self._prefill(cache)
             cache.warm()  # reads records: a damaged one is found here
+            self.reopen_s = time.perf_counter() - started
+            self.source = "store"
+            if self.remote is not None:
+                self._publish_if_missing(cache)
         except BaseException:
             cache.close()
             raise
-        self.reopen_s = time.perf_counter() - started
         return cache
 
     def _prefill(self, cache: KVTierCache | None) -> KVTierCache:
@@ -345,7 +501,10 @@ class Session:
                 bar.update(end - start)
                 bar.set_postfix_str(_progress_note(cache, end - done, time.perf_counter() - started))
             cache.set_mode(self.options["mode"])
-            cache.save(info={**self.info, "prefill": "complete"})
+            if self.remote is None:
+                cache.save(info={**self.info, "prefill": "complete"})
+            else:
+                self._publish(cache, {**self.info, "prefill": "complete"})
         except KeyboardInterrupt:
             bar.close()
             cache.close()
@@ -359,6 +518,7 @@ class Session:
             raise
         bar.close()
         self.prefill_s = time.perf_counter() - started
+        self.source = "prefill"
         return cache
 
     def ask(self, question: str) -> dict[str, Any]:
@@ -396,7 +556,8 @@ class Session:
                 elapsed: float) -> dict[str, Any]:
         """What `--json` prints for one question. first_token_s is the time to first token as the user waits
         for it: from the question to the first answer token, the reopening of the store included when this
-        question reopened it (reopen_s); a prefill is reported apart (prefill_s)."""
+        question reopened it (reopen_s); a prefill is reported apart (prefill_s). source: where the session
+        came from (this run's prefill, the local store, or the server), remote: its name on the server."""
         s = self.cache.stats()
         decode_s = elapsed - (first or 0.0)
         reopen_s, self.reopen_s = self.reopen_s, None
@@ -408,6 +569,7 @@ class Session:
             "reopen_s": reopen_s, "first_token_s": None if first is None else first + (reopen_s or 0.0),
             "tokens_per_s": (new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0,
             "tiers": {"device": s.device.tokens, "host": s.host.tokens, "disk": s.disk.tokens},
+            "source": self.source, "remote": self.address,
         }
 
     @staticmethod
@@ -420,7 +582,8 @@ class Session:
         if r["first_token_s"] is None:
             parts.append("no tokens")
         elif r["reopen_s"] is not None:
-            parts.append(f"first token {r['first_token_s']:.2f} s (reopen {r['reopen_s']:.2f} s + "
+            where = " from the server" if r["source"] == "server" else ""
+            parts.append(f"first token {r['first_token_s']:.2f} s (reopen{where} {r['reopen_s']:.2f} s + "
                          f"{r['first_token_s'] - r['reopen_s']:.2f} s)")
         else:
             parts.append(f"first token {r['first_token_s']:.2f} s")
@@ -500,7 +663,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill segment length; the session is saved after each segment, and an interrupted "
                         "prefill resumes from the last one")
     p.add_argument("--no-chat-template", action="store_true", help="plain text prompt even if a template exists")
-    p.add_argument("--rebuild", action="store_true", help="prefill again even if the store exists")
+    p.add_argument("--remote", metavar="URL",
+                   help="share prefills through a Redis/Valkey server: redis://[user:password@]host:6379/0"
+                        "[?prefix=P] (rediss:// for TLS, valkey:// too). Before prefilling, look there for this "
+                        "document's session (same model, dtype and document) and answer from it, its records "
+                        "read on demand into --store as a cache; if none is published, prefill here and publish "
+                        "it. Credentials are used to connect and never printed")
+    p.add_argument("--rebuild", action="store_true",
+                   help="prefill again even if the store (or, with --remote, the server) has the document")
     p.add_argument("--quiet", action="store_true", help="no progress bar, answers printed whole")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per question on stdout (answer, prefill/reopen/first-token times, "
@@ -511,6 +681,7 @@ def run(args: argparse.Namespace) -> int:
     check_arguments(args)  # cheap checks first: nothing is loaded or written before they pass
     document = read_document(args.doc)
     check_store_place(args)
+    check_server(args)
     tokenizer, model = load(args.model, args.dtype, args.device)
     session = Session(args, tokenizer, model, document)
 
