@@ -13,6 +13,7 @@ import torch
 from conftest import build_model
 from redis_server import _free_port, with_name
 from test_cli import DOC, _one_error_line
+from test_qa_resume import _interrupt_segment
 from tiny import save_tiny_model
 
 from kvtier import KVTierCache
@@ -143,6 +144,20 @@ def test_qa_remote_publishes_a_finished_local_session(tiny, redis_url, tmp_path,
     assert "publishing" not in out.stderr
 
 
+def test_qa_remote_prefers_a_published_session_to_resuming_a_prefill(tiny, redis_url, tmp_path, capsys,
+                                                                     monkeypatch):
+    _interrupt_segment(monkeypatch, 2)  # a local prefill, interrupted after its first segment was saved
+    out = run(capsys, "qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--store",
+              str(tmp_path / "partial"), "--segment-tokens", "512", "--question", "x", "--quiet")
+    assert out.returncode == 130, out.stderr
+    monkeypatch.undo()
+    published = qa(capsys, tiny, tmp_path / "a", "--remote", redis_url)[1]
+    out, record = qa(capsys, tiny, tmp_path / "partial", "--remote", redis_url, "--segment-tokens", "512")
+    assert "instead of resuming the prefill at token 512" in out.stderr and "prefilling" not in out.stderr
+    assert record["source"] == "server" and record["answer"] == published["answer"]
+    assert describe(tmp_path / "partial")["caches"]["name"] == record["remote"].split("/")[-1].split("?")[0]
+
+
 def test_qa_remote_rewinds_and_reopens_between_questions(tiny, redis_url, tmp_path, capsys, monkeypatch):
     """A sliding-window layer cannot crop back past its window, so each question after the first reopens the
     session: from the server, for a session read from there. Answers match the prefilling machine's."""
@@ -189,6 +204,11 @@ def test_remote_errors_are_one_line_without_credentials(tiny, private_redis, tmp
     second, two = qa(capsys, tiny, tmp_path / "b", "--remote", good)
     listing = run(capsys, "sessions", good, "--json")
     assert two["source"] == "server" and two["answer"] == one["answer"]
+    client = server.client(good)
+    client.config_resetstat()
+    three = qa(capsys, tiny, tmp_path / "b", "--remote", good)[1]
+    # b caches the records: the pointer (looked up, then opened) and the metadata are read, no record
+    assert three["source"] == "server" and client.info("commandstats")["cmdstat_getrange"]["calls"] <= 5
     for out in (first, second, listing):
         assert PASSWORD not in out.stdout + out.stderr
     for path in [*(tmp_path / "a").rglob("*"), *(tmp_path / "b").rglob("*")]:
