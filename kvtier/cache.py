@@ -155,7 +155,9 @@ class KVTierCache(Cache):
         disk: RecordStore
         if is_remote(path):
             local = options.pop("store_path", None)
-            KVTierConfig(**options)  # bad options fail before the server is touched
+            # bad options fail before the server is touched; the checks that need the session's chunking
+            # (the device budget's floor, adaptive chunk bounds) come once its header is read
+            KVTierConfig(**{**options, "device_budget": None, "adaptive_chunks": False})
             disk = RemoteSessionStore(RemoteURL.parse(path), local=local,
                                       initial_map_bytes=options.get("initial_map_bytes", 1 << 28),
                                       max_bytes=options.get("max_store_bytes"))
