@@ -24,18 +24,33 @@ bounded in size before it is made (a record by its size in the index, metadata b
 is sealed or checksummed, and the session goes through the same checks as a local one.
 
 Credentials (a password or ACL user in the URL) are used to connect and never written into a store, a
-message or a log: `RemoteURL.shown` is the URL without them.
+message, a repr or a log: `RemoteURL.shown` is the URL without them. The URL's query takes a few client
+options (`socket_timeout=`, `socket_connect_timeout=`, and for rediss:// `ssl_ca_certs=` and the other ssl_
+options); any other is refused when the URL is read.
+
+Faults, and what a caller sees (each a one-line `StoreError` subclass, never wrong logits):
+- the server unreachable or not answering: `RemoteStoreError` after bounded retries (one command waits at most
+  4 socket timeouts plus 1.4 s of backoff), at the first read that needs a record not cached locally (steps
+  that need none go on). The cache can be closed; its local directory stays a valid cache of the session, and
+  reopening the URL with it once the server is back reads only the records it does not hold yet.
+- a key evicted (a server under maxmemory with an eviction policy) or the session unpublished while read:
+  `StoreMissingRecordError` saying so, at open (every record is checked there) or at the read;
+- an interrupted publish: never visible; its keys expire after `PUBLISH_TTL_S`;
+- two publishers of one name: one session; the other gets `SessionExistsError` and its keys are deleted;
+- damaged or hostile data: `StoreCorruptError` / `StoreMismatchError`, reads bounded before they are made.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+import struct
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +61,12 @@ from ..errors import (
     StoreCorruptError,
     StoreError,
     StoreFullError,
+    StoreMismatchError,
+    StoreMissingRecordError,
     StoreNotFoundError,
 )
 from .backend import RecordStore
+from .chunk import TABLE_NAMES, chunk_name
 from .disk import DiskStore, seal, unseal
 
 SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
@@ -89,13 +107,13 @@ class RemoteURL:
     """A server URL split into what connects (credentials included, never shown) and what names a session.
 
     Form: `redis://[user:password@]host[:port][/db[/name]][?prefix=P&...]`; `rediss://` for TLS; `valkey://`
-    and `valkeys://` are the same. Other query options go to the client as redis-py reads them."""
+    and `valkeys://` are the same. A few more query options go to the client (see `_check_options`)."""
 
-    connect: str
+    connect: str = field(repr=False)  # holds the credentials: never shown
     shown: str
     name: str | None
     prefix: str
-    secrets: tuple[str, ...]
+    secrets: tuple[str, ...] = field(repr=False)
 
     @classmethod
     def parse(cls, text: str, *, name: str | None = None, prefix: str | None = None) -> "RemoteURL":
@@ -105,9 +123,11 @@ class RemoteURL:
         try:
             parts = urllib.parse.urlsplit(text)
             host, port = parts.hostname, parts.port
-            username, password = parts.username, parts.password
-        except ValueError as exc:
+        except ValueError as exc:  # says what is wrong with the port or brackets, never the credentials
             raise CacheInputError(f"cannot read the remote URL ({exc})") from None
+        # user and password are percent-encoded in a URL ('@' as %40): decode them once, encode them once below
+        username = None if parts.username is None else urllib.parse.unquote(parts.username)
+        password = None if parts.password is None else urllib.parse.unquote(parts.password)
         scheme = SCHEMES[parts.scheme.lower()]
         if not host:
             raise CacheInputError("the remote URL names no host (redis://host:6379/0/NAME)")
@@ -127,6 +147,7 @@ class RemoteURL:
         query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
         url_prefix = [v for k, v in query if k == "prefix"]
         query = [(k, v) for k, v in query if k != "prefix"]
+        _check_options(query, tls=scheme == "rediss")
         prefix = prefix if prefix is not None else (url_prefix[-1] if url_prefix else DEFAULT_PREFIX)
         if not _PREFIX.fullmatch(prefix):
             raise CacheInputError("a key prefix is 1-64 letters, digits, '.', '_' or '-'")
@@ -138,8 +159,13 @@ class RemoteURL:
             cred = urllib.parse.quote(username or "", safe="") + (
                 ":" + urllib.parse.quote(password, safe="") if password is not None else "") + "@"
         connect = urllib.parse.urlunsplit((scheme, cred + netloc, f"/{db}", urllib.parse.urlencode(query), ""))
-        hidden = tuple(s for s in (password, urllib.parse.quote(password or "", safe="")) if s)
+        secret = [password] + [v for k, v in query if k in _SECRET_OPTIONS]
+        hidden = tuple(dict.fromkeys(form for s in secret if s for form in (
+            s, urllib.parse.quote(s, safe=""), urllib.parse.quote_plus(s, safe=""))))
         return cls(connect, shown, name, prefix, hidden)
+
+    def __str__(self) -> str:
+        return self.shown
 
     def need_name(self) -> str:
         if self.name is None:
@@ -157,6 +183,41 @@ class RemoteURL:
         return text
 
 
+# Options a URL's query may pass to the client (redis-py reads them from the URL); anything else is refused
+# here, as a one-line error, rather than by the client at the first command.
+_NUMBER_OPTIONS = {"socket_timeout", "socket_connect_timeout", "max_connections"}
+_FLAG_OPTIONS = {"socket_keepalive", "ssl_check_hostname"}
+_TLS_OPTIONS = {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_cert_reqs",
+                "ssl_check_hostname", "ssl_min_version"}
+_SECRET_OPTIONS = {"ssl_password"}
+
+
+def _check_options(query: list[tuple[str, str]], *, tls: bool) -> None:
+    """Refuse query options the client would reject at the first command (names only in messages: a value
+    may be a secret)."""
+    known = sorted(_NUMBER_OPTIONS | _FLAG_OPTIONS | _TLS_OPTIONS)
+    for key, value in query:
+        if key in ("password", "username", "user"):
+            raise CacheInputError("put credentials in the URL as redis://USER:PASSWORD@host..., not in its query")
+        if key in _TLS_OPTIONS and not tls:
+            raise CacheInputError(f"the remote URL option {key[:40]!r} needs TLS: use rediss://")
+        if key not in _NUMBER_OPTIONS | _FLAG_OPTIONS | _TLS_OPTIONS:
+            raise CacheInputError(f"unknown remote URL option {key[:40]!r} (known: prefix, {', '.join(known)})")
+        if key in _NUMBER_OPTIONS | {"ssl_min_version"}:
+            try:
+                ok = float(value) > 0 and (key in ("socket_timeout", "socket_connect_timeout") or
+                                           float(value).is_integer())
+            except ValueError:
+                ok = False
+            if not ok or len(value) > 20:
+                raise CacheInputError(f"the remote URL option {key!r} must be a positive number"
+                                      + ("" if "timeout" in key else " (a whole one)"))
+        if key in _FLAG_OPTIONS and value.lower() not in ("0", "1", "true", "false", "yes", "no", "y", "n"):
+            raise CacheInputError(f"the remote URL option {key!r} is true or false")
+        if key == "ssl_cert_reqs" and value.lower() not in ("none", "optional", "required"):
+            raise CacheInputError("the remote URL option 'ssl_cert_reqs' is none, optional or required")
+
+
 # -------------------------------------------------------------------------------------------- server
 class RedisServer:
     """One connection pool to a server and the key layout of sessions on it; server errors become
@@ -171,12 +232,18 @@ class RedisServer:
             raise StoreError("sessions on a server need the redis client: pip install 'kvtier[remote]'") from None
         self.url = url
         self._redis = redis
+        # No health_check_interval: its PING runs under the same Retry inside each retried command, which
+        # multiplies the attempts, so a stalled server would hold a caller far past the bound below.
+        # Bound on one command: (retries + 1) timeouts plus the backoff (0.2 + 0.4 + 0.8 s for 3 retries).
         with self.errors("connect"):
-            self.client = redis.Redis.from_url(
-                url.connect, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
-                retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-                health_check_interval=30, client_name="kvtier")
+            try:
+                self.client = redis.Redis.from_url(
+                    url.connect, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                    retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
+                    retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+                    client_name="kvtier")
+            except (ValueError, TypeError) as exc:  # an option the client refuses (parse checks most)
+                raise CacheInputError(f"{url.shown}: {url.scrub(str(exc))}") from None
 
     def errors(self, doing: str):
         return _ServerErrors(self, doing)
@@ -209,8 +276,14 @@ class RedisServer:
                 for key, limit in zip(keys[i:j], limits[i:j]):
                     pipe.strlen(key)
                     pipe.getrange(key, 0, max(limit, 1) - 1)
-                replies = pipe.execute()
+                replies = pipe.execute(raise_on_error=False)
+                wrong = next((r for r in replies if isinstance(r, Exception)), None)
+                if wrong is not None and "WRONGTYPE" not in str(wrong):
+                    raise wrong  # a refusal (NOPERM, ...): _ServerErrors words it
             for key, limit, length, value in zip(keys[i:j], limits[i:j], replies[0::2], replies[1::2]):
+                if isinstance(length, Exception) or isinstance(value, Exception):
+                    raise StoreCorruptError(f"{self.url.shown}: {what} {_short(key)} is not a string value (written "
+                                            "there by something other than kvtier)")
                 if not length:
                     out.append(None)
                 elif length > limit:
@@ -249,6 +322,9 @@ class _ServerErrors:
         if isinstance(exc, e.AuthenticationError | e.AuthorizationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(
                 exc):
             why = "the server refused the credentials (check the user and password in the URL)"
+        elif isinstance(exc, e.NoPermissionError) or str(exc).startswith("NOPERM"):
+            why = (f"the server's ACL does not let this user do it (it needs keys {url.prefix}:* and the string, "
+                   "scan and script commands)")
         elif isinstance(exc, e.TimeoutError):
             why = "the server did not answer in time"
         elif isinstance(exc, e.ConnectionError):
@@ -258,6 +334,14 @@ class _ServerErrors:
         else:
             why = url.scrub(str(exc))
         raise RemoteStoreError(f"{url.shown}: {self.doing} failed: {why}") from None
+
+
+def _record_name(key: bytes) -> str:
+    """How messages name a record key: a chunk's layer and id where it is one."""
+    if len(key) == 13 and key[:1] == b"c":
+        layer, chunk_id = struct.unpack(">IQ", key[1:])
+        return f"layer {layer} {TABLE_NAMES[chunk_id]}" if chunk_id in TABLE_NAMES else chunk_name(layer, chunk_id)
+    return f"record {key.hex()[:40]}"
 
 
 def _short(key: str) -> str:
@@ -378,12 +462,13 @@ def read_pointer(server: RedisServer, name: str) -> dict[str, Any] | None:
     if not isinstance(value, dict) or value.get("format") != POINTER_FORMAT:
         raise StoreCorruptError(f"{where} is not a kvtier session")
     if value.get("version") != POINTER_VERSION:
-        raise StoreError(f"{where} was published by another kvtier version (format {value.get('version')!r})")
+        raise StoreMismatchError(f"{where} was published by another kvtier version (format "
+                                 f"{str(value.get('version'))[:20]!r}); publish it again with this one")
     if not isinstance(value.get("ns"), str) or not _NS.fullmatch(value["ns"]) or value.get("name") != name:
         raise StoreCorruptError(f"{where}: its pointer is damaged")
-    for field in ("records", "bytes", "length"):
-        if not isinstance(value.get(field), int) or isinstance(value.get(field), bool) or value[field] < 0:
-            raise StoreCorruptError(f"{where}: {field} is not a count")
+    for count in ("records", "bytes", "length"):
+        if not isinstance(value.get(count), int) or isinstance(value.get(count), bool) or value[count] < 0:
+            raise StoreCorruptError(f"{where}: {count} is not a count")
     return value
 
 
@@ -419,13 +504,27 @@ def unpublish(url: RemoteURL, *, timeout_s: float = 10.0) -> bool:
     name = url.need_name()
     server = RedisServer(url, timeout_s=timeout_s)
     try:
-        pointer = read_pointer(server, name)
+        try:
+            pointer = read_pointer(server, name)
+        except RemoteStoreError:
+            raise
+        except StoreError:  # a damaged pointer names no namespace we can trust
+            pointer = {"ns": None}
         with server.errors("delete the session"):
             if pointer is None or not server.client.delete(server.pointer_key(name)):
                 return False
-            for keys in _batched(server.client.scan_iter(match=server.data_key(name, pointer["ns"], "*"),
-                                                         count=1000), 1000):
-                server.client.unlink(*keys)
+            if pointer["ns"] is not None:
+                for keys in _batched(server.client.scan_iter(match=server.data_key(name, pointer["ns"], "*"),
+                                                             count=1000), 1000):
+                    server.client.unlink(*keys)
+            else:  # every permanent key of the name: committed data; a publish under way has a TTL on its keys
+                for keys in _batched(server.client.scan_iter(match=f"{server.tag(name)}:*", count=1000), 1000):
+                    pipe = server.client.pipeline(transaction=False)
+                    for key in keys:
+                        pipe.ttl(key)
+                    old = [key for key, ttl in zip(keys, pipe.execute()) if ttl == -1]
+                    if old:
+                        server.client.unlink(*old)
         return True
     finally:
         server.close()
@@ -459,8 +558,9 @@ class RemoteSessionStore(RecordStore):
         try:
             pointer = read_pointer(self.server, name)
             if pointer is None:
-                raise StoreNotFoundError(f"{url.shown}: no session named {name!r} is published there (a publish "
-                                         "that was interrupted never appears)")
+                raise StoreNotFoundError(f"{url.shown}: no session named {name!r} is published there (an interrupted "
+                                         "publish never appears; a server under maxmemory with an eviction policy "
+                                         "may also have evicted it)")
             self.pointer = pointer
             ns = pointer["ns"]
             self._meta = {m: self.server.get_sealed(self.server.data_key(name, ns, "meta:" + m), META_MAX_BYTES,
@@ -474,6 +574,7 @@ class RemoteSessionStore(RecordStore):
             self.close()
             raise
         self._removed: set[bytes] = set()
+        self._count = threading.Lock()  # reader threads fetch at once
         self.fetched_bytes = 0  # read from the server by this store (records only)
 
     def _read_index(self, name: str, ns: str) -> dict[bytes, int]:
@@ -558,8 +659,12 @@ class RemoteSessionStore(RecordStore):
         name, ns = self.url.name, self.pointer["ns"]
         blobs = self.server.get_bounded([self.server.record_key(name, ns, k) for k in keys],
                                         [self._index[k] for k in keys], f"session {name!r} record")
-        got = [(k, b) for k, b in zip(keys, blobs) if b is not None]
-        self.fetched_bytes += sum(len(b) for _, b in got)
+        gone = [k for k, b in zip(keys, blobs) if b is None]
+        if gone:
+            raise self._gone(gone)
+        got = list(zip(keys, blobs))
+        with self._count:
+            self.fetched_bytes += sum(len(b) for _, b in got)
         try:
             self.local.put_many(got)
         except StoreFullError:
@@ -586,19 +691,30 @@ class RemoteSessionStore(RecordStore):
                 yield key
 
     def missing(self, keys: Iterable[bytes]) -> list[bytes]:
-        """Keys not held locally nor on the server (an evicted record shows here, before it is needed)."""
+        """Keys not held locally nor listed by the session's index. A listed record the server no longer holds
+        (evicted, or the session unpublished) raises StoreMissingRecordError saying so, before it is needed."""
         keys = list(keys)
         local = self.local.get_many(keys)
         ask = [k for k, v in zip(keys, local) if v is None and k in self._index and k not in self._removed]
         gone = {k for k, v in zip(keys, local) if v is None and k not in ask}
         name, ns = self.url.name, self.pointer["ns"]
+        evicted: list[bytes] = []
         for i in range(0, len(ask), 1000):
             with self.server.errors("check the session's records"):
                 pipe = self.server.client.pipeline(transaction=False)
                 for k in ask[i:i + 1000]:
                     pipe.exists(self.server.record_key(name, ns, k))
-                gone.update(k for k, n in zip(ask[i:i + 1000], pipe.execute()) if not n)
+                evicted += [k for k, n in zip(ask[i:i + 1000], pipe.execute()) if not n]
+        if evicted:  # the index lists them: the server lost them (a store without them says less)
+            raise self._gone(evicted)
         return [k for k in keys if k in gone]
+
+    def _gone(self, keys: list[bytes]) -> StoreMissingRecordError:
+        more = f" ({len(keys) - 1} more)" if len(keys) > 1 else ""
+        return StoreMissingRecordError(
+            f"{self.url.shown}: session {self.url.name!r}: {_record_name(keys[0])}{more} is no longer on the server: "
+            "evicted (the server is under maxmemory with an allkeys-* eviction policy; set noeviction, or a "
+            "volatile-* policy, which spares published keys) or the session was unpublished. Publish it again")
 
     def get_meta(self, name: str) -> Any | None:
         if name in self._meta:
