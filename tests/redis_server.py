@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -66,38 +67,90 @@ def with_name(url: str, name: str) -> str:
 
 
 class PrivateServer:
-    """A redis-server process of one test's own, on a free loopback port."""
+    """A redis-server process of one test's own, on a free loopback port, in a directory of its own (where
+    `stop(save=True)` leaves its data for the next `start()`). tls: a `TLSFiles` to serve TLS only."""
 
-    def __init__(self, workdir: Path, *args: str):
-        self.workdir = workdir
-        self.args = args
+    def __init__(self, workdir: Path, *args: str, tls: "TLSFiles | None" = None):
         self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir / f"redis-{self.port}"
+        self.workdir.mkdir()
+        self.args = args
+        self.tls = tls
+        if tls is None:
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+            self.listen = ["--port", str(self.port)]
+        else:
+            self.url = f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={tls.ca}"
+            self.listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(tls.cert),
+                           "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca),
+                           "--tls-auth-clients", "no"]
         self.proc: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = self.workdir / "server.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                ["redis-server", *self.listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.workdir), *self.args], stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
                 client_for(self.url).ping()
                 return
             except Exception:  # noqa: BLE001 - not up yet
+                if self.proc.poll() is not None:
+                    break
                 time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
+        self.stop()
+        said = log.read_text(errors="replace")
+        if self.tls is not None and "tls" in said.lower() and ("bad directive" in said.lower()
+                                                               or "not supported" in said.lower()):
+            _unavailable("this redis-server was built without TLS support (--tls-port refused)")
+        raise RuntimeError(f"redis-server on port {self.port} did not start: {said.strip()[-300:]}")
 
     def client(self, url: str | None = None):
         return client_for(url or self.url)
 
-    def stop(self) -> None:
+    def stop(self, *, save: bool = False) -> None:
+        """Kill the server (as a crash would); save=True first writes its data to disk for `start()`."""
+        if save:
+            self.client().save()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
         self.proc = None
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A self-signed CA and a server certificate for 127.0.0.1 it signed."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(directory: Path) -> TLSFiles:
+    """Certificates for a private TLS server (openssl). Skips (fails under KVTIER_REQUIRE_REDIS=1) without
+    openssl."""
+    if shutil.which("openssl") is None:
+        _unavailable("no openssl binary to make certificates for a TLS server with")
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TLSFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(directory / "ca.key"), "-out",
+            str(files.ca), "-days", "2", "-subj", "/CN=kvtier test CA")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(files.key), "-out", str(directory / "server.csr"),
+            "-subj", "/CN=127.0.0.1")
+    (directory / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", str(directory / "server.csr"), "-CA", str(files.ca), "-CAkey",
+            str(directory / "ca.key"), "-CAcreateserial", "-out", str(files.cert), "-days", "2", "-extfile",
+            str(directory / "ext.cnf"))
+    return files
 
 
 def _free_port() -> int:
@@ -108,7 +161,8 @@ def _free_port() -> int:
 
 @pytest.fixture
 def private_redis(tmp_path):
-    """A factory of private servers: `private_redis(*extra redis-server args)`; all stopped after the test."""
+    """A factory of private servers: `private_redis(*extra redis-server args, tls=None)`; all stopped after the
+    test."""
     try:
         import redis  # noqa: F401
     except ImportError:
@@ -117,11 +171,12 @@ def private_redis(tmp_path):
         _unavailable("no redis-server binary to start a private server with (apt-get install redis-server)")
     servers: list[PrivateServer] = []
 
-    def start(*args: str) -> PrivateServer:
-        server = PrivateServer(tmp_path, *args)
+    def start(*args: str, tls: TLSFiles | None = None) -> PrivateServer:
+        server = PrivateServer(tmp_path, *args, tls=tls)
         servers.append(server)
         return server
 
     yield start
     for server in servers:
         server.stop()
+
