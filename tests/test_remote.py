@@ -495,8 +495,6 @@ def test_killed_publish_is_invisible_and_expires(model, redis_url, tmp_path, mon
     refused(StoreNotFoundError, KVTierCache.open, with_name(redis_url, "doc"), model)
     assert list_sessions(url) == []
     monkeypatch.undo()
-    cache = KVTierCache.open(tmp_path / "local", model, **BUDGETS)
-    cache.close()
     with DiskStore(tmp_path / "local", create=False) as store:
         publish(store, list(store.keys()), url)  # the name was free
     same(opened(with_name(redis_url, "doc"), model), opened(tmp_path / "local", model))
