@@ -10,6 +10,8 @@ from .errors import (
     IncompleteSessionError,
     KVTierError,
     PromptMismatchError,
+    RemoteStoreError,
+    SessionExistsError,
     StoreCorruptError,
     StoreError,
     StoreFullError,
@@ -24,6 +26,7 @@ from .model_spec import ModelSpec
 from .prefill import prefill
 from .rope import Rope
 from .sizes import parse_budget
+from .store.remote import RemoteURL, list_sessions, unpublish
 from .store.stats import CacheStats, DiskStats, TierStats
 
 __version__ = "0.1.0"
@@ -45,7 +48,10 @@ __all__ = [
     "KVTierError",
     "ModelSpec",
     "PromptMismatchError",
+    "RemoteStoreError",
+    "RemoteURL",
     "Rope",
+    "SessionExistsError",
     "StoreCorruptError",
     "StoreError",
     "StoreFullError",
@@ -58,7 +64,9 @@ __all__ = [
     "cache_argument",
     "disable",
     "enable",
+    "list_sessions",
     "parse_budget",
     "prefill",
     "register",
+    "unpublish",
 ]

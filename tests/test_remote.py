@@ -580,3 +580,36 @@ def test_unpublish_removes_a_session_whose_pointer_is_damaged(model, redis_url, 
     refused(StoreCorruptError, KVTierCache.open, url, model)
     assert unpublish(RemoteURL.parse(url)) is True
     assert list(client.scan_iter(match=prefix_of(redis_url) + ":*")) == []
+
+
+def test_password_from_the_environment(model, private_redis, tmp_path, monkeypatch):
+    """KVTIER_REDIS_PASSWORD gives the password to a URL that carries none (so it stays off command lines); a
+    password in the URL wins; without either the server refuses, in one line."""
+    server = private_redis()
+    server.client().config_set("requirepass", "env-secret-pw")
+    url = f"redis://127.0.0.1:{server.port}/0/doc"
+    monkeypatch.delenv(remote.PASSWORD_ENV, raising=False)
+    error = refused(RemoteStoreError, list_sessions, url)
+    assert "refused the credentials" in str(error)
+    monkeypatch.setenv(remote.PASSWORD_ENV, "env-secret-pw")
+    saved(model, tmp_path / "local", url)
+    assert [s["name"] for s in list_sessions(url)] == ["doc"]
+    same(opened(url, model), opened(tmp_path / "local", model))
+    monkeypatch.setenv(remote.PASSWORD_ENV, "wrong")
+    assert [s["name"] for s in list_sessions(f"redis://:env-secret-pw@127.0.0.1:{server.port}/0")] == ["doc"]
+    error = refused(RemoteStoreError, list_sessions, url)
+    assert "env-secret-pw" not in str(error) and "wrong" not in str(error).replace("went wrong", "")
+
+
+def test_a_read_only_replica_refuses_a_publish_in_the_servers_words(model, private_redis, tmp_path):
+    """A publish to a replica fails as one line that quotes the server, never the pipelined command
+    with the record's bytes; nothing is left and the local session stands."""
+    primary = private_redis()
+    replica = private_redis("--replicaof", "127.0.0.1", str(primary.port))
+    url = f"{replica.url}/doc"
+    cache = prefill(model, tmp_path / "local")
+    error = refused(RemoteStoreError, cache.save, remote=url)
+    cache.close()
+    assert "read only replica" in str(error) and "Command #" not in str(error) and "\\x" not in str(error), str(error)
+    assert list_sessions(primary.url) == [] and list(primary.client().scan_iter(match="*")) == []
+    assert len(opened(tmp_path / "local", model)) == len(STEPS)

@@ -42,6 +42,7 @@ Faults, and what a caller sees (each a one-line `StoreError` subclass, never wro
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import struct
@@ -71,6 +72,7 @@ from .disk import DiskStore, seal, unseal
 
 SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
 DEFAULT_PREFIX = "kvtier"
+PASSWORD_ENV = "KVTIER_REDIS_PASSWORD"  # the password for a URL that carries none
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NS = re.compile(r"[0-9a-f]{32}")
@@ -128,6 +130,8 @@ class RemoteURL:
         # user and password are percent-encoded in a URL ('@' as %40): decode them once, encode them once below
         username = None if parts.username is None else urllib.parse.unquote(parts.username)
         password = None if parts.password is None else urllib.parse.unquote(parts.password)
+        if password is None and os.environ.get(PASSWORD_ENV):  # keeps it off command lines and shell history
+            password = os.environ[PASSWORD_ENV]
         scheme = SCHEMES[parts.scheme.lower()]
         if not host:
             raise CacheInputError("the remote URL names no host (redis://host:6379/0/NAME)")
@@ -331,8 +335,8 @@ class _ServerErrors:
             why = f"cannot reach the server ({url.scrub(str(exc)).rstrip('.')})"
         elif "OOM" in str(exc):
             why = "the server is out of memory (maxmemory); raise it or free room"
-        else:
-            why = url.scrub(str(exc))
+        else:  # a pipeline's error repeats the command, record bytes included: keep the server's words only
+            why = url.scrub(str(exc).split(" of pipeline caused error: ", 1)[-1])
         raise RemoteStoreError(f"{url.shown}: {self.doing} failed: {why}") from None
 
 
@@ -472,8 +476,9 @@ def read_pointer(server: RedisServer, name: str) -> dict[str, Any] | None:
     return value
 
 
-def list_sessions(url: RemoteURL, *, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+def list_sessions(url: str | RemoteURL, *, timeout_s: float = 10.0) -> list[dict[str, Any]]:
     """Every session published under the URL's prefix (their pointers' summaries), by name."""
+    url = url if isinstance(url, RemoteURL) else RemoteURL.parse(url)
     server = RedisServer(url, timeout_s=timeout_s)
     try:
         names = []
@@ -498,9 +503,10 @@ def list_sessions(url: RemoteURL, *, timeout_s: float = 10.0) -> list[dict[str, 
         server.close()
 
 
-def unpublish(url: RemoteURL, *, timeout_s: float = 10.0) -> bool:
+def unpublish(url: str | RemoteURL, *, timeout_s: float = 10.0) -> bool:
     """Delete a published session: its pointer first (it disappears at once), then its records. Machines that
     are reading it fail with a missing-record error, never wrong logits. False if there was none."""
+    url = url if isinstance(url, RemoteURL) else RemoteURL.parse(url)
     name = url.need_name()
     server = RedisServer(url, timeout_s=timeout_s)
     try:
