@@ -49,7 +49,7 @@ from ..cache import KVTierCache, cache_argument
 from ..errors import KVTierError
 from ..prefill import prefill
 from .common import add_out_argument, median_ms, positive_int, print_targets, write_result
-from .speed import SHAPES, shape_from_args, speed_model
+from .speed import add_shape_arguments, shape_from_args, speed_model
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 TTFT_TARGET = 0.1
@@ -345,9 +345,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=DEFAULT_URL,
                    help=f"the server and database (default {DEFAULT_URL}); the keys go under a new prefix")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b", help="model shape (random weights)")
-    for flag in ("--kv-heads", "--layers", "--head-dim", "--intermediate"):
-        p.add_argument(flag, type=positive_int, help="override the shape's value")
+    add_shape_arguments(p, "qwen2.5-0.5b")
     p.add_argument("--tokens", type=positive_int, default=32768, help="document tokens (default 32768)")
     p.add_argument("--question", type=positive_int, default=16, help="question tokens (default 16)")
     p.add_argument("--steps", type=positive_int, default=48, help="greedy decode steps per answer (default 48)")

@@ -36,7 +36,7 @@ from ..prefill import prefill
 from ..store.chunk import Tier
 from ..store.disk import DiskStore
 from .common import add_out_argument, median_ms, positive_int, write_result
-from .speed import SHAPES, decode_steps, shape_from_args, speed_model
+from .speed import add_shape_arguments, decode_steps, shape_from_args, speed_model
 
 
 def _disk_read(cache: KVTierCache) -> int:
@@ -116,9 +116,7 @@ def run(shape: dict[str, int], context: int, at: int, span: int, device_fraction
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="kvtier bench span", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b", help="model shape (random weights)")
-    for flag in ("--kv-heads", "--layers", "--head-dim", "--intermediate"):
-        p.add_argument(flag, type=positive_int, help="override the shape's value")
+    add_shape_arguments(p, "qwen2.5-0.5b")
     p.add_argument("--context", type=positive_int, default=32768, help="tokens prefilled (default 32768)")
     p.add_argument("--at", type=positive_int, default=1024, help="first position removed (default 1024)")
     p.add_argument("--span", type=positive_int, default=1024, help="tokens removed (default 1024)")

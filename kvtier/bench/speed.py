@@ -83,6 +83,15 @@ def shape_from_args(a) -> dict[str, int]:
     return shape
 
 
+def add_shape_arguments(p: argparse.ArgumentParser, default: str) -> None:
+    """`--shape` and the overrides `shape_from_args` reads."""
+    p.add_argument("--shape", choices=sorted(SHAPES), default=default, help="model shape (random weights)")
+    p.add_argument("--layers", type=positive_int, help="override the shape's layer count")
+    p.add_argument("--kv-heads", type=positive_int, help="override the shape's KV heads (query heads follow)")
+    p.add_argument("--head-dim", type=positive_int, help="override the shape's head dimension")
+    p.add_argument("--intermediate", type=positive_int, help="override the shape's MLP width")
+
+
 def emulated_device_budget(model: torch.nn.Module, gpu_gib: float, reserve_gib: float) -> int:
     """Tokens per layer a `gpu_gib` card holds once the weights and `reserve_gib` of activations are in."""
     cfg = model.config
@@ -321,11 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device-fraction", type=float, default=0.10,
                    help="device budget of the tiered configurations, a fraction of the context")
     p.add_argument("--host-fraction", type=float, default=0.10)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="attention-heavy")
-    p.add_argument("--layers", type=positive_int, help="override the shape's layer count")
-    p.add_argument("--kv-heads", type=positive_int, help="override the shape's KV heads (query heads follow)")
-    p.add_argument("--head-dim", type=positive_int, help="override the shape's head dimension")
-    p.add_argument("--intermediate", type=positive_int, help="override the shape's MLP width")
+    add_shape_arguments(p, "attention-heavy")
     p.add_argument("--device", default="cpu", help="cpu or cuda (offloaded DynamicCache is measured on cuda only)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")

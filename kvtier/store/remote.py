@@ -24,7 +24,8 @@ bounded in size before it is made (a record by its size in the index, metadata b
 is sealed or checksummed, and the session goes through the same checks as a local one.
 
 Credentials (a password or ACL user in the URL) are used to connect and never written into a store, a
-message, a repr or a log: `RemoteURL.shown` is the URL without them. The URL's query takes a few client
+message, a repr or a log: `RemoteURL.shown` is the URL without them. A URL without a password takes
+`KVTIER_REDIS_PASSWORD` from the environment, which keeps it off command lines. The URL's query takes a few client
 options (`socket_timeout=`, `socket_connect_timeout=`, and for rediss:// `ssl_ca_certs=` and the other ssl_
 options); any other is refused when the URL is read.
 
