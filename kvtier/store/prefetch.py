@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +27,13 @@ class PrefetchStats:
 
 
 class Prefetcher:
-    def __init__(self, load: Callable[[Chunk], tuple[torch.Tensor, torch.Tensor]], threads: int, max_tokens: int):
+    """load: read, check and decode one chunk's record. warm: told, on a reader thread, every batch of chunks a
+    request issues before their loads start (a store with a slow source fetches them in one round trip)."""
+
+    def __init__(self, load: Callable[[Chunk], tuple[torch.Tensor, torch.Tensor]], threads: int, max_tokens: int,
+                 warm: Callable[[list[Chunk]], None] | None = None):
         self._load = load
+        self._warm = warm
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvtier-read") if threads else None
         self._pending: dict[bytes, tuple[Chunk, Future, int]] = {}
         self._tokens = 0
@@ -44,17 +49,33 @@ class Prefetcher:
         if self._pool is None:
             return 0
         self._drop_stale(clock)
-        issued = 0
+        chosen: dict[bytes, Chunk] = {}
+        tokens = self._tokens
         for chunk in chunks:
-            if chunk.tier != Tier.DISK or chunk.key in self._pending:
+            if chunk.tier != Tier.DISK or chunk.key in self._pending or chunk.key in chosen:
                 continue
-            if self._tokens + chunk.length > self.max_tokens:
+            if tokens + chunk.length > self.max_tokens:
                 break  # staging is full: back-pressure
-            self._pending[chunk.key] = (chunk, self._pool.submit(self._load, chunk), clock)
-            self._tokens += chunk.length
-            issued += 1
-        self.stats.issued += issued
-        return issued
+            chosen[chunk.key] = chunk
+            tokens += chunk.length
+        batch = list(chosen.values())
+        # Submitted before the loads, so a reader thread takes it first (the executor's queue is FIFO).
+        ahead = self._pool.submit(self._warm, batch) if self._warm is not None and batch else None
+        for chunk in batch:
+            self._pending[chunk.key] = (chunk, self._pool.submit(self._load_after, ahead, chunk), clock)
+        self._tokens = tokens
+        self.stats.issued += len(batch)
+        return len(batch)
+
+    def _load_after(self, ahead: Future | None, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load a chunk once its batch's warm-up ended (its failure is not this load's: the load reads again)."""
+        if ahead is not None:
+            wait([ahead])
+        return self._load(chunk)
+
+    def pending(self, chunk: Chunk) -> bool:
+        """Whether a read of the chunk was started ahead."""
+        return chunk.key in self._pending
 
     def take(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The chunk's record (stored row order) if a read was started ahead, waiting for it if needed."""

@@ -79,7 +79,7 @@ class TierManager:
 
         self.selector = make_selector(config.selector, config.shared_selection)
         threads = config.reader_threads if config.prefetch else 0
-        self.prefetcher = Prefetcher(self._load_record, threads, config.prefetch_tokens)
+        self.prefetcher = Prefetcher(self._load_record, threads, config.prefetch_tokens, warm=self._warm_records)
         self.layers: list = []  # the tiered layers in model order (set by the cache), for next-layer prefetch
         self.lookahead = None  # kvtier.sparse.lookahead.Lookahead when the cache can guess next-layer queries
         self.ropes: dict[int, "Rope"] = {}  # layer -> its RoPE, once a chunk of it can have moved (remove_span)
@@ -167,6 +167,11 @@ class TierManager:
         return RecordHeader(chunk.layer, chunk.chunk_id, start, chunk.length, chunk.stored_batch,
                             self.kv_heads, self.head_dim, self.dtype, self.signature, chunk.writer,
                             flags=FLAG_INT8 if chunk.lossy else 0)
+
+    def _warm_records(self, chunks: list[Chunk]) -> None:
+        """Tell the store which records are read next (a server-backed store fetches them in one batch)."""
+        if chunks:
+            self.disk.warm([chunk.key for chunk in chunks])
 
     def _load_record(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """Read, check and decode one record. Thread-safe (reader threads call it); counts nothing."""
@@ -487,6 +492,7 @@ class TierManager:
         """Bring every needed chunk to the device, evicting chunks not needed now; return (chunk, k, v) of
         those that cannot fit (staged copies, attended from there)."""
         protect = {c.chunk_id for c in needed}
+        self._warm_records([c for c in needed if c.tier == Tier.DISK and not self.prefetcher.pending(c)])
         staged = []
         for chunk in needed:
             if chunk.tier == Tier.DEVICE:
