@@ -137,3 +137,48 @@ def _check(tm, live, device_budget, host_budget):
     live_keys = {c.key for c in chunks if c.on_disk}
     if tm.has_disk:
         assert set(tm.disk.keys()) == live_keys  # freed chunks leave no records behind
+
+
+def test_device_pool_hands_out_one_run_where_holes_allow_and_keeps_track_of_every_hole():
+    """Against a plain set of used slots, over random allocate/release traces (releases in any order): an
+    allocation takes the lowest run of holes that fits it whole, else the lowest holes and then fresh slots;
+    no slot is handed out twice; high water is one past the highest used slot; the pool's runs of holes are
+    exactly the free slots below high water, merged."""
+    import random
+
+    for seed in range(60):
+        rnd = random.Random(seed)
+        pool = DevicePool(rnd.choice([None, 64, 200]), torch.device("cpu"), torch.float32)
+        pool.init_shape(1, 1, 2)
+        live, used = [], set()
+        for _ in range(150):
+            if live and rnd.random() < 0.45:
+                slots = live.pop(rnd.randrange(len(live)))
+                if slots.numel() > 1 and rnd.random() < 0.3:
+                    slots = slots[torch.randperm(slots.numel())]
+                pool.release(slots)
+                used -= set(slots.tolist())
+            else:
+                n = rnd.randint(1, 24)
+                holes = sorted(set(range(pool.high_water)) - used)
+                runs = []
+                for h in holes:
+                    if runs and runs[-1][1] == h:
+                        runs[-1][1] = h + 1
+                    else:
+                        runs.append([h, h + 1])
+                got = pool.allocate(n)
+                if got is None:
+                    assert pool.budget is not None and len(used) + n > pool.budget
+                    continue
+                g = got.tolist()
+                fit = [r for r in runs if r[1] - r[0] >= n]
+                assert g == (list(range(fit[0][0], fit[0][0] + n)) if fit else
+                             holes[:n] + list(range(pool.high_water - (n - len(holes[:n])), pool.high_water)))
+                assert not set(g) & used
+                used |= set(g)
+                live.append(got)
+            assert pool.used == len(used) and pool.high_water == (max(used) + 1 if used else 0)
+            starts = pool._hole_starts
+            assert all(a + pool._hole_len[a] < b for a, b in zip(starts, starts[1:]))  # sorted, merged
+            assert {s for a in starts for s in range(a, a + pool._hole_len[a])} == set(range(pool.high_water)) - used

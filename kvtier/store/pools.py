@@ -11,7 +11,9 @@ Device arena layout (one per full-attention layer)::
                |  used slots  | holes (free, reused first) | ... | high water | never used ... |
 
 Attention never cares about key order, so a layer attends over `k[:, :, :high_water]` in one call,
-masking free slots; slots are handed out lowest first to keep that prefix dense.
+masking free slots; slots are handed out lowest first to keep that prefix dense, and as one run where a
+run of holes fits the request (a chunk in one run is read, written and evicted with sliced copies instead
+of index kernels). Holes are kept as runs, so a chunk's allocation and release cost O(runs), not O(slots).
 
 Growing the arena copies it, so it grows rarely and tightly: to what is needed plus 1/32 headroom (at least
 16 slots), never past the budget, and in one step to a size announced ahead (`reserve`: a prefill's whole
@@ -21,8 +23,8 @@ the arena stays within a few percent of the tokens it holds (a preallocated Stat
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-import heapq
 from collections import OrderedDict
 
 import torch
@@ -75,9 +77,9 @@ class DevicePool:
         self.high_water = 0
         self.version = 0  # changes whenever a chunk's slots change (set_owner, claim, release): tables rebuild
         self.expected = 0  # tokens announced ahead (`reserve`): the next growth goes straight there
-        # Free slots below high_water: a set, plus a min-heap with lazy deletion for lowest-first reuse.
-        self._holes: set[int] = set()
-        self._hole_heap: list[int] = []
+        # Free slots below high_water as maximal runs: their sorted starts and each one's length.
+        self._hole_starts: list[int] = []
+        self._hole_len: dict[int, int] = {}
 
     @property
     def capacity(self) -> int:
@@ -149,46 +151,78 @@ class DevicePool:
         self.k, self.v, self.slot_pos, self.slot_owner = k, v, pos, owner
 
     def allocate(self, n: int) -> torch.Tensor | None:
-        """Reserve `n` slots (lowest first); None if that would exceed the budget."""
+        """Reserve `n` slots: the lowest run of holes that holds them all, else the lowest holes and then
+        fresh slots above high water; None if that would exceed the budget."""
         if self.budget is not None and self.used + n > self.budget:
             return None
-        take = [self._pop_hole() for _ in range(min(n, len(self._holes)))]
-        fresh = n - len(take)
-        first = self.high_water
-        if fresh:
-            if self.high_water + fresh > self.capacity:
-                self._grow(self.high_water + fresh)
-            self.high_water += fresh
         self.used += n
         self.peak = max(self.peak, self.used)
-        if not take:  # fresh slots only (a run): no Python list of every slot
-            return torch.arange(first, first + fresh, dtype=torch.long, device=self.device)
-        take.extend(range(first, first + fresh))
-        return torch.tensor(take, dtype=torch.long, device=self.device)
+        for start in self._hole_starts:  # the lowest run that fits: one run of slots
+            if self._hole_len[start] >= n:
+                self._take_holes(start, n)
+                return torch.arange(start, start + n, dtype=torch.long, device=self.device)
+        runs = []
+        need = n
+        while need and self._hole_starts:  # the lowest holes, run by run
+            start = self._hole_starts[0]
+            got = min(need, self._hole_len[start])
+            self._take_holes(start, got)
+            runs.append(torch.arange(start, start + got, dtype=torch.long))
+            need -= got
+        if need:
+            first = self.high_water
+            if first + need > self.capacity:
+                self._grow(first + need)
+            self.high_water += need
+            runs.append(torch.arange(first, first + need, dtype=torch.long))
+        return (runs[0] if len(runs) == 1 else torch.cat(runs)).to(self.device)
 
-    def _pop_hole(self) -> int:
-        while True:
-            s = heapq.heappop(self._hole_heap)
-            if s in self._holes:
-                self._holes.remove(s)
-                return s
+    def _take_holes(self, start: int, n: int) -> None:
+        """Use the first `n` slots of the run of holes at `start`."""
+        length = self._hole_len.pop(start)
+        i = bisect.bisect_left(self._hole_starts, start)
+        if length > n:
+            self._hole_starts[i] = start + n
+            self._hole_len[start + n] = length - n
+        else:
+            del self._hole_starts[i]
 
     def release(self, slots: torch.Tensor) -> None:
         """Return slots to the pool (their data is dropped)."""
-        idx = slots.tolist()
         self.version += 1
         with storage_mode():
             self.slot_pos[slots] = -1
-        for s in idx:
-            self._holes.add(s)
-            heapq.heappush(self._hole_heap, s)
-        self.used -= len(idx)
+        run = _as_run(slots)
+        if run is not None:
+            self._add_holes(run.start, run.stop - run.start)
+        else:
+            idx = sorted(slots.tolist())
+            first = prev = idx[0]
+            for s in idx[1:]:
+                if s != prev + 1:
+                    self._add_holes(first, prev + 1 - first)
+                    first = s
+                prev = s
+            self._add_holes(first, prev + 1 - first)
+        self.used -= slots.numel()
         # Pull the high-water mark down past trailing holes so attention spans fewer slots.
-        while self.high_water and (self.high_water - 1) in self._holes:
-            self._holes.remove(self.high_water - 1)
-            self.high_water -= 1
-        if not self._holes:
-            self._hole_heap.clear()
+        if self._hole_starts:
+            last = self._hole_starts[-1]
+            if last + self._hole_len[last] == self.high_water:
+                self.high_water = last
+                del self._hole_len[last]
+                self._hole_starts.pop()
+
+    def _add_holes(self, start: int, n: int) -> None:
+        """Mark slots [start, start + n) free, merged with the runs of holes beside them."""
+        i = bisect.bisect_left(self._hole_starts, start)
+        if i < len(self._hole_starts) and self._hole_starts[i] == start + n:  # joins the next run
+            n += self._hole_len.pop(self._hole_starts.pop(i))
+        if i and (prev := self._hole_starts[i - 1]) + self._hole_len[prev] == start:  # joins the previous run
+            self._hole_len[prev] += n
+            return
+        self._hole_starts.insert(i, start)
+        self._hole_len[start] = n
 
     def write(
         self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -264,8 +298,8 @@ class DevicePool:
         self.k = self.v = self.slot_pos = self.slot_owner = None
         self.used = self.high_water = self.expected = 0
         self.version += 1
-        self._holes.clear()
-        self._hole_heap.clear()
+        self._hole_starts.clear()
+        self._hole_len.clear()
 
 
 class HostPool:
