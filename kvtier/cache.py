@@ -27,9 +27,9 @@ from .model_spec import FULL, ModelSpec
 from .rope import Rope
 from .sizes import budgets_in_tokens
 from .sparse.lookahead import Lookahead, QueryGuesser
+from .store.backend import RecordStore
 from .store.chunk import Tier
 from .store.codec import dtype_name
-from .store.backend import RecordStore
 from .store.disk import DiskStore
 from .store.remote import RemoteSessionStore, RemoteURL, is_remote, publish
 from .store.pools import storage_mode
@@ -549,6 +549,8 @@ class KVTierCache(Cache):
         if remote is not None:
             url = RemoteURL.parse(remote, name=name)
             url.need_name()
+        elif name is not None:
+            raise CacheInputError("name= names a session published on a server: pass remote=URL with it")
         if self.remote is not None:
             raise StoreError(f"this cache was opened from {self.remote}; a session read from a server is not saved "
                              "again (build a cache with store_path=... to keep a local session)")

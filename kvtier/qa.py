@@ -668,7 +668,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "[?prefix=P] (rediss:// for TLS, valkey:// too). Before prefilling, look there for this "
                         "document's session (same model, dtype and document) and answer from it, its records "
                         "read on demand into --store as a cache; if none is published, prefill here and publish "
-                        "it. Credentials are used to connect and never printed")
+                        "it. Credentials are used to connect and never printed; KVTIER_REDIS_PASSWORD gives the "
+                        "password to a URL without one")
     p.add_argument("--rebuild", action="store_true",
                    help="prefill again even if the store (or, with --remote, the server) has the document")
     p.add_argument("--quiet", action="store_true", help="no progress bar, answers printed whole")
