@@ -490,18 +490,33 @@ class TierManager:
 
     def make_resident(self, layer: int, needed: list[Chunk]) -> list[tuple[Chunk, torch.Tensor, torch.Tensor]]:
         """Bring every needed chunk to the device, evicting chunks not needed now; return (chunk, k, v) of
-        those that cannot fit (staged copies, attended from there)."""
+        those that cannot fit (staged copies, attended from there).
+
+        Room for all of them is made first (least recently used chunks outside `needed` move down), then they
+        come up in groups as a reopen's do (`promote_into_free_room`: disk records decoded straight into arena
+        slots, no intermediate copy); what still finds no room is fetched and staged one by one."""
         protect = {c.chunk_id for c in needed}
-        self._warm_records([c for c in needed if c.tier == Tier.DISK and not self.prefetcher.pending(c)])
+        missing = [c for c in needed if c.tier != Tier.DEVICE]
+        self.counters.device.hits += len(needed) - len(missing)
+        if not missing:
+            return []
+        self._warm_records([c for c in missing if c.tier == Tier.DISK and not self.prefetcher.pending(c)])
+        self._make_room(layer, sum(c.length for c in missing), protect)
         staged = []
-        for chunk in needed:
-            if chunk.tier == Tier.DEVICE:
-                self.counters.device.hits += 1
-                continue
+        for chunk in self.promote_into_free_room(layer, missing):
             k, v = self.fetch(chunk)
             if not self.promote(chunk, k, v, protect=protect):
                 staged.append((chunk, k, v))
         return staged
+
+    def _make_room(self, layer: int, n: int, protect: set[int]) -> None:
+        """Evict least recently used device chunks outside `protect` until `n` tokens fit (or none is left)."""
+        pool = self.device_pools[layer]
+        while pool.free is not None and pool.free < n:
+            victim = self.policy.victim(self._on_device[layer].values(), protect)
+            if victim is None:
+                return
+            self.evict_from_device(victim)
 
     def prefetch_next(self, layer) -> None:
         """While `layer` computes, start reading what the next tiered layer attended to last step (and
