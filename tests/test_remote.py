@@ -446,9 +446,10 @@ def test_timeout(model, private_redis, tmp_path):
 
 
 class _Failing(DiskStore):
-    """A real local store whose reads fail after `good` batches, as a disk failing mid-publish would."""
+    """A real local store whose reads fail after `good` batches, as a disk failing mid-publish would (publish
+    reads 64 records at a time: the second read fails, after the first ones were sent)."""
 
-    good = 2
+    good = 1
 
     def get_many(self, keys):
         self.good -= 1

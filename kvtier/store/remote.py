@@ -375,34 +375,31 @@ def publish(store: RecordStore, keys: Iterable[bytes], url: RemoteURL, *,
                                      "sessions never change: choose another name, or unpublish it first)")
         index: list[list[Any]] = []
         keys = list(dict.fromkeys(keys))
-        batch: list[bytes] = []
-        size = 0
+        pipe, sent, size = server.client.pipeline(transaction=False), len(index), 0
 
-        def flush() -> None:
-            nonlocal batch, size
-            blobs = store.get_many(batch)
+        def send() -> None:
+            """Write what the pipeline holds (up to about BATCH_BYTES of records) in one round trip."""
+            nonlocal pipe, sent, size
             with server.errors("publish records"):
-                pipe = server.client.pipeline(transaction=False)
-                for key, blob in zip(batch, blobs):
-                    if blob is None:
-                        raise StoreError(f"kvtier store {store.where}: record {key.hex()} is missing; cannot publish")
-                    rkey = server.record_key(name, ns, key)
-                    pipe.set(rkey, bytes(blob), ex=PUBLISH_TTL_S)
-                    written.append(rkey)
-                    index.append([key.hex(), len(blob)])
                 pipe.execute()
             if progress is not None:
-                progress(len(batch))
-            batch, size = [], 0
+                progress(len(index) - sent)
+            pipe, sent, size = server.client.pipeline(transaction=False), len(index), 0
 
-        sizes = dict(zip(keys, _sizes(store, keys)))
-        for key in keys:
-            batch.append(key)
-            size += sizes[key]
-            if size >= BATCH_BYTES:
-                flush()
-        if batch:
-            flush()
+        for i in range(0, len(keys), 64):  # each record read once, 64 at a time
+            part = keys[i:i + 64]
+            for key, blob in zip(part, store.get_many(part)):
+                if blob is None:
+                    raise StoreError(f"kvtier store {store.where}: record {key.hex()} is missing; cannot publish")
+                rkey = server.record_key(name, ns, key)
+                pipe.set(rkey, bytes(blob), ex=PUBLISH_TTL_S)
+                written.append(rkey)
+                index.append([key.hex(), len(blob)])
+                size += len(blob)
+                if size >= BATCH_BYTES:
+                    send()
+        if len(index) > sent:
+            send()
         total = sum(n for _, n in index)
         meta = {server.data_key(name, ns, "meta:" + STORE_META): seal(header),
                 server.data_key(name, ns, "meta:" + SESSION_META): seal(manifest),
@@ -439,14 +436,6 @@ def publish(store: RecordStore, keys: Iterable[bytes], url: RemoteURL, *,
             except Exception:  # noqa: BLE001 - the server may be gone: the keys expire after PUBLISH_TTL_S
                 pass
         server.close()
-
-
-def _sizes(store: RecordStore, keys: list[bytes]) -> list[int]:
-    """Record sizes, to size publish batches (read in batches of 256, so at most that many records at once)."""
-    out = []
-    for i in range(0, len(keys), 256):
-        out += [0 if b is None else len(b) for b in store.get_many(keys[i:i + 256])]
-    return out
 
 
 def _small(info: Any) -> dict[str, Any]:
