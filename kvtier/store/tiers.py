@@ -22,9 +22,9 @@ import torch
 
 from ..config import KVTierConfig
 from ..errors import StoreCorruptError, StoreMissingRecordError
+from .backend import RecordStore
 from .chunk import TABLE_NAMES, Chunk, Tier, chunk_key, token_groups
 from .codec import FLAG_INT8, SESSION_ID_BYTES, RecordCodec, RecordHeader, byte_view
-from .backend import RecordStore
 from .eviction import LRUEviction
 from .pools import DevicePool, HostPool, _as_run, storage_mode
 from .prefetch import Prefetcher
