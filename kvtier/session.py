@@ -38,8 +38,7 @@ from .store.disk import DiskStore, is_store
 if TYPE_CHECKING:
     from .cache import KVTierCache
 
-STORE_META = "store"
-SESSION_META = "session"
+STORE_META, SESSION_META = mf.STORE_META, mf.SESSION_META
 # Options a saved session fixes (they shape the chunk table); budgets and the rest may change on reopen.
 LAYOUT_OPTIONS = ("chunk_size", "sink_tokens", "recent_window", "page_size")
 # Options a session was saved with (shown by `kvtier inspect`; a reopened session takes the caller's).

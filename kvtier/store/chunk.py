@@ -78,7 +78,17 @@ def chunk_key(layer: int, chunk_id: int) -> bytes:
 
 
 def chunk_name(layer: int, chunk_id: int) -> str:
+    """How messages name a record: a chunk, or one of a layer's abstract tables."""
+    if chunk_id in TABLE_NAMES:
+        return f"layer {layer} {TABLE_NAMES[chunk_id]}"
     return f"layer {layer} chunk {chunk_id}"
+
+
+def key_name(key: bytes) -> str:
+    """`chunk_name` of a record key (`chunk_key`'s inverse); an unknown key by its first bytes."""
+    if len(key) == 13 and key[:1] == b"c":
+        return chunk_name(*struct.unpack(">IQ", key[1:]))
+    return f"record {key.hex()[:40]}"
 
 
 def token_groups(chunks: list[Chunk], limit: int) -> Iterator[list[Chunk]]:

@@ -29,8 +29,12 @@ from typing import Any
 import torch
 
 from ..errors import StoreCorruptError
-from .chunk import ABSTRACT_ID, PAGES_ID, TABLE_NAMES, chunk_key, chunk_name
+from .chunk import ABSTRACT_ID, PAGES_ID, chunk_key, chunk_name
 from .codec import CODE_DTYPES, HEADER_BYTES, LAYOUT_VERSION, MAX_COMPRESSION_RATIO, RecordHeader, dtype_name
+
+# Names of a saved session's two metadata entries in any store: the store header and the session manifest.
+STORE_META = "store"
+SESSION_META = "session"
 
 FULL, SLIDING = "full", "sliding"
 _HEX16 = re.compile(r"^[0-9a-f]{32}$")
@@ -157,8 +161,7 @@ class Manifest:
         for i, e in enumerate(self.layers):
             ids = [c.chunk_id for c in e.chunks] + [r.chunk_id for r in (e.tail, e.buffer) if r is not None]
             ids += [ABSTRACT_ID, PAGES_ID] if e.chunks else []
-            out += [(chunk_key(i, c), f"layer {i} {TABLE_NAMES[c]}" if c in TABLE_NAMES else chunk_name(i, c))
-                    for c in ids]
+            out += [(chunk_key(i, c), chunk_name(i, c)) for c in ids]
         return out
 
     def token_ids(self) -> torch.Tensor | None:

@@ -46,7 +46,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import struct
 import tempfile
 import threading
 import time
@@ -68,8 +67,9 @@ from ..errors import (
     StoreNotFoundError,
 )
 from .backend import RecordStore
-from .chunk import TABLE_NAMES, chunk_name
+from .chunk import key_name
 from .disk import DiskStore, seal, unseal
+from .manifest import SESSION_META, STORE_META
 
 SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
 DEFAULT_PREFIX = "kvtier"
@@ -86,7 +86,6 @@ RECORD_MAX_BYTES = 512 << 20  # the protocol's own limit on one value
 BATCH_BYTES = 32 << 20  # bytes per pipelined round trip
 PUBLISH_TTL_S = 24 * 3600  # an interrupted publish's keys expire after this
 REMOTE_META = "remote"  # marker in a local cache store: which published session it caches
-STORE_META, SESSION_META = "store", "session"  # as in kvtier.session (imported there from here would cycle)
 
 # Commit point of a publish: KEYS[1] the pointer, KEYS[2..] every key of the namespace. Atomic on the server.
 _COMMIT = """
@@ -341,14 +340,6 @@ class _ServerErrors:
         raise RemoteStoreError(f"{url.shown}: {self.doing} failed: {why}") from None
 
 
-def _record_name(key: bytes) -> str:
-    """How messages name a record key: a chunk's layer and id where it is one."""
-    if len(key) == 13 and key[:1] == b"c":
-        layer, chunk_id = struct.unpack(">IQ", key[1:])
-        return f"layer {layer} {TABLE_NAMES[chunk_id]}" if chunk_id in TABLE_NAMES else chunk_name(layer, chunk_id)
-    return f"record {key.hex()[:40]}"
-
-
 def _short(key: str) -> str:
     return key if len(key) < 90 else key[:87] + "..."
 
@@ -431,8 +422,8 @@ def publish(store: RecordStore, keys: Iterable[bytes], url: RemoteURL, *,
     finally:
         if written:  # not committed: take back what this publish wrote (it would expire anyway)
             try:
-                for i in range(0, len(written), 1000):
-                    server.client.unlink(*written[i:i + 1000])
+                for part in _batched(written, 1000):
+                    server.client.unlink(*part)
             except Exception:  # noqa: BLE001 - the server may be gone: the keys expire after PUBLISH_TTL_S
                 pass
         server.close()
@@ -645,8 +636,7 @@ class RemoteSessionStore(RecordStore):
     def warm(self, keys: Iterable[bytes]) -> None:
         keys = [k for k in keys if k in self._index and k not in self._removed]
         if keys:
-            have = self.local.get_many(keys)
-            self._fetch([k for k, v in zip(keys, have) if v is None])
+            self._fetch(self.local.missing(keys))
 
     def _fetch(self, keys: list[bytes]) -> list[bytes | None]:
         """Read records from the server (bounded by their indexed sizes) and keep them in the local store."""
@@ -690,9 +680,9 @@ class RemoteSessionStore(RecordStore):
         """Keys not held locally nor listed by the session's index. A listed record the server no longer holds
         (evicted, or the session unpublished) raises StoreMissingRecordError saying so, before it is needed."""
         keys = list(keys)
-        local = self.local.get_many(keys)
-        ask = [k for k, v in zip(keys, local) if v is None and k in self._index and k not in self._removed]
-        gone = {k for k, v in zip(keys, local) if v is None and k not in ask}
+        absent = self.local.missing(keys)
+        ask = [k for k in absent if k in self._index and k not in self._removed]
+        gone = set(absent) - set(ask)
         name, ns = self.url.name, self.pointer["ns"]
         evicted: list[bytes] = []
         for i in range(0, len(ask), 1000):
@@ -708,7 +698,7 @@ class RemoteSessionStore(RecordStore):
     def _gone(self, keys: list[bytes]) -> StoreMissingRecordError:
         more = f" ({len(keys) - 1} more)" if len(keys) > 1 else ""
         return StoreMissingRecordError(
-            f"{self.url.shown}: session {self.url.name!r}: {_record_name(keys[0])}{more} is no longer on the server: "
+            f"{self.url.shown}: session {self.url.name!r}: {key_name(keys[0])}{more} is no longer on the server: "
             "evicted (the server is under maxmemory with an allkeys-* eviction policy; set noeviction, or a "
             "volatile-* policy, which spares published keys) or the session was unpublished. Publish it again")
 
