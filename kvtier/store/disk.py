@@ -332,6 +332,12 @@ class DiskStore(RecordStore):
         with self._lmdb_errors("read"), self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
             return [txn.get(k) for k in keys]
 
+    def missing(self, keys: Iterable[bytes]) -> list[bytes]:
+        """The keys among `keys` the store does not hold: one read transaction, no record copied."""
+        with (self._lmdb_errors("read"), self._resize_lock.shared(),
+              self.env.begin(db=self._chunks, buffers=True) as txn):
+            return [k for k in keys if txn.get(k) is None]
+
     @contextlib.contextmanager
     def viewing(self) -> Iterator[Callable[[bytes], memoryview | None]]:
         """One read transaction for a batch of reads: inside the block, `get(key)` returns the record as a
