@@ -69,6 +69,7 @@ class Chunk:
 
 ABSTRACT_ID = 2**64 - 1  # chunk id under which a layer's chunk abstracts are stored
 PAGES_ID = 2**64 - 2  # chunk id under which a layer's page abstracts are stored
+MAX_CHUNK_ID = PAGES_ID - 1  # the last id a chunk can have: the ids above name a layer's abstract tables
 TABLE_NAMES = {ABSTRACT_ID: "chunk abstracts", PAGES_ID: "page abstracts"}
 
 

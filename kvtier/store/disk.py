@@ -6,9 +6,10 @@ leaves the store exactly as the last committed transaction left it.
 
 A store is untrusted data. Before LMDB maps `data.mdb`, its structure is checked page by page
 (`lmdb_check`), so a truncated or damaged file raises `StoreCorruptError` instead of killing the process.
-Nothing inside a store is ever followed if it is a symbolic link, a directory that is not a store is never
-written to, and every LMDB or filesystem failure surfaces as a `StoreError` naming the store. Metadata
-entries are JSON sealed with a SHA-256 digest: a flipped bit or an edited digit is detected.
+Nothing inside a store is ever followed if it is a symbolic link or written to if it is a hard link (the same
+file under a name outside the store), a directory that is not a store is never written to, and every LMDB or
+filesystem failure surfaces as a `StoreError` naming the store. Metadata entries are JSON sealed with a SHA-256
+digest: a flipped bit or an edited digit is detected.
 """
 
 from __future__ import annotations
@@ -166,9 +167,9 @@ class DiskStore(RecordStore):
             self._lock_fd = self._acquire_lock()
         try:
             with self._os_errors("open"):
-                self._check_files(wipe)
+                used = self._check_files(wipe)
             with self._lmdb_errors("open"):
-                self._open_env(initial_map_bytes)
+                self._open_env(max(initial_map_bytes, used))
         except BaseException:
             self._release_lock()
             raise
@@ -202,10 +203,15 @@ class DiskStore(RecordStore):
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise self._link_error(LOCK_FILE) from None
+            if exc.errno == errno.EISDIR:
+                raise self._odd_file_error(LOCK_FILE) from None
             raise
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise StoreCorruptError(f"kvtier store {self.path}: {LOCK_FILE} is not a regular file")
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._odd_file_error(LOCK_FILE)
+            if not self.readonly and st.st_nlink != 1:  # the pid written below would land in the other name too
+                raise self._hard_link_error(LOCK_FILE, st.st_nlink)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -229,8 +235,17 @@ class DiskStore(RecordStore):
         return StoreCorruptError(f"kvtier store {self.path}: {name} is a symbolic link; kvtier never follows "
                                  "links inside a store (replace the store)")
 
-    def _check_files(self, wipe: bool) -> None:
-        """Refuse links and odd files; with `wipe`, remove LMDB's files; else check data.mdb's structure."""
+    def _hard_link_error(self, name: str, links: int) -> StoreCorruptError:
+        return StoreCorruptError(f"kvtier store {self.path}: {name} is a hard link ({links} names for one file); "
+                                 "kvtier never writes to a file that also lives outside the store (copy the store "
+                                 "without hard links, or open it read-only)")
+
+    def _odd_file_error(self, name: str) -> StoreCorruptError:
+        return StoreCorruptError(f"kvtier store {self.path}: {name} is not a regular file")
+
+    def _check_files(self, wipe: bool) -> int:
+        """Refuse links and odd files; with `wipe`, remove LMDB's files; else check data.mdb's structure.
+        Returns the bytes of data.mdb that LMDB can reach (0 for a new store)."""
         for name in (DATA_FILE, LMDB_LOCK_FILE):
             try:
                 st = os.lstat(self.path / name)
@@ -239,24 +254,27 @@ class DiskStore(RecordStore):
             if stat.S_ISLNK(st.st_mode):
                 raise self._link_error(name)
             if not stat.S_ISREG(st.st_mode):
-                raise StoreCorruptError(f"kvtier store {self.path}: {name} is not a regular file")
+                raise self._odd_file_error(name)
             if wipe:
-                os.unlink(self.path / name)
+                os.unlink(self.path / name)  # removes this name only: another name of the file keeps its data
+            elif not self.readonly and st.st_nlink != 1:  # LMDB would write through it
+                raise self._hard_link_error(name, st.st_nlink)
         data = self.path / DATA_FILE
         if self.readonly and not data.exists():
             raise IncompleteSessionError(
                 f"kvtier store {self.path} was interrupted before its first commit (it holds no {DATA_FILE}); "
                 "prefill again with overwrite=True"
             )
-        if data.exists():
-            check_lmdb_file(data, f"kvtier store {self.path} ({DATA_FILE})")
+        if not data.exists():
+            return 0
+        return check_lmdb_file(data, f"kvtier store {self.path} ({DATA_FILE})").used_bytes
 
-    def _open_env(self, initial_map_bytes: int) -> None:
-        data = self.path / DATA_FILE
-        existing = data.stat().st_size if data.exists() else 0
+    def _open_env(self, map_bytes: int) -> None:
+        """map_bytes: at least what the data file's pages need (not its apparent size: a sparse file may claim
+        any size; the map only needs the pages LMDB reaches)."""
         self.env = lmdb.open(
             str(self.path),
-            map_size=max(initial_map_bytes, existing),
+            map_size=map_bytes,
             max_dbs=4,
             mode=_FILE_MODE,
             subdir=True,
@@ -389,9 +407,16 @@ class DiskStore(RecordStore):
         return self.env.info()["map_size"]
 
     def data_bytes(self) -> int:
-        """Size of the data file: no record or manifest can declare more than it holds."""
+        """Bytes the data file holds up to LMDB's last page: no record or manifest can declare more. Not the
+        file's apparent size, which a sparse or extended file makes as large as anyone likes."""
+        with self._resize_lock.shared():
+            return self._data_bytes()
+
+    def _data_bytes(self) -> int:
         with self._os_errors("read the data file's size"):
-            return (self.path / DATA_FILE).stat().st_size
+            size = (self.path / DATA_FILE).stat().st_size
+        with self._lmdb_errors("read the store's size"):
+            return min(size, self.used_bytes())
 
     def used_bytes(self) -> int:
         info, stat_ = self.env.info(), self.env.stat()
@@ -420,7 +445,7 @@ class DiskStore(RecordStore):
                 "the failed write was rolled back. Raise max_store_bytes or free disk space."
             )
         free = shutil.disk_usage(self.path).free
-        if target - current > free + self.data_bytes():
+        if target - current > free + self._data_bytes():  # under the exclusive lock already
             raise StoreFullError(
                 f"kvtier store {self.path} is full and the disk has only {free} bytes free; "
                 "the failed write was rolled back"

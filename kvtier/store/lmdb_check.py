@@ -51,6 +51,7 @@ DATA_VERSION = 1
 NUM_METAS = 2
 EMPTY_ROOT = 2**64 - 1
 MAX_DEPTH = 31  # LMDB's cursor stack holds 32 pages
+MAX_PAGE_SIZE = 32768
 
 P_BRANCH, P_LEAF, P_OVERFLOW, P_META = 0x01, 0x02, 0x04, 0x08
 F_BIGDATA, F_SUBDATA, F_DUPDATA = 0x01, 0x02, 0x04
@@ -75,6 +76,7 @@ class LmdbSummary:
 
     page_size: int = 0
     file_pages: int = 0
+    used_bytes: int = 0  # bytes LMDB can reach: up to its last page (a longer file holds nothing more)
     named: dict[bytes, int] = field(default_factory=dict)  # database name -> entries
 
 
@@ -115,7 +117,7 @@ class _Walker:
     def metas(self) -> tuple[_Db, _Db]:
         """Both meta pages must be valid (LMDB refuses the file otherwise); LMDB uses the newer one."""
         free0, main0, last0, txn0, psize = self.meta(0, 0)
-        if psize < 512 or psize > 32768 or psize & (psize - 1):
+        if psize < 512 or psize > MAX_PAGE_SIZE or psize & (psize - 1):
             raise self.fail(f"meta page 0 declares a page size of {psize} bytes")
         free1, main1, last1, txn1, psize1 = self.meta(psize, 1)
         if psize1 != psize:
@@ -255,18 +257,24 @@ class _Walker:
 def check_lmdb_file(path: str | os.PathLike, name: str | None = None) -> LmdbSummary:
     """Walk an LMDB data file; raise StoreCorruptError naming the damage, else return a summary.
 
-    An empty file is what LMDB creates before its first write; it passes (LMDB initialises it)."""
+    An empty file is what LMDB creates before its first write; it passes (LMDB initialises it). Only the part of
+    the file up to the last page the meta pages name is mapped and walked: bytes past it (a file extended, or a
+    sparse file of any apparent size) are never read, by this check or by LMDB."""
     path = Path(path)
     label = name or str(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return LmdbSummary()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            walker = _Walker(buf, size, label)
+        head = os.pread(f.fileno(), min(size, NUM_METAS * MAX_PAGE_SIZE), 0)
+        first = _Walker(head, len(head), label)
+        first.metas()
+        reach = min(size, max(first.next_pgno, NUM_METAS) * first.psize)
+        with mmap.mmap(f.fileno(), reach, access=mmap.ACCESS_READ) as buf:
+            walker = _Walker(buf, reach, label)
             free, main = walker.metas()
             walker.tree(free, "free-page", free_db=True)
-            summary = LmdbSummary(walker.psize, walker.limit)
+            summary = LmdbSummary(walker.psize, walker.limit, walker.next_pgno * walker.psize)
             for db_name, db in walker.tree(main, "main"):
                 walker.tree(db, f"{db_name.decode(errors='replace')!r}")
                 summary.named[db_name] = db.entries

@@ -26,11 +26,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import StoreCorruptError
-from .chunk import ABSTRACT_ID, PAGES_ID, chunk_key, chunk_name
-from .codec import CODE_DTYPES, HEADER_BYTES, LAYOUT_VERSION, MAX_COMPRESSION_RATIO, RecordHeader, dtype_name
+from .chunk import ABSTRACT_ID, MAX_CHUNK_ID, PAGES_ID, chunk_key, chunk_name
+from .codec import (
+    CODE_DTYPES,
+    HEADER_BYTES,
+    LAYOUT_VERSION,
+    MAX_COMPRESSION_RATIO,
+    MAX_RECORD_TOKENS,
+    RecordHeader,
+    dtype_name,
+)
 
 # Names of a saved session's two metadata entries in any store: the store header and the session manifest.
 STORE_META = "store"
@@ -38,7 +47,7 @@ SESSION_META = "session"
 
 FULL, SLIDING = "full", "sliding"
 _HEX16 = re.compile(r"^[0-9a-f]{32}$")
-MAX_ID = PAGES_ID - 1  # the last ids name a layer's abstract tables
+MAX_ID = MAX_CHUNK_ID
 TOKEN_BYTES = 4
 _DTYPES = {dtype_name(d): d for d in CODE_DTYPES.values()}
 _SKEW_FIELDS = ("tokens", "top1", "top5", "top10", "desert", "top5_per_head", "desert_per_head")
@@ -258,7 +267,9 @@ def parse(obj: Any, *, where: str, header: dict[str, Any], shape: Shape, records
     except (ValueError, TypeError) as exc:
         raise f.fail("options", f"cannot be run: {exc}") from None
     info = f.dict(m.get("info", {}), "info")
-    tokens = _tokens(f, m.get("tokens"), batch, length)
+    structure = header.get("structure")
+    vocab = structure.get("vocab_size") if isinstance(structure, dict) else None
+    tokens = _tokens(f, m.get("tokens"), batch, length, vocab if isinstance(vocab, int) and vocab > 0 else None)
     layouts = header["layout"]
     layers_json = f.list(m.get("layers"), "layers", n=len(shape.kinds))
     layers: list[LayerEntry] = []
@@ -288,7 +299,11 @@ def parse(obj: Any, *, where: str, header: dict[str, Any], shape: Shape, records
                   for j, r in enumerate(rows)]
         tail = _run(f, entry.get("tail"), f"layers[{i}].tail", next_id)
         _check_tiling(f, i, chunks, tail, length, layouts)
-        decode_chunk = f.int(entry.get("decode_chunk"), f"layers[{i}].decode_chunk", 1, 2**20)
+        pages = sum(-(-c.length // layouts["page_size"]) for c in chunks)
+        if pages > MAX_RECORD_TOKENS:  # one row per page in the layer's page-abstract record
+            raise f.fail(f"layers[{i}].chunks", f"hold {pages} pages, more than a record holds ({MAX_RECORD_TOKENS})")
+        # decoding seals the window at this granularity, which never exceeds chunk_size (sparse.plan)
+        decode_chunk = f.int(entry.get("decode_chunk"), f"layers[{i}].decode_chunk", 1, layouts["chunk_size"])
         layers.append(LayerEntry(FULL, chunks, tail, decode_chunk=decode_chunk,
                                  skew=_skew(f, entry.get("skew"), f"layers[{i}].skew", shape.kv_heads)))
     manifest = Manifest(m["store_id"], session, sessions, m["signature"], m["dtype"], length, batch, next_id,
@@ -299,7 +314,8 @@ def parse(obj: Any, *, where: str, header: dict[str, Any], shape: Shape, records
     return manifest
 
 
-def _tokens(f: _Fields, value: Any, batch: int, length: int) -> bytes | None:
+def _tokens(f: _Fields, value: Any, batch: int, length: int, vocab: int | None) -> bytes | None:
+    """The token ids, int32 [batch, length], each an id of the model's vocabulary (when the header names its size)."""
     if value is None:
         return None
     if not isinstance(value, str) or len(value) != 4 * math.ceil(TOKEN_BYTES * batch * length / 3):
@@ -310,6 +326,12 @@ def _tokens(f: _Fields, value: Any, batch: int, length: int) -> bytes | None:
         raise f.fail("tokens", "are not valid base64") from None
     if len(raw) != TOKEN_BYTES * batch * length:
         raise f.fail("tokens", f"hold {len(raw)} bytes, expected {TOKEN_BYTES * batch * length}")
+    ids = np.frombuffer(raw, dtype="<i4")
+    bad = np.flatnonzero((ids < 0) | (ids >= (vocab or 2**31)))
+    if bad.size:
+        row, pos = divmod(int(bad[0]), length)
+        allowed = f"[0, {vocab})" if vocab else "ids >= 0"
+        raise f.fail(f"tokens[{row}][{pos}]", f"is {int(ids[bad[0]])}, outside the model's vocabulary {allowed}")
     return raw
 
 
@@ -318,7 +340,7 @@ def _run(f: _Fields, value: Any, path: str, next_id: int) -> Run | None:
         return None
     chunk_id, start, length = f.list(value, path, n=3)
     return Run(f.int(chunk_id, f"{path}[0] (chunk id)", 0, next_id - 1), f.int(start, f"{path}[1] (start)"),
-               f.int(length, f"{path}[2] (length)", 1, 2**40))
+               f.int(length, f"{path}[2] (length)", 1, MAX_RECORD_TOKENS))
 
 
 def _chunk(f: _Fields, value: Any, path: str, sessions: list[bytes], batch: int, next_id: int, shape: Shape,
@@ -336,7 +358,7 @@ def _chunk(f: _Fields, value: Any, path: str, sessions: list[bytes], batch: int,
         rows = tuple(f.int(r, f"{path}.rows[{k}]", 0, record_batch - 1)
                      for k, r in enumerate(f.list(rows, f"{path}.rows", n=batch)))
     row = ChunkRow(f.int(chunk_id, f"{path}.chunk_id", 0, next_id - 1), f.int(start, f"{path}.start"),
-                   f.int(length, f"{path}.length", 1, 2**40), f.bool(pinned, f"{path}.pinned"),
+                   f.int(length, f"{path}.length", 1, MAX_RECORD_TOKENS), f.bool(pinned, f"{path}.pinned"),
                    sessions[f.int(writer, f"{path}.writer", 0, len(sessions) - 1)], record_batch, rows,
                    f.bool(lossy, f"{path}.lossy"), f.int(stored, f"{path}.stored_bytes", HEADER_BYTES + 1, data_bytes),
                    f.number(importance, f"{path}.importance"), f.int(record_start, f"{path}.record_start"))

@@ -23,7 +23,7 @@ import torch
 from ..config import KVTierConfig
 from ..errors import StoreCorruptError, StoreMissingRecordError
 from .backend import RecordStore
-from .chunk import TABLE_NAMES, Chunk, Tier, chunk_key, token_groups
+from .chunk import MAX_CHUNK_ID, TABLE_NAMES, Chunk, Tier, chunk_key, token_groups
 from .codec import FLAG_INT8, SESSION_ID_BYTES, RecordCodec, RecordHeader, byte_view
 from .eviction import LRUEviction
 from .pools import DevicePool, HostPool, _as_run, storage_mode
@@ -102,6 +102,9 @@ class TierManager:
         return buf[0][:, :, :n], buf[1][:, :, :n]
 
     def new_chunk_id(self) -> int:
+        if self.next_chunk_id > MAX_CHUNK_ID:  # only a reopened manifest's next_chunk_id can bring it here
+            raise StoreCorruptError(f"the session's chunk ids are used up (next_chunk_id {self.next_chunk_id}, the "
+                                    f"last is {MAX_CHUNK_ID}): the manifest it was reopened from is damaged")
         self.next_chunk_id += 1
         return self.next_chunk_id - 1
 
