@@ -614,3 +614,147 @@ def test_a_read_only_replica_refuses_a_publish_in_the_servers_words(model, priva
     assert "read only replica" in str(error) and "Command #" not in str(error) and "\\x" not in str(error), str(error)
     assert list_sessions(primary.url) == [] and list(primary.client().scan_iter(match="*")) == []
     assert len(opened(tmp_path / "local", model)) == len(STEPS)
+
+
+# ------------------------------------------------------------------------------------ a server that lies
+class _LyingServer:
+    """A hostile server: a small RESP server of this test's own, on a loopback port, that serves a copy of a
+    published session (every key and value, taken from the real server) and answers one command its own way.
+    What it proves is what kvtier does with replies no Redis server would send."""
+
+    def __init__(self, data: dict[bytes, bytes], lie=None):
+        import socketserver
+
+        self.data, self.lie = data, lie or (lambda command, args, data: None)
+        outer = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                while True:
+                    try:
+                        request = outer._read(self.rfile)
+                    except (ConnectionError, ValueError):
+                        return
+                    if request is None:
+                        return
+                    self.wfile.write(outer._encode(outer._answer(request)))
+
+        socketserver.ThreadingTCPServer.daemon_threads = True
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def _read(rfile) -> list[bytes] | None:
+        line = rfile.readline()
+        if not line:
+            return None
+        if not line.startswith(b"*"):
+            raise ValueError(line)
+        args = []
+        for _ in range(int(line[1:])):
+            size = int(rfile.readline()[1:])
+            args.append(rfile.read(size + 2)[:-2])
+        return args
+
+    def _answer(self, request: list[bytes]):
+        command, args = request[0].upper(), request[1:]
+        lied = self.lie(command, args, self.data)
+        if lied is not None:
+            return lied
+        if command in (b"CLIENT", b"SELECT", b"PING"):
+            return "OK"
+        if command == b"STRLEN":
+            return len(self.data.get(args[0], b""))
+        if command == b"GETRANGE":
+            return self.data.get(args[0], b"")[int(args[1]):int(args[2]) + 1]
+        if command == b"GET":
+            return self.data.get(args[0])
+        if command == b"EXISTS":
+            return sum(a in self.data for a in args)
+        return Exception(f"ERR unknown command '{command.decode()}'")
+
+    def _encode(self, value) -> bytes:
+        if value is None:
+            return b"$-1\r\n"
+        if isinstance(value, Exception):
+            return b"-" + str(value).encode() + b"\r\n"
+        if isinstance(value, str):
+            return b"+" + value.encode() + b"\r\n"
+        if isinstance(value, bool | int):
+            return b":%d\r\n" % value
+        if isinstance(value, bytes):
+            return b"$%d\r\n%s\r\n" % (len(value), value)
+        return b"*%d\r\n" % len(value) + b"".join(self._encode(v) for v in value)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def published(model, redis_base, tmp_path_factory):
+    """A session published on the real server, copied key by key (then removed from it), and its local logits."""
+    import secrets
+
+    prefix = f"kvtier-test-{secrets.token_hex(4)}"
+    root = tmp_path_factory.mktemp("lying")
+    saved(model, root / "local", with_name(f"{redis_base}?prefix={prefix}", "doc"))
+    client = raw(redis_base)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    data = {k: client.get(k) for k in keys}
+    client.unlink(*keys)
+    return prefix, data, opened(root / "local", model)
+
+
+def _record_keys(data: dict[bytes, bytes]) -> list[bytes]:
+    return sorted(k for k in data if b":r:" in k)
+
+
+LIES = {
+    # the length of a value as a string, not a number
+    "strlen a string": (lambda c, a, d: b"12" if c == b"STRLEN" else None, StoreCorruptError, "answered"),
+    # GETRANGE answered with a number: bytes(n) would make n zero bytes
+    "getrange a huge number": (lambda c, a, d: 1 << 40 if c == b"GETRANGE" else None, StoreCorruptError,
+                               "answered"),
+    "getrange a list": (lambda c, a, d: [b"x"] * 3 if c == b"GETRANGE" else None, StoreCorruptError, "answered"),
+    # more bytes than the length it gave, or than were asked for
+    "getrange longer than strlen": (
+        lambda c, a, d: d.get(a[0], b"") + b"\0" * 100 if c == b"GETRANGE" and a[0] in d else None,
+        StoreCorruptError, "bytes of a"),
+    # a record's length within its bound, then fewer bytes
+    "getrange shorter than strlen": (
+        lambda c, a, d: d[a[0]][:-3] if c == b"GETRANGE" and a[0] in _record_keys(d)[2:3] else None,
+        StoreCorruptError, "bytes of a"),
+    # every record missing although the index lists it
+    "records gone": (lambda c, a, d: (0 if c == b"STRLEN" else b"" if c == b"GETRANGE" else 0 if c == b"EXISTS"
+                                      else None) if a and b":r:" in a[0] else None,
+                     StoreMissingRecordError, "no longer on the server"),
+    "every command an error": (lambda c, a, d: Exception("ERR no") if c not in (b"CLIENT",) else None,
+                               RemoteStoreError, "failed"),
+}
+
+
+@pytest.mark.parametrize("case", list(LIES))
+def test_a_lying_server_is_refused_in_one_line(model, published, tmp_path, case):
+    """Replies of the wrong type or size from a server that is not what it seems: a one-line StoreError naming
+    the key, before any of it is used, never another exception, never an allocation the reply asks for."""
+    prefix, data, _ = published
+    lie, cls, says = LIES[case]
+    server = _LyingServer(data, lie)
+    try:
+        url = f"redis://127.0.0.1:{server.port}/0/doc?prefix={prefix}&socket_timeout=2"
+        err = refused(cls, opened, url, model)
+        assert says in str(err), str(err)
+    finally:
+        server.close()
+
+
+def test_the_lying_server_serves_the_session_exactly_when_it_does_not_lie(model, published, tmp_path):
+    prefix, data, want = published
+    server = _LyingServer(data)
+    try:
+        same(opened(f"redis://127.0.0.1:{server.port}/0/doc?prefix={prefix}&socket_timeout=2", model), want)
+    finally:
+        server.close()

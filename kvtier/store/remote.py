@@ -20,7 +20,8 @@ deleted), and an interrupted publish leaves keys that expire.
 Reading: `RemoteSessionStore` implements `RecordStore` over the published session and a local `DiskStore`
 that caches each record the first time it is read, so a session is never downloaded up front and a second
 run on the same machine reads nothing twice. What the server returns is untrusted data: every read is
-bounded in size before it is made (a record by its size in the index, metadata by a fixed cap), every entry
+bounded in size before it is made (a record by its size in the index, metadata by a fixed cap), a reply of
+the wrong type or size (which no Redis server sends, a hostile one may) is refused before it is used, every entry
 is sealed or checksummed, and the session goes through the same checks as a local one.
 
 Credentials (a password or ACL user in the URL) are used to connect and never written into a store, a
@@ -288,13 +289,22 @@ class RedisServer:
                 if isinstance(length, Exception) or isinstance(value, Exception):
                     raise StoreCorruptError(f"{self.url.shown}: {what} {_short(key)} is not a string value (written "
                                             "there by something other than kvtier)")
-                if not length:
+                # A Redis server answers STRLEN with a number and GETRANGE with bytes; anything else is refused
+                # before it is used (bytes() of a number would allocate that many bytes).
+                if isinstance(length, bool) or not isinstance(length, int) or not isinstance(value, bytes):
+                    raise StoreCorruptError(f"{self.url.shown}: {what} {_short(key)}: the server answered "
+                                            f"{type(length).__name__} and {type(value).__name__} for its length and "
+                                            "bytes (is it a Redis or Valkey server?)")
+                if length <= 0 or not value:  # absent (or deleted between the two commands)
                     out.append(None)
                 elif length > limit:
                     raise StoreCorruptError(f"{self.url.shown}: {what} {_short(key)} holds {length} bytes, more than "
                                             f"the {limit} it may")
+                elif len(value) != length:
+                    raise StoreCorruptError(f"{self.url.shown}: {what} {_short(key)}: the server sent {len(value)} "
+                                            f"bytes of a {length}-byte value")
                 else:
-                    out.append(bytes(value))
+                    out.append(value)
             i = j
         return out
 
