@@ -81,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         from .tim.cli import main as tim_main
 
         return tim_main(rest)
-    importlib.import_module(f"kvtier.bench.{BENCHMARKS[args.name]}").main(rest)
-    return 0
+    from .cli_args import run_command
+
+    bench_main = importlib.import_module(f"kvtier.bench.{BENCHMARKS[args.name]}").main
+    # a benchmark's own flags are checked by its parser; what fails later (a store directory, a server, a value
+    # only the run can check) is one line and exit code 2, Ctrl-C exit code 130, as for the other commands
+    return run_command(f"kvtier bench {args.name}", lambda _: bench_main(rest) or 0, args)
 
 
 if __name__ == "__main__":

@@ -5,60 +5,137 @@ traceback."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from .cli import error_line
+from .config import KVTierConfig
 from .errors import KVTierError
-from .sizes import split_budget
+from .sizes import parse_budget, split_budget
+
+# the budget flags of `kvtier qa`, `kvtier hogwild` and `kvtier tim`, and the KVTierConfig option each one sets
+BUDGET_FLAGS = (("--device-budget", "device_budget"), ("--host-budget", "host_budget"))
 
 
 class UsageError(Exception):
     """A problem with the command line, worth one line to the user, not a traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, already told to the user in one line (what was kept, how to go on): `run_command` adds nothing."""
+
+
+def check_device(name: str) -> None:
+    """Refuse a device this machine does not have (or that cannot run a model), before anything is loaded."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UsageError(f"--device {name}: CUDA is not available ({why}); pass --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "meta":
+        raise UsageError(f"--device {name}: the meta device holds no data and cannot run a model; pass --device cpu")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)  # torch.mps, torch.xpu, ... each says if this machine has one
+        available = getattr(backend, "is_available", None)
+        if not callable(available) or not available():
+            raise UsageError(f"--device {name}: {device.type} is not available on this machine; pass --device cpu")
+
+
+def check_text(flag: str, text: str | None, what: str) -> None:
+    """Refuse an empty or blank text flag (--model, --doc, --store, ...): an empty path would mean the current
+    directory, an empty model id nothing at all."""
+    if text is not None and not text.strip():
+        raise UsageError(f"{flag} is empty: pass {what}")
+
+
 def check_sampling(args: argparse.Namespace) -> None:
-    """--temperature, --top-p, --top-k."""
-    if args.temperature < 0:
-        raise UsageError(f"--temperature {args.temperature}: must be 0 (greedy) or above")
+    """--temperature, --top-p, --top-k, --seed."""
+    from .sampling import check_sampling as check_seed
+
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UsageError(f"--temperature {args.temperature}: must be 0 (greedy) or a finite number above 0")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p {args.top_p}: must be in (0, 1]")
     if args.top_k < 0:
         raise UsageError(f"--top-k {args.top_k}: must be 0 (all tokens) or above")
+    if args.seed is not None:
+        try:
+            check_seed(False, 1.0, 1.0, 0, seed=args.seed)
+        except ValueError as err:
+            raise UsageError(f"--seed {args.seed}: {err}") from None
+
+
+def budget_tokens(args: argparse.Namespace, model: Any = None) -> dict[str, int]:
+    """--device-budget and --host-budget as tokens per layer, each checked as `KVTierConfig` checks its option and
+    refused naming its flag and value.
+
+    Without `model` (before it is loaded) a size ("8GiB") has its spelling checked and is left out: it becomes
+    tokens once the model is known. With `model`, sizes are converted for it (all its full-attention layers, in
+    its dtype), as `KVTierCache.for_model` would convert them."""
+    from .model_spec import ModelSpec
+
+    out: dict[str, int] = {}
+    spec = None
+    for flag, name in BUDGET_FLAGS:
+        text = getattr(args, name)
+        if text is None:
+            continue
+        try:
+            number, unit = split_budget(text)
+        except ValueError as err:
+            raise UsageError(f"{flag}: {err}") from None
+        if unit and model is None:
+            continue
+        try:
+            if unit:
+                spec = spec or ModelSpec.from_model(model)
+                tokens = parse_budget(text, spec)
+            else:
+                tokens = int(number)
+            KVTierConfig(**{name: tokens})
+        except ValueError as err:
+            raise UsageError(f"{flag} {text.strip()}: {err}") from None
+        out[name] = tokens
+    return out
 
 
 def check_outputs_and_memory(args: argparse.Namespace) -> None:
-    """--device-budget, --host-budget (tokens or a size), --json (a writable file path), --device."""
-    from .qa import QAError, check_device
-
-    for flag, text in (("--device-budget", args.device_budget), ("--host-budget", args.host_budget)):
-        if text is not None:
-            try:
-                split_budget(text)
-            except ValueError as err:
-                raise UsageError(f"{flag}: {err}") from None
+    """--model (not empty), --device-budget, --host-budget (tokens or a size), --json (a writable file path),
+    --device."""
+    check_text("--model", args.model, "a local model directory or a hub id")
+    budget_tokens(args)
     if args.json is not None:
+        check_text("--json", args.json, "the path of the JSON file to write")
         target = Path(args.json).resolve()
         if target.is_dir():
             raise UsageError(f"--json {args.json} is a directory; pass a file path")
         if not target.parent.is_dir() or not os.access(target.parent, os.W_OK | os.X_OK):
             raise UsageError(f"--json {args.json}: cannot write in {target.parent} (not a writable directory)")
-    try:
-        check_device(args.device)
-    except QAError as err:
-        raise UsageError(str(err)) from None
+    check_device(args.device)
 
 
 def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command: a usage problem, a kvtier error, a bad value or an OS error is one line on stderr and exit
-    code 2; Ctrl-C is exit code 130."""
+    code 2; Ctrl-C is exit code 130 (and one line, unless the command already said what the interruption left)."""
     try:
         return run(args)
     except (UsageError, KVTierError, ValueError, OSError) as exc:
         print(f"{name}: error: {error_line(exc)}", file=sys.stderr)
         return 2
+    except Interrupted:
+        return 130
     except KeyboardInterrupt:
         print(f"\n{name}: interrupted", file=sys.stderr)
         return 130

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .cache import KVTierCache, cache_argument
 from .cli import error_line, printable
-from .cli_args import UsageError, run_command
+from .cli_args import Interrupted, UsageError, budget_tokens, check_device, check_text, run_command
 from .config import KVTierConfig
 from .errors import (
     CacheInputError,
@@ -51,7 +51,7 @@ from .errors import (
 from .model_spec import ModelSpec
 from .prefill import prefill
 from .report import session_address
-from .sizes import parse_budget, parse_sparse_budget, split_budget
+from .sizes import parse_sparse_budget
 from .store.codec import dtype_name
 from .store.disk import DiskStore, is_store
 from .store.remote import REMOTE_META, RedisServer, RemoteURL, read_pointer
@@ -103,6 +103,7 @@ def load(model_id: str, dtype: str, device: str):
     """Tokenizer and model, each failure named for what it is (no model, no tokenizer, not a causal LM)."""
     import transformers as tf
 
+    check_text("--model", model_id, "a local model directory or a hub id (Qwen/Qwen2.5-7B-Instruct)")
     tf.logging.set_verbosity_error()
     tf.logging.disable_progress_bar()
     local = Path(model_id)
@@ -136,25 +137,11 @@ def load(model_id: str, dtype: str, device: str):
     return tokenizer, model
 
 
-def check_device(name: str) -> None:
-    """Refuse a device this machine does not have, before anything is loaded onto it."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise QAError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise QAError(f"--device {name}: CUDA is not available ({why}); pass --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise QAError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise QAError(f"--device {name}: MPS is not available on this machine; pass --device cpu")
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     """Everything about the arguments that can be checked before a model is loaded or a store touched."""
+    check_text("--model", args.model, "a local model directory or a hub id (Qwen/Qwen2.5-7B-Instruct)")
+    check_text("--doc", args.doc, "the text file that holds the document")
+    check_text("--store", args.store, "a store directory, or leave --store out for one under $KVTIER_HOME/qa")
     check_device(args.device)
     if args.max_new_tokens < 1:
         raise QAError(f"--max-new-tokens {args.max_new_tokens}: an answer needs at least 1 new token")
@@ -172,16 +159,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         sparse_budget = DEFAULT_SPARSE_BUDGET if args.sparse_budget is None else parse_sparse_budget(args.sparse_budget)
     except ValueError as exc:
         raise QAError(f"--sparse-budget: {exc}") from None
-    tokens: dict[str, int | None] = {"device_budget": None, "host_budget": None}
-    for flag, text in (("--device-budget", args.device_budget), ("--host-budget", args.host_budget)):
-        if text is None:
-            continue
-        try:
-            number, unit = split_budget(text)
-        except ValueError as exc:
-            raise QAError(f"{flag}: {exc}") from None
-        if unit == "":  # sizes become tokens once the model is known
-            tokens[flag[2:].replace("-", "_")] = int(number)
+    tokens = budget_tokens(args)  # sizes become tokens once the model is known
     try:
         KVTierConfig(mode=args.mode, sparse_budget=sparse_budget, **tokens)
     except ValueError as exc:
@@ -233,6 +211,8 @@ def cached_session(path: Path) -> dict[str, Any] | None:
 
 def read_document(path: str) -> str:
     doc = Path(path)
+    if doc.is_dir():
+        raise QAError(f"--doc {doc} is a directory; pass the text file that holds the document")
     if not doc.is_file():
         raise QAError(f"document not found: {doc}")
     try:
@@ -313,14 +293,7 @@ class Session:
     def _options(self) -> dict[str, Any]:
         """The cache options, checked in full (budgets as sizes need the model) before any store is touched."""
         a = self.args
-        opts: dict[str, Any] = {"mode": a.mode}
-        for flag, name, text in (("--device-budget", "device_budget", a.device_budget),
-                                 ("--host-budget", "host_budget", a.host_budget)):
-            if text is not None:
-                try:
-                    opts[name] = parse_budget(text, self.spec)
-                except ValueError as exc:
-                    raise QAError(f"{flag}: {exc}") from None
+        opts: dict[str, Any] = {"mode": a.mode, **budget_tokens(a, self.model)}
         if a.mode == "sparse":
             if a.sparse_budget is not None:
                 opts["sparse_budget"] = parse_sparse_budget(a.sparse_budget)
@@ -511,7 +484,7 @@ class Session:
             kept = f"its first {saved} of {n} tokens are saved" if saved else "no segment was saved yet"
             print(f"\nkvtier: prefill interrupted; {kept}: run the same command again to "
                   f"{'resume' if saved else 'start over'}", file=sys.stderr)
-            raise
+            raise Interrupted from None
         except BaseException:
             bar.close()
             cache.close()

@@ -8,6 +8,7 @@ and `KVTierConfig` reads its byte options (`max_store_bytes`, `initial_map_bytes
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -26,15 +27,28 @@ def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype | None = None, batch:
     return 2 * batch * spec.kv_heads * spec.head_dim * itemsize
 
 
-def split_budget(text: str) -> tuple[float, str]:
+def _number_and_unit(text: str) -> tuple[Fraction, str] | None:
+    """(exact number, lower-case unit) of "8192", "1.5GB", "64 GiB"; None for anything else. Exact: a long
+    number of digits is read as written, never rounded through a float (or to infinity); one of more digits than
+    Python converts (4300) is None too."""
+    m = _SIZE.match(str(text))
+    if not m or m.group(2).lower() not in _UNITS or (m.group(2) == "" and "." in m.group(1)):
+        return None
+    try:
+        return Fraction(m.group(1)), m.group(2).lower()
+    except ValueError:
+        return None
+
+
+def split_budget(text: str) -> tuple[Fraction, str]:
     """(number, lower-case unit) of a budget written as tokens ("8192", unit "") or a size ("8GiB").
 
     Checks the spelling only, so a command line can refuse a bad budget before it loads a model.
     """
-    m = _SIZE.match(str(text))
-    if not m or m.group(2).lower() not in _UNITS or (m.group(2) == "" and "." in m.group(1)):
+    parsed = _number_and_unit(text)
+    if parsed is None:
         raise ValueError(f"budget {text!r}: write a number of tokens (8192) or a size (8GiB, 512MB)")
-    return float(m.group(1)), m.group(2).lower()
+    return parsed
 
 
 def parse_budget(text: str | int, spec: ModelSpec, dtype: torch.dtype | None = None) -> int:
@@ -61,10 +75,11 @@ def parse_size(text: str | int) -> int:
     """Bytes of a size written as a number of bytes ("1048576") or with a unit ("64GiB", "1.5GB", "512MiB")."""
     if isinstance(text, int):
         return text
-    m = _SIZE.match(str(text))
-    if not m or m.group(2).lower() not in _UNITS or (m.group(2) == "" and "." in m.group(1)):
+    parsed = _number_and_unit(text)
+    if parsed is None:
         raise ValueError(f"size {text!r}: write a number of bytes (1048576) or a size (64GiB, 512MB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    number, unit = parsed
+    return int(number * _UNITS[unit])
 
 
 def budgets_in_tokens(options: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:

@@ -28,7 +28,18 @@ import transformers as tf
 from ..config import KVTierConfig
 from ..store.codec import RecordCodec, RecordHeader
 from ..store.disk import DATA_FILE, DiskStore
-from .common import add_out_argument, drop_page_cache, haystack_text, sequential_read_mb_s, write_result
+from .common import (
+    add_out_argument,
+    drop_page_cache,
+    existing_dir,
+    haystack_text,
+    non_negative_int,
+    positive_int,
+    sequential_read_mb_s,
+    text_dir,
+    write_result,
+    zstd_level,
+)
 
 LEVELS = (-5, -3, -1, 1, 3)
 SPARSE_SHARE = 0.05
@@ -208,13 +219,15 @@ def run(tokens: int = 4096, data_dir: str | None = None, levels: tuple[int, ...]
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="kvtier bench codec", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--chunk", type=int, default=64, help="tokens per record (default: kvtier's chunk_size)")
-    p.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="zstd levels (-5 ... 22)")
-    p.add_argument("--data-dir", help="directory of .txt files for natural text (default: generated text)")
-    p.add_argument("--disk-mb", type=int, default=128, help="size of the store read back cold (0: skip)")
-    p.add_argument("--store-dir", help="where to write that store (default: the system's temporary directory)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
+    p.add_argument("--tokens", type=positive_int, default=4096)
+    p.add_argument("--chunk", type=positive_int, default=64, help="tokens per record (default: kvtier's chunk_size)")
+    p.add_argument("--levels", type=zstd_level, nargs="+", default=list(LEVELS), help="zstd levels (-5 ... 22)")
+    p.add_argument("--data-dir", type=text_dir,
+                   help="directory of .txt files for natural text (default: generated text)")
+    p.add_argument("--disk-mb", type=non_negative_int, default=128, help="size of the store read back cold (0: skip)")
+    p.add_argument("--store-dir", type=existing_dir,
+                   help="where to write that store (default: the system's temporary directory)")
+    p.add_argument("--reps", type=positive_int, default=5, help="timed repetitions (the median is reported)")
     add_out_argument(p)
     a = p.parse_args(argv)
     result = run(a.tokens, a.data_dir, tuple(a.levels), a.chunk, a.disk_mb, a.store_dir, a.reps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -77,9 +78,124 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type for counts where 0 means none (warm-up steps, a skipped part)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def share(text: str) -> float:
+    """argparse type for a share of something (a sparse budget, the part of a context on the device): in (0, 1]."""
+    value = _finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+    return value
+
+
+def share_or_zero(text: str) -> float:
+    """argparse type for a share that may be 0 (none): in [0, 1]."""
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1]")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """argparse type for seconds, GiB and the like: a finite number above 0."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    """argparse type for a tolerance or a reserve: a finite number, 0 or more."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
+def zstd_level(text: str) -> int:
+    """argparse type for a zstd level, checked as KVTierConfig checks `zstd_level`."""
+    from ..store.codec import check_zstd_level
+
+    try:
+        value = int(text)
+        check_zstd_level(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}" if str(err) else f"{text!r} is not a zstd level") from None
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse type for --device: a device this machine has (as kvtier qa checks it)."""
+    from ..cli_args import UsageError, check_device
+
+    try:
+        check_device(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--device {text}: ")) from None
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """argparse type for a directory that must already be there (--data-dir, --store-dir)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a directory")
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+    return text
+
+
+def text_dir(text: str) -> str:
+    """argparse type for --data-dir: a directory holding the .txt files a haystack is read from."""
+    existing_dir(text)
+    if not any(p for p in Path(text).glob("*.txt") if not p.name.startswith("LICENSE")):
+        raise argparse.ArgumentTypeError(f"{text} holds no .txt files")
+    return text
+
+
+def out_dir(text: str) -> str:
+    """argparse type for --out: a directory (made if missing) that is not a file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a directory")
+    path = Path(text)
+    place = path
+    while not place.exists() and place.parent != place:
+        place = place.parent
+    if not place.is_dir():
+        raise argparse.ArgumentTypeError(f"{place} is not a directory")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{place} is not writable")
+    return text
+
+
+def result_name(text: str) -> str:
+    """argparse type for --name: a plain file name (the result is NAME.json in --out), no directories."""
+    if not text.strip() or text in (".", "..") or "/" in text or os.sep in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file name (the result is written as NAME.json in --out)")
+    return text
+
+
 def add_out_argument(parser) -> None:
     """`--out DIR`, the same for every benchmark."""
-    parser.add_argument("--out", default=str(DEFAULT_OUT),
+    parser.add_argument("--out", type=out_dir, default=str(DEFAULT_OUT),
                         help="directory for the result JSON and plot (default: the current directory)")
 
 

@@ -40,9 +40,11 @@ from ..store.codec import MAGIC, RecordCodec
 from ..store.disk import DATA_FILE, DiskStore
 from .common import (
     add_out_argument,
-    positive_int,
+    device_name,
     drop_page_cache,
     median_ms,
+    positive_int,
+    result_name,
     sequential_read_mb_s,
     timed,
     write_result,
@@ -250,13 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=positive_int, default=24, help="decode steps timed after the first")
     p.add_argument("--layers", type=positive_int, help="override the shapes' layer count")
     p.add_argument("--segment", type=positive_int, default=2048, help="kvtier.prefill segment length")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (offloaded DynamicCache is measured on cuda only)")
+    p.add_argument("--device", type=device_name, default="cpu",
+                   help="cpu or cuda (offloaded DynamicCache is measured on cuda only)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--no-reopen", action="store_true", help="skip saving the session and reopening it")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     add_out_argument(p)
-    p.add_argument("--name", default="exact", help="result file name (default: exact)")
+    p.add_argument("--name", type=result_name, default="exact", help="result file name (default: exact)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
     if a.threads:

@@ -54,7 +54,17 @@ from ..cache import cache_argument
 from ..handle import KVHandle
 from ..hogwild import HogwildCache, Layout
 from ..hogwild.layer import HogwildLayer
-from .common import add_out_argument, median_ms, positive_int, print_targets, timed, write_result
+from .common import (
+    add_out_argument,
+    device_name,
+    median_ms,
+    non_negative_int,
+    positive_int,
+    print_targets,
+    result_name,
+    timed,
+    write_result,
+)
 from .speed import SHAPES, shape_from_args, speed_model
 
 METHODS = ("independent", "hogwild", "rerotate")
@@ -373,22 +383,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=positive_int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--prompt", type=positive_int, default=4096, help="tokens of the shared prompt")
     p.add_argument("--steps", type=positive_int, default=32, help="timed decode steps per worker count")
-    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps before them")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed decode steps before them")
     p.add_argument("--shape", choices=sorted(SHAPES), default="attention-heavy")
     p.add_argument("--layers", type=positive_int, help="override the shape's layer count")
     p.add_argument("--kv-heads", type=positive_int, help="override the shape's KV heads (query heads follow)")
     p.add_argument("--head-dim", type=positive_int, help="override the shape's head dimension")
     p.add_argument("--intermediate", type=positive_int, help="override the shape's MLP width")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     add_out_argument(p)
-    p.add_argument("--name", help="result file name (default: hogwild on cpu, hogwild-<shape>-cuda on a GPU)")
+    p.add_argument("--name", type=result_name,
+                   help="result file name (default: hogwild on cpu, hogwild-<shape>-cuda on a GPU)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
-    if a.warmup < 0:
-        p.error(f"--warmup {a.warmup} must be at least 0")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.device.startswith("cuda") and not torch.cuda.is_available():

@@ -51,7 +51,16 @@ from ..kernels import (
 )
 from ..kernels._triton import HAS_TRITON, INTERPRET, use_triton
 from ..kernels.block_attention import _per_block
-from .common import add_out_argument, positive_int, write_result
+from .common import (
+    add_out_argument,
+    device_name,
+    non_negative_int,
+    non_negative_number,
+    positive_int,
+    result_name,
+    share,
+    write_result,
+)
 from .speed import SHAPES
 
 _FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 cache (60 MB on an H200)
@@ -265,25 +274,25 @@ def run(contexts: list[int], shape: dict[str, int], budget: float = 0.05, chunk:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="kvtier bench kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072])
+    p.add_argument("--contexts", type=positive_int, nargs="+", default=[32768, 65536, 131072])
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="attention shape (heads, head dim)")
-    p.add_argument("--heads", type=int, help="override the shape's query heads")
-    p.add_argument("--kv-heads", type=int, help="override the shape's KV heads")
-    p.add_argument("--head-dim", type=int, help="override the shape's head dimension")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--budget", type=float, default=0.05, help="selected share of the context (sparse attention)")
-    p.add_argument("--chunk", type=int, default=64, help="tokens per chunk (kvtier's default chunk_size)")
+    p.add_argument("--heads", type=positive_int, help="override the shape's query heads")
+    p.add_argument("--kv-heads", type=positive_int, help="override the shape's KV heads")
+    p.add_argument("--head-dim", type=positive_int, help="override the shape's head dimension")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--budget", type=share, default=0.05, help="selected share of the context (sparse attention)")
+    p.add_argument("--chunk", type=positive_int, default=64, help="tokens per chunk (kvtier's default chunk_size)")
     p.add_argument("--workers", type=positive_int, default=4, help="Hogwild workers (block_decode_attention)")
     p.add_argument("--step", type=positive_int, default=256, help="tokens in each worker's current step (block_decode_attention)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="query and KV dtype (the abstracts are float32)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when torch sees one)")
-    p.add_argument("--reps", type=int, default=50, help="timed calls per measurement (median reported)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--rtol", type=float, default=1e-3)
-    p.add_argument("--atol", type=float, default=1e-3)
+    p.add_argument("--device", type=device_name, help="cuda or cpu (default: cuda when torch sees one)")
+    p.add_argument("--reps", type=positive_int, default=50, help="timed calls per measurement (median reported)")
+    p.add_argument("--warmup", type=non_negative_int, default=5)
+    p.add_argument("--rtol", type=non_negative_number, default=1e-3)
+    p.add_argument("--atol", type=non_negative_number, default=1e-3)
     add_out_argument(p)
-    p.add_argument("--name", help="result file name (default: kernels on cpu, kernels-cuda on a GPU)")
+    p.add_argument("--name", type=result_name, help="result file name (default: kernels on cpu, kernels-cuda on a GPU)")
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

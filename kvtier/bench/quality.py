@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..cache import KVTierCache, cache_argument
 from ..session import LAYOUT_OPTIONS
-from .common import add_out_argument, write_result
+from .common import add_out_argument, positive_int, result_name, share, text_dir, write_result
 from .tasks import TASKS, Example, decode_ids, make_example
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "retrieval-llama"
@@ -203,16 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="kvtier bench quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="local path or hub id of a causal LM")
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--examples", type=int, default=50, help="prompts per task")
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.10, 0.25])
+    p.add_argument("--context", type=positive_int, default=4096)
+    p.add_argument("--examples", type=positive_int, default=50, help="prompts per task")
+    p.add_argument("--budgets", type=share, nargs="+", default=[0.01, 0.02, 0.05, 0.10, 0.25])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--data-dir", help="directory of .txt files for the natural-text haystack")
+    p.add_argument("--data-dir", type=text_dir, help="directory of .txt files for the natural-text haystack")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     add_out_argument(p)
-    p.add_argument("--name", default="quality", help="output file name (without .json)")
+    p.add_argument("--name", type=result_name, default="quality", help="output file name (without .json)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
     if a.threads:

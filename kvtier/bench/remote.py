@@ -48,7 +48,7 @@ import torch
 from ..cache import KVTierCache, cache_argument
 from ..errors import KVTierError
 from ..prefill import prefill
-from .common import add_out_argument, median_ms, positive_int, print_targets, write_result
+from .common import add_out_argument, median_ms, positive_int, print_targets, share, write_result
 from .speed import add_shape_arguments, shape_from_args, speed_model
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -351,9 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=positive_int, default=48, help="greedy decode steps per answer (default 48)")
     p.add_argument("--segment", type=positive_int, default=2048, help="prefill segment tokens (default 2048)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes measured (both)")
-    p.add_argument("--sparse-budget", type=float, default=0.05,
+    p.add_argument("--sparse-budget", type=share, default=0.05,
                    help="sparse mode: share of the context attended per step (default 0.05)")
-    p.add_argument("--device-fraction", type=float, default=0.2,
+    p.add_argument("--device-fraction", type=share, default=0.2,
                    help="sparse mode: share of the context on the device; no host tier (default 0.2)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -362,9 +362,6 @@ def main(argv: list[str] | None = None) -> None:
     if a.worker:
         worker_main()
         return
-    for flag, value in (("--sparse-budget", a.sparse_budget), ("--device-fraction", a.device_fraction)):
-        if not 0 < value <= 1:
-            p.error(f"{flag} {value} must be in (0, 1]")
     modes = tuple(dict.fromkeys(a.modes))
     try:
         result = run(shape_from_args(a), a.url, a.tokens, a.question, a.steps, a.segment, a.threads,

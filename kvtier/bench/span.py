@@ -35,7 +35,7 @@ from ..cache import KVTierCache
 from ..prefill import prefill
 from ..store.chunk import Tier
 from ..store.disk import DiskStore
-from .common import add_out_argument, median_ms, positive_int, write_result
+from .common import add_out_argument, median_ms, positive_int, share, write_result
 from .speed import add_shape_arguments, decode_steps, shape_from_args, speed_model
 
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=positive_int, default=32768, help="tokens prefilled (default 32768)")
     p.add_argument("--at", type=positive_int, default=1024, help="first position removed (default 1024)")
     p.add_argument("--span", type=positive_int, default=1024, help="tokens removed (default 1024)")
-    p.add_argument("--device-fraction", type=float, default=0.2, help="share of the context on the device (0.2)")
+    p.add_argument("--device-fraction", type=share, default=0.2, help="share of the context on the device (0.2)")
     p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps before and after (20)")
     p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first (3)")
     p.add_argument("--segment", type=positive_int, default=2048, help="prefill segment tokens (2048)")

@@ -49,7 +49,21 @@ import transformers as tf
 from tqdm import tqdm
 
 from ..cache import KVTierCache, cache_argument
-from .common import add_out_argument, bytes_moved, median_ms, positive_int, timed, write_result
+from .common import (
+    add_out_argument,
+    bytes_moved,
+    device_name,
+    median_ms,
+    non_negative_int,
+    non_negative_number,
+    positive_int,
+    positive_number,
+    result_name,
+    share,
+    share_or_zero,
+    timed,
+    write_result,
+)
 
 SHAPES: dict[str, dict[str, int]] = {
     "attention-heavy": dict(layers=4, heads=16, kv_heads=16, head_dim=64, intermediate=1024, vocab=1024),
@@ -325,26 +339,29 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=positive_int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
     p.add_argument("--steps", type=positive_int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--budget", type=float, default=0.05, help="sparse budget, a fraction of the context")
-    p.add_argument("--device-fraction", type=float, default=0.10,
+    p.add_argument("--warmup", type=non_negative_int, default=3)
+    p.add_argument("--budget", type=share, default=0.05, help="sparse budget, a fraction of the context")
+    p.add_argument("--device-fraction", type=share, default=0.10,
                    help="device budget of the tiered configurations, a fraction of the context")
-    p.add_argument("--host-fraction", type=float, default=0.10)
+    p.add_argument("--host-fraction", type=share_or_zero, default=0.10)
     add_shape_arguments(p, "attention-heavy")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (offloaded DynamicCache is measured on cuda only)")
+    p.add_argument("--device", type=device_name, default="cpu",
+                   help="cpu or cuda (offloaded DynamicCache is measured on cuda only)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--gpu-memory-gib", type=float,
+    p.add_argument("--gpu-memory-gib", type=positive_number,
                    help="emulate a card of this size: device budget = what the weights leave (replaces "
                         "--device-fraction)")
-    p.add_argument("--reserve-gib", type=float, default=2.0, help="activations' share of the emulated card")
+    p.add_argument("--reserve-gib", type=non_negative_number, default=2.0,
+                   help="activations' share of the emulated card")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, help="kvtier configurations to run (default: all)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--time-limit", type=float,
+    p.add_argument("--time-limit", type=positive_number,
                    help="seconds for all contexts: skip a context the previous one's time says would not finish "
                         "(recorded as skipped_contexts)")
     add_out_argument(p)
-    p.add_argument("--name", help="result file name (default: speed on cpu, speed-<shape>-cuda on a GPU)")
+    p.add_argument("--name", type=result_name,
+                   help="result file name (default: speed on cpu, speed-<shape>-cuda on a GPU)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
     if a.threads:

@@ -60,7 +60,7 @@ from ..cache import KVTierCache
 from ..tim import Pruned, calculator, generate
 from ..tim.schema import dump_json
 from ..tim.tools import calculate
-from .common import add_out_argument, median_ms, positive_int, print_targets, write_result
+from .common import add_out_argument, median_ms, non_negative_int, positive_int, print_targets, write_result
 from .speed import speed_model
 
 METHODS = ("shift", "reencode", "none")
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=positive_int, default=50000, help="generated tokens the thread holds at least")
     p.add_argument("--leaves", type=positive_int, default=10, help="leaf tasks in each top-level task's list")
-    p.add_argument("--prune-buffer", type=int, default=2,
+    p.add_argument("--prune-buffer", type=non_negative_int, default=2,
                    help="finished lists kept in the cache by the pruning methods (0: each leaves as it closes)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--edge-steps", type=positive_int, default=500,
@@ -400,8 +400,6 @@ def main(argv: list[str] | None = None) -> None:
     add_out_argument(p)
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
-    if a.prune_buffer < 0:
-        p.error(f"--prune-buffer {a.prune_buffer} must be at least 0")
     if a.heads % a.kv_heads:
         p.error(f"--heads {a.heads} must be a multiple of --kv-heads {a.kv_heads}")
     torch.set_num_threads(a.threads)

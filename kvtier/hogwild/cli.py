@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..cli import printable
-from ..cli_args import UsageError, check_outputs_and_memory, check_sampling, run_command
+from ..cli_args import UsageError, budget_tokens, check_outputs_and_memory, check_sampling, run_command
 from .prompts import CollaborationTemplate
 from .runtime import HogwildResult, Step, generate
 
@@ -63,6 +63,9 @@ def check_arguments(args: argparse.Namespace) -> CollaborationTemplate:
         raise HogwildCLIError(f"--workers {args.workers}: at least 1 worker is needed")
     if args.max_new_tokens < 1:
         raise HogwildCLIError(f"--max-new-tokens {args.max_new_tokens}: the workers need at least 1 token")
+    if args.workers > args.max_new_tokens:
+        raise HogwildCLIError(f"--workers {args.workers}: more workers than --max-new-tokens {args.max_new_tokens} "
+                              "(the tokens of all workers together); each worker needs at least 1 token")
     check_sampling(args)
     if args.check_in_every < 0:
         raise HogwildCLIError(f"--check-in-every {args.check_in_every}: must be 0 (never) or above")
@@ -177,9 +180,7 @@ def run(args: argparse.Namespace) -> int:
                           do_sample=sample, temperature=args.temperature if sample else 1.0, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, check_in_every=args.check_in_every or None,
                           on_token=lanes.token, on_step=lanes.step, template=template,
-                          history_options={name: text for name, text in (("device_budget", args.device_budget),
-                                                                         ("host_budget", args.host_budget))
-                                           if text is not None})
+                          history_options=budget_tokens(args, model))
     finally:
         lanes.close()
     for step in result.open_steps:

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import torch
 
 from ..cli import printable
-from ..cli_args import UsageError, check_outputs_and_memory, check_sampling, run_command
+from ..cli_args import UsageError, budget_tokens, check_outputs_and_memory, check_sampling, run_command
 from .runtime import Pruned, TimResult, ToolCall, generate
 from .tools import Tool, calculator
 from .tracker import FieldDone, ListClosed, TaskNode, TimFormatError
@@ -213,8 +213,7 @@ def run(args: argparse.Namespace) -> int:
         raise TimCLIError(str(err)) from None
     printer = TreePrinter(sys.stdout)
     sample = args.temperature > 0
-    options = {name: text for name, text in (("device_budget", args.device_budget),
-                                             ("host_budget", args.host_budget)) if text is not None}
+    options = budget_tokens(args, model)
     try:
         result = generate(model, tokenizer, args.prompt, tools=tools, prune_buffer=args.prune_buffer,
                           max_depth=args.max_depth, max_new_tokens=args.max_new_tokens, constrain=constrained,

@@ -1,0 +1,210 @@
+"""The command line given hostile or mistaken input, in this process: each case is one line on stderr naming the
+bad value, exit code 2 (130 for Ctrl-C), no traceback, and nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny import save_tiny_model
+
+from kvtier.cli import main
+from kvtier.sizes import parse_budget, parse_size, split_budget
+
+DOC = " ".join(["The pass key is 71432. Remember it."] + ["The grass is green and the sky is blue."] * 60)
+HUGE = "9" * 400  # beyond a float: read as a float it was infinity
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    save_tiny_model(root / "model")
+    (root / "doc.txt").write_text(DOC)
+    return root
+
+
+def _files(root) -> set[str]:
+    return {str(p) for p in root.rglob("*")}
+
+
+def _one_error(capsys, argv: list[str], text: str, code: int = 2) -> str:
+    assert main(argv) == code, argv
+    out = capsys.readouterr()
+    lines = [line for line in out.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and text in lines[0], (argv, out.err)
+    assert "Traceback" not in out.err, argv
+    return lines[0]
+
+
+def test_sizes_read_long_numbers_exactly():
+    number, unit = split_budget(HUGE)
+    assert number == int(HUGE) and unit == ""
+    assert split_budget("1.5GB") == (1.5, "gb") and split_budget(".5 KiB") == (0.5, "kib")
+    assert parse_size(HUGE + "GiB") == int(HUGE) * 2**30 and parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("123456789012345678901234567") == 123456789012345678901234567  # no float rounding
+    for bad in ("9" * 5000, "9" * 5000 + "GiB", "nan", "inf", "1e400", "-1GiB", "8GiBB", ""):
+        with pytest.raises(ValueError, match="budget"):
+            split_budget(bad)
+        with pytest.raises(ValueError, match="size"):
+            parse_size(bad)
+
+
+def test_parse_budget_of_a_huge_size(tiny):
+    import transformers as tf
+
+    from kvtier import ModelSpec
+
+    spec = ModelSpec.from_model(tf.AutoModelForCausalLM.from_pretrained(tiny / "model"))
+    per_token = 2 * 2 * 16 * 4 * 2  # K and V, 2 KV heads of 16, float32, 2 full layers
+    assert parse_budget(HUGE + "B", spec) == int(HUGE) // per_token
+    assert parse_budget(HUGE, spec) == int(HUGE)
+
+
+def test_qa_refuses_before_loading_anything(tiny, tmp_path, capsys):
+    """Checked before the model loads: each case names a model that does not exist, so a check that let one
+    through would end in 'model not found' instead."""
+    base = ["qa", "--doc", str(tiny / "doc.txt"), "--question", "x", "--store", str(tmp_path / "s")]
+    nope = ["--model", str(tmp_path / "nope")]
+    cases = [
+        ([*base, *nope, "--device-budget", "0"], "--device-budget 0: `device_budget` must be an integer >= 1"),
+        ([*base, *nope, "--device-budget", "12"], "--device-budget 12: `device_budget`=12 tokens per layer cannot "
+                                                  "hold the sinks"),
+        ([*base, *nope, "--host-budget", HUGE + "x"], f"--host-budget: budget '{HUGE}x'"),
+        ([*base, *nope, "--device-budget", "9" * 5000], "--device-budget: budget"),
+        (["qa", *nope, "--doc", str(tiny), "--question", "x"], f"--doc {tiny} is a directory"),
+        (["qa", *nope, "--doc", "", "--question", "x"], "--doc is empty"),
+        (["qa", "--model", " ", "--doc", str(tiny / "doc.txt"), "--question", "x"], "--model is empty"),
+        (["qa", *nope, "--doc", str(tiny / "doc.txt"), "--store", "", "--question", "x"], "--store is empty"),
+        ([*base, *nope, "--device", "meta"], "--device meta: the meta device holds no data"),
+        ([*base, *nope, "--device", "xpu"], "--device xpu: xpu is not available on this machine"),
+    ]
+    before = _files(tmp_path)
+    for argv, text in cases:
+        _one_error(capsys, argv, text)
+    assert _files(tmp_path) == before
+
+
+def test_qa_a_size_too_small_for_the_model_names_its_flag(tiny, tmp_path, capsys):
+    store = tmp_path / "s"
+    line = _one_error(capsys, ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--question",
+                               "x", "--store", str(store), "--device", "cpu", "--device-budget", "1KiB"],
+                      "--device-budget 1KiB: `device_budget`=2 tokens per layer cannot hold")
+    assert line.startswith("kvtier qa: error: ") and not store.exists()
+
+
+def test_qa_interrupted_prefill_is_one_line_and_resumes(tiny, tmp_path, capsys, monkeypatch):
+    import kvtier.qa as qa
+
+    store = tmp_path / "s"
+    argv = ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--question", "x", "--store",
+            str(store), "--device", "cpu", "--segment-tokens", "256", "--max-new-tokens", "1", "--quiet"]
+    real, calls = qa.prefill, []
+
+    def ctrl_c_in_the_third_segment(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qa, "prefill", ctrl_c_in_the_third_segment)
+    assert main(argv) == 130
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert main(["inspect", str(store), "--json"]) == 0  # the store holds the first two segments, as said
+    saved = json.loads(capsys.readouterr().out)
+    assert saved["context_tokens"] == 512 and saved["info"]["prefill"] == "partial"
+    assert lines[-1] == (f"kvtier: prefill interrupted; its first 512 of {saved['info']['prefix_tokens']} tokens "
+                         "are saved: run the same command again to resume"), lines
+    assert not any(line.startswith("kvtier qa:") for line in lines), lines  # said once, by the prefill
+    monkeypatch.setattr(qa, "prefill", real)
+    assert main(argv) == 0
+    assert "resuming the prefill" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["hogwild", "tim"])
+def test_generation_commands_refuse_before_loading(command, tmp_path, capsys):
+    flag = "--problem" if command == "hogwild" else "--prompt"
+    base = [command, "--model", str(tmp_path / "nope"), flag, "2+2?"]
+    cases = [
+        (["--temperature", "nan"], "--temperature nan: must be 0 (greedy) or a finite number above 0"),
+        (["--temperature", "inf"], "--temperature inf"),
+        (["--seed", str(2**70)], f"--seed {2**70}: seed must be None or an int in [-2**63, 2**64)"),
+        (["--device-budget", "0"], "--device-budget 0: `device_budget` must be an integer >= 1"),
+        (["--device-budget", "12"], "--device-budget 12: `device_budget`=12 tokens per layer"),
+        (["--host-budget", HUGE + "GiBB"], "--host-budget: budget"),
+        (["--json", ""], "--json is empty"),
+        (["--device", "meta"], "--device meta"),
+    ]
+    for extra, text in cases:
+        line = _one_error(capsys, [*base, *extra], text)
+        assert line.startswith(f"kvtier {command}: error: ")
+    _one_error(capsys, [command, "--model", "", flag, "2+2?"], "--model is empty")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_hogwild_refuses_more_workers_than_tokens(tmp_path, capsys):
+    _one_error(capsys, ["hogwild", "--model", str(tmp_path / "nope"), "--problem", "p", "--workers", "99999999"],
+               "--workers 99999999: more workers than --max-new-tokens 1024")
+
+
+@pytest.mark.parametrize("command", ["hogwild", "tim"])
+def test_generation_commands_name_a_size_budget_too_small_for_the_model(command, tiny, capsys):
+    flag = "--problem" if command == "hogwild" else "--prompt"
+    _one_error(capsys, [command, "--model", str(tiny / "model"), flag, "2+2?", "--device", "cpu", "--max-new-tokens",
+                        "2", "--device-budget", "4KiB"],
+               "--device-budget 4KiB: `device_budget`=8 tokens per layer cannot hold")
+
+
+def test_bench_arguments_are_one_usage_error(tmp_path, capsys):
+    afile = tmp_path / "file.txt"
+    afile.write_text("not a directory")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["codec", "--tokens", "0"], "argument --tokens: 0 must be at least 1"),
+        (["codec", "--reps", "0"], "argument --reps: 0 must be at least 1"),
+        (["codec", "--chunk", "-3"], "argument --chunk: -3 must be at least 1"),
+        (["codec", "--levels", "3", "99"], "argument --levels: '99': `zstd_level` must be an integer in [1, 22]"),
+        (["codec", "--disk-mb", "-1"], "argument --disk-mb: -1 must be 0 or more"),
+        (["codec", "--data-dir", str(tmp_path / "none")], "is not a directory"),
+        (["codec", "--data-dir", str(tmp_path / "empty")], "holds no .txt files"),
+        (["codec", "--store-dir", str(afile)], "is not a directory"),
+        (["codec", "--out", str(afile)], f"argument --out: {afile} is not a directory"),
+        (["codec", "--out", str(afile / "sub")], f"argument --out: {afile} is not a directory"),
+        (["exact", "--name", "../elsewhere"], "'../elsewhere' is not a file name"),
+        (["exact", "--device", "meta"], "argument --device: the meta device holds no data"),
+        (["kernels", "--budget", "nan"], "argument --budget: 'nan' is not a finite number"),
+        (["kernels", "--contexts", "0"], "argument --contexts: 0 must be at least 1"),
+        (["kernels", "--rtol", "-1"], "argument --rtol: -1 must be 0 or more"),
+        (["speed", "--time-limit", "inf"], "argument --time-limit: 'inf' is not a finite number"),
+        (["speed", "--host-fraction", "1.5"], "argument --host-fraction: 1.5 must be in [0, 1]"),
+        (["speed", "--gpu-memory-gib", "0"], "argument --gpu-memory-gib: 0 must be above 0"),
+        (["quality", "--budgets", "0.05", "2"], "argument --budgets: 2 must be in (0, 1]"),
+        (["quality", "--examples", "0"], "argument --examples: 0 must be at least 1"),
+        (["remote", "--sparse-budget", "0"], "argument --sparse-budget: 0 must be in (0, 1]"),
+        (["hogwild", "--warmup", "-1"], "argument --warmup: -1 must be 0 or more"),
+        (["tim", "--prune-buffer", "-1"], "argument --prune-buffer: -1 must be 0 or more"),
+    ]
+    before = _files(tmp_path)
+    for args, text in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", *args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err, (args, err)
+        last = err.splitlines()[-1]
+        assert last.startswith(f"kvtier bench {args[0]}: error: ") and text in last, (args, err)
+    assert _files(tmp_path) == before
+
+
+def test_bench_failure_during_the_run_is_one_line(monkeypatch, capsys):
+    import kvtier.bench.codec as codec
+
+    def fails(argv):
+        raise FileExistsError(17, "File exists", "/somewhere/out")
+
+    monkeypatch.setattr(codec, "main", fails)
+    _one_error(capsys, ["bench", "codec"], "kvtier bench codec: error: /somewhere/out: File exists")
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(codec, "main", interrupted)
+    _one_error(capsys, ["bench", "codec"], "kvtier bench codec: interrupted", code=130)
