@@ -213,6 +213,9 @@ def read_document(path: str) -> str:
     doc = Path(path)
     if doc.is_dir():
         raise QAError(f"--doc {doc} is a directory; pass the text file that holds the document")
+    if doc.exists() and not doc.is_file():  # a FIFO would block the read, a device never end it
+        raise QAError(f"--doc {doc} is not a regular file (a pipe, socket or device); pass the text file that holds "
+                      "the document")
     if not doc.is_file():
         raise QAError(f"document not found: {doc}")
     try:
@@ -229,6 +232,8 @@ def store_problem(path: Path) -> str | None:
     place = path
     try:
         while not place.exists() and place.parent != place:
+            if place.is_symlink():  # a link whose target is missing: nothing could be created through it
+                return f"{place} is a symbolic link to {os.readlink(place)}, which does not exist"
             place = place.parent
     except OSError as exc:  # a parent that cannot be searched
         return error_line(exc)

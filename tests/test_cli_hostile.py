@@ -4,6 +4,7 @@ bad value, exit code 2 (130 for Ctrl-C), no traceback, and nothing written."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from tiny import save_tiny_model
@@ -77,6 +78,18 @@ def test_qa_refuses_before_loading_anything(tiny, tmp_path, capsys):
         (["qa", *nope, "--doc", str(tiny / "doc.txt"), "--store", "", "--question", "x"], "--store is empty"),
         ([*base, *nope, "--device", "meta"], "--device meta: the meta device holds no data"),
         ([*base, *nope, "--device", "xpu"], "--device xpu: xpu is not available on this machine"),
+    ]
+    fifo, dangling = tmp_path / "fifo", tmp_path / "dangling"
+    os.mkfifo(fifo)
+    dangling.symlink_to(tmp_path / "nowhere")
+    model = ["--model", str(tiny / "model")]  # these reach the document and the store, not the model
+    cases += [
+        (["qa", *model, "--doc", str(fifo), "--question", "x"], f"--doc {fifo} is not a regular file"),
+        (["qa", *model, "--doc", "/dev/null", "--question", "x"], "--doc /dev/null is not a regular file"),
+        (["qa", *model, "--doc", str(tiny / "doc.txt"), "--store", str(dangling), "--question", "x"],
+         f"{dangling} is a symbolic link to {tmp_path / 'nowhere'}, which does not exist"),
+        (["qa", *model, "--doc", str(tiny / "doc.txt"), "--store", str(dangling / "s"), "--question", "x"],
+         f"{dangling} is a symbolic link to {tmp_path / 'nowhere'}, which does not exist"),
     ]
     before = _files(tmp_path)
     for argv, text in cases:
