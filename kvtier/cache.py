@@ -41,7 +41,13 @@ from .tokens import TokenLog, check_prefix
 def cache_argument(model: torch.nn.Module) -> str:
     """The keyword a model's forward/generate take a cache under: `cache` on transformers >= 5.24 (where
     `past_key_values` is deprecated), `past_key_values` before. Use as `model.generate(**{cache_argument(m): c})`."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"cache_argument() takes a transformers model, got {type(model).__name__}")
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -73,12 +79,23 @@ class KVTierCache(Cache):
         _disk: RecordStore | None = None,
         **options: Any,
     ):
+        if not isinstance(spec, ModelSpec):
+            raise TypeError(f"KVTierCache(spec, ...) takes a kvtier.ModelSpec (ModelSpec.from_model(model)), got "
+                            f"{type(spec).__name__}; KVTierCache.for_model(model) builds one for you")
         if config is not None and options:
             raise TypeError("pass either a KVTierConfig or keyword options, not both")
+        if config is not None and not isinstance(config, KVTierConfig):
+            raise TypeError(f"config must be a kvtier.KVTierConfig (or pass its fields as keyword options), got "
+                            f"{type(config).__name__}")
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
         self.config = config if config is not None else KVTierConfig(**budgets_in_tokens(options, spec))
         self.spec = spec
         self.dtype = spec.dtype
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        try:
+            self.device = torch.device(device) if device is not None else torch.device("cpu")
+        except (RuntimeError, TypeError):
+            raise CacheInputError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise CacheInputError(f"device={self.device} was asked for, but CUDA is not available")
         self._signature = bytes.fromhex(spec.signature)
@@ -109,8 +126,12 @@ class KVTierCache(Cache):
             self.tiers._disk = _disk
         elif self.config.store_path is not None:
             self.tiers._disk = session.create_store(Path(self.config.store_path), spec, self.config, overwrite)
+        if self.tiers._disk is not None:
+            # a cache dropped without close() still releases its store (the lock, the map), as a temporary one does
+            weakref.finalize(self, self.tiers._disk.close)
         # The model's RoPE per layer (`_watch`; or why it has none that can move), for remove_span.
         self._ropes: tuple[Rope, ...] | UnsupportedModelError | None = None
+        self._vocab: int | None = None  # the model's vocabulary size (`_watch`): input ids are checked against it
         self._closed = False
 
     # ------------------------------------------------------------------------------ construction
@@ -126,6 +147,8 @@ class KVTierCache(Cache):
         overwrite: allow `store_path` to replace an existing store.
         """
         spec = ModelSpec.from_model(model)
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
         config = KVTierConfig(**budgets_in_tokens(options, spec))
         enable(model)
         cache = cls(spec, config, device=_model_device(model), overwrite=overwrite)
@@ -150,6 +173,8 @@ class KVTierCache(Cache):
         session that was never saved or whose prefill was interrupted, StoreCorruptError for a damaged store,
         RemoteStoreError when a server cannot be reached or fails.
         """
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise TypeError(f"KVTierCache.open(path, model) takes a store directory or a redis:// URL, got {path!r}")
         spec = ModelSpec.from_model(model)
         options = budgets_in_tokens(options, spec)  # a bad budget fails before the store is touched
         disk: RecordStore
@@ -193,6 +218,8 @@ class KVTierCache(Cache):
     def _watch(self, model: torch.nn.Module) -> None:
         """Keep `model`'s RoPE (for `remove_span`) and let sparse decoding guess each next layer's query from
         its own weights (config.lookahead)."""
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self._vocab = getattr(embeddings, "num_embeddings", None)
         try:
             self._ropes = Rope.for_layers(model)
         except UnsupportedModelError as err:  # said when a span is removed, the only use
@@ -214,10 +241,27 @@ class KVTierCache(Cache):
         """Called (by the hook `enable` installs) as a model forward pass through this cache starts: claims
         the pass for the owner thread and records its input ids (None: embeddings, the ids become unknown)."""
         self._check_open()
+        if input_ids is not None:
+            self._check_ids(input_ids)
         with self._owner_lock:
             self._check_thread("a forward pass")
             self._in_forward = True
         self._tokens.record(input_ids, self.get_seq_length())
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        """Input ids the model can embed, refused before the pass starts: the model would fail inside its
+        embedding (on CUDA, with a device-side assert that ends the process's use of the GPU) and leave the cache
+        marked interrupted."""
+        if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise CacheInputError(f"input_ids must be integer token ids, got a {dtype_name(ids.dtype)} tensor")
+        if ids.numel() == 0:
+            raise CacheInputError(f"input_ids {tuple(ids.shape)} hold no tokens; feed at least one token of one "
+                                  "sequence")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (self._vocab is not None and high >= self._vocab):
+            bad = low if low < 0 else high
+            raise CacheInputError(f"input_ids hold token id {bad}, outside the model's vocabulary [0, {self._vocab})"
+                                  if self._vocab is not None else f"input_ids hold a negative token id ({bad})")
 
     def forward_ends(self, finished: bool) -> None:
         """Called as the forward pass ends; `finished` is False when it raised."""
@@ -243,10 +287,10 @@ class KVTierCache(Cache):
                 )
             self._owner = threading.get_ident()
 
-    def _check_thread(self, what: str) -> None:
+    def _check_thread(self, what: str, kind: str = "KVTierCache") -> None:
         if threading.get_ident() != self._owner:
             raise CacheThreadError(
-                f"{what} from thread {threading.current_thread().name!r}, but this KVTierCache belongs to thread "
+                f"{what} from thread {threading.current_thread().name!r}, but this {kind} belongs to thread "
                 f"{self._owner_name()}: use a cache from one thread at a time (call cache.claim() in the thread "
                 "that uses it now)"
             )
@@ -300,8 +344,9 @@ class KVTierCache(Cache):
         return handle, handle
 
     def _check_inputs(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> None:
-        if not 0 <= layer_idx < len(self.layers):
-            raise CacheInputError(f"layer_idx {layer_idx} out of range: this cache has {len(self.layers)} layers")
+        if not _is_int(layer_idx) or not 0 <= layer_idx < len(self.layers):
+            raise CacheInputError(f"layer_idx must be an int in [0, {len(self.layers)}) (this cache has "
+                                  f"{len(self.layers)} layers), got {layer_idx!r}")
         if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
             raise CacheInputError("key_states and value_states must be tensors")
         if k.dtype != self.dtype or v.dtype != self.dtype:
@@ -365,18 +410,41 @@ class KVTierCache(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i of the batch becomes old row beam_idx[i]."""
-        self._select_rows(torch.as_tensor(beam_idx))
+        self._select_rows(self._row_index("reorder_cache", beam_idx, masks=False))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if not _is_int(repeats) or repeats < 1:
+            raise CacheInputError(f"batch_repeat_interleave() takes an int >= 1, got {repeats!r}")
         batch = self.batch_size
         if batch > 0:
             self._select_rows(torch.arange(batch).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        indices = torch.as_tensor(indices)
-        if indices.dtype == torch.bool:
-            indices = indices.nonzero().flatten()
-        self._select_rows(indices)
+        self._select_rows(self._row_index("batch_select_indices", indices, masks=True))
+
+    def _row_index(self, what: str, index: Any, masks: bool) -> torch.Tensor:
+        """`index` as a 1-D long tensor of existing rows (a bool mask of the rows too, where `masks`), checked
+        before any layer changes."""
+        self._check_open()
+        self._check_thread("a batch reorder")
+        try:
+            index = torch.as_tensor(index)
+        except (TypeError, ValueError, RuntimeError):
+            raise CacheInputError(f"{what}() takes a 1-D tensor of row indices, got {index!r}") from None
+        batch = self.batch_size
+        if masks and index.dtype == torch.bool:
+            if index.dim() != 1 or (batch > 0 and index.shape[0] != batch):
+                raise CacheInputError(f"{what}(): a row mask must be 1-D with one entry per row ({batch}), got shape "
+                                      f"{tuple(index.shape)}")
+            index = index.nonzero().flatten()
+        elif index.dtype == torch.bool or index.dtype.is_floating_point or index.dtype.is_complex:
+            raise CacheInputError(f"{what}() takes integer row indices, got a {dtype_name(index.dtype)} tensor")
+        if index.dim() != 1 or index.numel() == 0:
+            raise CacheInputError(f"{what}() takes a 1-D tensor of at least one row index, got shape "
+                                  f"{tuple(index.shape)}")
+        if batch > 0 and (int(index.min()) < 0 or int(index.max()) >= batch):
+            raise CacheInputError(f"{what}(): row indices must lie in [0, {batch}), got {index.tolist()}")
+        return index
 
     def _select_rows(self, index: torch.Tensor) -> None:
         self._check_open()
@@ -390,6 +458,9 @@ class KVTierCache(Cache):
         """Negative: remove that many tokens from the end. Positive (transformers < 5.x style): keep that many."""
         self._check_open()
         self._check_thread("crop()")
+        if not _is_int(max_length):
+            raise CacheInputError(f"crop() takes an int (negative: tokens to drop from the end; positive: tokens to "
+                                  f"keep), got {max_length!r}")
         length = self.get_seq_length()
         target = length + max_length if max_length < 0 else (length if max_length == 0 else max_length)
         target = max(0, target)
@@ -505,6 +576,7 @@ class KVTierCache(Cache):
         The chunk layout stays the one the prefill made: a prefill in sparse mode sizes chunks by the attention
         skew it measures, and exact attention reads those chunks as well as fixed ones, so one prefill can
         serve both modes (`kvtier qa` prefills that way)."""
+        self._check_open()
         self._check_thread("set_mode()")
         checked = KVTierConfig(**{**self.config.to_dict(), "mode": mode})  # raises ValueError on bad values
         self.config.mode = checked.mode
@@ -514,6 +586,7 @@ class KVTierCache(Cache):
         """Change the sparse budget or the selection policy between questions (validated like KVTierConfig)."""
         from .sparse.select import make_selector
 
+        self._check_open()
         self._check_thread("set_sparse()")
         changes = {k: v for k, v in (("sparse_budget", budget), ("selector", selector),
                                      ("shared_selection", shared_selection)) if v is not None}

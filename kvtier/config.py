@@ -10,14 +10,17 @@ from typing import Any
 MODES = ("exact", "sparse")
 # options counted in tokens per layer that a size of KV may stand for (converted for a model: kvtier.sizes)
 TOKEN_BUDGETS = ("device_budget", "host_budget")
+# LMDB maps the store into the address space: a map size must fit a 64-bit size_t with room to double
+MAX_MAP_BYTES = 1 << 62
 
 
-def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
+def _check_int(name: str, value: Any, low: int, allow_none: bool = False, high: int | None = None) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         extra = " or None" if allow_none else ""
-        raise ValueError(f"`{name}` must be an integer >= {low}{extra}, got {value!r}")
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"`{name}` must be an integer {allowed}{extra}, got {value!r}")
 
 
 @dataclass
@@ -139,8 +142,8 @@ class KVTierConfig:
         _check_int("staging_tokens", self.staging_tokens, 1)
         _check_int("device_budget", self.device_budget, 1, allow_none=True)
         _check_int("host_budget", self.host_budget, 0, allow_none=True)
-        _check_int("initial_map_bytes", self.initial_map_bytes, 1 << 16)
-        _check_int("max_store_bytes", self.max_store_bytes, 1 << 16, allow_none=True)
+        _check_int("initial_map_bytes", self.initial_map_bytes, 1 << 16, high=MAX_MAP_BYTES)
+        _check_int("max_store_bytes", self.max_store_bytes, 1 << 16, allow_none=True, high=MAX_MAP_BYTES)
         from .store.codec import check_zstd_level
 
         check_zstd_level(self.zstd_level)
@@ -182,6 +185,9 @@ class KVTierConfig:
         if self.max_store_bytes is not None and self.max_store_bytes < self.initial_map_bytes:
             self.initial_map_bytes = self.max_store_bytes
         if self.store_path is not None:
+            if not isinstance(self.store_path, (str, Path)) or not str(self.store_path):
+                raise ValueError(f"`store_path` must be a directory path (str or pathlib.Path) or None, got "
+                                 f"{self.store_path!r}")
             self.store_path = Path(self.store_path)
 
     @property

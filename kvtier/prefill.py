@@ -35,14 +35,26 @@ def prefill(
     attention_mask: [B, cached + T] padding mask, as generate takes it (None: no padding).
     Returns the logits of the last position, [B, vocab] (what generate would sample the next token from).
     """
-    if segment_tokens < 1:
-        raise ValueError(f"`segment_tokens` must be >= 1, got {segment_tokens}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"prefill(model, cache, input_ids) takes a transformers model, got {type(model).__name__}")
+    if not isinstance(cache, KVTierCache):
+        raise TypeError(f"prefill() fills a KVTierCache (KVTierCache.for_model(model)), got {type(cache).__name__}")
+    if isinstance(segment_tokens, bool) or not isinstance(segment_tokens, int) or segment_tokens < 1:
+        raise ValueError(f"`segment_tokens` must be an int >= 1, got {segment_tokens!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point \
+            or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got {_described(input_ids)}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} hold no tokens; pass at least one token of one sequence")
     past = cache.get_seq_length()
     total = input_ids.shape[1]
-    if attention_mask is not None and attention_mask.shape[-1] != past + total:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {past + total}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \
+                or attention_mask.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"attention_mask must be a [batch, cached + new] = [{input_ids.shape[0]}, "
+                             f"{past + total}] padding mask, got {_described(attention_mask)}")
+        if attention_mask.shape[-1] != past + total:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {past + total}")
     kw = {cache_argument(model): cache, "use_cache": True}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kw["logits_to_keep"] = 1  # a segment's full logits would dwarf its KV
@@ -69,6 +81,12 @@ def prefill(
     finally:
         bar.close()
     return logits
+
+
+def _described(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of dtype {str(x.dtype).removeprefix('torch.')} and shape {tuple(x.shape)}"
+    return type(x).__name__
 
 
 def _exact_forward(model, cache: KVTierCache, ids: torch.Tensor, positions: torch.Tensor, kw: dict):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,7 +23,7 @@ class Sampling:
     def from_options(cls, do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int | None,
                      device: torch.device) -> Sampling:
         """Checked options (ValueError naming the argument); `seed` gives sampling a generator of its own."""
-        check_sampling(do_sample, temperature, top_p, top_k)
+        check_sampling(do_sample, temperature, top_p, top_k, seed)
         generator = torch.Generator(device=device).manual_seed(seed) if do_sample and seed is not None else None
         return cls(bool(do_sample), float(temperature), top_k, float(top_p), generator)
 
@@ -45,23 +47,57 @@ def is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def check_sampling(do_sample: bool, temperature: float, top_p: float, top_k: int) -> None:
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_sampling(do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int | None = None) -> None:
     """ValueError naming the argument and its allowed range."""
-    if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    if do_sample and not (_is_number(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+    if not (_is_number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if not is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {top_k!r}")
+    if seed is not None and (not is_int(seed) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {seed!r}")
+
+
+def vocab_size(model: torch.nn.Module) -> int | None:
+    """How many token ids `model` can embed (None when it does not say)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None)
+
+
+def check_token(token: object, vocab: int | None, what: str) -> int:
+    """`token` (an int, or anything integer that `operator.index` takes: a numpy integer, a one-element integer
+    tensor) as an int id the model can embed; ValueError naming `what` otherwise."""
+    try:
+        tid = None if isinstance(token, bool) or getattr(token, "dtype", None) == torch.bool else operator.index(token)
+    except TypeError:
+        tid = None
+    if tid is None or tid < 0 or (vocab is not None and tid >= vocab):
+        allowed = f"[0, {vocab})" if vocab is not None else ">= 0"
+        raise ValueError(f"{what} must be a token id (an int in {allowed}), got {token!r}")
+    return tid
 
 
 def eos_ids(model: torch.nn.Module, tokenizer, given: int | Sequence[int] | None) -> set[int]:
-    """The tokens that end generation: `given`, else the model's generation config's, else the tokenizer's."""
+    """The tokens that end generation: `given`, else the model's generation config's, else the tokenizer's.
+    A given id outside the model's vocabulary would never be sampled: ValueError."""
     if given is None:
         config = getattr(model, "generation_config", None)
         given = getattr(config, "eos_token_id", None)
         if given is None:
             given = getattr(tokenizer, "eos_token_id", None)
-    if given is None:
-        return set()
-    return {int(given)} if isinstance(given, int) else {int(t) for t in given}
+        if given is None:
+            return set()
+        return {int(given)} if isinstance(given, int) else {int(t) for t in given}
+    vocab = vocab_size(model)
+    if is_int(given):
+        return {check_token(given, vocab, "eos_token_id")}
+    if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
+        raise ValueError(f"eos_token_id must be a token id, a list of them, [] for none, or None, got {given!r}")
+    return {check_token(t, vocab, "each eos_token_id") for t in given}

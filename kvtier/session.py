@@ -10,6 +10,7 @@ recognisable as such. Everything read back is checked before it is used; nothing
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 import time
 from pathlib import Path
@@ -30,9 +31,9 @@ from .layers import TieredLayer
 from .model_spec import FULL, ModelSpec
 from .sparse.profile import LayerSkew
 from .store import manifest as mf
+from .store.backend import RecordStore
 from .store.chunk import ABSTRACT_ID, PAGES_ID, Chunk, Tier, chunk_key
 from .store.codec import LAYOUT_VERSION, RecordHeader, dtype_name
-from .store.backend import RecordStore
 from .store.disk import DiskStore, is_store
 
 if TYPE_CHECKING:
@@ -165,14 +166,47 @@ def reopen_options(header: dict, options: dict[str, Any]) -> dict[str, Any]:
     """Chunking options from the store; every runtime option (budgets, mode, threads) from the caller alone.
 
     A store is data: it never decides how much memory, how many threads or which attention a process uses.
-    The saver's options stay in the manifest for `kvtier inspect` to show."""
+    The saver's options stay in the manifest for `kvtier inspect` to show. A chunking option the caller gives
+    must be the store's own: the saved chunk table, recent windows and page abstracts were cut by it."""
     options = dict(options)
     for name in LAYOUT_OPTIONS:
-        options.setdefault(name, header["layout"][name])
+        stored = header["layout"][name]
+        if name in options and options[name] != stored:
+            raise ValueError(f"`{name}`={options[name]!r}: this session was saved with {name}={stored}, and a "
+                             "reopened session keeps the chunking it was saved with; leave it out (or prefill again "
+                             "with the new value)")
+        options[name] = stored
     return options
 
 
 # -------------------------------------------------------------------------------------------- save
+def check_info(info: Any) -> None:
+    """ValueError unless `info` is a dict of JSON data (str keys; str, finite numbers, bools, None, lists, dicts),
+    which a reopened session reads back as it was written; checked before a save writes anything."""
+    def bad(where: str, value: Any) -> str | None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return f"{where} has the key {key!r}; keys must be str"
+                found = bad(f"{where}[{key!r}]", item)
+                if found:
+                    return found
+            return None
+        if isinstance(value, (list, tuple)):
+            return next((found for i, item in enumerate(value) if (found := bad(f"{where}[{i}]", item))), None)
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{where} is {value!r}; JSON has no NaN or infinity"
+        if value is None or isinstance(value, (str, int, float)):
+            return None
+        return f"{where} is a {type(value).__name__}; info holds JSON data (str, numbers, bools, None, lists, dicts)"
+
+    if not isinstance(info, dict):
+        raise ValueError(f"info must be a dict of JSON data, got {type(info).__name__}")
+    problem = bad("info", info)
+    if problem:
+        raise ValueError(problem)
+
+
 def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
     """Write every chunk, the recent windows and sliding buffers, then the abstracts and the manifest in one
     transaction (the commit point), then fsync.
@@ -187,6 +221,9 @@ def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
             f"the last forward pass did not finish (layers hold {sorted(lengths)} tokens); the cache cannot be "
             "saved. Reset it and prefill again."
         )
+    if info is not None:
+        check_info(info)
+    info = dict(info if info is not None else cache.info)
     tiers = cache.tiers
     disk = tiers.disk
     header = read_header(disk)
@@ -222,7 +259,7 @@ def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
         dtype=dtype_name(cache.dtype), length=cache.get_seq_length(), batch=cache.batch_size,
         next_chunk_id=tiers.next_chunk_id, saved=time.time(),
         options={name: getattr(cache.config, name) for name in RUNTIME_OPTIONS},
-        info=dict(info if info is not None else cache.info),
+        info=info,
         tokens=None if tokens is None else tokens.to("cpu", torch.int32).contiguous().numpy().tobytes(),
         layers=entries,
     )
@@ -231,6 +268,7 @@ def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
     live = {c.key for layer in cache.layers if isinstance(layer, TieredLayer) for c in layer.chunks if c.on_disk}
     tiers.drop_records([k for k in cache._saved_keys - keys if k not in live])
     cache._saved_keys = keys
+    cache.info = info  # the next save without info= keeps it, as a reopened session does
     disk.sync()
     return disk.path
 

@@ -81,10 +81,14 @@ def check_prefix(held: torch.Tensor | None, prompt: torch.Tensor, n: int) -> Non
             "this cache does not know which token ids it holds (it was fed embeddings, or KV written directly), "
             "so the prompt cannot be checked against it"
         )
-    prompt = torch.as_tensor(prompt)
+    try:
+        prompt = torch.as_tensor(prompt)
+    except (TypeError, ValueError, RuntimeError):
+        raise PromptMismatchError(f"prompt ids must be an integer tensor [batch, length] (or [length]), got "
+                                  f"{type(prompt).__name__}") from None
     if prompt.dim() == 1:
         prompt = prompt[None]
-    if prompt.dim() != 2 or prompt.dtype.is_floating_point:
+    if prompt.dim() != 2 or prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
         raise PromptMismatchError(f"prompt ids must be an integer tensor [batch, length], got {tuple(prompt.shape)}")
     if held.shape[0] not in (1, prompt.shape[0]):
         raise PromptMismatchError(f"the prompt has {prompt.shape[0]} rows, the session holds {held.shape[0]}")

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache
 
 from ..attention import enable
 from ..cache import KVTierCache, cache_argument
-from ..errors import CacheInputError, UnsupportedModelError
+from ..errors import CacheInputError, StoreError, UnsupportedModelError
 from ..handle import KVHandle
 from ..model_spec import SLIDING, ModelSpec
 from ..rope import Rope
@@ -29,6 +29,10 @@ from .layer import HogwildLayer, Plan, SlidingHogwildLayer
 from .layout import OTHERS, OWN, STEP0, Layout, Target
 
 TokenIds = torch.Tensor | Sequence[int]
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class HogwildCache(Cache):
@@ -49,8 +53,10 @@ class HogwildCache(Cache):
     """
 
     def __init__(self, model: torch.nn.Module, workers: int, *, step_capacity: int = 64, **history_options: Any):
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        if not _is_int(workers) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        if not _is_int(step_capacity) or step_capacity < 1:
+            raise ValueError(f"step_capacity must be an int >= 1, got {step_capacity!r}")
         try:
             ropes = Rope.for_layers(model)
         except UnsupportedModelError as err:
@@ -71,6 +77,9 @@ class HogwildCache(Cache):
         super().__init__(layers=layers)
         enable(model)
         self.model = model
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self._vocab: int | None = getattr(embeddings, "num_embeddings", None)
+        self._closed = False
         self.layout = Layout(workers, step_capacity)
         self._cache_kwarg = cache_argument(model)
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -97,7 +106,15 @@ class HogwildCache(Cache):
 
     def close(self) -> None:
         """Release the history's store and memory (a temporary store is deleted)."""
+        if self._closed:
+            return
+        self.history_cache._check_thread("close()", "HogwildCache")
         self.history_cache.close()
+        self._closed = True
+
+    def claim(self) -> None:
+        """Make the calling thread the cache's owner (as `KVTierCache.claim`)."""
+        self.history_cache.claim()
 
     def __enter__(self) -> HogwildCache:
         return self
@@ -131,7 +148,8 @@ class HogwildCache(Cache):
     def prefill_history(self, ids: TokenIds) -> torch.Tensor | None:
         """Append tokens (the prompt, or any text every worker should read) to the shared history. Returns the
         logits [V] after its last token (None for no tokens)."""
-        ids = self._ids_1d(ids)
+        self._check_idle("prefill_history()")
+        ids = self._ids_1d(ids, "prefill_history()")
         if not ids.numel():
             return None
         h = self.layout.history
@@ -143,7 +161,7 @@ class HogwildCache(Cache):
         worker's own step. Allowed while every current step is empty. Returns the logits [V] after the last
         header token (every worker's, as long as the steps are empty), or None for two empty headers."""
         self._check_idle("set_headers()")
-        others, own = self._ids_1d(others), self._ids_1d(own)
+        others, own = self._ids_1d(others, "set_headers()"), self._ids_1d(own, "set_headers()")
         try:
             self.layout.set_headers(others.numel(), own.numel())
         except ValueError as err:
@@ -159,7 +177,8 @@ class HogwildCache(Cache):
     def step(self, tokens: TokenIds) -> torch.Tensor:
         """Feed one token per worker (tokens [N], or [N, Q] for Q tokens each) in one batched forward pass.
         Returns logits [N, V]: each worker's prediction after its last new token, over its own view."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        self._check_idle("step()")
+        tokens = self._token_ids(tokens, "step()")
         if tokens.dim() == 1:
             tokens = tokens[:, None]
         if tokens.dim() != 2 or tokens.shape[0] != self.workers or tokens.shape[1] == 0:
@@ -174,8 +193,7 @@ class HogwildCache(Cache):
         """Worker's current step joins the end of the shared history (its keys re-rotated once, by the history's
         length) and the worker starts an empty step. Returns the number of tokens moved."""
         self._check_idle("finish_step()")
-        if not 0 <= worker < self.workers:
-            raise CacheInputError(f"worker {worker} out of range: this cache has {self.workers} workers")
+        self._check_worker(worker)
         n = self.layout.step_len(worker)
         for layer in self.layers:
             layer.promote(STEP0 + worker, n)
@@ -186,8 +204,7 @@ class HogwildCache(Cache):
 
     def view_ids(self, worker: int) -> torch.Tensor:
         """Worker's view as one sequence of token ids ([total] long, CPU): what a plain model would read."""
-        if not 0 <= worker < self.workers:
-            raise CacheInputError(f"worker {worker} out of range: this cache has {self.workers} workers")
+        self._check_worker(worker)
         if not self._ids_known:
             raise CacheInputError("the token ids are unknown: a forward pass fed embeddings instead of input ids")
         ids = list(self._history_ids)
@@ -199,6 +216,9 @@ class HogwildCache(Cache):
         """Worker's view at one layer as an ordinary cache would hold it: k, v [Hkv, total, D], keys rotated at
         their view positions (computed on request by re-rotating every block; attention never needs it)."""
         self._check_idle("view_kv()")
+        self._check_worker(worker)
+        if not _is_int(layer_idx) or not 0 <= layer_idx < len(self.layers):
+            raise CacheInputError(f"layer_idx must be an int in [0, {len(self.layers)}), got {layer_idx!r}")
         return self.layers[layer_idx].view_kv(self.layout, worker)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, target: Target) -> torch.Tensor:
@@ -215,8 +235,29 @@ class HogwildCache(Cache):
             self._target = Target.STEPS
         return out.logits[:, -1]
 
-    def _ids_1d(self, ids: TokenIds) -> torch.Tensor:
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+    def _check_worker(self, worker: object) -> None:
+        if not _is_int(worker) or not 0 <= worker < self.workers:
+            raise CacheInputError(f"worker must be an int in [0, {self.workers}) (this cache has {self.workers} "
+                                  f"workers), got {worker!r}")
+
+    def _token_ids(self, ids: TokenIds, what: str) -> torch.Tensor:
+        """`ids` as a long tensor on the device, refused unless they are integer ids the model can embed."""
+        try:
+            t = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError):
+            raise CacheInputError(f"{what} takes token ids (a list or tensor of ints), got {ids!r}") from None
+        if t.numel() and (t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex):
+            raise CacheInputError(f"{what} takes integer token ids, got {str(t.dtype).removeprefix('torch.')} "
+                                  f"values {t.flatten()[:8].tolist()}")
+        if t.numel():
+            low, high = int(t.min()), int(t.max())
+            if low < 0 or (self._vocab is not None and high >= self._vocab):
+                raise CacheInputError(f"{what}: token id {low if low < 0 else high} is outside the model's "
+                                      f"vocabulary [0, {self._vocab})")
+        return t.to(device=self.device, dtype=torch.long)
+
+    def _ids_1d(self, ids: TokenIds, what: str) -> torch.Tensor:
+        ids = self._token_ids(ids, what)
         if ids.dim() == 2 and ids.shape[0] == 1:
             ids = ids[0]
         if ids.dim() != 1:
@@ -224,6 +265,9 @@ class HogwildCache(Cache):
         return ids
 
     def _check_idle(self, what: str) -> None:
+        if self._closed:
+            raise StoreError(f"{what}: this HogwildCache is closed")
+        self.history_cache._check_thread(what, "HogwildCache")
         if self._broken or (self._plan is not None and self._layers_done != len(self.layers)):
             self._broken = True
             raise CacheInputError(f"{what}: a forward pass through this HogwildCache stopped part-way, so its layers "
@@ -330,6 +374,9 @@ class HogwildCache(Cache):
 
     def reset(self) -> None:
         """Forget every token (history, headers, steps)."""
+        if self._closed:
+            raise StoreError("reset(): this HogwildCache is closed")
+        self.history_cache._check_thread("reset()", "HogwildCache")
         for layer in self.layers:
             layer.reset()
         self.layout = Layout(self.workers, self.layout.step_capacity)

@@ -91,24 +91,35 @@ class CollaborationTemplate:
     _names: tuple[str, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
+        for name in ("rules", "problem_format", "history_intro", "others_header", "own_header", "step_prefix",
+                     "check_in", "yes", "no", "finisher"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a str, got {getattr(self, name)!r}")
+        if not isinstance(self.use_chat_template, bool):
+            raise ValueError(f"use_chat_template must be True or False, got {self.use_chat_template!r}")
         if self.names is not None:
+            if isinstance(self.names, str) or not isinstance(self.names, Sequence):
+                raise ValueError(f"names must be a list of names, one per worker, got {self.names!r}")
             names = tuple(self.names)
             if not names or any(not isinstance(n, str) or not n.strip() for n in names):
                 raise ValueError(f"names must be non-empty strings, got {list(self.names)!r}")
             if len(set(names)) != len(names):
                 raise ValueError(f"names must differ from one another, got {list(names)!r}")
             self._names = names
-        for name in ("step_prefix", "rules"):
+        for name in ("step_prefix", "rules", "problem_format"):
             try:
-                getattr(self, name).format(name="A", step=1, names="A", n=1, example="A")
+                getattr(self, name).format(name="A", step=1, names="A", n=1, example="A", problem="P")
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(f"{name} is not a valid format string ({err!r}); step_prefix may use "
-                                 "{name} and {step}, rules {names}, {n} and {example}") from None
+                                 "{name} and {step}, rules {names}, {n} and {example}, problem_format "
+                                 "{problem}") from None
         if not self.yes or not self.no or self.yes == self.no:
             raise ValueError(f"yes and no must be two different non-empty strings, got {self.yes!r}, {self.no!r}")
 
     def worker_names(self, workers: int) -> list[str]:
         """One name per worker."""
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if self._names:
             if len(self._names) < workers:
                 raise ValueError(f"names has {len(self._names)} names for {workers} workers")

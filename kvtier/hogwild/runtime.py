@@ -134,12 +134,24 @@ def generate(model: torch.nn.Module, tokenizer, problem: str, *, workers: int = 
     The model's attention is switched to kvtier (as `HogwildCache.for_model` does); the cache is closed before
     returning. Returns a `HogwildResult`.
     """
-    template = template or CollaborationTemplate()
+    template = CollaborationTemplate() if template is None else template
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"generate(model, tokenizer, problem) takes a transformers model, got {type(model).__name__}")
+    if not isinstance(template, CollaborationTemplate):
+        raise TypeError(f"template must be a CollaborationTemplate or None, got {type(template).__name__}")
     _check(workers, max_new_tokens, do_sample, temperature, top_p, top_k, check_in_every, finisher_tokens,
-           finisher_worker)
+           finisher_worker, seed)
     if not isinstance(problem, str) or not problem.strip():
         raise ValueError("problem is empty: pass the text of the problem to solve")
+    for name, fn in (("on_token", on_token), ("on_step", on_step)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be a function or None, got {type(fn).__name__}")
+    if history_options is not None and not isinstance(history_options, dict):
+        raise TypeError(f"history_options must be a dict of KVTierConfig options or None, got "
+                        f"{type(history_options).__name__}")
     pattern = None
+    if answer_pattern is not None and not isinstance(answer_pattern, str):
+        raise TypeError(f"answer_pattern must be a regular expression (str) or None, got {answer_pattern!r}")
     if answer_pattern is not None:
         try:
             pattern = re.compile(answer_pattern, re.S)
@@ -373,13 +385,13 @@ class _Run:
 
 
 def _check(workers, max_new_tokens, do_sample, temperature, top_p, top_k, check_in_every, finisher_tokens,
-           finisher_worker) -> None:
+           finisher_worker, seed) -> None:
     """ValueError naming the argument and its allowed range, before anything runs."""
     if not is_int(workers) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    check_sampling(do_sample, temperature, top_p, top_k)
+    check_sampling(do_sample, temperature, top_p, top_k, seed)
     if check_in_every is not None and (not is_int(check_in_every) or check_in_every < 0):
         raise ValueError(f"check_in_every must be an int >= 1, or 0 / None for no check-in, got {check_in_every!r}")
     if not is_int(finisher_tokens) or finisher_tokens < 0:

@@ -62,6 +62,8 @@ class PruneBuffer:
         A body is returned whole even when lists inside it were removed before: `RemovedSpans.remove`
         takes away only what is left. `at_token` (default `body.end`, the token holding "]") is logged.
         """
+        if not isinstance(body, TokenSpan):
+            raise CacheInputError(f"on_list_closed() takes the list's body as a TokenSpan, got {body!r}")
         at = body.end if at_token is None else at_token
         self._buffer.append((tuple(path), body))
         out = []
@@ -103,6 +105,8 @@ class RemovedSpans:
 
     def position(self, index: int) -> int:
         """The current position of kept stream token `index` (its rank among kept tokens)."""
+        if type(index) is not int:
+            raise CacheInputError(f"position() takes a stream token index (an int), got {index!r}")
         if index < 0 or index in self:
             raise CacheInputError(f"stream token {index} has no position: "
                                   f"{'it was removed' if index >= 0 else 'indices start at 0'}")
@@ -111,6 +115,8 @@ class RemovedSpans:
     def remove(self, span: TokenSpan) -> TokenSpan | None:
         """Record `span` as removed; returns the positions its not-yet-removed tokens held just before (a
         contiguous range, to cut from the cache now), or None when nothing of it was left."""
+        if not isinstance(span, TokenSpan):
+            raise CacheInputError(f"remove() takes a TokenSpan, got {span!r}")
         first = span.start - self._removed_before(span.start)
         kept = span.length - (self._removed_before(span.end) - self._removed_before(span.start))
         if kept == 0:

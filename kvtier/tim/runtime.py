@@ -31,13 +31,20 @@ import torch
 
 from ..cache import KVTierCache, cache_argument
 from ..rope import Rope
-from ..sampling import Sampling, eos_ids, is_int
+from ..sampling import Sampling, check_token, eos_ids, is_int, vocab_size
 from .prompts import encode_prompt
 from .prune import PruneBuffer, RemovedSpans
 from .schema import thread_schema
 from .stream import Detokenizer
 from .tools import Tool, ToolOutcome, ToolRegistry
-from .tracker import ListClosed, TaskNode, TaskTracker, ThreadDone, ToolCallReady, tool_result_text
+from .tracker import (
+    ListClosed,
+    TaskNode,
+    TaskTracker,
+    ThreadDone,
+    ToolCallReady,
+    tool_result_text,
+)
 
 EventCallback = Callable[[Any], None]
 
@@ -135,10 +142,31 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *,
     A malformed thread (possible only unconstrained) raises `TimFormatError` with the token and what was
     expected. Returns a `TimResult`.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"generate(model, tokenizer, prompt) takes a transformers model, got {type(model).__name__}")
     registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools or ())
-    _check(prune_buffer, max_depth, max_new_tokens, reencode)
+    _check(prune_buffer, max_depth, max_new_tokens, reencode, constrain, max_string_length)
     if prompt_ids is None and not isinstance(prompt, str):
         raise ValueError(f"prompt must be text (or pass prompt_ids), got {type(prompt).__name__}")
+    for name, fn in (("on_event", on_event), ("choose", choose)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be a function or None, got {type(fn).__name__}")
+    if cache is not None:
+        if not isinstance(cache, KVTierCache):
+            raise TypeError(f"cache must be a KVTierCache or None, got {type(cache).__name__}")
+        if cache_options:
+            raise TypeError(f"options {sorted(cache_options)} build the cache generate makes; with cache= given, "
+                            "build that cache with them instead")
+    vocab = vocab_size(model)
+    if prompt_ids is not None:
+        if isinstance(prompt_ids, torch.Tensor):
+            if prompt_ids.dim() != 1 and not (prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1):
+                raise ValueError(f"prompt_ids must be one sequence of token ids ([L] or [1, L]), got shape "
+                                 f"{tuple(prompt_ids.shape)}")
+            prompt_ids = prompt_ids.flatten().tolist()
+        if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
+            raise ValueError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
+        prompt_ids = [check_token(t, vocab, "each of prompt_ids") for t in prompt_ids]
     if not reencode:
         Rope.for_layers(model)  # a model whose keys cannot be moved is refused now, not at the first pruning
     sampling = Sampling.from_options(do_sample, temperature, top_p, top_k, seed, _device(model))
@@ -153,16 +181,18 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *,
     ids = list(prompt_ids) if prompt_ids is not None else encode_prompt(tokenizer, prompt, registry, max_depth)
     if not ids:
         raise ValueError("the prompt has no tokens")
+    eos = eos_ids(model, tokenizer, eos_token_id)
     own = cache is None
     if own:
         cache = KVTierCache.for_model(model, **cache_options)
     elif cache.get_seq_length():
         raise ValueError("cache must be empty: generate prefills the prompt into it")
     run = _Run(model, tokenizer, cache, registry, PruneBuffer(prune_buffer), TaskTracker(max_depth), constraint,
-               reencode, on_event, eos_ids(model, tokenizer, eos_token_id))
+               reencode, on_event, eos)
     started = time.perf_counter()
     try:
-        result = run.loop(ids, max_new_tokens, choose or (lambda logits: sampling(logits[None])[0]))
+        pick = (lambda logits: sampling(logits[None])[0]) if choose is None else _checked(choose, vocab)
+        result = run.loop(ids, max_new_tokens, pick)
     finally:
         if own:
             cache.close()
@@ -315,7 +345,14 @@ def _xgrammar_available() -> bool:
     return True
 
 
-def _check(prune_buffer, max_depth, max_new_tokens, reencode) -> None:
+def _checked(choose: Callable[[torch.Tensor], int], vocab: int | None) -> Callable[[torch.Tensor], int]:
+    """`choose`, its answers checked: an id outside the vocabulary would fail deep inside the model's embedding."""
+    def pick(logits: torch.Tensor) -> int:
+        return check_token(choose(logits), vocab, "what choose() returned")
+    return pick
+
+
+def _check(prune_buffer, max_depth, max_new_tokens, reencode, constrain, max_string_length) -> None:
     """ValueError naming the argument and its allowed range, before anything runs."""
     if not is_int(prune_buffer) or prune_buffer < 0:
         raise ValueError(f"prune_buffer must be an int >= 0, got {prune_buffer!r}")
@@ -325,6 +362,10 @@ def _check(prune_buffer, max_depth, max_new_tokens, reencode) -> None:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not isinstance(reencode, bool):
         raise ValueError(f"reencode must be True or False, got {reencode!r}")
+    if constrain is not None and not isinstance(constrain, bool):
+        raise ValueError(f"constrain must be True, False or None (None: when xgrammar is installed), got {constrain!r}")
+    if max_string_length is not None and (not is_int(max_string_length) or max_string_length < 1):
+        raise ValueError(f"max_string_length must be None or an int >= 1, got {max_string_length!r}")
 
 
 __all__ = ["Pruned", "TimResult", "TimStats", "ToolCall", "generate"]

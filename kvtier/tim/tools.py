@@ -58,8 +58,9 @@ class Tool:
         if not callable(self.fn):
             raise ToolSpecError(f"tool {self.name!r}: fn must be callable, got {type(self.fn).__name__}")
         if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
-                                         or not self.timeout > 0 or not math.isfinite(self.timeout)):
-            raise ToolSpecError(f"tool {self.name!r}: timeout must be None or seconds > 0, got {self.timeout!r}")
+                                         or not 0 < self.timeout <= threading.TIMEOUT_MAX):
+            raise ToolSpecError(f"tool {self.name!r}: timeout must be None or seconds in (0, {threading.TIMEOUT_MAX:g}]"
+                                f", got {self.timeout!r}")
 
 
 def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None, description: str | None = None,
@@ -233,6 +234,8 @@ class ToolRegistry:
     """The tools a thread may call, by name. Plain functions are wrapped with `tool()`."""
 
     def __init__(self, tools: Iterable[Tool | Callable[..., Any]] = ()) -> None:
+        if isinstance(tools, (str, bytes, Tool)) or callable(tools) or not isinstance(tools, Iterable):
+            raise ToolSpecError(f"tools must be a list of Tools or functions, got {tools!r}")
         self._tools: dict[str, Tool] = {}
         for t in tools:
             t = t if isinstance(t, Tool) else tool(t)

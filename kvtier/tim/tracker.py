@@ -682,6 +682,8 @@ class TaskTracker:
     def feed(self, text: str) -> list[Event]:
         """Take the decoded text of the next token; returns what it completed or closed (`Event`s), in the order
         of its characters."""
+        if not isinstance(text, str):
+            raise TypeError(f"feed() takes the decoded text of one token (a str), got {type(text).__name__}")
         if self._error is not None:
             raise self._error
         self._events, self._text = [], text
