@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
                            description="Run a benchmark; `kvtier bench NAME --help` lists its options.",
                            add_help=False)
     bench.add_argument("name", nargs="?", choices=sorted(BENCHMARKS))
+    if argv and argv[0].startswith("-") and not any(
+            known.startswith(argv[0]) for known in ("-h", "--help", "--version")):
+        # parse_known_args would set it aside and only say that a command is missing
+        parser.error(f"unrecognized argument {printable(argv[0])}: name a command first ({', '.join(sub.choices)}); "
+                     "its options follow it (kvtier COMMAND --help)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench" and args.name is None:
         if any(a in ("-h", "--help") for a in rest):

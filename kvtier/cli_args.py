@@ -61,7 +61,7 @@ def check_text(flag: str, text: str | None, what: str) -> None:
 
 
 def check_sampling(args: argparse.Namespace) -> None:
-    """--temperature, --top-p, --top-k, --seed."""
+    """--temperature, --top-p, --top-k (sampling options, refused when greedy), --seed."""
     from .sampling import check_sampling as check_seed
 
     if not math.isfinite(args.temperature) or args.temperature < 0:
@@ -70,6 +70,11 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise UsageError(f"--top-p {args.top_p}: must be in (0, 1]")
     if args.top_k < 0:
         raise UsageError(f"--top-k {args.top_k}: must be 0 (all tokens) or above")
+    if args.temperature == 0:  # greedy: a sampling option would be silently ignored
+        for flag, value, default in (("--top-p", args.top_p, 1.0), ("--top-k", args.top_k, 0)):
+            if value != default:
+                raise UsageError(f"{flag} {value} applies to sampling only; add --temperature above 0 (the default, "
+                                 "0, is greedy)")
     if args.seed is not None:
         try:
             check_seed(False, 1.0, 1.0, 0, seed=args.seed)

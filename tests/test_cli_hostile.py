@@ -146,6 +146,8 @@ def test_generation_commands_refuse_before_loading(command, tmp_path, capsys):
         (["--host-budget", HUGE + "GiBB"], "--host-budget: budget"),
         (["--json", ""], "--json is empty"),
         (["--device", "meta"], "--device meta"),
+        (["--top-p", "0.9"], "--top-p 0.9 applies to sampling only; add --temperature above 0"),
+        (["--top-k", "5", "--temperature", "0"], "--top-k 5 applies to sampling only"),
     ]
     for extra, text in cases:
         line = _one_error(capsys, [*base, *extra], text)
@@ -221,3 +223,19 @@ def test_bench_failure_during_the_run_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(codec, "main", interrupted)
     _one_error(capsys, ["bench", "codec"], "kvtier bench codec: interrupted", code=130)
+
+
+def test_an_option_before_the_command_is_named(capsys):
+    for argv in (["--bogus"], ["--model", "x", "qa"], ["-x"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.splitlines()[-1].startswith(
+            f"kvtier: error: unrecognized argument {argv[0]}: name a command first (qa, inspect, sessions"), err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--vers"])  # an abbreviation argparse accepts
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("kvtier ")
+    for flag in ("-h", "--help"):
+        with pytest.raises(SystemExit) as exit_:
+            main([flag])
+        assert exit_.value.code == 0 and "usage: kvtier" in capsys.readouterr().out
