@@ -128,6 +128,21 @@ def test_token_ids_outside_the_models_vocabulary_are_refused(store, bad):
     _refused(lambda: _answer(model, a), f"tokens[0][77] is {bad}, outside the model's vocabulary [0, {VOCAB})")
 
 
+def test_a_layout_size_no_record_can_hold_is_refused_by_name(store):
+    """The header's chunking options are lengths of records (or of parts of one): a page of 2**63 tokens made the
+    page offsets overflow int64 at open."""
+    model, a = store
+    env = lmdb.open(str(a), max_dbs=4, map_size=1 << 30)
+    try:
+        with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+            header = unseal(txn.get(b"store"), "header")
+            header["layout"]["page_size"] = 2**63
+            txn.put(b"store", seal(header))
+    finally:
+        env.close()
+    _refused(lambda: _answer(model, a), "header: layout.page_size is 9223372036854775808, outside [0, 4294967295]")
+
+
 def test_chunk_ids_that_run_out_are_an_error_not_a_key_collision(store):
     """next_chunk_id at the last id: the chunks decoding seals would take the abstract tables' ids, then ids no key
     holds. The first id past the last chunk id is refused instead."""

@@ -420,5 +420,8 @@ def parse_shape(header: dict[str, Any], where: str) -> Shape:
         windows.append(None if window is None else f.int(window, f"structure.layers[{i}] window", 1))
     if not isinstance(header.get("dtype"), str) or header["dtype"] not in _DTYPES:
         raise f.fail("dtype", f"is {_show(header.get('dtype'))}")
+    layout = f.dict(header.get("layout"), "layout")
+    for name in ("chunk_size", "sink_tokens", "recent_window", "page_size"):  # each a record's length, or a part
+        f.int(layout.get(name), f"layout.{name}", 0, MAX_RECORD_TOKENS)
     return Shape(kinds, windows, f.int(s.get("kv_heads"), "structure.kv_heads", 1, 2**16),
                  f.int(s.get("head_dim"), "structure.head_dim", 1, 2**16), _DTYPES[header["dtype"]])
