@@ -167,6 +167,7 @@ def register() -> None:
 
 def enable(model: torch.nn.Module) -> torch.nn.Module:
     """Switch `model` to kvtier attention (a KVTierCache needs it; without one it computes plain attention)."""
+    _check_model(model)
     register()
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
@@ -179,6 +180,12 @@ def enable(model: torch.nn.Module) -> torch.nn.Module:
             layer.register_forward_pre_hook(_layer_starts, with_kwargs=True)
     hooks.install(model)  # forward passes report their start, input ids and end to the cache
     return model
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedModelError(f"kvtier attention serves a transformers model (a torch.nn.Module), got "
+                                    f"{type(model).__name__}")
 
 
 def _switch(model: torch.nn.Module, current: str | None) -> None:
@@ -204,6 +211,7 @@ def _layer_starts(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 
 def disable(model: torch.nn.Module) -> torch.nn.Module:
     """Put back the attention implementation the model had before `enable`."""
+    _check_model(model)
     for layer in decoder_layers(model).values():
         for key, hook in list(layer._forward_pre_hooks.items()):
             if hook is _layer_starts:

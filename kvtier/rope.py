@@ -21,6 +21,7 @@ one set cannot be moved exactly later; they are refused, as are models without R
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,7 @@ class Rope:
     def rotate(self, x: torch.Tensor, positions: Positions) -> torch.Tensor:
         """Apply RoPE to unrotated x [B, H, T, D] at positions (() / [T] / [B, T]) as the model does: in x's
         dtype, attention scaling included."""
+        _check_positions(x, positions, "positions")
         cos, sin = self.cos_sin(torch.as_tensor(positions, device=x.device))
         return self._turn(x, *_over_heads(cos.to(x.dtype), sin.to(x.dtype)))
 
@@ -101,6 +103,7 @@ class Rope:
         """Move x [B, H, T, D], already rotated, by delta positions (() / [T] / [B, T], either sign): one
         rotation through delta, without attention scaling (x carries it once already). Computed in float32
         and rounded once to x's dtype."""
+        _check_positions(x, delta, "delta")
         angles = self._angles(delta, x.device)
         return self._turn(x.float(), *_over_heads(angles.cos(), angles.sin())).to(x.dtype)
 
@@ -155,6 +158,35 @@ class Rope:
         return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)
 
 
+_MAX_POSITION = 2**62
+
+
+def _check_positions(x: object, positions: object, name: str) -> None:
+    """x must be a floating [B, H, T, D] tensor and positions whole numbers that broadcast over it as `rotate`
+    and `shift` read them (() / [T] / [B, T]); checked on shapes and dtypes only, never on values of a tensor
+    (which on a GPU would wait for the device)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        what = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"Rope turns floating-point tensors [B, H, T, D], got {what}")
+    if isinstance(positions, torch.Tensor):
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+            raise ValueError(f"{name} must hold whole positions (an integer tensor), got {positions.dtype}")
+        b, _, t, _ = x.shape
+        if not (positions.dim() == 0 or (positions.dim() == 1 and positions.shape[0] in (1, t))
+                or (positions.dim() == 2 and positions.shape[0] in (1, b) and positions.shape[1] in (1, t))):
+            raise ValueError(f"{name} of shape {tuple(positions.shape)} does not fit x of shape {tuple(x.shape)}: "
+                             f"pass (), [T] = [{t}] or [B, T] = [{b}, {t}]")
+    else:
+        try:
+            value = None if isinstance(positions, bool) else operator.index(positions)
+        except TypeError:
+            value = None
+        if value is None:
+            raise ValueError(f"{name} must be an int or an integer tensor, got {positions!r}")
+        if abs(value) > _MAX_POSITION:
+            raise ValueError(f"{name} {value} is out of range (at most 2**62 either way)")
+
+
 def _rounded_out(x: torch.Tensor, dtype: torch.dtype, sign: float) -> torch.Tensor:
     """x (float32) in dtype, rounded away from the interval's inside (down for a minimum, up for a maximum) so
     a bound still holds after rounding to a narrower type."""
@@ -197,6 +229,10 @@ def _rope_parameters(config, layer_type: str | None) -> tuple:
     raises UnsupportedModelError where a position cannot be moved exactly."""
     text, params = _text_and_params(config)
     if not _nested(params):
+        known = getattr(text, "layer_types", None) or ()
+        if layer_type is not None and layer_type not in known:
+            raise ValueError(f"{_family(text)} has no layer type {layer_type!r}"
+                             + (f"; its layers are {sorted(set(known))}" if known else "; leave `layer_type` out"))
         layer_type = None
     elif layer_type not in params:
         raise ValueError(f"{_family(text)} has RoPE per layer type; pass `layer_type`, one of {sorted(params)}")

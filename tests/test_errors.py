@@ -138,3 +138,12 @@ def test_kvtier_attention_without_a_kvtier_cache_is_plain_attention(name):
         a = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits
         b = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     assert (a - b)[mask.bool()].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("model", [None, "llama", 5])
+def test_enable_and_disable_take_a_model(model):
+    """kvtier.enable / kvtier.disable on something that is not a torch module: one clear error, not an
+    AttributeError from deep inside."""
+    for call in (kvtier.enable, kvtier.disable):
+        with pytest.raises(UnsupportedModelError, match=r"serves a transformers model \(a torch.nn.Module\), got"):
+            call(model)

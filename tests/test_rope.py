@@ -200,6 +200,38 @@ def test_per_layer_type_rope_needs_the_layer_type():
         Rope.from_model(_model("gemma3"))
 
 
+def test_an_unknown_layer_type_is_refused():
+    with pytest.raises(ValueError, match=r"llama has no layer type 'zzz'; leave `layer_type` out"):
+        Rope.from_model(_model("llama"), layer_type="zzz")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda r, x: r.rotate(x, torch.arange(5)), r"positions of shape \(5,\) does not fit x of shape \(1, 2, 4, 16\)"),
+    (lambda r, x: r.rotate(x, torch.zeros(3, 4, dtype=torch.long)), r"pass \(\), \[T\] = \[4\] or \[B, T\]"),
+    (lambda r, x: r.rotate(x, None), r"positions must be an int or an integer tensor, got None"),
+    (lambda r, x: r.shift(x, float("nan")), r"delta must be an int or an integer tensor, got nan"),
+    (lambda r, x: r.shift(x, 2.5), r"delta must be an int"),
+    (lambda r, x: r.shift(x, True), r"delta must be an int"),
+    (lambda r, x: r.shift(x, torch.tensor([1.5, 2.0, 0.0, 1.0])), r"delta must hold whole positions.*float32"),
+    (lambda r, x: r.shift(x, 10**20), r"delta 100000000000000000000 is out of range"),
+    (lambda r, x: r.shift(x.long(), 3), r"Rope turns floating-point tensors \[B, H, T, D\], got a torch.int64"),
+    (lambda r, x: r.shift(x[0], 3), r"got a torch.float32 tensor of shape \(2, 4, 16\)"),
+])
+def test_bad_positions_and_tensors_are_refused(call, message):
+    """Positions that are not whole numbers, that do not fit x, or a tensor RoPE cannot turn: one clear error
+    instead of a torch broadcast error, a silent NaN or integer garbage."""
+    rope = _rope("llama", None)
+    with pytest.raises(ValueError, match=message):
+        call(rope, _x(1, 2, 4, 16))
+
+
+def test_numpy_and_python_ints_are_positions():
+    import numpy as np
+
+    rope, x = _rope("llama", None), _x(1, 2, 4, 16)
+    assert torch.equal(rope.shift(x, np.int64(3)), rope.shift(x, 3))
+
+
 @pytest.mark.parametrize("config, message", [
     (_llama(rope_type="dynamic", factor=2.0), r"llama uses dynamic-NTK RoPE.*cannot be moved exactly"),
     (lambda: tf.Phi3Config(**COMMON, rope_parameters={
