@@ -218,7 +218,9 @@ def _leaves(obj, path=()):
 
 
 def _odd_value(rng: random.Random, old):
-    choices = [None, True, False, 0, -1, 1, 2**31, 2**63, 10**30, 0.5, -0.0, math.inf, "x", "", [], {}, [0], "0" * 32]
+    # extremes just inside and outside the widths a store's numbers have (32-bit record lengths, 64-bit positions)
+    choices = [None, True, False, 0, -1, 1, 2**31, 2**32 - 1, 2**32, 2**40, 2**63 - 1, 2**63, 10**30, 0.5, -0.0,
+               math.inf, "x", "", [], {}, [0], "0" * 32]
     if isinstance(old, bool):
         choices += [not old]
     elif isinstance(old, (int, float)):
