@@ -72,7 +72,8 @@ class QAError(UsageError):
 
 
 def default_store_root() -> Path:
-    return Path(os.environ.get("KVTIER_HOME", Path.home() / ".cache" / "kvtier")) / "qa"
+    # an empty KVTIER_HOME is unset (as an empty XDG_CACHE_HOME is): read as a path it would be the current directory
+    return Path(os.environ.get("KVTIER_HOME") or Path.home() / ".cache" / "kvtier") / "qa"
 
 
 @dataclass
@@ -587,13 +588,23 @@ def _progress_note(cache: KVTierCache, tokens: int, seconds: float) -> str:
             f"disk {_short(s.disk.tokens)}")
 
 
+def shown(text: str) -> str:
+    """A model's text as printed: its lines kept, every other control character (an escape sequence that would drive
+    the terminal) escaped, as kvtier hogwild and kvtier tim print theirs."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 class _TimedStreamer:
-    """Prints tokens as they come (unless quiet) and remembers when the first one arrived."""
+    """Prints tokens as they come (unless quiet), through `shown`, and remembers when the first one arrived."""
 
     def __init__(self, tokenizer, quiet: bool):
         from transformers import TextStreamer
 
-        self._inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        class Shown(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                super().on_finalized_text(shown(text), stream_end)
+
+        self._inner = Shown(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self._quiet = quiet
         self._prompt_seen = False
         self.first_at: float | None = None
@@ -669,7 +680,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(record), flush=True)
         elif args.quiet:
-            print(record["answer"], flush=True)
+            print(shown(record["answer"]), flush=True)
 
     try:
         if args.question is not None:

@@ -239,3 +239,30 @@ def test_an_option_before_the_command_is_named(capsys):
         with pytest.raises(SystemExit) as exit_:
             main([flag])
         assert exit_.value.code == 0 and "usage: kvtier" in capsys.readouterr().out
+
+
+def test_an_empty_kvtier_home_is_unset(monkeypatch, tmp_path):
+    from kvtier.qa import default_store_root
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KVTIER_HOME", "")
+    assert default_store_root() == tmp_path / ".cache" / "kvtier" / "qa"  # not ./qa in the current directory
+    monkeypatch.setenv("KVTIER_HOME", str(tmp_path / "k"))
+    assert default_store_root() == tmp_path / "k" / "qa"
+
+
+def test_qa_prints_the_answer_without_escape_sequences(capsys):
+    import torch
+    from tiny import build_tokenizer
+
+    from kvtier.qa import _TimedStreamer, shown
+
+    assert shown("line one\n\x1b[2Jline\ttwo\x07") == "line one\n\\x1b[2Jline\\ttwo\\x07"
+    tok = build_tokenizer()
+    streamer = _TimedStreamer(tok, quiet=False)
+    streamer.put(torch.tensor([tok("prompt").input_ids]))
+    for tid in tok("red \x1b[31mtext\x07\nnext line").input_ids:
+        streamer.put(torch.tensor([tid]))
+    streamer.end()
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b[31m" in out and "\nnext line" in out, repr(out)
