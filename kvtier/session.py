@@ -176,6 +176,18 @@ def reopen_options(header: dict, options: dict[str, Any]) -> dict[str, Any]:
                              "reopened session keeps the chunking it was saved with; leave it out (or prefill again "
                              "with the new value)")
         options[name] = stored
+    # Sparse mode plans new chunks within [min_chunk_size, max_chunk_size]; a session saved with a chunk_size
+    # outside the default bounds (an exact-mode session, or other bounds) widens them, unless the caller set them.
+    size = options["chunk_size"]
+    for name, default, outside in (("min_chunk_size", KVTierConfig.min_chunk_size, lambda b: size < b),
+                                   ("max_chunk_size", KVTierConfig.max_chunk_size, lambda b: size > b)):
+        bound = options.get(name, default)
+        if isinstance(bound, int) and not isinstance(bound, bool) and outside(bound):
+            if name in options and options.get("mode") == "sparse" and options.get("adaptive_chunks", True):
+                raise ValueError(f"`{name}`={bound}: this session was saved with chunk_size={size}, which sparse "
+                                 f"mode's chunk planning must allow; pass {name}={size} or leave it out")
+            if name not in options:
+                options[name] = size
     return options
 
 
@@ -307,7 +319,8 @@ def load(cache: "KVTierCache", manifest: mf.Manifest) -> None:
     length, batch = manifest.length, manifest.batch
     shape = spec_shape(cache.spec)
     config = cache.config  # exact mode will bring every chunk to the device; sparse mode its selection
-    cache.reserve(length if config.mode == "exact" else config.budget_tokens(length) + config.recent_window)
+    # never more than the session holds: the saved window size is the store's word, its length is checked
+    cache.reserve(length if config.mode == "exact" else min(length, config.budget_tokens(length) + config.recent_window))
     for layer, entry in zip(cache.layers, manifest.layers):
         layer.batch = batch
         if isinstance(layer, TieredLayer):

@@ -254,3 +254,32 @@ def test_warm_fills_free_room_after_open(saved):
     assert moved > 0 and s.device.tokens > 4 * 100 and s.host.tokens > 0
     assert s.device.peak_tokens <= 120 and s.host.peak_tokens <= 64
     cache.close()
+
+
+def test_sparse_reopen_of_a_session_with_chunks_past_the_planning_bounds(tmp_path):
+    """An exact-mode session saved with chunk_size=512 (above sparse mode's default max_chunk_size, 256) reopens
+    in sparse mode: the bounds widen to the session's chunking; bounds the caller sets that exclude it are named."""
+    model = build_model("llama")
+    m = twin(model)
+    doc = torch.randint(3, 128, (1, 600), generator=torch.Generator().manual_seed(3))
+    cache = KVTierCache.for_model(m, store_path=tmp_path / "s", chunk_size=512)
+    m(input_ids=doc, **{cache_kw(m): cache})
+    cache.save()
+    cache.close()
+    reopened = KVTierCache.open(tmp_path / "s", m, mode="sparse", sparse_budget=1.0)
+    assert reopened.config.chunk_size == 512 and reopened.config.max_chunk_size == 512
+    ids = torch.cat([doc, torch.tensor([[5, 6, 7]])], dim=1)
+    out = m.generate(input_ids=ids, max_new_tokens=4, do_sample=False, **{cache_kw(m): reopened})
+    assert out[0, ids.shape[1]:].tolist() == one_shot(model, ids, 4)
+    reopened.close()
+    with pytest.raises(ValueError, match=r"`max_chunk_size`=256: this session was saved with chunk_size=512"):
+        KVTierCache.open(tmp_path / "s", m, mode="sparse", max_chunk_size=256)
+
+
+def test_sparse_reopen_reserves_no_more_than_the_session_holds(saved):
+    """A sparse budget larger than the session (or a huge saved recent window) never sizes the device arena past
+    the session's own length at open."""
+    model, _, store, _ = saved
+    cache = KVTierCache.open(store, twin(model), mode="sparse", sparse_budget=100_000)
+    assert all(pool.capacity <= 300 for pool in cache.tiers.device_pools.values())
+    cache.close()
