@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("exact", "sparse")
+# A record header holds a length in 32 bits: no chunk, window or table of a store is longer (kvtier.store.codec)
+MAX_RECORD_TOKENS = 2**32 - 1
 # options counted in tokens per layer that a size of KV may stand for (converted for a model: kvtier.sizes)
 TOKEN_BUDGETS = ("device_budget", "host_budget")
 # LMDB maps the store into the address space: a map size must fit a 64-bit size_t with room to double
@@ -135,10 +137,11 @@ class KVTierConfig:
                 )
         if self.mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
-        _check_int("chunk_size", self.chunk_size, 1)
-        _check_int("page_size", self.page_size, 1)
-        _check_int("sink_tokens", self.sink_tokens, 0)
-        _check_int("recent_window", self.recent_window, 0)
+        # chunking sizes become record lengths, and a record header holds a length in 32 bits
+        _check_int("chunk_size", self.chunk_size, 1, high=MAX_RECORD_TOKENS)
+        _check_int("page_size", self.page_size, 1, high=MAX_RECORD_TOKENS)
+        _check_int("sink_tokens", self.sink_tokens, 0, high=MAX_RECORD_TOKENS)
+        _check_int("recent_window", self.recent_window, 0, high=MAX_RECORD_TOKENS)
         _check_int("staging_tokens", self.staging_tokens, 1)
         _check_int("device_budget", self.device_budget, 1, allow_none=True)
         _check_int("host_budget", self.host_budget, 0, allow_none=True)
@@ -166,8 +169,8 @@ class KVTierConfig:
 
         if self.selector not in SELECTORS:
             raise ValueError(f"`selector` must be one of {sorted(SELECTORS)}, got {self.selector!r}")
-        _check_int("min_chunk_size", self.min_chunk_size, 1)
-        _check_int("max_chunk_size", self.max_chunk_size, 1)
+        _check_int("min_chunk_size", self.min_chunk_size, 1, high=MAX_RECORD_TOKENS)
+        _check_int("max_chunk_size", self.max_chunk_size, 1, high=MAX_RECORD_TOKENS)
         if self.adaptive and not self.min_chunk_size <= self.chunk_size <= self.max_chunk_size:
             raise ValueError(
                 f"`chunk_size` ({self.chunk_size}) must lie within [min_chunk_size, max_chunk_size] "

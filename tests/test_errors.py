@@ -37,6 +37,11 @@ def test_budget_too_small_for_sinks_and_window():
         (dict(zstd_level=40), "zstd_level"),
         (dict(staging_tokens=0), "staging_tokens"),
         (dict(device_budget=True), "device_budget"),
+        # chunking sizes become record lengths, 32 bits in a record header
+        (dict(page_size=2**63), "page_size"),
+        (dict(chunk_size=2**32, adaptive_chunks=False), "chunk_size"),
+        (dict(recent_window=2**32), "recent_window"),
+        (dict(max_chunk_size=2**40), "max_chunk_size"),
     ],
 )
 def test_bad_options_name_the_field(options, field):

@@ -69,7 +69,6 @@ def check_zstd_level(level: object, name: str = "zstd_level") -> None:
 
 _HEADER = struct.Struct("<4sHHBxxxIQQIIIIQQ16s16s")
 _HEADER_CRC = struct.Struct("<I")
-MAX_RECORD_TOKENS = 2**32 - 1  # the header's length field: a record (a chunk, a window, a table) holds at most this
 HEADER_BYTES = _HEADER.size + _HEADER_CRC.size
 SESSION_ID_BYTES = 16
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import MAX_RECORD_TOKENS
 from ..errors import StoreCorruptError
 from .chunk import ABSTRACT_ID, MAX_CHUNK_ID, PAGES_ID, chunk_key, chunk_name
 from .codec import (
@@ -36,7 +37,6 @@ from .codec import (
     HEADER_BYTES,
     LAYOUT_VERSION,
     MAX_COMPRESSION_RATIO,
-    MAX_RECORD_TOKENS,
     RecordHeader,
     dtype_name,
 )
