@@ -140,7 +140,8 @@ def test_a_layout_size_no_record_can_hold_is_refused_by_name(store):
             txn.put(b"store", seal(header))
     finally:
         env.close()
-    _refused(lambda: _answer(model, a), "header: layout.page_size is 9223372036854775808, outside [0, 4294967295]")
+    _refused(lambda: _answer(model, a), "header: layout `page_size` must be an integer in [1, 4294967295], got "
+                                        "9223372036854775808")
 
 
 def test_chunk_ids_that_run_out_are_an_error_not_a_key_collision(store):
