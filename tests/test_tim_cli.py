@@ -106,7 +106,9 @@ def test_help_and_argument_errors(model_dir, tmp_path, capsys):
     base = ["tim", "--model", str(tmp_path / "nope"), "--prompt", PROMPT]
     cases = [
         (["--prune-buffer", "-1"], "--prune-buffer -1"),
-        (["--max-depth", "0"], "--max-depth 0: must be at least 1"),
+        (["--max-depth", "0"], "--max-depth 0: must lie in [1, 64]"),
+        (["--max-depth", "999999999"], "--max-depth 999999999: must lie in [1, 64]"),
+        (["--max-string-length", "99999999999999999999"], "--max-string-length 99999999999999999999: must lie in"),
         (["--max-new-tokens", "0"], "--max-new-tokens 0"),
         (["--max-string-length", "0"], "--max-string-length 0"),
         (["--max-string-length", "8", "--no-constrain"], "does nothing with --no-constrain"),

@@ -22,6 +22,7 @@ import torch
 from ..cli import printable
 from ..cli_args import UsageError, budget_tokens, check_outputs_and_memory, check_sampling, run_command
 from .runtime import Pruned, TimResult, ToolCall, generate
+from .schema import MAX_DEPTH, MAX_STRING_LENGTH
 from .tools import Tool, calculator
 from .tracker import FieldDone, ListClosed, TaskNode, TimFormatError
 
@@ -93,13 +94,13 @@ def check_arguments(args: argparse.Namespace) -> list[Tool]:
     tools = parse_tools(args.tools)
     if args.prune_buffer < 0:
         raise TimCLIError(f"--prune-buffer {args.prune_buffer}: must be 0 (prune each list as it closes) or above")
-    if args.max_depth < 1:
-        raise TimCLIError(f"--max-depth {args.max_depth}: must be at least 1 (the reasoning task is depth 1)")
+    if not 1 <= args.max_depth <= MAX_DEPTH:
+        raise TimCLIError(f"--max-depth {args.max_depth}: must lie in [1, {MAX_DEPTH}] (the reasoning task is depth 1)")
     if args.max_new_tokens < 1:
         raise TimCLIError(f"--max-new-tokens {args.max_new_tokens}: the model needs at least 1 token")
     if args.max_string_length is not None:
-        if args.max_string_length < 1:
-            raise TimCLIError(f"--max-string-length {args.max_string_length}: must be at least 1")
+        if not 1 <= args.max_string_length <= MAX_STRING_LENGTH:
+            raise TimCLIError(f"--max-string-length {args.max_string_length}: must lie in [1, {MAX_STRING_LENGTH}]")
         if args.no_constrain:
             raise TimCLIError("--max-string-length bounds strings under the schema constraint; it does nothing "
                               "with --no-constrain")

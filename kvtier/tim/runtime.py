@@ -34,7 +34,7 @@ from ..rope import Rope
 from ..sampling import Sampling, check_token, eos_ids, is_int, vocab_size
 from .prompts import encode_prompt
 from .prune import PruneBuffer, RemovedSpans
-from .schema import thread_schema
+from .schema import check_limits, thread_schema
 from .stream import Detokenizer
 from .tools import Tool, ToolOutcome, ToolRegistry
 from .tracker import (
@@ -356,16 +356,13 @@ def _check(prune_buffer, max_depth, max_new_tokens, reencode, constrain, max_str
     """ValueError naming the argument and its allowed range, before anything runs."""
     if not is_int(prune_buffer) or prune_buffer < 0:
         raise ValueError(f"prune_buffer must be an int >= 0, got {prune_buffer!r}")
-    if not is_int(max_depth) or max_depth < 1:
-        raise ValueError(f"max_depth must be an int >= 1, got {max_depth!r}")
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not isinstance(reencode, bool):
         raise ValueError(f"reencode must be True or False, got {reencode!r}")
     if constrain is not None and not isinstance(constrain, bool):
         raise ValueError(f"constrain must be True, False or None (None: when xgrammar is installed), got {constrain!r}")
-    if max_string_length is not None and (not is_int(max_string_length) or max_string_length < 1):
-        raise ValueError(f"max_string_length must be None or an int >= 1, got {max_string_length!r}")
+    check_limits(max_depth, max_string_length)
 
 
 __all__ = ["Pruned", "TimResult", "TimStats", "ToolCall", "generate"]

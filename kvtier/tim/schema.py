@@ -38,6 +38,22 @@ def dump_json(value: Any) -> str:
     return json.dumps(value, separators=JSON_SEPARATORS, allow_nan=False)
 
 
+# The schema nests one copy of a task per level (Python's recursion limit ends it near 300 levels; reasoning trees
+# are a few levels deep); a string bound is a JSON Schema integer, which the grammar compiler reads as 64-bit.
+MAX_DEPTH = 64
+MAX_STRING_LENGTH = 2**31 - 1
+
+
+def check_limits(max_depth: object, max_string_length: object) -> None:
+    """ValueError naming max_depth or max_string_length unless each is an int in its range (None: no string bound)."""
+    if isinstance(max_depth, bool) or not isinstance(max_depth, int) or not 1 <= max_depth <= MAX_DEPTH:
+        raise ValueError(f"max_depth must be an int in [1, {MAX_DEPTH}], got {max_depth!r}")
+    if max_string_length is not None and (isinstance(max_string_length, bool) or not isinstance(max_string_length, int)
+                                          or not 1 <= max_string_length <= MAX_STRING_LENGTH):
+        raise ValueError(f"max_string_length must be None or an int in [1, {MAX_STRING_LENGTH}], got "
+                         f"{max_string_length!r}")
+
+
 def thread_schema(tools: ToolRegistry | None = None, max_depth: int = 3, max_string_length: int | None = None,
                   answer: dict | None = None) -> dict:
     """The JSON Schema of a thread.
@@ -51,11 +67,7 @@ def thread_schema(tools: ToolRegistry | None = None, max_depth: int = 3, max_str
 
     Every object lists its properties in the order they must be written and sets additionalProperties false.
     """
-    if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1:
-        raise ValueError(f"max_depth must be an int >= 1, got {max_depth!r}")
-    if max_string_length is not None and (isinstance(max_string_length, bool) or not isinstance(max_string_length, int)
-                                          or max_string_length < 1):
-        raise ValueError(f"max_string_length must be None or an int >= 1, got {max_string_length!r}")
+    check_limits(max_depth, max_string_length)
     if answer is not None and not isinstance(answer, dict):
         raise ValueError(f"answer must be None or a JSON Schema dict, got {type(answer).__name__}")
     tooluse = tools.schema_for_tooluse() if tools is not None and len(tools) > 0 else None
