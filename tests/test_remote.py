@@ -185,6 +185,18 @@ def test_bad_url_options_are_one_line_errors(query, says):
     assert says in str(err) and "hunter2" not in str(err)
 
 
+@pytest.mark.parametrize("url, kwargs, says", [
+    ("redis://127.0.0.1:0/0/doc", {}, "the remote URL's port must be 1-65535, not 0"),
+    ("localhost:6379", {}, "'localhost:6379' is not one"),
+    ("redis:/kv:hunter2@h", {}, "got something else"),  # may hold a password: not shown
+    (5, {}, "got int"),
+    ("redis://127.0.0.1:6379/0", {"name": 5}, "a session name is a str, got int"),
+])
+def test_bad_urls_and_names_are_named(url, kwargs, says):
+    err = refused(CacheInputError, RemoteURL.parse, url, **kwargs)
+    assert says in str(err) and "hunter2" not in str(err)
+
+
 def test_acl_user_with_password(model, private_redis, tmp_path):
     """An ACL user limited to the prefix's keys: the right password works, a wrong one is a one-line error
     without either password; the password is in no file, repr or message; every key is under the prefix."""

@@ -121,13 +121,20 @@ class RemoteURL:
     @classmethod
     def parse(cls, text: str, *, name: str | None = None, prefix: str | None = None) -> "RemoteURL":
         if not isinstance(text, str) or not is_remote(text):
-            raise CacheInputError("a remote must be a URL such as redis://host:6379/0/NAME (rediss:// for TLS; "
-                                  "valkey:// and valkeys:// also work)")
+            # the text is named unless it may hold credentials (user:password@host)
+            given = (f"{text[:80]!r} is not one" if isinstance(text, str) and "@" not in text else
+                     f"got {type(text).__name__}" if not isinstance(text, str) else "got something else")
+            raise CacheInputError(f"a remote must be a URL such as redis://host:6379/0/NAME (rediss:// for TLS; "
+                                  f"valkey:// and valkeys:// also work); {given}")
+        if name is not None and not isinstance(name, str):
+            raise CacheInputError(f"a session name is a str, got {type(name).__name__}")
         try:
             parts = urllib.parse.urlsplit(text)
             host, port = parts.hostname, parts.port
         except ValueError as exc:  # says what is wrong with the port or brackets, never the credentials
             raise CacheInputError(f"cannot read the remote URL ({exc})") from None
+        if port == 0:  # a client would take port 0 as "not given" and connect to 6379
+            raise CacheInputError("the remote URL's port must be 1-65535, not 0")
         # user and password are percent-encoded in a URL ('@' as %40): decode them once, encode them once below
         username = None if parts.username is None else urllib.parse.unquote(parts.username)
         password = None if parts.password is None else urllib.parse.unquote(parts.password)
