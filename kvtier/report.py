@@ -228,6 +228,8 @@ def plot(d: dict[str, Any], path: str | Path) -> None:
 
 def check_plot_target(path: str | Path) -> None:
     """Refuse a --plot file matplotlib cannot write (unknown format, no directory, not writable), before any work."""
+    if not str(path).strip():
+        raise KVTierError("--plot needs a file name, such as chunks.png")
     path = Path(path)
     try:
         from matplotlib.backend_bases import FigureCanvasBase
@@ -318,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    if args.plot:
+    if args.plot is not None:
         check_plot_target(args.plot)
     d = describe(args.store)
     if args.json:

@@ -349,7 +349,10 @@ def test_inspect_plot_errors_are_one_line(saved, tmp_path):
                   for target, text in ((tmp_path / "out.xyz", "cannot write .xyz files"),
                                        (tmp_path / "out", "needs a file extension"),
                                        (afile / "p.png", "is not a directory"),
-                                       (tmp_path / "missing" / "p.png", "is not a directory"))], [tmp_path, saved])
+                                       (tmp_path / "missing" / "p.png", "is not a directory"),
+                                       ("", "--plot needs a file name"))], [tmp_path, saved])
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    _all_refused([(["inspect", str(tmp_path / "dangling")], "(a symbolic link to nothing)")], [tmp_path])
     out = kvtier("inspect", str(saved), "--plot", str(tmp_path / "p.svg"))
     assert out.returncode == 0 and (tmp_path / "p.svg").read_text().startswith("<?xml"), out.stderr
 

@@ -184,7 +184,8 @@ class DiskStore(RecordStore):
                 pass  # made by someone else meanwhile, or there already: checked below
         if not self.path.is_dir():
             if not create and not self.path.exists():
-                raise StoreNotFoundError(f"no kvtier store at {self.path}")
+                broken = " (a symbolic link to nothing)" if self.path.is_symlink() else ""
+                raise StoreNotFoundError(f"no kvtier store at {self.path}{broken}")
             raise StoreError(f"kvtier store path {self.path} exists and is not a directory")
         if os.path.lexists(self.path / LOCK_FILE):
             return
