@@ -67,26 +67,24 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts and sizes: a bad value is one usage line, not a traceback mid-run."""
+def _whole(text: str, low: int, bound: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be {bound}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: a bad value is one usage line, not a traceback mid-run."""
+    return _whole(text, 1, "at least 1")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type for counts where 0 means none (warm-up steps, a skipped part)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+    return _whole(text, 0, "0 or more")
 
 
 def _finite(text: str) -> float:
