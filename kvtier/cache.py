@@ -25,6 +25,7 @@ from .handle import KVHandle
 from .layers import SlidingLayer, TieredLayer
 from .model_spec import FULL, ModelSpec
 from .rope import Rope
+from .sampling import is_int, vocab_size
 from .sizes import budgets_in_tokens
 from .sparse.lookahead import Lookahead, QueryGuesser
 from .store.backend import RecordStore
@@ -44,10 +45,6 @@ def cache_argument(model: torch.nn.Module) -> str:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"cache_argument() takes a transformers model, got {type(model).__name__}")
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -218,8 +215,7 @@ class KVTierCache(Cache):
     def _watch(self, model: torch.nn.Module) -> None:
         """Keep `model`'s RoPE (for `remove_span`) and let sparse decoding guess each next layer's query from
         its own weights (config.lookahead)."""
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        self._vocab = getattr(embeddings, "num_embeddings", None)
+        self._vocab = vocab_size(model)
         try:
             self._ropes = Rope.for_layers(model)
         except UnsupportedModelError as err:  # said when a span is removed, the only use
@@ -344,7 +340,7 @@ class KVTierCache(Cache):
         return handle, handle
 
     def _check_inputs(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> None:
-        if not _is_int(layer_idx) or not 0 <= layer_idx < len(self.layers):
+        if not is_int(layer_idx) or not 0 <= layer_idx < len(self.layers):
             raise CacheInputError(f"layer_idx must be an int in [0, {len(self.layers)}) (this cache has "
                                   f"{len(self.layers)} layers), got {layer_idx!r}")
         if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
@@ -413,7 +409,7 @@ class KVTierCache(Cache):
         self._select_rows(self._row_index("reorder_cache", beam_idx, masks=False))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if not _is_int(repeats) or repeats < 1:
+        if not is_int(repeats) or repeats < 1:
             raise CacheInputError(f"batch_repeat_interleave() takes an int >= 1, got {repeats!r}")
         batch = self.batch_size
         if batch > 0:
@@ -458,7 +454,7 @@ class KVTierCache(Cache):
         """Negative: remove that many tokens from the end. Positive (transformers < 5.x style): keep that many."""
         self._check_open()
         self._check_thread("crop()")
-        if not _is_int(max_length):
+        if not is_int(max_length):
             raise CacheInputError(f"crop() takes an int (negative: tokens to drop from the end; positive: tokens to "
                                   f"keep), got {max_length!r}")
         length = self.get_seq_length()

@@ -24,15 +24,12 @@ from ..errors import CacheInputError, StoreError, UnsupportedModelError
 from ..handle import KVHandle
 from ..model_spec import SLIDING, ModelSpec
 from ..rope import Rope
+from ..sampling import is_int, vocab_size
 from .history import TieredHistory
 from .layer import HogwildLayer, Plan, SlidingHogwildLayer
 from .layout import OTHERS, OWN, STEP0, Layout, Target
 
 TokenIds = torch.Tensor | Sequence[int]
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class HogwildCache(Cache):
@@ -53,9 +50,9 @@ class HogwildCache(Cache):
     """
 
     def __init__(self, model: torch.nn.Module, workers: int, *, step_capacity: int = 64, **history_options: Any):
-        if not _is_int(workers) or workers < 1:
+        if not is_int(workers) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-        if not _is_int(step_capacity) or step_capacity < 1:
+        if not is_int(step_capacity) or step_capacity < 1:
             raise ValueError(f"step_capacity must be an int >= 1, got {step_capacity!r}")
         try:
             ropes = Rope.for_layers(model)
@@ -77,8 +74,7 @@ class HogwildCache(Cache):
         super().__init__(layers=layers)
         enable(model)
         self.model = model
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        self._vocab: int | None = getattr(embeddings, "num_embeddings", None)
+        self._vocab: int | None = vocab_size(model)
         self._closed = False
         self.layout = Layout(workers, step_capacity)
         self._cache_kwarg = cache_argument(model)
@@ -217,7 +213,7 @@ class HogwildCache(Cache):
         their view positions (computed on request by re-rotating every block; attention never needs it)."""
         self._check_idle("view_kv()")
         self._check_worker(worker)
-        if not _is_int(layer_idx) or not 0 <= layer_idx < len(self.layers):
+        if not is_int(layer_idx) or not 0 <= layer_idx < len(self.layers):
             raise CacheInputError(f"layer_idx must be an int in [0, {len(self.layers)}), got {layer_idx!r}")
         return self.layers[layer_idx].view_kv(self.layout, worker)
 
@@ -236,7 +232,7 @@ class HogwildCache(Cache):
         return out.logits[:, -1]
 
     def _check_worker(self, worker: object) -> None:
-        if not _is_int(worker) or not 0 <= worker < self.workers:
+        if not is_int(worker) or not 0 <= worker < self.workers:
             raise CacheInputError(f"worker must be an int in [0, {self.workers}) (this cache has {self.workers} "
                                   f"workers), got {worker!r}")
 
