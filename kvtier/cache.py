@@ -25,7 +25,7 @@ from .handle import KVHandle
 from .layers import SlidingLayer, TieredLayer
 from .model_spec import FULL, ModelSpec
 from .rope import Rope
-from .sampling import is_int, vocab_size
+from .sampling import id_outside, integer_dtype, is_int, vocab_size
 from .sizes import budgets_in_tokens
 from .sparse.lookahead import Lookahead, QueryGuesser
 from .store.backend import RecordStore
@@ -248,14 +248,13 @@ class KVTierCache(Cache):
         """Input ids the model can embed, refused before the pass starts: the model would fail inside its
         embedding (on CUDA, with a device-side assert that ends the process's use of the GPU) and leave the cache
         marked interrupted."""
-        if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+        if not integer_dtype(ids):
             raise CacheInputError(f"input_ids must be integer token ids, got a {dtype_name(ids.dtype)} tensor")
         if ids.numel() == 0:
             raise CacheInputError(f"input_ids {tuple(ids.shape)} hold no tokens; feed at least one token of one "
                                   "sequence")
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or (self._vocab is not None and high >= self._vocab):
-            bad = low if low < 0 else high
+        bad = id_outside(ids, self._vocab)
+        if bad is not None:
             raise CacheInputError(f"input_ids hold token id {bad}, outside the model's vocabulary [0, {self._vocab})"
                                   if self._vocab is not None else f"input_ids hold a negative token id ({bad})")
 
@@ -433,7 +432,7 @@ class KVTierCache(Cache):
                 raise CacheInputError(f"{what}(): a row mask must be 1-D with one entry per row ({batch}), got shape "
                                       f"{tuple(index.shape)}")
             index = index.nonzero().flatten()
-        elif index.dtype == torch.bool or index.dtype.is_floating_point or index.dtype.is_complex:
+        elif not integer_dtype(index):
             raise CacheInputError(f"{what}() takes integer row indices, got a {dtype_name(index.dtype)} tensor")
         if index.dim() != 1 or index.numel() == 0:
             raise CacheInputError(f"{what}() takes a 1-D tensor of at least one row index, got shape "

@@ -47,6 +47,20 @@ def is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def integer_dtype(t: torch.Tensor) -> bool:
+    """Whether a tensor's values can be token ids (not bool, floating point or complex)."""
+    return not (t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex)
+
+
+def id_outside(ids: torch.Tensor, vocab: int | None) -> int | None:
+    """Of a non-empty integer tensor of ids: its smallest id if negative, else its largest if at or past `vocab`
+    (None: no bound); None when every id is one the model can embed."""
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0:
+        return low
+    return high if vocab is not None and high >= vocab else None
+
+
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .errors import PromptMismatchError
+from .sampling import integer_dtype
 
 
 class TokenLog:
@@ -88,7 +89,7 @@ def check_prefix(held: torch.Tensor | None, prompt: torch.Tensor, n: int) -> Non
                                   f"{type(prompt).__name__}") from None
     if prompt.dim() == 1:
         prompt = prompt[None]
-    if prompt.dim() != 2 or prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+    if prompt.dim() != 2 or not integer_dtype(prompt):
         raise PromptMismatchError(f"prompt ids must be an integer tensor [batch, length], got {tuple(prompt.shape)}")
     if held.shape[0] not in (1, prompt.shape[0]):
         raise PromptMismatchError(f"the prompt has {prompt.shape[0]} rows, the session holds {held.shape[0]}")

@@ -24,7 +24,7 @@ from ..errors import CacheInputError, StoreError, UnsupportedModelError
 from ..handle import KVHandle
 from ..model_spec import SLIDING, ModelSpec
 from ..rope import Rope
-from ..sampling import is_int, vocab_size
+from ..sampling import id_outside, integer_dtype, is_int, vocab_size
 from .history import TieredHistory
 from .layer import HogwildLayer, Plan, SlidingHogwildLayer
 from .layout import OTHERS, OWN, STEP0, Layout, Target
@@ -242,14 +242,11 @@ class HogwildCache(Cache):
             t = torch.as_tensor(ids)
         except (TypeError, ValueError, RuntimeError):
             raise CacheInputError(f"{what} takes token ids (a list or tensor of ints), got {ids!r}") from None
-        if t.numel() and (t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex):
+        if t.numel() and not integer_dtype(t):
             raise CacheInputError(f"{what} takes integer token ids, got {str(t.dtype).removeprefix('torch.')} "
                                   f"values {t.flatten()[:8].tolist()}")
-        if t.numel():
-            low, high = int(t.min()), int(t.max())
-            if low < 0 or (self._vocab is not None and high >= self._vocab):
-                raise CacheInputError(f"{what}: token id {low if low < 0 else high} is outside the model's "
-                                      f"vocabulary [0, {self._vocab})")
+        if t.numel() and (bad := id_outside(t, self._vocab)) is not None:
+            raise CacheInputError(f"{what}: token id {bad} is outside the model's vocabulary [0, {self._vocab})")
         return t.to(device=self.device, dtype=torch.long)
 
     def _ids_1d(self, ids: TokenIds, what: str) -> torch.Tensor:
