@@ -47,7 +47,6 @@ SESSION_META = "session"
 
 FULL, SLIDING = "full", "sliding"
 _HEX16 = re.compile(r"^[0-9a-f]{32}$")
-MAX_ID = MAX_CHUNK_ID
 TOKEN_BYTES = 4
 _DTYPES = {dtype_name(d): d for d in CODE_DTYPES.values()}
 _SKEW_FIELDS = ("tokens", "top1", "top5", "top10", "desert", "top5_per_head", "desert_per_head")
@@ -259,7 +258,7 @@ def parse(obj: Any, *, where: str, header: dict[str, Any], shape: Shape, records
         raise f.fail("session", "is not listed in sessions")
     length = f.int(m.get("length"), "length")
     batch = f.int(m.get("batch"), "batch", 1, 2**31)
-    next_id = f.int(m.get("next_chunk_id"), "next_chunk_id", 0, MAX_ID + 1)
+    next_id = f.int(m.get("next_chunk_id"), "next_chunk_id", 0, MAX_CHUNK_ID + 1)
     saved = f.number(m.get("saved"), "saved", allow_none=False)
     options = f.dict(m.get("options"), "options")
     try:
