@@ -164,7 +164,7 @@ def existing_dir(text: str) -> str:
 def text_dir(text: str) -> str:
     """argparse type for --data-dir: a directory holding the .txt files a haystack is read from."""
     existing_dir(text)
-    if not any(p for p in Path(text).glob("*.txt") if not p.name.startswith("LICENSE")):
+    if not haystack_files(text):
         raise argparse.ArgumentTypeError(f"{text} holds no .txt files")
     return text
 
@@ -262,6 +262,11 @@ _WORDS = (
 ).split()
 
 
+def haystack_files(directory: str | Path) -> list[Path]:
+    """The text files a haystack is read from: the directory's .txt files but its licence, in name order."""
+    return sorted(p for p in Path(directory).glob("*.txt") if not p.name.startswith("LICENSE"))
+
+
 def haystack_text(min_chars: int, data_dir: str | Path | None = None, seed: int = 0) -> tuple[str, str]:
     """Natural text from `data_dir` (or $KVTIER_HAYSTACK_DIR) when present, else generated sentences.
 
@@ -270,7 +275,7 @@ def haystack_text(min_chars: int, data_dir: str | Path | None = None, seed: int 
     candidates = [data_dir, os.environ.get(HAYSTACK_ENV)]
     for cand in candidates:
         if cand and Path(cand).is_dir():
-            files = sorted(p for p in Path(cand).glob("*.txt") if not p.name.startswith("LICENSE"))
+            files = haystack_files(cand)
             if files:
                 text, i = "", 0
                 while len(text) < min_chars:
