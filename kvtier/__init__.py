@@ -6,6 +6,7 @@ from .config import KVTierConfig
 from .errors import (
     AttentionNotEnabledError,
     CacheInputError,
+    CacheMemoryError,
     CacheThreadError,
     IncompleteSessionError,
     KVTierError,
@@ -35,6 +36,7 @@ __all__ = [
     "ATTENTION_NAME",
     "AttentionNotEnabledError",
     "CacheInputError",
+    "CacheMemoryError",
     "CacheStats",
     "CacheThreadError",
     "CollaborationTemplate",

@@ -19,6 +19,10 @@ class CacheInputError(KVTierError, ValueError):
     """Tensors handed to the cache do not match what it was built for (dtype, device, shape)."""
 
 
+class CacheMemoryError(KVTierError, MemoryError):
+    """The device could not hold the arena asked of it (a `reserve` or a growth); the cache is unchanged."""
+
+
 class PromptMismatchError(CacheInputError):
     """A prompt does not start with the token ids a cache (a reopened session) holds."""
 

@@ -16,6 +16,7 @@ from . import session
 from .cli import error_line, printable
 from .cli_args import UsageError, run_command
 from .errors import IncompleteSessionError, KVTierError
+from .sizes import human_bytes
 from .store import manifest as mf
 from .store.backend import RecordStore
 from .store.disk import DiskStore
@@ -123,16 +124,6 @@ def _server_facts(store: RemoteSessionStore) -> dict[str, Any]:
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    i = 0
-    while n >= 1024 and i < len(units) - 1:
-        n /= 1024
-        i += 1
-    return f"{int(n)} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
 def _when(value: Any) -> float | None:

@@ -114,3 +114,13 @@ def parse_sparse_budget(text: str) -> int | float:
         return value
     raise ValueError(f"{text!r} is not a sparse budget: write tokens per step (256), a share of the context "
                      "in (0, 1] (0.05) or a percentage (5%)")
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n /= 1024
+        i += 1
+    return f"{int(n)} B" if i == 0 else f"{n:.1f} {units[i]}"

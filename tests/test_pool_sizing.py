@@ -9,7 +9,7 @@ import torch
 import kvtier
 from kvtier import KVTierCache
 from kvtier.cache import cache_argument
-from kvtier.errors import CacheInputError
+from kvtier.errors import CacheInputError, CacheMemoryError
 from kvtier.store.pools import DevicePool
 
 from conftest import VOCAB, build_model
@@ -58,3 +58,45 @@ def test_reserve_refuses_what_is_not_a_token_count():
         for bad in (-1, 1.5, "8GiB", True):
             with pytest.raises(CacheInputError, match="token count"):
                 cache.reserve(bad)
+
+
+def test_reserve_beyond_memory_is_a_clear_error_and_changes_nothing():
+    model = build_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    with KVTierCache.for_model(model) as cache:
+        model(input_ids=ids, use_cache=True, **{cache_argument(model): cache})
+        pools = list(cache.tiers.device_pools.values())
+        before = [(p.capacity, p.expected) for p in pools]
+        for tokens in (10**15, 2**62):  # petabytes; a size whose byte count overflows torch's
+            with pytest.raises(CacheMemoryError, match="cannot size a layer's arena"):
+                cache.reserve(tokens)
+        assert [(p.capacity, p.expected) for p in pools] == before
+        out = model(input_ids=ids[:, :1], use_cache=True, **{cache_argument(model): cache})  # still serves
+        assert torch.isfinite(out.logits).all() and cache.get_seq_length() == 9
+
+
+def test_reserve_announced_before_the_first_pass_is_a_hint_when_memory_lacks():
+    model = build_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    with KVTierCache.for_model(model) as cache:
+        cache.reserve(10**15)  # the arena's shape is not known yet: nothing to size
+        with pytest.warns(UserWarning, match="grows as tokens arrive"):
+            model(input_ids=ids, use_cache=True, **{cache_argument(model): cache})
+        assert all(p.capacity < 1000 for p in cache.tiers.device_pools.values())
+        assert cache.get_seq_length() == 8
+
+
+def test_a_growth_the_memory_cannot_hold_drops_the_headroom_then_fails_cleanly(monkeypatch):
+    pool = DevicePool(None, torch.device("cpu"), torch.float32)
+    pool.init_shape(1, 2, 4)
+    per_token = 2 * 2 * 4 * 4 + 16
+    monkeypatch.setattr("kvtier.store.pools.available_bytes", lambda device: 1000 * per_token)
+    pool.reserve(900)  # fits
+    cap = pool.capacity
+    pool.expected = 5000  # announced more than fits: the growth takes what is needed, no more
+    slots = pool.allocate(cap + 10)
+    assert len(slots) == cap + 10 and cap + 10 <= pool.capacity <= 1000 and pool.expected <= cap + 10
+    used, high, capacity = pool.used, pool.high_water, pool.capacity
+    with pytest.raises(CacheMemoryError, match="available"):
+        pool.allocate(2000)  # the need itself does not fit
+    assert (pool.used, pool.high_water, pool.capacity) == (used, high, capacity)  # nothing taken

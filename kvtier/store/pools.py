@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import warnings
 from collections import OrderedDict
 
 import torch
+
+from ..errors import CacheMemoryError
 
 _MIN_HEADROOM = 16  # slots added beyond a growth's need, at least
 _HEADROOM_SHARE = 32  # ... or 1/32 of the need, whichever is larger
@@ -35,6 +38,24 @@ _HEADROOM_SHARE = 32  # ... or 1/32 of the need, whichever is larger
 
 def _with_headroom(n: int) -> int:
     return n + max(_MIN_HEADROOM, n // _HEADROOM_SHARE)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory an allocation on `device` can still get: the GPU's free memory plus what torch's caching
+    allocator holds unused; on a CPU, the kernel's MemAvailable (an arena past it would be zeroed into swap or
+    the OOM killer, since Linux grants large allocations before touching them). None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", "rb") as f:
+                for line in f:
+                    if line.startswith(b"MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
 
 
 def storage_mode() -> contextlib.ExitStack:
@@ -109,33 +130,64 @@ class DevicePool:
         if self.k is None:
             self._resize(batch, heads, head_dim, 0)
             if self.expected:
-                self.reserve(self.expected)
+                try:
+                    self.reserve(self.expected)
+                except CacheMemoryError as exc:  # announced before the shape was known: a hint, not a need
+                    warnings.warn(f"{exc}; the arena grows as tokens arrive instead", stacklevel=2)
 
     def reserve(self, n: int) -> None:
         """Announce that about `n` slots will be in use: grow once to hold them (capped by the budget), so
         reaching them copies nothing more. Before the first write (shape unknown) the growth happens then."""
+        previous = self.expected
         self.expected = max(self.expected, n)
         if self.budget is not None:
             n = min(n, self.budget)
         if self.k is not None and n > self.capacity:
-            self._grow(n)
+            try:
+                self._grow(n)
+            except CacheMemoryError:
+                self.expected = previous  # an announcement the device cannot hold is not kept
+                raise
 
     def _grow(self, needed: int) -> None:
-        """Resize to `needed` slots plus headroom (or to what was announced, if more), within the budget."""
-        want = _with_headroom(max(needed, self.expected))
-        if self.budget is not None:
-            want = min(want, self.budget)
+        """Resize to `needed` slots plus headroom (or to what was announced, if more), within the budget.
+        Where the memory is not there, try less (the announcement dropped, then no headroom): only `needed`
+        itself failing raises CacheMemoryError."""
         b, h, _, d = self.k.shape
-        self._resize(b, h, d, max(want, needed))
+        sizes = [_with_headroom(max(needed, self.expected)), _with_headroom(needed)]
+        if self.budget is not None:
+            sizes = [min(n, self.budget) for n in sizes]
+        for size in dict.fromkeys([max(n, needed) for n in sizes] + [needed]):
+            try:
+                self._resize(b, h, d, size)
+                return
+            except CacheMemoryError:
+                if size == needed:
+                    raise
+                self.expected = min(self.expected, needed)
 
     def _resize(self, batch: int, heads: int, head_dim: int, capacity: int) -> None:
-        with storage_mode():
-            self._resize_no_grad(batch, heads, head_dim, capacity)
+        """The arena with `capacity` slots; CacheMemoryError (nothing changed) where the memory is not there."""
+        from ..sizes import human_bytes  # here: sizes imports the model spec, which imports this module
+
+        nbytes = capacity * (2 * batch * heads * head_dim * self.dtype.itemsize + 16)
+        free = available_bytes(self.device)
+        if free is not None and nbytes > free:  # the old arena lives on until the copy is done
+            raise CacheMemoryError(f"cannot size a layer's arena to {capacity} tokens: it needs "
+                                   f"{human_bytes(nbytes)} and {self.device} has {human_bytes(free)} available "
+                                   "(reserve fewer tokens, or set device_budget)")
+        try:
+            with storage_mode():
+                self._resize_no_grad(batch, heads, head_dim, capacity)
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError, a size that overflows
+            raise CacheMemoryError(f"cannot size a layer's arena to {capacity} tokens ({human_bytes(nbytes)}) on "
+                                   f"{self.device}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                                   ) from None
 
     def _resize_no_grad(self, batch: int, heads: int, head_dim: int, capacity: int) -> None:
         # Slots below high water are copied, the rest zeroed (never left uninitialised: a slot masked out of
         # attention still meets a zero weight, and 0 * NaN would be NaN); no memset of what the copy covers,
-        # which halves the cost of a growth while decoding.
+        # which halves the cost of a growth while decoding. Every tensor is made before any is kept.
         k = torch.empty(batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
         v = torch.empty_like(k)
         pos = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
@@ -155,6 +207,10 @@ class DevicePool:
         fresh slots above high water; None if that would exceed the budget."""
         if self.budget is not None and self.used + n > self.budget:
             return None
+        if not any(length >= n for length in self._hole_len.values()):  # grow first: a failure changes nothing
+            fresh = n - sum(self._hole_len.values())
+            if fresh > 0 and self.high_water + fresh > self.capacity:
+                self._grow(self.high_water + fresh)
         self.used += n
         self.peak = max(self.peak, self.used)
         for start in self._hole_starts:  # the lowest run that fits: one run of slots
@@ -171,8 +227,6 @@ class DevicePool:
             need -= got
         if need:
             first = self.high_water
-            if first + need > self.capacity:
-                self._grow(first + need)
             self.high_water += need
             runs.append(torch.arange(first, first + need, dtype=torch.long))
         return (runs[0] if len(runs) == 1 else torch.cat(runs)).to(self.device)
