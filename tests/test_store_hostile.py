@@ -235,3 +235,30 @@ def test_a_data_file_extended_with_garbage_does_not_raise_the_bounds(store):
         f.write(os.urandom(1 << 20))
     with DiskStore(a, create=False) as disk:
         assert disk.data_bytes() == before
+
+
+def _put_meta(path: Path, name: bytes, raw: bytes) -> None:
+    env = lmdb.open(str(path), max_dbs=4, map_size=1 << 30)
+    try:
+        with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+            txn.put(name, raw)
+    finally:
+        env.close()
+
+
+def test_a_manifest_that_would_parse_to_gigabytes_is_refused_before_parsing(store):
+    """96 MB of `[],` re-sealed: valid JSON that json.loads would turn into 32 million lists (over 2 GiB)."""
+    import hashlib
+
+    model, a = store
+    body = b"[" + b"[]," * 32_000_000 + b"[]]"
+    _put_meta(a, b"session", b"KVTM" + hashlib.sha256(body).digest() + body)
+    del body
+    _refused(lambda: _answer(model, a), "JSON values, more than a kvtier entry parses")
+
+
+def test_a_metadata_entry_past_the_size_cap_is_refused_before_it_is_copied(store, monkeypatch):
+    model, a = store
+    monkeypatch.setattr("kvtier.store.disk.META_MAX_BYTES", 4096)  # a small cap stands for the 256 MiB one
+    _put_meta(a, b"session", seal({"state": "complete", "pad": "x" * 5000}))
+    _refused(lambda: _answer(model, a), "more than the 4096 a kvtier entry may be")

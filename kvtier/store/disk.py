@@ -49,6 +49,12 @@ _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _META_MAGIC = b"KVTM"
 _DIGEST_BYTES = 32
+# A metadata entry's size and what parsing it may cost. A session's manifest is about 50 bytes per chunk (a
+# million tokens over 80 layers in 64-token chunks: ~70 MB). JSON can cost ~24x its bytes once parsed
+# (`[[],[],...]`), so the values it holds are counted before it is parsed: at most 72 bytes each (an empty
+# dict and its reference; a string or number costs less beyond its own bytes).
+META_MAX_BYTES = 256 << 20
+META_MAX_PARSED_BYTES = 2 << 30
 # LMDB failures that mean the file is damaged (anything else is an I/O or usage problem).
 _CORRUPT = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.VersionMismatchError,
             lmdb.IncompatibleError, lmdb.BadValsizeError, lmdb.PanicError)
@@ -77,10 +83,23 @@ def unseal(raw: bytes, what: str) -> Any:
     digest, body = raw[4:4 + _DIGEST_BYTES], raw[4 + _DIGEST_BYTES:]
     if hashlib.sha256(body).digest() != digest:
         raise StoreCorruptError(f"{what} is damaged (checksum mismatch)")
+    _check_parse_cost(body, what)
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:  # the digest matched: written so on purpose, still refused
         raise StoreCorruptError(f"{what} is not valid JSON ({type(exc).__name__})") from None
+
+
+def _check_parse_cost(body: bytes | memoryview, what: str) -> None:
+    """Refuse JSON whose parsed form could exceed META_MAX_PARSED_BYTES, before parsing it: every value after
+    the first follows a ',' a ':' or an opening bracket, so those bytes bound how many values there are."""
+    if len(body) > META_MAX_BYTES:
+        raise StoreCorruptError(f"{what} is {len(body)} bytes, more than the {META_MAX_BYTES} a kvtier entry may be")
+    body = bytes(body)
+    values = 1 + sum(body.count(c) for c in (b",", b":", b"[", b"{"))
+    if 72 * values + len(body) > META_MAX_PARSED_BYTES:
+        raise StoreCorruptError(f"{what} holds about {values} JSON values, more than a kvtier entry parses "
+                                f"(at most {META_MAX_PARSED_BYTES >> 30} GiB once read): refused before parsing")
 
 
 def _legacy_version(raw: bytes) -> int | None:
@@ -88,8 +107,9 @@ def _legacy_version(raw: bytes) -> int | None:
     if not raw.startswith(b"{"):
         return None
     try:
+        _check_parse_cost(raw, "legacy metadata")
         version = json.loads(raw).get("layout_version")
-    except (ValueError, RecursionError, AttributeError):
+    except (ValueError, RecursionError, AttributeError, StoreCorruptError):
         return None
     return version if isinstance(version, int) else None
 
@@ -395,9 +415,15 @@ class DiskStore(RecordStore):
     # ---------------------------------------------------------------------------------------- meta
     def get_meta(self, name: str) -> Any | None:
         """A metadata entry (checked against its seal), or None if there is none."""
-        with self._lmdb_errors("read metadata"), self._resize_lock.shared(), self.env.begin(db=self._meta) as txn:
-            raw = txn.get(name.encode())
-        return None if raw is None else unseal(raw, f"kvtier store {self.path}: metadata {name!r}")
+        what = f"kvtier store {self.path}: metadata {name!r}"
+        with (self._lmdb_errors("read metadata"), self._resize_lock.shared(),
+              self.env.begin(db=self._meta, buffers=True) as txn):
+            view = txn.get(name.encode())
+            if view is not None and len(view) > META_MAX_BYTES:  # refused before it is copied out of the map
+                raise StoreCorruptError(f"{what} is {len(view)} bytes, more than the {META_MAX_BYTES} a kvtier "
+                                        "entry may be")
+            raw = None if view is None else bytes(view)
+        return None if raw is None else unseal(raw, what)
 
     def delete_meta(self, name: str) -> None:
         self._write(lambda txn: txn.delete(name.encode(), db=self._meta))

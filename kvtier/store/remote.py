@@ -69,7 +69,7 @@ from ..errors import (
 )
 from .backend import RecordStore
 from .chunk import key_name
-from .disk import DiskStore, seal, unseal
+from .disk import META_MAX_BYTES, DiskStore, seal, unseal
 from .manifest import SESSION_META, STORE_META
 
 SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
@@ -82,7 +82,6 @@ POINTER_FORMAT = "kvtier-remote-session"
 POINTER_VERSION = 1
 # Largest entries read from a server: a pointer, and any metadata (a manifest lists every chunk and token).
 POINTER_MAX_BYTES = 1 << 20
-META_MAX_BYTES = 256 << 20
 RECORD_MAX_BYTES = 512 << 20  # the protocol's own limit on one value
 BATCH_BYTES = 32 << 20  # bytes per pipelined round trip
 PUBLISH_TTL_S = 24 * 3600  # an interrupted publish's keys expire after this
