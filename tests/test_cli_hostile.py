@@ -157,8 +157,13 @@ def test_generation_commands_refuse_before_loading(command, tmp_path, capsys):
 
 
 def test_hogwild_refuses_more_workers_than_tokens(tmp_path, capsys):
-    _one_error(capsys, ["hogwild", "--model", str(tmp_path / "nope"), "--problem", "p", "--workers", "99999999"],
-               "--workers 99999999: more workers than --max-new-tokens 1024")
+    _one_error(capsys, ["hogwild", "--model", str(tmp_path / "nope"), "--problem", "p", "--workers", "9",
+                        "--max-new-tokens", "8"], "--workers 9: more workers than --max-new-tokens 8")
+
+
+def test_hogwild_refuses_absurd_worker_counts_before_loading(tmp_path, capsys):
+    _one_error(capsys, ["hogwild", "--model", str(tmp_path / "nope"), "--problem", "p", "--workers", "99999999",
+                        "--max-new-tokens", "999999999"], "--workers 99999999: between 1 and 1024 workers")
 
 
 @pytest.mark.parametrize("command", ["hogwild", "tim"])

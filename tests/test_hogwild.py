@@ -18,7 +18,7 @@ from conftest import VOCAB, WINDOW, family_config
 from transformers import DynamicCache
 
 from kvtier import cache_argument
-from kvtier.errors import CacheInputError, UnsupportedModelError
+from kvtier.errors import CacheInputError, CacheMemoryError, UnsupportedModelError
 from kvtier.hogwild import History, HogwildCache, Layout, Target
 from kvtier.hogwild.layout import OTHERS, OWN, STEP0
 from kvtier.rope import Rope
@@ -389,3 +389,23 @@ def test_misuse_fails_with_a_message():
     assert cache.view_ids(0).tolist() == [5, 6, 7, 9, 4, 8, 3]
     with pytest.raises(ValueError, match="workers"):
         HogwildCache.for_model(model, workers=0)
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(workers=10**7), r"workers must be an int in \[1, 1024\]"),
+    (dict(workers=2, step_capacity=10**12), r"step_capacity must be an int in \[1, 4294967295\]"),
+])
+def test_absurd_worker_counts_and_step_sizes_are_refused_before_anything_is_built(options, says):
+    with pytest.raises(ValueError, match=says):
+        HogwildCache.for_model(_model("llama"), **options)
+
+
+def test_steps_the_device_cannot_hold_are_a_memory_error_not_an_oom(monkeypatch):
+    model = _model("llama")
+    with pytest.raises(CacheMemoryError, match="2 workers' steps of 4294967295 tokens needs .* available"):
+        HogwildCache.for_model(model, workers=2, step_capacity=2**32 - 1)
+    with HogwildCache.for_model(model, workers=2, step_capacity=4) as cache:
+        cache.prefill_history([5, 6, 7])
+        monkeypatch.setattr("kvtier.store.pools.available_bytes", lambda device: 0)
+        with pytest.raises(CacheMemoryError, match="arena of current steps and headers needs"):
+            cache.set_headers([3], [4])  # the arena grows for the headers: no memory left

@@ -20,14 +20,17 @@ from transformers.cache_utils import Cache
 
 from ..attention import enable
 from ..cache import KVTierCache, cache_argument
+from ..config import MAX_RECORD_TOKENS
 from ..errors import CacheInputError, StoreError, UnsupportedModelError
 from ..handle import KVHandle
 from ..model_spec import SLIDING, ModelSpec
 from ..rope import Rope
 from ..sampling import id_outside, integer_dtype, is_int, vocab_size
+from ..sizes import kv_bytes_per_token
+from ..store.pools import check_fits
 from .history import TieredHistory
 from .layer import HogwildLayer, Plan, SlidingHogwildLayer
-from .layout import OTHERS, OWN, STEP0, Layout, Target
+from .layout import MAX_WORKERS, OTHERS, OWN, STEP0, Layout, Target
 
 TokenIds = torch.Tensor | Sequence[int]
 
@@ -50,10 +53,11 @@ class HogwildCache(Cache):
     """
 
     def __init__(self, model: torch.nn.Module, workers: int, *, step_capacity: int = 64, **history_options: Any):
-        if not is_int(workers) or workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-        if not is_int(step_capacity) or step_capacity < 1:
-            raise ValueError(f"step_capacity must be an int >= 1, got {step_capacity!r}")
+        if not is_int(workers) or not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be an int in [1, {MAX_WORKERS}] (each worker's view holds every other "
+                             f"worker's step, so a step's attention grows as workers squared), got {workers!r}")
+        if not is_int(step_capacity) or not 1 <= step_capacity <= MAX_RECORD_TOKENS:
+            raise ValueError(f"step_capacity must be an int in [1, {MAX_RECORD_TOKENS}], got {step_capacity!r}")
         try:
             ropes = Rope.for_layers(model)
         except UnsupportedModelError as err:
@@ -64,6 +68,8 @@ class HogwildCache(Cache):
         self.device = param.device if param is not None else torch.device("cpu")
         self.dtype = spec.dtype
         self.spec = spec
+        check_fits(self.device, workers * step_capacity * kv_bytes_per_token(spec) * len(spec.layers),
+                   f"{workers} workers' steps of {step_capacity} tokens", "lower step_capacity or workers")
         # The history of full-attention layers is a batch-1 KVTierCache: budgets, store and sparse mode are its.
         self.history_cache = KVTierCache(spec, device=self.device, **history_options)
         layers = [SlidingHogwildLayer(i, layer, rope, spec.kv_heads, spec.head_dim, spec.dtype, self.device)

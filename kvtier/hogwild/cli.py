@@ -20,6 +20,7 @@ import torch
 
 from ..cli import printable
 from ..cli_args import UsageError, budget_tokens, check_outputs_and_memory, check_sampling, run_command
+from .layout import MAX_WORKERS
 from .prompts import CollaborationTemplate
 from .runtime import HogwildResult, Step, generate
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtier hogwild", description=__doc__)
     p.add_argument("--model", required=True, help="local directory or hub id of a causal LM, with its tokenizer")
     p.add_argument("--problem", required=True, help="the problem to solve (text)")
-    p.add_argument("--workers", type=int, default=DEFAULTS["workers"], help="how many workers (at least 1; default 2)")
+    p.add_argument("--workers", type=int, default=DEFAULTS["workers"], help="how many workers (1 to 1024; default 2)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"],
                    help="tokens all workers may generate together (default 1024); then one worker gives the final "
                         "answer")
@@ -59,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_arguments(args: argparse.Namespace) -> CollaborationTemplate:
     """Everything that can be checked before a model is loaded; returns the template the flags describe."""
-    if args.workers < 1:
-        raise HogwildCLIError(f"--workers {args.workers}: at least 1 worker is needed")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise HogwildCLIError(f"--workers {args.workers}: between 1 and {MAX_WORKERS} workers")
     if args.max_new_tokens < 1:
         raise HogwildCLIError(f"--max-new-tokens {args.max_new_tokens}: the workers need at least 1 token")
     if args.workers > args.max_new_tokens:

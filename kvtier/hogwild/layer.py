@@ -17,6 +17,7 @@ from ..errors import CacheInputError
 from ..handle import KVHandle
 from ..kernels import block_decode_attention, merge_partials
 from ..model_spec import SLIDING, LayerSpec
+from ..store.pools import allocation_errors, check_fits
 from ..rope import Rope
 from .history import History, TieredHistory
 from .layout import Layout, Rows, Target
@@ -89,8 +90,11 @@ class HogwildLayer:
         if regions == self._regions:
             return
         h, _, d = self.k.shape
-        k = self.k.new_zeros(h, sum(plan.arena_caps), d)
-        v = self.v.new_zeros(h, sum(plan.arena_caps), d)
+        size, what = sum(plan.arena_caps), f"layer {self.index}'s arena of current steps and headers"
+        check_fits(self.k.device, 2 * h * d * self.k.element_size() * size, what, "lower step_capacity or workers")
+        with allocation_errors(self.k.device, what):
+            k = self.k.new_zeros(h, size, d)
+            v = self.v.new_zeros(h, size, d)
         for (old, old_cap), (new, new_cap) in zip(zip(*self._regions), zip(*regions)):
             n = min(old_cap, new_cap)
             k[:, new : new + n] = self.k[:, old : old + n]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 OTHERS, OWN = 0, 1  # arena blocks of the two headers; worker w's current step is block STEP0 + w
 STEP0 = 2
+MAX_WORKERS = 1024  # each worker's view holds every other worker's step: a step's attention grows as workers**2
 
 
 class Target(enum.Enum):

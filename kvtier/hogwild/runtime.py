@@ -35,6 +35,7 @@ import torch
 
 from ..sampling import Sampling, check_sampling, eos_ids, is_int
 from .cache import HogwildCache
+from .layout import MAX_WORKERS
 from .prompts import CollaborationTemplate, encode_text, step_ends
 
 # \boxed{...} with up to two levels of braces inside (\boxed{\frac{1}{2}} is one answer, not "\boxed{\frac{1}")
@@ -387,8 +388,8 @@ class _Run:
 def _check(workers, max_new_tokens, do_sample, temperature, top_p, top_k, check_in_every, finisher_tokens,
            finisher_worker, seed) -> None:
     """ValueError naming the argument and its allowed range, before anything runs."""
-    if not is_int(workers) or workers < 1:
-        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if not is_int(workers) or not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers must be an int in [1, {MAX_WORKERS}], got {workers!r}")
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     check_sampling(do_sample, temperature, top_p, top_k, seed)

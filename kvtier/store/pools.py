@@ -27,6 +27,7 @@ import bisect
 import contextlib
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 
@@ -56,6 +57,26 @@ def available_bytes(device: torch.device) -> int | None:
         except (OSError, ValueError, IndexError):
             return None
     return None
+
+
+def check_fits(device: torch.device, nbytes: int, what: str, advice: str = "") -> None:
+    """CacheMemoryError unless `nbytes` more fit on `device` (see `available_bytes`)."""
+    from ..sizes import human_bytes  # here: sizes imports the model spec, which imports this module
+
+    free = available_bytes(device)
+    if free is not None and nbytes > free:
+        raise CacheMemoryError(f"{what} needs {human_bytes(nbytes)} and {device} has {human_bytes(free)} available"
+                               + (f" ({advice})" if advice else ""))
+
+
+@contextlib.contextmanager
+def allocation_errors(device: torch.device, what: str) -> Iterator[None]:
+    """torch's allocation failures (out of memory, a size that overflows) as one-line CacheMemoryErrors."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CacheMemoryError(f"cannot allocate {what} on {device}: {reason}") from None
 
 
 def storage_mode() -> contextlib.ExitStack:
@@ -168,21 +189,12 @@ class DevicePool:
 
     def _resize(self, batch: int, heads: int, head_dim: int, capacity: int) -> None:
         """The arena with `capacity` slots; CacheMemoryError (nothing changed) where the memory is not there."""
-        from ..sizes import human_bytes  # here: sizes imports the model spec, which imports this module
-
-        nbytes = capacity * (2 * batch * heads * head_dim * self.dtype.itemsize + 16)
-        free = available_bytes(self.device)
-        if free is not None and nbytes > free:  # the old arena lives on until the copy is done
-            raise CacheMemoryError(f"cannot size a layer's arena to {capacity} tokens: it needs "
-                                   f"{human_bytes(nbytes)} and {self.device} has {human_bytes(free)} available "
-                                   "(reserve fewer tokens, or set device_budget)")
-        try:
-            with storage_mode():
-                self._resize_no_grad(batch, heads, head_dim, capacity)
-        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError, a size that overflows
-            raise CacheMemoryError(f"cannot size a layer's arena to {capacity} tokens ({human_bytes(nbytes)}) on "
-                                   f"{self.device}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                                   ) from None
+        what = f"a layer's arena of {capacity} tokens"
+        # the old arena lives on until the copy is done: the new one must fit beside it
+        check_fits(self.device, capacity * (2 * batch * heads * head_dim * self.dtype.itemsize + 16), what,
+                   "reserve fewer tokens, or set device_budget")
+        with allocation_errors(self.device, what), storage_mode():
+            self._resize_no_grad(batch, heads, head_dim, capacity)
 
     def _resize_no_grad(self, batch: int, heads: int, head_dim: int, capacity: int) -> None:
         # Slots below high water are copied, the rest zeroed (never left uninitialised: a slot masked out of
