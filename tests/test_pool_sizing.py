@@ -68,7 +68,7 @@ def test_reserve_beyond_memory_is_a_clear_error_and_changes_nothing():
         pools = list(cache.tiers.device_pools.values())
         before = [(p.capacity, p.expected) for p in pools]
         for tokens in (10**15, 2**62):  # petabytes; a size whose byte count overflows torch's
-            with pytest.raises(CacheMemoryError, match="cannot size a layer's arena"):
+            with pytest.raises(CacheMemoryError, match="a layer's arena of [0-9]+ tokens"):
                 cache.reserve(tokens)
         assert [(p.capacity, p.expected) for p in pools] == before
         out = model(input_ids=ids[:, :1], use_cache=True, **{cache_argument(model): cache})  # still serves
