@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -634,10 +635,12 @@ class _LyingServer:
     published session (every key and value, taken from the real server) and answers one command its own way.
     What it proves is what kvtier does with replies no Redis server would send."""
 
-    def __init__(self, data: dict[bytes, bytes], lie=None):
+    def __init__(self, data: dict[bytes, bytes], lie=None, trickle=None):
+        """trickle(command, args): seconds between the bytes of that command's reply (None: all at once)."""
         import socketserver
 
         self.data, self.lie = data, lie or (lambda command, args, data: None)
+        self.trickle = trickle or (lambda command, args: None)
         outer = self
 
         class Handler(socketserver.StreamRequestHandler):
@@ -649,7 +652,17 @@ class _LyingServer:
                         return
                     if request is None:
                         return
-                    self.wfile.write(outer._encode(outer._answer(request)))
+                    reply, pause = outer._encode(outer._answer(request)), outer.trickle(request[0].upper(), request[1:])
+                    if pause is None:
+                        self.wfile.write(reply)
+                        continue
+                    try:
+                        for i in range(len(reply)):  # each byte well within the socket timeout, all far past it
+                            self.wfile.write(reply[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(pause)
+                    except OSError:  # the client gave up and closed the connection
+                        return
 
         socketserver.ThreadingTCPServer.daemon_threads = True
         socketserver.ThreadingTCPServer.allow_reuse_address = True
@@ -759,6 +772,21 @@ def test_a_lying_server_is_refused_in_one_line(model, published, tmp_path, case)
         url = f"redis://127.0.0.1:{server.port}/0/doc?prefix={prefix}&socket_timeout=2"
         err = refused(cls, opened, url, model)
         assert says in str(err), str(err)
+    finally:
+        server.close()
+
+
+def test_a_server_trickling_its_reply_is_cut_off_like_a_silent_one(model, published):
+    """A byte every 0.1 s never trips a 0.25 s socket timeout, and the manifest's few kilobytes would take minutes:
+    each try of the round trip ends after REPLY_TIMEOUTS socket timeouts, and the bounded retries then give up."""
+    prefix, data, _ = published
+    server = _LyingServer(data, trickle=lambda command, args: 0.1 if args and b"meta:session" in args[0] else None)
+    try:
+        url = f"redis://127.0.0.1:{server.port}/0/doc?prefix={prefix}&socket_timeout=0.25"
+        start = time.monotonic()
+        err = refused(RemoteStoreError, opened, url, model)
+        assert "did not answer in time" in str(err), str(err)
+        assert time.monotonic() - start < 60  # 4 tries of 1 s and the backoff, not the minutes the reply takes
     finally:
         server.close()
 

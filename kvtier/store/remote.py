@@ -32,7 +32,8 @@ options); any other is refused when the URL is read.
 
 Faults, and what a caller sees (each a one-line `StoreError` subclass, never wrong logits):
 - the server unreachable or not answering: `RemoteStoreError` after bounded retries (one command waits at most
-  4 socket timeouts plus 1.4 s of backoff), at the first read that needs a record not cached locally (steps
+  4 socket timeouts plus 1.4 s of backoff; a server trickling its reply is cut off after REPLY_TIMEOUTS socket
+  timeouts per try, so at most 16 plus the backoff), at the first read that needs a record not cached locally (steps
   that need none go on). The cache can be closed; its local directory stays a valid cache of the session, and
   reopening the URL with it once the server is back reads only the records it does not hold yet.
 - a key evicted (a server under maxmemory with an eviction policy) or the session unpublished while read:
@@ -47,6 +48,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import socket
 import tempfile
 import threading
 import time
@@ -250,6 +252,7 @@ class RedisServer:
             try:
                 self.client = redis.Redis.from_url(
                     url.connect, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                    connection_class=_deadline_connection(redis, url.connect.startswith("rediss:")),
                     retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
                     retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
                     client_name="kvtier")
@@ -323,6 +326,62 @@ class RedisServer:
             self.client.close()
         except Exception:  # noqa: BLE001 - closing a pool to a server that went away is not an error
             pass
+
+
+REPLY_TIMEOUTS = 4  # one round trip (a command, or a pipeline's batch) may take this many socket timeouts
+
+
+class _DeadlineSocket:
+    """A connected socket whose reads end REPLY_TIMEOUTS socket timeouts after the request they answer was
+    sent. The socket timeout alone bounds each read, so a server that trickles a reply (a byte every few
+    seconds) would hold a caller for as long as it likes; this cuts it off as if it had gone silent (the client
+    then retries, boundedly). Everything else is the socket's."""
+
+    def __init__(self, sock: Any, timeout: float | None):
+        self._sock, self._timeout, self._deadline = sock, timeout, None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+        self._sock.settimeout(timeout)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def sendall(self, data: Any, *args: Any) -> None:
+        if self._timeout is not None:
+            self._deadline = time.monotonic() + REPLY_TIMEOUTS * self._timeout
+        self._sock.sendall(data, *args)
+
+    def _arm(self) -> None:
+        if self._deadline is None or self._timeout is None:
+            return
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout(f"the reply took longer than {REPLY_TIMEOUTS} socket timeouts")
+        self._sock.settimeout(min(self._timeout, left))
+
+    def recv(self, *args: Any) -> bytes:
+        self._arm()
+        return self._sock.recv(*args)
+
+    def recv_into(self, *args: Any) -> int:
+        self._arm()
+        return self._sock.recv_into(*args)
+
+
+def _deadline_connection(redis: Any, tls: bool) -> type:
+    """The client's connection class (TLS or not) with `_DeadlineSocket`s."""
+    base = redis.SSLConnection if tls else redis.Connection
+
+    class DeadlineConnection(base):
+        def _connect(self):
+            sock = super()._connect()
+            return _DeadlineSocket(sock, sock.gettimeout())
+
+    return DeadlineConnection
 
 
 class _ServerErrors:
