@@ -32,6 +32,9 @@ def test_bench_exact_writes_json(tmp_path):
         assert row["reopen"][kind]["time_to_first_token_ms"] > 0
     assert row["reopen"]["cold"]["disk_mb_read"] > 0  # exact mode reads every chunk back
     assert row["reopen"]["codec_decode_mb_s"] > 0 and row["reopen"]["warm"]["read_ratio_vs_codec"] > 0
+    streamed = row["reopen"]["warm_then_ask"]  # warm() read the whole session before the first step
+    assert streamed["disk_mb_read"] == row["reopen"]["warm"]["disk_mb_read"] and streamed["stream_mb_s"] > 0
+    assert streamed["stream_ratio_vs_codec"] > 0
 
 
 def test_bench_help_is_the_benchmarks_own(tmp_path):
