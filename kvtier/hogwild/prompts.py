@@ -21,6 +21,7 @@ What each worker's view looks like as text (worker Bob of three)::
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -47,6 +48,30 @@ checking a result that was just found.
 - When asked whether you are doing redundant work, answer yes or no honestly. After a yes, stop that line of \
 work and start a step on something else.
 - When the answer is known, write it once as \\boxed{{answer}}."""
+
+
+# The format strings of a template and the fields each is formatted with.
+FORMAT_KEYS = {"rules": ("names", "n", "example"), "problem_format": ("problem",), "step_prefix": ("name", "step")}
+_SAMPLE = {"names": "A and B", "n": 2, "example": "**A [1]:**", "problem": "P", "name": "A", "step": 1}
+
+
+def _check_format(name: str, text: str, keys: tuple[str, ...]) -> None:
+    """ValueError unless `text` is a format string whose fields are plain names from `keys` (no attribute or index
+    lookups, no positional fields, no fields nested in a format spec) and formats with sample values."""
+    allowed = ", ".join("{" + k + "}" for k in keys)
+    try:
+        fields = [(key, spec) for _, key, spec, _ in string.Formatter().parse(text) if key is not None]
+    except ValueError as err:
+        raise ValueError(f"{name} is not a valid format string ({err}); it may use {allowed} "
+                         "(write {{ and }} for braces)") from None
+    for key, spec in fields:
+        if key not in keys or "{" in spec:
+            raise ValueError(f"{name} has the field {{{key}{':' + spec if spec else ''}}}; it may use only "
+                             f"{allowed} (write {{{{ and }}}} for braces)")
+    try:
+        text.format(**{k: _SAMPLE[k] for k in keys})
+    except ValueError as err:
+        raise ValueError(f"{name} is not a valid format string ({err}); it may use {allowed}") from None
 
 
 @dataclass(frozen=True)
@@ -106,13 +131,8 @@ class CollaborationTemplate:
             if len(set(names)) != len(names):
                 raise ValueError(f"names must differ from one another, got {list(names)!r}")
             self._names = names
-        for name in ("step_prefix", "rules", "problem_format"):
-            try:
-                getattr(self, name).format(name="A", step=1, names="A", n=1, example="A", problem="P")
-            except (KeyError, IndexError, ValueError) as err:
-                raise ValueError(f"{name} is not a valid format string ({err!r}); step_prefix may use "
-                                 "{name} and {step}, rules {names}, {n} and {example}, problem_format "
-                                 "{problem}") from None
+        for name, keys in FORMAT_KEYS.items():
+            _check_format(name, getattr(self, name), keys)
         if not self.yes or not self.no or self.yes == self.no:
             raise ValueError(f"yes and no must be two different non-empty strings, got {self.yes!r}, {self.no!r}")
 

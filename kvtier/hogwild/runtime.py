@@ -158,6 +158,9 @@ def generate(model: torch.nn.Module, tokenizer, problem: str, *, workers: int = 
             pattern = re.compile(answer_pattern, re.S)
         except re.error as err:
             raise ValueError(f"answer_pattern {answer_pattern!r} is not a regular expression ({err})") from None
+        if pattern.search("") is not None:
+            raise ValueError(f"answer_pattern {answer_pattern!r} matches empty text, so every run would stop at its "
+                             "first token with an empty answer; it must need at least one character")
     sampling = Sampling.from_options(do_sample, temperature, top_p, top_k, seed, next(model.parameters()).device)
     opts = _Options(max_new_tokens, check_in_every, finisher_tokens, finisher_worker, pattern,
                     eos_ids(model, tokenizer, eos_token_id), sampling, on_token, on_step)

@@ -35,6 +35,7 @@ stop tokens (the tokenizer's eos unless `stop_token_ids` says otherwise) are all
 from __future__ import annotations
 
 import math
+import re
 import threading
 import weakref
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class ConstraintError(KVTierError, ValueError):
     """A token the schema does not allow was fed to a SchemaConstraint, or logits of the wrong shape."""
 
 
+_XGRAMMAR_WHERE = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")  # "[09:20:16] /project/cpp/x.cc:94: " before a message
 _SURROGATE_LEAD = 0xED  # UTF-8 ED A0..BF encodes a UTF-16 surrogate (U+D800..U+DFFF): not text
 _VOCABS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(vocab size, stops): _Vocab}
 _VOCABS_LOCK = threading.Lock()
@@ -138,8 +140,12 @@ class SchemaConstraint:
         self._vocab = _vocab(tokenizer, vocab_size, stops)
         self.tokenizer = tokenizer
         self.schema = schema
-        self.compiled = self._vocab.compiler.compile_json_schema(dump_json(schema), any_whitespace=False,
-                                                     separators=JSON_SEPARATORS, strict_mode=True)
+        try:
+            self.compiled = self._vocab.compiler.compile_json_schema(dump_json(schema), any_whitespace=False,
+                                                                     separators=JSON_SEPARATORS, strict_mode=True)
+        except RuntimeError as e:  # xgrammar refuses the schema: "[time] file.cc:94: <why>"
+            why = _XGRAMMAR_WHERE.sub("", (str(e).strip().splitlines() or [type(e).__name__])[0])
+            raise ConstraintError(f"xgrammar cannot compile the schema: {why} (see the tools' parameters)") from None
         self.vocab_size: int = self.compiled.tokenizer_info.vocab_size
         self.stop_token_ids: tuple[int, ...] = tuple(self.compiled.tokenizer_info.stop_token_ids)
         self._matcher = xgr.GrammarMatcher(self.compiled)

@@ -274,7 +274,10 @@ class _Run:
         self.calls.append(call)
         self.stats.tool_calls += 1
         self.emit(call)
-        ids = list(self.tokenizer.encode(tool_result_text(event.after, outcome.result_json), add_special_tokens=False))
+        # The result is text from outside the model: a special token's spelling in it ("</s>", "<|im_end|>") is
+        # written as its characters, never as that token (which would end the thread or leave the schema).
+        ids = list(self.tokenizer.encode(tool_result_text(event.after, outcome.result_json), add_special_tokens=False,
+                                         split_special_tokens=True))
         for tid in ids:  # through the constraint and the tracker like generated tokens
             if self.constraint is not None:
                 self.constraint.accept(tid)

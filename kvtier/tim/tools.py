@@ -2,9 +2,9 @@
 
 A task's "tooluse" names a tool and its parameters; the runtime calls `ToolRegistry.call`, which never raises:
 whatever goes wrong (an unknown tool, parameters that do not match the tool's schema, the tool raising, running past
-its timeout, returning something JSON cannot hold) comes back as a `ToolOutcome` whose `result_json` is
-`{"error": "..."}`, so the model reads the failure as the tool's result and carries on (TIM, arXiv 2507.16784:
-tool results are written into the reasoning tree in the same generation).
+its timeout, returning something JSON cannot hold, or more than MAX_RESULT_CHARS of it) comes back as a
+`ToolOutcome` whose `result_json` is `{"error": "..."}`, so the model reads the failure as the tool's result and
+carries on (TIM, arXiv 2507.16784: tool results are written into the reasoning tree in the same generation).
 
 Each call runs in a daemon worker thread so that a timeout can be kept. Python cannot stop a thread: a call that
 runs past its timeout is abandoned, not killed. It keeps running (and holding whatever it holds) until its
@@ -28,10 +28,12 @@ from typing import Any
 
 from kvtier.errors import KVTierError
 from kvtier.tim.schema import dump_json
+from kvtier.tim.tracker import TimFormatError, tool_result_text
 
 DEFAULT_TIMEOUT = 10.0  # seconds
 TOOL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")  # written inside a JSON string: no quotes or escapes
 MAX_ERROR_CHARS = 500  # an exception message longer than this is cut (the model reads it)
+MAX_RESULT_CHARS = 65536  # a result's JSON longer than this is an error result: it would be one huge forward pass
 
 
 class ToolSpecError(KVTierError, ValueError):
@@ -294,8 +296,15 @@ class ToolRegistry:
             return fail(f"tool {t.name!r} failed: {_describe(error)}")
         try:
             text = dump_json(value)
-        except (TypeError, ValueError) as e:
+        except Exception as e:  # TypeError, ValueError; RecursionError for a value nested too deep
             return fail(f"tool {t.name!r} returned a value JSON cannot hold: {_describe(e)}")
+        if len(text) > MAX_RESULT_CHARS:
+            return fail(f"tool {t.name!r} returned {len(text)} characters of JSON; at most {MAX_RESULT_CHARS} are "
+                        "written into the generation")
+        try:
+            tool_result_text("", text)  # what the tracker reads back (the nesting it allows)
+        except TimFormatError as e:
+            return fail(f"tool {t.name!r} returned a value the thread cannot hold: {e}")
         return ToolOutcome(t.name, True, text, time.perf_counter() - start)
 
 

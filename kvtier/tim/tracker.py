@@ -178,6 +178,7 @@ def _show(c: str) -> str:
 # Any JSON value (RFC 8259), one character at a time. Validating here (rather than by json.loads at the end)
 # is what lets an error name the token that broke the value, and find where a number ends.
 
+MAX_NESTING = 200  # arrays and objects inside one another in one value: json.loads recurses once per level
 _STR_RUN = re.compile(r'[^"\\\x00-\x1f]*')
 _HEX = frozenset("0123456789abcdefABCDEF")
 _DIGITS = frozenset("0123456789")
@@ -305,6 +306,8 @@ class _Json:
                     if self.kind == "object" and c != "{":
                         raise _Bad(i, f'"{{" to open {self.what} (a JSON object)', _show(c))
                     self.started, cap = True, i
+                if c in "{[" and len(self.stack) >= MAX_NESTING:
+                    raise _Bad(i, f"at most {MAX_NESTING} arrays and objects nested in {self.what}", _show(c))
                 if c == '"':
                     self.state = _STRING
                 elif c == "{":
@@ -394,7 +397,10 @@ class _Json:
 
     def _complete(self, text: str, cap: int, end: int, last_token: int) -> int:
         self.chunks.append(text[cap:end])
-        self.value = json.loads("".join(self.chunks))
+        try:
+            self.value = json.loads("".join(self.chunks))
+        except (ValueError, RecursionError) as e:  # valid JSON Python will not hold: an int past its digit limit
+            raise _Bad(end - 1, f"a value Python can decode in {self.what}", f"{type(e).__name__}: {str(e).split(';')[0]}") from None
         self.chunks = []
         self.done, self.last_token = True, last_token
         return end

@@ -1,0 +1,168 @@
+"""Hostile and odd inputs to kvtier's two runtimes (`kvtier.hogwild.generate`, `kvtier.tim.generate`) and what they
+give: one clear error naming the bad value, or a run that goes on (a tool's failure is the tool's result), never a
+raw KeyError / RecursionError from deep inside, a run that dies of a tool, or text from outside the model turned
+into control tokens. Models are tiny and random; streams are scripted where the content matters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import transformers as tf
+from tiny import build_tokenizer
+
+from kvtier.hogwild import CollaborationTemplate
+from kvtier.hogwild import generate as hogwild_generate
+from kvtier.tim import TimFormatError, TaskTracker
+from kvtier.tim.runtime import generate as tim_generate
+from kvtier.tim.tools import MAX_RESULT_CHARS, Tool, ToolRegistry, tool
+from kvtier.tim.tracker import MAX_NESTING, tool_result_text
+
+try:
+    import xgrammar
+except ImportError:  # pragma: no cover - the constrained tests skip
+    xgrammar = None
+
+needs_xgrammar = pytest.mark.skipif(xgrammar is None, reason="xgrammar is not installed (pip install xgrammar==0.2.9)")
+TOK = build_tokenizer()
+SHORT = dict(rules="Workers {names} ({n}) share the work; {example} opens a step.", history_intro="\n")
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tf.LlamaConfig(vocab_size=len(TOK), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=TOK.bos_token_id, eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+# ------------------------------------------------------------------------------------------- hogwild
+@pytest.mark.parametrize("field, text, named", [
+    ("rules", "{problem} is solved by {names}", "{problem}"),  # a field of another format string
+    ("step_prefix", "**{names} [{step}]:**", "{names}"),
+    ("problem_format", "{name}: {problem}", "{name}"),
+    ("step_prefix", "{name.__class__}", "{name.__class__}"),  # attribute lookups reach past the value
+    ("step_prefix", "{name[0]}", "{name[0]}"),
+    ("step_prefix", "{0} [{step}]", "{0}"),
+    ("step_prefix", "{} [{step}]", "{}"),
+    ("step_prefix", "{name:{step}}", "{name:{step}}"),  # a field nested in a format spec
+    ("rules", "{n.real}", "{n.real}"),
+])
+def test_template_format_fields_are_checked_against_their_own_names(field, text, named):
+    """Each format string may use only the fields it is formatted with: a field of another one passed the check
+    (every field was offered to every string) and was a KeyError in the middle of generate."""
+    with pytest.raises(ValueError, match=f"{field} has the field {re.escape(named)}; it may use only"):
+        CollaborationTemplate(**{field: text})
+
+
+@pytest.mark.parametrize("field, text", [("step_prefix", "{"), ("step_prefix", "a}b"), ("rules", "{n:q}")])
+def test_template_format_strings_that_do_not_parse_are_one_line(field, text):
+    with pytest.raises(ValueError, match=f"{field} is not a valid format string"):
+        CollaborationTemplate(**{field: text})
+
+
+def test_template_format_fields_with_conversions_and_specs_are_taken(model):
+    template = CollaborationTemplate(**{**SHORT, "rules": "{n:02d} workers: {names!s}; {example}"},
+                                     step_prefix="[{step:d}] {name!s}:", problem_format="{problem:>3}")
+    result = hogwild_generate(model, TOK, "2+3", workers=2, max_new_tokens=4, template=template, eos_token_id=[],
+                              check_in_every=None, finisher_tokens=0)
+    assert result.stopped == "budget" and result.texts[1].startswith("[1] Bob:")
+
+
+@pytest.mark.parametrize("pattern", ["", "x*", "(?:)", "$", r"\d*"])
+def test_an_answer_pattern_matching_empty_text_is_refused(model, pattern):
+    """A pattern that matches "" stopped every run at its first token with the answer ""."""
+    with pytest.raises(ValueError, match="answer_pattern .* matches empty text"):
+        hogwild_generate(model, TOK, "2+3", max_new_tokens=4, answer_pattern=pattern,
+                         template=CollaborationTemplate(**SHORT))
+
+
+# ---------------------------------------------------------------------------------------------- tools
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (_nested(100_000), "RecursionError"),  # json.dumps recursed out: call() raised, the run died of a tool
+    (_nested(MAX_NESTING + 1), f"at most {MAX_NESTING} arrays and objects nested"),  # the tracker could not read it
+    ("x" * (MAX_RESULT_CHARS + 1), f"at most {MAX_RESULT_CHARS} are written"),  # one forward pass of 16k+ tokens
+])
+def test_results_the_thread_cannot_take_are_an_error_result(value, fragment):
+    outcome = ToolRegistry([tool(lambda: value, name="odd")]).call("odd", {})
+    assert not outcome.ok and fragment in json.loads(outcome.result_json)["error"]
+    assert len(outcome.result_json) < 1000
+
+
+def test_results_up_to_the_bounds_are_written_as_they_are():
+    registry = ToolRegistry([tool(lambda: _nested(MAX_NESTING - 1), name="deep"),
+                             tool(lambda: "x" * (MAX_RESULT_CHARS - 2), name="long")])
+    for name in registry.names:
+        outcome = registry.call(name, {})
+        assert outcome.ok, outcome.result_json
+        assert tool_result_text("", outcome.result_json).endswith(outcome.result_json)
+
+
+@pytest.mark.parametrize("constrain", [False, pytest.param(True, marks=needs_xgrammar)])
+def test_special_token_text_in_a_tool_result_is_written_as_text(model, constrain):
+    """A result holding "</s>" was encoded as the EOS token itself: under the schema the run died (the constraint
+    refuses a special token inside a string); without it the model read a real end-of-text in its context."""
+    def page() -> str:
+        """A page that spells special tokens."""
+        return "a </s> b <s> c"
+
+    doc = '{"reasoning": {"thought": "t", "tooluse": {"tool_name": "page", "parameters": {}'
+    rest = '}, "conclusion": "c"}, "answer": 1}'
+    ids = TOK.encode(doc, add_special_tokens=False) + TOK.encode(rest, add_special_tokens=False)
+    feed = iter(ids)
+    result = tim_generate(model, TOK, "", prompt_ids=[TOK.bos_token_id], tools=[page], constrain=constrain,
+                          max_new_tokens=len(ids) + 1,
+                          choose=lambda logits: next(feed, TOK.eos_token_id))
+    assert result.stopped == "answer" and result.answer == 1
+    assert result.tree.tool_result == "a </s> b <s> c"
+    specials = set(TOK.all_special_ids)
+    assert not specials & set(result.kept_ids[result.stats.prompt_tokens:])
+
+
+def test_an_xgrammar_refusal_of_a_tool_schema_is_one_line(model):
+    pytest.importorskip("xgrammar")
+    from kvtier.tim.constrain import ConstraintError
+
+    for props, why in (({"x": {"type": "string", "pattern": "("}}, "Regex parsing error"),
+                       ({"x": {"type": "integer", "minimum": 5, "maximum": 1}}, "Invalid range: minimum greater than maximum")):
+        odd = Tool("odd", "an odd schema", {"type": "object", "properties": props, "required": ["x"]},
+                   lambda **kw: 1)
+        with pytest.raises(ConstraintError, match=f"^xgrammar cannot compile the schema: {why}") as info:
+            tim_generate(model, TOK, "p", tools=[odd], constrain=True, max_new_tokens=2)
+        assert "\n" not in str(info.value) and ".cc:" not in str(info.value)
+
+
+# -------------------------------------------------------------------------------------------- tracker
+def _thread_with_answer(answer: str) -> str:
+    return '{"reasoning": {"thought": "a", "conclusion": "b"}, "answer": ' + answer + "}"
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("[" * 5000 + "]" * 5000, f"at most {MAX_NESTING} arrays and objects nested in the answer"),  # RecursionError
+    ("1" * 5000, "a value Python can decode in the answer"),  # ValueError past Python's int digit limit
+])
+def test_json_values_python_cannot_hold_are_a_format_error(answer, expected):
+    tracker = TaskTracker()
+    text = _thread_with_answer(answer)
+    with pytest.raises(TimFormatError, match=expected):
+        for at in range(0, len(text), 64):
+            tracker.feed(text[at:at + 64])
+    with pytest.raises(TimFormatError):  # the tracker stays dead
+        tracker.feed(" ")
+
+
+def test_values_nested_up_to_the_bound_are_read():
+    tracker = TaskTracker()
+    tracker.feed(_thread_with_answer("[" * MAX_NESTING + "]" * MAX_NESTING))
+    assert tracker.done and tracker.answer == _nested(MAX_NESTING - 1)
