@@ -166,3 +166,39 @@ def test_values_nested_up_to_the_bound_are_read():
     tracker = TaskTracker()
     tracker.feed(_thread_with_answer("[" * MAX_NESTING + "]" * MAX_NESTING))
     assert tracker.done and tracker.answer == _nested(MAX_NESTING - 1)
+
+
+class _Dropping:
+    """A tokenizer that writes no tokens for some texts (as some do for text outside their vocabulary)."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def __init__(self, drops: str):
+        self.drops = drops
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        return TOK("" if text == self.drops else text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids, **kw) -> str:
+        return TOK.decode(ids, **kw)
+
+
+@pytest.mark.parametrize("answer", [" yes", " no"])
+def test_a_check_in_answer_without_tokens_is_named(model, answer):
+    with pytest.raises(ValueError, match=f"the check-in answer '{answer}' tokenizes to no tokens"):
+        hogwild_generate(model, _Dropping(answer), "2+3", max_new_tokens=4, template=CollaborationTemplate(**SHORT))
+
+
+@needs_xgrammar
+@pytest.mark.parametrize("sample", [False, True])
+def test_a_schema_no_token_of_the_model_can_follow_is_one_line(sample):
+    """A model whose vocabulary lacks every token the schema allows: sampling failed in torch on NaN probabilities,
+    greedy picked token 0 and the constraint called it a token the schema refuses."""
+    from kvtier.tim.constrain import ConstraintError
+
+    cfg = tf.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    small = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(ConstraintError, match="allows none of the model's 50 tokens next"):
+        tim_generate(small, TOK, "", prompt_ids=[1, 2, 3], constrain=True, max_new_tokens=4, do_sample=sample, seed=0)

@@ -231,6 +231,10 @@ class _Run:
         self.trace: list[Step] = []
         self.stats = HogwildStats([0] * len(names), [0] * len(names))
         yes, no = encode_text(tokenizer, template.yes), encode_text(tokenizer, template.no)
+        for text, ids in ((template.yes, yes), (template.no, no)):
+            if not ids:
+                raise ValueError(f"the check-in answer {text!r} tokenizes to no tokens; give yes and no texts the "
+                                 "tokenizer writes")
         shared = 0
         while shared < min(len(yes), len(no)) and yes[shared] == no[shared]:
             shared += 1

@@ -230,6 +230,8 @@ class _Run:
         while self.stats.generated_tokens < max_new_tokens:
             if self.constraint is not None:
                 logits = self.constraint.mask_logits(logits.float())
+                if bool(torch.isneginf(logits).all()):
+                    self.no_token_allowed(logits.shape[-1])
             token = int(choose(logits))
             if token in self.eos:
                 stopped = "eos"
@@ -246,6 +248,14 @@ class _Run:
         self.stats.final_kv_tokens = self.cache.get_seq_length()
         return TimResult(self.answer, "".join(self.text), self.tracker.root, self.pruned, self.calls, self.stats,
                          stopped, list(self.held))
+
+    def no_token_allowed(self, vocab: int) -> None:
+        """Every token is masked: sampling would fail on NaN probabilities, greedy pick a token the schema refuses."""
+        from .constrain import ConstraintError
+
+        raise ConstraintError(f"the thread's schema allows none of the model's {vocab} tokens next (after "
+                              f"{self.stats.generated_tokens} generated tokens): the tokens it needs lie outside the "
+                              "model's vocabulary (is the model's vocabulary smaller than its tokenizer's?)")
 
     def take(self, token: int) -> list[int]:
         """Give the tracker the token's text and act on what closed; returns tokens to write after it."""
