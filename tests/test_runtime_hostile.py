@@ -151,6 +151,7 @@ def _thread_with_answer(answer: str) -> str:
 @pytest.mark.parametrize("answer, expected", [
     ("[" * 5000 + "]" * 5000, f"at most {MAX_NESTING} arrays and objects nested in the answer"),  # RecursionError
     ("1" * 5000, "a value Python can decode in the answer"),  # ValueError past Python's int digit limit
+    ("[1, -2.5e999]", "the number -2.5e999 is past the range of a float"),  # -inf: JSON cannot write it back
 ])
 def test_json_values_python_cannot_hold_are_a_format_error(answer, expected):
     tracker = TaskTracker()

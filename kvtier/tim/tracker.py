@@ -38,6 +38,7 @@ always that token).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,6 +188,15 @@ _LITERALS = {"t": "rue", "f": "alse", "n": "ull"}
 (_VALUE, _STRING, _ESCAPE, _UNICODE, _AFTER, _OBJ_FIRST, _OBJ_KEY, _COLON, _ARR_FIRST, _LITERAL,
  _N_MINUS, _N_ZERO, _N_INT, _N_FRAC0, _N_FRAC, _N_EXP_SIGN, _N_EXP0, _N_EXP) = range(18)
 _NUMBER_STATES = frozenset(range(_N_MINUS, _N_EXP + 1))
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number with a fraction or exponent, refused when a float would make it infinite (1e999): JSON cannot
+    write infinity back, so the thread's answer or a tool's parameters could not be recorded."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is past the range of a float")
+    return value
 
 
 class _Json:
@@ -398,7 +408,7 @@ class _Json:
     def _complete(self, text: str, cap: int, end: int, last_token: int) -> int:
         self.chunks.append(text[cap:end])
         try:
-            self.value = json.loads("".join(self.chunks))
+            self.value = json.loads("".join(self.chunks), parse_float=_finite_float)
         except (ValueError, RecursionError) as e:  # valid JSON Python will not hold: an int past its digit limit
             raise _Bad(end - 1, f"a value Python can decode in {self.what}", f"{type(e).__name__}: {str(e).split(';')[0]}") from None
         self.chunks = []
