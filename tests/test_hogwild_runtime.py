@@ -273,6 +273,20 @@ def test_lanes_rewrite_in_place_on_a_terminal():
     assert "Alice | **Alice [1]:** done." in text and "  Bob \u2502 **Bob [1]:** y\u21b5z" in text
 
 
+def test_lanes_show_worker_names_without_their_control_characters():
+    out = io.StringIO()
+    name = "Eve\x1b]0;title\x07"
+    lanes = Lanes(["Al", name], out, live=True)
+    lanes.token(1, 5, "x")
+    lanes.draw()
+    lanes.step(Step(1, name, 1, "**Eve [1]:** done.\n\n", (5,), "boundary"))
+    lanes.close()
+    text = out.getvalue()
+    assert "\x1b]" not in text and "\x07" not in text
+    assert "Eve\\x1b]0;title\\x07 | **Eve [1]:** done." in text
+    assert "                Al \u2502 " in text  # the lanes line up on the names as shown
+
+
 def _kvtier(*args: str, **kw) -> subprocess.Popen:
     exe = shutil.which("kvtier")
     cmd = [exe, *args] if exe else [sys.executable, "-m", "kvtier.cli", *args]

@@ -94,9 +94,10 @@ class Lanes:
     them. Otherwise: finished steps as plain lines prefixed with their writer's name."""
 
     def __init__(self, names: list[str], out, live: bool):
-        self.names, self.out, self.live = names, out, live
+        self.names = [printable(n) for n in names]  # names come from users: shown, never driving the terminal
+        self.out, self.live = out, live
         self.text = [""] * len(names)
-        self.width = max(len(n) for n in names)
+        self.width = max(len(n) for n in self.names)
         self.drawn = False
         self.last = 0.0
 
@@ -114,7 +115,7 @@ class Lanes:
         lines = [printable(line) for line in step.text.splitlines() if line.strip()] or [""]
         lines[-1] += note
         for line in lines:
-            print(f"{step.name:>{self.width}} | {line}", file=self.out)
+            print(f"{self.names[step.worker]:>{self.width}} | {line}", file=self.out)
         if self.live:
             self.draw()
         self.out.flush()
