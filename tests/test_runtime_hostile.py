@@ -203,3 +203,15 @@ def test_a_schema_no_token_of_the_model_can_follow_is_one_line(sample):
     small = tf.AutoModelForCausalLM.from_config(cfg).eval()
     with pytest.raises(ConstraintError, match="allows none of the model's 50 tokens next"):
         tim_generate(small, TOK, "", prompt_ids=[1, 2, 3], constrain=True, max_new_tokens=4, do_sample=sample, seed=0)
+
+
+def test_a_tool_that_changes_its_arguments_leaves_the_recorded_call_as_written():
+    def grab(items: list[int], opts: dict) -> int:
+        items.append(99)
+        opts["seen"] = True
+        return len(items)
+
+    parameters = {"items": [1, 2], "opts": {"a": 1}}
+    outcome = ToolRegistry([tool(grab)]).call("grab", parameters)
+    assert outcome.ok and outcome.result_json == "3"
+    assert parameters == {"items": [1, 2], "opts": {"a": 1}}  # what the model wrote, as the tree records it

@@ -15,6 +15,7 @@ should bound their own work (as `calculator` does) or do it in a subprocess.
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 import math
 import re
@@ -289,7 +290,13 @@ class ToolRegistry:
             return fail(f"cannot check the parameters of {t.name!r} against its schema: {_describe(e)}")
         if err is not None:
             return fail(f"bad parameters for {t.name!r}: {err}")
-        finished, value, error = _run_in_thread(t, parameters)
+        # the tool gets its own copy: the parameters are also the task tree's record of the call, and a tool (or one
+        # abandoned at its timeout, still running) that changes its arguments must not rewrite what the model wrote
+        try:
+            own = copy.deepcopy(parameters)
+        except Exception as e:  # not JSON data (a caller's own object)
+            return fail(f"bad parameters for {t.name!r}: cannot copy them ({_describe(e)})")
+        finished, value, error = _run_in_thread(t, own)
         if not finished:
             return fail(f"tool {t.name!r} timed out after {t.timeout:g} s")
         if error is not None:
