@@ -175,18 +175,19 @@ class KVTierCache(Cache):
         spec = ModelSpec.from_model(model)
         options = budgets_in_tokens(options, spec)  # a bad budget fails before the store is touched
         disk: RecordStore
+        local = options.pop("store_path", None) if is_remote(path) else None
+        # bad options fail before the store or server is touched; the checks that need the session's chunking
+        # (the device budget's floor, adaptive chunk bounds) come once its header is read. The store's size
+        # options hold from the start: max_store_bytes bounds what this process adds to a reopened store.
+        sizes = KVTierConfig(**{**options, "device_budget": None, "adaptive_chunks": False})
         if is_remote(path):
-            local = options.pop("store_path", None)
-            # bad options fail before the server is touched; the checks that need the session's chunking
-            # (the device budget's floor, adaptive chunk bounds) come once its header is read
-            KVTierConfig(**{**options, "device_budget": None, "adaptive_chunks": False})
-            disk = RemoteSessionStore(RemoteURL.parse(path), local=local,
-                                      initial_map_bytes=options.get("initial_map_bytes", 1 << 28),
-                                      max_bytes=options.get("max_store_bytes"))
+            disk = RemoteSessionStore(RemoteURL.parse(path), local=local, initial_map_bytes=sizes.initial_map_bytes,
+                                      max_bytes=sizes.max_store_bytes)
             where = disk.where
         else:
             path = Path(path)
-            disk = DiskStore(path, create=False)
+            disk = DiskStore(path, create=False, initial_map_bytes=sizes.initial_map_bytes,
+                             max_bytes=sizes.max_store_bytes)
             where = str(path)
         try:
             header, saved = session.read_session(disk, spec)

@@ -238,6 +238,8 @@ def save(cache: "KVTierCache", info: dict[str, Any] | None) -> Path:
     info = dict(info if info is not None else cache.info)
     tiers = cache.tiers
     disk = tiers.disk
+    if isinstance(disk, DiskStore):
+        disk.check_in_place()  # a store removed or moved meanwhile would take the session with it
     header = read_header(disk)
     entries = []
     abstracts: list[tuple[bytes, bytes]] = []  # written with the manifest, in its transaction

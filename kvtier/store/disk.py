@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
 import shutil
 import stat
 import threading
@@ -55,6 +56,10 @@ _DIGEST_BYTES = 32
 # dict and its reference; a string or number costs less beyond its own bytes).
 META_MAX_BYTES = 256 << 20
 META_MAX_PARSED_BYTES = 2 << 30
+# What a write that finds no room fails with: LMDB says EIO for a short write (a full file system, or the process's
+# file size limit reached part-way), ENOSPC/EDQUOT/EFBIG when the first byte finds no room.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_ROOM_SLACK = 1 << 20  # an EIO with less room than the write plus this left is put down to the full disk
 # LMDB failures that mean the file is damaged (anything else is an I/O or usage problem).
 _CORRUPT = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.VersionMismatchError,
             lmdb.IncompatibleError, lmdb.BadValsizeError, lmdb.PanicError)
@@ -112,6 +117,17 @@ def _legacy_version(raw: bytes) -> int | None:
     except (ValueError, RecursionError, AttributeError, StoreCorruptError):
         return None
     return version if isinstance(version, int) else None
+
+
+def _errno_of(exc: lmdb.Error) -> int | None:
+    """The system error an LMDB error reports, among a write's room errors and EIO (py-lmdb gives only the
+    message, "mdb_txn_commit: Input/output error", for errors outside LMDB's own table)."""
+    if isinstance(exc, lmdb.DiskError):
+        return errno.ENOSPC
+    if len(exc.args) > 1 and isinstance(exc.args[1], int):
+        return exc.args[1]
+    text = str(exc)
+    return next((code for code in (*_NO_ROOM, errno.EIO) if text.endswith(os.strerror(code))), None)
 
 
 class _ResizeLock:
@@ -182,14 +198,23 @@ class DiskStore(RecordStore):
         self.closed = True
         self._resize_lock = _ResizeLock()
         self._lock_fd: int | None = None
+        self._data_fd: int | None = None
         with self._os_errors("create" if create and not readonly else "open"):
             self._prepare_directory(create and not readonly)
             self._lock_fd = self._acquire_lock()
         try:
             with self._os_errors("open"):
                 used = self._check_files(wipe)
+            if max_bytes is not None:
+                initial_map_bytes = min(initial_map_bytes, max_bytes)
             with self._lmdb_errors("open"):
                 self._open_env(max(initial_map_bytes, used))
+            try:
+                with self._os_errors("open"):
+                    self._data_fd = os.open(self.path / DATA_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except BaseException:
+                self.env.close()
+                raise
         except BaseException:
             self._release_lock()
             raise
@@ -396,7 +421,7 @@ class DiskStore(RecordStore):
             for name, value in sealed:
                 txn.put(name, value, db=self._meta)
 
-        self._write(write)
+        self._write(write, sum(len(k) + len(v) for k, v in items) + sum(len(k) + len(v) for k, v in sealed))
 
     def remove_many(self, keys: Iterable[bytes]) -> None:
         keys = list(keys)
@@ -441,7 +466,7 @@ class DiskStore(RecordStore):
 
     def _data_bytes(self) -> int:
         with self._os_errors("read the data file's size"):
-            size = (self.path / DATA_FILE).stat().st_size
+            size = os.fstat(self._data_fd).st_size  # the open file's, wherever its directory is now
         with self._lmdb_errors("read the store's size"):
             return min(size, self.used_bytes())
 
@@ -449,12 +474,48 @@ class DiskStore(RecordStore):
         info, stat_ = self.env.info(), self.env.stat()
         return (info["last_pgno"] + 1) * stat_["psize"]
 
-    def _write(self, fn) -> None:
+    def _room(self) -> int:
+        """Bytes the data file can still grow by: its file system's free space, within this process's file size
+        limit (RLIMIT_FSIZE, `ulimit -f`)."""
+        fs = os.fstatvfs(self._data_fd)
+        room = fs.f_bavail * fs.f_frsize
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            room = min(room, max(0, limit - os.fstat(self._data_fd).st_size))
+        return room
+
+    @contextlib.contextmanager
+    def _room_errors(self, size: int):
+        """A write that failed for want of room on the disk is a StoreFullError (LMDB rolled it back), not an
+        'Input/output error' that reads like a failing disk."""
+        try:
+            yield
+        except lmdb.MapFullError:
+            raise
+        except lmdb.Error as exc:
+            code = _errno_of(exc)
+            if code not in (*_NO_ROOM, errno.EIO):
+                raise
+            try:
+                room = self._room()
+            except OSError:
+                raise exc from None
+            if code == errno.EIO and room >= size + _NO_ROOM_SLACK:
+                raise
+            raise StoreFullError(
+                f"kvtier store {self.path}: no room on the disk for a write of {size} bytes ({room} bytes left to the "
+                "store: its file system is full, or this process's file size limit reached); the failed write was "
+                "rolled back and the store is as it was. Free disk space, or move the store to a larger disk"
+            ) from None
+
+    def _write(self, fn, size: int = 0) -> None:
+        """Run `fn(txn)` in one write transaction. size: about how many bytes it writes (for a full disk's error)."""
         if self.readonly:
             raise StoreError(f"kvtier store {self.path} is open read-only")
         while True:
             try:
-                with self._lmdb_errors("write"), self._resize_lock.shared(), self.env.begin(write=True) as txn:
+                with (self._lmdb_errors("write"), self._room_errors(size), self._resize_lock.shared(),
+                      self.env.begin(write=True) as txn):
                     fn(txn)
                 return
             except lmdb.MapFullError:
@@ -471,7 +532,9 @@ class DiskStore(RecordStore):
                 f"kvtier store {self.path} reached its size limit of {current} bytes (max_store_bytes); "
                 "the failed write was rolled back. Raise max_store_bytes or free disk space."
             )
-        free = shutil.disk_usage(self.path).free
+        with self._os_errors("read the free disk space"):
+            fs = os.fstatvfs(self._data_fd)  # the store's file system, even if its directory was moved
+        free = fs.f_bavail * fs.f_frsize
         if target - current > free + self._data_bytes():  # under the exclusive lock already
             raise StoreFullError(
                 f"kvtier store {self.path} is full and the disk has only {free} bytes free; "
@@ -479,6 +542,21 @@ class DiskStore(RecordStore):
             )
         with self._lmdb_errors("grow the map"):
             self.env.set_mapsize(target)
+
+    def check_in_place(self) -> None:
+        """StoreError unless this store's data file is still the one at its path: a store directory removed or
+        moved while open would take everything written from here on with it (a removed one, at close)."""
+        with self._os_errors("check its data file"):
+            held = os.fstat(self._data_fd)
+            try:
+                there = os.lstat(self.path / DATA_FILE)
+            except FileNotFoundError:
+                there = None
+        if held.st_nlink == 0 or there is None or (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino):
+            gone = "removed" if held.st_nlink == 0 else "moved or replaced"
+            raise StoreError(f"kvtier store {self.path} was {gone} while this process had it open ({DATA_FILE} there "
+                             "is no longer its data file); the session is not saved: close the cache, and reopen or "
+                             "prefill the store where it is now")
 
     # --------------------------------------------------------------------------------------- close
     def sync(self) -> None:
@@ -496,6 +574,9 @@ class DiskStore(RecordStore):
                     self.env.sync(True)
         finally:
             self.env.close()
+            if self._data_fd is not None:
+                os.close(self._data_fd)
+                self._data_fd = None
             self._release_lock()
             if self.remove_on_close:
                 shutil.rmtree(self.path, ignore_errors=True)
