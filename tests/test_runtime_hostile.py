@@ -6,6 +6,7 @@ into control tokens. Models are tiny and random; streams are scripted where the 
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -215,3 +216,22 @@ def test_a_tool_that_changes_its_arguments_leaves_the_recorded_call_as_written()
     outcome = ToolRegistry([tool(grab)]).call("grab", parameters)
     assert outcome.ok and outcome.result_json == "3"
     assert parameters == {"items": [1, 2], "opts": {"a": 1}}  # what the model wrote, as the tree records it
+
+
+@pytest.mark.parametrize("chat_template, why", [
+    ("{{ raise_exception('System role required') }}", "TemplateError: System role required"),
+    ("{% for m in messages %}{{ m.nope.deeper }}{% endfor %}", "UndefinedError"),
+    ("{% if %}", "TemplateSyntaxError"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+])
+def test_a_chat_template_that_fails_is_one_value_error(model, chat_template, why):
+    """The model's own Jinja template raised through both runtimes as jinja2 (or any) exceptions: a traceback."""
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = chat_template
+    with pytest.raises(ValueError, match=f"chat template cannot write the prompt \\({why}.*use_chat_template=False"):
+        hogwild_generate(model, tok, "2+3", max_new_tokens=2)
+    with pytest.raises(ValueError, match=f"chat template cannot write the prompt \\({why}.*pass prompt_ids"):
+        tim_generate(model, tok, "2+3", max_new_tokens=2)
+    result = hogwild_generate(model, tok, "2+3", max_new_tokens=2, eos_token_id=[], finisher_tokens=0,
+                              template=CollaborationTemplate(**SHORT, use_chat_template=False))
+    assert result.stats.prompt_tokens > 0

@@ -162,8 +162,12 @@ class CollaborationTemplate:
         template writes them itself)."""
         user = self.user_text(problem, workers)
         if self.use_chat_template and getattr(tokenizer, "chat_template", None):
-            chat = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                                 add_generation_prompt=True)
+            try:
+                chat = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                     add_generation_prompt=True)
+            except Exception as e:  # the template is the model's own Jinja code: it can raise anything
+                raise ValueError(f"the tokenizer's chat template cannot write the prompt ({type(e).__name__}: {e}); "
+                                 "use_chat_template=False (--no-chat-template) writes it as plain text") from None
             return chat + self.history_intro, True
         return f"{user}\n\n{self.history_intro}", False
 

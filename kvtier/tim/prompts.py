@@ -42,7 +42,11 @@ def encode_prompt(tokenizer: Any, problem: str, tools: ToolRegistry | None, max_
     """The prompt's token ids: the instructions and the problem, in the chat template when the tokenizer has one."""
     text = f"{instructions(tools, max_depth)}\n\nProblem: {problem}"
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
+        try:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True)
+        except Exception as e:  # the template is the model's own Jinja code: it can raise anything
+            raise ValueError(f"the tokenizer's chat template cannot write the prompt ({type(e).__name__}: {e}); "
+                             "pass prompt_ids to give the prompt's tokens yourself") from None
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return list(tokenizer.encode(text + "\n\n", add_special_tokens=True))
