@@ -235,3 +235,13 @@ def test_a_chat_template_that_fails_is_one_value_error(model, chat_template, why
     result = hogwild_generate(model, tok, "2+3", max_new_tokens=2, eos_token_id=[], finisher_tokens=0,
                               template=CollaborationTemplate(**SHORT, use_chat_template=False))
     assert result.stats.prompt_tokens > 0
+
+
+def test_a_parameters_schema_nested_past_what_json_writes_is_a_tool_spec_error():
+    from kvtier.tim.tools import ToolSpecError
+
+    deep: dict = {}
+    for _ in range(100_000):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(ToolSpecError, match="tool 'deep': parameters schema is not JSON \\(RecursionError"):
+        Tool("deep", "nested", {"type": "object", "properties": {"x": deep}}, lambda **kw: 1)

@@ -141,8 +141,8 @@ def _check_object_schema(name: str, schema: Any) -> None:
         raise ToolSpecError(f"tool {name!r}: parameters.required must list names from properties, got {required!r}")
     try:
         dump_json(schema)
-    except (TypeError, ValueError) as e:
-        raise ToolSpecError(f"tool {name!r}: parameters schema is not JSON ({e})") from None
+    except (TypeError, ValueError, RecursionError) as e:  # RecursionError: nested past what json can write
+        raise ToolSpecError(f"tool {name!r}: parameters schema is not JSON ({type(e).__name__}: {e})") from None
 
 
 # ---- validation of call parameters: the JSON Schema keywords a tool's parameters commonly use ----
