@@ -130,6 +130,32 @@ def _errno_of(exc: lmdb.Error) -> int | None:
     return next((code for code in (*_NO_ROOM, errno.EIO) if text.endswith(os.strerror(code))), None)
 
 
+def _lock_holder(fd: int) -> int | None:
+    """The process holding the flock on `fd`'s file: the kernel's word (/proc/locks) where there is one, else the
+    pid the last writer left in the file if that process still runs. A read-only opener (kvtier inspect) writes
+    no pid, so the file alone may name a writer long gone."""
+    st = os.fstat(fd)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            for line in locks:
+                fields = line.split()  # "1: FLOCK ADVISORY WRITE 1234 fe:00:5678 0 EOF" ("1: -> FLOCK ..." waits)
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == ident and fields[4].isdigit():
+                    return int(fields[4]) or None
+    except OSError:
+        pass
+    written = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    if not written.isdigit() or not 0 < int(written) < 1 << 22:
+        return None
+    try:
+        os.kill(int(written), 0)
+    except ProcessLookupError:
+        return None
+    except OSError:
+        pass  # runs as another user: alive
+    return int(written)
+
+
 class _ResizeLock:
     """Many readers and writers at once, except while the map is resized (LMDB needs no open transaction
     in the process then). Readers never wait behind ordinary writes: LMDB readers see a snapshot."""
@@ -263,11 +289,15 @@ class DiskStore(RecordStore):
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                holder = holder if holder.isdigit() else "unknown"
+                holder = _lock_holder(fd)
+                if holder == os.getpid():
+                    raise StoreLockedError(
+                        f"kvtier store {self.path} is already open in this process (another KVTierCache or store "
+                        "holds it); close that one first, or use another store_path"
+                    ) from None
                 raise StoreLockedError(
-                    f"kvtier store {self.path} is already open (holder pid {holder}); close the other cache "
-                    "or process first, or use another store_path"
+                    f"kvtier store {self.path} is already open (holder pid {holder or 'unknown'}); close the other "
+                    "cache or process first, or use another store_path"
                 ) from None
             if not self.readonly:
                 os.ftruncate(fd, 0)
