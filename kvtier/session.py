@@ -24,6 +24,7 @@ from .errors import (
     IncompleteSessionError,
     StoreCorruptError,
     StoreError,
+    StoreFullError,
     StoreMismatchError,
     StoreMissingRecordError,
 )
@@ -359,8 +360,13 @@ def load(cache: "KVTierCache", manifest: mf.Manifest) -> None:
     cache.restore_tokens(manifest.token_ids(), length)
     keys = {key for key, _ in manifest.record_keys()}
     cache._saved_keys = keys
-    # Records no saved session refers to are leftovers of an interrupted continuation: drop them.
-    tiers.drop_records([k for k in tiers.disk.keys() if k not in keys])
+    # Records no saved session refers to are leftovers of an interrupted continuation: drop them, if the disk has
+    # room for the deletion (a store left so by a full disk still opens). Kept, they are harmless: none is read,
+    # and their chunk ids, past next_chunk_id, are written over by the chunks that take them.
+    try:
+        tiers.drop_records([k for k in tiers.disk.keys() if k not in keys])
+    except StoreFullError:
+        pass
 
 
 def _run_chunk(cache: "KVTierCache", layer_idx: int, run: mf.Run, manifest: mf.Manifest) -> Chunk:

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import resource
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +139,48 @@ def _same_as_one_shot(model, cache, doc: torch.Tensor) -> None:
         torch.testing.assert_close(_last_logits(model, cache, probe), _last_logits(model, again, probe))
     finally:
         again.close()
+
+
+KILLED_CONTINUATION = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+import torch
+from conftest import build_model
+from kvtier import KVTierCache
+from kvtier.prefill import prefill
+model = build_model("llama")
+doc = torch.randint(3, 128, (1, 600), generator=torch.Generator().manual_seed(3))
+cache = KVTierCache.for_model(model, store_path=sys.argv[1], chunk_size=16, sink_tokens=4, recent_window=16,
+                              device_budget=40, host_budget=32)
+prefill(model, cache, doc[:, :100], progress=False)
+cache.save()
+prefill(model, cache, doc[:, 100:], progress=False)  # spilled to disk, never saved
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_store_left_with_unsaved_records_opens_on_a_full_disk(tmp_path):
+    """A continuation killed after spilling records (by a full disk, say) leaves them in the store; reopening
+    drops them, and when the disk has no room even for that deletion the saved session still opens."""
+    store, data = tmp_path / "s", tmp_path / "s" / "data.mdb"
+    out = subprocess.run([sys.executable, "-c", KILLED_CONTINUATION, str(store), str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    model = build_model("llama")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (data.stat().st_size, hard))  # not one byte more
+    try:
+        cache = KVTierCache.open(store, model)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    try:
+        assert cache.get_seq_length() == 100
+        left = cache.tiers.disk.record_count()
+        _same_as_one_shot(model, cache, _doc(100))
+    finally:
+        cache.close()
+    cache = KVTierCache.open(store, model)  # room now: the leftovers go
+    try:
+        assert cache.tiers.disk.record_count() < left and cache.get_seq_length() == 100
+    finally:
+        cache.close()

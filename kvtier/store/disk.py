@@ -533,7 +533,8 @@ class DiskStore(RecordStore):
             if code == errno.EIO and room >= size + _NO_ROOM_SLACK:
                 raise
             raise StoreFullError(
-                f"kvtier store {self.path}: no room on the disk for a write of {size} bytes ({room} bytes left to the "
+                f"kvtier store {self.path}: no room on the disk for a write{f' of {size} bytes' if size else ''} "
+                f"({room} bytes left to the "
                 "store: its file system is full, or this process's file size limit reached); the failed write was "
                 "rolled back and the store is as it was. Free disk space, or move the store to a larger disk"
             ) from None
