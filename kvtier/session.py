@@ -361,8 +361,8 @@ def load(cache: "KVTierCache", manifest: mf.Manifest) -> None:
     keys = {key for key, _ in manifest.record_keys()}
     cache._saved_keys = keys
     # Records no saved session refers to are leftovers of an interrupted continuation: drop them, if the disk has
-    # room for the deletion (a store left so by a full disk still opens). Kept, they are harmless: none is read,
-    # and their chunk ids, past next_chunk_id, are written over by the chunks that take them.
+    # room for the deletion (a store left so by a full disk still opens). Kept, they are harmless: no manifest names
+    # them, so none is read (a new chunk that takes one's key writes over it), and a later open drops the rest.
     try:
         tiers.drop_records([k for k in tiers.disk.keys() if k not in keys])
     except StoreFullError:
