@@ -332,9 +332,11 @@ def test_a_store_killed_before_its_first_commit_is_an_incomplete_session(tmp_pat
     if state == "no-header":
         (store / "kvtier.lock").unlink()
         DiskStore(store).close()  # LMDB files exist, nothing committed
+    from kvtier.report import describe
+    with pytest.raises(IncompleteSessionError, match="interrupted"):  # read-only first: nothing written before it
+        describe(store)
     with pytest.raises(IncompleteSessionError, match="interrupted"):
         KVTierCache.open(store, build_model("llama"))
-    from kvtier.report import describe
     with pytest.raises(IncompleteSessionError, match="interrupted"):
         describe(store)
 

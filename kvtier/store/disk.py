@@ -336,10 +336,10 @@ class DiskStore(RecordStore):
             elif not self.readonly and st.st_nlink != 1:  # LMDB would write through it
                 raise self._hard_link_error(name, st.st_nlink)
         data = self.path / DATA_FILE
-        if self.readonly and not data.exists():
+        if self.readonly and (not data.exists() or data.stat().st_size == 0):  # LMDB has not written it yet
             raise IncompleteSessionError(
-                f"kvtier store {self.path} was interrupted before its first commit (it holds no {DATA_FILE}); "
-                "prefill again with overwrite=True"
+                f"kvtier store {self.path} was interrupted before its first commit (its {DATA_FILE} is "
+                f"{'empty' if data.exists() else 'missing'}); prefill again with overwrite=True"
             )
         if not data.exists():
             return 0
