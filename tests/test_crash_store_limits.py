@@ -184,3 +184,25 @@ def test_a_store_left_with_unsaved_records_opens_on_a_full_disk(tmp_path):
         assert cache.tiers.disk.record_count() < left and cache.get_seq_length() == 100
     finally:
         cache.close()
+
+
+def test_a_store_opened_by_a_relative_path_saves_after_a_change_of_directory(tmp_path, monkeypatch):
+    model = build_model("llama")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    doc = _doc(300)
+    cache = KVTierCache.for_model(model, store_path="s", initial_map_bytes=1 << 16, **CHUNKING)
+    try:
+        prefill(model, cache, doc[:, :100], progress=False)
+        monkeypatch.chdir(tmp_path / "elsewhere")  # "s" names nothing here: the store is still where it was
+        prefill(model, cache, doc[:, 100:], progress=False)  # the map grows past 64 KiB
+        cache.save()
+    finally:
+        cache.close()
+    monkeypatch.chdir(tmp_path)
+    cache = KVTierCache.open("s", model)
+    try:
+        assert cache.get_seq_length() == 300
+        _same_as_one_shot(model, cache, doc)
+    finally:
+        cache.close()

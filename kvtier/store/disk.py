@@ -217,6 +217,7 @@ class DiskStore(RecordStore):
         readahead: bool = True,
     ):
         self.path = Path(path)
+        self._place = Path(os.path.abspath(path))  # where the store was opened, whatever the working directory becomes
         self.readahead = readahead
         self.max_bytes = max_bytes
         self.readonly = readonly
@@ -580,7 +581,7 @@ class DiskStore(RecordStore):
         with self._os_errors("check its data file"):
             held = os.fstat(self._data_fd)
             try:
-                there = os.lstat(self.path / DATA_FILE)
+                there = os.lstat(self._place / DATA_FILE)
             except FileNotFoundError:
                 there = None
         if held.st_nlink == 0 or there is None or (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino):
