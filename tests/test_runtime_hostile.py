@@ -74,6 +74,16 @@ def test_template_format_fields_with_conversions_and_specs_are_taken(model):
     assert result.stopped == "budget" and result.texts[1].startswith("[1] Bob:")
 
 
+def test_a_budget_smaller_than_the_workers_is_refused_as_the_cli_does(model):
+    """3 workers and max_new_tokens=2: the first round would pass the budget, so no worker wrote a token and the
+    finisher answered alone; `kvtier hogwild` refuses it, generate let it run."""
+    with pytest.raises(ValueError, match="max_new_tokens 2 is fewer than the 3 workers"):
+        hogwild_generate(model, TOK, "2+3", workers=3, max_new_tokens=2, template=CollaborationTemplate(**SHORT))
+    result = hogwild_generate(model, TOK, "2+3", workers=3, max_new_tokens=3, eos_token_id=[], finisher_tokens=0,
+                              template=CollaborationTemplate(**SHORT), check_in_every=None)
+    assert result.stopped == "budget" and 1 <= sum(result.stats.tokens_per_worker) <= 3
+
+
 @pytest.mark.parametrize("pattern", ["", "x*", "(?:)", "$", r"\d*"])
 def test_an_answer_pattern_matching_empty_text_is_refused(model, pattern):
     """A pattern that matches "" stopped every run at its first token with the answer ""."""

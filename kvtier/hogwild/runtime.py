@@ -399,6 +399,9 @@ def _check(workers, max_new_tokens, do_sample, temperature, top_p, top_k, check_
         raise ValueError(f"workers must be an int in [1, {MAX_WORKERS}], got {workers!r}")
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if max_new_tokens < workers:  # the first round (every worker's first token) would pass it: nobody writes
+        raise ValueError(f"max_new_tokens {max_new_tokens} is fewer than the {workers} workers: it counts all their "
+                         "tokens together, and each worker needs at least 1")
     check_sampling(do_sample, temperature, top_p, top_k, seed)
     if check_in_every is not None and (not is_int(check_in_every) or check_in_every < 0):
         raise ValueError(f"check_in_every must be an int >= 1, or 0 / None for no check-in, got {check_in_every!r}")
