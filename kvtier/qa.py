@@ -46,6 +46,7 @@ from .errors import (
     SessionExistsError,
     StoreCorruptError,
     StoreError,
+    StoreFullError,
     StoreMismatchError,
 )
 from .model_spec import ModelSpec
@@ -491,6 +492,12 @@ class Session:
             print(f"\nkvtier: prefill interrupted; {kept}: run the same command again to "
                   f"{'resume' if saved else 'start over'}", file=sys.stderr)
             raise Interrupted from None
+        except StoreFullError as exc:  # the store holds the last checkpoint: say that room is all a rerun needs
+            bar.close()
+            cache.close()
+            kept = (f"its first {saved} of {n} tokens are saved, and the same command resumes from there" if saved
+                    else "no segment was saved yet; the same command starts over")
+            raise QAError(f"prefill stopped: {error_line(exc)}; {kept} once there is room") from None
         except BaseException:
             bar.close()
             cache.close()

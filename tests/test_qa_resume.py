@@ -7,6 +7,7 @@ segment's forward pass."""
 from __future__ import annotations
 
 import json
+import resource
 
 import pytest
 from test_cli import DOC
@@ -113,3 +114,32 @@ def test_the_unfinished_prefill_of_another_document_is_started_over(tiny, tmp_pa
     # a finished store of another document is never wiped: refused, --rebuild replaces it
     code, _, err = _qa(tiny, store, capsys, doc="other.txt")
     assert code == 2 and "holds another document" in err and "--rebuild" in err
+
+
+def test_a_disk_that_fills_up_mid_prefill_keeps_the_checkpoint_and_says_so(tiny, tmp_path, monkeypatch, capsys):
+    """The disk fills up during segment 3 (here: the process's file size limit, which fails a write as a full file
+    system does): one line saying how much is saved and that the same command resumes once there is room."""
+    store = tmp_path / "s"
+    real, calls = qa.prefill, []
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def prefill(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # not one byte more for the store from here on
+            resource.setrlimit(resource.RLIMIT_FSIZE, ((store / "data.mdb").stat().st_size, hard))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(qa, "prefill", prefill)
+    try:
+        code, _, err = _qa(tiny, store, capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    n = int(err.split("prefilling ")[1].split(" tokens")[0])
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("kvtier qa: error: prefill stopped: kvtier store") and "no room on the disk" in line
+    assert line.endswith(f"its first {2 * SEGMENT} of {n} tokens are saved, and the same command resumes from there "
+                         "once there is room")
+    monkeypatch.undo()
+    code, out, err = _qa(tiny, store, capsys)
+    assert code == 0, err
+    assert json.loads(out)["resumed_at"] == 2 * SEGMENT and describe(store)["info"]["prefill"] == "complete"
