@@ -355,7 +355,8 @@ def test_a_closed_or_foreign_hogwild_cache_refuses_to_step(chat_model):
     (dict(yes=5), "yes must be a str"),
     (dict(check_in=None), "check_in must be a str"),
     (dict(use_chat_template="no"), "use_chat_template must be True or False"),
-    (dict(problem_format="{x}"), "problem_format is not a valid format string"),
+    (dict(problem_format="{x}"), r"problem_format has the field \{x\}; it may use only \{problem\}"),
+    (dict(problem_format="{problem"), "problem_format is not a valid format string"),
 ])
 def test_collaboration_template_names_a_bad_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
