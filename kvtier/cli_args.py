@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,16 +133,44 @@ def check_outputs_and_memory(args: argparse.Namespace) -> None:
     check_device(args.device)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`), taken the way Ctrl-C is: stores closed, temporary ones removed, a prefill's
+    progress saved."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command: a usage problem, a kvtier error, a bad value or an OS error is one line on stderr and exit
-    code 2; Ctrl-C is exit code 130 (and one line, unless the command already said what the interruption left)."""
+    code 2; Ctrl-C is exit code 130 and SIGTERM 143 (one line, unless the command already said what the
+    interruption left). Output the terminal cannot encode is escaped, not an error; a reader that goes away
+    (`| head`) ends the command quietly, as it ends other Unix tools (exit code 141)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone before the last write is met below
+        return code
+    except BrokenPipeError:
+        # stdout's reader is gone: point stdout at /dev/null so that the interpreter's last flush is quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (UsageError, KVTierError, ValueError, OSError) as exc:
         print(f"{name}: error: {error_line(exc)}", file=sys.stderr)
         return 2
-    except Interrupted:
-        return 130
+    except Interrupted as exc:
+        return 143 if isinstance(exc.__context__, Terminated) else 130
+    except Terminated:
+        print(f"\n{name}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"\n{name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
+import torch
 from tiny import save_tiny_model
 
 from kvtier.cli import main
@@ -131,6 +134,33 @@ def test_qa_interrupted_prefill_is_one_line_and_resumes(tiny, tmp_path, capsys, 
     monkeypatch.setattr(qa, "prefill", real)
     assert main(argv) == 0
     assert "resuming the prefill" in capsys.readouterr().err
+
+
+def test_qa_terminated_keeps_its_prefill_as_ctrl_c_does(tiny, tmp_path, capsys, monkeypatch):
+    """SIGTERM (`kill`, `timeout`) in the second segment: the first is saved and said so, exit code 143."""
+    import signal
+
+    import kvtier.qa as qa
+
+    store = tmp_path / "s"
+    argv = ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--question", "x", "--store",
+            str(store), "--device", "cpu", "--segment-tokens", "256", "--max-new-tokens", "1", "--quiet"]
+    real, calls = qa.prefill, []
+
+    def terminated_in_the_second_segment(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qa, "prefill", terminated_in_the_second_segment)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(argv) == 143
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone again
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines[-1].startswith("kvtier: prefill interrupted; its first 256 of "), lines
+    assert main(["inspect", str(store), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["context_tokens"] == 256
 
 
 @pytest.mark.parametrize("command", ["hogwild", "tim"])
@@ -271,3 +301,39 @@ def test_qa_prints_the_answer_without_escape_sequences(capsys):
     streamer.end()
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\\x1b[31m" in out and "\nnext line" in out, repr(out)
+
+
+@pytest.fixture(scope="module")
+def store_with_unicode_info(tmp_path_factory):
+    """A small saved session whose info holds text an ASCII terminal cannot show."""
+    from conftest import build_model
+
+    import kvtier
+
+    root = tmp_path_factory.mktemp("inspect")
+    model = build_model("llama")
+    with kvtier.KVTierCache.for_model(model, store_path=root / "store") as cache:
+        kvtier.prefill(model, cache, torch.randint(3, 100, (1, 40)), progress=False)
+        cache.save(info={"title": "café ├── naïve"})
+    return root / "store"
+
+
+def _inspect_process(store, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kvtier.cli", "inspect", str(store)], cwd=store.parent,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_output_a_terminal_cannot_encode_is_escaped_not_an_error(store_with_unicode_info):
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    p = _inspect_process(store_with_unicode_info, stdout=subprocess.PIPE, env=env)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and not err, err
+    assert "caf\\xe9 \\u251c\\u2500\\u2500 na\\xefve" in out
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(store_with_unicode_info):
+    """`kvtier inspect STORE | head -0`: the pipe's reader is gone before the first write."""
+    p = _inspect_process(store_with_unicode_info, stdout=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and not err, err
