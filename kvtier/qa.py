@@ -37,6 +37,7 @@ from tqdm import tqdm
 from .cache import KVTierCache, cache_argument
 from .cli import error_line, printable
 from .cli_args import Interrupted, UsageError, budget_tokens, check_device, check_text, run_command
+from .chat import apply_chat_template, has_chat_template
 from .config import KVTierConfig
 from .errors import (
     CacheInputError,
@@ -86,9 +87,12 @@ class Prompt:
 
 def build_prompt(tokenizer, document: str, use_chat: bool) -> Prompt:
     """Split the model's prompt into a document prefix (prefilled once) and a per-question suffix."""
-    if use_chat and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": f"{document}\n\nQuestion: {PLACEHOLDER}"}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if use_chat and has_chat_template(tokenizer):
+        text = apply_chat_template(tokenizer, f"{document}\n\nQuestion: {PLACEHOLDER}", tokenize=False,
+                                   way_around="--no-chat-template writes the prompt as plain text")
+        if text.count(PLACEHOLDER) != 1:  # the question must go where the template put the message, once
+            raise ValueError("the tokenizer's chat template does not write the message as given (it must hold the "
+                             "question's place once); --no-chat-template writes the prompt as plain text")
         prefix, suffix = text.split(PLACEHOLDER)
         ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt").input_ids
         return Prompt(ids, suffix, "chat")

@@ -337,3 +337,28 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(store_with_unicode_inf
     p.stdout.close()
     err = p.stderr.read()
     assert p.wait(timeout=120) == 141 and not err, err
+
+
+class _Template:
+    """A tokenizer reduced to its chat template, which writes `render(content)` or raises."""
+
+    chat_template = "{{ messages }}"
+
+    def __init__(self, render):
+        self.render = render
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        return self.render(messages[0]["content"])
+
+
+@pytest.mark.parametrize("render, says", [
+    (lambda content: 1 / 0, r"chat template cannot write the prompt \(ZeroDivisionError"),
+    (lambda content: "<user>a summary</user>", "question's place"),  # the message dropped
+    (lambda content: content + content, "question's place"),  # written twice
+])
+def test_qa_a_chat_template_that_fails_or_drops_the_question_is_one_line(render, says):
+    from kvtier.qa import build_prompt
+
+    with pytest.raises(ValueError, match=says) as info:
+        build_prompt(_Template(render), "the document", use_chat=True)
+    assert "--no-chat-template" in str(info.value) and "\n" not in str(info.value)

@@ -25,6 +25,8 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..chat import apply_chat_template, has_chat_template
+
 DEFAULT_NAMES = ("Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi")
 
 RULES = """\
@@ -161,13 +163,9 @@ class CollaborationTemplate:
         """The history's opening text, and whether it already holds the tokenizer's special tokens (a chat
         template writes them itself)."""
         user = self.user_text(problem, workers)
-        if self.use_chat_template and getattr(tokenizer, "chat_template", None):
-            try:
-                chat = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                                     add_generation_prompt=True)
-            except Exception as e:  # the template is the model's own Jinja code: it can raise anything
-                raise ValueError(f"the tokenizer's chat template cannot write the prompt ({type(e).__name__}: {e}); "
-                                 "use_chat_template=False (--no-chat-template) writes it as plain text") from None
+        if self.use_chat_template and has_chat_template(tokenizer):
+            chat = apply_chat_template(tokenizer, user, tokenize=False, way_around="use_chat_template=False "
+                                       "(--no-chat-template) writes it as plain text")
             return chat + self.history_intro, True
         return f"{user}\n\n{self.history_intro}", False
 

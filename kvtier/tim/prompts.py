@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..chat import apply_chat_template, has_chat_template
 from .schema import dump_json
 from .tools import ToolRegistry
 
@@ -41,12 +42,8 @@ def instructions(tools: ToolRegistry | None, max_depth: int) -> str:
 def encode_prompt(tokenizer: Any, problem: str, tools: ToolRegistry | None, max_depth: int) -> list[int]:
     """The prompt's token ids: the instructions and the problem, in the chat template when the tokenizer has one."""
     text = f"{instructions(tools, max_depth)}\n\nProblem: {problem}"
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                tokenize=True)
-        except Exception as e:  # the template is the model's own Jinja code: it can raise anything
-            raise ValueError(f"the tokenizer's chat template cannot write the prompt ({type(e).__name__}: {e}); "
-                             "pass prompt_ids to give the prompt's tokens yourself") from None
+    if has_chat_template(tokenizer):
+        ids = apply_chat_template(tokenizer, text, tokenize=True,
+                                  way_around="pass prompt_ids to give the prompt's tokens yourself")
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return list(tokenizer.encode(text + "\n\n", add_special_tokens=True))
