@@ -111,6 +111,8 @@ def eos_ids(model: torch.nn.Module, tokenizer, given: int | Sequence[int] | None
             return set()
         return {int(given)} if isinstance(given, int) else {int(t) for t in given}
     vocab = vocab_size(model)
+    if hasattr(given, "tolist") and getattr(given, "ndim", 2) <= 1:  # a numpy or torch scalar, or a 1-d array of ids
+        given = given.tolist()
     if is_int(given):
         return {check_token(given, vocab, "eos_token_id")}
     if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):

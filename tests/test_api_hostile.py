@@ -419,3 +419,21 @@ def test_tim_building_blocks_check_their_arguments():
         Tool("x", "d", {"type": "object", "properties": {}}, lambda: 1, timeout=1e30)
     with pytest.raises(ToolSpecError, match="tools must be a list of Tools or functions"):
         ToolRegistry(5)
+
+
+@pytest.mark.parametrize("given, want", [
+    (torch.tensor(2), {2}), (torch.tensor([2, 3]), {2, 3}), ([torch.tensor(4)], {4}), ((5, 6), {5, 6}),
+])
+def test_eos_ids_take_numpy_and_torch_ids_as_ints(given, want):
+    """generation_config holds numpy and torch values often; a scalar one was refused while a list of them passed."""
+    import numpy as np
+
+    from kvtier.sampling import eos_ids
+
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1))
+    assert eos_ids(model, None, given) == want
+    assert eos_ids(model, None, np.int64(7)) == {7} and eos_ids(model, None, np.array([8, 9])) == {8, 9}
+    for bad in (torch.tensor(2.0), torch.tensor(True), np.array([[1]]), torch.tensor(64)):
+        with pytest.raises(ValueError, match="token id"):
+            eos_ids(model, None, bad)
