@@ -108,21 +108,35 @@ def test_qa_a_size_too_small_for_the_model_names_its_flag(tiny, tmp_path, capsys
     assert line.startswith("kvtier qa: error: ") and not store.exists()
 
 
-def test_qa_interrupted_prefill_is_one_line_and_resumes(tiny, tmp_path, capsys, monkeypatch):
+def _qa_argv(tiny, store) -> list[str]:
+    """`kvtier qa` prefilling the tiny document into `store` in 256-token segments."""
+    return ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--question", "x", "--store",
+            str(store), "--device", "cpu", "--segment-tokens", "256", "--max-new-tokens", "1", "--quiet"]
+
+
+def _interrupt_segment(monkeypatch, segment: int, interrupt) -> None:
+    """Call `interrupt()` as `kvtier qa` starts prefilling its `segment`-th segment (from 1)."""
     import kvtier.qa as qa
 
-    store = tmp_path / "s"
-    argv = ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--question", "x", "--store",
-            str(store), "--device", "cpu", "--segment-tokens", "256", "--max-new-tokens", "1", "--quiet"]
     real, calls = qa.prefill, []
 
-    def ctrl_c_in_the_third_segment(*args, **kwargs):
+    def prefill(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
+        if len(calls) == segment:
+            interrupt()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(qa, "prefill", ctrl_c_in_the_third_segment)
+    monkeypatch.setattr(qa, "prefill", prefill)
+
+
+def test_qa_interrupted_prefill_is_one_line_and_resumes(tiny, tmp_path, capsys, monkeypatch):
+    store = tmp_path / "s"
+    argv = _qa_argv(tiny, store)
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    _interrupt_segment(monkeypatch, 3, ctrl_c)
     assert main(argv) == 130
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert main(["inspect", str(store), "--json"]) == 0  # the store holds the first two segments, as said
@@ -131,7 +145,7 @@ def test_qa_interrupted_prefill_is_one_line_and_resumes(tiny, tmp_path, capsys, 
     assert lines[-1] == (f"kvtier: prefill interrupted; its first 512 of {saved['info']['prefix_tokens']} tokens "
                          "are saved: run the same command again to resume"), lines
     assert not any(line.startswith("kvtier qa:") for line in lines), lines  # said once, by the prefill
-    monkeypatch.setattr(qa, "prefill", real)
+    monkeypatch.undo()
     assert main(argv) == 0
     assert "resuming the prefill" in capsys.readouterr().err
 
@@ -140,22 +154,10 @@ def test_qa_terminated_keeps_its_prefill_as_ctrl_c_does(tiny, tmp_path, capsys, 
     """SIGTERM (`kill`, `timeout`) in the second segment: the first is saved and said so, exit code 143."""
     import signal
 
-    import kvtier.qa as qa
-
     store = tmp_path / "s"
-    argv = ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--question", "x", "--store",
-            str(store), "--device", "cpu", "--segment-tokens", "256", "--max-new-tokens", "1", "--quiet"]
-    real, calls = qa.prefill, []
-
-    def terminated_in_the_second_segment(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(qa, "prefill", terminated_in_the_second_segment)
+    _interrupt_segment(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
     before = signal.getsignal(signal.SIGTERM)
-    assert main(argv) == 143
+    assert main(_qa_argv(tiny, store)) == 143
     assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone again
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines[-1].startswith("kvtier: prefill interrupted; its first 256 of "), lines
