@@ -17,8 +17,8 @@ from ..errors import CacheInputError
 from ..handle import KVHandle
 from ..kernels import block_decode_attention, merge_partials
 from ..model_spec import SLIDING, LayerSpec
-from ..store.pools import allocation_errors, check_fits
 from ..rope import Rope
+from ..store.pools import allocation_errors, check_fits
 from .history import History, TieredHistory
 from .layout import Layout, Rows, Target
 
