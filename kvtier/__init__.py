@@ -1,36 +1,78 @@
-"""kvtier: a drop-in transformers Cache that keeps the KV cache in a GPU -> CPU -> disk hierarchy."""
+"""kvtier: a drop-in transformers Cache that keeps the KV cache in a GPU -> CPU -> disk hierarchy.
 
-from .attention import ATTENTION_NAME, disable, enable, register
-from .cache import KVTierCache, cache_argument
-from .config import KVTierConfig
-from .errors import (
-    AttentionNotEnabledError,
-    CacheInputError,
-    CacheMemoryError,
-    CacheThreadError,
-    IncompleteSessionError,
-    KVTierError,
-    PromptMismatchError,
-    RemoteStoreError,
-    SessionExistsError,
-    StoreCorruptError,
-    StoreError,
-    StoreFullError,
-    StoreLockedError,
-    StoreMismatchError,
-    StoreMissingRecordError,
-    StoreNotFoundError,
-    UnsupportedModelError,
-)
-from .hogwild import CollaborationTemplate, HogwildCache, HogwildResult, HogwildStats
-from .model_spec import ModelSpec
-from .prefill import prefill
-from .rope import Rope
-from .sizes import parse_budget
-from .store.remote import RemoteURL, list_sessions, unpublish
-from .store.stats import CacheStats, DiskStats, TierStats
+The public names are imported on first use (PEP 562): `import kvtier` and `kvtier --version` stay quick,
+and torch and transformers load with the first name that needs them."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# Public name -> the module (relative to this package) that defines it.
+_EXPORTS = {
+    **dict.fromkeys(("ATTENTION_NAME", "disable", "enable", "register"), ".attention"),
+    **dict.fromkeys(("KVTierCache", "cache_argument"), ".cache"),
+    "KVTierConfig": ".config",
+    **dict.fromkeys((
+        "AttentionNotEnabledError", "CacheInputError", "CacheMemoryError", "CacheThreadError",
+        "IncompleteSessionError", "KVTierError", "PromptMismatchError", "RemoteStoreError", "SessionExistsError",
+        "StoreCorruptError", "StoreError", "StoreFullError", "StoreLockedError", "StoreMismatchError",
+        "StoreMissingRecordError", "StoreNotFoundError", "UnsupportedModelError"), ".errors"),
+    **dict.fromkeys(("CollaborationTemplate", "HogwildCache", "HogwildResult", "HogwildStats"), ".hogwild"),
+    "ModelSpec": ".model_spec",
+    "prefill": ".segmented",
+    "Rope": ".rope",
+    "parse_budget": ".sizes",
+    **dict.fromkeys(("RemoteURL", "list_sessions", "unpublish"), ".store.remote"),
+    **dict.fromkeys(("CacheStats", "DiskStats", "TierStats"), ".store.stats"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvtier' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # found once; later lookups never come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
+    from .attention import ATTENTION_NAME, disable, enable, register
+    from .cache import KVTierCache, cache_argument
+    from .config import KVTierConfig
+    from .errors import (
+        AttentionNotEnabledError,
+        CacheInputError,
+        CacheMemoryError,
+        CacheThreadError,
+        IncompleteSessionError,
+        KVTierError,
+        PromptMismatchError,
+        RemoteStoreError,
+        SessionExistsError,
+        StoreCorruptError,
+        StoreError,
+        StoreFullError,
+        StoreLockedError,
+        StoreMismatchError,
+        StoreMissingRecordError,
+        StoreNotFoundError,
+        UnsupportedModelError,
+    )
+    from .hogwild import CollaborationTemplate, HogwildCache, HogwildResult, HogwildStats
+    from .model_spec import ModelSpec
+    from .rope import Rope
+    from .segmented import prefill
+    from .sizes import parse_budget
+    from .store.remote import RemoteURL, list_sessions, unpublish
+    from .store.stats import CacheStats, DiskStats, TierStats
 
 __all__ = [
     "ATTENTION_NAME",

@@ -51,7 +51,7 @@ from .errors import (
     StoreMismatchError,
 )
 from .model_spec import ModelSpec
-from .prefill import prefill
+from .segmented import prefill
 from .report import session_address
 from .sizes import parse_sparse_budget
 from .store.codec import dtype_name

@@ -153,6 +153,21 @@ def test_version():
     assert out.returncode == 0 and out.stdout.strip() == f"kvtier {version}" == f"kvtier {kvtier_package.__version__}"
 
 
+def test_the_package_and_its_command_line_load_without_torch_until_a_name_needs_it():
+    """`kvtier --version` and `import kvtier` stay quick: the public names are imported on first use."""
+    code = ("import sys, kvtier, kvtier.cli\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'loaded eagerly'\n"
+            "assert sorted(kvtier.__all__) == sorted(kvtier._EXPORTS) and set(kvtier.__all__) <= set(dir(kvtier))\n"
+            "from kvtier import *\n"
+            "import kvtier.segmented\n"
+            "assert kvtier.prefill is kvtier.segmented.prefill and callable(kvtier.prefill)\n"
+            "assert kvtier.KVTierCache.__module__ == 'kvtier.cache'\n"
+            "try:\n    kvtier.nope\nexcept AttributeError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "module 'kvtier' has no attribute 'nope'"
+
+
 def test_qa_interactive_loop_answers_each_line(tiny, tmp_path):
     out = kvtier("qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--store", str(tmp_path / "s"),
                  "--max-new-tokens", "4", "--quiet", stdin="First question?\nSecond question?\n\n")

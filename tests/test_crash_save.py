@@ -15,7 +15,7 @@ from conftest import build_model
 from helpers import cache_kw
 
 from kvtier import KVTierCache
-from kvtier.prefill import prefill
+from kvtier.segmented import prefill
 from kvtier.session import SESSION_META
 
 CHUNKING = dict(chunk_size=16, sink_tokens=4, recent_window=16, device_budget=40, host_budget=32)
@@ -28,7 +28,7 @@ import torch
 from conftest import build_model
 from helpers import cache_kw
 from kvtier import KVTierCache
-from kvtier.prefill import prefill
+from kvtier.segmented import prefill
 from kvtier.store import disk
 
 where, store = sys.argv[1], sys.argv[2]

@@ -17,7 +17,7 @@ from conftest import build_model
 from helpers import cache_kw
 
 from kvtier import KVTierCache, StoreError, StoreFullError
-from kvtier.prefill import prefill
+from kvtier.segmented import prefill
 
 CHUNKING = dict(chunk_size=16, sink_tokens=4, recent_window=16, device_budget=40, host_budget=32)
 LIMIT = 1 << 20
@@ -147,7 +147,7 @@ sys.path.insert(0, sys.argv[2])
 import torch
 from conftest import build_model
 from kvtier import KVTierCache
-from kvtier.prefill import prefill
+from kvtier.segmented import prefill
 model = build_model("llama")
 doc = torch.randint(3, 128, (1, 600), generator=torch.Generator().manual_seed(3))
 cache = KVTierCache.for_model(model, store_path=sys.argv[1], chunk_size=16, sink_tokens=4, recent_window=16,

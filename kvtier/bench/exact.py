@@ -38,7 +38,7 @@ import transformers as tf
 from tqdm import tqdm
 
 from ..cache import KVTierCache, cache_argument
-from ..prefill import prefill as segmented_prefill
+from ..segmented import prefill as segmented_prefill
 from ..store.codec import MAGIC, RecordCodec
 from ..store.disk import DATA_FILE, DiskStore
 from .common import (

@@ -47,7 +47,7 @@ import torch
 
 from ..cache import KVTierCache, cache_argument
 from ..errors import KVTierError
-from ..prefill import prefill
+from ..segmented import prefill
 from .common import add_out_argument, median_ms, positive_int, print_targets, share, write_result
 from .speed import add_shape_arguments, shape_from_args, speed_model
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..cache import KVTierCache
-from ..prefill import prefill
+from ..segmented import prefill
 from ..store.chunk import Tier
 from ..store.disk import DiskStore
 from .common import add_out_argument, median_ms, positive_int, share, write_result
