@@ -7,6 +7,7 @@ causal, sliding-window and padding masks itself from logical positions, over KV 
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -79,7 +80,8 @@ def kvtier_attention(
                 f"attention_mask covers {pad.shape[-1]} positions; it must cover the {key.past_len} cached tokens "
                 f"plus the {query.shape[2]} new ones ({total})"
             )
-        out, lse = layer.attend(query, key, pad, scale, softcap, need_lse)
+        with key.guard or contextlib.nullcontext():
+            out, lse = layer.attend(query, key, pad, scale, softcap, need_lse)
     else:
         _refuse_packed(kwargs, pad, query.shape[2])
         out, lse = _plain_attention(query, key, value, pad, scale, sliding_window, softcap, need_lse)

@@ -21,6 +21,7 @@ from . import session
 from .attention import enable
 from .config import KVTierConfig
 from .errors import CacheInputError, CacheThreadError, StoreError, StoreMismatchError, UnsupportedModelError
+from .guard import ForwardGuard
 from .handle import KVHandle
 from .layers import SlidingLayer, TieredLayer
 from .model_spec import FULL, ModelSpec
@@ -102,6 +103,8 @@ class KVTierCache(Cache):
         self._owner = threading.get_ident()
         self._owner_lock = threading.Lock()  # guards ownership changes against a forward pass starting
         self._in_forward = False  # a forward pass started and has not finished (or was interrupted)
+        self._guard = ForwardGuard()  # whether a pass that raised left the layers whole
+        self._before_forward: tuple[tuple, list[Any]] | None = None  # what a pass that raised is rolled back to
         self._tokens = TokenLog()
         self.tiers = TierManager(
             self.config,
@@ -242,7 +245,11 @@ class KVTierCache(Cache):
             self._check_ids(input_ids)
         with self._owner_lock:
             self._check_thread("a forward pass")
+            resumed = self._in_forward  # a pass after an interrupted one: no whole state to go back to
             self._in_forward = True
+        self._guard = ForwardGuard()
+        self._before_forward = None if resumed else (self._tokens.checkpoint(),
+                                                     [layer.checkpoint() for layer in self.layers])
         self._tokens.record(input_ids, self.get_seq_length())
 
     def _check_ids(self, ids: torch.Tensor) -> None:
@@ -260,14 +267,30 @@ class KVTierCache(Cache):
                                   if self._vocab is not None else f"input_ids hold a negative token id ({bad})")
 
     def forward_ends(self, finished: bool) -> None:
-        """Called as the forward pass ends; `finished` is False when it raised."""
-        if finished and threading.get_ident() == self._owner:
+        """Called as the forward pass ends; `finished` is False when it raised (an `Exception`: torch does not
+        call the hook for Ctrl-C). A pass that raised is undone when every layer is whole (see `ForwardGuard`):
+        the cache holds what it held before it, and the error still reaches the caller."""
+        if threading.get_ident() != self._owner:
+            return
+        if finished:
             self._in_forward = False
+        elif self._before_forward is not None and not self._guard.broken:
+            tokens, marks = self._before_forward
+            try:
+                for layer, mark in zip(self.layers, marks):
+                    layer.rollback(mark)
+                self._tokens.rollback(tokens)
+            except Exception:  # the rollback itself failed (a damaged record it had to read): reset() is needed
+                return
+            self._in_forward = False
+        self._before_forward = None
 
     @property
     def interrupted(self) -> bool:
-        """A forward pass started through the model and never finished (an error or Ctrl-C inside it): the
-        layers may hold different numbers of tokens. `reset()` clears it; `save()` refuses until then."""
+        """A forward pass started through the model and never finished, and could not be undone: Ctrl-C inside
+        it, or an error inside kvtier's own work other than a full store or memory it could not get (a pass
+        that fails otherwise leaves the cache as it was before it). The layers may hold different numbers of
+        tokens. `reset()` clears it; `save()` refuses until then."""
         return self._in_forward
 
     def claim(self) -> None:
@@ -336,7 +359,9 @@ class KVTierCache(Cache):
         if layer_idx == 0:
             self.tiers.clock += 1
             self.tiers.counters.steps += 1
-        handle = self.layers[layer_idx].update(key_states, value_states)
+        with self._guard:
+            handle = self.layers[layer_idx].update(key_states, value_states)
+        handle.guard = self._guard
         return handle, handle
 
     def _check_inputs(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> None:

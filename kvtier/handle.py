@@ -29,6 +29,7 @@ class KVHandle:
     v_new: torch.Tensor
     context: tuple[torch.Tensor, torch.Tensor, int] | None = None  # sliding layers: k, v, first position
     new_in_window: bool = False  # the new tokens already sit in the device window (decode steps)
+    guard: Any = None  # the cache's ForwardGuard, entered around attention over this handle
 
     @property
     def q_len(self) -> int:

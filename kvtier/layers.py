@@ -24,6 +24,7 @@ import torch
 from .attend import attend
 from .config import KVTierConfig
 from .errors import CacheInputError
+from .guard import CLEAN_FAILURES
 from .handle import KVHandle
 from .model_spec import LayerSpec
 from .read import exact_attention, pad_slice, sparse_attention
@@ -110,44 +111,57 @@ class TieredLayer:
             mean_imp = float(region.mean())
         win_cut = 0  # window tokens consumed by seals
         pos = start
-        for size in sizes:
-            in_window = max(0, min(size, past - pos))
-            chunk = self._new_chunk(pos, size, b=k.shape[0])
-            if mean_imp is not None and mean_imp > 0:
-                chunk.importance = float(region[pos - start:pos - start + size].mean()) / mean_imp
-            if in_window == size:
-                slots = self.win_slots[win_cut:win_cut + size]
-                self.tiers.adopt_device(chunk, slots)
-                self._add_abstract(chunk, self.pool.read(slots)[0])
-            else:
-                parts_k, parts_v = [], []
-                if in_window:
-                    slots = self.win_slots[win_cut:win_cut + in_window]
-                    wk, wv = self.pool.read(slots)
-                    self.pool.release(slots)
-                    parts_k.append(wk)
-                    parts_v.append(wv)
-                lo, hi = pos + in_window - past, pos + size - past
-                parts_k.append(k[:, :, lo:hi])
-                parts_v.append(v[:, :, lo:hi])
-                ck = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, dim=2)
-                cv = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, dim=2)
-                self._add_abstract(chunk, ck)
-                self.tiers.place(chunk, ck, cv)
-            win_cut += in_window
-            pos += size
-        sealed_new = pos - start - win_cut
-        kept = self.win_slots[win_cut:]
-        n_tail = q - sealed_new
-        if n_tail:
-            slots = self.tiers.allocate_device(self.index, n_tail)
-            if slots is None:
-                raise RuntimeError(f"layer {self.index}: no device room for the recent window")
-            self.pool.write(slots, k[:, :, sealed_new:], v[:, :, sealed_new:],
-                            torch.arange(past + sealed_new, past + q, device=self.pool.device))
-            kept = torch.cat([kept.to(slots.device), slots])
+        window = self.win_slots
+        try:
+            for size in sizes:
+                in_window = max(0, min(size, past - pos))
+                chunk = self._new_chunk(pos, size, b=k.shape[0])
+                if mean_imp is not None and mean_imp > 0:
+                    chunk.importance = float(region[pos - start:pos - start + size].mean()) / mean_imp
+                if in_window == size:
+                    slots = window[win_cut:win_cut + size]
+                    self.tiers.adopt_device(chunk, slots)
+                    self._add_abstract(chunk, self.pool.read(slots)[0])
+                else:
+                    slots = window[win_cut:win_cut + in_window]
+                    lo, hi = pos + in_window - past, pos + size - past
+                    if in_window:
+                        wk, wv = self.pool.read(slots)
+                        ck, cv = torch.cat([wk, k[:, :, lo:hi]], dim=2), torch.cat([wv, v[:, :, lo:hi]], dim=2)
+                    else:
+                        ck, cv = k[:, :, lo:hi], v[:, :, lo:hi]
+                    self._place_new(chunk, ck, cv)
+                    self.pool.release(slots)  # the window's copy, once the chunk holds its own
+                win_cut += in_window
+                pos += size
+            sealed_new = pos - start - win_cut
+            kept = window[win_cut:]
+            n_tail = q - sealed_new
+            if n_tail:
+                slots = self.tiers.allocate_device(self.index, n_tail)
+                if slots is None:
+                    raise RuntimeError(f"layer {self.index}: no device room for the recent window")
+                self.pool.write(slots, k[:, :, sealed_new:], v[:, :, sealed_new:],
+                                torch.arange(past + sealed_new, past + q, device=self.pool.device))
+                kept = torch.cat([kept.to(slots.device), slots])
+        except CLEAN_FAILURES:
+            # A full store or no memory for the chunk at `pos`: keep what is whole, the chunks before `pos` and the
+            # window tokens not sealed yet; the tokens of this forward past them are not held (a rollback of the
+            # failed pass, or `crop`, takes the layer back to where it was).
+            self.win_slots = window[win_cut:]
+            self.length = max(past, pos)
+            raise
         self.win_slots = kept
         self.length = past + q
+
+    def _place_new(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a chunk `_new_chunk` just appended; if no tier takes it, the chunk is forgotten again."""
+        try:
+            self.tiers.place(chunk, k, v)
+        except CLEAN_FAILURES:
+            self.chunks.pop()
+            raise
+        self._add_abstract(chunk, k)
 
     def _plan(self, win_len: int, q: int, importance: torch.Tensor | None) -> list[int]:
         """Chunk sizes for the window + new tokens, leaving exactly `recent_window` unsealed."""
@@ -317,8 +331,18 @@ class TieredLayer:
         self.abstracts.select_rows(index)
         self.batch = index.numel()
 
+    def checkpoint(self) -> int:
+        """What `rollback` takes this layer back to: the tokens it holds now."""
+        return self.logical_length
+
+    def rollback(self, mark: int) -> None:
+        """Back to `checkpoint()`'s state after a forward pass that failed (see KVTierCache.forward_ends)."""
+        self.truncate(mark)
+
     def truncate(self, length: int) -> None:
         """Forget every token at position >= length."""
+        if self.pending is not None and length <= self.pending.past_len:
+            self.pending = None  # a forward's tokens attention never ran for: nothing of them is stored yet
         self.commit_pending()
         if length >= self.length:
             return
@@ -524,6 +548,13 @@ class SlidingLayer:
             k = torch.cat([k[:, :, ~moved], rope.shift(k[:, :, moved], -d)], dim=2)
         self.k, self.v = k, v
         self.length -= d
+
+    def checkpoint(self) -> tuple:
+        """What `rollback` takes this layer back to: its tensors are replaced, never written in place."""
+        return self.k, self.v, self.length, self.batch
+
+    def rollback(self, mark: tuple) -> None:
+        self.k, self.v, self.length, self.batch = mark
 
     def truncate(self, length: int) -> None:
         drop = self.length - length

@@ -50,6 +50,14 @@ class TokenLog:
     def restore(self, ids: torch.Tensor | None, length: int) -> None:
         self._parts, self.length, self.known = ([] if ids is None else [ids]), length, ids is not None
 
+    def checkpoint(self) -> tuple:
+        """What `rollback` restores: the parts are replaced as ids arrive, never changed in place."""
+        return tuple(self._parts), self.length, self.known
+
+    def rollback(self, mark: tuple) -> None:
+        parts, self.length, self.known = mark
+        self._parts = list(parts)
+
     def forget(self) -> None:
         self._parts, self.length, self.known = [], 0, False
 

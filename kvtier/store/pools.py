@@ -255,6 +255,8 @@ class DevicePool:
 
     def release(self, slots: torch.Tensor) -> None:
         """Return slots to the pool (their data is dropped)."""
+        if slots.numel() == 0:
+            return
         self.version += 1
         with storage_mode():
             self.slot_pos[slots] = -1
