@@ -51,12 +51,13 @@ class TokenLog:
         self._parts, self.length, self.known = ([] if ids is None else [ids]), length, ids is not None
 
     def checkpoint(self) -> tuple:
-        """What `rollback` restores: the parts are replaced as ids arrive, never changed in place."""
-        return tuple(self._parts), self.length, self.known
+        """What `rollback` restores, in O(1) (one is taken per forward pass): the parts list only ever grows
+        at its end while it is current, and is replaced (never changed) by anything else."""
+        return self._parts, len(self._parts), self.length, self.known
 
     def rollback(self, mark: tuple) -> None:
-        parts, self.length, self.known = mark
-        self._parts = list(parts)
+        parts, n, self.length, self.known = mark
+        self._parts = parts[:n]
 
     def forget(self) -> None:
         self._parts, self.length, self.known = [], 0, False
