@@ -339,12 +339,8 @@ def load(cache: "KVTierCache", manifest: mf.Manifest) -> None:
             if layer.chunks:
                 kmin, kmax = tiers.read_abstracts(manifest.abstracts_header(layer.index, shape))
                 pmin, pmax = tiers.read_abstracts(manifest.pages_header(layer.index, shape, config.page_size))
-                first = 0
-                for c in layer.chunks:
-                    pages = layer.abstracts.pages_of(c.length)
-                    layer.abstracts.append((kmin[:, :, c.row], kmax[:, :, c.row], c.start, c.length,
-                                            pmin[:, :, first:first + pages], pmax[:, :, first:first + pages]))
-                    first += pages
+                layer.abstracts.extend(kmin, kmax, [c.start for c in layer.chunks], [c.length for c in layer.chunks],
+                                       pmin, pmax)  # rows in chunk order (row == index), pages end to end
             layer.decode_chunk = entry.decode_chunk
             layer.skew = None if entry.skew is None else LayerSkew(**entry.skew)
             layer.length = layer.chunks[-1].end if layer.chunks else 0

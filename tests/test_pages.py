@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import build_model, twin
 from helpers import cache_kw
@@ -29,6 +30,34 @@ def _table(lengths: list[int], page_size: int, seed: int, b: int = 2, h: int = 2
 
 
 # --------------------------------------------------------------------------------------- the table
+@settings(max_examples=40, deadline=None)
+@given(before=st.lists(st.integers(1, 70), max_size=5), lengths=st.lists(st.integers(1, 70), min_size=1, max_size=90),
+       page_size=st.integers(1, 20), seed=st.integers(0, 1000))
+def test_extend_equals_appending_row_by_row(before, lengths, page_size, seed):
+    """A reopened session's rows in one call: the same table as one `append` per chunk, growth included."""
+    one_by_one, keys = _table(before + lengths, page_size, seed)
+    at_once, _ = _table(before, page_size, seed)
+    rows = [one_by_one.row(i) for i in range(len(before), len(before) + len(lengths))]
+    starts = [r[2] for r in rows]
+    at_once.extend(torch.stack([r[0] for r in rows], dim=2), torch.stack([r[1] for r in rows], dim=2), starts, lengths,
+                   torch.cat([r[4] for r in rows], dim=2), torch.cat([r[5] for r in rows], dim=2))
+    assert (at_once.count, at_once.page_count, at_once.max_pages) == \
+        (one_by_one.count, one_by_one.page_count, one_by_one.max_pages)
+    for a, b in zip(at_once.view(), one_by_one.view()):
+        assert torch.equal(a, b)
+    pa, pb = at_once.pages(), one_by_one.pages()
+    for name in ("pmin", "pmax", "starts", "lengths", "offsets", "chunk", "first", "count"):
+        assert torch.equal(getattr(pa, name), getattr(pb, name)), name
+
+
+def test_extend_refuses_abstracts_that_do_not_match_the_chunks():
+    table = AbstractTable(torch.device("cpu"), 4)
+    k = torch.zeros(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="3 chunks of 3 pages"):
+        table.extend(k, k, [0, 4, 8], [4, 4, 4], torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8))
+    assert table.count == 0
+
+
 @settings(max_examples=40, deadline=None)
 @given(lengths=st.lists(st.integers(1, 70), min_size=1, max_size=8), page_size=st.integers(1, 20),
        seed=st.integers(0, 1000))

@@ -114,6 +114,43 @@ class AbstractTable:
         self.page_count += pages
         self.max_pages = max(self.max_pages, pages)
 
+    def extend(self, kmin: torch.Tensor, kmax: torch.Tensor, starts: list[int], lengths: list[int],
+               pmin: torch.Tensor, pmax: torch.Tensor) -> None:
+        """Append many chunk rows at once, as `append` would one by one (a reopened session's: per-row appends
+        cost ~0.2 ms each, 0.35 s for a 32k-token session's 2048 chunks). kmin, kmax [B, Hkv, C, D] for C chunks
+        at `starts` of `lengths`; pmin, pmax [B, Hkv, P, D]: their pages end to end."""
+        n = len(starts)
+        if n == 0:
+            return
+        lengths_t, starts_t = torch.tensor(lengths, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
+        pages = -(-lengths_t // self.page_size)
+        total = int(pages.sum())
+        if len(lengths) != n or kmin.shape[2] != n or kmax.shape[2] != n or pmin.shape[2] != total \
+                or pmax.shape[2] != total:
+            raise ValueError(f"{n} chunks of {total} pages, got abstracts of {kmin.shape[2]} chunks and "
+                             f"{pmin.shape[2]} pages")
+        b, h, _, d = kmin.shape
+        with storage_mode():
+            if self.kmin is None or self.count + n > self.kmin.shape[2]:
+                self._grow_chunks(torch.Size((b, h, d)), self.count + n)
+            if self.pmin is None or self.page_count + total > self.pmin.shape[2]:
+                self._grow_pages(pmin.shape, pmin.dtype, self.page_count + total)
+            c, p = self.count, self.page_count
+            self.kmin[:, :, c:c + n] = kmin.to(self.device, torch.float32)
+            self.kmax[:, :, c:c + n] = kmax.to(self.device, torch.float32)
+            self.pmin[:, :, p:p + total] = pmin.to(self.device)
+            self.pmax[:, :, p:p + total] = pmax.to(self.device)
+            first = pages.cumsum(0) - pages  # each chunk's first page, counted from p
+            self._chunk_cols[:, c:c + n] = torch.stack([starts_t, lengths_t, first + p, pages])
+            offsets = (torch.arange(total) - torch.repeat_interleave(first, pages, output_size=total)) * self.page_size
+            self._page_cols[:, p:p + total] = torch.stack([
+                torch.repeat_interleave(starts_t, pages, output_size=total) + offsets,
+                (torch.repeat_interleave(lengths_t, pages, output_size=total) - offsets).clamp(max=self.page_size),
+                offsets, torch.repeat_interleave(torch.arange(c, c + n), pages, output_size=total)])
+        self.count += n
+        self.page_count += total
+        self.max_pages = max(self.max_pages, int(pages.max()))
+
     def _grow_chunks(self, shape: torch.Size, need: int = 0) -> None:
         b, h, d = shape
         cap = max(64, 2 * self.count, need)
