@@ -19,6 +19,7 @@ from kvtier.errors import KVTierError
 from kvtier.tim.constrain import ConstraintError, SchemaConstraint, _vocab
 from kvtier.tim.schema import JSON_SEPARATORS, dump_json, thread_schema
 from kvtier.tim.tools import (
+    MAX_ABANDONED_CALLS,
     MAX_EXPRESSION_LENGTH,
     Tool,
     ToolRegistry,
@@ -183,6 +184,32 @@ def test_timeout_abandons_the_call_and_the_registry_goes_on():
     assert "timed out after 0.2 s" in _error(out) and 0.2 <= out.seconds < 2
     assert reg.call("calculator", {"expression": "6*7"}).result_json == "42"  # the run continues
     release.set()  # let the abandoned thread finish
+
+
+def test_a_tool_whose_calls_keep_hanging_is_no_longer_called_until_one_returns():
+    """One abandoned thread per timed-out call, at most MAX_ABANDONED_CALLS of them per tool."""
+    release = threading.Event()
+    started = []
+
+    @tool(timeout=0.05)
+    def hang() -> str:
+        started.append(1)
+        release.wait(10)
+        return "late"
+
+    reg = ToolRegistry([hang, calculator])
+    for _ in range(MAX_ABANDONED_CALLS):
+        assert "timed out" in _error(reg.call("hang", {}))
+    refused = reg.call("hang", {})
+    assert _error(refused) == (f"tool 'hang' was not called: {MAX_ABANDONED_CALLS} of its earlier calls are still "
+                               "running past their timeout") and refused.seconds < 0.05
+    assert len(started) == MAX_ABANDONED_CALLS  # the refused call started no thread
+    assert reg.call("calculator", {"expression": "6*7"}).result_json == "42"  # other tools go on
+    release.set()
+    deadline = time.perf_counter() + 5
+    while reg.call("hang", {}).ok is False and time.perf_counter() < deadline:  # the hung calls return
+        time.sleep(0.01)
+    assert reg.call("hang", {}).result_json == '"late"'
 
 
 @pytest.mark.parametrize("value, fragment", [({1, 2}, "TypeError"), (float("nan"), "ValueError"),

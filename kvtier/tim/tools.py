@@ -8,8 +8,10 @@ carries on (TIM, arXiv 2507.16784: tool results are written into the reasoning t
 
 Each call runs in a daemon worker thread so that a timeout can be kept. Python cannot stop a thread: a call that
 runs past its timeout is abandoned, not killed. It keeps running (and holding whatever it holds) until its
-function returns; its result is dropped, and a daemon thread never holds up interpreter exit. Tools that may hang
-should bound their own work (as `calculator` does) or do it in a subprocess.
+function returns; its result is dropped, and a daemon thread never holds up interpreter exit. A registry stops
+calling a tool while MAX_ABANDONED_CALLS of its calls are still running (a model asking a hung tool again and again
+would otherwise pile up one thread per call); the call is an error result until one of them returns. Tools that may
+hang should bound their own work (as `calculator` does) or do it in a subprocess.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ DEFAULT_TIMEOUT = 10.0  # seconds
 TOOL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")  # written inside a JSON string: no quotes or escapes
 MAX_ERROR_CHARS = 500  # an exception message longer than this is cut (the model reads it)
 MAX_RESULT_CHARS = 65536  # a result's JSON longer than this is an error result: it would be one huge forward pass
+MAX_ABANDONED_CALLS = 4  # calls of one tool still running past their timeout before it is no longer called
 
 
 class ToolSpecError(KVTierError, ValueError):
@@ -245,6 +248,8 @@ class ToolRegistry:
             if t.name in self._tools:
                 raise ToolSpecError(f"two tools are named {t.name!r}; tool names must be unique")
             self._tools[t.name] = t
+        self._running: dict[str, int] = {}  # per tool: calls whose thread has not returned (abandoned ones)
+        self._running_lock = threading.Lock()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -296,7 +301,12 @@ class ToolRegistry:
             own = copy.deepcopy(parameters)
         except Exception as e:  # not JSON data (a caller's own object)
             return fail(f"bad parameters for {t.name!r}: cannot copy them ({_describe(e)})")
-        finished, value, error = _run_in_thread(t, own)
+        with self._running_lock:
+            stuck = self._running.get(t.name, 0)
+        if stuck >= MAX_ABANDONED_CALLS:
+            return fail(f"tool {t.name!r} was not called: {stuck} of its earlier calls are still running past their "
+                        "timeout")
+        finished, value, error = self._run_in_thread(t, own)
         if not finished:
             return fail(f"tool {t.name!r} timed out after {t.timeout:g} s")
         if error is not None:
@@ -314,30 +324,39 @@ class ToolRegistry:
             return fail(f"tool {t.name!r} returned a value the thread cannot hold: {e}")
         return ToolOutcome(t.name, True, text, time.perf_counter() - start)
 
+    def _run_in_thread(self, t: Tool, parameters: dict) -> tuple[bool, Any, BaseException | None]:
+        """(finished, value, error). A daemon thread, not a ThreadPoolExecutor: the executor's workers are joined
+        at interpreter exit, so one hung tool would hang the exit too. The thread counts itself in `_running`
+        until its function returns."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                box["value"] = t.fn(**parameters)
+            except BaseException as e:  # noqa: BLE001 - reported to the model as the tool's error
+                box["error"] = e
+            finally:
+                with self._running_lock:
+                    self._running[t.name] -= 1
+                done.set()
+
+        with self._running_lock:
+            self._running[t.name] = self._running.get(t.name, 0) + 1
+        try:
+            threading.Thread(target=work, name=f"kvtier-tool-{t.name}", daemon=True).start()
+        except BaseException:  # no thread (the process is out of them): nothing runs, nothing to count
+            with self._running_lock:
+                self._running[t.name] -= 1
+            raise
+        if not done.wait(t.timeout):
+            return False, None, None  # abandoned: see the module docstring
+        return True, box.get("value"), box.get("error")
+
 
 def _describe(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
-
-
-def _run_in_thread(t: Tool, parameters: dict) -> tuple[bool, Any, BaseException | None]:
-    """(finished, value, error). A daemon thread, not a ThreadPoolExecutor: the executor's workers are joined at
-    interpreter exit, so one hung tool would hang the exit too."""
-    box: dict[str, Any] = {}
-    done = threading.Event()
-
-    def work() -> None:
-        try:
-            box["value"] = t.fn(**parameters)
-        except BaseException as e:  # noqa: BLE001 - reported to the model as the tool's error
-            box["error"] = e
-        finally:
-            done.set()
-
-    threading.Thread(target=work, name=f"kvtier-tool-{t.name}", daemon=True).start()
-    if not done.wait(t.timeout):
-        return False, None, None  # abandoned: see the module docstring
-    return True, box.get("value"), box.get("error")
 
 
 # ---- calculator ----
