@@ -30,9 +30,15 @@ _EXPORTS = {
 }
 
 
+# Subpackages the docs name as `kvtier.hogwild.generate` and the like: `import kvtier` reaches them too.
+_SUBPACKAGES = ("bench", "hogwild", "kernels", "sparse", "store", "tim")
+
+
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
+        if name in _SUBPACKAGES:
+            return importlib.import_module(f".{name}", __name__)  # importing sets the attribute: found once
         raise AttributeError(f"module 'kvtier' has no attribute {name!r}")
     value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value  # found once; later lookups never come back here
@@ -40,7 +46,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly

@@ -162,6 +162,7 @@ def test_the_package_and_its_command_line_load_without_torch_until_a_name_needs_
             "import kvtier.segmented\n"
             "assert kvtier.prefill is kvtier.segmented.prefill and callable(kvtier.prefill)\n"
             "assert kvtier.KVTierCache.__module__ == 'kvtier.cache'\n"
+            "assert callable(kvtier.hogwild.generate) and callable(kvtier.tim.generate)  # as the docs name them\n"
             "try:\n    kvtier.nope\nexcept AttributeError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
