@@ -240,6 +240,8 @@ class KVTierCache(Cache):
     def forward_starts(self, input_ids: torch.Tensor | None) -> None:
         """Called (by the hook `enable` installs) as a model forward pass through this cache starts: claims
         the pass for the owner thread and records its input ids (None: embeddings, the ids become unknown)."""
+        if threading.get_ident() == self._owner:
+            self._before_forward = None  # a pass refused below is no pass: `forward_ends` must undo nothing
         self._check_open()
         if input_ids is not None:
             self._check_ids(input_ids)
@@ -273,7 +275,8 @@ class KVTierCache(Cache):
         if threading.get_ident() != self._owner:
             return
         if finished:
-            self._in_forward = False
+            if self._before_forward is not None:  # a pass run on an interrupted cache does not make it whole
+                self._in_forward = False
         elif self._before_forward is not None and not self._guard.broken:
             tokens, marks = self._before_forward
             try:

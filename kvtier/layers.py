@@ -298,6 +298,7 @@ class TieredLayer:
         new_chunks: list[Chunk] = []
         rows: list[Row] = []
         to_place: list[tuple[Chunk, torch.Tensor, torch.Tensor]] = []
+        replaced: list[Chunk] = []
         for group in groups:
             if len(group) == 1:
                 c = group[0]
@@ -307,7 +308,7 @@ class TieredLayer:
             old = [c for c in group if c is not None]
             ks, vs = zip(*(self.tiers.fetch(c) for c in old))
             k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
-            self.tiers.free(old)
+            replaced += old
             cuts = [0, k.shape[2] // 2, k.shape[2]] if group[1] is None else [0, k.shape[2]]
             for lo, hi in zip(cuts, cuts[1:]):
                 chunk = Chunk(self.index, self.tiers.new_chunk_id(), old[0].start + lo, hi - lo, Tier.DEVICE,
@@ -315,14 +316,23 @@ class TieredLayer:
                 rows.append(self.abstracts.summarize(k[:, :, lo:hi], chunk.start))
                 new_chunks.append(chunk)
                 to_place.append((chunk, k[:, :, lo:hi], v[:, :, lo:hi]))
+        # The new chunks are stored before the old ones are freed: a full store on the way (no tier for one of
+        # them) leaves the layer as it was, the refinement undone, rather than holding chunks with no data.
+        placed: list[Chunk] = []
+        try:
+            for chunk, k, v in to_place:
+                self.tiers.place(chunk, k, v)
+                placed.append(chunk)
+        except CLEAN_FAILURES:
+            self.tiers.free(placed)
+            raise
+        self.tiers.free(replaced)
         self.chunks = new_chunks
         for row, chunk in enumerate(self.chunks):
             chunk.row = row
             if chunk.tier == Tier.DEVICE and chunk.slots is not None:
                 self.pool.set_owner(chunk.slots, row)
         self.abstracts.rebuild(rows)
-        for chunk, k, v in to_place:
-            self.tiers.place(chunk, k, v)
 
     # ------------------------------------------------------------------------------- maintenance
     def select_rows(self, index: torch.Tensor) -> None:
@@ -331,13 +341,22 @@ class TieredLayer:
         self.abstracts.select_rows(index)
         self.batch = index.numel()
 
-    def checkpoint(self) -> int:
-        """What `rollback` takes this layer back to: the tokens it holds now."""
-        return self.logical_length
+    def checkpoint(self) -> tuple:
+        """What `rollback` takes this layer back to: the tokens it holds now, its batch (a pass may spread one
+        row over many, or give a fresh layer its arena's shape) and the chunking it learnt so far."""
+        return self.logical_length, self.batch, self.decode_chunk, self.skew
 
-    def rollback(self, mark: int) -> None:
+    def rollback(self, mark: tuple) -> None:
         """Back to `checkpoint()`'s state after a forward pass that failed (see KVTierCache.forward_ends)."""
-        self.truncate(mark)
+        length, batch, decode_chunk, skew = mark
+        self.truncate(length)
+        if batch is None:  # never written before the pass: the next one may bring another batch size
+            expected = self.pool.expected  # a `reserve` made before the pass still holds
+            self.reset()
+            self.pool.expected = expected
+        elif batch != self.batch:  # the pass spread the one row it found over its batch: keep one copy again
+            self.select_rows(torch.zeros(batch, dtype=torch.long))
+        self.decode_chunk, self.skew = decode_chunk, skew
 
     def truncate(self, length: int) -> None:
         """Forget every token at position >= length."""
@@ -367,8 +386,11 @@ class TieredLayer:
         self.length = self.chunks[-1].end if self.chunks else 0
         if kept_k is not None:
             slots = self.tiers.allocate_device(self.index, kept_k.shape[2])
-            self.pool.write(slots, kept_k, kept_v, torch.arange(self.length, length, device=self.pool.device))
-            self.win_slots = slots
+            if slots is None:  # more than the device holds beside the sinks (an adaptive chunk): sealed again
+                self._place_new(self._new_chunk(self.length, kept_k.shape[2], b=kept_k.shape[0]), kept_k, kept_v)
+            else:
+                self.pool.write(slots, kept_k, kept_v, torch.arange(self.length, length, device=self.pool.device))
+                self.win_slots = slots
         self.length = length
         self._refill_window()
 
@@ -447,12 +469,19 @@ class TieredLayer:
         """After a crop, unseal trailing chunks until the window again holds `recent_window` tokens, so a
         cropped cache attends like a fresh one (the window is always attended in sparse mode)."""
         while self.win_slots.numel() < self.config.recent_window and self.chunks and not self.chunks[-1].pinned:
-            chunk = self.chunks.pop()
+            chunk = self.chunks[-1]
             k, v = self.tiers.fetch(chunk)
             k, v = k.clone(), v.clone()
-            self.tiers.free([chunk])
+            if chunk.tier == Tier.DEVICE:
+                self.tiers.free([chunk])  # its slots are free for the window again: nothing is evicted
+                slots = self.tiers.allocate_device(self.index, chunk.length)
+            else:  # room first: evicting may meet a full store, which leaves the chunk where it is
+                slots = self.tiers.allocate_device(self.index, chunk.length)
+                if slots is None:  # more than the device holds beside the sinks and window: it stays sealed
+                    return
+                self.tiers.free([chunk])
+            self.chunks.pop()
             self.abstracts.truncate(len(self.chunks))
-            slots = self.tiers.allocate_device(self.index, chunk.length)
             self.pool.write(slots, k, v, torch.arange(chunk.start, chunk.end, device=self.pool.device))
             self.win_slots = torch.cat([slots, self.win_slots.to(slots.device)])
 
