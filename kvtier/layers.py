@@ -355,7 +355,9 @@ class TieredLayer:
             self.reset()
             self.pool.expected = expected
         elif batch != self.batch:  # the pass spread the one row it found over its batch: keep one copy again
-            self.select_rows(torch.zeros(batch, dtype=torch.long))
+            if batch != 1:  # transformers only ever spreads one row; anything else is not ours to guess
+                raise RuntimeError(f"layer {self.index}: a failed pass changed the batch from {batch} to {self.batch}")
+            self.select_rows(torch.zeros(1, dtype=torch.long))
         self.decode_chunk, self.skew = decode_chunk, skew
 
     def truncate(self, length: int) -> None:
