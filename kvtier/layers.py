@@ -373,6 +373,7 @@ class TieredLayer:
             self.win_slots = self.win_slots[:keep]
             self.length = length
             self._refill_window()
+            self._prune_hint()
             return
         self.pool.release(self.win_slots)
         self.win_slots = self.win_slots[:0]
@@ -395,6 +396,13 @@ class TieredLayer:
                 self.win_slots = slots
         self.length = length
         self._refill_window()
+        self._prune_hint()
+
+    def _prune_hint(self) -> None:
+        """Keep only chunks the layer still holds in the prefetch hint (a crop frees or unseals some of them:
+        their records would be read ahead for nothing, or after they were removed)."""
+        held = {id(c) for c in self.chunks}
+        self.last_union = [c for c in self.last_union if id(c) in held]
 
     def remove_span(self, start: int, end: int) -> None:
         """Forget positions [start, end) and move every later token left by `end - start`, so positions and

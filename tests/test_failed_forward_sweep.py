@@ -231,3 +231,19 @@ def test_crop_back_into_a_chunk_larger_than_the_device_holds():
         cache.crop(keep)
         reference.close()
     cache.close()
+
+
+def test_crop_leaves_no_freed_chunk_in_the_prefetch_hint():
+    """The chunks the last sparse step attended to are read ahead for the next one; a crop (or a failed pass's
+    undo) that frees some of them must not leave them there to be read from records already removed."""
+    model = build_model("llama")
+    doc = _doc(200)
+    cache = KVTierCache.for_model(model, **dict(SPARSE, sparse_budget=64))
+    _feed(model, cache, doc, 150)
+    keep = 100
+    assert any(c.end > keep for layer in cache.tiers.layers for c in layer.last_union)
+    cache.crop(keep)
+    for layer in cache.tiers.layers:
+        held = {id(c) for c in layer.chunks}
+        assert all(id(c) in held for c in layer.last_union)
+    cache.close()
