@@ -292,8 +292,8 @@ class KVTierCache(Cache):
     def interrupted(self) -> bool:
         """A forward pass started through the model and never finished, and could not be undone: Ctrl-C inside
         it, or an error inside kvtier's own work other than a full store or memory it could not get (a pass
-        that fails otherwise leaves the cache as it was before it). The layers may hold different numbers of
-        tokens. `reset()` clears it; `save()` refuses until then."""
+        that fails otherwise leaves the cache as it was before it); or a `remove_span` that failed half-way.
+        The layers may hold different numbers of tokens. `reset()` clears it; `save()` refuses until then."""
         return self._in_forward
 
     def claim(self) -> None:
@@ -502,7 +502,8 @@ class KVTierCache(Cache):
         made for, or pass `ropes` (one `kvtier.Rope` per layer, `Rope.for_layers(model)`). Models without
         RoPE, and RoPE whose frequencies change with length (dynamic NTK, longrope), are refused.
         Raises CacheInputError for a span outside [0, length] and when a sliding-window layer no longer holds
-        the tokens its window would reach after the move."""
+        the tokens its window would reach after the move, before anything changes. A removal that fails half-way
+        (a full store, a damaged record) leaves the cache `interrupted`."""
         self._check_open()
         self._check_thread("remove_span()")
         length = self.get_seq_length()
@@ -520,12 +521,19 @@ class KVTierCache(Cache):
             problem = layer.span_problem(start, end) if isinstance(layer, SlidingLayer) else None
             if problem is not None:
                 raise CacheInputError(problem)
-        with storage_mode():  # the tables it rewrites are updated in place later: never inference tensors
-            for layer in self.layers:
-                if isinstance(layer, TieredLayer):
-                    layer.remove_span(start, end)
-                else:
-                    layer.remove_span(start, end, layer_ropes[layer.index])
+        try:
+            with storage_mode():  # the tables it rewrites are updated in place later: never inference tensors
+                for layer in self.layers:
+                    if isinstance(layer, TieredLayer):
+                        layer.remove_span(start, end)
+                    else:
+                        layer.remove_span(start, end, layer_ropes[layer.index])
+        except BaseException:
+            # A full store or a damaged record met half-way: the layers before already forgot the span and turned
+            # their keys, and nothing can take that back. Marked interrupted (save refuses, reset() clears) rather
+            # than left holding layers of different lengths that the next pass would silently attend over.
+            self._in_forward = True
+            raise
         self._tokens.remove(start, end)
 
     def _layer_ropes(self, ropes: Sequence[Rope] | None) -> tuple[Rope, ...]:

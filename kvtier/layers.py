@@ -58,6 +58,7 @@ class TieredLayer:
         self.skew: LayerSkew | None = None
         self.last_union: list[Chunk] = []  # chunks the last sparse step attended to (prefetch hint)
         self.steps_since_refine = 0
+        self.refines = 0  # refinements done (a failed pass's rollback checks whether one ran inside it)
         self._slot_table: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -267,7 +268,6 @@ class TieredLayer:
 
         Only resident chunks are touched (no disk reads); sinks are never changed."""
         steps = max(1, self.steps_since_refine)
-        self.steps_since_refine = 0
         lo_cap, hi_cap = self.config.min_chunk_size, self.config.max_chunk_size
         out: list[list[Chunk]] = []  # groups of old chunks that become one or two new chunks
         i = 0
@@ -289,10 +289,12 @@ class TieredLayer:
                     continue
             out.append([c])
             i += 1
+        if changed:
+            self._rebuild(out)  # a full store here leaves the layer and its counts as they were
         for c in self.chunks:
             c.selected = 0
-        if changed:
-            self._rebuild(out)
+        self.steps_since_refine = 0
+        self.refines += 1
 
     def _rebuild(self, groups: list[list[Chunk | None]]) -> None:
         new_chunks: list[Chunk] = []
@@ -343,13 +345,27 @@ class TieredLayer:
 
     def checkpoint(self) -> tuple:
         """What `rollback` takes this layer back to: the tokens it holds now, its batch (a pass may spread one
-        row over many, or give a fresh layer its arena's shape) and the chunking it learnt so far."""
-        return self.logical_length, self.batch, self.decode_chunk, self.skew
+        row over many, or give a fresh layer its arena's shape), the chunking it learnt so far, and what the
+        next refinement counts (steps, and the chunks a sparse step selected: `last_union` is replaced, never
+        changed in place, by the step that counts them)."""
+        return (self.logical_length, self.batch, self.decode_chunk, self.skew, self.steps_since_refine,
+                self.refines, self.last_union)
 
     def rollback(self, mark: tuple) -> None:
-        """Back to `checkpoint()`'s state after a forward pass that failed (see KVTierCache.forward_ends)."""
-        length, batch, decode_chunk, skew = mark
+        """Back to `checkpoint()`'s state after a forward pass that failed (see KVTierCache.forward_ends).
+
+        A sparse step of the failed pass counted its chunks as selected: uncounted, so refinement comes when and
+        as it would have without the pass. A refinement that completed inside the pass stays (its chunks hold
+        the same tokens; it would have come at the end of the same step)."""
+        length, batch, decode_chunk, skew, steps, refines, union = mark
+        if self.refines == refines:
+            if self.last_union is not union:
+                for chunk in self.last_union:
+                    chunk.selected -= 1
+            self.steps_since_refine = steps
+        self.last_union = union
         self.truncate(length)
+        self._prune_hint()
         if batch is None:  # never written before the pass: the next one may bring another batch size
             expected = self.pool.expected  # a `reserve` made before the pass still holds
             self.reset()
