@@ -14,7 +14,7 @@ from .attend import attend
 from .handle import KVHandle
 from .kernels import merge_partials, partial_attention, sparse_decode_attention
 from .sparse.select import Selection
-from .store.chunk import Chunk, Tier, token_groups
+from .store.chunk import Chunk, Tier, group_positions, token_groups
 
 if TYPE_CHECKING:
     from .layers import TieredLayer
@@ -46,10 +46,7 @@ def _stage(layer: "TieredLayer", group: list[Chunk], batch: int, device: torch.d
     sk, sv = tiers.staging(batch, n, device)
     tiers.read_into(group, sk, sv)
     tiers.keep_staged(group, sk, sv)
-    if len(group) == 1:
-        pos = torch.arange(group[0].start, group[0].end, device=device)
-    else:
-        pos = torch.cat([torch.arange(c.start, c.end, device=device) for c in group])
+    pos = group_positions(group, device)
     tiers.counters.staging_peak_tokens = max(tiers.counters.staging_peak_tokens, n)
     return sk, sv, pos
 
@@ -73,6 +70,13 @@ def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad
         remote = [c for c in layer.chunks if c.tier != Tier.DEVICE and c.start < past]
         layer.tiers.counters.device.hits += sum(1 for c in layer.chunks if c.start < past) - len(remote)
         remote = layer.tiers.promote_into_free_room(layer.index, remote)
+    groups = list(token_groups(remote, layer.config.staging_tokens))
+    # Streamed chunks: the reader threads work `prefetch_tokens` ahead of the group being attended, from the
+    # second group on. The first is read when it is needed, in one transaction: handing it to a reader thread
+    # only to wait for it at once measured slower (a thread's Python per record, and no compute to overlap).
+    prefetcher = layer.tiers.prefetcher
+    ahead = [c for group in groups[1:] for c in group if c.tier == Tier.DISK]
+    prefetcher.request(ahead, layer.tiers.clock)
     parts = []
     if limit > 0 and layer.pool.high_water:
         k, v, pos = layer.pool.view()
@@ -89,11 +93,7 @@ def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad
         if alone:
             return out, lse
         parts.append((out, lse))
-    # Streamed chunks: keep the reader threads `prefetch_tokens` ahead of the group being attended.
-    prefetcher = layer.tiers.prefetcher
-    ahead = [c for c in remote if c.tier == Tier.DISK]
-    prefetcher.request(ahead, layer.tiers.clock)
-    for group in token_groups(remote, layer.config.staging_tokens):
+    for group in groups:
         ahead = [c for c in ahead if c.start >= group[-1].end]
         k, v, pos = _stage(layer, group, q.shape[0], q.device)
         prefetcher.request(ahead, layer.tiers.clock)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,10 @@ class Chunk:
     writer: bytes = b""  # session id of the cache that wrote the disk record (records are bound to it)
     lossy: bool = False  # the disk record holds int8 values
     record_start: int | None = None  # position the disk record's keys are rotated at (None: `start`)
+    key: bytes = field(init=False, repr=False)  # the record's key (read on every access: packed once)
+
+    def __post_init__(self) -> None:
+        self.key = chunk_key(self.layer, self.chunk_id)
 
     @property
     def record_shift(self) -> int:
@@ -53,10 +57,6 @@ class Chunk:
     @property
     def end(self) -> int:
         return self.start + self.length
-
-    @property
-    def key(self) -> bytes:
-        return chunk_key(self.layer, self.chunk_id)
 
     def name(self) -> str:
         return chunk_name(self.layer, self.chunk_id)
@@ -103,3 +103,14 @@ def token_groups(chunks: list[Chunk], limit: int) -> Iterator[list[Chunk]]:
         size += chunk.length
     if group:
         yield group
+
+
+def group_positions(chunks: list[Chunk], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The logical positions of the chunks' tokens, one after another ([n]): a few tensor operations whatever
+    the number of chunks (one `arange` per chunk costs more than the attention over small ones)."""
+    if len(chunks) == 1:
+        return torch.arange(chunks[0].start, chunks[0].end, device=device)
+    lengths = torch.tensor([c.length for c in chunks])
+    n = int(lengths.sum())
+    first = torch.tensor([c.start for c in chunks]) - (lengths.cumsum(0) - lengths)  # start - offset in group
+    return (torch.repeat_interleave(first, lengths, output_size=n) + torch.arange(n)).to(device)

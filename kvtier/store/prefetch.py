@@ -4,6 +4,10 @@ Reader threads run the LMDB read, the zstd decompression and the record checks (
 the GIL for the heavy parts); finished chunks wait in a staging area bounded by `max_tokens`. A request
 beyond the bound is not issued (back-pressure); a chunk whose read has not finished when attention needs
 it is waited for, never skipped, and the wait is counted as stall time.
+
+A request's reads go to the threads in parts of up to `part_tokens` tokens, each part read in one task (one
+store transaction): a task costs tens of microseconds of Python under the GIL, as much as decoding a small
+record, so one task per small record made prefetching slower than reading on the critical path.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunk import Chunk, Tier
+from .chunk import Chunk, Tier, token_groups
 
 
 @dataclass
@@ -26,16 +30,23 @@ class PrefetchStats:
     stall_s: float = 0.0  # time the critical path waited for disk reads
 
 
-class Prefetcher:
-    """load: read, check and decode one chunk's record. warm: told, on a reader thread, every batch of chunks a
-    request issues before their loads start (a store with a slow source fetches them in one round trip)."""
+Loaded = tuple[torch.Tensor, torch.Tensor] | Exception  # a chunk's k, v, or the error reading its record
 
-    def __init__(self, load: Callable[[Chunk], tuple[torch.Tensor, torch.Tensor]], threads: int, max_tokens: int,
-                 warm: Callable[[list[Chunk]], None] | None = None):
+
+class Prefetcher:
+    """load: read, check and decode some chunks' records, returning for each its k, v or the exception its read
+    raised (one bad record fails only its own chunk). warm: told, on a reader thread, every batch of chunks a
+    request issues before their loads start (a store with a slow source fetches them in one round trip).
+    part_tokens: most tokens one reader task loads."""
+
+    def __init__(self, load: Callable[[list[Chunk]], list[Loaded]], threads: int, max_tokens: int,
+                 warm: Callable[[list[Chunk]], None] | None = None, part_tokens: int = 1):
         self._load = load
         self._warm = warm
+        self.part_tokens = part_tokens
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvtier-read") if threads else None
-        self._pending: dict[bytes, tuple[Chunk, Future, int]] = {}
+        self._pending: dict[bytes, tuple[Chunk, Future, int]] = {}  # chunk key -> (chunk, its part's read, clock)
+        self._users: dict[Future, int] = {}  # a part's read -> how many of its chunks are still pending
         self._tokens = 0
         self.max_tokens = max_tokens
         self.stats = PrefetchStats()
@@ -61,17 +72,21 @@ class Prefetcher:
         batch = list(chosen.values())
         # Submitted before the loads, so a reader thread takes it first (the executor's queue is FIFO).
         ahead = self._pool.submit(self._warm, batch) if self._warm is not None and batch else None
-        for chunk in batch:
-            self._pending[chunk.key] = (chunk, self._pool.submit(self._load_after, ahead, chunk), clock)
+        for part in token_groups(batch, self.part_tokens):
+            future = self._pool.submit(self._load_after, ahead, part)
+            self._users[future] = len(part)
+            for chunk in part:
+                self._pending[chunk.key] = (chunk, future, clock)
         self._tokens = tokens
         self.stats.issued += len(batch)
         return len(batch)
 
-    def _load_after(self, ahead: Future | None, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
-        """Load a chunk once its batch's warm-up ended (its failure is not this load's: the load reads again)."""
+    def _load_after(self, ahead: Future | None, part: list[Chunk]) -> dict[bytes, Loaded]:
+        """Load a part once its batch's warm-up ended (its failure is not this load's: the load reads again)."""
         if ahead is not None:
             wait([ahead])
-        return self._load(chunk)
+        loaded = self._load(part)
+        return {chunk.key: kv for chunk, kv in zip(part, loaded, strict=True)}
 
     def pending(self, chunk: Chunk) -> bool:
         """Whether a read of the chunk was started ahead."""
@@ -83,24 +98,30 @@ class Prefetcher:
         if item is None:
             return None
         self._tokens -= chunk.length
+        part = item[1]
         t = time.perf_counter()
-        kv = item[1].result()  # re-raises a read error (corrupt record, ...) here, on the caller's thread
-        self.stats.stall_s += time.perf_counter() - t
+        try:
+            kv = part.result().pop(chunk.key)  # the part keeps no reference to a taken chunk's tensors
+        finally:
+            self.stats.stall_s += time.perf_counter() - t
+            self._let_go(chunk, part, cancel=False)
         self.stats.hits += 1
-        return kv
+        return _unwrap(kv)  # re-raises a read error (corrupt record, ...) here, on the caller's thread
 
     def load_now(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """A read nobody started ahead: done on the critical path, counted as stall."""
         t = time.perf_counter()
-        kv = self._load(chunk)
-        self.stats.stall_s += time.perf_counter() - t
-        return kv
+        try:
+            (kv,) = self._load([chunk])
+        finally:
+            self.stats.stall_s += time.perf_counter() - t
+        return _unwrap(kv)
 
     def discard(self, chunk: Chunk) -> None:
         item = self._pending.pop(chunk.key, None)
         if item is not None:
             self._tokens -= chunk.length
-            item[1].cancel()
+            self._let_go(chunk, item[1], cancel=True)
 
     def _drop_stale(self, clock: int) -> None:
         """Reads requested two or more steps ago and never used: free their staging room."""
@@ -108,10 +129,29 @@ class Prefetcher:
             if clock - when >= 2 and fut.done():
                 del self._pending[key]
                 self._tokens -= chunk.length
+                self._let_go(chunk, fut, cancel=False)
                 self.stats.wasted += 1
+
+    def _let_go(self, chunk: Chunk, part: Future, cancel: bool) -> None:
+        """A chunk no longer waited for: drop its decoded record, or cancel its part if no other chunk of it
+        is still pending and its read has not started."""
+        self._users[part] -= 1
+        if self._users[part] == 0:
+            del self._users[part]
+            if cancel:
+                part.cancel()
+        elif part.done() and not part.cancelled() and part.exception() is None:
+            part.result().pop(chunk.key, None)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
+        self._users.clear()
         self._tokens = 0
+
+
+def _unwrap(kv: Loaded) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(kv, Exception):
+        raise kv
+    return kv

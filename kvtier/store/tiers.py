@@ -23,7 +23,7 @@ import torch
 from ..config import KVTierConfig
 from ..errors import StoreCorruptError, StoreMissingRecordError
 from .backend import RecordStore
-from .chunk import MAX_CHUNK_ID, TABLE_NAMES, Chunk, Tier, chunk_key, token_groups
+from .chunk import MAX_CHUNK_ID, TABLE_NAMES, Chunk, Tier, chunk_key, group_positions, token_groups
 from .codec import FLAG_INT8, SESSION_ID_BYTES, RecordCodec, RecordHeader, byte_view
 from .eviction import LRUEviction
 from .pools import DevicePool, HostPool, _as_run, storage_mode
@@ -36,6 +36,31 @@ if TYPE_CHECKING:
 
 def _apply_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return t if rows is None else t.index_select(0, rows.to(t.device))
+
+
+# Most bytes of KV one prefetch task reads and decodes (see kvtier/store/prefetch.py): large enough that a
+# task's own cost is small beside its decoding, small enough to spread a request over the reader threads.
+PREFETCH_PART_BYTES = 256 * 1024
+
+
+def _place(pieces: list[tuple[int, torch.Tensor, torch.Tensor]], k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+    """Copy pieces (first token, k, v [B, H, n, D]) into k_out, v_out: each run of adjacent pieces on the
+    destination's device by one `torch.cat` into place (one copy per small chunk costs more than its bytes)."""
+    i = 0
+    while i < len(pieces):
+        a, k, v = pieces[i]
+        end, j = a + k.shape[2], i + 1
+        if k.device == k_out.device:
+            while j < len(pieces) and pieces[j][0] == end and pieces[j][1].device == k_out.device:
+                end += pieces[j][1].shape[2]
+                j += 1
+        if j == i + 1:
+            k_out[:, :, a:end].copy_(k)
+            v_out[:, :, a:end].copy_(v)
+        else:
+            torch.cat([p[1] for p in pieces[i:j]], dim=2, out=k_out[:, :, a:end])
+            torch.cat([p[2] for p in pieces[i:j]], dim=2, out=v_out[:, :, a:end])
+        i = j
 
 
 def _positions(chunk: Chunk, device: torch.device) -> torch.Tensor:
@@ -79,7 +104,9 @@ class TierManager:
 
         self.selector = make_selector(config.selector, config.shared_selection)
         threads = config.reader_threads if config.prefetch else 0
-        self.prefetcher = Prefetcher(self._load_record, threads, config.prefetch_tokens, warm=self._warm_records)
+        token_bytes = 2 * self.kv_heads * self.head_dim * dtype.itemsize
+        self.prefetcher = Prefetcher(self._load_records, threads, config.prefetch_tokens, warm=self._warm_records,
+                                     part_tokens=max(1, PREFETCH_PART_BYTES // token_bytes))
         self.layers: list = []  # the tiered layers in model order (set by the cache), for next-layer prefetch
         self.lookahead = None  # kvtier.sparse.lookahead.Lookahead when the cache can guess next-layer queries
         self.ropes: dict[int, "Rope"] = {}  # layer -> its RoPE, once a chunk of it can have moved (remove_span)
@@ -182,6 +209,39 @@ class TierManager:
         k, v = self.codec.decode(blob, self.expected_header(chunk), self._where())
         self._check_size(chunk, len(blob))
         return k, v
+
+    def _load_records(self, chunks: list[Chunk]) -> list[tuple[torch.Tensor, torch.Tensor] | Exception]:
+        """Read, check and decode some records in one read transaction: for each chunk its k, v (stored row
+        order) or the error its record raised. Records of one batch size are decoded into one pair of buffers
+        and handed out as views of it (half the Python of a tensor pair per record). Thread-safe (reader
+        threads call it); counts nothing."""
+        batch = chunks[0].stored_batch
+        if len(chunks) == 1 or any(c.stored_batch != batch for c in chunks):
+            return [self._load_or_error(c) for c in chunks]
+        shape = (batch, self.kv_heads, sum(c.length for c in chunks), self.head_dim)
+        with storage_mode():
+            k, v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+        k_bytes, v_bytes = byte_view(k), byte_view(v)
+        loaded: list[tuple[torch.Tensor, torch.Tensor] | Exception] = []
+        at = 0
+        with self.disk.viewing() as get:
+            for chunk in chunks:
+                a, at = at, at + chunk.length
+                try:
+                    blob = self._present(chunk, get(chunk.key))
+                    self.codec.decode_into(blob, self.expected_header(chunk), k_bytes[:, :, a:at],
+                                           v_bytes[:, :, a:at], self._where())
+                    self._check_size(chunk, len(blob))
+                    loaded.append((k[:, :, a:at], v[:, :, a:at]))
+                except Exception as exc:  # noqa: BLE001 - this chunk's read failed; the caller re-raises it
+                    loaded.append(exc)
+        return loaded
+
+    def _load_or_error(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor] | Exception:
+        try:
+            return self._load_record(chunk)
+        except Exception as exc:  # noqa: BLE001 - this chunk's read failed; the caller re-raises it
+            return exc
 
     def _present(self, chunk: Chunk, blob: bytes | memoryview | None) -> bytes | memoryview:
         if blob is None:
@@ -348,6 +408,7 @@ class TierManager:
         c, prefetcher = self.counters, self.prefetcher
         token_bytes = k_out[:, :, :1].nbytes + v_out[:, :, :1].nbytes
         direct: list[tuple[Chunk, int, int]] = []  # disk records read and decoded below, straight into place
+        pieces: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first token, k, v) of everything else
         at = 0
         for chunk in chunks:
             a, b = at, at + chunk.length
@@ -355,17 +416,14 @@ class TierManager:
             chunk.last_used = self.clock
             if chunk.tier == Tier.DEVICE:
                 c.device.hits += 1
-                k, v = self.device_pools[chunk.layer].read(chunk.slots)
-                k_out[:, :, a:b].copy_(k)
-                v_out[:, :, a:b].copy_(v)
+                pieces.append((a, *self.device_pools[chunk.layer].read(chunk.slots)))
                 continue
             c.device.misses += 1
             c.device.bytes_written += chunk.length * token_bytes
             if chunk.tier == Tier.HOST:
                 c.host.hits += 1
                 k, v = self.host_pools[chunk.layer].get(chunk.chunk_id)
-                k_out[:, :, a:b].copy_(_apply_rows(k, chunk.rows))
-                v_out[:, :, a:b].copy_(_apply_rows(v, chunk.rows))
+                pieces.append((a, _apply_rows(k, chunk.rows), _apply_rows(v, chunk.rows)))
                 c.host.bytes_read += chunk.length * token_bytes
                 continue
             c.host.misses += 1
@@ -377,9 +435,10 @@ class TierManager:
             if kv is None:
                 kv = prefetcher.load_now(chunk)
                 c.disk_loads_sync += 1
-            k_out[:, :, a:b].copy_(self.to_logical(chunk, _apply_rows(kv[0], chunk.disk_rows)))
-            v_out[:, :, a:b].copy_(_apply_rows(kv[1], chunk.disk_rows))
+            pieces.append((a, self.to_logical(chunk, _apply_rows(kv[0], chunk.disk_rows)),
+                           _apply_rows(kv[1], chunk.disk_rows)))
             c.disk.bytes_read += self.record_sizes[chunk.key][2]
+        _place(pieces, k_out, v_out)
         if direct:
             t = time.perf_counter()
             self._decode_records(direct, byte_view(k_out), byte_view(v_out))
@@ -460,8 +519,7 @@ class TierManager:
         # Each slot's logical position and owner (the chunk's row), for the whole group at once.
         lengths = torch.tensor([c.length for c in group])
         owners = torch.repeat_interleave(torch.tensor([c.row for c in group]), lengths, output_size=n)
-        first = torch.tensor([c.start for c in group]) - (lengths.cumsum(0) - lengths)  # start - offset in group
-        positions = torch.repeat_interleave(first, lengths, output_size=n) + torch.arange(n)
+        positions = group_positions(group)
         try:
             run = _as_run(slots)
             if run is not None:  # fresh slots in a row (the usual case): decode straight into the arena
