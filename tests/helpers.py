@@ -1,6 +1,10 @@
-"""Helpers for the parity tests: padded batches and a teacher-forced step loop."""
+"""Helpers for the tests: padded batches, a teacher-forced step loop, the command line run in-process."""
 
 from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
 
 import torch
 from transformers import DynamicCache
@@ -72,3 +76,17 @@ def step_logits_continue(model, cache, mask, toks):
     pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=toks[-1], attention_mask=full_mask, position_ids=pos[:, -1:], use_cache=True, **{kw: cache})
     return out.logits
+
+
+def cli_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`kvtier *args` run by `kvtier.cli.main` in this process: no interpreter start-up and torch import (seconds
+    each) for a command whose process of its own proves nothing more."""
+    from kvtier.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import cli_in_process
 
 
 def _kvtier(*args: str) -> subprocess.CompletedProcess:
@@ -201,7 +202,7 @@ def test_speed_run_skips_contexts_past_its_time_limit():
 @pytest.mark.parametrize("args", [["exact", "--contexts", "0"], ["exact", "--steps", "-1"], ["speed", "--contexts", "x"],
                                   ["hogwild", "--workers", "0"], ["hogwild", "--warmup", "-1"]])
 def test_bench_refuses_bad_counts_in_one_line(args):
-    out = _kvtier("bench", *args)
+    out = cli_in_process(["bench", *args])
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert [line for line in out.stderr.splitlines() if "error:" in line][0].startswith(f"kvtier bench {args[0]}: error:")
 

@@ -1,9 +1,8 @@
-"""`kvtier qa` and `kvtier inspect` through the real entry point, on a tiny model with a real tokenizer."""
+"""`kvtier qa` and `kvtier inspect` on a tiny model with a real tokenizer: most commands through `kvtier.cli.main` in
+this process, some through the installed entry point in a process of their own."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_model
+from helpers import cli_in_process
 from tiny import save_tiny_model
 
 import kvtier as kvtier_package
@@ -23,10 +23,20 @@ from kvtier import KVTierCache, KVTierConfig, ModelSpec, cache_argument, parse_b
 DOC = " ".join(["The pass key is 71432. Remember it."] + ["The grass is green and the sky is blue."] * 120)
 
 
-def kvtier(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def kvtier_process(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`kvtier *args` through the installed entry point, in a process of its own."""
     exe = shutil.which("kvtier")
     cmd = [exe, *args] if exe else [sys.executable, "-m", "kvtier.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, input=stdin, env=env)
+
+
+def kvtier(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`kvtier *args`: in this process (`_in_process`) unless it needs its own standard input or environment.
+    Each process of its own pays an interpreter start and the torch and transformers imports (seconds); the
+    entry point itself is run as a process by `test_version` and `test_qa_prefills_once_then_reopens`."""
+    if stdin is not None or env is not None:
+        return kvtier_process(*args, stdin=stdin, env=env)
+    return cli_in_process(list(args))
 
 
 @pytest.fixture(scope="module")
@@ -55,25 +65,11 @@ def _tree(*roots: Path, modes: bool = True) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _in_process(args: list[str]) -> subprocess.CompletedProcess:
-    """`kvtier *args` run by `kvtier.cli.main` in this process: a refusal costs no interpreter start-up and torch
-    import (seconds each); `kvtier()` runs the real entry point where that matters."""
-    from kvtier.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
 def _refused(args: list[str], text: str, watch: list[Path], env: dict | None = None, modes: bool = True) -> None:
     """`kvtier *args` fails with one line naming `text`, exit code 2, and creates or changes nothing in `watch`
     (with `env`: in a process of its own, with that environment)."""
     before = _tree(*watch, modes=modes)
-    _one_error_line(kvtier(*args, env=env) if env is not None else _in_process(args), text)
+    _one_error_line(kvtier(*args, env=env), text)
     assert _tree(*watch, modes=modes) == before, f"{args} changed files it should not have"
 
 
@@ -81,7 +77,7 @@ def _all_refused(cases: list[tuple[list[str], str]], watch: list[Path]) -> None:
     """`_refused` for many commands."""
     before = _tree(*watch)
     for args, text in cases:
-        _one_error_line(_in_process(args), text)
+        _one_error_line(cli_in_process(args), text)
     assert _tree(*watch) == before, "a refused command changed files it should not have"
 
 
@@ -101,11 +97,11 @@ def test_qa_prefills_once_then_reopens(tiny, tmp_path):
     store = tmp_path / "store"
     args = ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--store", str(store),
             "--device-budget", "200", "--max-new-tokens", "6", "--question", "What is the pass key?"]
-    first = kvtier(*args)
+    first = kvtier_process(*args)
     assert first.returncode == 0, first.stderr
     assert "prefilling" in first.stderr and "prefill" in first.stderr and "tok/s" in first.stderr
     assert "context" in first.stderr and "first token" in first.stderr and "tiers device" in first.stderr
-    second = kvtier(*args)
+    second = kvtier_process(*args)
     assert second.returncode == 0, second.stderr
     assert "prefilling" not in second.stderr
     # a reopened question's time to first token counts the reopening: "first token T s (reopen R s + A s)"
@@ -158,7 +154,7 @@ def test_qa_shared_selection(tiny, tmp_path):
 
 
 def test_version():
-    out = kvtier("--version")
+    out = kvtier_process("--version")
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     version = re.search(r'^version = "([^"]+)"', pyproject, flags=re.MULTILINE).group(1)
     assert out.returncode == 0 and out.stdout.strip() == f"kvtier {version}" == f"kvtier {kvtier_package.__version__}"
