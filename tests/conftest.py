@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # helpers importable as `from he
 from redis_server import private_redis, redis_base, redis_url  # noqa: E402,F401 - fixtures for the remote tier
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one process per core already: a second torch thread only competes
+    torch.set_num_threads(1)
 tf.logging.set_verbosity_error()
 
 VOCAB = 128
