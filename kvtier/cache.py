@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache
 from . import session
 from .attention import enable
 from .config import KVTierConfig
-from .errors import CacheInputError, CacheThreadError, StoreError, StoreMismatchError, UnsupportedModelError
+from .errors import CacheInputError, CacheThreadError, StoreError, StoreMismatchError, UnsupportedModelError, brief
 from .guard import ForwardGuard
 from .handle import KVHandle
 from .layers import SlidingLayer, TieredLayer
@@ -86,14 +86,14 @@ class KVTierCache(Cache):
             raise TypeError(f"config must be a kvtier.KVTierConfig (or pass its fields as keyword options), got "
                             f"{type(config).__name__}")
         if not isinstance(overwrite, bool):
-            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+            raise TypeError(f"overwrite must be True or False, got {brief(overwrite)}")
         self.config = config if config is not None else KVTierConfig(**budgets_in_tokens(options, spec))
         self.spec = spec
         self.dtype = spec.dtype
         try:
             self.device = torch.device(device) if device is not None else torch.device("cpu")
         except (RuntimeError, TypeError):
-            raise CacheInputError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+            raise CacheInputError(f"device={brief(device)} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise CacheInputError(f"device={self.device} was asked for, but CUDA is not available")
         self._signature = bytes.fromhex(spec.signature)
@@ -148,7 +148,7 @@ class KVTierCache(Cache):
         """
         spec = ModelSpec.from_model(model)
         if not isinstance(overwrite, bool):
-            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+            raise TypeError(f"overwrite must be True or False, got {brief(overwrite)}")
         config = KVTierConfig(**budgets_in_tokens(options, spec))
         enable(model)
         cache = cls(spec, config, device=_model_device(model), overwrite=overwrite)
@@ -174,7 +174,7 @@ class KVTierCache(Cache):
         RemoteStoreError when a server cannot be reached or fails.
         """
         if not isinstance(path, (str, Path)) or not str(path):
-            raise TypeError(f"KVTierCache.open(path, model) takes a store directory or a redis:// URL, got {path!r}")
+            raise TypeError(f"KVTierCache.open(path, model) takes a store directory or a redis:// URL, got {brief(path)}")
         spec = ModelSpec.from_model(model)
         options = budgets_in_tokens(options, spec)  # a bad budget fails before the store is touched
         disk: RecordStore
@@ -370,7 +370,7 @@ class KVTierCache(Cache):
     def _check_inputs(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> None:
         if not is_int(layer_idx) or not 0 <= layer_idx < len(self.layers):
             raise CacheInputError(f"layer_idx must be an int in [0, {len(self.layers)}) (this cache has "
-                                  f"{len(self.layers)} layers), got {layer_idx!r}")
+                                  f"{len(self.layers)} layers), got {brief(layer_idx)}")
         if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
             raise CacheInputError("key_states and value_states must be tensors")
         if k.dtype != self.dtype or v.dtype != self.dtype:
@@ -438,7 +438,7 @@ class KVTierCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if not is_int(repeats) or repeats < 1:
-            raise CacheInputError(f"batch_repeat_interleave() takes an int >= 1, got {repeats!r}")
+            raise CacheInputError(f"batch_repeat_interleave() takes an int >= 1, got {brief(repeats)}")
         batch = self.batch_size
         if batch > 0:
             self._select_rows(torch.arange(batch).repeat_interleave(repeats))
@@ -454,7 +454,7 @@ class KVTierCache(Cache):
         try:
             index = torch.as_tensor(index)
         except (TypeError, ValueError, RuntimeError):
-            raise CacheInputError(f"{what}() takes a 1-D tensor of row indices, got {index!r}") from None
+            raise CacheInputError(f"{what}() takes a 1-D tensor of row indices, got {brief(index)}") from None
         batch = self.batch_size
         if masks and index.dtype == torch.bool:
             if index.dim() != 1 or (batch > 0 and index.shape[0] != batch):
@@ -484,7 +484,7 @@ class KVTierCache(Cache):
         self._check_thread("crop()")
         if not is_int(max_length):
             raise CacheInputError(f"crop() takes an int (negative: tokens to drop from the end; positive: tokens to "
-                                  f"keep), got {max_length!r}")
+                                  f"keep), got {brief(max_length)}")
         length = self.get_seq_length()
         target = length + max_length if max_length < 0 else (length if max_length == 0 else max_length)
         target = max(0, target)
@@ -598,7 +598,7 @@ class KVTierCache(Cache):
         self._check_open()
         self._check_thread("reserve()")
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-            raise CacheInputError(f"reserve() takes a token count (an int >= 0), got {tokens!r}")
+            raise CacheInputError(f"reserve() takes a token count (an int >= 0), got {brief(tokens)}")
         for pool in self.tiers.device_pools.values():
             pool.reserve(tokens)
 

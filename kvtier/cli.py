@@ -8,22 +8,11 @@ import importlib
 import sys
 
 from . import __version__
+from .errors import printable
 
 # benchmark name -> module under kvtier.bench with a `main(argv)`
 BENCHMARKS = {"exact": "exact", "codec": "codec", "speed": "speed", "quality": "quality", "kernels": "kernels",
               "hogwild": "hogwild", "tim": "tim", "span": "span", "remote": "remote"}
-
-
-def printable(value: object) -> str:
-    """`value` as text safe for a terminal: control and other non-printing characters become escapes.
-
-    Paths, model ids and a session's `info` come from users; printed raw, an escape sequence in one of
-    them would drive the terminal (colours, titles, cursor moves) instead of being shown.
-    """
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def error_line(exc: BaseException) -> str:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import brief
+
 MODES = ("exact", "sparse")
 # A record header holds a length in 32 bits: no chunk, window or table of a store is longer (kvtier.store.codec)
 MAX_RECORD_TOKENS = 2**32 - 1
@@ -22,7 +24,7 @@ def _check_int(name: str, value: Any, low: int, allow_none: bool = False, high: 
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         extra = " or None" if allow_none else ""
         allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"`{name}` must be an integer {allowed}{extra}, got {value!r}")
+        raise ValueError(f"`{name}` must be an integer {allowed}{extra}, got {brief(value)}")
 
 
 @dataclass
@@ -117,7 +119,7 @@ class KVTierConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
-                raise ValueError(f"`{f.name}` must be True or False, got {getattr(self, f.name)!r}")
+                raise ValueError(f"`{f.name}` must be True or False, got {brief(getattr(self, f.name))}")
         # imported here: kvtier.sizes needs the model spec, whose imports need this module
         from .sizes import parse_size
 
@@ -136,7 +138,7 @@ class KVTierConfig:
                     "it with kvtier.parse_budget(text, ModelSpec.from_model(model))"
                 )
         if self.mode not in MODES:
-            raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
+            raise ValueError(f"`mode` must be one of {MODES}, got {brief(self.mode)}")
         # chunking sizes become record lengths, and a record header holds a length in 32 bits
         _check_int("chunk_size", self.chunk_size, 1, high=MAX_RECORD_TOKENS)
         _check_int("page_size", self.page_size, 1, high=MAX_RECORD_TOKENS)
@@ -163,12 +165,12 @@ class KVTierConfig:
         ):
             raise ValueError(
                 f"`sparse_budget` must be an integer >= 1 (tokens) or a float in (0, 1] (fraction of the context), "
-                f"got {self.sparse_budget!r}"
+                f"got {brief(self.sparse_budget)}"
             )
         from .sparse.select import SELECTORS
 
         if self.selector not in SELECTORS:
-            raise ValueError(f"`selector` must be one of {sorted(SELECTORS)}, got {self.selector!r}")
+            raise ValueError(f"`selector` must be one of {sorted(SELECTORS)}, got {brief(self.selector)}")
         _check_int("min_chunk_size", self.min_chunk_size, 1, high=MAX_RECORD_TOKENS)
         _check_int("max_chunk_size", self.max_chunk_size, 1, high=MAX_RECORD_TOKENS)
         if self.adaptive and not self.min_chunk_size <= self.chunk_size <= self.max_chunk_size:
@@ -182,7 +184,7 @@ class KVTierConfig:
         _check_int("prefetch_tokens", self.prefetch_tokens, 0)
         if (isinstance(self.lossy_below, bool) or not isinstance(self.lossy_below, (int, float))
                 or not math.isfinite(self.lossy_below) or self.lossy_below < 0):
-            raise ValueError(f"`lossy_below` must be a finite number >= 0, got {self.lossy_below!r}")
+            raise ValueError(f"`lossy_below` must be a finite number >= 0, got {brief(self.lossy_below)}")
         if self.lossy_disk and self.mode != "sparse":
             raise ValueError("`lossy_disk` needs mode='sparse': exact mode must stay exact")
         if self.max_store_bytes is not None and self.max_store_bytes < self.initial_map_bytes:

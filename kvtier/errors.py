@@ -3,6 +3,47 @@
 from __future__ import annotations
 
 
+def printable(value: object) -> str:
+    """`value` as text safe for a terminal: control and other non-printing characters become escapes.
+
+    Paths, model ids and a session's `info` come from users; printed raw, an escape sequence in one of
+    them would drive the terminal (colours, titles, cursor moves) instead of being shown.
+    """
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def brief_path(path: object, limit: int = 200) -> str:
+    """A path as messages show it: printable, and cut in the middle past `limit` characters (its start and its
+    file name kept), so a path built by mistake or by an attacker never makes a message span lines or pages."""
+    text = printable(path)
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return f"{text[:head]}...{text[len(text) - (limit - head - 3):]}"
+
+
+def brief(value: object, limit: int = 80) -> str:
+    """How a message shows a value it refuses: one short line whatever the caller passed (an array or tensor by
+    its type, dtype and shape, an object whose repr spans lines by its type, any other repr cut to `limit`
+    characters), so a model, a tensor or a megabyte of text never floods the error."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is not None and dtype is not None and not isinstance(value, (str, bytes, type)):
+        try:
+            return f"a {type(value).__name__} of dtype {str(dtype).removeprefix('torch.')} and shape {tuple(shape)}"
+        except Exception:  # noqa: BLE001 - a shape that is not a sequence: fall back to the type below
+            pass
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a repr that fails (an int too long to print, a broken __repr__)
+        text = "\n"
+    if "\n" in text or "\r" in text:
+        return f"a {type(value).__name__} object"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class KVTierError(Exception):
     """Base class of every error kvtier raises on purpose."""
 

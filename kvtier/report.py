@@ -64,7 +64,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     finally:
         disk.close()
     out: dict[str, Any] = {
-        "path": disk.where,
+        "path": disk.where if server is not None else str(disk.path),
         "layout_version": header.get("layout_version"),
         "model": header.get("structure", {}),
         "signature": header.get("signature"),

@@ -28,7 +28,7 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError, brief
 
 SUPPORTED = ("default", "linear", "llama3", "yarn")  # static frequencies: moving a position is one rotation
 # Families whose pairs are adjacent channels (their rotary module or apply_rotary_pos_emb interleaves).
@@ -182,7 +182,7 @@ def _check_positions(x: object, positions: object, name: str) -> None:
         except TypeError:
             value = None
         if value is None:
-            raise ValueError(f"{name} must be an int or an integer tensor, got {positions!r}")
+            raise ValueError(f"{name} must be an int or an integer tensor, got {brief(positions)}")
         if abs(value) > _MAX_POSITION:
             raise ValueError(f"{name} {value} is out of range (at most 2**62 either way)")
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import brief
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -69,15 +71,15 @@ def _is_number(x: object) -> bool:
 def check_sampling(do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int | None = None) -> None:
     """ValueError naming the argument and its allowed range."""
     if not isinstance(do_sample, bool):
-        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+        raise ValueError(f"do_sample must be True or False, got {brief(do_sample)}")
     if do_sample and not (_is_number(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {brief(temperature)}")
     if not (_is_number(top_p) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise ValueError(f"top_p must be in (0, 1], got {brief(top_p)}")
     if not is_int(top_k) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {top_k!r}")
+        raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {brief(top_k)}")
     if seed is not None and (not is_int(seed) or not -(2**63) <= seed < 2**64):
-        raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {seed!r}")
+        raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {brief(seed)}")
 
 
 def vocab_size(model: torch.nn.Module) -> int | None:
@@ -95,7 +97,7 @@ def check_token(token: object, vocab: int | None, what: str) -> int:
         tid = None
     if tid is None or tid < 0 or (vocab is not None and tid >= vocab):
         allowed = f"[0, {vocab})" if vocab is not None else ">= 0"
-        raise ValueError(f"{what} must be a token id (an int in {allowed}), got {token!r}")
+        raise ValueError(f"{what} must be a token id (an int in {allowed}), got {brief(token)}")
     return tid
 
 
@@ -116,5 +118,5 @@ def eos_ids(model: torch.nn.Module, tokenizer, given: int | Sequence[int] | None
     if is_int(given):
         return {check_token(given, vocab, "eos_token_id")}
     if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
-        raise ValueError(f"eos_token_id must be a token id, a list of them, [] for none, or None, got {given!r}")
+        raise ValueError(f"eos_token_id must be a token id, a list of them, [] for none, or None, got {brief(given)}")
     return {check_token(t, vocab, "each eos_token_id") for t in given}

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .cache import KVTierCache, cache_argument
+from .errors import brief
 from .sampling import integer_dtype
 
 
@@ -41,7 +42,7 @@ def prefill(
     if not isinstance(cache, KVTierCache):
         raise TypeError(f"prefill() fills a KVTierCache (KVTierCache.for_model(model)), got {type(cache).__name__}")
     if isinstance(segment_tokens, bool) or not isinstance(segment_tokens, int) or segment_tokens < 1:
-        raise ValueError(f"`segment_tokens` must be an int >= 1, got {segment_tokens!r}")
+        raise ValueError(f"`segment_tokens` must be an int >= 1, got {brief(segment_tokens)}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or not integer_dtype(input_ids):
         raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got {_described(input_ids)}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:

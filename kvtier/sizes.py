@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .config import TOKEN_BUDGETS
+from .errors import brief
 from .model_spec import FULL, ModelSpec
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -47,7 +48,7 @@ def split_budget(text: str) -> tuple[Fraction, str]:
     """
     parsed = _number_and_unit(text)
     if parsed is None:
-        raise ValueError(f"budget {text!r}: write a number of tokens (8192) or a size (8GiB, 512MB)")
+        raise ValueError(f"budget {brief(text)}: write a number of tokens (8192) or a size (8GiB, 512MB)")
     return parsed
 
 
@@ -77,7 +78,7 @@ def parse_size(text: str | int) -> int:
         return text
     parsed = _number_and_unit(text)
     if parsed is None:
-        raise ValueError(f"size {text!r}: write a number of bytes (1048576) or a size (64GiB, 512MB)")
+        raise ValueError(f"size {brief(text)}: write a number of bytes (1048576) or a size (64GiB, 512MB)")
     number, unit = parsed
     return int(number * _UNITS[unit])
 
@@ -112,7 +113,7 @@ def parse_sparse_budget(text: str) -> int | float:
         value = 0
     if isinstance(value, int) and value >= 1 or isinstance(value, float) and 0.0 < value <= 1.0:
         return value
-    raise ValueError(f"{text!r} is not a sparse budget: write tokens per step (256), a share of the context "
+    raise ValueError(f"{brief(text)} is not a sparse budget: write tokens per step (256), a share of the context "
                      "in (0, 1] (0.05) or a percentage (5%)")
 
 

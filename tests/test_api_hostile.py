@@ -437,3 +437,33 @@ def test_eos_ids_take_numpy_and_torch_ids_as_ints(given, want):
     for bad in (torch.tensor(2.0), torch.tensor(True), np.array([[1]]), torch.tensor(64)):
         with pytest.raises(ValueError, match="token id"):
             eos_ids(model, None, bad)
+
+
+# ------------------------------------------------------------------------------------- what a message shows
+HUGE = [-(10**5000), "x" * 1_000_000, torch.ones(64, 64), "line one\nline two"]
+
+
+def test_a_refused_value_is_shown_on_one_short_line_whatever_it_is(llama, chat_model, tmp_path):
+    """A model, a tensor, a megabyte of text or an int too long to print (negative: refused everywhere), passed
+    where kvtier wants something
+    else: the error still names the argument on one short line (a repr would print the model's modules, a
+    tensor's rows, the whole text, or fail)."""
+    calls = [
+        lambda bad: KVTierCache.open(bad, llama),
+        lambda bad: KVTierCache.for_model(llama, mode=bad),
+        lambda bad: KVTierCache.for_model(llama, chunk_size=bad),
+        lambda bad: KVTierCache.for_model(llama, device_budget=bad),
+        lambda bad: KVTierCache.for_model(llama, device=bad),
+        lambda bad: _filled(llama).reserve(bad),
+        lambda bad: prefill(llama, KVTierCache.for_model(llama), IDS, segment_tokens=bad),
+        lambda bad: hogwild_generate(chat_model, TOK, "p", workers=bad),
+        lambda bad: hogwild_generate(chat_model, TOK, "p", answer_pattern="(" + bad if isinstance(bad, str) else bad),
+        lambda bad: tim_generate(chat_model, TOK, "p", prune_buffer=bad),
+        lambda bad: PruneBuffer(bad),
+    ]
+    for call in calls:
+        for bad in [llama, *HUGE]:
+            with pytest.raises((kvtier.KVTierError, ValueError, TypeError)) as info:
+                call(bad)
+            message = str(info.value)
+            assert "\n" not in message and len(message) < 600, (call, type(bad), message[:800])

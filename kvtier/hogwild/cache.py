@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache
 from ..attention import enable
 from ..cache import KVTierCache, cache_argument
 from ..config import MAX_RECORD_TOKENS
-from ..errors import CacheInputError, StoreError, UnsupportedModelError
+from ..errors import CacheInputError, StoreError, UnsupportedModelError, brief
 from ..handle import KVHandle
 from ..model_spec import SLIDING, ModelSpec
 from ..rope import Rope
@@ -55,9 +55,9 @@ class HogwildCache(Cache):
     def __init__(self, model: torch.nn.Module, workers: int, *, step_capacity: int = 64, **history_options: Any):
         if not is_int(workers) or not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be an int in [1, {MAX_WORKERS}] (each worker's view holds every other "
-                             f"worker's step, so a step's attention grows as workers squared), got {workers!r}")
+                             f"worker's step, so a step's attention grows as workers squared), got {brief(workers)}")
         if not is_int(step_capacity) or not 1 <= step_capacity <= MAX_RECORD_TOKENS:
-            raise ValueError(f"step_capacity must be an int in [1, {MAX_RECORD_TOKENS}], got {step_capacity!r}")
+            raise ValueError(f"step_capacity must be an int in [1, {MAX_RECORD_TOKENS}], got {brief(step_capacity)}")
         try:
             ropes = Rope.for_layers(model)
         except UnsupportedModelError as err:
@@ -220,7 +220,7 @@ class HogwildCache(Cache):
         self._check_idle("view_kv()")
         self._check_worker(worker)
         if not is_int(layer_idx) or not 0 <= layer_idx < len(self.layers):
-            raise CacheInputError(f"layer_idx must be an int in [0, {len(self.layers)}), got {layer_idx!r}")
+            raise CacheInputError(f"layer_idx must be an int in [0, {len(self.layers)}), got {brief(layer_idx)}")
         return self.layers[layer_idx].view_kv(self.layout, worker)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, target: Target) -> torch.Tensor:
@@ -240,14 +240,14 @@ class HogwildCache(Cache):
     def _check_worker(self, worker: object) -> None:
         if not is_int(worker) or not 0 <= worker < self.workers:
             raise CacheInputError(f"worker must be an int in [0, {self.workers}) (this cache has {self.workers} "
-                                  f"workers), got {worker!r}")
+                                  f"workers), got {brief(worker)}")
 
     def _token_ids(self, ids: TokenIds, what: str) -> torch.Tensor:
         """`ids` as a long tensor on the device, refused unless they are integer ids the model can embed."""
         try:
             t = torch.as_tensor(ids)
         except (TypeError, ValueError, RuntimeError):
-            raise CacheInputError(f"{what} takes token ids (a list or tensor of ints), got {ids!r}") from None
+            raise CacheInputError(f"{what} takes token ids (a list or tensor of ints), got {brief(ids)}") from None
         if t.numel() and not integer_dtype(t):
             raise CacheInputError(f"{what} takes integer token ids, got {str(t.dtype).removeprefix('torch.')} "
                                   f"values {t.flatten()[:8].tolist()}")

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..chat import apply_chat_template, has_chat_template
+from ..errors import brief
 
 DEFAULT_NAMES = ("Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi")
 
@@ -121,27 +122,27 @@ class CollaborationTemplate:
         for name in ("rules", "problem_format", "history_intro", "others_header", "own_header", "step_prefix",
                      "check_in", "yes", "no", "finisher"):
             if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a str, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be a str, got {brief(getattr(self, name))}")
         if not isinstance(self.use_chat_template, bool):
-            raise ValueError(f"use_chat_template must be True or False, got {self.use_chat_template!r}")
+            raise ValueError(f"use_chat_template must be True or False, got {brief(self.use_chat_template)}")
         if self.names is not None:
             if isinstance(self.names, str) or not isinstance(self.names, Sequence):
-                raise ValueError(f"names must be a list of names, one per worker, got {self.names!r}")
+                raise ValueError(f"names must be a list of names, one per worker, got {brief(self.names)}")
             names = tuple(self.names)
             if not names or any(not isinstance(n, str) or not n.strip() for n in names):
-                raise ValueError(f"names must be non-empty strings, got {list(self.names)!r}")
+                raise ValueError(f"names must be non-empty strings, got {brief(list(self.names))}")
             if len(set(names)) != len(names):
-                raise ValueError(f"names must differ from one another, got {list(names)!r}")
+                raise ValueError(f"names must differ from one another, got {brief(list(names))}")
             self._names = names
         for name, keys in FORMAT_KEYS.items():
             _check_format(name, getattr(self, name), keys)
         if not self.yes or not self.no or self.yes == self.no:
-            raise ValueError(f"yes and no must be two different non-empty strings, got {self.yes!r}, {self.no!r}")
+            raise ValueError(f"yes and no must be two different non-empty strings, got {brief(self.yes)}, {self.no!r}")
 
     def worker_names(self, workers: int) -> list[str]:
         """One name per worker."""
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+            raise ValueError(f"workers must be an int >= 1, got {brief(workers)}")
         if self._names:
             if len(self._names) < workers:
                 raise ValueError(f"names has {len(self._names)} names for {workers} workers")

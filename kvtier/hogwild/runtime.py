@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..errors import brief
 from ..sampling import Sampling, check_sampling, eos_ids, is_int
 from .cache import HogwildCache
 from .layout import MAX_WORKERS
@@ -152,14 +153,14 @@ def generate(model: torch.nn.Module, tokenizer, problem: str, *, workers: int = 
                         f"{type(history_options).__name__}")
     pattern = None
     if answer_pattern is not None and not isinstance(answer_pattern, str):
-        raise TypeError(f"answer_pattern must be a regular expression (str) or None, got {answer_pattern!r}")
+        raise TypeError(f"answer_pattern must be a regular expression (str) or None, got {brief(answer_pattern)}")
     if answer_pattern is not None:
         try:
             pattern = re.compile(answer_pattern, re.S)
         except re.error as err:
-            raise ValueError(f"answer_pattern {answer_pattern!r} is not a regular expression ({err})") from None
+            raise ValueError(f"answer_pattern {brief(answer_pattern)} is not a regular expression ({err})") from None
         if pattern.search("") is not None:
-            raise ValueError(f"answer_pattern {answer_pattern!r} matches empty text, so every run would stop at its "
+            raise ValueError(f"answer_pattern {brief(answer_pattern)} matches empty text, so every run would stop at its "
                              "first token with an empty answer; it must need at least one character")
     sampling = Sampling.from_options(do_sample, temperature, top_p, top_k, seed, next(model.parameters()).device)
     opts = _Options(max_new_tokens, check_in_every, finisher_tokens, finisher_worker, pattern,
@@ -396,16 +397,16 @@ def _check(workers, max_new_tokens, do_sample, temperature, top_p, top_k, check_
            finisher_worker, seed) -> None:
     """ValueError naming the argument and its allowed range, before anything runs."""
     if not is_int(workers) or not 1 <= workers <= MAX_WORKERS:
-        raise ValueError(f"workers must be an int in [1, {MAX_WORKERS}], got {workers!r}")
+        raise ValueError(f"workers must be an int in [1, {MAX_WORKERS}], got {brief(workers)}")
     if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {brief(max_new_tokens)}")
     if max_new_tokens < workers:  # the first round (every worker's first token) would pass it: nobody writes
         raise ValueError(f"max_new_tokens {max_new_tokens} is fewer than the {workers} workers: it counts all their "
                          "tokens together, and each worker needs at least 1")
     check_sampling(do_sample, temperature, top_p, top_k, seed)
     if check_in_every is not None and (not is_int(check_in_every) or check_in_every < 0):
-        raise ValueError(f"check_in_every must be an int >= 1, or 0 / None for no check-in, got {check_in_every!r}")
+        raise ValueError(f"check_in_every must be an int >= 1, or 0 / None for no check-in, got {brief(check_in_every)}")
     if not is_int(finisher_tokens) or finisher_tokens < 0:
-        raise ValueError(f"finisher_tokens must be an int >= 0, got {finisher_tokens!r}")
+        raise ValueError(f"finisher_tokens must be an int >= 0, got {brief(finisher_tokens)}")
     if not is_int(finisher_worker) or not 0 <= finisher_worker < workers:
-        raise ValueError(f"finisher_worker must be a worker index in 0..{workers - 1}, got {finisher_worker!r}")
+        raise ValueError(f"finisher_worker must be a worker index in 0..{workers - 1}, got {brief(finisher_worker)}")

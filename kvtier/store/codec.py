@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import zstandard
 
-from ..errors import StoreCorruptError, StoreMismatchError
+from ..errors import StoreCorruptError, StoreMismatchError, brief
 from .chunk import chunk_name
 
 LAYOUT_VERSION = 3
@@ -64,7 +64,7 @@ def check_zstd_level(level: object, name: str = "zstd_level") -> None:
     if isinstance(level, bool) or not isinstance(level, int) or not MIN_ZSTD_LEVEL <= level <= MAX_ZSTD_LEVEL \
             or level == 0:
         raise ValueError(f"`{name}` must be an integer in [1, {MAX_ZSTD_LEVEL}] or a fast level in "
-                         f"[{MIN_ZSTD_LEVEL}, -1], got {level!r}")
+                         f"[{MIN_ZSTD_LEVEL}, -1], got {brief(level)}")
 
 
 _HEADER = struct.Struct("<4sHHBxxxIQQIIIIQQ16s16s")

@@ -38,6 +38,7 @@ from ..errors import (
     StoreLockedError,
     StoreMismatchError,
     StoreNotFoundError,
+    brief_path,
 )
 from .backend import RecordStore
 from .lmdb_check import check_lmdb_file
@@ -257,14 +258,14 @@ class DiskStore(RecordStore):
         if not self.path.is_dir():
             if not create and not self.path.exists():
                 broken = " (a symbolic link to nothing)" if self.path.is_symlink() else ""
-                raise StoreNotFoundError(f"no kvtier store at {self.path}{broken}")
-            raise StoreError(f"kvtier store path {self.path} exists and is not a directory")
+                raise StoreNotFoundError(f"no kvtier store at {self.where}{broken}")
+            raise StoreError(f"kvtier store path {self.where} exists and is not a directory")
         if os.path.lexists(self.path / LOCK_FILE):
             return
         if not create:
-            raise StoreNotFoundError(f"no kvtier store at {self.path} (the directory holds no {LOCK_FILE})")
+            raise StoreNotFoundError(f"no kvtier store at {self.where} (the directory holds no {LOCK_FILE})")
         if any(self.path.iterdir()):
-            raise StoreError(f"{self.path} is not empty and is not a kvtier store; choose a new or empty directory")
+            raise StoreError(f"{self.where} is not empty and is not a kvtier store; choose a new or empty directory")
         os.chmod(self.path, _DIR_MODE)  # an empty directory becomes a store: owner-only, like a new one
 
     def _acquire_lock(self) -> int:
@@ -293,11 +294,11 @@ class DiskStore(RecordStore):
                 holder = _lock_holder(fd)
                 if holder == os.getpid():
                     raise StoreLockedError(
-                        f"kvtier store {self.path} is already open in this process (another KVTierCache or store "
+                        f"kvtier store {self.where} is already open in this process (another KVTierCache or store "
                         "holds it); close that one first, or use another store_path"
                     ) from None
                 raise StoreLockedError(
-                    f"kvtier store {self.path} is already open (holder pid {holder or 'unknown'}); close the other "
+                    f"kvtier store {self.where} is already open (holder pid {holder or 'unknown'}); close the other "
                     "cache or process first, or use another store_path"
                 ) from None
             if not self.readonly:
@@ -309,16 +310,16 @@ class DiskStore(RecordStore):
         return fd
 
     def _link_error(self, name: str) -> StoreCorruptError:
-        return StoreCorruptError(f"kvtier store {self.path}: {name} is a symbolic link; kvtier never follows "
+        return StoreCorruptError(f"kvtier store {self.where}: {name} is a symbolic link; kvtier never follows "
                                  "links inside a store (replace the store)")
 
     def _hard_link_error(self, name: str, links: int) -> StoreCorruptError:
-        return StoreCorruptError(f"kvtier store {self.path}: {name} is a hard link ({links} names for one file); "
+        return StoreCorruptError(f"kvtier store {self.where}: {name} is a hard link ({links} names for one file); "
                                  "kvtier never writes to a file that also lives outside the store (copy the store "
                                  "without hard links, or open it read-only)")
 
     def _odd_file_error(self, name: str) -> StoreCorruptError:
-        return StoreCorruptError(f"kvtier store {self.path}: {name} is not a regular file")
+        return StoreCorruptError(f"kvtier store {self.where}: {name} is not a regular file")
 
     def _check_files(self, wipe: bool) -> int:
         """Refuse links and odd files; with `wipe`, remove LMDB's files; else check data.mdb's structure.
@@ -339,12 +340,12 @@ class DiskStore(RecordStore):
         data = self.path / DATA_FILE
         if self.readonly and (not data.exists() or data.stat().st_size == 0):  # LMDB has not written it yet
             raise IncompleteSessionError(
-                f"kvtier store {self.path} was interrupted before its first commit (its {DATA_FILE} is "
+                f"kvtier store {self.where} was interrupted before its first commit (its {DATA_FILE} is "
                 f"{'empty' if data.exists() else 'missing'}); prefill again with overwrite=True"
             )
         if not data.exists():
             return 0
-        return check_lmdb_file(data, f"kvtier store {self.path} ({DATA_FILE})").used_bytes
+        return check_lmdb_file(data, f"kvtier store {self.where} ({DATA_FILE})").used_bytes
 
     def _open_env(self, map_bytes: int) -> None:
         """map_bytes: at least what the data file's pages need (not its apparent size: a sparse file may claim
@@ -385,7 +386,7 @@ class DiskStore(RecordStore):
             return self.env.open_db(name, create=False)
         except lmdb.NotFoundError:
             raise IncompleteSessionError(
-                f"kvtier store {self.path} was interrupted before its first commit; prefill again with "
+                f"kvtier store {self.where} was interrupted before its first commit; prefill again with "
                 "overwrite=True"
             ) from None
 
@@ -398,8 +399,8 @@ class DiskStore(RecordStore):
             raise
         except OSError as exc:
             what = exc.strerror or type(exc).__name__
-            raise StoreError(f"kvtier store {self.path}: cannot {doing} ({what}"
-                             f"{': ' + str(exc.filename) if exc.filename else ''})") from None
+            raise StoreError(f"kvtier store {self.where}: cannot {doing} ({what}"
+                             f"{': ' + brief_path(exc.filename) if exc.filename else ''})") from None
 
     @contextlib.contextmanager
     def _lmdb_errors(self, doing: str):
@@ -409,14 +410,14 @@ class DiskStore(RecordStore):
         except lmdb.MapFullError:
             raise
         except _CORRUPT as exc:
-            raise StoreCorruptError(f"kvtier store {self.path} is damaged: {doing} failed ({exc})") from None
+            raise StoreCorruptError(f"kvtier store {self.where} is damaged: {doing} failed ({exc})") from None
         except lmdb.Error as exc:
-            raise StoreError(f"kvtier store {self.path}: {doing} failed ({exc})") from None
+            raise StoreError(f"kvtier store {self.where}: {doing} failed ({exc})") from None
 
     # ------------------------------------------------------------------------------------- records
     @property
     def where(self) -> str:
-        return str(self.path)
+        return brief_path(self.path)
 
     def get(self, key: bytes) -> bytes | None:
         """Thread-safe: reader threads call it concurrently."""
@@ -471,7 +472,7 @@ class DiskStore(RecordStore):
     # ---------------------------------------------------------------------------------------- meta
     def get_meta(self, name: str) -> Any | None:
         """A metadata entry (checked against its seal), or None if there is none."""
-        what = f"kvtier store {self.path}: metadata {name!r}"
+        what = f"kvtier store {self.where}: metadata {name!r}"
         with (self._lmdb_errors("read metadata"), self._resize_lock.shared(),
               self.env.begin(db=self._meta, buffers=True) as txn):
             view = txn.get(name.encode())
@@ -534,7 +535,7 @@ class DiskStore(RecordStore):
             if code == errno.EIO and room >= size + _NO_ROOM_SLACK:
                 raise
             raise StoreFullError(
-                f"kvtier store {self.path}: no room on the disk for a write{f' of {size} bytes' if size else ''} "
+                f"kvtier store {self.where}: no room on the disk for a write{f' of {size} bytes' if size else ''} "
                 f"({room} bytes left to the "
                 "store: its file system is full, or this process's file size limit reached); the failed write was "
                 "rolled back and the store is as it was. Free disk space, or move the store to a larger disk"
@@ -543,7 +544,7 @@ class DiskStore(RecordStore):
     def _write(self, fn, size: int = 0) -> None:
         """Run `fn(txn)` in one write transaction. size: about how many bytes it writes (for a full disk's error)."""
         if self.readonly:
-            raise StoreError(f"kvtier store {self.path} is open read-only")
+            raise StoreError(f"kvtier store {self.where} is open read-only")
         while True:
             try:
                 with (self._lmdb_errors("write"), self._room_errors(size), self._resize_lock.shared(),
@@ -561,7 +562,7 @@ class DiskStore(RecordStore):
             target = min(target, self.max_bytes)
         if target <= current:
             raise StoreFullError(
-                f"kvtier store {self.path} reached its size limit of {current} bytes (max_store_bytes); "
+                f"kvtier store {self.where} reached its size limit of {current} bytes (max_store_bytes); "
                 "the failed write was rolled back. Raise max_store_bytes or free disk space."
             )
         with self._os_errors("read the free disk space"):
@@ -569,7 +570,7 @@ class DiskStore(RecordStore):
         free = fs.f_bavail * fs.f_frsize
         if target - current > free + self._data_bytes():  # under the exclusive lock already
             raise StoreFullError(
-                f"kvtier store {self.path} is full and the disk has only {free} bytes free; "
+                f"kvtier store {self.where} is full and the disk has only {free} bytes free; "
                 "the failed write was rolled back"
             )
         with self._lmdb_errors("grow the map"):
@@ -586,7 +587,7 @@ class DiskStore(RecordStore):
                 there = None
         if held.st_nlink == 0 or there is None or (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino):
             gone = "removed" if held.st_nlink == 0 else "moved or replaced"
-            raise StoreError(f"kvtier store {self.path} was {gone} while this process had it open ({DATA_FILE} there "
+            raise StoreError(f"kvtier store {self.where} was {gone} while this process had it open ({DATA_FILE} there "
                              "is no longer its data file); the session is not saved: close the cache, and reopen or "
                              "prefill the store where it is now")
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from kvtier.errors import KVTierError
+from kvtier.errors import KVTierError, brief
 from kvtier.tim.schema import JSON_SEPARATORS, dump_json
 
 try:
@@ -135,7 +135,7 @@ class SchemaConstraint:
             raise ValueError(f"schema must be a JSON Schema dict, got {type(schema).__name__}")
         if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
                                        or vocab_size < 1):
-            raise ValueError(f"vocab_size must be None or an int >= 1, got {vocab_size!r}")
+            raise ValueError(f"vocab_size must be None or an int >= 1, got {brief(vocab_size)}")
         stops = tuple(int(i) for i in stop_token_ids) if stop_token_ids else None
         self._vocab = _vocab(tokenizer, vocab_size, stops)
         self.tokenizer = tokenizer

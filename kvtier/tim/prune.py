@@ -15,7 +15,7 @@ from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 
-from kvtier.errors import CacheInputError
+from kvtier.errors import CacheInputError, brief
 
 from .tracker import TokenSpan
 
@@ -46,7 +46,7 @@ class PruneBuffer:
 
     def __init__(self, size: int = 2):
         if type(size) is not int or size < 0:
-            raise CacheInputError(f"`size` must be an int >= 0 (0: prune each list when it closes), got {size!r}")
+            raise CacheInputError(f"`size` must be an int >= 0 (0: prune each list when it closes), got {brief(size)}")
         self.size = size
         self.pruned: list[PrunedList] = []
         self._buffer: deque[tuple[tuple[int, ...], TokenSpan]] = deque()
@@ -63,7 +63,7 @@ class PruneBuffer:
         takes away only what is left. `at_token` (default `body.end`, the token holding "]") is logged.
         """
         if not isinstance(body, TokenSpan):
-            raise CacheInputError(f"on_list_closed() takes the list's body as a TokenSpan, got {body!r}")
+            raise CacheInputError(f"on_list_closed() takes the list's body as a TokenSpan, got {brief(body)}")
         at = body.end if at_token is None else at_token
         self._buffer.append((tuple(path), body))
         out = []
@@ -106,7 +106,7 @@ class RemovedSpans:
     def position(self, index: int) -> int:
         """The current position of kept stream token `index` (its rank among kept tokens)."""
         if type(index) is not int:
-            raise CacheInputError(f"position() takes a stream token index (an int), got {index!r}")
+            raise CacheInputError(f"position() takes a stream token index (an int), got {brief(index)}")
         if index < 0 or index in self:
             raise CacheInputError(f"stream token {index} has no position: "
                                   f"{'it was removed' if index >= 0 else 'indices start at 0'}")
@@ -116,7 +116,7 @@ class RemovedSpans:
         """Record `span` as removed; returns the positions its not-yet-removed tokens held just before (a
         contiguous range, to cut from the cache now), or None when nothing of it was left."""
         if not isinstance(span, TokenSpan):
-            raise CacheInputError(f"remove() takes a TokenSpan, got {span!r}")
+            raise CacheInputError(f"remove() takes a TokenSpan, got {brief(span)}")
         first = span.start - self._removed_before(span.start)
         kept = span.length - (self._removed_before(span.end) - self._removed_before(span.start))
         if kept == 0:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..cache import KVTierCache, cache_argument
+from ..errors import brief
 from ..rope import Rope
 from ..sampling import Sampling, check_token, eos_ids, is_int, vocab_size
 from .prompts import encode_prompt
@@ -368,13 +369,13 @@ def _checked(choose: Callable[[torch.Tensor], int], vocab: int | None) -> Callab
 def _check(prune_buffer, max_depth, max_new_tokens, reencode, constrain, max_string_length) -> None:
     """ValueError naming the argument and its allowed range, before anything runs."""
     if not is_int(prune_buffer) or prune_buffer < 0:
-        raise ValueError(f"prune_buffer must be an int >= 0, got {prune_buffer!r}")
+        raise ValueError(f"prune_buffer must be an int >= 0, got {brief(prune_buffer)}")
     if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {brief(max_new_tokens)}")
     if not isinstance(reencode, bool):
-        raise ValueError(f"reencode must be True or False, got {reencode!r}")
+        raise ValueError(f"reencode must be True or False, got {brief(reencode)}")
     if constrain is not None and not isinstance(constrain, bool):
-        raise ValueError(f"constrain must be True, False or None (None: when xgrammar is installed), got {constrain!r}")
+        raise ValueError(f"constrain must be True, False or None (None: when xgrammar is installed), got {brief(constrain)}")
     check_limits(max_depth, max_string_length)
 
 

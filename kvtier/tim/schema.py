@@ -25,6 +25,8 @@ import copy
 import json
 from typing import TYPE_CHECKING, Any
 
+from ..errors import brief
+
 if TYPE_CHECKING:
     from kvtier.tim.tools import ToolRegistry
 
@@ -47,7 +49,7 @@ MAX_STRING_LENGTH = 2**31 - 1
 def check_limits(max_depth: object, max_string_length: object) -> None:
     """ValueError naming max_depth or max_string_length unless each is an int in its range (None: no string bound)."""
     if isinstance(max_depth, bool) or not isinstance(max_depth, int) or not 1 <= max_depth <= MAX_DEPTH:
-        raise ValueError(f"max_depth must be an int in [1, {MAX_DEPTH}], got {max_depth!r}")
+        raise ValueError(f"max_depth must be an int in [1, {MAX_DEPTH}], got {brief(max_depth)}")
     if max_string_length is not None and (isinstance(max_string_length, bool) or not isinstance(max_string_length, int)
                                           or not 1 <= max_string_length <= MAX_STRING_LENGTH):
         raise ValueError(f"max_string_length must be None or an int in [1, {MAX_STRING_LENGTH}], got "

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kvtier.errors import KVTierError
+from kvtier.errors import KVTierError, brief
 from kvtier.tim.schema import dump_json
 from kvtier.tim.tracker import TimFormatError, tool_result_text
 
@@ -57,7 +57,7 @@ class Tool:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not TOOL_NAME.fullmatch(self.name):
-            raise ToolSpecError(f"tool name must match {TOOL_NAME.pattern} (letters, digits, _ . -), got {self.name!r}")
+            raise ToolSpecError(f"tool name must match {TOOL_NAME.pattern} (letters, digits, _ . -), got {brief(self.name)}")
         if not isinstance(self.description, str):
             raise ToolSpecError(f"tool {self.name!r}: description must be a str, got {type(self.description).__name__}")
         _check_object_schema(self.name, self.parameters)
@@ -66,7 +66,7 @@ class Tool:
         if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
                                          or not 0 < self.timeout <= threading.TIMEOUT_MAX):
             raise ToolSpecError(f"tool {self.name!r}: timeout must be None or seconds in (0, {threading.TIMEOUT_MAX:g}]"
-                                f", got {self.timeout!r}")
+                                f", got {brief(self.timeout)}")
 
 
 def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None, description: str | None = None,
@@ -121,11 +121,11 @@ def _hint_schema(hint: Any, where: str) -> dict:
         return {"type": "array", "items": _hint_schema(args[0], where)} if args else {"type": "array"}
     if hint is dict or origin is dict:
         if args and args[0] is not str:
-            raise ToolSpecError(f"tool parameter {where}: JSON object keys are strings, got {hint!r}")
+            raise ToolSpecError(f"tool parameter {where}: JSON object keys are strings, got {brief(hint)}")
         return {"type": "object", "additionalProperties": _hint_schema(args[1], where)} if args else {"type": "object"}
     if origin is typing.Literal:
         if not all(isinstance(a, (str, int, float, bool)) or a is None for a in args):
-            raise ToolSpecError(f"tool parameter {where}: Literal values must be JSON scalars, got {hint!r}")
+            raise ToolSpecError(f"tool parameter {where}: Literal values must be JSON scalars, got {brief(hint)}")
         return {"enum": list(args)}
     if origin is typing.Union or origin is types.UnionType:
         return {"anyOf": [_hint_schema(a, where) for a in args]}
@@ -135,13 +135,13 @@ def _hint_schema(hint: Any, where: str) -> dict:
 
 def _check_object_schema(name: str, schema: Any) -> None:
     if not isinstance(schema, dict) or schema.get("type") != "object":
-        raise ToolSpecError(f"tool {name!r}: parameters must be a JSON Schema of type 'object', got {schema!r}")
+        raise ToolSpecError(f"tool {name!r}: parameters must be a JSON Schema of type 'object', got {brief(schema)}")
     props = schema.get("properties", {})
     if not isinstance(props, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in props.items()):
-        raise ToolSpecError(f"tool {name!r}: parameters.properties must map names to schemas, got {props!r}")
+        raise ToolSpecError(f"tool {name!r}: parameters.properties must map names to schemas, got {brief(props)}")
     required = schema.get("required", [])
     if not isinstance(required, list) or not all(isinstance(r, str) and r in props for r in required):
-        raise ToolSpecError(f"tool {name!r}: parameters.required must list names from properties, got {required!r}")
+        raise ToolSpecError(f"tool {name!r}: parameters.required must list names from properties, got {brief(required)}")
     try:
         dump_json(schema)
     except (TypeError, ValueError, RecursionError) as e:  # RecursionError: nested past what json can write
@@ -182,7 +182,7 @@ def schema_errors(value: Any, schema: dict, path: str = "parameters") -> str | N
     if "enum" in schema and not any(_same_json(value, e) for e in schema["enum"]):
         return f"{path}: {value!r} is not one of {schema['enum']!r}"
     if "const" in schema and not _same_json(value, schema["const"]):
-        return f"{path}: expected {schema['const']!r}, got {value!r}"
+        return f"{path}: expected {schema['const']!r}, got {brief(value)}"
     for key in ("anyOf", "oneOf"):
         if key in schema and all(schema_errors(value, s, path) is not None for s in schema[key]):
             return f"{path}: matches none of the allowed forms ({schema_errors(value, schema[key][0], path)})"
@@ -241,7 +241,7 @@ class ToolRegistry:
 
     def __init__(self, tools: Iterable[Tool | Callable[..., Any]] = ()) -> None:
         if isinstance(tools, (str, bytes, Tool)) or callable(tools) or not isinstance(tools, Iterable):
-            raise ToolSpecError(f"tools must be a list of Tools or functions, got {tools!r}")
+            raise ToolSpecError(f"tools must be a list of Tools or functions, got {brief(tools)}")
         self._tools: dict[str, Tool] = {}
         for t in tools:
             t = t if isinstance(t, Tool) else tool(t)

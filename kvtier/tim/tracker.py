@@ -43,7 +43,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvtier.errors import CacheInputError, KVTierError
+from kvtier.errors import CacheInputError, KVTierError, brief
 
 __all__ = ["Event", "FieldDone", "ListClosed", "TaskClosed", "TaskNode", "TaskTracker", "ThreadDone", "TimFormatError",
            "TokenSpan", "ToolCallReady", "tool_result_text"]
@@ -681,7 +681,7 @@ class TaskTracker:
 
     def __init__(self, max_depth: int = 3):
         if type(max_depth) is not int or max_depth < 1:
-            raise CacheInputError(f"`max_depth` must be an int >= 1 (1: the reasoning task only), got {max_depth!r}")
+            raise CacheInputError(f"`max_depth` must be an int >= 1 (1: the reasoning task only), got {brief(max_depth)}")
         self.max_depth = max_depth
         self.tokens = 0  # tokens fed so far = the index of the next one
         self.root: TaskNode | None = None
