@@ -228,10 +228,7 @@ class TierManager:
             for chunk in chunks:
                 a, at = at, at + chunk.length
                 try:
-                    blob = self._present(chunk, get(chunk.key))
-                    self.codec.decode_into(blob, self.expected_header(chunk), k_bytes[:, :, a:at],
-                                           v_bytes[:, :, a:at], self._where())
-                    self._check_size(chunk, len(blob))
+                    self._decode_into(get, chunk, k_bytes[:, :, a:at], v_bytes[:, :, a:at])
                     loaded.append((k[:, :, a:at], v[:, :, a:at]))
                 except Exception as exc:  # noqa: BLE001 - this chunk's read failed; the caller re-raises it
                     loaded.append(exc)
@@ -456,10 +453,14 @@ class TierManager:
         self.disk.warm([chunk.key for chunk, _, _ in items])
         with self.disk.viewing() as get:
             for chunk, a, b in items:
-                blob = self._present(chunk, get(chunk.key))
-                self.codec.decode_into(blob, self.expected_header(chunk), k_bytes[:, :, a:b], v_bytes[:, :, a:b],
-                                       self._where())
-                self._check_size(chunk, len(blob))
+                self._decode_into(get, chunk, k_bytes[:, :, a:b], v_bytes[:, :, a:b])
+
+    def _decode_into(self, get: Callable[[bytes], memoryview | None], chunk: Chunk, k_bytes: np.ndarray,
+                     v_bytes: np.ndarray) -> None:
+        """One record, read through a `viewing` transaction's `get`, checked and decoded into k_bytes, v_bytes."""
+        blob = self._present(chunk, get(chunk.key))
+        self.codec.decode_into(blob, self.expected_header(chunk), k_bytes, v_bytes, self._where())
+        self._check_size(chunk, len(blob))
 
     def _host_buffer(self, batch: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [batch, kv_heads, n, head_dim] in host memory (pinned for a CUDA device) that a group bound for
