@@ -508,9 +508,9 @@ class KVTierCache(Cache):
         self._check_thread("remove_span()")
         length = self.get_seq_length()
         if isinstance(start, bool) or isinstance(end, bool) or not isinstance(start, int) or not isinstance(end, int):
-            raise CacheInputError(f"remove_span takes integer positions, got start={start!r}, end={end!r}")
+            raise CacheInputError(f"remove_span takes integer positions, got start={brief(start)}, end={brief(end)}")
         if not 0 <= start <= end <= length:
-            raise CacheInputError(f"remove_span({start}, {end}): the span must lie within the {length} tokens held "
+            raise CacheInputError(f"remove_span({brief(start)}, {brief(end)}): the span must lie within the {length} tokens held "
                                   "(0 <= start <= end <= length)")
         if self._in_forward:
             raise CacheInputError("remove_span() during or after an interrupted forward pass; call reset() first")

@@ -133,7 +133,7 @@ class KVTierConfig:
             value = getattr(self, name)
             if isinstance(value, str):  # a ValueError like every bad option (STYLE: config errors)
                 raise ValueError(  # noqa: TRY004
-                    f"`{name}`={value!r}: a KVTierConfig built alone takes tokens per layer; pass the string to "
+                    f"`{name}`={brief(value)}: a KVTierConfig built alone takes tokens per layer; pass the string to "
                     "KVTierCache.for_model or KVTierCache.open, which convert a size for their model, or convert "
                     "it with kvtier.parse_budget(text, ModelSpec.from_model(model))"
                 )
@@ -192,7 +192,7 @@ class KVTierConfig:
         if self.store_path is not None:
             if not isinstance(self.store_path, (str, Path)) or not str(self.store_path):
                 raise ValueError(f"`store_path` must be a directory path (str or pathlib.Path) or None, got "
-                                 f"{self.store_path!r}")
+                                 f"{brief(self.store_path)}")
             self.store_path = Path(self.store_path)
 
     @property

@@ -27,6 +27,7 @@ from .errors import (
     StoreFullError,
     StoreMismatchError,
     StoreMissingRecordError,
+    brief,
 )
 from .layers import TieredLayer
 from .model_spec import FULL, ModelSpec
@@ -173,7 +174,7 @@ def reopen_options(header: dict, options: dict[str, Any]) -> dict[str, Any]:
     for name in LAYOUT_OPTIONS:
         stored = header["layout"][name]
         if name in options and options[name] != stored:
-            raise ValueError(f"`{name}`={options[name]!r}: this session was saved with {name}={stored}, and a "
+            raise ValueError(f"`{name}`={brief(options[name])}: this session was saved with {name}={stored}, and a "
                              "reopened session keeps the chunking it was saved with; leave it out (or prefill again "
                              "with the new value)")
         options[name] = stored

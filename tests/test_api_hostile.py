@@ -460,6 +460,8 @@ def test_a_refused_value_is_shown_on_one_short_line_whatever_it_is(llama, chat_m
         lambda bad: hogwild_generate(chat_model, TOK, "p", answer_pattern="(" + bad if isinstance(bad, str) else bad),
         lambda bad: tim_generate(chat_model, TOK, "p", prune_buffer=bad),
         lambda bad: PruneBuffer(bad),
+        lambda bad: _filled(llama).remove_span(bad, 3),
+        lambda bad: _filled(llama).check_prompt(bad),
     ]
     for call in calls:
         for bad in [llama, *HUGE]:

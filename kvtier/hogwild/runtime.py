@@ -240,7 +240,7 @@ class _Run:
         while shared < min(len(yes), len(no)) and yes[shared] == no[shared]:
             shared += 1
         if shared == min(len(yes), len(no)):
-            raise ValueError(f"the check-in answers {template.yes!r} and {template.no!r} tokenize to {yes} and "
+            raise ValueError(f"the check-in answers {brief(template.yes)} and {brief(template.no)} tokenize to {yes} and "
                              f"{no}: one starts with the other, so no single token tells them apart")
         self.yes, self.no, self.shared = yes, no, shared  # the answers differ first at token `shared`
         self.question = encode_text(tokenizer, template.check_in) + yes[:shared]

@@ -53,7 +53,7 @@ def check_limits(max_depth: object, max_string_length: object) -> None:
     if max_string_length is not None and (isinstance(max_string_length, bool) or not isinstance(max_string_length, int)
                                           or not 1 <= max_string_length <= MAX_STRING_LENGTH):
         raise ValueError(f"max_string_length must be None or an int in [1, {MAX_STRING_LENGTH}], got "
-                         f"{max_string_length!r}")
+                         f"{brief(max_string_length)}")
 
 
 def thread_schema(tools: ToolRegistry | None = None, max_depth: int = 3, max_string_length: int | None = None,

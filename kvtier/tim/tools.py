@@ -180,7 +180,7 @@ def schema_errors(value: Any, schema: dict, path: str = "parameters") -> str | N
         if not any(_JSON_TYPES.get(t, lambda v: True)(value) for t in names):
             return f"{path}: expected {' or '.join(names)}, got {_json_type(value)}"
     if "enum" in schema and not any(_same_json(value, e) for e in schema["enum"]):
-        return f"{path}: {value!r} is not one of {schema['enum']!r}"
+        return f"{path}: {brief(value)} is not one of {schema['enum']!r}"
     if "const" in schema and not _same_json(value, schema["const"]):
         return f"{path}: expected {schema['const']!r}, got {brief(value)}"
     for key in ("anyOf", "oneOf"):
@@ -191,7 +191,7 @@ def schema_errors(value: Any, schema: dict, path: str = "parameters") -> str | N
             return f"{path}: a string of {len(value)} characters is outside the allowed length"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value > schema.get("maximum", math.inf) or value < schema.get("minimum", -math.inf):
-            return f"{path}: {value!r} is outside [{schema.get('minimum', '-inf')}, {schema.get('maximum', 'inf')}]"
+            return f"{path}: {brief(value)} is outside [{schema.get('minimum', '-inf')}, {schema.get('maximum', 'inf')}]"
     if isinstance(value, list):
         if len(value) > schema.get("maxItems", math.inf) or len(value) < schema.get("minItems", 0):
             return f"{path}: a list of {len(value)} items is outside the allowed length"
@@ -436,7 +436,7 @@ def _bounded(value: Any) -> int | float:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("result is not a finite number")
     if not isinstance(value, (int, float)):  # (-8) ** 0.5 is complex
-        raise ValueError(f"result is not a real number: {value!r}")
+        raise ValueError(f"result is not a real number: {brief(value)}")
     return value
 
 
