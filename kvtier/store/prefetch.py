@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -133,22 +134,33 @@ class Prefetcher:
                 self.stats.wasted += 1
 
     def _let_go(self, chunk: Chunk, part: Future, cancel: bool) -> None:
-        """A chunk no longer waited for: drop its decoded record, or cancel its part if no other chunk of it
+        """A chunk no longer waited for: drop its decoded record from its part, now or, while the part still
+        runs, when it ends (the part lives on for its other chunks); or cancel the part if no other chunk of it
         is still pending and its read has not started."""
-        self._users[part] -= 1
-        if self._users[part] == 0:
+        left = self._users[part] - 1
+        if left:
+            self._users[part] = left
+            part.add_done_callback(partial(_forget, chunk.key))  # called at once if the part has ended
+        else:
             del self._users[part]
             if cancel:
                 part.cancel()
-        elif part.done() and not part.cancelled() and part.exception() is None:
-            part.result().pop(chunk.key, None)
 
     def close(self) -> None:
+        """Wait for the reads running now, cancel the queued ones; later requests issue nothing (chunks are
+        then read when needed, by `load_now` or the caller's own read)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
         self._pending.clear()
         self._users.clear()
         self._tokens = 0
+
+
+def _forget(key: bytes, part: Future) -> None:
+    """Drop one chunk's decoded record from its ended part (a reader thread may call this)."""
+    if not part.cancelled() and part.exception() is None:
+        part.result().pop(key, None)
 
 
 def _unwrap(kv: Loaded) -> tuple[torch.Tensor, torch.Tensor]:
