@@ -23,7 +23,7 @@ from .config import KVTierConfig
 from .errors import CacheInputError, CacheThreadError, StoreError, StoreMismatchError, UnsupportedModelError, brief
 from .guard import ForwardGuard
 from .handle import KVHandle
-from .layers import SlidingLayer, TieredLayer
+from .layers import SlidingLayer, SpanCut, TieredLayer
 from .model_spec import FULL, ModelSpec
 from .rope import Rope
 from .sampling import id_outside, integer_dtype, is_int, vocab_size
@@ -502,8 +502,10 @@ class KVTierCache(Cache):
         made for, or pass `ropes` (one `kvtier.Rope` per layer, `Rope.for_layers(model)`). Models without
         RoPE, and RoPE whose frequencies change with length (dynamic NTK, longrope), are refused.
         Raises CacheInputError for a span outside [0, length] and when a sliding-window layer no longer holds
-        the tokens its window would reach after the move, before anything changes. A removal that fails half-way
-        (a full store, a damaged record) leaves the cache `interrupted`."""
+        the tokens its window would reach after the move, before anything changes. A full store or a damaged
+        record met while reading and storing the chunks the span cuts fails the removal with the cache as it
+        was; a failure after that (a damaged record read to refill a recent window the span reached) leaves
+        the cache `interrupted`."""
         self._check_open()
         self._check_thread("remove_span()")
         length = self.get_seq_length()
@@ -521,19 +523,31 @@ class KVTierCache(Cache):
             problem = layer.span_problem(start, end) if isinstance(layer, SlidingLayer) else None
             if problem is not None:
                 raise CacheInputError(problem)
-        try:
-            with storage_mode():  # the tables it rewrites are updated in place later: never inference tensors
+        with storage_mode():  # the tables it rewrites are updated in place later: never inference tensors
+            # Every tiered layer first reads and stores what the span cuts (a full store or a damaged record fails
+            # here, and the new chunks are freed again: the cache is as it was) ...
+            cuts: dict[int, SpanCut | None] = {}
+            try:
+                for layer in self.tiers.layers:
+                    cuts[layer.index] = layer.plan_span(start, end)
+            except BaseException:
+                for index, cut in cuts.items():
+                    self.layers[index].drop_span(cut)
+                raise
+            # ... then every layer forgets the span. What can still fail here (a damaged record read to refill a
+            # recent window the span reached, no memory) leaves layers of different lengths: marked interrupted
+            # (save refuses, reset() clears) rather than attended over silently by the next pass.
+            try:
                 for layer in self.layers:
                     if isinstance(layer, TieredLayer):
-                        layer.remove_span(start, end)
+                        cut = cuts[layer.index]
+                        if cut is not None:
+                            layer.apply_span(cut)
                     else:
                         layer.remove_span(start, end, layer_ropes[layer.index])
-        except BaseException:
-            # A full store or a damaged record met half-way: the layers before already forgot the span and turned
-            # their keys, and nothing can take that back. Marked interrupted (save refuses, reset() clears) rather
-            # than left holding layers of different lengths that the next pass would silently attend over.
-            self._in_forward = True
-            raise
+            except BaseException:
+                self._in_forward = True
+                raise
         self._tokens.remove(start, end)
 
     def _layer_ropes(self, ropes: Sequence[Rope] | None) -> tuple[Rope, ...]:

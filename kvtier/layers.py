@@ -17,6 +17,7 @@ them into chunks (`commit`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,6 +36,19 @@ from .store.chunk import Chunk, Tier
 
 if TYPE_CHECKING:
     from .store.tiers import TierManager
+
+
+@dataclass
+class SpanCut:
+    """A planned `remove_span` of one tiered layer: chunks [a, b) of the layer meet the span, and `pieces`
+    (stored already, with their abstract `rows`) are the kept parts of the ones an edge of it cuts."""
+
+    start: int
+    end: int
+    a: int
+    b: int
+    pieces: list[Chunk]
+    rows: list[Row]
 
 
 class TieredLayer:
@@ -428,46 +442,73 @@ class TieredLayer:
         is read and its kept parts stored again as new chunks. The chunks after the span move as one block,
         whatever their number: their device keys in one turn, disk records not at all (`TierManager.move`),
         their abstracts by one interval-bound turn (`AbstractTable.move`), made exact again for the ones on
-        the device (`AbstractTable.refresh`)."""
+        the device (`AbstractTable.refresh`). What can fail (the reads and writes) happens in `plan_span`,
+        before the layer changes."""
+        cut = self.plan_span(start, end)
+        if cut is not None:
+            self.apply_span(cut)
+
+    def plan_span(self, start: int, end: int) -> "SpanCut | None":
+        """The part of `remove_span` that can fail (a damaged record, a full store), changing nothing the layer
+        holds: the chunks an edge of the span cuts are read, and their kept parts turned and stored as new
+        chunks (on the host, or the disk) that are not in the layer yet. `apply_span` takes them in; `drop_span`
+        frees them."""
         self.commit_pending()
         d = end - start
         if d <= 0:
-            return
+            return None
         self.tiers.wait_uploads(self.index)
         rope = self.tiers.ropes[self.index]
         chunks = self.chunks
         a = next((i for i, c in enumerate(chunks) if c.end > start), len(chunks))
         b = next((i for i in range(a, len(chunks)) if chunks[i].start >= end), len(chunks))
-        pieces: list[Chunk] = []
-        rows: list[Row] = []
-        to_place: list[tuple[Chunk, torch.Tensor, torch.Tensor]] = []
-        for c in chunks[a:b]:
-            if start <= c.start and c.end <= end:
-                continue
-            k, v = self.tiers.fetch(c)
-            for lo, hi, at, delta in ((0, start - c.start, c.start, 0), (end - c.start, c.length, start, -d)):
-                if hi <= lo:
+        cut = SpanCut(start, end, a, b, [], [])
+        try:
+            for c in chunks[a:b]:
+                if start <= c.start and c.end <= end:
                     continue
-                pk = rope.shift(k[:, :, lo:hi], delta) if delta else k[:, :, lo:hi].clone()
-                piece = Chunk(self.index, self.tiers.new_chunk_id(), at, hi - lo, Tier.DEVICE, k.shape[0],
-                              pinned=c.pinned, last_used=self.tiers.clock, importance=c.importance)
-                rows.append(self.abstracts.summarize(pk, at))
-                pieces.append(piece)
-                to_place.append((piece, pk, v[:, :, lo:hi].clone()))
+                k, v = self.tiers.fetch(c)
+                for lo, hi, at, delta in ((0, start - c.start, c.start, 0), (end - c.start, c.length, start, -d)):
+                    if hi <= lo:
+                        continue
+                    pk = rope.shift(k[:, :, lo:hi], delta) if delta else k[:, :, lo:hi].clone()
+                    piece = Chunk(self.index, self.tiers.new_chunk_id(), at, hi - lo, Tier.DEVICE, k.shape[0],
+                                  pinned=c.pinned, last_used=self.tiers.clock, importance=c.importance)
+                    # Off the device for now: once the cut chunks are freed, `apply_span` brings the pieces into
+                    # their slots, so the arena stays dense.
+                    self.tiers.place(piece, pk, v[:, :, lo:hi].clone(), device=False)
+                    cut.pieces.append(piece)
+                    cut.rows.append(self.abstracts.summarize(pk, at))
+        except BaseException:
+            self.drop_span(cut)
+            raise
+        return cut
+
+    def drop_span(self, cut: "SpanCut | None") -> None:
+        """Undo a `plan_span` that will not be applied: its new chunks are freed."""
+        if cut is not None:
+            self.tiers.free(cut.pieces)
+
+    def apply_span(self, cut: "SpanCut") -> None:
+        """The rest of `remove_span`, once `plan_span` stored the cut chunks' kept parts: bookkeeping and moves
+        of what is held (it reads the disk only to refill the recent window after a removal that reached it)."""
+        start, end, a, b = cut.start, cut.end, cut.a, cut.b
+        d = end - start
+        rope = self.tiers.ropes[self.index]
+        chunks = self.chunks
         self.tiers.free(chunks[a:b])
         moved = chunks[b:]
-        self.chunks = chunks[:a] + pieces + moved
+        self.chunks = chunks[:a] + cut.pieces + moved
         for row in range(a, len(self.chunks)):
             self.chunks[row].row = row
-        self.abstracts.splice(a, b, rows)
-        self.abstracts.move(a + len(pieces), -d, rope)
+        self.abstracts.splice(a, b, cut.rows)
+        self.abstracts.move(a + len(cut.pieces), -d, rope)
         self._remove_from_window(start, end, rope)
         on_device, keys = self.tiers.move(moved, -d)
         if on_device:
             self.abstracts.refresh(torch.tensor([c.row for c in on_device]), keys)
+        self.tiers.promote_into_free_room(self.index, cut.pieces)  # what fits, evicting nothing
         self.pool.version += 1  # chunk rows changed: tables over the slots rebuild
-        for chunk, k, v in to_place:
-            self.tiers.place(chunk, k, v)
         self.length -= d
         self.last_union = []
         self._refill_window()

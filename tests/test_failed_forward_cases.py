@@ -15,6 +15,7 @@ from helpers import cache_kw, padded_batch
 
 from kvtier import KVTierCache, StoreFullError
 from kvtier.errors import IncompleteSessionError, StoreCorruptError
+from kvtier.store.chunk import Tier
 from kvtier.store.disk import DiskStore
 from kvtier.store.tiers import TierManager
 
@@ -168,15 +169,18 @@ def _failing_in_layer(monkeypatch, name: str, exc: Exception, layer: int = 2):
 
 
 @pytest.mark.parametrize("where", ["place", "fetch"])
-def test_a_remove_span_that_fails_half_way_leaves_the_cache_interrupted(tmp_path, monkeypatch, where):
-    """Layers before the failing one already forgot the span (their keys turned): nothing can take them back,
-    so the cache says it is interrupted and refuses to save, instead of holding layers of different lengths
-    or a chunk with no data. A full store placing a cut chunk's kept part, or a damaged record read for it."""
+def test_a_remove_span_that_fails_half_way_leaves_the_cache_as_it_was(tmp_path, monkeypatch, where):
+    """Every layer reads and stores what the span cuts before any layer forgets it: a full store placing a cut
+    chunk's kept part in layer 2, or a damaged record read for it, fails the removal with every layer (and the
+    new chunks of layers 0 and 1 freed again) as before. The cache saves, decodes as a twin that never tried
+    the removal, and the same removal done again gives what the twin's does."""
     model = build_model("llama")
     doc = _doc(200)
     cache = KVTierCache.for_model(model, store_path=tmp_path / "s", **SPAN)
     _feed(model, cache, doc, 0, 150)
     cache.save()
+    before = _state(cache)
+    held = {layer.index: [(c.start, c.length) for c in layer.chunks] for layer in cache.tiers.layers}
     exc = StoreFullError("the store is full") if where == "place" else StoreCorruptError("a damaged record")
     armed = _failing_in_layer(monkeypatch, where, exc)
     armed["on"] = True
@@ -184,14 +188,23 @@ def test_a_remove_span_that_fails_half_way_leaves_the_cache_interrupted(tmp_path
         cache.remove_span(21, 45)  # cuts the chunks on both edges: they are read and their parts placed again
     monkeypatch.undo()
     assert armed["fired"]
-    assert cache.interrupted
-    with pytest.raises(IncompleteSessionError):
-        cache.save()
-    cache.reset()
+    assert _state(cache) == before and not cache.interrupted
+    assert {layer.index: [(c.start, c.length) for c in layer.chunks] for layer in cache.tiers.layers} == held
+    for layer in cache.tiers.layers:  # no slot held by a freed new chunk
+        on_device = sum(c.length for c in layer.chunks if c.tier == Tier.DEVICE)
+        assert layer.pool.used == on_device + layer.win_slots.numel()
+    cache.save()
+
+    plain = twin(model)
+    reference = KVTierCache.for_model(plain, **SPAN)
+    _feed(plain, reference, doc, 0, 150)
+    torch.testing.assert_close(_step(model, cache, doc[:, 150:151]), _step(plain, reference, doc[:, 150:151]))
+    cache.remove_span(21, 45)
+    reference.remove_span(21, 45)
+    for part in (doc[:, 151:152], doc[:, 152:153]):
+        torch.testing.assert_close(_step(model, cache, part), _step(plain, reference, part))
     cache.close()
-    again = KVTierCache.open(tmp_path / "s", model)  # the session saved before stands
-    assert torch.equal(again.token_ids, doc[:, :150])
-    again.close()
+    reference.close()
 
 
 # --------------------------------------------------------------------------------- (3) left-padded batches

@@ -266,10 +266,11 @@ class TierManager:
         return kmin, kmax
 
     # ---------------------------------------------------------------------------------- placement
-    def place(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store a newly sealed chunk (k, v: [B, H, n, D] in logical row order) in the fastest tier with room."""
+    def place(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor, device: bool = True) -> None:
+        """Store a newly sealed chunk (k, v: [B, H, n, D] in logical row order) in the fastest tier with room
+        (device=False: the host, else the disk)."""
         chunk.rows = None
-        slots = self.allocate_device(chunk.layer, chunk.length)
+        slots = self.allocate_device(chunk.layer, chunk.length) if device else None
         if slots is not None:
             self._write_device(chunk, slots, k, v)
         else:
