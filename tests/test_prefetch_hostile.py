@@ -235,9 +235,7 @@ def test_a_chunk_requested_again_is_read_once(tmp_path):
     tm.close()
 
 
-# ------------------------------------------------------------------------------------- open: other files
-@pytest.mark.xfail(strict=True, reason="HostPool._to_host keeps a contiguous view as is: a chunk fetched from a "
-                   "prefetched part (batch 1, one KV head) pins the part's whole buffer in the host pool")
+# -------------------------------------------------------------------------- other files: the host pool, accounting
 def test_a_fetched_chunk_kept_on_the_host_does_not_pin_its_whole_part(tmp_path):
     tm, cs, data = _tiers(tmp_path, n=3, kv_heads=1, device_budget=N, host_budget=100)
     tm.device_pools[0].init_shape(1, 1, D)

@@ -400,6 +400,8 @@ class HostPool:
         t = t.detach()
         if t.device.type == "cpu":
             t = t.contiguous()
+            if t.untyped_storage().nbytes() != t.nbytes:  # a view of a larger buffer would keep all of it alive
+                t = t.clone()
             if self.pin and not t.is_pinned():
                 t = t.pin_memory()
             return t
