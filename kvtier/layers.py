@@ -451,8 +451,7 @@ class TieredLayer:
     def plan_span(self, start: int, end: int) -> "SpanCut | None":
         """The part of `remove_span` that can fail (a damaged record, a full store), changing nothing the layer
         holds: the chunks an edge of the span cuts are read, and their kept parts turned and stored as new
-        chunks (on the host, or the disk) that are not in the layer yet. `apply_span` takes them in; `drop_span`
-        frees them."""
+        chunks that are not in the layer yet. `apply_span` takes them in; `drop_span` frees them."""
         self.commit_pending()
         d = end - start
         if d <= 0:
@@ -474,9 +473,7 @@ class TieredLayer:
                     pk = rope.shift(k[:, :, lo:hi], delta) if delta else k[:, :, lo:hi].clone()
                     piece = Chunk(self.index, self.tiers.new_chunk_id(), at, hi - lo, Tier.DEVICE, k.shape[0],
                                   pinned=c.pinned, last_used=self.tiers.clock, importance=c.importance)
-                    # Off the device for now: once the cut chunks are freed, `apply_span` brings the pieces into
-                    # their slots, so the arena stays dense.
-                    self.tiers.place(piece, pk, v[:, :, lo:hi].clone(), device=False)
+                    self.tiers.place(piece, pk, v[:, :, lo:hi].clone())
                     cut.pieces.append(piece)
                     cut.rows.append(self.abstracts.summarize(pk, at))
         except BaseException:
@@ -507,7 +504,9 @@ class TieredLayer:
         on_device, keys = self.tiers.move(moved, -d)
         if on_device:
             self.abstracts.refresh(torch.tensor([c.row for c in on_device]), keys)
-        self.tiers.promote_into_free_room(self.index, cut.pieces)  # what fits, evicting nothing
+        # The parts stored on the device while the cut chunks still held their slots sit above them: rewritten
+        # into the lowest free slots (and named by their rows), so the arena stays dense.
+        self.tiers.move([p for p in cut.pieces if p.tier == Tier.DEVICE], 0)
         self.pool.version += 1  # chunk rows changed: tables over the slots rebuild
         self.length -= d
         self.last_union = []

@@ -266,11 +266,10 @@ class TierManager:
         return kmin, kmax
 
     # ---------------------------------------------------------------------------------- placement
-    def place(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor, device: bool = True) -> None:
-        """Store a newly sealed chunk (k, v: [B, H, n, D] in logical row order) in the fastest tier with room
-        (device=False: the host, else the disk)."""
+    def place(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a newly sealed chunk (k, v: [B, H, n, D] in logical row order) in the fastest tier with room."""
         chunk.rows = None
-        slots = self.allocate_device(chunk.layer, chunk.length) if device else None
+        slots = self.allocate_device(chunk.layer, chunk.length)
         if slots is not None:
             self._write_device(chunk, slots, k, v)
         else:
@@ -665,14 +664,15 @@ class TierManager:
         turned all in one read, turn and write, into the lowest free slots (their owners: the chunks' current
         rows); host copies are turned in place; a disk record is left as written and turned when read
         (`to_logical`), so a move never reads the disk. Returns the device chunks and their turned keys end to
-        end ([B, H, N, D]; None when there are none), for their abstracts."""
+        end ([B, H, N, D]; None when there are none), for their abstracts. delta 0 only rewrites the device
+        copies into the lowest free slots."""
         if not chunks:
             return [], None
         layer = chunks[0].layer
         rope = self.ropes[layer]
         on_device = [c for c in chunks if c.tier == Tier.DEVICE]
         for chunk in chunks:
-            if chunk.tier == Tier.HOST:
+            if chunk.tier == Tier.HOST and delta:
                 k = self.host_pools[layer].get(chunk.chunk_id)[0]
                 with storage_mode():
                     k.copy_(rope.shift(k, delta))  # in place: a pinned host copy stays pinned
@@ -684,7 +684,8 @@ class TierManager:
         lengths = [c.length for c in on_device]
         owners = torch.repeat_interleave(torch.tensor([c.row for c in on_device]), torch.tensor(lengths))
         k, v = pool.read(slots)
-        k = rope.shift(k, delta)
+        if delta:
+            k = rope.shift(k, delta)
         positions = pool.slot_pos[slots] + delta
         # Written back into the lowest free slots (the removed span's among them), not in place: when they held the
         # top of the arena (the newest tokens follow the span) it stays dense, so attention over it needs no mask
