@@ -250,8 +250,6 @@ def test_a_fetched_chunk_kept_on_the_host_does_not_pin_its_whole_part(tmp_path):
     tm.close()
 
 
-@pytest.mark.xfail(strict=True, reason="TierManager._check_size setdefaults the size on a reader thread: a record "
-                   "freed while its part decodes comes back into record_sizes (stats count a dropped record)")
 def test_a_record_freed_while_its_part_decodes_stays_out_of_the_accounting(tmp_path):
     tm, cs, data = _tiers(tmp_path, n=2)
     reached, go = threading.Event(), threading.Event()

@@ -203,11 +203,11 @@ class TierManager:
         if chunks:
             self.disk.warm([chunk.key for chunk in chunks])
 
-    def _load_record(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read, check and decode one record. Thread-safe (reader threads call it); counts nothing."""
+    def _load_record(self, chunk: Chunk, record: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read, check and decode one record. Thread-safe (reader threads call it, record=False); counts nothing."""
         blob = self._present(chunk, self.disk.get(chunk.key))
         k, v = self.codec.decode(blob, self.expected_header(chunk), self._where())
-        self._check_size(chunk, len(blob))
+        self._check_size(chunk, len(blob), record)
         return k, v
 
     def _load_records(self, chunks: list[Chunk]) -> list[tuple[torch.Tensor, torch.Tensor] | Exception]:
@@ -228,7 +228,7 @@ class TierManager:
             for chunk in chunks:
                 a, at = at, at + chunk.length
                 try:
-                    self._decode_into(get, chunk, k_bytes[:, :, a:at], v_bytes[:, :, a:at])
+                    self._decode_into(get, chunk, k_bytes[:, :, a:at], v_bytes[:, :, a:at], record=False)
                     loaded.append((k[:, :, a:at], v[:, :, a:at]))
                 except Exception as exc:  # noqa: BLE001 - this chunk's read failed; the caller re-raises it
                     loaded.append(exc)
@@ -236,7 +236,7 @@ class TierManager:
 
     def _load_or_error(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor] | Exception:
         try:
-            return self._load_record(chunk)
+            return self._load_record(chunk, record=False)
         except Exception as exc:  # noqa: BLE001 - this chunk's read failed; the caller re-raises it
             return exc
 
@@ -245,10 +245,19 @@ class TierManager:
             raise StoreMissingRecordError(f"{chunk.name()}: record missing from store {self.disk.where}")
         return blob
 
-    def _check_size(self, chunk: Chunk, stored: int) -> None:
-        """A decoded record must have the size the session recorded for it (the first read records it)."""
-        raw = 2 * chunk.stored_batch * chunk.length * self.kv_heads * self.head_dim * self.dtype.itemsize
-        known = self.record_sizes.setdefault(chunk.key, (chunk.length, raw, stored))
+    def _check_size(self, chunk: Chunk, stored: int, record: bool = True) -> None:
+        """A decoded record must have the size the session recorded for it (the first read records it).
+
+        record=False (reader threads, which never write the cache's bookkeeping): compared only when known. A
+        chunk read ahead has a known size (written by this cache, or listed by the session it opened) unless it
+        was freed while its part was decoded: recording it then would count a dropped record again."""
+        if not record:
+            known = self.record_sizes.get(chunk.key)
+            if known is None:
+                return
+        else:
+            raw = 2 * chunk.stored_batch * chunk.length * self.kv_heads * self.head_dim * self.dtype.itemsize
+            known = self.record_sizes.setdefault(chunk.key, (chunk.length, raw, stored))
         if known[2] != stored:
             raise StoreCorruptError(f"{self._where()}{chunk.name()}: record is {stored} bytes, the session "
                                     f"recorded {known[2]}")
@@ -456,11 +465,11 @@ class TierManager:
                 self._decode_into(get, chunk, k_bytes[:, :, a:b], v_bytes[:, :, a:b])
 
     def _decode_into(self, get: Callable[[bytes], memoryview | None], chunk: Chunk, k_bytes: np.ndarray,
-                     v_bytes: np.ndarray) -> None:
+                     v_bytes: np.ndarray, record: bool = True) -> None:
         """One record, read through a `viewing` transaction's `get`, checked and decoded into k_bytes, v_bytes."""
         blob = self._present(chunk, get(chunk.key))
         self.codec.decode_into(blob, self.expected_header(chunk), k_bytes, v_bytes, self._where())
-        self._check_size(chunk, len(blob))
+        self._check_size(chunk, len(blob), record)
 
     def _host_buffer(self, batch: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [batch, kv_heads, n, head_dim] in host memory (pinned for a CUDA device) that a group bound for
