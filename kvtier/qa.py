@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from .cache import KVTierCache, cache_argument
-from .cli import error_line, printable
+from .cli import error_line
 from .cli_args import Interrupted, UsageError, budget_tokens, check_device, check_text, run_command
 from .chat import apply_chat_template, has_chat_template
 from .config import KVTierConfig
@@ -49,6 +49,7 @@ from .errors import (
     StoreError,
     StoreFullError,
     StoreMismatchError,
+    printable,
 )
 from .model_spec import ModelSpec
 from .segmented import prefill

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from . import session
-from .cli import error_line, printable
+from .cli import error_line
 from .cli_args import UsageError, run_command
-from .errors import IncompleteSessionError, KVTierError
+from .errors import IncompleteSessionError, KVTierError, printable
 from .sizes import human_bytes
 from .store import manifest as mf
 from .store.backend import RecordStore

@@ -12,7 +12,8 @@ import torch
 import transformers as tf
 from tiny import build_tokenizer, save_tiny_model
 
-from kvtier.cli import main, printable
+from kvtier.cli import main
+from kvtier.errors import printable
 from kvtier.tim import ToolCall, calculator, generate
 from kvtier.tim.cli import TreePrinter, build_parser, label
 from kvtier.tim.schema import JSON_SEPARATORS

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..cli import printable
 from ..cli_args import UsageError, budget_tokens, check_outputs_and_memory, check_sampling, run_command
+from ..errors import printable
 from .layout import MAX_WORKERS
 from .prompts import CollaborationTemplate
 from .runtime import HogwildResult, Step, generate

@@ -19,8 +19,8 @@ from typing import Any, TextIO
 
 import torch
 
-from ..cli import printable
 from ..cli_args import UsageError, budget_tokens, check_outputs_and_memory, check_sampling, run_command
+from ..errors import printable
 from .runtime import Pruned, TimResult, ToolCall, generate
 from .schema import MAX_DEPTH, MAX_STRING_LENGTH
 from .tools import Tool, calculator
