@@ -105,7 +105,7 @@ class Prefetcher:
             kv = part.result().pop(chunk.key)  # the part keeps no reference to a taken chunk's tensors
         finally:
             self.stats.stall_s += time.perf_counter() - t
-            self._let_go(chunk, part, cancel=False)
+            self._release(part)
         self.stats.hits += 1
         return _unwrap(kv)  # re-raises a read error (corrupt record, ...) here, on the caller's thread
 
@@ -134,17 +134,20 @@ class Prefetcher:
                 self.stats.wasted += 1
 
     def _let_go(self, chunk: Chunk, part: Future, cancel: bool) -> None:
-        """A chunk no longer waited for: drop its decoded record from its part, now or, while the part still
-        runs, when it ends (the part lives on for its other chunks); or cancel the part if no other chunk of it
-        is still pending and its read has not started."""
-        left = self._users[part] - 1
+        """A chunk no longer waited for and not taken: drop its decoded record from its part, now or, while the
+        part still runs, when it ends (the part lives on for its other chunks); or cancel the part if no other
+        chunk of it is still pending and its read has not started."""
+        if self._release(part):
+            part.add_done_callback(partial(_forget, chunk.key))  # called at once if the part has ended
+        elif cancel:
+            part.cancel()
+
+    def _release(self, part: Future) -> bool:
+        """One chunk of the part is no longer pending; whether others still are."""
+        left = self._users.pop(part) - 1
         if left:
             self._users[part] = left
-            part.add_done_callback(partial(_forget, chunk.key))  # called at once if the part has ended
-        else:
-            del self._users[part]
-            if cancel:
-                part.cancel()
+        return bool(left)
 
     def close(self) -> None:
         """Wait for the reads running now, cancel the queued ones; later requests issue nothing (chunks are
