@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class SpanCut:
-    """A planned `remove_span` of one tiered layer: chunks [a, b) of the layer meet the span, and `pieces`
+    """A planned span removal of one tiered layer (`TieredLayer.plan_span`): chunks [a, b) of the layer meet the span, and `pieces`
     (stored already, with their abstract `rows`) are the kept parts of the ones an edge of it cuts."""
 
     start: int
@@ -434,24 +434,12 @@ class TieredLayer:
         held = {id(c) for c in self.chunks}
         self.last_union = [c for c in self.last_union if id(c) in held]
 
-    def remove_span(self, start: int, end: int) -> None:
-        """Forget positions [start, end) and move every later token left by `end - start`, so positions and
-        device slots are reused (TIM pruning). The layer's RoPE must be in `tiers.ropes`.
-
-        Chunks inside the span are freed wherever they live. A chunk cut by an edge of the span (at most two)
-        is read and its kept parts stored again as new chunks. The chunks after the span move as one block,
-        whatever their number: their device keys in one turn, disk records not at all (`TierManager.move`),
-        their abstracts by one interval-bound turn (`AbstractTable.move`), made exact again for the ones on
-        the device (`AbstractTable.refresh`). What can fail (the reads and writes) happens in `plan_span`,
-        before the layer changes."""
-        cut = self.plan_span(start, end)
-        if cut is not None:
-            self.apply_span(cut)
-
     def plan_span(self, start: int, end: int) -> "SpanCut | None":
-        """The part of `remove_span` that can fail (a damaged record, a full store), changing nothing the layer
-        holds: the chunks an edge of the span cuts are read, and their kept parts turned and stored as new
-        chunks that are not in the layer yet. `apply_span` takes them in; `drop_span` frees them."""
+        """The first half of removing positions [start, end) from this layer (`KVTierCache.remove_span`: every
+        later token moves left by `end - start`, so positions and device slots are reused; the layer's RoPE must
+        be in `tiers.ropes`): what can fail (a damaged record, a full store), changing nothing the layer holds.
+        The chunks an edge of the span cuts (at most two) are read, and their kept parts turned and stored as new
+        chunks not in the layer yet. `apply_span` takes them in; `drop_span` frees them."""
         self.commit_pending()
         d = end - start
         if d <= 0:
@@ -487,8 +475,11 @@ class TieredLayer:
             self.tiers.free(cut.pieces)
 
     def apply_span(self, cut: "SpanCut") -> None:
-        """The rest of `remove_span`, once `plan_span` stored the cut chunks' kept parts: bookkeeping and moves
-        of what is held (it reads the disk only to refill the recent window after a removal that reached it)."""
+        """The second half, once `plan_span` stored the cut chunks' kept parts. Chunks inside the span are freed
+        wherever they live. The chunks after it move as one block, whatever their number: their device keys in
+        one turn, disk records not at all (`TierManager.move`), their abstracts by one interval-bound turn
+        (`AbstractTable.move`), made exact again for the ones on the device (`AbstractTable.refresh`). It reads
+        the disk only to refill the recent window after a removal that reached it."""
         start, end, a, b = cut.start, cut.end, cut.a, cut.b
         d = end - start
         rope = self.tiers.ropes[self.index]
