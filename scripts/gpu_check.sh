@@ -24,7 +24,8 @@
 #                                                GPU_CHECK_DRY_RUN=1): checks the plumbing, measures nothing
 # Results: docs/benchmarks/{kernels-cuda.json,exact-llama3-8b-cuda.{json,png},speed-llama3-8b-cuda.{json,png},
 # gpu-check.log};
-# with OUT set, they are copied into that folder too (flat, with the pytest report gpu-check-pytest.xml).
+# with OUT set, they are bundled (flat, with the pytest report gpu-check-pytest.xml) into
+# OUT/gpu-check-results.tar.gz, and the log is copied beside it.
 # A CPU smoke run writes to a temporary folder instead, never to docs/benchmarks.
 #
 # Time: each step runs under `timeout`; all of them share one deadline (GPU_CHECK_LIMIT_S, 480 s) and the speed
@@ -84,7 +85,7 @@ INSTALL="${GPU_CHECK_INSTALL:-auto}"
 
 # ------------------------------------------------------------------------------------------------- setup
 # Wheels are installed with --target into a scratch folder on PYTHONPATH, each only if its distribution is
-# missing; setuptools (for the editable install's build backend) only if the machine's is older than 77.
+# missing or at another version; setuptools (for the editable install's build backend) only if the machine's is older than 77.
 # kvtier itself: `pip install -e .` (no index, no build isolation, no dependencies), which maps kernels/ to
 # kvtier.kernels through pyproject's package-dir; if that cannot write to the environment, a linked source
 # tree (kvtier/ with kernels/ linked in as kvtier/kernels) on PYTHONPATH does the same.
@@ -106,9 +107,13 @@ setup() {
     for whl in "$WHEELS"/*.whl; do
         [ -f "$whl" ] || continue
         dist="$(basename "$whl")"
+        local version="${dist#*-}"
+        version="${version%%-*}"
         dist="${dist%%-*}"
         [ "$dist" = setuptools ] && continue
-        if ! "$PY" -c 'import sys; from importlib import metadata; metadata.version(sys.argv[1])' "$dist" 2>/dev/null; then
+        # Installed when missing or at another version (transformers is pinned for the tests in CI).
+        if ! "$PY" -c 'import sys; from importlib import metadata; sys.exit(metadata.version(sys.argv[1]) != sys.argv[2])' \
+            "$dist" "$version" 2>/dev/null; then
             missing+=("$whl")
         fi
     done
@@ -290,12 +295,13 @@ finish() {
     } | tee -a "$LOG"
     if [ -n "${OUT:-}" ]; then
         mkdir -p "$OUT"
-        local f
-        for f in "${RESULT_FILES[@]}" "$JUNIT" "$LOG"; do
-            [ "$f" -nt "$STAMP" ] && cp "$f" "$OUT/" # written by this run, not left from an earlier one
+        local f fresh=()
+        for f in "${RESULT_FILES[@]}" "$JUNIT"; do
+            [ "$f" -nt "$STAMP" ] && fresh+=("$f") # written by this run, not left from an earlier one
         done
-        echo "copied results and log to $OUT" | tee -a "$LOG"
-        cp "$LOG" "$OUT/" 2>/dev/null
+        echo "results and log bundled into $OUT/gpu-check-results.tar.gz" | tee -a "$LOG"
+        tar -czf "$OUT/gpu-check-results.tar.gz" --transform 's|.*/||' "${fresh[@]}" "$LOG"
+        cp "$LOG" "$OUT/"
     fi
     if [ "$DRY" = 1 ]; then
         rm -rf "$WORK/site" "$WORK/build" "$WORK/src" # keep the smoke run's results to look at
