@@ -72,7 +72,7 @@ def reference_run(model, ids, mask, n_decode: int):
 @torch.no_grad()
 def step_logits_continue(model, cache, mask, toks):
     kw = cache_kw(model)
-    full_mask = torch.cat([mask, torch.ones(mask.shape[0], len(toks), dtype=mask.dtype)], dim=1)
+    full_mask = torch.cat([mask, torch.ones(mask.shape[0], len(toks), dtype=mask.dtype, device=mask.device)], dim=1)
     pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=toks[-1], attention_mask=full_mask, position_ids=pos[:, -1:], use_cache=True, **{kw: cache})
     return out.logits
