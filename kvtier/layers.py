@@ -17,6 +17,7 @@ them into chunks (`commit`).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -99,7 +100,7 @@ class TieredLayer:
         slots = self.tiers.allocate_device(self.index, 1)
         if slots is None:  # the config check makes this unreachable; keep the invariant loud
             raise RuntimeError(f"layer {self.index}: no device room for the recent window")
-        self.pool.write(slots, k, v, torch.tensor([past], device=self.pool.device))
+        self.pool.write(slots, k, v, torch.full((1,), past, dtype=torch.long, device=self.pool.device))
         self.win_slots = torch.cat([self.win_slots.to(slots.device), slots])
         self.length = past + 1
         self._seal_window()
@@ -120,19 +121,26 @@ class TieredLayer:
         win_len = self.win_slots.numel()
         start = self.win_start
         sizes = self._plan(win_len, q, importance)
-        mean_imp = None
+        mean_imp, imps = None, None
         if importance is not None:
             region = torch.cat([importance.new_full((win_len,), float(importance.mean())), importance])
             mean_imp = float(region.mean())
+            if mean_imp > 0 and sizes:  # every chunk's mean read back at once, not one wait per chunk
+                bounds = [0, *itertools.accumulate(sizes)]
+                imps = torch.stack([region[a:z].mean() for a, z in zip(bounds, bounds[1:])]).tolist()
         win_cut = 0  # window tokens consumed by seals
         pos = start
         window = self.win_slots
         try:
-            for size in sizes:
+            for i, size in enumerate(sizes):
                 in_window = max(0, min(size, past - pos))
+                if in_window == 0 and i + 1 < len(sizes) and self._seal_new_run(
+                        pos, sizes[i:], k, v, pos - past, None if imps is None else [x / mean_imp for x in imps[i:]]):
+                    pos += sum(sizes[i:])
+                    break
                 chunk = self._new_chunk(pos, size, b=k.shape[0])
-                if mean_imp is not None and mean_imp > 0:
-                    chunk.importance = float(region[pos - start:pos - start + size].mean()) / mean_imp
+                if imps is not None:
+                    chunk.importance = imps[i] / mean_imp
                 if in_window == size:
                     slots = window[win_cut:win_cut + size]
                     self.tiers.adopt_device(chunk, slots)
@@ -168,6 +176,33 @@ class TieredLayer:
             raise
         self.win_slots = kept
         self.length = past + q
+
+    def _seal_new_run(self, start: int, sizes: list[int], k: torch.Tensor, v: torch.Tensor, lo: int,
+                      importances: list[float] | None) -> bool:
+        """Seal consecutive chunks made only of this forward's tokens (k, v from index `lo`) on the device in
+        one write and one abstract update, when the device holds them all without evicting. False, with
+        nothing changed, otherwise: the caller seals them one by one (evicting, or to the host and disk)."""
+        n = sum(sizes)
+        if not self.tiers.device_has_room(self.index, n):
+            return False
+        rows, at, chunks = len(self.chunks), start, []
+        for j, size in enumerate(sizes):
+            chunk = Chunk(self.index, self.tiers.new_chunk_id(), at, size, Tier.DEVICE, k.shape[0],
+                          pinned=self._needs_sink() and at == 0, last_used=self.tiers.clock, row=rows + j)
+            if importances is not None:
+                chunk.importance = importances[j]
+            chunks.append(chunk)
+            at += size
+        ck, cv = k[:, :, lo:lo + n], v[:, :, lo:lo + n]
+        if not self.tiers.place_on_device(chunks, ck, cv):
+            return False
+        try:
+            self.abstracts.add_run(ck, start, sizes)
+        except BaseException:
+            self.tiers.free(chunks)
+            raise
+        self.chunks.extend(chunks)
+        return True
 
     def _place_new(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a chunk `_new_chunk` just appended; if no tier takes it, the chunk is forgotten again."""

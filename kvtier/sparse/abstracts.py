@@ -91,6 +91,36 @@ class AbstractTable:
         """Append the row of a new chunk of keys k [B, Hkv, n, D]."""
         self.append(self.summarize(k, start))
 
+    def add_run(self, k: torch.Tensor, start: int, sizes: list[int]) -> None:
+        """Append the rows of consecutive chunks of `sizes` tokens, their keys end to end in k [B, Hkv, n, D],
+        the first at position `start`: chunks of one whole-page size are summarised together (two reductions
+        for the run, not two per chunk), the rest one by one; then one `extend`."""
+        k = k.detach()
+        b, h, _, d = k.shape
+        parts, at, i = [], 0, 0
+        while i < len(sizes):
+            size, j = sizes[i], i
+            while j < len(sizes) and sizes[j] == size:
+                j += 1
+            n = (j - i) * size
+            if size % self.page_size == 0:
+                pages = size // self.page_size
+                paged = k[:, :, at:at + n].reshape(b, h, (j - i) * pages, self.page_size, d)
+                pmin, pmax = paged.amin(dim=3), paged.amax(dim=3)
+                kmin = pmin.view(b, h, j - i, pages, d).float().amin(dim=3)
+                kmax = pmax.view(b, h, j - i, pages, d).float().amax(dim=3)
+                parts.append((kmin, kmax, pmin, pmax))
+            else:
+                for c in range(i, j):
+                    off = at + (c - i) * size
+                    kmn, kmx, _, _, pmn, pmx = self.summarize(k[:, :, off:off + size], start + off)
+                    parts.append((kmn.unsqueeze(2), kmx.unsqueeze(2), pmn, pmx))
+            at += n
+            i = j
+        starts = [start + sum(sizes[:c]) for c in range(len(sizes))]
+        self.extend(*(torch.cat([p[f] for p in parts], dim=2) for f in (0, 1)), starts, list(sizes),
+                    *(torch.cat([p[f] for p in parts], dim=2) for f in (2, 3)))
+
     def append(self, row: Row) -> None:
         kmin, kmax, start, length, pmin, pmax = row
         pages = pmin.shape[2]

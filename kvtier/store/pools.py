@@ -89,8 +89,10 @@ def storage_mode() -> contextlib.ExitStack:
 
 
 def _as_run(slots: torch.Tensor) -> slice | None:
-    """The slots as one slice when they are consecutive and on the CPU (reading a CUDA tensor's values
-    would wait for the device, so there the index kernels run)."""
+    """The slots as one slice when they are consecutive and on the CPU. `DevicePool.allocate` hands out slot
+    lists on the CPU whatever the arena's device: reading a CUDA tensor's values would wait for the device,
+    and a plain slice copies with no index kernel and no upload of the index. A list on another device
+    takes the index kernels."""
     if slots.device.type != "cpu":
         return None
     n = slots.numel()
@@ -216,7 +218,7 @@ class DevicePool:
 
     def allocate(self, n: int) -> torch.Tensor | None:
         """Reserve `n` slots: the lowest run of holes that holds them all, else the lowest holes and then
-        fresh slots above high water; None if that would exceed the budget."""
+        fresh slots above high water; None if that would exceed the budget. The slot list is on the CPU."""
         if self.budget is not None and self.used + n > self.budget:
             return None
         if not any(length >= n for length in self._hole_len.values()):  # grow first: a failure changes nothing
@@ -228,7 +230,7 @@ class DevicePool:
         for start in self._hole_starts:  # the lowest run that fits: one run of slots
             if self._hole_len[start] >= n:
                 self._take_holes(start, n)
-                return torch.arange(start, start + n, dtype=torch.long, device=self.device)
+                return torch.arange(start, start + n, dtype=torch.long)
         runs = []
         need = n
         while need and self._hole_starts:  # the lowest holes, run by run
@@ -241,7 +243,7 @@ class DevicePool:
             first = self.high_water
             self.high_water += need
             runs.append(torch.arange(first, first + need, dtype=torch.long))
-        return (runs[0] if len(runs) == 1 else torch.cat(runs)).to(self.device)
+        return runs[0] if len(runs) == 1 else torch.cat(runs)
 
     def _take_holes(self, start: int, n: int) -> None:
         """Use the first `n` slots of the run of holes at `start`."""
@@ -258,12 +260,13 @@ class DevicePool:
         if slots.numel() == 0:
             return
         self.version += 1
-        with storage_mode():
-            self.slot_pos[slots] = -1
         run = _as_run(slots)
         if run is not None:
+            self.slot_pos[run] = -1
             self._add_holes(run.start, run.stop - run.start)
         else:
+            with storage_mode():
+                self.slot_pos[slots] = -1
             idx = sorted(slots.tolist())
             first = prev = idx[0]
             for s in idx[1:]:

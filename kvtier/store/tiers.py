@@ -284,6 +284,34 @@ class TierManager:
         else:
             self._to_host(chunk, k, v)
 
+    def place_on_device(self, chunks: list[Chunk], k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Store consecutive new chunks of one layer (k, v: [B, H, n, D], their tokens end to end) in one run of
+        device slots: one write and one owner table, not one of each per chunk (a prefill segment seals dozens
+        per layer, and on a GPU each small write is a kernel launch). False, with nothing changed, when the
+        device has no room for all of them without evicting: then `place` takes them one by one."""
+        if not chunks:
+            return True
+        pool = self.device_pools[chunks[0].layer]
+        n = k.shape[2]
+        slots = pool.allocate(n)
+        if slots is None:
+            return False
+        lengths = torch.tensor([c.length for c in chunks])
+        owners = torch.repeat_interleave(torch.tensor([c.row for c in chunks]), lengths, output_size=n)
+        positions = torch.arange(chunks[0].start, chunks[0].start + n, device=pool.device)
+        try:
+            pool.write(slots, k, v, positions, owners.to(pool.device))
+        except BaseException:
+            pool.release(slots)
+            raise
+        self.counters.device.bytes_written += k.nbytes + v.nbytes
+        at = 0
+        for chunk in chunks:
+            chunk.rows = None
+            self._register_device(chunk, slots[at:at + chunk.length])
+            at += chunk.length
+        return True
+
     def allocate_device(self, layer: int, n: int, protect: set[int] | frozenset[int] = frozenset()) -> torch.Tensor | None:
         """Device slots for n tokens, evicting least recently used chunks (not in `protect`) to the host."""
         pool = self.device_pools[layer]
