@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import cli_in_process
 
 
@@ -28,6 +29,7 @@ def test_bench_exact_writes_json(tmp_path):
         assert row[name]["decode_step_ms"] > 0 and row[name]["prefill_s"] > 0
     kv = row["kvtier"]
     assert kv["max_abs_logit_diff_vs_static"] < 1e-4  # segmented prefill and decode give StaticCache's logits
+    assert kv["max_abs_logit_diff_vs_dynamic"] < 1e-4
     assert 1.0 <= kv["kv_bytes_ratio_vs_static"] <= 1.1  # the pool holds the tokens plus a little headroom
     for kind in ("cold", "warm"):
         assert row["reopen"][kind]["time_to_first_token_ms"] > 0
@@ -130,6 +132,24 @@ def test_speed_run_on_an_emulated_card_uses_its_device_budget():
     assert row["shared-tiered"]["options"]["device_budget"] == 300
     assert row["shared-tiered"]["device_peak_tokens_per_layer"] <= 300
     assert "exact" not in row and "offloaded" not in row  # offloading is measured on CUDA only
+
+
+def test_speed_run_builds_no_autograd_graph(monkeypatch):
+    """Every forward of `kvtier bench speed` runs as generate runs it, without autograd: a graph keeps every
+    layer's activations, which on a GPU took an 8B model's 32k-token prefill out of memory."""
+    from kvtier.bench import speed
+
+    grad_seen = []
+    build = speed.speed_model
+
+    def hooked(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda module, inputs: grad_seen.append(torch.is_grad_enabled()))
+        return model
+
+    monkeypatch.setattr(speed, "speed_model", hooked)
+    speed.run([300], 2, 1, 0.1, 0.5, 0.5, TINY_SHAPE, configs=["shared-tiered"])
+    assert grad_seen and not any(grad_seen)
 
 
 def test_bench_kernels_runs_on_cpu_with_tiny_shapes(tmp_path):

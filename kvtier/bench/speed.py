@@ -232,8 +232,9 @@ def run(contexts: list[int], steps: int, warmup: int, budget: float, device_frac
         store = Path(tempfile.mkdtemp(prefix="kvtier-speed-")) / "doc"
         first = torch.tensor([[7]], device=device)
         with KVTierCache.for_model(kv_model, mode="sparse", store_path=store) as cache:
-            prefill_s, _ = timed(lambda: kv_model(input_ids=ids, use_cache=True, logits_to_keep=1,
-                                                  **{cache_argument(kv_model): cache}), sync=ids.is_cuda)
+            with torch.inference_mode():  # as generate runs it: no autograd graph keeping every layer's activations
+                prefill_s, _ = timed(lambda: kv_model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                                                      **{cache_argument(kv_model): cache}), sync=ids.is_cuda)
             cache.save()
             skew = [layer.skew.top5 if layer.skew else None for layer in cache.tiers.layers]
             chunk_sizes = [sorted(c.length for c in layer.chunks) for layer in cache.tiers.layers]
