@@ -18,6 +18,11 @@
 #   hogwild  (not in the default steps; run on its own, see below) kvtier bench hogwild --device cuda --shape
 #            llama3-8b: N = 1, 2, 4, 8 workers over one 16k-token prompt, HogwildCache against N independent
 #            StaticCache decodes and the re-rotating baseline -> hogwild-llama3-8b-cuda.json (+ .png)
+#   profile  (not in the default steps) scripts/gpu_profile.py: where kvtier's time goes on the GPU at 32k
+#            tokens on the Llama-3-8B shape cut to 4 layers (prefill segments and decode steps beside
+#            DynamicCache and StaticCache, and HogwildCache steps of 4 workers over 16k tokens: top operations,
+#            top Python functions, every device sync by the line that asked for it; one-shot prefill memory;
+#            logit parity in bf16 and fp32) -> profile-llama3-8b-cuda.json
 #
 # Usage:  bash scripts/gpu_check.sh              on the GPU machine, from anywhere
 #         bash scripts/gpu_check.sh --cpu-smoke  every step's command on the CPU with tiny shapes (also
@@ -52,7 +57,8 @@
 # weights; 32k would not fit in an H200's 139 GiB.
 #
 # Environment:
-#   GPU_CHECK_STEPS      steps to run after setup (default "tests kernels exact speed"; also "hogwild")
+#   GPU_CHECK_STEPS      steps to run after setup (default "tests kernels exact speed"; also "hogwild",
+#                        "profile")
 #   GPU_CHECK_LIMIT_S    deadline for the whole script in seconds (default 480)
 #   GPU_CHECK_CONTEXTS   contexts of the kernels and speed steps (default "32768 65536 131072")
 #   GPU_CHECK_CONFIGS    kvtier configurations of the speed step (default "shared-tiered")
@@ -231,7 +237,7 @@ if [ "$DRY" = 1 ]; then
 else
     RESULTS="$ROOT/docs/benchmarks"
 fi
-RESULT_FILES=("$RESULTS/$KERNELS_NAME.json" "$RESULTS/$EXACT_NAME.json" "$RESULTS/$EXACT_NAME.png"
+RESULT_FILES=("$RESULTS/profile-llama3-8b-cuda.json" "$RESULTS/$KERNELS_NAME.json" "$RESULTS/$EXACT_NAME.json" "$RESULTS/$EXACT_NAME.png"
     "$RESULTS/$SPEED_NAME.json" "$RESULTS/$SPEED_NAME.png" "$RESULTS/$HOGWILD_NAME.json" "$RESULTS/$HOGWILD_NAME.png")
 mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu-check.log"
@@ -400,8 +406,16 @@ print("measured", " ".join(str(x["context"]) for x in r["results"]) or "none", "
                     --name "$HOGWILD_NAME" --out "$RESULTS"
             fi
             ;;
+        profile)
+            if [ "$DRY" = 1 ]; then
+                run_step profile 120 "$PY" "$ROOT/scripts/gpu_profile.py" --cpu-smoke --context 1024 --segment 256 \
+                    --steps 4 --out "$RESULTS"
+            else
+                run_step profile 240 "$PY" "$ROOT/scripts/gpu_profile.py" --context 32768 --layers 4 --out "$RESULTS"
+            fi
+            ;;
         *)
-            say "unknown step $step (steps: tests kernels exact speed hogwild)"
+            say "unknown step $step (steps: tests kernels exact speed hogwild profile)"
             SUMMARY+=("$step|unknown step|0")
             FAILED=1
             ;;

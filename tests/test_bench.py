@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,3 +320,19 @@ def test_bench_remote_without_a_server_is_one_line_without_the_password(tmp_path
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "cannot reach the server" in out.stderr and "s3cret-pw" not in out.stderr + out.stdout
     assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "remote.json").exists()
+
+
+def test_gpu_profile_script_runs_on_cpu_smoke(tmp_path):
+    """scripts/gpu_profile.py (the GPU check's profile step) on the CPU with a tiny shape: every part reports,
+    and its parity part finds kvtier's logits equal to DynamicCache's."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "scripts" / "gpu_profile.py"), "--cpu-smoke", "--context", "512",
+                    "--segment", "128", "--steps", "3", "--out", str(tmp_path)], check=True, cwd=tmp_path,
+                   capture_output=True, text=True)
+    result = json.loads((tmp_path / "profile-llama3-8b-cuda.json").read_text())
+    for part in ("prefill", "decode", "hogwild", "memory", "parity"):
+        assert "error" not in result[part], result[part]
+    assert result["decode"]["step_ms"]["kvtier"] > 0 and result["hogwild"]["step_ms"] > 0
+    assert result["prefill"]["top_ops_by_cpu"] and result["decode"]["python_top_10_steps"]
+    for dtype in ("bfloat16", "float32"):
+        assert result["parity"][dtype]["max_abs_logit_diff_vs_dynamic"] <= 1e-5
