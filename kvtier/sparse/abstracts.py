@@ -60,8 +60,13 @@ class AbstractTable:
         self.kmax: torch.Tensor | None = None
         self.pmin: torch.Tensor | None = None
         self.pmax: torch.Tensor | None = None
-        self._chunk_cols = torch.empty(4, 0, dtype=torch.long, device=device)  # start, length, first page, pages
-        self._page_cols = torch.empty(4, 0, dtype=torch.long, device=device)  # start, length, offset, chunk row
+        # Integer columns, kept on the CPU whatever the device: built from Python ints as chunks are sealed and
+        # read back as ints, neither of which may wait for a GPU; selection reads a device copy (`_device_cols`),
+        # made again only after they change.
+        self._chunk_cols = torch.empty(4, 0, dtype=torch.long)  # start, length, first page, pages
+        self._page_cols = torch.empty(4, 0, dtype=torch.long)  # start, length, offset, chunk row
+        self._cols_version = 0
+        self._mirror: tuple[tuple[int, int, int], torch.Tensor, torch.Tensor] | None = None
         self.count = 0
         self.page_count = 0
         self.max_pages = 0  # most pages of one chunk
@@ -136,6 +141,7 @@ class AbstractTable:
             self.kmax[:, :, c] = kmax.to(self.device, torch.float32)
             self.pmin[:, :, p:p + pages] = pmin.to(self.device)
             self.pmax[:, :, p:p + pages] = pmax.to(self.device)
+            self._cols_version += 1
             self._chunk_cols[:, c] = torch.tensor([start, length, p, pages])
             offsets = torch.arange(pages) * self.page_size
             self._page_cols[:, p:p + pages] = torch.stack([
@@ -171,6 +177,7 @@ class AbstractTable:
             self.pmin[:, :, p:p + total] = pmin.to(self.device)
             self.pmax[:, :, p:p + total] = pmax.to(self.device)
             first = pages.cumsum(0) - pages  # each chunk's first page, counted from p
+            self._cols_version += 1
             self._chunk_cols[:, c:c + n] = torch.stack([starts_t, lengths_t, first + p, pages])
             offsets = (torch.arange(total) - torch.repeat_interleave(first, pages, output_size=total)) * self.page_size
             self._page_cols[:, p:p + total] = torch.stack([
@@ -185,7 +192,8 @@ class AbstractTable:
         b, h, d = shape
         cap = max(64, 2 * self.count, need)
         kmin, kmax = (torch.empty(b, h, cap, d, device=self.device) for _ in range(2))
-        cols = torch.zeros(4, cap, dtype=torch.long, device=self.device)
+        cols = torch.zeros(4, cap, dtype=torch.long)
+        self._cols_version += 1
         if self.kmin is not None:
             n = self.count
             kmin[:, :, :n], kmax[:, :, :n] = self.kmin[:, :, :n], self.kmax[:, :, :n]
@@ -196,7 +204,8 @@ class AbstractTable:
         b, h, _, d = shape
         cap = max(256, 2 * self.page_count, need)
         pmin, pmax = (torch.empty(b, h, cap, d, dtype=dtype, device=self.device) for _ in range(2))
-        cols = torch.zeros(4, cap, dtype=torch.long, device=self.device)
+        cols = torch.zeros(4, cap, dtype=torch.long)
+        self._cols_version += 1
         if self.pmin is not None:
             n = self.page_count
             pmin[:, :, :n], pmax[:, :, :n] = self.pmin[:, :, :n], self.pmax[:, :, :n]
@@ -210,14 +219,24 @@ class AbstractTable:
         if self.kmin is None:
             empty = torch.empty(0, dtype=torch.long, device=self.device)
             return torch.empty(0, 0, 0, 0, device=self.device), torch.empty(0, 0, 0, 0, device=self.device), empty, empty
-        return self.kmin[:, :, :n], self.kmax[:, :, :n], self._chunk_cols[1, :n], self._chunk_cols[0, :n]
+        chunk_cols, _ = self._device_cols()
+        return self.kmin[:, :, :n], self.kmax[:, :, :n], chunk_cols[1], chunk_cols[0]
 
     def pages(self) -> PageView:
         """The live page rows (call only when the table has chunks)."""
-        c, p = self.count, self.page_count
-        starts, lengths, offsets, chunk = self._page_cols[:, :p]
+        p = self.page_count
+        chunk_cols, page_cols = self._device_cols()
+        starts, lengths, offsets, chunk = page_cols
         return PageView(self.pmin[:, :, :p], self.pmax[:, :, :p], starts, lengths, offsets, chunk,
-                        self._chunk_cols[2, :c], self._chunk_cols[3, :c], self.pmin.shape[2])
+                        chunk_cols[2], chunk_cols[3], self.pmin.shape[2])
+
+    def _device_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live chunk and page columns on the table's device (views of the CPU columns on a CPU)."""
+        key = (self._cols_version, self.count, self.page_count)
+        if self._mirror is None or self._mirror[0] != key:
+            self._mirror = (key, self._chunk_cols[:, :self.count].to(self.device),
+                            self._page_cols[:, :self.page_count].to(self.device))
+        return self._mirror[1], self._mirror[2]
 
     def row(self, i: int) -> Row:
         """A copy of chunk row i (to carry it into a rebuilt table)."""
@@ -263,6 +282,7 @@ class AbstractTable:
                 self._grow_pages(pmin.shape, pmin.dtype, self.page_count + m)
             c, p = self.count, self.page_count
             cols[2] += p - pb  # first page row
+            self._cols_version += 1
             pcols[3] += c - b  # chunk row
             self.kmin[:, :, c:c + n], self.kmax[:, :, c:c + n], self._chunk_cols[:, c:c + n] = kmin, kmax, cols
             self.pmin[:, :, p:p + m], self.pmax[:, :, p:p + m], self._page_cols[:, p:p + m] = pmin, pmax, pcols
@@ -279,21 +299,23 @@ class AbstractTable:
         with storage_mode():
             self.kmin[:, :, c], self.kmax[:, :, c] = rope.shift_bounds(self.kmin[:, :, c], self.kmax[:, :, c], delta)
             self.pmin[:, :, p], self.pmax[:, :, p] = rope.shift_bounds(self.pmin[:, :, p], self.pmax[:, :, p], delta)
+            self._cols_version += 1
             self._chunk_cols[0, c] += delta
             self._page_cols[0, p] += delta
 
     def refresh(self, rows: torch.Tensor, k: torch.Tensor) -> None:
         """Exact bounds for chunk rows `rows` ([R], their chunks' keys end to end in k [B, Hkv, N, D]), computed
         for all of them at once (segment minima and maxima by scatter), not chunk by chunk."""
+        cols = self._chunk_cols[:, rows.cpu()]
+        n_pages = int(cols[3].sum())
+        _, lengths, first, pages = cols.to(self.device)
         rows = rows.to(self.device)
-        _, lengths, first, pages = self._chunk_cols[:, rows]
         b, h, n, d = k.shape
         r = rows.numel()
         local_first = pages.cumsum(0) - pages
         offset = torch.arange(n, device=self.device) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths,
                                                                                 output_size=n)
         tok_page = torch.repeat_interleave(local_first, lengths, output_size=n) + offset // self.page_size
-        n_pages = int(pages.sum())
         index = tok_page.view(1, 1, n, 1).expand(b, h, n, d)
         pmin = k.new_full((b, h, n_pages, d), float("inf")).scatter_reduce_(2, index, k, "amin")
         pmax = k.new_full((b, h, n_pages, d), float("-inf")).scatter_reduce_(2, index, k, "amax")

@@ -63,6 +63,19 @@ def _place(pieces: list[tuple[int, torch.Tensor, torch.Tensor]], k_out: torch.Te
         i = j
 
 
+def _run_owners(chunks: list[Chunk], device: torch.device) -> torch.Tensor:
+    """Each token's chunk row for consecutive chunks, made on `device` by one arange per run of equal-length
+    chunks with consecutive rows (a list uploaded to a GPU would make the CPU wait for it)."""
+    parts, i = [], 0
+    while i < len(chunks):
+        length, row, j = chunks[i].length, chunks[i].row, i + 1
+        while j < len(chunks) and chunks[j].length == length and chunks[j].row == row + j - i:
+            j += 1
+        parts.append(torch.arange((j - i) * length, device=device) // length + row)
+        i = j
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _positions(chunk: Chunk, device: torch.device) -> torch.Tensor:
     return torch.arange(chunk.start, chunk.end, device=device)
 
@@ -296,11 +309,9 @@ class TierManager:
         slots = pool.allocate(n)
         if slots is None:
             return False
-        lengths = torch.tensor([c.length for c in chunks])
-        owners = torch.repeat_interleave(torch.tensor([c.row for c in chunks]), lengths, output_size=n)
         positions = torch.arange(chunks[0].start, chunks[0].start + n, device=pool.device)
         try:
-            pool.write(slots, k, v, positions, owners.to(pool.device))
+            pool.write(slots, k, v, positions, _run_owners(chunks, pool.device))
         except BaseException:
             pool.release(slots)
             raise
