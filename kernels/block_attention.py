@@ -75,14 +75,52 @@ def block_decode_attention(
     Returns out [N, Hq, D] float32 and lse [N, Hq] float32 (natural log; -inf and out 0 for a worker that
     sees no key).
 
-    Dispatch: the Triton kernel where it may run (CUDA, or the CPU interpreter); else one fused attention
-    call per block (the reference's own math where soft-capping leaves no fused kernel)."""
+    Dispatch: the Triton kernel where it may run (CUDA, or the CPU interpreter); else, for few held keys, one
+    attention call over every worker's turned copy of the keys (`_views_at_once`), and otherwise one fused
+    attention call per block (the reference's own math where soft-capping leaves no fused kernel)."""
     _check(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, window)
     if q.shape[0] and block_start.shape[0] and use_triton(q):
         return _block_decode_attention_triton(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved,
                                               scale, softcap, window)
+    held = int(block_len.sum()) if block_len.numel() else 0
+    if q.shape[0] and held and q.shape[0] * held * k.shape[0] * k.shape[2] <= _VIEW_ELEMS:
+        return _views_at_once(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap,
+                              window, fused=fused_available(q, softcap))
     return _per_block(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap, window,
                       fused=fused_available(q, softcap))
+
+
+_VIEW_ELEMS = 1 << 22  # most float32 key elements `_views_at_once` turns (16 MiB): every worker's copy of the blocks
+
+
+def _views_at_once(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap, window,
+                   fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Without a compiled kernel, for few held keys (the workers' current steps): every worker gets its own
+    copy of the blocks' keys, turned so that q.k sees the distance of its view (key j of block b moves by
+    q_pos[n] - qrel[n, b], the inverse of the query's turn: a rotation preserves dot products), and one
+    attention call with the workers as its batch covers all blocks; a per-block loop pays a call, a query
+    turn and a log-sum-exp merge per block."""
+    from ..rope import Rope  # see `_per_block`
+
+    n, hq, d = q.shape
+    starts, lens = block_start.tolist(), block_len.tolist()
+    rows = torch.cat([torch.arange(a, a + m) for a, m in zip(starts, lens) if m]).to(k.device)  # held key rows
+    lens_t = torch.tensor(lens)
+    block = torch.repeat_interleave(torch.arange(len(lens)), lens_t).to(k.device)  # each held key's block
+    local = rows - torch.repeat_interleave(block_start.to(k.device), lens_t.to(k.device))  # its index j in the block
+    rel = qrel.to(k.device)[:, block]  # [N, T]: each worker's query position relative to each key's block
+    seen = (rel >= 0) & (local[None, :] <= rel)
+    if window is not None:
+        seen &= rel - local[None, :] < window
+    rope = Rope(inv_freq.float(), interleaved=interleaved)
+    held = k[:, rows].float()[None].expand(n, -1, -1, -1)  # [N, Hkv, T, D]
+    turned = rope.shift(held, q_pos.to(k.device)[:, None] - rel)  # [N, Hkv, T, D]
+    values = v[:, rows].float()[None].expand(n, -1, -1, -1)
+    qn, mask = q.float().unsqueeze(2), seen[:, None, None, :]  # [N, Hq, 1, D], [N, 1, 1, T]
+    res = fused_attention(qn, turned, values, scale, mask) if fused else None
+    if res is None:
+        res = partial_attention(qn, turned, values, scale, mask, softcap)
+    return res[0].squeeze(2), res[1].squeeze(2)
 
 
 def _per_block(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap, window,

@@ -124,6 +124,22 @@ def test_reference_property(seed, n, hkv, g, d, rot, interleaved, lens, softcap,
     _check(args, interleaved, 0.25, softcap, window)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 4), hkv=st.integers(1, 2), g=st.sampled_from([1, 2, 4]),
+       d=st.sampled_from([16, 24, 40]), rot=st.sampled_from([1.0, 0.5]), interleaved=st.booleans(),
+       lens=st.lists(st.integers(0, 9), min_size=1, max_size=5).filter(any), softcap=st.sampled_from([None, 3.0]),
+       window=st.sampled_from([None, 1, 4]), fused=st.booleans())
+def test_views_at_once_property(seed, n, hkv, g, d, rot, interleaved, lens, softcap, window, fused):
+    """The CPU path for few held keys (every worker's turned copy of the keys, one call) against each view
+    built as one sequence: blocks out of a view, empty blocks, windows, soft-capping, workers that see nothing."""
+    from kvtier.kernels.block_attention import _views_at_once
+
+    rotary_dim = max(2, int(d * rot) // 2 * 2)
+    args = _case(seed, n=n, hq=g * hkv, hkv=hkv, d=d, lens=lens, rotary_dim=rotary_dim)
+    _check(args, interleaved, 0.25, softcap, window,
+           fn=lambda *a: _views_at_once(*a, fused=fused and softcap is None))
+
+
 def test_hogwild_views():
     """Two workers over [prompt, step of worker 0, step of worker 1]: each sees the prompt, the other's step, then
     its own step last (the paper's layout); the query is the next token of its own step."""
