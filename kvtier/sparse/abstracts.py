@@ -13,6 +13,7 @@ Chunk bounds are float32; page bounds keep the keys' dtype, where a min or max i
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +123,7 @@ class AbstractTable:
                     parts.append((kmn.unsqueeze(2), kmx.unsqueeze(2), pmn, pmx))
             at += n
             i = j
-        starts = [start + sum(sizes[:c]) for c in range(len(sizes))]
+        starts = [start + a for a in itertools.accumulate(sizes, initial=0)][:-1]
         self.extend(*(torch.cat([p[f] for p in parts], dim=2) for f in (0, 1)), starts, list(sizes),
                     *(torch.cat([p[f] for p in parts], dim=2) for f in (2, 3)))
 
