@@ -123,3 +123,58 @@ def test_slot_lists_are_on_the_cpu_whatever_the_arena_device():
     pool.release(a[1:3])
     c = pool.allocate(4)  # the lowest holes first, then fresh slots
     assert c.device.type == "cpu" and c.tolist() == [1, 2, 8, 9]
+
+
+@pytest.mark.parametrize("where", ["chunk-write", "run-write", "abstracts"])
+@pytest.mark.parametrize("error", ["clean", "unexpected"])
+def test_a_run_that_fails_while_sealing_is_undone(monkeypatch, where, error):
+    """Layer 1's write of the chunk the window joins, the run's device write or the run's abstract update fails,
+    after layer 0 sealed its chunks. A clean
+    failure (memory kvtier could not get) is rolled back: the slots are given back and the next pass computes
+    what a cache that never saw the failed pass computes. Any other error leaves the cache `interrupted`."""
+    from kvtier.errors import CacheMemoryError
+    from kvtier.sparse.abstracts import AbstractTable
+    from kvtier.store.pools import DevicePool
+
+    model = build_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (1, 400), generator=torch.Generator().manual_seed(5))
+    options = dict(mode="exact", chunk_size=32, recent_window=40)
+    cache, reference = KVTierCache.for_model(model, **options), KVTierCache.for_model(model, **options)
+    prefill(model, cache, ids[:, :200], segment_tokens=200, progress=False)
+    prefill(model, reference, ids[:, :200], segment_tokens=200, progress=False)
+    used = [layer.pool.used for layer in cache.tiers.layers]
+    armed = {"on": True}
+    target = (AbstractTable, "add_run") if where == "abstracts" else (DevicePool, "write")
+    run_write = where == "run-write"
+    original = getattr(*target)
+    exc = CacheMemoryError("no memory for the run") if error == "clean" else RuntimeError("the run failed")
+
+    def failing(self, *args, **kwargs):
+        mine = self is cache.tiers.layers[1].pool or self is cache.tiers.layers[1].abstracts
+        if where != "abstracts" and mine and (args[1].shape[2] > 32) != run_write:
+            mine = False  # a run writes more than one chunk's 32 tokens at once
+        if armed["on"] and mine:
+            armed["on"] = False
+            raise exc
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(*target, failing)
+    with pytest.raises(type(exc)):
+        prefill(model, cache, ids[:, 200:328], segment_tokens=128, progress=False)
+    assert not armed["on"]  # the run of layer 1 failed, not something else
+    if error == "unexpected":
+        assert cache.interrupted
+        cache.close()
+        reference.close()
+        return
+    assert not cache.interrupted
+    assert [layer.pool.used for layer in cache.tiers.layers] == used
+    got = prefill(model, cache, ids[:, 200:328], segment_tokens=128, progress=False)
+    want = prefill(model, reference, ids[:, 200:328], segment_tokens=128, progress=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        a = model(input_ids=ids[:, 328:329], past_key_values=cache, use_cache=True).logits
+        b = model(input_ids=ids[:, 328:329], past_key_values=reference, use_cache=True).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    cache.close()
+    reference.close()

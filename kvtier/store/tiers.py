@@ -293,7 +293,11 @@ class TierManager:
         chunk.rows = None
         slots = self.allocate_device(chunk.layer, chunk.length)
         if slots is not None:
-            self._write_device(chunk, slots, k, v)
+            try:
+                self._write_device(chunk, slots, k, v)
+            except BaseException:
+                self.device_pools[chunk.layer].release(slots)  # a failed write holds no slots
+                raise
         else:
             self._to_host(chunk, k, v)
 
