@@ -732,7 +732,7 @@ class TierManager:
         if not on_device:
             return [], None
         pool = self.device_pools[layer]
-        slots = torch.cat([c.slots for c in on_device]).to(pool.device)
+        slots = torch.cat([c.slots for c in on_device])  # on the CPU, as every slot list
         lengths = [c.length for c in on_device]
         owners = torch.repeat_interleave(torch.tensor([c.row for c in on_device]), torch.tensor(lengths))
         k, v = pool.read(slots)
