@@ -75,6 +75,7 @@ class TieredLayer:
         self.steps_since_refine = 0
         self.refines = 0  # refinements done (a failed pass's rollback checks whether one ran inside it)
         self._slot_table: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._forced: tuple[tuple[int, int, int], torch.Tensor, int] | None = None
 
     @property
     def win_start(self) -> int:
@@ -275,6 +276,16 @@ class TieredLayer:
             flat = torch.cat(runs).to(device) if runs else torch.zeros(0, dtype=torch.long, device=device)
             self._slot_table = (version, flat, torch.tensor(offsets, dtype=torch.long, device=device))
         return self._slot_table[1], self._slot_table[2]
+
+    def forced_chunks(self) -> tuple[torch.Tensor, int]:
+        """Which chunk rows every sparse step attends to (the sinks), [C] bool on the abstracts' device, and
+        their tokens. Rebuilt only after the chunk rows change, not at every step of every layer."""
+        version = self.abstracts.version
+        if self._forced is None or self._forced[0] != version:
+            pinned = [c.pinned for c in self.chunks]
+            tokens = sum(c.length for c in self.chunks if c.pinned)
+            self._forced = (version, torch.tensor(pinned, dtype=torch.bool, device=self.abstracts.device), tokens)
+        return self._forced[1], self._forced[2]
 
     def attend(self, q: torch.Tensor, handle: KVHandle, pad: torch.Tensor | None, scale: float,
                softcap: float | None, need_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

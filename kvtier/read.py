@@ -139,28 +139,35 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
         chunk.selected += 1
     layer.last_union = needed
     staged = tiers.make_resident(layer.index, needed)
-    b, h = sel.pages.shape[:2]
-    tiers.counters.selected_tokens += int((sel.pages * pages.lengths).sum()) + always * b * h
+    lengths = layer.abstracts.view()[2]
+    b, h = sel.chunks.shape[:2]
+    tiers.counters.selected_tokens += sel.tokens(lengths, pages.lengths) + always * b * h
     tiers.counters.selection_steps += b * h
 
     # The arena: selected pages' slots and the window; staged chunks are attended from their staging copy.
-    arena_pages = sel.pages
+    whole_ok, parts_ok = sel.whole_ok, sel.parts_ok
     if staged:
-        arena_pages = sel.pages.clone()
+        off = torch.zeros(len(layer.chunks), dtype=torch.bool)
+        off[[chunk.row for chunk, _, _ in staged]] = True
+        off = off.to(lengths.device)
+        whole_ok = whole_ok & ~off.take(sel.whole)
+        parts_ok = parts_ok & ~off.take(sel.page_chunk.take(sel.parts))
+    if pad is None:
+        idx, counts = _arena_lists(layer, sel, whole_ok, parts_ok)
+    else:  # padding hides single slots: mask the arena slot by slot (batched decode of left-padded rows)
+        arena_pages = sel.pages
         for chunk, _, _ in staged:
             first = int(pages.first[chunk.row])
             arena_pages[..., first:first + int(pages.count[chunk.row])] = False
-    if pad is None:
-        idx, counts = _arena_lists(layer, arena_pages)
-    else:  # padding hides single slots: mask the arena slot by slot (batched decode of left-padded rows)
         idx, counts = _arena_lists_masked(layer, arena_pages, pad)
     # The whole (contiguous) arena: slot indices address it directly, nothing is copied.
     out, lse = sparse_decode_attention(q[:, :, 0], layer.pool.k, layer.pool.v, idx, counts, scale, softcap)
     parts = [(out.unsqueeze(2), lse.unsqueeze(2))]
     page_size = layer.abstracts.page_size
+    page_sel = sel.pages if staged else None
     for chunk, ck, cv in staged:
-        token_page = pages.first[chunk.row] + torch.arange(chunk.length, device=sel.pages.device) // page_size
-        head_mask = sel.pages[:, :, token_page][:, :, None, :]  # [B, Hkv, 1, n]
+        token_page = pages.first[chunk.row] + torch.arange(chunk.length, device=page_sel.device) // page_size
+        head_mask = page_sel[:, :, token_page][:, :, None, :]  # [B, Hkv, 1, n]
         if pad is not None:
             head_mask = head_mask & pad[:, None, None, chunk.start:chunk.end]
         parts.append(partial_attention(q, ck, cv, scale, head_mask, softcap))
@@ -171,8 +178,8 @@ def select_chunks(layer: "TieredLayer", q: torch.Tensor, pad: torch.Tensor | Non
     """What query q [B, Hq, D] attends to under the layer's budget: (the selected pages and their chunks,
     tokens every (sequence, KV head) attends to besides them: sinks and the recent window)."""
     kmin, kmax, lengths, starts = layer.abstracts.view()
-    forced = torch.tensor([c.pinned for c in layer.chunks], device=lengths.device)
-    always = int(lengths[forced].sum()) + layer.win_slots.numel()
+    forced, sink_tokens = layer.forced_chunks()
+    always = sink_tokens + layer.win_slots.numel()
     chunk_budget = max(0, layer.config.budget_tokens(layer.length) - always)
     has_tokens = _chunks_with_tokens(pad, starts, lengths) if pad is not None else None
     sel = layer.tiers.selector.select_pages(q, kmin, kmax, lengths, starts, layer.abstracts.pages(),
@@ -186,35 +193,40 @@ def _chunks_with_tokens(pad: torch.Tensor, starts: torch.Tensor, lengths: torch.
     return (cum[:, starts + lengths] - cum[:, starts]) > 0
 
 
-def _arena_lists(layer: "TieredLayer", sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each (sequence, KV head)'s arena slots: its selected pages' slots, then the recent window.
+def _arena_lists(layer: "TieredLayer", sel: Selection, whole_ok: torch.Tensor,
+                 parts_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (sequence, KV head)'s arena slots: its selected chunks' and pages' slots, then the recent window.
 
-    sel: [B, Hkv, P] bool, only pages of chunks on the device. Returns idx [B, Hkv, width] (valid below
-    counts) and counts [B, Hkv]. Built from the selected pages alone: O(pages + attended tokens), whatever
-    the context."""
-    b, h, _ = sel.shape
+    whole_ok, parts_ok: the selection's entries to read from the arena (those of chunks on the device).
+    Returns idx [B, Hkv, width] (valid below counts) and counts [B, Hkv]. Built from the selection's lists
+    alone, one run of slots per chunk or page: O(chunks + attended tokens), whatever the context."""
+    b, h, _ = sel.chunks.shape
     flat, run_at = layer.slot_table()
     pages = layer.abstracts.pages()
+    lengths = layer.abstracts.view()[2]
     window = layer.win_slots.to(flat.device)
-    nz = sel.nonzero()  # (b, h, page) triples in row-major order: each (b, h)'s entries are contiguous
-    page = nz[:, 2]
-    lens = pages.lengths[page]
-    base = run_at[pages.chunk[page]] + pages.offsets[page]  # where each page's slots start in `flat`
-    owner = nz[:, 0] * h + nz[:, 1]  # flat (b, h)
-    per_bh = torch.zeros(b * h, dtype=torch.long, device=sel.device).index_add_(0, owner, lens)
+    device = flat.device
+    # Runs: where each unit's slots start in `flat`, and how many (0 for entries not read from the arena).
+    page_chunk = pages.chunk.take(sel.parts)
+    start = torch.cat([run_at.take(sel.whole), run_at.take(page_chunk) + pages.offsets.take(sel.parts)], dim=-1)
+    size = torch.cat([lengths.take(sel.whole) * whole_ok, pages.lengths.take(sel.parts) * parts_ok], dim=-1)
+    units = size.shape[-1]
+    size = size.flatten()
+    per_bh = size.view(b * h, units).sum(-1)
     counts = per_bh + window.numel()
     width = max(1, int(counts.max()))
-    idx = torch.zeros(b * h, width, dtype=torch.long, device=sel.device)
-    total = int(lens.sum())
+    idx = torch.zeros(b * h * width, dtype=torch.long, device=device)
+    total = int(per_bh.sum())
     if total:
-        entry = torch.arange(total, device=sel.device)
-        triple = torch.repeat_interleave(torch.arange(nz.shape[0], device=sel.device), lens, output_size=total)
-        within = entry - (lens.cumsum(0) - lens)[triple]  # offset inside the page
-        bh = owner[triple]
-        col = entry - (per_bh.cumsum(0) - per_bh)[bh]  # offset inside the (b, h) list
-        idx[bh, col] = flat[base[triple] + within]
+        entry = torch.arange(total, device=device)
+        unit = torch.repeat_interleave(torch.arange(size.numel(), device=device), size, output_size=total)
+        within = entry - (size.cumsum(0) - size).take(unit)  # offset inside the unit
+        bh = unit // units
+        dest = bh * width + entry - (per_bh.cumsum(0) - per_bh).take(bh)  # place in the (b, h) list
+        idx.scatter_(0, dest, flat.take(start.flatten().take(unit) + within))
+    idx = idx.view(b * h, width)
     if window.numel():
-        cols = per_bh[:, None] + torch.arange(window.numel(), device=sel.device)[None, :]
+        cols = per_bh[:, None] + torch.arange(window.numel(), device=device)[None, :]
         idx.scatter_(1, cols, window[None, :].expand(b * h, -1))
     return idx.view(b, h, width), counts.view(b, h)
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from kvtier import KVTierCache
 from kvtier.sparse import AbstractTable, QuestBound, Recency, SharedAcrossHeads
-from kvtier.sparse.select import CANDIDATES, take_in_order
+from kvtier.sparse.select import CANDIDATES, _rank_chunks, take_in_order
 
 SPARSE = dict(mode="sparse", chunk_size=16, sink_tokens=4, recent_window=16, min_chunk_size=8, max_chunk_size=48,
               observation_window=16)
@@ -109,6 +109,46 @@ def _greedy_pages(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> set
 @given(lengths=st.lists(st.integers(1, 64), min_size=2, max_size=14), page_size=st.integers(2, 16),
        budget=st.integers(0, 120), seed=st.integers(0, 10_000), shared=st.booleans())
 def test_whole_chunks_while_they_fit_then_the_best_pages_of_the_next(lengths, page_size, budget, seed, shared):
+    _check_page_selection(lengths, page_size, budget, seed, shared)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=60, max_size=300), page_size=st.integers(2, 16),
+       budget=st.integers(0, 4000), seed=st.integers(0, 10_000), shared=st.booleans())
+def test_page_selection_over_more_chunks_than_the_first_ranking_sorts(lengths, page_size, budget, seed, shared):
+    """Past 64 chunks only the top ranks are sorted, more as the budget reaches further down."""
+    _check_page_selection(lengths, page_size, budget, seed, shared)
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 400), levels=st.integers(1, 6), budget=st.integers(0, 5000), seed=st.integers(0, 10_000))
+def test_partial_ranking_equals_a_stable_full_sort(n, levels, budget, seed):
+    """Ties (few score levels) and -inf included: the ranks selection reads come out as a stable sort has them."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (2, 3, n), generator=g).float()
+    scores[torch.rand(2, 3, n, generator=g) < 0.1] = float("-inf")
+    lengths = torch.randint(1, 50, (n,), generator=g)
+    order, sizes, whole, cand, left = _rank_chunks(scores, lengths, budget)
+    for b in range(2):
+        for h in range(3):
+            ranking = scores[b, h].argsort(descending=True, stable=True).tolist()
+            taken, used = [], 0
+            while len(taken) < n and scores[b, h, ranking[len(taken)]] > float("-inf") \
+                    and used + int(lengths[ranking[len(taken)]]) <= budget:
+                used += int(lengths[ranking[len(taken)]])
+                taken.append(ranking[len(taken)])
+            nxt, ahead = [], 0
+            for c in ranking[len(taken):]:
+                if scores[b, h, c] == float("-inf") or ahead >= CANDIDATES * (budget - used):
+                    break
+                nxt.append(c)
+                ahead += int(lengths[c])
+            assert order[b, h][whole[b, h]].tolist() == taken
+            assert order[b, h][cand[b, h]].tolist() == nxt
+            assert int(left[b, h]) == budget - used
+
+
+def _check_page_selection(lengths, page_size, budget, seed, shared):
     table, _ = _table(lengths, page_size, seed)
     q = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(seed + 1))
     kmin, kmax, lens, starts = table.view()
@@ -142,6 +182,7 @@ def test_whole_chunks_while_they_fit_then_the_best_pages_of_the_next(lengths, pa
             assert _greedy_pages(scores, pages.lengths, left) <= extra  # then the best pages of the next chunks
             # the chunk mask names exactly the chunks holding a chosen page
             assert set(sel.chunks[b, h].nonzero().flatten().tolist()) == {int(pages.chunk[p]) for p in chosen}
+    assert sel.tokens(lens, pages.lengths) == int((sel.pages * pages.lengths).sum())  # the lists are the mask
     if shared:
         assert torch.equal(sel.pages[:, 0], sel.pages[:, 1])
 

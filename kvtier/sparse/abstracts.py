@@ -75,6 +75,11 @@ class AbstractTable:
     def __len__(self) -> int:
         return self.count
 
+    @property
+    def version(self) -> tuple[int, int, int]:
+        """Changes whenever a chunk row is added, removed or moved (tables derived from the rows rebuild)."""
+        return self._cols_version, self.count, self.page_count
+
     def pages_of(self, length: int) -> int:
         return -(-length // self.page_size)
 
@@ -233,7 +238,7 @@ class AbstractTable:
 
     def _device_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The live chunk and page columns on the table's device (views of the CPU columns on a CPU)."""
-        key = (self._cols_version, self.count, self.page_count)
+        key = self.version
         if self._mirror is None or self._mirror[0] != key:
             self._mirror = (key, self._chunk_cols[:, :self.count].to(self.device),
                             self._page_cols[:, :self.page_count].to(self.device))

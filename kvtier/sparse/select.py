@@ -27,11 +27,43 @@ CANDIDATES = 4
 
 @dataclass(frozen=True)
 class Selection:
-    """What one decode step attends to besides the recent window: chunks [B, Hkv, C] (any of their tokens)
-    and pages [B, Hkv, P] bool (the tokens themselves)."""
+    """What one decode step attends to besides the recent window, per (sequence, KV head):
+
+    chunks [B, Hkv, C] bool: the chunks holding any selected token (what must be resident);
+    whole [B, Hkv, U]: chunk rows attended whole (sinks included), real where whole_ok;
+    parts [B, Hkv, W]: page rows attended from chunks not taken whole, real where parts_ok.
+
+    The lists are what a step reads (their tokens cost O(budget) to find); `pages` is the same choice as a
+    mask over every page row."""
 
     chunks: torch.Tensor
-    pages: torch.Tensor
+    whole: torch.Tensor
+    whole_ok: torch.Tensor
+    parts: torch.Tensor
+    parts_ok: torch.Tensor
+    page_chunk: torch.Tensor  # [P]: each page row's chunk row
+
+    @property
+    def pages(self) -> torch.Tensor:
+        """[B, Hkv, P] bool: the selected pages (every page of a chunk taken whole)."""
+        b, h, c = self.chunks.shape
+        whole = torch.zeros(b, h, c + 1, dtype=torch.long, device=self.chunks.device)
+        whole.scatter_(-1, torch.where(self.whole_ok, self.whole, c), 1)
+        out = whole[..., :c].index_select(-1, self.page_chunk)
+        out.scatter_add_(-1, self.parts, self.parts_ok.long())
+        return out > 0
+
+    def tokens(self, chunk_lengths: torch.Tensor, page_lengths: torch.Tensor) -> int:
+        """Tokens selected, summed over sequences and KV heads."""
+        return int((chunk_lengths.take(self.whole) * self.whole_ok).sum()
+                   + (page_lengths.take(self.parts) * self.parts_ok).sum())
+
+
+def _rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, N] bool -> the True entries' indices per row, in order, padded: (rows, ok) [B, H, max count]."""
+    n = max(1, int(mask.sum(-1).max())) if mask.numel() else 1
+    ok, rows = mask.to(torch.uint8).sort(dim=-1, descending=True, stable=True)
+    return rows[..., :n], ok[..., :n].bool()
 
 
 def take_in_order(sizes: torch.Tensor, usable: torch.Tensor, budget: int | torch.Tensor) -> torch.Tensor:
@@ -109,52 +141,95 @@ class Selector:
         max_pages: most pages of one chunk (the table's)."""
         if max_pages <= 1:  # one page per chunk: pages are the chunks
             sel = self.select(q, kmin, kmax, lengths, starts, budget, forced, has_tokens)
-            return Selection(sel, sel[:, :, pages.chunk])
+            whole, whole_ok = _rows(sel)
+            none = torch.zeros(*sel.shape[:2], 0, dtype=torch.long, device=sel.device)
+            return Selection(sel, whole, whole_ok, none, none.bool(), pages.chunk)
         scores = self._chunk_scores(q, kmin, kmax, starts, forced, has_tokens)
-        order = scores.argsort(dim=-1, descending=True, stable=True)  # stable: shared scores rank alike per head
-        sizes = lengths[order]
-        usable = torch.gather(scores, -1, order) > _NEG
+        order, sizes, whole, cand, left = _rank_chunks(scores, lengths, budget)
+        pid, page_ok = _candidate_pages(order, cand, pages, max_pages)
+        pscores = self.score(q, *pages.bounds(pid), pages.starts.take(pid)).float().masked_fill(~page_ok, _NEG)
+        porder = pscores.argsort(dim=-1, descending=True, stable=True)
+        taken = take_in_order(pages.lengths.take(pid).gather(-1, porder), pscores.gather(-1, porder) > _NEG, left)
+        parts, parts_ok = pid.gather(-1, porder), taken
+        hits = torch.zeros_like(scores, dtype=torch.long).scatter_(-1, order, whole.long())
+        chunk_sel = hits.scatter_add_(-1, pages.chunk.take(parts), taken.long()) > 0
+        whole_rows, whole_ok = order, whole
+        if forced is not None and bool(forced.any()):
+            chunk_sel |= forced[None, None, :]
+            sinks = forced.nonzero().flatten()[None, None, :].expand(*order.shape[:2], -1)
+            whole_rows = torch.cat([sinks, order], dim=-1)
+            whole_ok = torch.cat([torch.ones_like(sinks, dtype=torch.bool), whole], dim=-1)
+        return Selection(chunk_sel, whole_rows, whole_ok, parts, parts_ok, pages.chunk)
+
+
+def _rank_chunks(scores: torch.Tensor, lengths: torch.Tensor, budget: int):
+    """The chunks in rank order as far as page selection looks (the best first; ties in index order), and
+    what it makes of them, all [B, Hkv, R]: (order, sizes, whole, cand, left [B, Hkv, 1]). whole: the best
+    while they fit the budget (a prefix); cand: the chunks ranked right after, holding up to CANDIDATES x
+    what is left (`left`) in tokens. Only the top R ranks are sorted (R grows until no row reaches its end):
+    a full sort of every chunk cost more than all the rest of the selection."""
+    c = scores.shape[-1]
+    r = min(c, 64)
+    while True:
+        vals, order = scores.topk(r, dim=-1)
+        if r < c:  # a score shared across the cut: which of its chunks made the top r is arbitrary
+            last = vals[..., -1:]
+            if bool(((last > _NEG) & ((scores >= last).sum(-1, keepdim=True) > r)).any()):
+                r = c
+                continue
+        tie = (vals[..., 1:] == vals[..., :-1]) & (vals[..., 1:] > _NEG)
+        if bool(tie.any()):  # equal scores rank by index, as a stable sort ranks them (shared scores rank alike)
+            by_index = order.argsort(dim=-1)
+            order, vals = order.gather(-1, by_index), vals.gather(-1, by_index)
+            again = vals.argsort(dim=-1, descending=True, stable=True)
+            order, vals = order.gather(-1, again), vals.gather(-1, again)
+        sizes = lengths.take(order)
+        usable = vals > _NEG
         whole = usable & (sizes.cumsum(-1) <= budget)  # a prefix of the ranking
         left = budget - (sizes * whole).sum(-1, keepdim=True)  # [B, Hkv, 1]
         rest = usable & ~whole
         ahead = (sizes * rest).cumsum(-1) - sizes  # tokens of the rest ranked before each chunk
-        cand = rest & (ahead < CANDIDATES * left)  # the chunks ranked right after the whole ones
-        pid, page_ok = _candidate_pages(order, cand, int((whole.sum(-1) + cand.sum(-1)).max()), pages)
-        pscores = self.score(q, *pages.bounds(pid), pages.starts[pid]).float().masked_fill(~page_ok, _NEG)
-        porder = pscores.argsort(dim=-1, descending=True, stable=True)
-        taken = take_in_order(pages.lengths[pid].gather(-1, porder), pscores.gather(-1, porder) > _NEG, left)
-        chosen = torch.zeros_like(taken).scatter_(-1, porder, taken).long()
-        chunk_sel = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, whole)
-        page_sel = chunk_sel[:, :, pages.chunk].long().scatter_add_(-1, pid, chosen) > 0
-        chunk_sel = chunk_sel.long().scatter_add_(-1, pages.chunk[pid], chosen) > 0
-        if forced is not None:
-            chunk_sel |= forced[None, None, :]
-            page_sel |= forced[pages.chunk][None, None, :]
-        return Selection(chunk_sel, page_sel)
+        cand = rest & (ahead < CANDIDATES * left)
+        if r == c or not bool((whole | cand)[..., -1].any()):  # no row would take a chunk ranked below r
+            return order, sizes, whole, cand, left
+        r = min(c, 4 * r)
 
 
-def _candidate_pages(order: torch.Tensor, cand: torch.Tensor, reach: int,
-                     pages: PageView) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pages of each (row, KV head)'s candidate chunks (cand, in rank order, all within the first `reach`
-    ranks), listed end to end: page rows [B, Hkv, W] and which entries are real [B, Hkv, W] (W: the longest
-    list). O(candidate pages), whatever the context."""
+def _candidate_pages(order: torch.Tensor, cand: torch.Tensor, pages: PageView,
+                     max_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pages of each (row, KV head)'s candidate chunks (cand, in rank order): page rows [B, Hkv, W] and
+    which entries are real [B, Hkv, W]. O(candidate pages), whatever the context: the candidates of every row
+    lie in one band of ranks, each laid out as max_pages entries where that is at most twice the pages they
+    hold (one gather, no compaction), else listed end to end."""
     b, h, _ = order.shape
-    width_c = max(1, reach)
-    rows = order[..., :width_c]
-    counts = torch.where(cand[..., :width_c], pages.count[rows], 0).flatten()  # pages per candidate
-    per_bh = counts.view(b * h, width_c).sum(-1)
+    band = cand.any(dim=1).any(dim=0).nonzero().flatten()
+    if band.numel() == 0:
+        none = torch.zeros(b, h, 1, dtype=torch.long, device=order.device)
+        return none, none.bool()
+    lo, hi = (int(x) for x in torch.stack([band[0], band[-1]]).tolist())
+    rows = order[..., lo:hi + 1]
+    in_cand = cand[..., lo:hi + 1]
+    counts = torch.where(in_cand, pages.count.take(rows), 0)  # pages per candidate
+    per_bh = counts.sum(-1)
     width = max(1, int(per_bh.max()))
-    pid = torch.zeros(b * h, width, dtype=torch.long, device=order.device)
-    ok = torch.zeros(b * h, width, dtype=torch.bool, device=order.device)
+    if rows.shape[-1] * max_pages <= 2 * width:
+        within = torch.arange(max_pages, device=order.device)
+        pid = pages.first.take(rows)[..., None] + within
+        ok = within < counts[..., None]
+        return torch.where(ok, pid, 0).flatten(2), ok.flatten(2)
+    counts, width_c = counts.flatten(), rows.shape[-1]
+    per_bh = per_bh.flatten()
+    pid = torch.zeros(b * h * width, dtype=torch.long, device=order.device)
+    ok = torch.zeros(b * h * width, dtype=torch.bool, device=order.device)
     total = int(per_bh.sum())
     if total:
         entry = torch.arange(total, device=order.device)
         src = torch.repeat_interleave(torch.arange(counts.numel(), device=order.device), counts, output_size=total)
-        within = entry - (counts.cumsum(0) - counts)[src]  # page index inside its chunk
+        within = entry - (counts.cumsum(0) - counts).take(src)  # page index inside its chunk
         bh = src // width_c
-        col = entry - (per_bh.cumsum(0) - per_bh)[bh]  # place in the (row, head) list
-        pid[bh, col] = pages.first[rows.flatten()[src]] + within
-        ok[bh, col] = True
+        dest = bh * width + entry - (per_bh.cumsum(0) - per_bh).take(bh)  # place in the (row, head) list
+        pid.scatter_(0, dest, pages.first.take(rows.flatten().take(src)) + within)
+        ok.scatter_(0, dest, torch.ones_like(dest, dtype=torch.bool))
     return pid.view(b, h, width), ok.view(b, h, width)
 
 
