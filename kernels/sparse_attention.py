@@ -59,6 +59,54 @@ def sparse_decode_attention(q, k, v, idx, counts, scale, softcap=None):
     return sparse_decode_attention_ref(q, k, v, idx, counts, scale, softcap)
 
 
+WINDOW = 16  # slots per row copy of `run_decode_attention`
+
+
+def run_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: torch.Tensor,
+    length: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Decode attention where each (sequence, KV head) reads runs of consecutive arena slots.
+
+    q: [B, Hq, D]; k, v: [B, Hkv, S, D], contiguous (the arena); start, length: [B, Hkv, U], the runs (length
+    0: none). Runs are read as WINDOW-slot windows, one row copy per window instead of one per slot, into
+    dense rows for the fused kernel, the slots past a run's end masked: on a CPU the copy and the slot
+    lists cost more than the attention itself. Returns out [B, Hq, D] and lse [B, Hq] (float32), or None
+    where this path does not apply (not a CPU, no fused kernel, a window past the arena's end): then list
+    the slots for `sparse_decode_attention`."""
+    b, hkv, s, d = k.shape
+    if q.device.type != "cpu" or not fused_available(q, None) or not (k.is_contiguous() and v.is_contiguous()):
+        return None
+    units = start.shape[-1]
+    wins = (length + WINDOW - 1).div(WINDOW, rounding_mode="floor").flatten()  # windows per run
+    per_bh = wins.view(b * hkv, units).sum(-1)
+    total, width = (int(x) for x in torch.stack([per_bh.sum(), per_bh.max()]).tolist())
+    if total == 0:
+        return None
+    entry = torch.arange(total)
+    run = torch.repeat_interleave(torch.arange(wins.numel()), wins, output_size=total)
+    j = entry - (wins.cumsum(0) - wins).take(run)  # window index inside its run
+    bh = run // units
+    row = bh * s + start.flatten().take(run) + j * WINDOW  # first row of the window in the [B*Hkv*S, D] view
+    rows_total = b * hkv * s
+    if rows_total < WINDOW or int(row.max()) > rows_total - WINDOW or int(row.min()) < 0:
+        return None
+    dest = bh * width + entry - (per_bh.cumsum(0) - per_bh).take(bh)  # place in its (b, h) list
+    first = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(0, dest, row)
+    valid = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(
+        0, dest, (length.flatten().take(run) - j * WINDOW).clamp(max=WINDOW))
+    windows = (rows_total - WINDOW + 1, WINDOW * d)
+    ks = k.as_strided(windows, (d, 1)).index_select(0, first).view(b, hkv, width * WINDOW, d)
+    vs = v.as_strided(windows, (d, 1)).index_select(0, first).view(b, hkv, width * WINDOW, d)
+    mask = (torch.arange(WINDOW) < valid.view(b, hkv, width, 1)).view(b, hkv, 1, width * WINDOW)
+    res = fused_attention(q.unsqueeze(2), ks, vs, scale, mask)
+    return None if res is None else (res[0].squeeze(2), res[1].squeeze(2))
+
+
 if HAS_TRITON:
     import triton
     import triton.language as tl

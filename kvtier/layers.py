@@ -74,7 +74,7 @@ class TieredLayer:
         self.last_union: list[Chunk] = []  # chunks the last sparse step attended to (prefetch hint)
         self.steps_since_refine = 0
         self.refines = 0  # refinements done (a failed pass's rollback checks whether one ran inside it)
-        self._slot_table: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._slot_table: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._forced: tuple[tuple[int, int, int], torch.Tensor, int] | None = None
 
     @property
@@ -259,23 +259,35 @@ class TieredLayer:
         self.abstracts.add(k, chunk.start)
 
     # ------------------------------------------------------------------------------------- reads
-    def slot_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The device chunks' slots end to end (flat [T]) and where each chunk row's run starts in it
-        (offsets [C], -1 off the device). Rebuilt only after slots change hands, so a sparse step finds its
-        chunks' slots without looking at the rest of the arena."""
+    def slot_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The device chunks' slots end to end (flat [T]), where each chunk row's run starts in it (offsets
+        [C], -1 off the device), and each chunk row's first slot where its slots are consecutive (first [C],
+        else -1). Rebuilt only after slots change hands, so a sparse step finds its chunks' slots without
+        looking at the rest of the arena."""
         version = self.pool.version
         if self._slot_table is None or self._slot_table[0] != version:
             offsets = [-1] * len(self.chunks)
+            firsts = [-1] * len(self.chunks)
             runs, at = [], 0
             for chunk in self.chunks:
                 if chunk.tier == Tier.DEVICE and chunk.slots is not None:
                     offsets[chunk.row] = at
                     runs.append(chunk.slots)
                     at += chunk.length
+            flat = torch.cat(runs).cpu() if runs else torch.zeros(0, dtype=torch.long)
+            if runs:  # a chunk's slots are one run when no step between its first and last slot is a jump
+                at_row = torch.tensor(offsets, dtype=torch.long)
+                on = (at_row >= 0).nonzero().flatten()
+                head = at_row.take(on)
+                tail = head + torch.tensor([c.length for c in self.chunks], dtype=torch.long).take(on) - 1
+                jumps = torch.nn.functional.pad((flat.diff() != 1).long().cumsum(0), (1, 0))  # jumps before each
+                one_run = jumps.take(tail) == jumps.take(head)
+                firsts = torch.full((len(self.chunks),), -1, dtype=torch.long)
+                firsts.scatter_(0, on, torch.where(one_run, flat.take(head), -1))
             device = self.pool.device
-            flat = torch.cat(runs).to(device) if runs else torch.zeros(0, dtype=torch.long, device=device)
-            self._slot_table = (version, flat, torch.tensor(offsets, dtype=torch.long, device=device))
-        return self._slot_table[1], self._slot_table[2]
+            self._slot_table = (version, flat.to(device), torch.tensor(offsets, dtype=torch.long, device=device),
+                                torch.as_tensor(firsts, dtype=torch.long).to(device))
+        return self._slot_table[1], self._slot_table[2], self._slot_table[3]
 
     def forced_chunks(self) -> tuple[torch.Tensor, int]:
         """Which chunk rows every sparse step attends to (the sinks), [C] bool on the abstracts' device, and

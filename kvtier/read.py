@@ -12,7 +12,8 @@ import torch
 
 from .attend import attend
 from .handle import KVHandle
-from .kernels import merge_partials, partial_attention, sparse_decode_attention
+from .kernels import merge_partials, partial_attention, run_decode_attention, sparse_decode_attention
+from .kernels._triton import use_triton
 from .sparse.select import Selection
 from .store.chunk import Chunk, Tier, group_positions, token_groups
 
@@ -152,16 +153,23 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
         off = off.to(lengths.device)
         whole_ok = whole_ok & ~off.take(sel.whole)
         parts_ok = parts_ok & ~off.take(sel.page_chunk.take(sel.parts))
-    if pad is None:
-        idx, counts = _arena_lists(layer, sel, whole_ok, parts_ok)
-    else:  # padding hides single slots: mask the arena slot by slot (batched decode of left-padded rows)
-        arena_pages = sel.pages
-        for chunk, _, _ in staged:
-            first = int(pages.first[chunk.row])
-            arena_pages[..., first:first + int(pages.count[chunk.row])] = False
-        idx, counts = _arena_lists_masked(layer, arena_pages, pad)
-    # The whole (contiguous) arena: slot indices address it directly, nothing is copied.
-    out, lse = sparse_decode_attention(q[:, :, 0], layer.pool.k, layer.pool.v, idx, counts, scale, softcap)
+    res = None
+    if pad is None and softcap is None and not use_triton(q):  # no kernel reads slots in place: copy runs
+        runs = _arena_runs(layer, sel, whole_ok, parts_ok)
+        if runs is not None:
+            res = run_decode_attention(q[:, :, 0], layer.pool.k, layer.pool.v, *runs, scale)
+    if res is None:
+        if pad is None:
+            idx, counts = _arena_lists(layer, sel, whole_ok, parts_ok)
+        else:  # padding hides single slots: mask the arena slot by slot (batched decode of left-padded rows)
+            arena_pages = sel.pages
+            for chunk, _, _ in staged:
+                first = int(pages.first[chunk.row])
+                arena_pages[..., first:first + int(pages.count[chunk.row])] = False
+            idx, counts = _arena_lists_masked(layer, arena_pages, pad)
+        # The whole (contiguous) arena: slot indices address it directly, nothing is copied.
+        res = sparse_decode_attention(q[:, :, 0], layer.pool.k, layer.pool.v, idx, counts, scale, softcap)
+    out, lse = res
     parts = [(out.unsqueeze(2), lse.unsqueeze(2))]
     page_size = layer.abstracts.page_size
     page_sel = sel.pages if staged else None
@@ -193,6 +201,34 @@ def _chunks_with_tokens(pad: torch.Tensor, starts: torch.Tensor, lengths: torch.
     return (cum[:, starts + lengths] - cum[:, starts]) > 0
 
 
+def _arena_runs(layer: "TieredLayer", sel: Selection, whole_ok: torch.Tensor,
+                parts_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each (sequence, KV head)'s arena slots as runs: one per selected chunk or page, then the recent window.
+    Returns start, length [B, Hkv, U] (length 0: no run), or None where a run's slots are not consecutive
+    (a chunk placed in pieces, a window that wrapped): then list them slot by slot (`_arena_lists`)."""
+    b, h, _ = sel.chunks.shape
+    _, _, first = layer.slot_table()
+    pages = layer.abstracts.pages()
+    lengths = layer.abstracts.view()[2]
+    window = layer.win_slots.cpu()
+    win_start = win_size = None
+    if window.numel():  # the window's runs: its first tokens placed together, decoded ones one by one
+        cuts = [0, *((window.diff() != 1).nonzero().flatten() + 1).tolist(), window.numel()]
+        if len(cuts) - 1 > max(2, window.numel() // 8):
+            return None  # scattered slots: one window copy per few slots would not pay
+        win_start = window.take(torch.tensor(cuts[:-1]))
+        win_size = torch.tensor(cuts[1:]) - torch.tensor(cuts[:-1])
+    part_first = first.take(sel.page_chunk.take(sel.parts)) + pages.offsets.take(sel.parts)
+    start = torch.cat([first.take(sel.whole), part_first], dim=-1)
+    size = torch.cat([lengths.take(sel.whole) * whole_ok, pages.lengths.take(sel.parts) * parts_ok], dim=-1)
+    if bool(((start < 0) & (size > 0)).any()):
+        return None
+    if win_start is not None:
+        start = torch.cat([start, win_start.to(start.device).expand(b, h, -1)], dim=-1)
+        size = torch.cat([size, win_size.to(size.device).expand(b, h, -1)], dim=-1)
+    return start, size
+
+
 def _arena_lists(layer: "TieredLayer", sel: Selection, whole_ok: torch.Tensor,
                  parts_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each (sequence, KV head)'s arena slots: its selected chunks' and pages' slots, then the recent window.
@@ -201,7 +237,7 @@ def _arena_lists(layer: "TieredLayer", sel: Selection, whole_ok: torch.Tensor,
     Returns idx [B, Hkv, width] (valid below counts) and counts [B, Hkv]. Built from the selection's lists
     alone, one run of slots per chunk or page: O(chunks + attended tokens), whatever the context."""
     b, h, _ = sel.chunks.shape
-    flat, run_at = layer.slot_table()
+    flat, run_at, _ = layer.slot_table()
     pages = layer.abstracts.pages()
     lengths = layer.abstracts.view()[2]
     window = layer.win_slots.to(flat.device)

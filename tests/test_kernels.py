@@ -17,6 +17,7 @@ from kvtier.kernels import (
     chunk_scores_ref,
     merge_partials,
     partial_attention,
+    run_decode_attention,
     sparse_decode_attention_ref,
 )
 
@@ -86,6 +87,34 @@ def test_sparse_reference_equals_dense_attention_over_the_selection():
         want, want_lse = _naive(q[:, 2 * h:2 * h + 2, None], k[:, h:h + 1, sel], v[:, h:h + 1, sel], 0.4)
         torch.testing.assert_close(out[:, 2 * h:2 * h + 2], want[:, :, 0])
         torch.testing.assert_close(lse[:, 2 * h:2 * h + 2], want_lse[:, :, 0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 2), g=st.sampled_from([1, 2, 3]), slots=st.integers(16, 90), units=st.integers(1, 5),
+       seed=st.integers(0, 10_000))
+def test_runs_of_slots_attend_as_their_slots_listed_one_by_one(b, g, slots, units, seed):
+    """Runs read as 16-slot windows (a window may pass the run's end, the head's plane or an empty run) give
+    what the slot-by-slot reference gives over the same slots."""
+    gen = torch.Generator().manual_seed(seed)
+    hkv, d = 2, 8
+    q = torch.randn(b, hkv * g, d, generator=gen)
+    k, v = torch.randn(b, hkv, slots, d, generator=gen), torch.randn(b, hkv, slots, d, generator=gen)
+    length = torch.randint(0, 20, (b, hkv, units), generator=gen).clamp(max=slots)
+    length[..., 0] = torch.randint(1, 17, (b, hkv), generator=gen)  # every head attends to something
+    start = (torch.rand(b, hkv, units, generator=gen) * (slots - length + 1)).long()
+    res = run_decode_attention(q, k, v, start, length, 0.3)
+    lists = [[list(range(s, s + n)) for s, n in zip(start[i, h].tolist(), length[i, h].tolist())]
+             for i in range(b) for h in range(hkv)]
+    flat = [sum(runs, []) for runs in lists]
+    width = max(len(f) for f in flat)
+    idx = torch.tensor([f + [0] * (width - len(f)) for f in flat]).view(b, hkv, width)
+    counts = torch.tensor([len(f) for f in flat]).view(b, hkv)
+    want, want_lse = sparse_decode_attention_ref(q, k, v, idx, counts, 0.3)
+    if res is None:  # only where a window would read past the arena's last row
+        assert int((start[-1, -1] + (length[-1, -1] + 15) // 16 * 16).max()) > slots
+        return
+    torch.testing.assert_close(res[0], want)
+    torch.testing.assert_close(res[1], want_lse)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
