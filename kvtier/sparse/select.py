@@ -166,23 +166,27 @@ def _rank_chunks(scores: torch.Tensor, lengths: torch.Tensor, budget: int):
     """The chunks in rank order as far as page selection looks (the best first; ties in index order), and
     what it makes of them, all [B, Hkv, R]: (order, sizes, whole, cand, left [B, Hkv, 1]). whole: the best
     while they fit the budget (a prefix); cand: the chunks ranked right after, holding up to CANDIDATES x
-    what is left (`left`) in tokens. Only the top R ranks are sorted (R grows until no row reaches its end):
-    a full sort of every chunk cost more than all the rest of the selection."""
+    what is left (`left`) in tokens. On a CPU only the top R ranks are sorted (R grows until no row reaches
+    its end): a full sort of every chunk cost more than all the rest of the selection there."""
     c = scores.shape[-1]
-    r = min(c, 64)
+    # On a GPU one sort of every chunk is one kernel, and each check below would wait for the device.
+    r = min(c, 64) if scores.device.type == "cpu" else c
     while True:
-        vals, order = scores.topk(r, dim=-1)
-        if r < c:  # a score shared across the cut: which of its chunks made the top r is arbitrary
-            last = vals[..., -1:]
+        if r == c:
+            order = scores.argsort(dim=-1, descending=True, stable=True)  # stable: shared scores rank alike
+            vals = scores.gather(-1, order)
+        else:
+            vals, order = scores.topk(r, dim=-1)
+            last = vals[..., -1:]  # a score shared across the cut: which of its chunks made the top r is arbitrary
             if bool(((last > _NEG) & ((scores >= last).sum(-1, keepdim=True) > r)).any()):
                 r = c
                 continue
-        tie = (vals[..., 1:] == vals[..., :-1]) & (vals[..., 1:] > _NEG)
-        if bool(tie.any()):  # equal scores rank by index, as a stable sort ranks them (shared scores rank alike)
-            by_index = order.argsort(dim=-1)
-            order, vals = order.gather(-1, by_index), vals.gather(-1, by_index)
-            again = vals.argsort(dim=-1, descending=True, stable=True)
-            order, vals = order.gather(-1, again), vals.gather(-1, again)
+            tie = (vals[..., 1:] == vals[..., :-1]) & (vals[..., 1:] > _NEG)
+            if bool(tie.any()):  # equal scores rank by index, as the stable sort ranks them
+                by_index = order.argsort(dim=-1)
+                order, vals = order.gather(-1, by_index), vals.gather(-1, by_index)
+                again = vals.argsort(dim=-1, descending=True, stable=True)
+                order, vals = order.gather(-1, again), vals.gather(-1, again)
         sizes = lengths.take(order)
         usable = vals > _NEG
         whole = usable & (sizes.cumsum(-1) <= budget)  # a prefix of the ranking
