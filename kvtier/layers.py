@@ -39,6 +39,41 @@ if TYPE_CHECKING:
     from .store.tiers import TierManager
 
 
+@dataclass(frozen=True)
+class SlotRuns:
+    """The device chunks' slots as pieces, each a run of consecutive arena slots: chunk row c's pieces are rows
+    first[c] .. first[c] + count[c] - 1 (count 0 off the device), in chunk order; each piece has its offset in
+    the chunk, its first slot and its length. A chunk placed whole is one piece; one placed in the holes
+    evictions left, a few."""
+
+    first: torch.Tensor
+    count: torch.Tensor
+    offset: torch.Tensor
+    slot: torch.Tensor
+    length: torch.Tensor
+    most: int  # most pieces of one chunk
+
+    @staticmethod
+    def of(flat: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor) -> "SlotRuns":
+        """From `TieredLayer.slot_table`'s flat slots and offsets and the chunk rows' lengths."""
+        device = flat.device
+        on = (offsets >= 0).nonzero().flatten()
+        sizes = lengths.take(on)
+        total = flat.numel()
+        chunk = torch.repeat_interleave(on, sizes, output_size=total)  # chunk row of every entry of `flat`
+        within = torch.arange(total, device=device) - torch.repeat_interleave(offsets.take(on), sizes,
+                                                                               output_size=total)
+        starts = torch.ones(total, dtype=torch.bool, device=device)
+        if total > 1:
+            starts[1:] = (flat.diff() != 1) | (chunk.diff() != 0)
+        at = starts.nonzero().flatten()
+        length = torch.diff(at, append=torch.tensor([total], device=device))
+        piece_chunk = chunk.take(at)
+        count = torch.bincount(piece_chunk, minlength=offsets.numel())
+        most = int(count.max()) if count.numel() else 0
+        return SlotRuns(count.cumsum(0) - count, count, within.take(at), flat.take(at), length, max(1, most))
+
+
 @dataclass
 class SpanCut:
     """A planned span removal of one tiered layer (`TieredLayer.plan_span`): chunks [a, b) of the layer meet the span, and `pieces`
@@ -74,7 +109,8 @@ class TieredLayer:
         self.last_union: list[Chunk] = []  # chunks the last sparse step attended to (prefetch hint)
         self.steps_since_refine = 0
         self.refines = 0  # refinements done (a failed pass's rollback checks whether one ran inside it)
-        self._slot_table: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._slot_table: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._slot_runs: SlotRuns | None = None
         self._forced: tuple[tuple[int, int, int], torch.Tensor, int] | None = None
 
     @property
@@ -259,35 +295,31 @@ class TieredLayer:
         self.abstracts.add(k, chunk.start)
 
     # ------------------------------------------------------------------------------------- reads
-    def slot_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The device chunks' slots end to end (flat [T]), where each chunk row's run starts in it (offsets
-        [C], -1 off the device), and each chunk row's first slot where its slots are consecutive (first [C],
-        else -1). Rebuilt only after slots change hands, so a sparse step finds its chunks' slots without
-        looking at the rest of the arena."""
+    def slot_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device chunks' slots end to end (flat [T]) and where each chunk row's run starts in it
+        (offsets [C], -1 off the device). Rebuilt only after slots change hands, so a sparse step finds its
+        chunks' slots without looking at the rest of the arena."""
         version = self.pool.version
         if self._slot_table is None or self._slot_table[0] != version:
             offsets = [-1] * len(self.chunks)
-            firsts = [-1] * len(self.chunks)
             runs, at = [], 0
             for chunk in self.chunks:
                 if chunk.tier == Tier.DEVICE and chunk.slots is not None:
                     offsets[chunk.row] = at
                     runs.append(chunk.slots)
                     at += chunk.length
-            flat = torch.cat(runs).cpu() if runs else torch.zeros(0, dtype=torch.long)
-            if runs:  # a chunk's slots are one run when no step between its first and last slot is a jump
-                at_row = torch.tensor(offsets, dtype=torch.long)
-                on = (at_row >= 0).nonzero().flatten()
-                head = at_row.take(on)
-                tail = head + torch.tensor([c.length for c in self.chunks], dtype=torch.long).take(on) - 1
-                jumps = torch.nn.functional.pad((flat.diff() != 1).long().cumsum(0), (1, 0))  # jumps before each
-                one_run = jumps.take(tail) == jumps.take(head)
-                firsts = torch.full((len(self.chunks),), -1, dtype=torch.long)
-                firsts.scatter_(0, on, torch.where(one_run, flat.take(head), -1))
             device = self.pool.device
-            self._slot_table = (version, flat.to(device), torch.tensor(offsets, dtype=torch.long, device=device),
-                                torch.as_tensor(firsts, dtype=torch.long).to(device))
-        return self._slot_table[1], self._slot_table[2], self._slot_table[3]
+            flat = torch.cat(runs).to(device) if runs else torch.zeros(0, dtype=torch.long, device=device)
+            self._slot_table = (version, flat, torch.tensor(offsets, dtype=torch.long, device=device))
+            self._slot_runs = None
+        return self._slot_table[1], self._slot_table[2]
+
+    def slot_runs(self) -> SlotRuns:
+        """The device chunks' slots as runs of consecutive slots (`SlotRuns`), rebuilt with `slot_table`."""
+        flat, offsets = self.slot_table()
+        if self._slot_runs is None:
+            self._slot_runs = SlotRuns.of(flat, offsets, self.abstracts.view()[2])
+        return self._slot_runs
 
     def forced_chunks(self) -> tuple[torch.Tensor, int]:
         """Which chunk rows every sparse step attends to (the sinks), [C] bool on the abstracts' device, and

@@ -154,7 +154,7 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
         whole_ok = whole_ok & ~off.take(sel.whole)
         parts_ok = parts_ok & ~off.take(sel.page_chunk.take(sel.parts))
     res = None
-    if pad is None and softcap is None and not use_triton(q):  # no kernel reads slots in place: copy runs
+    if pad is None and softcap is None and q.device.type == "cpu" and not use_triton(q):  # copy runs of slots
         runs = _arena_runs(layer, sel, whole_ok, parts_ok)
         if runs is not None:
             res = run_decode_attention(q[:, :, 0], layer.pool.k, layer.pool.v, *runs, scale)
@@ -203,30 +203,41 @@ def _chunks_with_tokens(pad: torch.Tensor, starts: torch.Tensor, lengths: torch.
 
 def _arena_runs(layer: "TieredLayer", sel: Selection, whole_ok: torch.Tensor,
                 parts_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Each (sequence, KV head)'s arena slots as runs: one per selected chunk or page, then the recent window.
-    Returns start, length [B, Hkv, U] (length 0: no run), or None where a run's slots are not consecutive
-    (a chunk placed in pieces, a window that wrapped): then list them slot by slot (`_arena_lists`)."""
+    """Each (sequence, KV head)'s arena slots as runs of consecutive slots: the pieces (`SlotRuns`) of each
+    selected chunk or page, then the recent window's. Returns start, length [B, Hkv, U] (length 0: no run),
+    or None where the window lies in too many pieces to pay (then `_arena_lists`, slot by slot)."""
     b, h, _ = sel.chunks.shape
-    _, _, first = layer.slot_table()
+    runs = layer.slot_runs()
     pages = layer.abstracts.pages()
     lengths = layer.abstracts.view()[2]
     window = layer.win_slots.cpu()
     win_start = win_size = None
     if window.numel():  # the window's runs: its first tokens placed together, decoded ones one by one
         cuts = [0, *((window.diff() != 1).nonzero().flatten() + 1).tolist(), window.numel()]
-        if len(cuts) - 1 > max(2, window.numel() // 8):
+        if len(cuts) - 1 > max(4, window.numel() // 8):
             return None  # scattered slots: one window copy per few slots would not pay
         win_start = window.take(torch.tensor(cuts[:-1]))
         win_size = torch.tensor(cuts[1:]) - torch.tensor(cuts[:-1])
-    part_first = first.take(sel.page_chunk.take(sel.parts)) + pages.offsets.take(sel.parts)
-    start = torch.cat([first.take(sel.whole), part_first], dim=-1)
+    # Units (a chunk taken whole, or a page): chunk row, offset in the chunk, tokens (0 where not read here).
+    chunk = torch.cat([sel.whole, sel.page_chunk.take(sel.parts)], dim=-1)
+    off = torch.cat([torch.zeros_like(sel.whole), pages.offsets.take(sel.parts)], dim=-1)
     size = torch.cat([lengths.take(sel.whole) * whole_ok, pages.lengths.take(sel.parts) * parts_ok], dim=-1)
-    if bool(((start < 0) & (size > 0)).any()):
+    # Each unit against each piece of its chunk: the part of the unit that piece holds.
+    j = torch.arange(runs.most, device=chunk.device)
+    has = j < runs.count.take(chunk)[..., None]
+    piece = torch.where(has, runs.first.take(chunk)[..., None] + j, 0)
+    p_off, p_len = runs.offset.take(piece), runs.length.take(piece)
+    lo = torch.maximum(off[..., None], p_off)
+    hi = torch.minimum((off + size)[..., None], p_off + p_len)
+    run_size = torch.where(has, (hi - lo).clamp(min=0), 0)
+    if int(run_size.sum()) != int(size.sum()):  # a selected token off the device: never expected, never dropped
         return None
+    start = (runs.slot.take(piece) + lo - p_off).flatten(2)
+    run_size = run_size.flatten(2)
     if win_start is not None:
         start = torch.cat([start, win_start.to(start.device).expand(b, h, -1)], dim=-1)
-        size = torch.cat([size, win_size.to(size.device).expand(b, h, -1)], dim=-1)
-    return start, size
+        run_size = torch.cat([run_size, win_size.to(run_size.device).expand(b, h, -1)], dim=-1)
+    return start, run_size
 
 
 def _arena_lists(layer: "TieredLayer", sel: Selection, whole_ok: torch.Tensor,
@@ -237,7 +248,7 @@ def _arena_lists(layer: "TieredLayer", sel: Selection, whole_ok: torch.Tensor,
     Returns idx [B, Hkv, width] (valid below counts) and counts [B, Hkv]. Built from the selection's lists
     alone, one run of slots per chunk or page: O(chunks + attended tokens), whatever the context."""
     b, h, _ = sel.chunks.shape
-    flat, run_at, _ = layer.slot_table()
+    flat, run_at = layer.slot_table()
     pages = layer.abstracts.pages()
     lengths = layer.abstracts.view()[2]
     window = layer.win_slots.to(flat.device)

@@ -261,3 +261,46 @@ def test_saved_page_bounds_come_back_with_the_session(tmp_path):
             assert torch.equal(getattr(again, name), getattr(pages, name)), name
         assert all(torch.equal(x, y) for x, y in zip(layer.abstracts.view(), chunks))
     reopened.close()
+
+
+def test_runs_of_slots_name_the_slots_the_lists_name_with_chunks_in_pieces():
+    """A small device budget makes evictions leave holes, so promoted chunks and the window land in pieces:
+    every step's runs (what the CPU reads as windows) cover exactly the slots the slot lists name."""
+    import kvtier.read as read
+
+    model = build_model("llama")
+    ids = torch.randint(3, 128, (1, 600), generator=torch.Generator().manual_seed(9))
+    cache = KVTierCache.for_model(model, **SPARSE, page_size=8, sparse_budget=0.15, device_budget=160,
+                                  host_budget=0)
+    checked, in_pieces = [], []
+    lists, runs_of = read._arena_lists, read._arena_runs
+
+    def compare(layer, sel, whole_ok, parts_ok):
+        idx, counts = lists(layer, sel, whole_ok, parts_ok)
+        runs = runs_of(layer, sel, whole_ok, parts_ok)
+        window = layer.win_slots
+        if int((window.diff() != 1).sum()) + 1 <= 4:  # a window in a few pieces is read as runs
+            checked.append(runs is not None)
+        if runs is not None:
+            start, size = runs
+            for b in range(idx.shape[0]):
+                for h in range(idx.shape[1]):
+                    want = sorted(idx[b, h, :counts[b, h]].tolist())
+                    got = sorted(s for a, n in zip(start[b, h].tolist(), size[b, h].tolist()) for s in range(a, a + n))
+                    assert got == want
+            in_pieces.append(layer.slot_runs().most > 1)
+        return idx, counts
+
+    read._arena_lists = compare
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, **{cache_kw(model): cache})
+            tok = out.logits[:, -1:].argmax(-1)
+            read._arena_runs = lambda *a: None  # take the list path, where `compare` checks the runs
+            for _ in range(12):
+                out = model(input_ids=tok, **{cache_kw(model): cache})
+                tok = out.logits[:, -1:].argmax(-1)
+    finally:
+        read._arena_lists, read._arena_runs = lists, runs_of
+        cache.close()
+    assert checked and all(checked) and any(in_pieces)
