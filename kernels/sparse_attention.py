@@ -76,8 +76,8 @@ def run_decode_attention(
     0: none). Runs are read as WINDOW-slot windows, one row copy per window instead of one per slot, into
     dense rows for the fused kernel, the slots past a run's end masked: on a CPU the copy and the slot
     lists cost more than the attention itself. Returns out [B, Hq, D] and lse [B, Hq] (float32), or None
-    where this path does not apply (not a CPU, no fused kernel, a window past the arena's end): then list
-    the slots for `sparse_decode_attention`."""
+    where this path does not apply (not a CPU, no fused kernel, an arena under WINDOW slots): then list the
+    slots for `sparse_decode_attention`."""
     b, hkv, s, d = k.shape
     if q.device.type != "cpu" or not fused_available(q, None) or not (k.is_contiguous() and v.is_contiguous()):
         return None
@@ -93,16 +93,20 @@ def run_decode_attention(
     bh = run // units
     row = bh * s + start.flatten().take(run) + j * WINDOW  # first row of the window in the [B*Hkv*S, D] view
     rows_total = b * hkv * s
-    if rows_total < WINDOW or int(row.max()) > rows_total - WINDOW or int(row.min()) < 0:
+    if rows_total < WINDOW or int(row.min()) < 0:
         return None
+    # A window running past the arena's last row starts earlier instead: its run's slots sit further in.
+    shift = (row - (rows_total - WINDOW)).clamp(min=0)
     dest = bh * width + entry - (per_bh.cumsum(0) - per_bh).take(bh)  # place in its (b, h) list
-    first = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(0, dest, row)
-    valid = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(
-        0, dest, (length.flatten().take(run) - j * WINDOW).clamp(max=WINDOW))
+    first = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(0, dest, row - shift)
+    lo = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(0, dest, shift)
+    hi = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(
+        0, dest, shift + (length.flatten().take(run) - j * WINDOW).clamp(max=WINDOW))
     windows = (rows_total - WINDOW + 1, WINDOW * d)
     ks = k.as_strided(windows, (d, 1)).index_select(0, first).view(b, hkv, width * WINDOW, d)
     vs = v.as_strided(windows, (d, 1)).index_select(0, first).view(b, hkv, width * WINDOW, d)
-    mask = (torch.arange(WINDOW) < valid.view(b, hkv, width, 1)).view(b, hkv, 1, width * WINDOW)
+    at = torch.arange(WINDOW)
+    mask = ((at >= lo.view(b, hkv, width, 1)) & (at < hi.view(b, hkv, width, 1))).view(b, hkv, 1, width * WINDOW)
     res = fused_attention(q.unsqueeze(2), ks, vs, scale, mask)
     return None if res is None else (res[0].squeeze(2), res[1].squeeze(2))
 

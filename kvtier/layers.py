@@ -134,7 +134,8 @@ class TieredLayer:
             self.pool.reserve(self.pool.used + q)  # grow once for the whole forward, not chunk by chunk
             self.pending = KVHandle(self, past, k, v)
             return self.pending
-        slots = self.tiers.allocate_device(self.index, 1)
+        after = int(self.win_slots[-1]) if self.win_slots.numel() else None  # the window, one run where it can
+        slots = self.tiers.allocate_device(self.index, 1, after=after)
         if slots is None:  # the config check makes this unreachable; keep the invariant loud
             raise RuntimeError(f"layer {self.index}: no device room for the recent window")
         self.pool.write(slots, k, v, torch.full((1,), past, dtype=torch.long, device=self.pool.device))

@@ -100,3 +100,17 @@ def test_a_growth_the_memory_cannot_hold_drops_the_headroom_then_fails_cleanly(m
     with pytest.raises(CacheMemoryError, match="available"):
         pool.allocate(2000)  # the need itself does not fit
     assert (pool.used, pool.high_water, pool.capacity) == (used, high, capacity)  # nothing taken
+
+
+def test_a_slot_asked_for_after_another_follows_it_where_it_is_free():
+    """The recent window grows one slot per decode step: placed right after its last slot where that is free,
+    it stays one run (read as one), instead of landing in the lowest hole each time."""
+    pool = DevicePool(budget=None, device=torch.device("cpu"), dtype=torch.float32)
+    pool.init_shape(1, 1, 4)
+    a, _, c = pool.allocate(8), pool.allocate(8), pool.allocate(8)  # slots 0-7, 8-15, 16-23
+    pool.release(a)  # a hole at 0-7
+    pool.release(c)  # trailing: high water back to 16
+    assert pool.allocate(1).tolist() == [0]  # no hint: the lowest hole
+    assert pool.allocate(1, after=15).tolist() == [16]  # after the last used slot: fresh, not the hole at 1
+    assert pool.allocate(2, after=0).tolist() == [1, 2]  # the hole right after slot 0
+    assert pool.allocate(6, after=2).tolist() == [3, 4, 5, 6, 7, 17]  # 5 free after slot 2: the usual policy

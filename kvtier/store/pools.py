@@ -228,14 +228,23 @@ class DevicePool:
         v[:, :, n:] = 0
         self.k, self.v, self.slot_pos, self.slot_owner = k, v, pos, owner
 
-    def allocate(self, n: int) -> torch.Tensor | None:
-        """Reserve `n` slots: the lowest run of holes that holds them all, else the lowest holes and then
+    def allocate(self, n: int, after: int | None = None) -> torch.Tensor | None:
+        """Reserve `n` slots: right after slot `after` if they are free there (a growing recent window stays
+        one run of slots), else the lowest run of holes that holds them all, else the lowest holes and then
         fresh slots above high water; None if that would exceed the budget. The slot list is on the CPU."""
         if self.budget is not None and self.used + n > self.budget:
             return None
         self.make_room(n)  # grow first: a failure changes nothing
         self.used += n
         self.peak = max(self.peak, self.used)
+        if after is not None:
+            start = after + 1
+            if self._hole_len.get(start, 0) >= n:
+                self._take_holes(start, n)
+                return torch.arange(start, start + n, dtype=torch.long)
+            if start == self.high_water and start + n <= self.capacity:
+                self.high_water += n
+                return torch.arange(start, start + n, dtype=torch.long)
         for start in self._hole_starts:  # the lowest run that fits: one run of slots
             if self._hole_len[start] >= n:
                 self._take_holes(start, n)

@@ -327,10 +327,12 @@ class TierManager:
             at += chunk.length
         return True
 
-    def allocate_device(self, layer: int, n: int, protect: set[int] | frozenset[int] = frozenset()) -> torch.Tensor | None:
-        """Device slots for n tokens, evicting least recently used chunks (not in `protect`) to the host."""
+    def allocate_device(self, layer: int, n: int, protect: set[int] | frozenset[int] = frozenset(),
+                        after: int | None = None) -> torch.Tensor | None:
+        """Device slots for n tokens, evicting least recently used chunks (not in `protect`) to the host; right
+        after slot `after` where they are free (`DevicePool.allocate`)."""
         pool = self.device_pools[layer]
-        while (slots := pool.allocate(n)) is None:
+        while (slots := pool.allocate(n, after)) is None:
             victim = self.policy.victim(self._on_device[layer].values(), protect)
             if victim is None:
                 return None
