@@ -105,18 +105,6 @@ def _as_run(slots: torch.Tensor) -> slice | None:
     return slice(first, first + n)
 
 
-def _as_runs(slots: torch.Tensor, most: int = 8) -> list[tuple[int, slice]] | None:
-    """The slots as at most `most` runs of consecutive slots, each with its offset in the list: (offset,
-    slice) pairs. None for a list on another device than the CPU, or in more pieces (then index kernels)."""
-    if slots.device.type != "cpu" or slots.numel() == 0:
-        return None
-    cuts = [0, *((slots.diff() != 1).nonzero().flatten() + 1).tolist(), slots.numel()]
-    if len(cuts) - 1 > most:
-        return None
-    firsts = slots.take(torch.tensor(cuts[:-1])).tolist()
-    return [(a, slice(f, f + b - a)) for a, b, f in zip(cuts[:-1], cuts[1:], firsts)]
-
-
 class DevicePool:
     """Token slots of one layer on the compute device, at most `budget` of them in use."""
 
@@ -234,7 +222,10 @@ class DevicePool:
         fresh slots above high water; None if that would exceed the budget. The slot list is on the CPU."""
         if self.budget is not None and self.used + n > self.budget:
             return None
-        self.make_room(n)  # grow first: a failure changes nothing
+        if not any(length >= n for length in self._hole_len.values()):  # grow first: a failure changes nothing
+            fresh = n - sum(self._hole_len.values())
+            if fresh > 0 and self.high_water + fresh > self.capacity:
+                self._grow(self.high_water + fresh)
         self.used += n
         self.peak = max(self.peak, self.used)
         if after is not None:
@@ -262,14 +253,6 @@ class DevicePool:
             self.high_water += need
             runs.append(torch.arange(first, first + need, dtype=torch.long))
         return runs[0] if len(runs) == 1 else torch.cat(runs)
-
-    def make_room(self, n: int) -> None:
-        """Grow, if need be, so that `n` more slots fit in the holes and above high water (what `allocate`
-        takes them from): a caller placing several chunks grows the arena once, not chunk by chunk."""
-        if not any(length >= n for length in self._hole_len.values()):
-            fresh = n - sum(self._hole_len.values())
-            if fresh > 0 and self.high_water + fresh > self.capacity:
-                self._grow(self.high_water + fresh)
 
     def _take_holes(self, start: int, n: int) -> None:
         """Use the first `n` slots of the run of holes at `start`."""
@@ -328,13 +311,9 @@ class DevicePool:
         """k, v: [batch, heads, n, head_dim]; positions: [n] logical positions; owner: chunk row of every slot
         (-1: the recent window) or of each slot ([n])."""
         run = _as_run(slots)
-        runs = [(0, run)] if run is not None else _as_runs(slots)
-        if runs is not None:  # a few runs of slots: plain copies into views, no index kernels (a decode token)
-            k, v = k.detach(), v.detach()  # detached: never a graph, in or out of inference mode
-            for at, piece in runs:
-                n = piece.stop - piece.start
-                self.k[:, :, piece].copy_(k[:, :, at:at + n])
-                self.v[:, :, piece].copy_(v[:, :, at:at + n])
+        if run is not None:  # one run of slots: plain copies into views, no index kernels (a decode token)
+            self.k[:, :, run].copy_(k.detach())  # detached: never a graph, in or out of inference mode
+            self.v[:, :, run].copy_(v.detach())
         else:
             with storage_mode():
                 self.k[:, :, slots] = k.to(self.device, self.dtype)
@@ -371,22 +350,12 @@ class DevicePool:
             self.slot_owner[slots] = owner
 
     def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of the slots' k and v ([B, H, n, D]): a sliced memcpy per run of slots (a chunk's usual case is
-        one; ~10x faster than an indexed gather on CPU), else a gather."""
+        """Copies of the slots' k and v ([B, H, n, D]): a sliced memcpy for one run of slots (a chunk's usual
+        case, ~10x faster than an indexed gather on CPU), else a gather."""
         run = _as_run(slots)
         if run is not None:
             return self.k[:, :, run].clone(), self.v[:, :, run].clone()
-        runs = _as_runs(slots)
-        if runs is None:
-            return self.k[:, :, slots], self.v[:, :, slots]
-        b, h, _, d = self.k.shape
-        k = torch.empty(b, h, slots.numel(), d, dtype=self.dtype, device=self.device)
-        v = torch.empty_like(k)
-        for at, piece in runs:  # a chunk placed in a few pieces: one sliced copy per piece
-            n = piece.stop - piece.start
-            k[:, :, at:at + n].copy_(self.k[:, :, piece])
-            v[:, :, at:at + n].copy_(self.v[:, :, piece])
-        return k, v
+        return self.k[:, :, slots], self.v[:, :, slots]
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The used prefix of the arena: k, v [B, H, high_water, D] and slot positions [high_water]."""

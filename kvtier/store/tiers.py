@@ -568,21 +568,9 @@ class TierManager:
     def _promote_group(self, layer: int, group: list[Chunk]) -> None:
         pool = self.device_pools[layer]
         n = sum(c.length for c in group)
-        # Slots chunk by chunk: each takes the lowest run of free slots that holds it, so a chunk is not cut
-        # across the holes its group would straddle (one run per chunk: sliced copies, read as runs).
-        pieces = []
-        try:
-            pool.make_room(n)  # one growth for the group, if any
-            for chunk in group:
-                got = pool.allocate(chunk.length)
-                if got is None:  # the caller counted the free room: unreachable, but never write without slots
-                    raise RuntimeError(f"layer {layer}: no device room for {n} tokens the free room was counted for")
-                pieces.append(got)
-        except BaseException:
-            for taken in pieces:
-                pool.release(taken)
-            raise
-        slots = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        slots = pool.allocate(n)
+        if slots is None:  # the caller counted the free room: unreachable, but never write without slots
+            raise RuntimeError(f"layer {layer}: no device room for {n} tokens the free room was counted for")
         # Each slot's logical position and owner (the chunk's row), for the whole group at once.
         lengths = torch.tensor([c.length for c in group])
         owners = torch.repeat_interleave(torch.tensor([c.row for c in group]), lengths, output_size=n)
