@@ -104,6 +104,11 @@ def test_bench_speed_writes_json_and_exact_matches_static(tmp_path):
         assert row[name]["decode_step_ms"] > 0
     assert row["exact"]["max_abs_logit_diff_vs_static"] < 1e-4  # fed the same tokens as StaticCache
     assert row["static-ideal"]["attended_tokens"] == 35 and row["sparse"]["ratio_vs_ideal"] > 0
+    for name in ("exact", "sparse", "sparse-tiered", "shared-tiered"):  # ratios to baseline steps taken in turn
+        assert row[name]["decode_ratio_vs_static"] == round(
+            row[name]["decode_step_ms"] / row[name]["static_step_ms_interleaved"], 3)
+    assert row["sparse"]["ratio_vs_ideal"] == round(
+        row["sparse"]["decode_step_ms"] / row["sparse"]["ideal_step_ms_interleaved"], 3)
     assert row["sparse"]["mean_attended_tokens"] < 0.2 * 700  # 5% budget plus sinks and window
     assert row["sparse-tiered"]["disk_tokens"] > 0
 
