@@ -13,6 +13,7 @@ import torch
 from ._triton import HAS_TRITON, use_triton
 from .fused_attention import fused_attention, fused_available
 from .partial_attention import partial_attention
+from .ragged import ragged_layout
 
 
 def sparse_decode_attention_ref(
@@ -83,13 +84,9 @@ def run_decode_attention(
         return None
     units = start.shape[-1]
     wins = (length + WINDOW - 1).div(WINDOW, rounding_mode="floor").flatten()  # windows per run
-    per_bh = wins.view(b * hkv, units).sum(-1)
-    total, width = (int(x) for x in torch.stack([per_bh.sum(), per_bh.max()]).tolist())
-    if total == 0:
+    run, j, dest, _, width = ragged_layout(wins, b * hkv)  # j: the window's index inside its run
+    if run.numel() == 0:
         return None
-    entry = torch.arange(total)
-    run = torch.repeat_interleave(torch.arange(wins.numel()), wins, output_size=total)
-    j = entry - (wins.cumsum(0) - wins).take(run)  # window index inside its run
     bh = run // units
     row = bh * s + start.flatten().take(run) + j * WINDOW  # first row of the window in the [B*Hkv*S, D] view
     rows_total = b * hkv * s
@@ -97,7 +94,6 @@ def run_decode_attention(
         return None
     # A window running past the arena's last row starts earlier instead: its run's slots sit further in.
     shift = (row - (rows_total - WINDOW)).clamp(min=0)
-    dest = bh * width + entry - (per_bh.cumsum(0) - per_bh).take(bh)  # place in its (b, h) list
     first = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(0, dest, row - shift)
     lo = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(0, dest, shift)
     hi = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(

@@ -14,6 +14,7 @@ from .attend import attend
 from .handle import KVHandle
 from .kernels import merge_partials, partial_attention, run_decode_attention, sparse_decode_attention
 from .kernels._triton import use_triton
+from .kernels.ragged import ragged_layout
 from .sparse.select import Selection
 from .store.chunk import Chunk, Tier, group_positions, token_groups
 
@@ -257,20 +258,10 @@ def _arena_lists(layer: "TieredLayer", sel: Selection, whole_ok: torch.Tensor,
     page_chunk = pages.chunk.take(sel.parts)
     start = torch.cat([run_at.take(sel.whole), run_at.take(page_chunk) + pages.offsets.take(sel.parts)], dim=-1)
     size = torch.cat([lengths.take(sel.whole) * whole_ok, pages.lengths.take(sel.parts) * parts_ok], dim=-1)
-    units = size.shape[-1]
-    size = size.flatten()
-    per_bh = size.view(b * h, units).sum(-1)
+    unit, within, dest, per_bh, width = ragged_layout(size.flatten(), b * h, extra=window.numel())
     counts = per_bh + window.numel()
-    width = max(1, int(counts.max()))
     idx = torch.zeros(b * h * width, dtype=torch.long, device=device)
-    total = int(per_bh.sum())
-    if total:
-        entry = torch.arange(total, device=device)
-        unit = torch.repeat_interleave(torch.arange(size.numel(), device=device), size, output_size=total)
-        within = entry - (size.cumsum(0) - size).take(unit)  # offset inside the unit
-        bh = unit // units
-        dest = bh * width + entry - (per_bh.cumsum(0) - per_bh).take(bh)  # place in the (b, h) list
-        idx.scatter_(0, dest, flat.take(start.flatten().take(unit) + within))
+    idx.scatter_(0, dest, flat.take(start.flatten().take(unit) + within))
     idx = idx.view(b * h, width)
     if window.numel():
         cols = per_bh[:, None] + torch.arange(window.numel(), device=device)[None, :]

@@ -142,3 +142,16 @@ def test_triton_kernels_compiled_on_cuda():
     out = subprocess.run([sys.executable, str(CASES)], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "passed" in out.stdout and "skipped" not in out.stdout
+
+
+def test_ragged_layout_places_each_rows_items_first_in_order():
+    from kvtier.kernels.ragged import ragged_layout
+
+    sizes = torch.tensor([2, 0, 3, 1, 1, 0])  # row 0: units of 2, 0, 3 items; row 1: 1, 1, 0
+    unit, within, dest, per_row, width = ragged_layout(sizes, rows=2, extra=1)
+    assert per_row.tolist() == [5, 2] and width == 6  # the longest row, plus the column asked for
+    assert unit.tolist() == [0, 0, 2, 2, 2, 3, 4]
+    assert within.tolist() == [0, 1, 0, 1, 2, 0, 0]
+    assert dest.tolist() == [0, 1, 2, 3, 4, 6, 7]
+    empty = ragged_layout(torch.zeros(4, dtype=torch.long), rows=2)
+    assert empty[0].numel() == 0 and empty[4] == 1

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import chunk_scores
+from ..kernels.ragged import ragged_layout
 from .abstracts import PageView
 
 _NEG = float("-inf")
@@ -214,26 +215,16 @@ def _candidate_pages(order: torch.Tensor, cand: torch.Tensor, pages: PageView,
     rows = order[..., lo:hi + 1]
     in_cand = cand[..., lo:hi + 1]
     counts = torch.where(in_cand, pages.count.take(rows), 0)  # pages per candidate
-    per_bh = counts.sum(-1)
-    width = max(1, int(per_bh.max()))
-    if rows.shape[-1] * max_pages <= 2 * width:
+    if rows.shape[-1] * max_pages <= 2 * max(1, int(counts.sum(-1).max())):
         within = torch.arange(max_pages, device=order.device)
         pid = pages.first.take(rows)[..., None] + within
         ok = within < counts[..., None]
         return torch.where(ok, pid, 0).flatten(2), ok.flatten(2)
-    counts, width_c = counts.flatten(), rows.shape[-1]
-    per_bh = per_bh.flatten()
+    src, within, dest, _, width = ragged_layout(counts.flatten(), b * h)  # within: the page's index in its chunk
     pid = torch.zeros(b * h * width, dtype=torch.long, device=order.device)
     ok = torch.zeros(b * h * width, dtype=torch.bool, device=order.device)
-    total = int(per_bh.sum())
-    if total:
-        entry = torch.arange(total, device=order.device)
-        src = torch.repeat_interleave(torch.arange(counts.numel(), device=order.device), counts, output_size=total)
-        within = entry - (counts.cumsum(0) - counts).take(src)  # page index inside its chunk
-        bh = src // width_c
-        dest = bh * width + entry - (per_bh.cumsum(0) - per_bh).take(bh)  # place in the (row, head) list
-        pid.scatter_(0, dest, pages.first.take(rows.flatten().take(src)) + within)
-        ok.scatter_(0, dest, torch.ones_like(dest, dtype=torch.bool))
+    pid.scatter_(0, dest, pages.first.take(rows.flatten().take(src)) + within)
+    ok.scatter_(0, dest, torch.ones_like(dest, dtype=torch.bool))
     return pid.view(b, h, width), ok.view(b, h, width)
 
 
