@@ -143,7 +143,7 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
     staged = tiers.make_resident(layer.index, needed)
     lengths = layer.abstracts.view()[2]
     b, h = sel.chunks.shape[:2]
-    tiers.counters.selected_tokens += sel.tokens(lengths, pages.lengths) + always * b * h
+    tiers.counters.selected_tokens += sel.tokens(lengths, pages) + always * b * h
     tiers.counters.selection_steps += b * h
 
     # The arena: selected pages' slots and the window; staged chunks are attended from their staging copy.
@@ -219,10 +219,7 @@ def _arena_runs(layer: "TieredLayer", sel: Selection, whole_ok: torch.Tensor,
             return None  # scattered slots: one window copy per few slots would not pay
         win_start = window.take(torch.tensor(cuts[:-1]))
         win_size = torch.tensor(cuts[1:]) - torch.tensor(cuts[:-1])
-    # Units (a chunk taken whole, or a page): chunk row, offset in the chunk, tokens (0 where not read here).
-    chunk = torch.cat([sel.whole, sel.page_chunk.take(sel.parts)], dim=-1)
-    off = torch.cat([torch.zeros_like(sel.whole), pages.offsets.take(sel.parts)], dim=-1)
-    size = torch.cat([lengths.take(sel.whole) * whole_ok, pages.lengths.take(sel.parts) * parts_ok], dim=-1)
+    chunk, off, size = sel.units(lengths, pages, whole_ok, parts_ok)
     # Each unit against each piece of its chunk: the part of the unit that piece holds.
     j = torch.arange(runs.most, device=chunk.device)
     has = j < runs.count.take(chunk)[..., None]
@@ -254,10 +251,8 @@ def _arena_lists(layer: "TieredLayer", sel: Selection, whole_ok: torch.Tensor,
     lengths = layer.abstracts.view()[2]
     window = layer.win_slots.to(flat.device)
     device = flat.device
-    # Runs: where each unit's slots start in `flat`, and how many (0 for entries not read from the arena).
-    page_chunk = pages.chunk.take(sel.parts)
-    start = torch.cat([run_at.take(sel.whole), run_at.take(page_chunk) + pages.offsets.take(sel.parts)], dim=-1)
-    size = torch.cat([lengths.take(sel.whole) * whole_ok, pages.lengths.take(sel.parts) * parts_ok], dim=-1)
+    chunk, off, size = sel.units(lengths, pages, whole_ok, parts_ok)
+    start = run_at.take(chunk) + off  # where each unit's slots start in `flat`
     unit, within, dest, per_bh, width = ragged_layout(size.flatten(), b * h, extra=window.numel())
     counts = per_bh + window.numel()
     idx = torch.zeros(b * h * width, dtype=torch.long, device=device)

@@ -54,10 +54,22 @@ class Selection:
         out.scatter_add_(-1, self.parts, self.parts_ok.long())
         return out > 0
 
-    def tokens(self, chunk_lengths: torch.Tensor, page_lengths: torch.Tensor) -> int:
+    def units(self, chunk_lengths: torch.Tensor, pages: PageView, whole_ok: torch.Tensor | None = None,
+              parts_ok: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every entry of the lists as a unit of consecutive tokens: (chunk row, offset in the chunk, tokens),
+        each [B, Hkv, U]: the chunks taken whole, then the pages. Tokens are 0 for padding entries and where
+        whole_ok / parts_ok (default: the selection's own) say an entry is not to be read."""
+        whole_ok = self.whole_ok if whole_ok is None else whole_ok
+        parts_ok = self.parts_ok if parts_ok is None else parts_ok
+        chunk = torch.cat([self.whole, self.page_chunk.take(self.parts)], dim=-1)
+        offset = torch.cat([torch.zeros_like(self.whole), pages.offsets.take(self.parts)], dim=-1)
+        size = torch.cat([chunk_lengths.take(self.whole) * whole_ok, pages.lengths.take(self.parts) * parts_ok],
+                         dim=-1)
+        return chunk, offset, size
+
+    def tokens(self, chunk_lengths: torch.Tensor, pages: PageView) -> int:
         """Tokens selected, summed over sequences and KV heads."""
-        return int((chunk_lengths.take(self.whole) * self.whole_ok).sum()
-                   + (page_lengths.take(self.parts) * self.parts_ok).sum())
+        return int(self.units(chunk_lengths, pages)[2].sum())
 
 
 def _rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
