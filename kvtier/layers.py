@@ -28,6 +28,7 @@ from .config import KVTierConfig
 from .errors import CacheInputError
 from .guard import CLEAN_FAILURES
 from .handle import KVHandle
+from .kernels.ragged import ragged_layout
 from .model_spec import LayerSpec
 from .read import exact_attention, pad_slice, sparse_attention
 from .sparse.abstracts import AbstractTable, Row
@@ -57,12 +58,10 @@ class SlotRuns:
     def of(flat: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor) -> "SlotRuns":
         """From `TieredLayer.slot_table`'s flat slots and offsets and the chunk rows' lengths."""
         device = flat.device
-        on = (offsets >= 0).nonzero().flatten()
-        sizes = lengths.take(on)
+        on = (offsets >= 0).nonzero().flatten()  # the device chunks, in the order `flat` lists them
+        unit, within, _, _, _ = ragged_layout(lengths.take(on), 1)
+        chunk = on.take(unit)  # chunk row of every entry of `flat`; `within`: its offset in the chunk
         total = flat.numel()
-        chunk = torch.repeat_interleave(on, sizes, output_size=total)  # chunk row of every entry of `flat`
-        within = torch.arange(total, device=device) - torch.repeat_interleave(offsets.take(on), sizes,
-                                                                               output_size=total)
         starts = torch.ones(total, dtype=torch.bool, device=device)
         if total > 1:
             starts[1:] = (flat.diff() != 1) | (chunk.diff() != 0)
