@@ -25,7 +25,7 @@ def sparse_decode_attention_ref(
     scale: float,
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [B, Hq, D]; k, v: [B, Hkv, S, D] contiguous (the arena); idx: [B, Hkv, N] slot indices, valid below
+    """q: [B, Hq, D]; k, v: [B, Hkv, S, D] (the arena); idx: [B, Hkv, N] slot indices, valid below
     counts [B, Hkv].
     Returns out [B, Hq, D] and lse [B, Hq], float32 (lse -inf and out 0 where a head attends to nothing)."""
     ks, vs, mask = _gather(k, v, idx, counts)
@@ -33,16 +33,48 @@ def sparse_decode_attention_ref(
     return out.squeeze(2), lse.squeeze(2)
 
 
+def arena_rows(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """The arena's k and v [B, Hkv, S, D] as rows [R, D] of their storage, plane (sequence, head) p's slot i
+    at row p * plane + i, and `plane`: rows from one plane's start to the next. That is S for a contiguous
+    arena and more where a CPU arena's planes are reserved wider than its capacity; None for any other
+    layout (then take `contiguous()` copies)."""
+    b, h, s, d = k.shape
+    plane = _plane_rows(k)
+    if plane is None or v.shape != k.shape or _plane_rows(v) != plane or b * h * s == 0:
+        return None
+    rows = ((b * h - 1) * plane + s, d)
+    return k.as_strided(rows, (d, 1)), v.as_strided(rows, (d, 1)), plane
+
+
+def _plane_rows(t: torch.Tensor) -> int | None:
+    """Rows of D elements between consecutive (sequence, head) planes of t [B, H, S, D], whose slots are rows of
+    D contiguous elements; None if its layout is not that. (A size-1 dimension's stride means nothing.)"""
+    b, h, s, d = t.shape
+    step = t.stride(1) if h > 1 else t.stride(0) if b > 1 else s * d
+    plane, rem = divmod(step, d) if d else (0, 1)
+    if rem or plane < s or (d > 1 and t.stride(3) != 1) or (s > 1 and t.stride(2) != d):
+        return None
+    if b > 1 and h > 1 and t.stride(0) != h * step:
+        return None
+    return plane
+
+
+def _rows_of(k, v):
+    """`arena_rows`, through contiguous copies where the layout has no rows view."""
+    rows = arena_rows(k, v)
+    return rows if rows is not None else arena_rows(k.contiguous(), v.contiguous())
+
+
 def _gather(k, v, idx, counts):
     """Each (sequence, KV head)'s listed slots as dense rows: ks, vs [B, Hkv, N, D] and mask [B, Hkv, 1, N]."""
     b, hkv, n = idx.shape
-    s, d = k.shape[2], k.shape[3]
-    k, v = k.contiguous(), v.contiguous()  # no copy for the arena
-    # Row gather on a [B*Hkv*S, D] view: whole head_dim rows are copied at once (much faster than gather).
-    base = (torch.arange(b * hkv, device=idx.device) * s).view(b, hkv, 1)
+    d = k.shape[3]
+    # Row gather on the arena's rows: whole head_dim rows are copied at once (much faster than gather).
+    krows, vrows, plane = _rows_of(k, v)
+    base = (torch.arange(b * hkv, device=idx.device) * plane).view(b, hkv, 1)
     flat = (idx.clamp(min=0) + base).reshape(-1)
-    ks = k.reshape(-1, d).index_select(0, flat).view(b, hkv, n, d)  # [B, Hkv, N, D]
-    vs = v.reshape(-1, d).index_select(0, flat).view(b, hkv, n, d)
+    ks = krows.index_select(0, flat).view(b, hkv, n, d)  # [B, Hkv, N, D]
+    vs = vrows.index_select(0, flat).view(b, hkv, n, d)
     mask = (torch.arange(n, device=idx.device)[None, None, :] < counts[..., None]).unsqueeze(2)  # [B, Hkv, 1, N]
     return ks, vs, mask
 
@@ -73,23 +105,25 @@ def run_decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Decode attention where each (sequence, KV head) reads runs of consecutive arena slots.
 
-    q: [B, Hq, D]; k, v: [B, Hkv, S, D], contiguous (the arena); start, length: [B, Hkv, U], the runs (length
+    q: [B, Hq, D]; k, v: [B, Hkv, S, D], the arena (`arena_rows`); start, length: [B, Hkv, U], the runs (length
     0: none). Runs are read as WINDOW-slot windows, one row copy per window instead of one per slot, into
     dense rows for the fused kernel, the slots past a run's end masked: on a CPU the copy and the slot
     lists cost more than the attention itself. Returns out [B, Hq, D] and lse [B, Hq] (float32), or None
     where this path does not apply (not a CPU, no fused kernel, an arena under WINDOW slots): then list the
     slots for `sparse_decode_attention`."""
     b, hkv, s, d = k.shape
-    if q.device.type != "cpu" or not fused_available(q, None) or not (k.is_contiguous() and v.is_contiguous()):
+    rows = arena_rows(k, v) if q.device.type == "cpu" and fused_available(q, None) else None
+    if rows is None:
         return None
+    krows, vrows, plane = rows
     units = start.shape[-1]
     wins = (length + WINDOW - 1).div(WINDOW, rounding_mode="floor").flatten()  # windows per run
     run, j, dest, _, width = ragged_layout(wins, b * hkv)  # j: the window's index inside its run
     if run.numel() == 0:
         return None
     bh = run // units
-    row = bh * s + start.flatten().take(run) + j * WINDOW  # first row of the window in the [B*Hkv*S, D] view
-    rows_total = b * hkv * s
+    row = bh * plane + start.flatten().take(run) + j * WINDOW  # first row of the window in the arena's rows
+    rows_total = krows.shape[0]
     if rows_total < WINDOW or int(row.min()) < 0:
         return None
     # A window running past the arena's last row starts earlier instead: its run's slots sit further in.
@@ -99,8 +133,8 @@ def run_decode_attention(
     hi = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(
         0, dest, shift + (length.flatten().take(run) - j * WINDOW).clamp(max=WINDOW))
     windows = (rows_total - WINDOW + 1, WINDOW * d)
-    ks = k.as_strided(windows, (d, 1)).index_select(0, first).view(b, hkv, width * WINDOW, d)
-    vs = v.as_strided(windows, (d, 1)).index_select(0, first).view(b, hkv, width * WINDOW, d)
+    ks = krows.as_strided(windows, (d, 1)).index_select(0, first).view(b, hkv, width * WINDOW, d)
+    vs = vrows.as_strided(windows, (d, 1)).index_select(0, first).view(b, hkv, width * WINDOW, d)
     at = torch.arange(WINDOW)
     mask = ((at >= lo.view(b, hkv, width, 1)) & (at < hi.view(b, hkv, width, 1))).view(b, hkv, 1, width * WINDOW)
     res = fused_attention(q.unsqueeze(2), ks, vs, scale, mask)

@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvtier.kernels import (
+    arena_rows,
     chunk_scores_ref,
     merge_partials,
     partial_attention,
@@ -89,20 +90,33 @@ def test_sparse_reference_equals_dense_attention_over_the_selection():
         torch.testing.assert_close(lse[:, 2 * h:2 * h + 2], want_lse[:, :, 0])
 
 
+def _reserved(t: torch.Tensor, extra: int, gen: torch.Generator) -> torch.Tensor:
+    """t [B, H, S, D] as the first S slots of planes `extra` slots wider (a CPU arena's reserved layout), the
+    extra slots holding large values that would show in any result that read them unmasked."""
+    if not extra:
+        return t
+    b, h, s, d = t.shape
+    wide = torch.randn(b, h, s + extra, d, generator=gen) * 1e3
+    wide[:, :, :s] = t
+    return wide[:, :, :s]
+
+
 @settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 2), g=st.sampled_from([1, 2, 3]), slots=st.integers(16, 90), units=st.integers(1, 5),
-       seed=st.integers(0, 10_000))
-def test_runs_of_slots_attend_as_their_slots_listed_one_by_one(b, g, slots, units, seed):
+       extra=st.sampled_from([0, 0, 1, 7, 40]), seed=st.integers(0, 10_000))
+def test_runs_of_slots_attend_as_their_slots_listed_one_by_one(b, g, slots, units, extra, seed):
     """Runs read as 16-slot windows (a window may pass the run's end, the head's plane or the arena's end) give
-    what the slot-by-slot reference gives over the same slots."""
+    what the slot-by-slot reference gives over the same slots, in a contiguous arena or one whose planes are
+    reserved wider than its slots."""
     gen = torch.Generator().manual_seed(seed)
     hkv, d = 2, 8
     q = torch.randn(b, hkv * g, d, generator=gen)
     k, v = torch.randn(b, hkv, slots, d, generator=gen), torch.randn(b, hkv, slots, d, generator=gen)
+    k_arena, v_arena = _reserved(k, extra, gen), _reserved(v, extra, gen)
     length = torch.randint(0, 20, (b, hkv, units), generator=gen).clamp(max=slots)
     length[..., 0] = torch.randint(1, 17, (b, hkv), generator=gen)  # every head attends to something
     start = (torch.rand(b, hkv, units, generator=gen) * (slots - length + 1)).long()
-    res = run_decode_attention(q, k, v, start, length, 0.3)
+    res = run_decode_attention(q, k_arena, v_arena, start, length, 0.3)
     lists = [[list(range(s, s + n)) for s, n in zip(start[i, h].tolist(), length[i, h].tolist())]
              for i in range(b) for h in range(hkv)]
     flat = [sum(runs, []) for runs in lists]
@@ -113,6 +127,21 @@ def test_runs_of_slots_attend_as_their_slots_listed_one_by_one(b, g, slots, unit
     assert res is not None  # a window past the arena's last row starts earlier
     torch.testing.assert_close(res[0], want)
     torch.testing.assert_close(res[1], want_lse)
+    listed = sparse_decode_attention_ref(q, k_arena, v_arena, idx, counts, 0.3)  # the slot lists' own gather
+    torch.testing.assert_close(listed[0], want)
+    torch.testing.assert_close(listed[1], want_lse)
+
+
+def test_arena_rows_take_only_arena_layouts():
+    k = torch.randn(2, 3, 10, 4)
+    rows, _, plane = arena_rows(k, k)
+    assert plane == 10 and rows.shape == (60, 4) and torch.equal(rows[13], k[0, 1, 3])
+    wide = torch.randn(2, 3, 16, 4)
+    rows, _, plane = arena_rows(wide[:, :, :10], wide[:, :, :10])
+    assert plane == 16 and rows.shape == (5 * 16 + 10, 4) and torch.equal(rows[16 * 4 + 3], wide[1, 1, 3])
+    assert arena_rows(k[:, :, :, ::2], k[:, :, :, ::2]) is None  # channels not contiguous
+    assert arena_rows(k.transpose(0, 1), k.transpose(0, 1)) is None  # planes not in (sequence, head) order
+    assert arena_rows(k, wide[:, :, :10]) is None  # k and v laid out differently
 
 
 def test_a_run_ending_at_the_arenas_last_slot_reads_the_right_slots():
