@@ -113,6 +113,22 @@ class TieredLayer:
         self._forced: tuple[tuple[int, int, int], torch.Tensor, int] | None = None
 
     @property
+    def win_slots(self) -> torch.Tensor:
+        """The recent window's device slots, oldest first ([W] long, CPU)."""
+        return self._win_slots
+
+    @win_slots.setter
+    def win_slots(self, slots: torch.Tensor) -> None:
+        self._win_slots = slots
+        self._win_tail = None  # read from the slots when next needed
+
+    def _window_tail(self) -> int | None:
+        """The window's newest slot (None: an empty window), kept as an int so a decode step reads no tensor."""
+        if self._win_tail is None and self._win_slots.numel():
+            self._win_tail = int(self._win_slots[-1])
+        return self._win_tail
+
+    @property
     def win_start(self) -> int:
         return self.length - self.win_slots.numel()
 
@@ -133,12 +149,18 @@ class TieredLayer:
             self.pool.reserve(self.pool.used + q)  # grow once for the whole forward, not chunk by chunk
             self.pending = KVHandle(self, past, k, v)
             return self.pending
-        after = int(self.win_slots[-1]) if self.win_slots.numel() else None  # the window, one run where it can
-        slots = self.tiers.allocate_device(self.index, 1, after=after)
-        if slots is None:  # the config check makes this unreachable; keep the invariant loud
-            raise RuntimeError(f"layer {self.index}: no device room for the recent window")
-        self.pool.write(slots, k, v, torch.full((1,), past, dtype=torch.long, device=self.pool.device))
-        self.win_slots = torch.cat([self.win_slots.to(slots.device), slots])
+        tail = self._window_tail()  # the window, one run of slots where it can
+        slot = None if tail is None else self.pool.allocate_after(tail)
+        if slot is not None:  # the usual decode token: plain ints, no slot list to build and read back
+            self.pool.write_token(slot, k, v, past)
+            slots = torch.arange(slot, slot + 1)
+        else:
+            slots = self.tiers.allocate_device(self.index, 1, after=tail)
+            if slots is None:  # the config check makes this unreachable; keep the invariant loud
+                raise RuntimeError(f"layer {self.index}: no device room for the recent window")
+            self.pool.write(slots, k, v, torch.full((1,), past, dtype=torch.long, device=self.pool.device))
+        self.win_slots = torch.cat([self.win_slots, slots])
+        self._win_tail = int(slots[-1]) if slot is None else slot
         self.length = past + 1
         self._seal_window()
         return KVHandle(self, past, k, v, new_in_window=True)

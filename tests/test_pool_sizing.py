@@ -114,3 +114,50 @@ def test_a_slot_asked_for_after_another_follows_it_where_it_is_free():
     assert pool.allocate(1, after=15).tolist() == [16]  # after the last used slot: fresh, not the hole at 1
     assert pool.allocate(2, after=0).tolist() == [1, 2]  # the hole right after slot 0
     assert pool.allocate(6, after=2).tolist() == [3, 4, 5, 6, 7, 17]  # 5 free after slot 2: the usual policy
+
+
+def test_a_cpu_arena_grows_into_its_reserved_planes_without_copying():
+    """On a CPU the arena's planes are reserved wider than its capacity (address space, committed as written):
+    a growth that fits widens the view (same memory, nothing copied, new slots zero); one past the reservation
+    copies into new planes. What the arena reports holding is its capacity either way."""
+    pool = DevicePool(None, torch.device("cpu"), torch.float32)
+    pool.init_shape(1, 2, 4)
+    slots = pool.allocate(100)
+    x = torch.randn(1, 2, 100, 4)
+    pool.write(slots, x, x + 1, torch.arange(100))
+    ptr, cap = pool.k.data_ptr(), pool.capacity
+    pool.allocate(cap - 100 + 5)
+    assert pool.capacity > cap and pool.k.data_ptr() == ptr  # grown in place
+    assert torch.equal(pool.k[:, :, :100], x) and torch.equal(pool.v[:, :, :100], x + 1)
+    assert not pool.k[:, :, 100:].any() and not pool.v[:, :, 100:].any()
+    assert pool.allocated_bytes == pool.capacity * pool.bytes_per_token()
+    reserved = pool._planes[0].shape[2]
+    pool.allocate(reserved - pool.used + 1)  # past the reservation: new planes, the data carried over
+    assert pool.k.data_ptr() != ptr and pool._planes[0].shape[2] >= pool.capacity > reserved
+    assert torch.equal(pool.k[:, :, :100], x) and torch.equal(pool.v[:, :, :100], x + 1)
+    assert pool.slot_pos[:100].tolist() == list(range(100))
+
+
+def test_a_reservation_stays_within_the_budget_and_a_row_reorder_drops_it():
+    pool = DevicePool(300, torch.device("cpu"), torch.float32)
+    pool.init_shape(1, 2, 4)
+    pool.allocate(200)
+    assert pool.capacity <= pool._planes[0].shape[2] <= 300
+    pool.select_rows(torch.tensor([0, 0]))  # a new, exact arena for two rows
+    assert pool._planes is None and pool.k.shape[0] == 2 and pool.k.is_contiguous()
+    pool.allocate(pool.capacity - 200 + 1)  # grows by a copy, keeping the rows
+    assert pool.k.shape[0] == 2 and pool._planes is not None
+
+
+def test_a_decode_token_after_the_window_takes_the_next_free_slot_or_none():
+    pool = DevicePool(budget=20, device=torch.device("cpu"), dtype=torch.float32)
+    pool.init_shape(1, 1, 4)
+    a = pool.allocate(8)
+    assert pool.allocate_after(7) == 8 and (pool.used, pool.high_water) == (9, 9)
+    pool.release(a[2:4])  # a hole at 2-3
+    assert pool.allocate_after(1) == 2 and pool.used == 8  # the hole right after
+    assert pool.allocate_after(4) is None  # slot 5 is in use
+    pool.write_token(2, torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4), 42)
+    assert pool.slot_pos[2] == 42 and pool.slot_owner[2] == -1 and pool.k[0, 0, 2].tolist() == [1.0] * 4
+    pool.allocate(pool.budget - pool.used)
+    assert pool.allocate_after(pool.high_water - 1) is None  # the budget is spent: the caller evicts

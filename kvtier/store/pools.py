@@ -15,16 +15,21 @@ masking free slots; slots are handed out lowest first to keep that prefix dense,
 run of holes fits the request (a chunk in one run is read, written and evicted with sliced copies instead
 of index kernels). Holes are kept as runs, so a chunk's allocation and release cost O(runs), not O(slots).
 
-Growing the arena copies it, so it grows rarely and tightly: to what is needed plus 1/32 headroom (at least
-16 slots), never past the budget, and in one step to a size announced ahead (`reserve`: a prefill's whole
-prompt, a reopened session's length), so a decode step right after a prefill finds room without a copy and
-the arena stays within a few percent of the tokens it holds (a preallocated StaticCache's footprint).
+The arena grows rarely and tightly: to what is needed plus 1/32 headroom (at least 16 slots), never past
+the budget, and in one step to a size announced ahead (`reserve`: a prefill's whole prompt, a reopened
+session's length), so a decode step right after a prefill finds room without a copy and the arena stays
+within a few percent of the tokens it holds (a preallocated StaticCache's footprint). On a GPU a growth
+copies. On a CPU the planes are reserved twice as wide as the capacity in address space the kernel commits
+only as slots are first written: a growth widens the view, copying nothing; only outgrowing the reservation
+copies (the copy into fresh pages ran at ~1 GB/s, so decoding paid about one more pass over its KV every
+1/32 of growth). `allocated_bytes` is the capacity's worth either way.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import mmap
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -35,10 +40,28 @@ from ..errors import CacheMemoryError
 
 _MIN_HEADROOM = 16  # slots added beyond a growth's need, at least
 _HEADROOM_SHARE = 32  # ... or 1/32 of the need, whichever is larger
+_RESERVE = 2  # on a CPU, planes reserved (address space, not memory) this many times the capacity
 
 
 def _with_headroom(n: int) -> int:
     return n + max(_MIN_HEADROOM, n // _HEADROOM_SHARE)
+
+
+def _reserved_planes(batch: int, heads: int, reserve: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Zeros [batch, heads, reserve, head_dim] in a private anonymous mapping (CPU memory): the kernel commits a
+    page when it is first written, so room reserved to grow into costs address space, not memory, and an
+    arena grows into it without a copy. None where the mapping is refused (then the arena is allocated as
+    usual)."""
+    nbytes = batch * heads * reserve * head_dim * dtype.itemsize
+    try:
+        mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (AttributeError, OSError, ValueError, OverflowError):
+        return None
+    try:  # 4 KiB pages: a 2 MiB page per (row, head) plane would commit up to 2 MiB per plane ahead of need
+        mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    except (AttributeError, OSError):
+        pass
+    return torch.frombuffer(mapping, dtype=dtype).view(batch, heads, reserve, head_dim)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -116,6 +139,11 @@ class DevicePool:
         self.v: torch.Tensor | None = None
         self.slot_pos: torch.Tensor | None = None
         self.slot_owner: torch.Tensor | None = None
+        # On a CPU, numpy views of slot_pos and slot_owner: one slot's entry is set in 0.2 us instead of a
+        # torch indexing call's 2-3 us, which a decode step pays per layer (None on other devices).
+        self._pos_np = None
+        self._owner_np = None
+        self._planes: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU: k's and v's reserved planes
         self.used = 0
         self.peak = 0
         self.high_water = 0
@@ -192,29 +220,53 @@ class DevicePool:
     def _resize(self, batch: int, heads: int, head_dim: int, capacity: int) -> None:
         """The arena with `capacity` slots; CacheMemoryError (nothing changed) where the memory is not there."""
         what = f"a layer's arena of {capacity} tokens"
-        # the old arena lives on until the copy is done: the new one must fit beside it
-        check_fits(self.device, capacity * (2 * batch * heads * head_dim * self.dtype.itemsize + 16), what,
+        in_place = self._planes is not None and self._planes[0].shape[2] >= capacity
+        # the old arena lives on until the copy is done: the new one must fit beside it (growing in place
+        # commits only the new slots)
+        new_slots = capacity - self.capacity if in_place else capacity
+        check_fits(self.device, new_slots * (2 * batch * heads * head_dim * self.dtype.itemsize + 16), what,
                    "reserve fewer tokens, or set device_budget")
         with allocation_errors(self.device, what), storage_mode():
-            self._resize_no_grad(batch, heads, head_dim, capacity)
+            self._resize_no_grad(batch, heads, head_dim, capacity, in_place)
 
-    def _resize_no_grad(self, batch: int, heads: int, head_dim: int, capacity: int) -> None:
+    def _resize_no_grad(self, batch: int, heads: int, head_dim: int, capacity: int, in_place: bool) -> None:
         # Slots below high water are copied, the rest zeroed (never left uninitialised: a slot masked out of
         # attention still meets a zero weight, and 0 * NaN would be NaN); no memset of what the copy covers,
         # which halves the cost of a growth while decoding. Every tensor is made before any is kept.
-        k = torch.empty(batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
-        v = torch.empty_like(k)
+        # On a CPU the planes are reserved `_RESERVE` times wider than the capacity (`_reserved_planes`), zeros
+        # until written: while they hold the new capacity the arena grows by widening its view, no copy and
+        # no first touch of the old slots' pages (which a fresh arena pays at ~1 GB/s, about as long as
+        # attending over it once more per growth).
+        planes = self._planes
+        if not in_place and self.device.type == "cpu" and capacity:
+            reserve = capacity * _RESERVE if self.budget is None else max(capacity, min(capacity * _RESERVE,
+                                                                                         self.budget))
+            pk = _reserved_planes(batch, heads, reserve, head_dim, self.dtype)
+            pv = None if pk is None else _reserved_planes(batch, heads, reserve, head_dim, self.dtype)
+            planes = None if pv is None else (pk, pv)
+        if planes is not None:
+            k, v = planes[0][:, :, :capacity], planes[1][:, :, :capacity]
+        else:
+            k = torch.empty(batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
+            v = torch.empty_like(k)
         pos = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
         owner = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
         n = self.high_water if self.k is not None else 0
         if n:
-            k[:, :, :n] = self.k[:, :, :n]
-            v[:, :, :n] = self.v[:, :, :n]
+            if not in_place:
+                k[:, :, :n] = self.k[:, :, :n]
+                v[:, :, :n] = self.v[:, :, :n]
             pos[:n] = self.slot_pos[:n]
             owner[:n] = self.slot_owner[:n]
-        k[:, :, n:] = 0
-        v[:, :, n:] = 0
-        self.k, self.v, self.slot_pos, self.slot_owner = k, v, pos, owner
+        if planes is None:
+            k[:, :, n:] = 0
+            v[:, :, n:] = 0
+        elif in_place:  # slots past the old capacity were never written (zeros); free ones below it are cleared
+            k[:, :, n:self.capacity] = 0
+            v[:, :, n:self.capacity] = 0
+        self.k, self.v, self.slot_pos, self.slot_owner, self._planes = k, v, pos, owner, planes
+        cpu = pos.device.type == "cpu"
+        self._pos_np, self._owner_np = (pos.numpy(), owner.numpy()) if cpu else (None, None)
 
     def allocate(self, n: int, after: int | None = None) -> torch.Tensor | None:
         """Reserve `n` slots: right after slot `after` if they are free there (a growing recent window stays
@@ -226,16 +278,10 @@ class DevicePool:
             fresh = n - sum(self._hole_len.values())
             if fresh > 0 and self.high_water + fresh > self.capacity:
                 self._grow(self.high_water + fresh)
+        if after is not None and self._take_after(after, n):
+            return torch.arange(after + 1, after + 1 + n, dtype=torch.long)
         self.used += n
         self.peak = max(self.peak, self.used)
-        if after is not None:
-            start = after + 1
-            if self._hole_len.get(start, 0) >= n:
-                self._take_holes(start, n)
-                return torch.arange(start, start + n, dtype=torch.long)
-            if start == self.high_water and start + n <= self.capacity:
-                self.high_water += n
-                return torch.arange(start, start + n, dtype=torch.long)
         for start in self._hole_starts:  # the lowest run that fits: one run of slots
             if self._hole_len[start] >= n:
                 self._take_holes(start, n)
@@ -254,6 +300,26 @@ class DevicePool:
             runs.append(torch.arange(first, first + need, dtype=torch.long))
         return runs[0] if len(runs) == 1 else torch.cat(runs)
 
+    def allocate_after(self, after: int) -> int | None:
+        """One slot, right after slot `after`, if it is free and the budget and capacity hold it: a decode
+        token extending the recent window without a slot list; None otherwise (then `allocate` decides)."""
+        if self.budget is not None and self.used >= self.budget:
+            return None
+        return after + 1 if self._take_after(after, 1) else None
+
+    def _take_after(self, after: int, n: int) -> bool:
+        """Take slots after+1 .. after+n if they are free (a run of holes, or high water with room)."""
+        start = after + 1
+        if self._hole_len.get(start, 0) >= n:
+            self._take_holes(start, n)
+        elif start == self.high_water and start + n <= self.capacity:
+            self.high_water += n
+        else:
+            return False
+        self.used += n
+        self.peak = max(self.peak, self.used)
+        return True
+
     def _take_holes(self, start: int, n: int) -> None:
         """Use the first `n` slots of the run of holes at `start`."""
         length = self._hole_len.pop(start)
@@ -271,7 +337,10 @@ class DevicePool:
         self.version += 1
         run = _as_run(slots)
         if run is not None:
-            self.slot_pos[run] = -1
+            if self._pos_np is not None:
+                self._pos_np[run] = -1
+            else:
+                self.slot_pos[run] = -1
             self._add_holes(run.start, run.stop - run.start)
         else:
             with storage_mode():
@@ -320,6 +389,18 @@ class DevicePool:
                 self.v[:, :, slots] = v.to(self.device, self.dtype)
         self._claim(slots, run, positions, owner)
 
+    def write_token(self, slot: int, k: torch.Tensor, v: torch.Tensor, position: int) -> None:
+        """One token (k, v [batch, heads, 1, head_dim]) of the recent window into `slot`: a decode step's write,
+        with plain ints for the slot and position (no slot list to build or read back)."""
+        self.k[:, :, slot:slot + 1].copy_(k.detach())
+        self.v[:, :, slot:slot + 1].copy_(v.detach())
+        if self._pos_np is not None:
+            self._pos_np[slot] = position
+            self._owner_np[slot] = -1
+        else:
+            self.slot_pos[slot] = position
+            self.slot_owner[slot] = -1
+
     def claim(self, slots: torch.Tensor, positions: torch.Tensor, owner: int | torch.Tensor = -1) -> None:
         """Record the logical position ([n]) and owner (chunk row, one or [n]; -1: the recent window) of slots
         whose k and v are in place (decoded straight into `k`, `v` by the caller)."""
@@ -331,10 +412,12 @@ class DevicePool:
             self.version += 1  # a chunk's slots changed: tables over them rebuild
         if run is not None:
             self.slot_pos[run].copy_(positions)
-            if isinstance(owner, int):
-                self.slot_owner[run] = owner
-            else:
+            if not isinstance(owner, int):
                 self.slot_owner[run].copy_(owner)
+            elif self._owner_np is not None:
+                self._owner_np[run] = owner
+            else:
+                self.slot_owner[run] = owner
             return
         with storage_mode():
             self.slot_pos[slots] = positions.to(self.device)
@@ -344,7 +427,10 @@ class DevicePool:
         self.version += 1
         run = _as_run(slots)
         if run is not None:  # a chunk's usual case: a plain fill of a view, no storage-mode guard needed
-            self.slot_owner[run] = owner
+            if self._owner_np is not None:
+                self._owner_np[run] = owner
+            else:
+                self.slot_owner[run] = owner
             return
         with storage_mode():
             self.slot_owner[slots] = owner
@@ -373,9 +459,10 @@ class DevicePool:
                 index = index.to(self.device)
                 self.k = self.k.index_select(0, index)
                 self.v = self.v.index_select(0, index)
+                self._planes = None  # the new arena is exactly its capacity: the next growth copies
 
     def clear(self) -> None:
-        self.k = self.v = self.slot_pos = self.slot_owner = None
+        self.k = self.v = self.slot_pos = self.slot_owner = self._pos_np = self._owner_np = self._planes = None
         self.used = self.high_water = self.expected = 0
         self.version += 1
         self._hole_starts.clear()

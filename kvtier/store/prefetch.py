@@ -13,7 +13,7 @@ record, so one task per small record made prefetching slower than reading on the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
@@ -56,10 +56,10 @@ class Prefetcher:
     def staged_tokens(self) -> int:
         return self._tokens
 
-    def request(self, chunks: Iterable[Chunk], clock: int) -> int:
+    def request(self, chunks: Sequence[Chunk], clock: int) -> int:
         """Start reading disk-only chunks in the background; returns how many reads were issued."""
-        if self._pool is None:
-            return 0
+        if self._pool is None or not (chunks or self._pending):  # nothing to start or to drop: a decode step's
+            return 0  # usual case, per layer
         self._drop_stale(clock)
         chosen: dict[bytes, Chunk] = {}
         tokens = self._tokens
