@@ -27,8 +27,9 @@ def test_bench_exact_writes_json(tmp_path):
     assert result["machine"]["torch"] and result["results"][0]["context"] == 600
     row = result["results"][0]
     for name in ("static", "dynamic", "kvtier"):
-        assert row[name]["decode_step_ms"] > 0 and row[name]["prefill_s"] > 0
+        assert row[name]["decode_step_ms"] > 0 and row[name]["decode_mean_ms"] > 0 and row[name]["prefill_s"] > 0
     kv = row["kvtier"]
+    assert kv["decode_mean_ratio_vs_static"] == round(kv["decode_mean_ms"] / row["static"]["decode_mean_ms"], 3)
     assert kv["max_abs_logit_diff_vs_static"] < 1e-4  # segmented prefill and decode give StaticCache's logits
     assert kv["max_abs_logit_diff_vs_dynamic"] < 1e-4
     assert 1.0 <= kv["kv_bytes_ratio_vs_static"] <= 1.1  # the pool holds the tokens plus a little headroom
