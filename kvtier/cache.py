@@ -606,8 +606,9 @@ class KVTierCache(Cache):
     def reserve(self, tokens: int) -> None:
         """Size every device pool ahead for a context of `tokens` tokens (capped by `device_budget`).
 
-        Pools grow by copying, so growing to the final size in one step keeps a long prefill from copying
-        its arena again and again and leaves room for the first decode tokens. `kvtier.prefill` and `open`
+        A pool on a GPU grows by copying (on a CPU, into room reserved ahead until that is outgrown), so
+        growing to the final size in one step keeps a long prefill from copying its arena again and again and
+        leaves room for the first decode tokens. `kvtier.prefill` and `open`
         call it; call it yourself before `model.generate` on a long prompt to do the same."""
         self._check_open()
         self._check_thread("reserve()")

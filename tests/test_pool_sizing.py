@@ -131,9 +131,9 @@ def test_a_cpu_arena_grows_into_its_reserved_planes_without_copying():
     assert torch.equal(pool.k[:, :, :100], x) and torch.equal(pool.v[:, :, :100], x + 1)
     assert not pool.k[:, :, 100:].any() and not pool.v[:, :, 100:].any()
     assert pool.allocated_bytes == pool.capacity * pool.bytes_per_token()
-    reserved = pool._planes[0].shape[2]
+    reserved = pool._planes[0].slots
     pool.allocate(reserved - pool.used + 1)  # past the reservation: new planes, the data carried over
-    assert pool.k.data_ptr() != ptr and pool._planes[0].shape[2] >= pool.capacity > reserved
+    assert pool.k.data_ptr() != ptr and pool._planes[0].slots >= pool.capacity > reserved
     assert torch.equal(pool.k[:, :, :100], x) and torch.equal(pool.v[:, :, :100], x + 1)
     assert pool.slot_pos[:100].tolist() == list(range(100))
 
@@ -142,7 +142,7 @@ def test_a_reservation_stays_within_the_budget_and_a_row_reorder_drops_it():
     pool = DevicePool(300, torch.device("cpu"), torch.float32)
     pool.init_shape(1, 2, 4)
     pool.allocate(200)
-    assert pool.capacity <= pool._planes[0].shape[2] <= 300
+    assert pool.capacity <= pool._planes[0].slots <= 300
     pool.select_rows(torch.tensor([0, 0]))  # a new, exact arena for two rows
     assert pool._planes is None and pool.k.shape[0] == 2 and pool.k.is_contiguous()
     pool.allocate(pool.capacity - 200 + 1)  # grows by a copy, keeping the rows
@@ -161,3 +161,13 @@ def test_a_decode_token_after_the_window_takes_the_next_free_slot_or_none():
     assert pool.slot_pos[2] == 42 and pool.slot_owner[2] == -1 and pool.k[0, 0, 2].tolist() == [1.0] * 4
     pool.allocate(pool.budget - pool.used)
     assert pool.allocate_after(pool.high_water - 1) is None  # the budget is spent: the caller evicts
+
+
+def test_without_populate_the_committed_slots_are_touched_by_writing_zeros(monkeypatch):
+    monkeypatch.setattr("kvtier.store.pools._MADV_POPULATE_WRITE", 12345)  # advice the kernel refuses
+    pool = DevicePool(None, torch.device("cpu"), torch.float32)
+    pool.init_shape(1, 2, 4)
+    slots = pool.allocate(50)
+    pool.write(slots, torch.ones(1, 2, 50, 4), torch.ones(1, 2, 50, 4), torch.arange(50))
+    pool.allocate(pool.capacity - 50 + 1)  # grows in place through the fallback
+    assert pool.k[:, :, :50].eq(1).all() and not pool.k[:, :, 50:].any()

@@ -60,15 +60,17 @@ DEFAULT_SHAPES = ("attention-heavy", "qwen2.5-0.5b")
 
 @torch.inference_mode()
 def decode(runs: dict[str, tuple[torch.nn.Module, Any]], first: torch.Tensor, steps: int) -> dict[str, dict[str, Any]]:
-    """`steps` + 1 greedy steps of every (model, cache) in `runs`, taken in turn step by step so that a
-    change in the machine's speed during the run touches all of them alike: the first step's time, and the
-    median and the mean of the rest, per run (the mean is what a long generation pays: it counts the rare
-    slow step, an arena's growth, that the median leaves out)."""
+    """`steps` + 1 greedy steps of every (model, cache) in `runs`, taken in turn step by step (the order
+    rotating, so none always follows the same one) so that a change in the machine's speed during the run
+    touches all of them alike: the first step's time, and the median and the mean of the rest, per run (the
+    mean is what a long generation pays: it counts the rare slow step, an arena's growth, that the median
+    leaves out)."""
     toks = {name: first for name in runs}
     times: dict[str, list[float]] = {name: [] for name in runs}
     logits: dict[str, torch.Tensor] = {}
-    for _ in range(steps + 1):
-        for name, (model, cache) in runs.items():
+    order = list(runs.items())
+    for step in range(steps + 1):
+        for name, (model, cache) in order[step % len(order):] + order[:step % len(order)]:  # each goes first in turn
             kw = {cache_argument(model): cache, "use_cache": True}
             dt, out = timed(lambda m=model, t=toks[name], kw=kw: m(input_ids=t, **kw), sync=first.is_cuda)
             toks[name] = out.logits[:, -1:].argmax(-1)
