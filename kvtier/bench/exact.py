@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         k = r["kvtier"]
         cold = f"  cold reopen read {r['reopen']['cold']['read_ratio_vs_raw']}x raw" if "reopen" in r else ""
         print(f"{r['shape']:>16} {r['context']:>6}  prefill {k['prefill_ratio_vs_dynamic']}x dynamic  "
-              f"decode {k['decode_ratio_vs_static']}x static (mean {k['decode_mean_ratio_vs_static']}x)  KV {k['kv_bytes_ratio_vs_static']}x static  "
+              f"decode {k['decode_ratio_vs_static']}x static (mean {k['decode_mean_ratio_vs_static']}x)  "
+              f"KV {k['kv_bytes_ratio_vs_static']}x static  "
               f"first step {k['first_step_ratio_vs_steady']}x steady{cold}")
     print(f"wrote {path}")
