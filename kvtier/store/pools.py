@@ -374,10 +374,7 @@ class DevicePool:
         self.version += 1
         run = _as_run(slots)
         if run is not None:
-            if self._pos_np is not None:
-                self._pos_np[run] = -1
-            else:
-                self.slot_pos[run] = -1
+            self._set_pos(run, -1)
             self._add_holes(run.start, run.stop - run.start)
         else:
             with storage_mode():
@@ -431,12 +428,22 @@ class DevicePool:
         with plain ints for the slot and position (no slot list to build or read back)."""
         self.k[:, :, slot:slot + 1].copy_(k.detach())
         self.v[:, :, slot:slot + 1].copy_(v.detach())
+        self._set_pos(slot, position)
+        self._set_owner(slot, -1)
+
+    def _set_pos(self, where: int | slice, position: int) -> None:
+        """slot_pos[where] = position, through its numpy view on a CPU."""
         if self._pos_np is not None:
-            self._pos_np[slot] = position
-            self._owner_np[slot] = -1
+            self._pos_np[where] = position
         else:
-            self.slot_pos[slot] = position
-            self.slot_owner[slot] = -1
+            self.slot_pos[where] = position
+
+    def _set_owner(self, where: int | slice, owner: int) -> None:
+        """slot_owner[where] = owner, through its numpy view on a CPU."""
+        if self._owner_np is not None:
+            self._owner_np[where] = owner
+        else:
+            self.slot_owner[where] = owner
 
     def claim(self, slots: torch.Tensor, positions: torch.Tensor, owner: int | torch.Tensor = -1) -> None:
         """Record the logical position ([n]) and owner (chunk row, one or [n]; -1: the recent window) of slots
@@ -449,12 +456,10 @@ class DevicePool:
             self.version += 1  # a chunk's slots changed: tables over them rebuild
         if run is not None:
             self.slot_pos[run].copy_(positions)
-            if not isinstance(owner, int):
-                self.slot_owner[run].copy_(owner)
-            elif self._owner_np is not None:
-                self._owner_np[run] = owner
+            if isinstance(owner, int):
+                self._set_owner(run, owner)
             else:
-                self.slot_owner[run] = owner
+                self.slot_owner[run].copy_(owner)
             return
         with storage_mode():
             self.slot_pos[slots] = positions.to(self.device)
@@ -464,10 +469,7 @@ class DevicePool:
         self.version += 1
         run = _as_run(slots)
         if run is not None:  # a chunk's usual case: a plain fill of a view, no storage-mode guard needed
-            if self._owner_np is not None:
-                self._owner_np[run] = owner
-            else:
-                self.slot_owner[run] = owner
+            self._set_owner(run, owner)
             return
         with storage_mode():
             self.slot_owner[slots] = owner
