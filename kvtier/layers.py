@@ -115,22 +115,31 @@ class TieredLayer:
     @property
     def win_slots(self) -> torch.Tensor:
         """The recent window's device slots, oldest first ([W] long, CPU)."""
+        if self._win_added:  # decode tokens' slots, joined to the tensor once someone reads it
+            self._win_slots = torch.cat([self._win_slots, torch.tensor(self._win_added, dtype=torch.long)])
+            self._win_added = []
         return self._win_slots
 
     @win_slots.setter
     def win_slots(self, slots: torch.Tensor) -> None:
         self._win_slots = slots
+        self._win_added: list[int] = []  # slots of decode tokens appended since (plain ints: no tensor per token)
         self._win_tail = None  # read from the slots when next needed
+
+    @property
+    def win_len(self) -> int:
+        """Tokens in the recent window (without joining the decode tokens' slots into a tensor)."""
+        return self._win_slots.numel() + len(self._win_added)
 
     def _window_tail(self) -> int | None:
         """The window's newest slot (None: an empty window), kept as an int so a decode step reads no tensor."""
-        if self._win_tail is None and self._win_slots.numel():
-            self._win_tail = int(self._win_slots[-1])
+        if self._win_tail is None and self.win_len:
+            self._win_tail = int(self.win_slots[-1])
         return self._win_tail
 
     @property
     def win_start(self) -> int:
-        return self.length - self.win_slots.numel()
+        return self.length - self.win_len
 
     @property
     def logical_length(self) -> int:
@@ -153,14 +162,15 @@ class TieredLayer:
         slot = None if tail is None else self.pool.allocate_after(tail)
         if slot is not None:  # the usual decode token: plain ints, no slot list to build and read back
             self.pool.write_token(slot, k, v, past)
-            slots = torch.arange(slot, slot + 1)
+            self._win_added.append(slot)
         else:
             slots = self.tiers.allocate_device(self.index, 1, after=tail)
             if slots is None:  # the config check makes this unreachable; keep the invariant loud
                 raise RuntimeError(f"layer {self.index}: no device room for the recent window")
             self.pool.write(slots, k, v, torch.full((1,), past, dtype=torch.long, device=self.pool.device))
-        self.win_slots = torch.cat([self.win_slots, slots])
-        self._win_tail = int(slots[-1]) if slot is None else slot
+            self.win_slots = torch.cat([self.win_slots, slots])
+            slot = int(slots[-1])
+        self._win_tail = slot
         self.length = past + 1
         self._seal_window()
         return KVHandle(self, past, k, v, new_in_window=True)
@@ -299,7 +309,7 @@ class TieredLayer:
         """Decode: seal the oldest window tokens at this layer's granularity once the window is full."""
         while True:
             size = self.config.sink_tokens if self._needs_sink() else self.decode_chunk
-            if self.win_slots.numel() < size + self.config.recent_window:
+            if self.win_len < size + self.config.recent_window:
                 return
             chunk = self._new_chunk(self.win_start, size, b=self.batch)
             slots = self.win_slots[:size]

@@ -188,7 +188,7 @@ def select_chunks(layer: "TieredLayer", q: torch.Tensor, pad: torch.Tensor | Non
     tokens every (sequence, KV head) attends to besides them: sinks and the recent window)."""
     kmin, kmax, lengths, starts = layer.abstracts.view()
     forced, sink_tokens = layer.forced_chunks()
-    always = sink_tokens + layer.win_slots.numel()
+    always = sink_tokens + layer.win_len
     chunk_budget = max(0, layer.config.budget_tokens(layer.length) - always)
     has_tokens = _chunks_with_tokens(pad, starts, lengths) if pad is not None else None
     sel = layer.tiers.selector.select_pages(q, kmin, kmax, lengths, starts, layer.abstracts.pages(),

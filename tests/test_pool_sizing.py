@@ -53,6 +53,25 @@ def test_segmented_prefill_allocates_about_the_prompt_and_first_step_does_not_gr
         assert [p.capacity for p in pools] == caps
 
 
+def test_decode_tokens_join_the_recent_window_in_order():
+    """A decode token's slot is kept as an int until someone reads the window: the window read after any number
+    of steps (across seals and growths) is its tokens' slots, oldest first, each holding its position."""
+    model = build_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    with KVTierCache.for_model(model, chunk_size=16, recent_window=8) as cache:
+        kvtier.prefill(model, cache, ids, segment_tokens=64, progress=False)
+        tok = ids[:, -1:]
+        for step in range(60):
+            model(input_ids=tok, use_cache=True, **{cache_argument(model): cache})
+            if step % 7 == 3:
+                for layer in cache.layers:
+                    n = layer.win_len
+                    slots = layer.win_slots
+                    assert slots.numel() == n == layer.length - layer.win_start
+                    assert layer.pool.slot_pos[slots].tolist() == list(range(layer.win_start, layer.length))
+                    assert (layer.pool.slot_owner[slots] == -1).all()
+
+
 def test_reserve_refuses_what_is_not_a_token_count():
     with KVTierCache.for_model(build_model("llama")) as cache:
         for bad in (-1, 1.5, "8GiB", True):
@@ -125,17 +144,36 @@ def test_a_cpu_arena_grows_into_its_reserved_planes_without_copying():
     slots = pool.allocate(100)
     x = torch.randn(1, 2, 100, 4)
     pool.write(slots, x, x + 1, torch.arange(100))
-    ptr, cap = pool.k.data_ptr(), pool.capacity
+    ptr, cap, tables = pool.k.data_ptr(), pool.capacity, pool.slot_pos.data_ptr()
     pool.allocate(cap - 100 + 5)
     assert pool.capacity > cap and pool.k.data_ptr() == ptr  # grown in place
+    assert pool.slot_pos.data_ptr() == tables  # the slot tables too: reserved as wide as the planes
     assert torch.equal(pool.k[:, :, :100], x) and torch.equal(pool.v[:, :, :100], x + 1)
     assert not pool.k[:, :, 100:].any() and not pool.v[:, :, 100:].any()
+    assert pool.slot_pos[:100].tolist() == list(range(100)) and (pool.slot_pos[100:] == -1).all()
     assert pool.allocated_bytes == pool.capacity * pool.bytes_per_token()
     reserved = pool._planes[0].slots
     pool.allocate(reserved - pool.used + 1)  # past the reservation: new planes, the data carried over
     assert pool.k.data_ptr() != ptr and pool._planes[0].slots >= pool.capacity > reserved
     assert torch.equal(pool.k[:, :, :100], x) and torch.equal(pool.v[:, :, :100], x + 1)
     assert pool.slot_pos[:100].tolist() == list(range(100))
+
+
+def test_a_growth_in_place_clears_slots_freed_below_the_old_capacity():
+    """Slots between high water and the old capacity may hold a dropped token (written, then released):
+    widening the arena hands them out again as zeros, free in the slot tables."""
+    pool = DevicePool(None, torch.device("cpu"), torch.float32)
+    pool.init_shape(1, 1, 4)
+    slots = pool.allocate(40)
+    pool.write(slots, torch.ones(1, 1, 40, 4), torch.ones(1, 1, 40, 4), torch.arange(40), owner=3)
+    pool.release(slots[30:])  # high water back to 30, the dropped tokens' data still in slots 30-39
+    pool.k[:, :, 30:40] = 7.0  # as if a dropped token had left data behind
+    pool._tables[:, 30:40] = 9  # ... and stale table entries
+    cap = pool.capacity
+    pool.allocate(cap - 30 + 1)
+    assert pool._planes is not None and pool.capacity > cap
+    assert not pool.k[:, :, 30:].any() and (pool.slot_pos[30:] == -1).all() and (pool.slot_owner[30:] == -1).all()
+    assert pool.slot_owner[:30].eq(3).all() and pool.k[:, :, :30].eq(1).all()
 
 
 def test_a_reservation_stays_within_the_budget_and_a_row_reorder_drops_it():

@@ -180,6 +180,7 @@ class DevicePool:
         self._pos_np = None
         self._owner_np = None
         self._planes: tuple[ReservedPlanes, ReservedPlanes] | None = None  # on a CPU: k's and v's
+        self._tables: torch.Tensor | None = None  # [2, reserved slots]: slot_pos and slot_owner are views of it
         self.used = 0
         self.peak = 0
         self.high_water = 0
@@ -269,11 +270,14 @@ class DevicePool:
         # Slots below high water are copied, the rest zeroed (never left uninitialised: a slot masked out of
         # attention still meets a zero weight, and 0 * NaN would be NaN); no memset of what the copy covers,
         # which halves the cost of a growth while decoding. Every tensor is made before any is kept.
-        # On a CPU the planes are reserved `_RESERVE` times wider than the capacity (`ReservedPlanes`): while they
-        # hold the new capacity the arena grows by widening its view and committing the new slots' memory,
+        # On a CPU the planes are reserved `_RESERVE` times wider than the capacity (`ReservedPlanes`), and the
+        # slot tables as wide: while they hold the new capacity the arena grows by widening its views (`_widen`),
         # with no copy (into fresh pages a copy ran at ~1 GB/s: about one more pass over the KV per growth).
-        planes = self._planes
-        if not in_place and self.device.type == "cpu" and capacity:
+        if in_place:
+            self._widen(capacity)
+            return
+        planes = None
+        if self.device.type == "cpu" and capacity:
             reserve = capacity * _RESERVE if self.budget is None else max(capacity, min(capacity * _RESERVE,
                                                                                          self.budget))
             pk = ReservedPlanes.create(batch, heads, reserve, head_dim, self.dtype)
@@ -281,29 +285,40 @@ class DevicePool:
             planes = None if pv is None else (pk, pv)
         if planes is not None:
             for plane in planes:
-                plane.commit(self.capacity if in_place else 0, capacity)
+                plane.commit(0, capacity)
             k, v = planes[0].tensor[:, :, :capacity], planes[1].tensor[:, :, :capacity]
         else:
             k = torch.empty(batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
             v = torch.empty_like(k)
-        pos = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
-        owner = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
+        # positions and owners, one row each, as wide as the planes' reservation (every slot free: -1)
+        tables = torch.full((2, planes[0].slots if planes else capacity), -1, dtype=torch.long, device=self.device)
+        pos, owner = tables[0, :capacity], tables[1, :capacity]
         n = self.high_water if self.k is not None else 0
         if n:
-            if not in_place:
-                k[:, :, :n] = self.k[:, :, :n]
-                v[:, :, :n] = self.v[:, :, :n]
+            k[:, :, :n] = self.k[:, :, :n]
+            v[:, :, :n] = self.v[:, :, :n]
             pos[:n] = self.slot_pos[:n]
             owner[:n] = self.slot_owner[:n]
         if planes is None:
             k[:, :, n:] = 0
             v[:, :, n:] = 0
-        elif in_place:  # slots past the old capacity were never written (zeros); free ones below it are cleared
-            k[:, :, n:self.capacity] = 0
-            v[:, :, n:self.capacity] = 0
-        self.k, self.v, self.slot_pos, self.slot_owner, self._planes = k, v, pos, owner, planes
+        self.k, self.v, self.slot_pos, self.slot_owner, self._planes, self._tables = k, v, pos, owner, planes, tables
         cpu = pos.device.type == "cpu"
-        self._pos_np, self._owner_np = (pos.numpy(), owner.numpy()) if cpu else (None, None)
+        self._pos_np, self._owner_np = (tables[0].numpy(), tables[1].numpy()) if cpu else (None, None)
+
+    def _widen(self, capacity: int) -> None:
+        """Grow within the CPU reservation: commit the new slots' memory and widen the views of the planes and
+        the slot tables. Nothing is copied and nothing new is made: a decode step that grows the arena pays
+        one commit per plane and a few views."""
+        n, old = self.high_water, self.capacity
+        for plane in self._planes:
+            plane.commit(old, capacity)
+        self.k, self.v = (plane.tensor[:, :, :capacity] for plane in self._planes)
+        # Past the old capacity nothing was ever written (zeros, free); free slots below it are cleared.
+        self.k[:, :, n:old] = 0
+        self.v[:, :, n:old] = 0
+        self._tables[:, n:old] = -1
+        self.slot_pos, self.slot_owner = self._tables[0, :capacity], self._tables[1, :capacity]
 
     def allocate(self, n: int, after: int | None = None) -> torch.Tensor | None:
         """Reserve `n` slots: right after slot `after` if they are free there (a growing recent window stays
@@ -426,8 +441,8 @@ class DevicePool:
     def write_token(self, slot: int, k: torch.Tensor, v: torch.Tensor, position: int) -> None:
         """One token (k, v [batch, heads, 1, head_dim]) of the recent window into `slot`: a decode step's write,
         with plain ints for the slot and position (no slot list to build or read back)."""
-        self.k[:, :, slot:slot + 1].copy_(k.detach())
-        self.v[:, :, slot:slot + 1].copy_(v.detach())
+        self.k.narrow(2, slot, 1).copy_(k.detach())  # narrow: a third of a slice's cost in Python
+        self.v.narrow(2, slot, 1).copy_(v.detach())
         self._set_pos(slot, position)
         self._set_owner(slot, -1)
 
@@ -485,7 +500,7 @@ class DevicePool:
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The used prefix of the arena: k, v [B, H, high_water, D] and slot positions [high_water]."""
         n = self.high_water
-        return self.k[:, :, :n], self.v[:, :, :n], self.slot_pos[:n]
+        return self.k.narrow(2, 0, n), self.v.narrow(2, 0, n), self.slot_pos.narrow(0, 0, n)
 
     def owners(self) -> torch.Tensor:
         """Chunk row owning each slot below high water ([high_water]; -1: recent window or free)."""
@@ -501,7 +516,8 @@ class DevicePool:
                 self._planes = None  # the new arena is exactly its capacity: the next growth copies
 
     def clear(self) -> None:
-        self.k = self.v = self.slot_pos = self.slot_owner = self._pos_np = self._owner_np = self._planes = None
+        self.k = self.v = self.slot_pos = self.slot_owner = self._pos_np = self._owner_np = None
+        self._planes = self._tables = None
         self.used = self.high_water = self.expected = 0
         self.version += 1
         self._hole_starts.clear()
