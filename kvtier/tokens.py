@@ -35,7 +35,8 @@ class TokenLog:
         if ids is None or ids.dim() != 2 or self.length < past:
             self.forget()
             return
-        ids = ids.detach().to("cpu", torch.long)
+        if ids.device.type != "cpu" or ids.dtype != torch.long:  # (a decode step's ids usually are already)
+            ids = ids.to("cpu", torch.long)
         if past < self.length:  # a forward that never finished, or a crop: the log runs ahead of the KV
             self.truncate(past)
         rows = self._parts[0].shape[0] if self._parts else None  # no join per step: parts are joined when read
