@@ -8,12 +8,13 @@ It returns the output and the log-sum-exp, so the result merges with other parti
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._triton import HAS_TRITON, use_triton
 from .fused_attention import fused_attention, fused_available
 from .partial_attention import partial_attention
-from .ragged import ragged_layout
+from .ragged import ragged_layout_np
 
 
 def sparse_decode_attention_ref(
@@ -117,26 +118,31 @@ def run_decode_attention(
         return None
     krows, vrows, plane = rows
     units = start.shape[-1]
-    wins = (length + WINDOW - 1).div(WINDOW, rounding_mode="floor").flatten()  # windows per run
-    run, j, dest, _, width = ragged_layout(wins, b * hkv)  # j: the window's index inside its run
-    if run.numel() == 0:
+    # The index arithmetic runs in numpy: a few thousand windows, where torch's per-call cost is what adds up.
+    length_np = length.reshape(-1).numpy()
+    wins = (length_np + WINDOW - 1) // WINDOW  # windows per run
+    run, j, dest, _, width = ragged_layout_np(wins, b * hkv)  # j: the window's index inside its run
+    if run.size == 0:
         return None
     bh = run // units
-    row = bh * plane + start.flatten().take(run) + j * WINDOW  # first row of the window in the arena's rows
+    row = bh * plane + start.reshape(-1).numpy()[run] + j * WINDOW  # first row of the window in the arena's rows
     rows_total = krows.shape[0]
     if rows_total < WINDOW or int(row.min()) < 0:
         return None
     # A window running past the arena's last row starts earlier instead: its run's slots sit further in.
-    shift = (row - (rows_total - WINDOW)).clamp(min=0)
-    first = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(0, dest, row - shift)
-    lo = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(0, dest, shift)
-    hi = torch.zeros(b * hkv * width, dtype=torch.long).scatter_(
-        0, dest, shift + (length.flatten().take(run) - j * WINDOW).clamp(max=WINDOW))
+    shift = np.maximum(row - (rows_total - WINDOW), 0)
+    first = np.zeros(b * hkv * width, dtype=np.int64)
+    lo = np.zeros(b * hkv * width, dtype=np.int64)
+    hi = np.zeros(b * hkv * width, dtype=np.int64)
+    first[dest] = row - shift
+    lo[dest] = shift
+    hi[dest] = shift + np.minimum(length_np[run] - j * WINDOW, WINDOW)
+    at = np.arange(WINDOW)
+    mask = torch.from_numpy((at >= lo[:, None]) & (at < hi[:, None])).view(b, hkv, 1, width * WINDOW)
+    first_t = torch.from_numpy(first)
     windows = (rows_total - WINDOW + 1, WINDOW * d)
-    ks = krows.as_strided(windows, (d, 1)).index_select(0, first).view(b, hkv, width * WINDOW, d)
-    vs = vrows.as_strided(windows, (d, 1)).index_select(0, first).view(b, hkv, width * WINDOW, d)
-    at = torch.arange(WINDOW)
-    mask = ((at >= lo.view(b, hkv, width, 1)) & (at < hi.view(b, hkv, width, 1))).view(b, hkv, 1, width * WINDOW)
+    ks = krows.as_strided(windows, (d, 1)).index_select(0, first_t).view(b, hkv, width * WINDOW, d)
+    vs = vrows.as_strided(windows, (d, 1)).index_select(0, first_t).view(b, hkv, width * WINDOW, d)
     res = fused_attention(q.unsqueeze(2), ks, vs, scale, mask)
     return None if res is None else (res[0].squeeze(2), res[1].squeeze(2))
 

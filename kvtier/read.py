@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .attend import attend
@@ -72,7 +73,7 @@ def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad
         remote = [c for c in layer.chunks if c.tier != Tier.DEVICE and c.start < past]
         layer.tiers.counters.device.hits += sum(1 for c in layer.chunks if c.start < past) - len(remote)
         remote = layer.tiers.promote_into_free_room(layer.index, remote)
-    groups = list(token_groups(remote, layer.config.staging_tokens))
+    groups = list(token_groups(remote, layer.config.staging_tokens)) if remote else []
     # Streamed chunks: the reader threads work `prefetch_tokens` ahead of the group being attended, from the
     # second group on. The first is read when it is needed, in one transaction: handing it to a reader thread
     # only to wait for it at once measured slower (a thread's Python per record, and no compute to overlap).
@@ -140,10 +141,15 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
         chunk.last_used = tiers.clock
         chunk.selected += 1
     layer.last_union = needed
-    staged = tiers.make_resident(layer.index, needed)
+    if layer.pool.used == layer.length:  # every token is in the arena: nothing to bring up or stage
+        tiers.counters.device.hits += len(needed)
+        staged = []
+    else:
+        staged = tiers.make_resident(layer.index, needed)
     lengths = layer.abstracts.view()[2]
     b, h = sel.chunks.shape[:2]
-    tiers.counters.selected_tokens += sel.tokens(lengths, pages) + always * b * h
+    units = sel.units(lengths, pages)
+    tiers.counters.selected_tokens += int(units[2].sum()) + always * b * h
     tiers.counters.selection_steps += b * h
 
     # The arena: selected pages' slots and the window; staged chunks are attended from their staging copy.
@@ -154,9 +160,10 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
         off = off.to(lengths.device)
         whole_ok = whole_ok & ~off.take(sel.whole)
         parts_ok = parts_ok & ~off.take(sel.page_chunk.take(sel.parts))
+        units = sel.units(lengths, pages, whole_ok, parts_ok)
     res = None
     if pad is None and softcap is None and q.device.type == "cpu" and not use_triton(q):  # copy runs of slots
-        runs = _arena_runs(layer, sel, whole_ok, parts_ok)
+        runs = _arena_runs(layer, units)
         if runs is not None:
             res = run_decode_attention(q[:, :, 0], layer.pool.k, layer.pool.v, *runs, scale)
     if res is None:
@@ -202,40 +209,41 @@ def _chunks_with_tokens(pad: torch.Tensor, starts: torch.Tensor, lengths: torch.
     return (cum[:, starts + lengths] - cum[:, starts]) > 0
 
 
-def _arena_runs(layer: "TieredLayer", sel: Selection, whole_ok: torch.Tensor,
-                parts_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _arena_runs(layer: "TieredLayer", units: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Each (sequence, KV head)'s arena slots as runs of consecutive slots: the pieces (`SlotRuns`) of each
-    selected chunk or page, then the recent window's. Returns start, length [B, Hkv, U] (length 0: no run),
-    or None where the window lies in too many pieces to pay (then `_arena_lists`, slot by slot)."""
-    b, h, _ = sel.chunks.shape
+    selected chunk or page (`units`: `Selection.units` of the entries read from the arena), then the recent
+    window's. Returns start, length [B, Hkv, U] (length 0: no run), or None where the window lies in too many
+    pieces to pay (then `_arena_lists`, slot by slot)."""
+    chunk, off, size = (t.numpy() for t in units)  # index arithmetic on a few thousand entries: numpy's is cheaper
+    b, h, _ = chunk.shape
     runs = layer.slot_runs()
-    pages = layer.abstracts.pages()
-    lengths = layer.abstracts.view()[2]
-    window = layer.win_slots.cpu()
+    window = layer.win_slots.numpy()
     win_start = win_size = None
-    if window.numel():  # the window's runs: its first tokens placed together, decoded ones one by one
-        cuts = [0, *((window.diff() != 1).nonzero().flatten() + 1).tolist(), window.numel()]
-        if len(cuts) - 1 > max(4, window.numel() // 8):
+    if window.size:  # the window's runs: its first tokens placed together, decoded ones one by one
+        cuts = np.flatnonzero(np.diff(window) != 1) + 1
+        if cuts.size + 1 > max(4, window.size // 8):
             return None  # scattered slots: one window copy per few slots would not pay
-        win_start = window.take(torch.tensor(cuts[:-1]))
-        win_size = torch.tensor(cuts[1:]) - torch.tensor(cuts[:-1])
-    chunk, off, size = sel.units(lengths, pages, whole_ok, parts_ok)
+        bounds = np.concatenate(([0], cuts, [window.size]))
+        win_start, win_size = window[bounds[:-1]], np.diff(bounds)
     # Each unit against each piece of its chunk: the part of the unit that piece holds.
-    j = torch.arange(runs.most, device=chunk.device)
-    has = j < runs.count.take(chunk)[..., None]
-    piece = torch.where(has, runs.first.take(chunk)[..., None] + j, 0)
-    p_off, p_len = runs.offset.take(piece), runs.length.take(piece)
-    lo = torch.maximum(off[..., None], p_off)
-    hi = torch.minimum((off + size)[..., None], p_off + p_len)
-    run_size = torch.where(has, (hi - lo).clamp(min=0), 0)
+    first, count, p_offset, p_slot, p_length = (t.numpy() for t in (runs.first, runs.count, runs.offset, runs.slot,
+                                                                     runs.length))
+    j = np.arange(runs.most)
+    has = j < count[chunk][..., None]
+    piece = np.where(has, first[chunk][..., None] + j, 0)
+    p_off, p_len = p_offset[piece], p_length[piece]
+    lo = np.maximum(off[..., None], p_off)
+    hi = np.minimum((off + size)[..., None], p_off + p_len)
+    run_size = np.where(has, np.maximum(hi - lo, 0), 0)
     if int(run_size.sum()) != int(size.sum()):  # a selected token off the device: never expected, never dropped
         return None
-    start = (runs.slot.take(piece) + lo - p_off).flatten(2)
-    run_size = run_size.flatten(2)
+    start = (p_slot[piece] + lo - p_off).reshape(b, h, -1)
+    run_size = run_size.reshape(b, h, -1)
     if win_start is not None:
-        start = torch.cat([start, win_start.to(start.device).expand(b, h, -1)], dim=-1)
-        run_size = torch.cat([run_size, win_size.to(run_size.device).expand(b, h, -1)], dim=-1)
-    return start, run_size
+        start = np.concatenate([start, np.broadcast_to(win_start, (b, h, win_start.size))], axis=-1)
+        run_size = np.concatenate([run_size, np.broadcast_to(win_size, (b, h, win_size.size))], axis=-1)
+    return torch.from_numpy(start), torch.from_numpy(run_size)
 
 
 def _arena_lists(layer: "TieredLayer", sel: Selection, whole_ok: torch.Tensor,

@@ -184,3 +184,19 @@ def test_ragged_layout_places_each_rows_items_first_in_order():
     assert dest.tolist() == [0, 1, 2, 3, 4, 6, 7]
     empty = ragged_layout(torch.zeros(4, dtype=torch.long), rows=2)
     assert empty[0].numel() == 0 and empty[4] == 1
+
+
+def test_the_numpy_ragged_layout_is_the_torch_one():
+    from kvtier.kernels.ragged import ragged_layout, ragged_layout_np
+
+    gen = torch.Generator().manual_seed(3)
+    for rows, units in [(1, 1), (2, 3), (16, 92), (5, 7)]:
+        sizes = torch.randint(0, 6, (rows * units,), generator=gen)
+        sizes[::4] = 0  # empty units, and rows with nothing
+        want = ragged_layout(sizes, rows)
+        got = ragged_layout_np(sizes.numpy(), rows)
+        for w, g in zip(want[:4], got[:4]):
+            assert w.tolist() == g.tolist()
+        assert want[4] == got[4]
+    empty = ragged_layout_np(torch.zeros(4, dtype=torch.long).numpy(), rows=2)
+    assert empty[0].size == 0 and empty[4] == 1

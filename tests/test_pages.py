@@ -277,7 +277,7 @@ def test_runs_of_slots_name_the_slots_the_lists_name_with_chunks_in_pieces():
 
     def compare(layer, sel, whole_ok, parts_ok):
         idx, counts = lists(layer, sel, whole_ok, parts_ok)
-        runs = runs_of(layer, sel, whole_ok, parts_ok)
+        runs = runs_of(layer, sel.units(layer.abstracts.view()[2], layer.abstracts.pages(), whole_ok, parts_ok))
         window = layer.win_slots
         if int((window.diff() != 1).sum()) + 1 <= 4:  # a window in a few pieces is read as runs
             checked.append(runs is not None)

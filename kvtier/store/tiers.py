@@ -641,6 +641,9 @@ class TierManager:
             return
         i = self.layers.index(layer)
         nxt = self.layers[(i + 1) % len(self.layers)]
+        if layer.pool.used == layer.length and nxt.pool.used == nxt.length:  # both wholly on the device
+            self.prefetcher.request((), self.clock)  # (drops reads gone stale, if any)
+            return
         wanted = [c for c in nxt.last_union if c.tier == Tier.DISK]
         wanted += [c for c in layer.last_union if c.tier == Tier.DISK]
         self.prefetcher.request(wanted, self.clock)
