@@ -183,7 +183,7 @@ def _check_page_selection(lengths, page_size, budget, seed, shared):
             assert _greedy_pages(scores, pages.lengths, left) <= extra  # then the best pages of the next chunks
             # the chunk mask names exactly the chunks holding a chosen page
             assert set(sel.chunks[b, h].nonzero().flatten().tolist()) == {int(pages.chunk[p]) for p in chosen}
-    assert sel.tokens(lens, pages) == int((sel.pages * pages.lengths).sum())  # the lists are the mask
+    assert int(sel.units(lens, pages)[2].sum()) == int((sel.pages * pages.lengths).sum())  # the lists are the mask
     if shared:
         assert torch.equal(sel.pages[:, 0], sel.pages[:, 1])
 

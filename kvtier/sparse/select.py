@@ -67,10 +67,6 @@ class Selection:
                          dim=-1)
         return chunk, offset, size
 
-    def tokens(self, chunk_lengths: torch.Tensor, pages: PageView) -> int:
-        """Tokens selected, summed over sequences and KV heads."""
-        return int(self.units(chunk_lengths, pages)[2].sum())
-
 
 def _rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, H, N] bool -> the True entries' indices per row, in order, padded: (rows, ok) [B, H, max count]."""
