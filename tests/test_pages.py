@@ -263,13 +263,15 @@ def test_saved_page_bounds_come_back_with_the_session(tmp_path):
     reopened.close()
 
 
-def test_runs_of_slots_name_the_slots_the_lists_name_with_chunks_in_pieces():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_runs_of_slots_name_the_slots_the_lists_name_with_chunks_in_pieces(batch):
     """A small device budget makes evictions leave holes, so promoted chunks and the window land in pieces:
-    every step's runs (what the CPU reads as windows) cover exactly the slots the slot lists name."""
+    every step's runs (what the CPU reads as windows) cover exactly the slots the slot lists name, for every
+    row of the batch."""
     import kvtier.read as read
 
     model = build_model("llama")
-    ids = torch.randint(3, 128, (1, 600), generator=torch.Generator().manual_seed(9))
+    ids = torch.randint(3, 128, (batch, 600), generator=torch.Generator().manual_seed(9))
     cache = KVTierCache.for_model(model, **SPARSE, page_size=8, sparse_budget=0.15, device_budget=160,
                                   host_budget=0)
     checked, in_pieces = [], []
