@@ -138,6 +138,11 @@ class TieredLayer:
         return self._win_tail
 
     @property
+    def wholly_on_device(self) -> bool:
+        """Every token the layer holds sits in its device arena: no chunk to look for on the host or disk."""
+        return self.pool.used == self.length
+
+    @property
     def win_start(self) -> int:
         return self.length - self.win_len
 

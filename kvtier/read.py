@@ -66,7 +66,7 @@ def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad
     # Decode: the new token already sits in the window, so the arena covers it and no causal cut is needed.
     arena_has_new = nq == 1 and handle.new_in_window
     limit = past + 1 if arena_has_new else past
-    if layer.pool.used == layer.length:  # every token is in the arena: no chunk to look for elsewhere
+    if layer.wholly_on_device:
         remote = []
         layer.tiers.counters.device.hits += len(layer.chunks) - bool(layer.chunks and layer.chunks[-1].start >= past)
     else:
@@ -141,7 +141,7 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
         chunk.last_used = tiers.clock
         chunk.selected += 1
     layer.last_union = needed
-    if layer.pool.used == layer.length:  # every token is in the arena: nothing to bring up or stage
+    if layer.wholly_on_device:  # nothing to bring up or stage
         tiers.counters.device.hits += len(needed)
         staged = []
     else:

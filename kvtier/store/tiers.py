@@ -641,7 +641,7 @@ class TierManager:
             return
         i = self.layers.index(layer)
         nxt = self.layers[(i + 1) % len(self.layers)]
-        if layer.pool.used == layer.length and nxt.pool.used == nxt.length:  # both wholly on the device
+        if layer.wholly_on_device and nxt.wholly_on_device:
             self.prefetcher.request((), self.clock)  # (drops reads gone stale, if any)
             return
         wanted = [c for c in nxt.last_union if c.tier == Tier.DISK]
