@@ -178,6 +178,18 @@ def saved(tmp_path, llama):
     return path
 
 
+@pytest.mark.parametrize("mode, hinted", [("exact", 1), ("sparse", 0)])
+def test_open_reads_ahead_only_where_every_record_is_read(saved, llama, monkeypatch, mode, hinted):
+    """Exact mode reads every record at the first step, so open starts the disk at once; sparse mode reads
+    its selection only, and a hint for the whole file would read (and keep in memory) what it never needs."""
+    from kvtier.store.disk import DiskStore
+
+    calls = []
+    monkeypatch.setattr(DiskStore, "read_ahead", lambda self: calls.append(self.path))
+    KVTierCache.open(saved, llama, mode=mode).close()
+    assert calls == [saved] * hinted
+
+
 @pytest.mark.parametrize("path", [None, 5, ""])
 def test_open_names_a_bad_path(llama, path):
     with pytest.raises(TypeError, match="takes a store directory or a redis:// URL"):

@@ -7,11 +7,12 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 from kvtier.errors import StoreFullError, StoreLockedError
-from kvtier.store.disk import DiskStore
+from kvtier.store.disk import DiskStore, _ReadAhead
 
 
 def test_put_get_remove(tmp_path):
@@ -64,7 +65,7 @@ def test_owner_only_permissions(tmp_path):
 def test_second_process_cannot_open_the_store(tmp_path):
     store = DiskStore(tmp_path / "s")
     code = textwrap.dedent(f"""
-        from kvtier.store.disk import DiskStore
+        from kvtier.store.disk import DiskStore, _ReadAhead
         from kvtier.errors import StoreLockedError
         try:
             DiskStore({str(tmp_path / 's')!r})
@@ -88,6 +89,84 @@ def test_same_process_cannot_open_twice(tmp_path):
 def test_open_missing_store_without_create(tmp_path):
     with pytest.raises(FileNotFoundError):
         DiskStore(tmp_path / "nope", create=False)
+
+
+def test_missing_names_the_absent_keys_in_the_order_asked(tmp_path):
+    store = DiskStore(tmp_path / "s")
+    store.put_many([(b"a", os.urandom(50_000)), (b"c", b"3")])
+    assert store.missing([b"d", b"a", b"b", b"c", b"d"]) == [b"d", b"b", b"d"]
+    assert store.missing([]) == []
+    store.close()
+
+
+def _fadvise_calls(monkeypatch) -> list[tuple]:
+    calls: list[tuple] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *args: calls.append(args))
+    return calls
+
+
+def test_read_ahead_asks_the_kernel_for_the_whole_used_file_piece_by_piece(tmp_path, monkeypatch):
+    store = DiskStore(tmp_path / "s")
+    store.put(b"a", os.urandom(100_000))
+    monkeypatch.setattr(_ReadAhead, "PIECE", 4096 * 5)
+    calls = _fadvise_calls(monkeypatch)
+    fd, used = store._data_fd, store.data_bytes()
+    store.read_ahead()
+    store.close()  # waits for the hints
+    assert {c[0] for c in calls} == {fd} and {c[3] for c in calls} == {os.POSIX_FADV_WILLNEED}
+    assert [c[1] for c in calls] == list(range(0, used, 4096 * 5))  # in order, end to end, nothing past `used`
+    assert sum(c[2] for c in calls) == used
+    store.read_ahead()  # closed: nothing to hint, no error
+    assert sum(c[2] for c in calls) == used
+
+
+def test_close_stops_read_ahead_between_pieces(tmp_path, monkeypatch):
+    """The hints run on a thread; close must not leave it hinting on a file descriptor number that the
+    process may hand to another file next."""
+    store = DiskStore(tmp_path / "s")
+    store.put(b"a", os.urandom(200_000))
+    monkeypatch.setattr(_ReadAhead, "PIECE", 4096)
+    calls: list[tuple] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *args: (calls.append(args), time.sleep(0.05)))
+    store.read_ahead()
+    store.close()
+    hinted = len(calls)
+    assert 1 <= hinted < store_pages(tmp_path / "s")
+    time.sleep(0.2)
+    assert len(calls) == hinted
+
+
+def store_pages(path) -> int:
+    return (path / "data.mdb").stat().st_size // 4096
+
+
+@pytest.mark.parametrize("why", ["readahead off", "larger than half the memory available", "memory unknown"])
+def test_read_ahead_holds_back(tmp_path, monkeypatch, why):
+    """A store that would not fit beside what else is in memory is read on demand, as with readahead off."""
+    store = DiskStore(tmp_path / "s")
+    store.put(b"a", os.urandom(100_000))
+    store.close()
+    store = DiskStore(tmp_path / "s", create=False, readahead=why != "readahead off")
+    available = {"larger than half the memory available": 2 * store.data_bytes() - 1, "memory unknown": None}
+    if why in available:
+        monkeypatch.setattr("kvtier.store.disk.host_available_bytes", lambda: available[why])
+    calls = _fadvise_calls(monkeypatch)
+    store.read_ahead()
+    store.close()
+    assert calls == []
+
+
+def test_read_ahead_survives_a_file_system_that_refuses_it(tmp_path, monkeypatch):
+    store = DiskStore(tmp_path / "s")
+    store.put(b"a", b"1")
+
+    def refuse(*args):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    store.read_ahead()
+    assert store.get(b"a") == b"1"
+    store.close()
 
 
 def test_readahead_is_on_by_default_and_can_be_turned_off(tmp_path):

@@ -70,6 +70,10 @@ class RecordStore(ABC):
     def put_meta(self, name: str, obj: Any) -> None:
         self.put_many([], meta={name: obj})
 
+    def read_ahead(self) -> None:
+        """A hint that every record is about to be read (an exact-mode reopen): a store may start fetching them
+        in the background. Nothing by default."""
+
     def record_count(self) -> int:
         return sum(1 for _ in self.keys())
 

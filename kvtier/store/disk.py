@@ -42,6 +42,7 @@ from ..errors import (
 )
 from .backend import RecordStore
 from .lmdb_check import check_lmdb_file
+from .pools import host_available_bytes
 
 LOCK_FILE = "kvtier.lock"
 DATA_FILE = "data.mdb"
@@ -192,6 +193,33 @@ class _ResizeLock:
                 self._cond.notify_all()
 
 
+class _ReadAhead:
+    """Asks the kernel for a file's pages (POSIX_FADV_WILLNEED), one piece after another, on its own thread: a
+    hint for more than a few MiB is cut short by the kernel, and one per piece blocks while the disk's queue is
+    full (on the benchmark VM, hinting a cold 1.1 GB store in 8 MiB pieces took as long as reading it), so the
+    hints run beside the caller, not in its way. `stop` ends them between two pieces."""
+
+    PIECE = 8 << 20
+
+    def __init__(self, fd: int, nbytes: int):
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fd, nbytes), name="kvtier-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, fd: int, nbytes: int) -> None:
+        for offset in range(0, nbytes, self.PIECE):
+            if self._stopped.is_set():
+                return
+            try:
+                os.posix_fadvise(fd, offset, min(self.PIECE, nbytes - offset), os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return  # a hint: a file system that refuses it reads on demand as before
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
 class DiskStore(RecordStore):
     """The embedded record store (`RecordStore`): records and sealed JSON metadata in one LMDB environment.
 
@@ -227,6 +255,7 @@ class DiskStore(RecordStore):
         self._resize_lock = _ResizeLock()
         self._lock_fd: int | None = None
         self._data_fd: int | None = None
+        self._reading_ahead: _ReadAhead | None = None
         with self._os_errors("create" if create and not readonly else "open"):
             self._prepare_directory(create and not readonly)
             self._lock_fd = self._acquire_lock()
@@ -429,10 +458,12 @@ class DiskStore(RecordStore):
             return [txn.get(k) for k in keys]
 
     def missing(self, keys: Iterable[bytes]) -> list[bytes]:
-        """The keys among `keys` the store does not hold: one read transaction, no record copied."""
-        with (self._lmdb_errors("read"), self._resize_lock.shared(),
-              self.env.begin(db=self._chunks, buffers=True) as txn):
-            return [k for k in keys if txn.get(k) is None]
+        """The keys among `keys` the store does not hold, from the B-tree's keys alone: a `get` would read every
+        record's pages (the lmdb binding touches a value's pages as it returns it), a whole cold store at open."""
+        with self._lmdb_errors("read"), self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
+            cursor = txn.cursor()
+            held = set(cursor.iternext(keys=True, values=False))
+        return [k for k in keys if k not in held]
 
     @contextlib.contextmanager
     def viewing(self) -> Iterator[Callable[[bytes], memoryview | None]]:
@@ -501,6 +532,26 @@ class DiskStore(RecordStore):
             size = os.fstat(self._data_fd).st_size  # the open file's, wherever its directory is now
         with self._lmdb_errors("read the store's size"):
             return min(size, self.used_bytes())
+
+    def read_ahead(self) -> None:
+        """Have the kernel read the data file into the page cache from a helper thread (`_ReadAhead`) and return
+        at once: the disk works while the session is checked and its memory committed, and the record reads
+        that follow find their pages in memory instead of faulting them in one readahead window after another.
+        Skipped with readahead=False and for a file larger than half the memory available, whose pages would
+        push out others (and each other) before they are read."""
+        if self.closed or not self.readahead or not hasattr(os, "posix_fadvise"):
+            return
+        used = self.data_bytes()
+        available = host_available_bytes()
+        if used == 0 or available is None or used > available // 2:
+            return
+        self._stop_read_ahead()
+        self._reading_ahead = _ReadAhead(self._data_fd, used)
+
+    def _stop_read_ahead(self) -> None:
+        if self._reading_ahead is not None:
+            self._reading_ahead.stop()
+            self._reading_ahead = None
 
     def used_bytes(self) -> int:
         info, stat_ = self.env.info(), self.env.stat()
@@ -606,6 +657,7 @@ class DiskStore(RecordStore):
                 with self._lmdb_errors("sync"):
                     self.env.sync(True)
         finally:
+            self._stop_read_ahead()  # before its file descriptor closes (and its number is reused)
             self.env.close()
             if self._data_fd is not None:
                 os.close(self._data_fd)

@@ -271,6 +271,7 @@ def check_lmdb_file(path: str | os.PathLike, name: str | None = None) -> LmdbSum
         first.metas()
         reach = min(size, max(first.next_pgno, NUM_METAS) * first.psize)
         with mmap.mmap(f.fileno(), reach, access=mmap.ACCESS_READ) as buf:
+            _only_pages_touched(buf)
             walker = _Walker(buf, reach, label)
             free, main = walker.metas()
             walker.tree(free, "free-page", free_db=True)
@@ -280,3 +281,14 @@ def check_lmdb_file(path: str | os.PathLike, name: str | None = None) -> LmdbSum
                 summary.named[db_name] = db.entries
             walker.check_overlaps()
             return summary
+
+
+def _only_pages_touched(buf: mmap.mmap) -> None:
+    """Fault in only the pages the walk reads. By default each fault on a file mapping reads the pages around
+    it too (the readahead window, 8 MiB on the benchmark VM), one synchronous read after another, so the walk
+    read a whole cold store at ~0.8 GB/s to look at one header per record; with MADV_RANDOM it reads those
+    headers' pages only (a cold 268 MB store: 250-275 -> 20 ms)."""
+    try:
+        buf.madvise(mmap.MADV_RANDOM)
+    except (AttributeError, OSError):
+        pass
