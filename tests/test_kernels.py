@@ -3,6 +3,7 @@ kernels match the references under TRITON_INTERPRET=1 on the CPU, and compiled f
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kvtier.kernels import native
 from kvtier.kernels import (
     arena_rows,
     chunk_scores_ref,
@@ -23,6 +25,19 @@ from kvtier.kernels import (
 )
 
 CASES = Path(__file__).with_name("kernel_cases.py")
+
+
+@contextlib.contextmanager
+def cpu_path(path: str):
+    """Run `run_decode_attention` through the C kernel ("native", skipped without a C compiler) or torch's."""
+    saved = list(native._loaded)
+    native._loaded[:] = [None] if path == "torch" else saved
+    try:
+        if path == "native" and native.library() is None:
+            pytest.skip("the C kernel cannot be built here (no C compiler?)")
+        yield
+    finally:
+        native._loaded[:] = saved
 
 
 def _naive(q, k, v, scale, mask=None, softcap=None):
@@ -101,15 +116,22 @@ def _reserved(t: torch.Tensor, extra: int, gen: torch.Generator) -> torch.Tensor
     return wide[:, :, :s]
 
 
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_runs_of_slots_attend_as_their_slots_listed_one_by_one(path):
+    """Runs read in place by the C kernel, or as 16-slot windows (a window may pass the run's end, the head's
+    plane or the arena's end) for torch's, give what the slot-by-slot reference gives over the same slots, in
+    a contiguous arena or one whose planes are reserved wider than its slots."""
+    with cpu_path(path):
+        _runs_match_lists()
+
+
 @settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 2), g=st.sampled_from([1, 2, 3]), slots=st.integers(16, 90), units=st.integers(1, 5),
-       extra=st.sampled_from([0, 0, 1, 7, 40]), seed=st.integers(0, 10_000))
-def test_runs_of_slots_attend_as_their_slots_listed_one_by_one(b, g, slots, units, extra, seed):
-    """Runs read as 16-slot windows (a window may pass the run's end, the head's plane or the arena's end) give
-    what the slot-by-slot reference gives over the same slots, in a contiguous arena or one whose planes are
-    reserved wider than its slots."""
+       extra=st.sampled_from([0, 0, 1, 7, 40]), seed=st.integers(0, 10_000),
+       d=st.sampled_from([8, 8, 64, 80]))
+def _runs_match_lists(b, g, slots, units, extra, seed, d):
     gen = torch.Generator().manual_seed(seed)
-    hkv, d = 2, 8
+    hkv = 2
     q = torch.randn(b, hkv * g, d, generator=gen)
     k, v = torch.randn(b, hkv, slots, d, generator=gen), torch.randn(b, hkv, slots, d, generator=gen)
     k_arena, v_arena = _reserved(k, extra, gen), _reserved(v, extra, gen)
@@ -144,11 +166,13 @@ def test_arena_rows_take_only_arena_layouts():
     assert arena_rows(k, wide[:, :, :10]) is None  # k and v laid out differently
 
 
-def test_a_run_ending_at_the_arenas_last_slot_reads_the_right_slots():
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_a_run_ending_at_the_arenas_last_slot_reads_the_right_slots(path):
     gen = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(1, 2, 8, generator=gen), torch.randn(1, 2, 40, 8, generator=gen), torch.randn(1, 2, 40, 8, generator=gen)
     start, length = torch.tensor([[[0, 5], [33, 20]]]), torch.tensor([[[3, 2], [7, 4]]])  # head 1: slots 33..39
-    out, lse = run_decode_attention(q, k, v, start, length, 0.5)
+    with cpu_path(path):
+        out, lse = run_decode_attention(q, k, v, start, length, 0.5)
     idx = torch.tensor([[[0, 1, 2, 5, 6, 0, 0], [33, 34, 35, 36, 37, 38, 39]]])
     idx = torch.cat([idx, torch.tensor([[[0, 0, 0, 0], [20, 21, 22, 23]]])], dim=-1)
     want, want_lse = sparse_decode_attention_ref(q, k, v, idx, torch.tensor([[5, 11]]), 0.5)

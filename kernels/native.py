@@ -1,0 +1,166 @@
+"""C kernels for the CPU, built on first use with the system's C compiler and loaded with ctypes.
+
+torch's CPU kernels need the rows they attend to in one dense tensor, so a sparse decode step first copies
+its selected rows out of the arena: on the benchmark CPU that copy alone cost more than the attention over
+the copy. `run_attention.c` reads the arena's rows in place instead (the Triton kernel's job on a GPU).
+
+The library is compiled once per source, compiler and CPU (`-march=native`) into the user's cache directory
+($KVTIER_CACHE_DIR, else $XDG_CACHE_HOME/kvtier or ~/.cache/kvtier), owner-only, and loaded only if this
+user owns it and nobody else can write it. Without a compiler, or with KVTIER_NATIVE=0, `library()` is None
+and callers use the torch path (a warning says so once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_SOURCE = Path(__file__).with_name("run_attention.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
+_BLOCK = 64  # run_attention.c's BLOCK: scratch per thread is g * (BLOCK + 2) floats
+
+_lock = threading.Lock()
+_loaded: list[ctypes.CDLL | None] = []  # [] before the first try, then [library or None]
+_pool: ThreadPoolExecutor | None = None
+
+
+def library() -> ctypes.CDLL | None:
+    """The built C library, or None where it cannot be had (no compiler, a failed build, KVTIER_NATIVE=0)."""
+    if _loaded:
+        return _loaded[0]
+    with _lock:
+        if not _loaded:
+            lib = None
+            if os.environ.get("KVTIER_NATIVE", "1") != "0":
+                try:
+                    lib = _load(_build())
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    warnings.warn(f"kvtier: CPU sparse attention falls back to torch's kernels (slower): {exc}",
+                                  RuntimeWarning, stacklevel=3)
+            _loaded.append(lib)
+    return _loaded[0]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KVTIER_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvtier"
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+    return cc
+
+
+def _cpu() -> bytes:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return b"".join(line for line in f if line.startswith((b"model name", b"flags")))[:4096]
+    except OSError:
+        return os.uname().machine.encode()
+
+
+def _owned_private(path: Path, directory: bool) -> bool:
+    st = os.lstat(path)
+    kind = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    return kind and st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _build() -> Path:
+    cc = _compiler()
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(), _cpu()])).hexdigest()[:20]
+    where = cache_dir() / "native"
+    where.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not _owned_private(where, directory=True):
+        raise RuntimeError(f"{where} is not a directory owned by this user and closed to others")
+    target = where / f"run_attention-{key}.so"
+    if target.exists():
+        return target
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=where)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, timeout=120)
+        if done.returncode:
+            first = (done.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[0]
+            raise RuntimeError(f"{Path(cc).name} failed to build {_SOURCE.name}: {first}")
+        os.chmod(tmp, 0o700)
+        os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    if not _owned_private(path, directory=False):
+        raise RuntimeError(f"{path} is not a file owned by this user and closed to others")
+    lib = ctypes.CDLL(str(path))
+    f = lib.kvtier_run_attention_f32
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    f.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p]
+    f.restype = ctypes.c_int
+    return lib
+
+
+def run_attention(q: torch.Tensor, krows: torch.Tensor, vrows: torch.Tensor, first: np.ndarray, count: np.ndarray,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """q: [P, G, D] float32, contiguous (P = sequence x KV head pairs); krows, vrows: the arena's rows [R, D]
+    (`arena_rows`); first, count: int64 [P, U], each pair's runs of rows (count 0: none), all inside [0, R).
+    Returns out [P, G, D] and lse [P, G] (float32), or None without the C library or for other dtypes.
+    Runs on torch's intra-op thread count, pairs split across threads (ctypes drops the GIL)."""
+    lib = library()
+    if lib is None or q.dtype != torch.float32 or krows.dtype != torch.float32 or vrows.dtype != torch.float32:
+        return None
+    pairs, g, d = q.shape
+    units = first.shape[1]
+    first = np.ascontiguousarray(first, dtype=np.int64)
+    count = np.ascontiguousarray(count, dtype=np.int64)
+    if first.shape != (pairs, units) or count.shape != (pairs, units) or krows.shape != vrows.shape:
+        raise ValueError("run_attention: runs must be [pairs, units] for q's pairs, k and v rows one shape")
+    rows = krows.shape[0]
+    if krows.shape[1] != d or krows.stride() != (d, 1) or vrows.stride() != (d, 1) or not q.is_contiguous():
+        raise ValueError("run_attention: q must be contiguous and k, v rows of D contiguous elements")
+    live = count > 0
+    if (count < 0).any() or (live & ((first < 0) | (first + count > rows))).any():
+        raise ValueError(f"run_attention: a run reaches outside the arena's {rows} rows")
+    out = torch.empty(pairs, g, d, dtype=torch.float32)
+    lse = torch.empty(pairs, g, dtype=torch.float32)
+    threads = max(1, min(torch.get_num_threads(), pairs))
+    work = np.empty((threads, g * (_BLOCK + 2)), dtype=np.float32)
+    args = (q.data_ptr(), krows.data_ptr(), vrows.data_ptr(), first.ctypes.data, count.ctypes.data)
+    tail = (units, g, d, ctypes.c_float(scale), out.data_ptr(), lse.data_ptr())
+
+    def part(t: int) -> int:
+        lo, hi = pairs * t // threads, pairs * (t + 1) // threads
+        return lib.kvtier_run_attention_f32(*args, lo, hi, *tail, work[t].ctypes.data)
+
+    if threads == 1:
+        part(0)
+    else:
+        list(_threads().map(part, range(threads)))
+    return out, lse
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 1)), thread_name_prefix="kvtier-attention")
+        return _pool

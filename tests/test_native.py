@@ -1,0 +1,123 @@
+"""The C kernel for CPU decode attention over runs of arena rows: its results, its guards, and how it is built
+and loaded (only from a cache this user owns and nobody else can write)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from kvtier.kernels import native, sparse_decode_attention_ref
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A library() that has not been tried yet, building into its own cache directory."""
+    monkeypatch.setattr(native, "_loaded", [])
+    monkeypatch.setenv("KVTIER_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def lib():
+    if native.library() is None:
+        pytest.skip("the C kernel cannot be built here (no C compiler?)")
+    return native.library()
+
+
+def _problem(pairs, g, d, plane, runs, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(pairs, g, d, generator=gen)
+    k = torch.randn(pairs * plane, d, generator=gen)
+    v = torch.randn(pairs * plane, d, generator=gen)
+    start = np.array([[s for s, _ in runs]] * pairs, dtype=np.int64)
+    count = np.array([[n for _, n in runs]] * pairs, dtype=np.int64)
+    first = np.arange(pairs, dtype=np.int64)[:, None] * plane + start
+    return q, k, v, first, count
+
+
+def _reference(q, k, v, first, count, scale):
+    pairs, g, d = q.shape
+    idx = [sum((list(range(f, f + n)) for f, n in zip(fr, cr)), []) for fr, cr in zip(first.tolist(), count.tolist())]
+    width = max(1, max(len(i) for i in idx))
+    idx_t = torch.tensor([i + [0] * (width - len(i)) for i in idx]).view(1, pairs, width)
+    counts = torch.tensor([len(i) for i in idx]).view(1, pairs)
+    rows = k.shape[0]
+    out, lse = sparse_decode_attention_ref(q.reshape(1, pairs * g, d), k.view(1, 1, rows, d).expand(1, pairs, rows, d),
+                                           v.view(1, 1, rows, d).expand(1, pairs, rows, d), idx_t, counts, scale)
+    return out.view(pairs, g, d), lse.view(pairs, g)
+
+
+@pytest.mark.parametrize("g, d", [(1, 64), (4, 128), (7, 80)])
+def test_runs_longer_than_a_block_and_empty_runs(lib, g, d):
+    """Runs of 1, 63, 64, 65 and 150 rows (the kernel scores 64 rows at a time) and runs of none."""
+    runs = [(0, 1), (3, 63), (70, 0), (80, 64), (150, 65), (220, 150), (400, 0)]
+    q, k, v, first, count = _problem(3, g, d, 420, runs, seed=g)
+    out, lse = native.run_attention(q, k, v, first, count, 0.2)
+    want, want_lse = _reference(q, k, v, first, count, 0.2)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, want_lse)
+
+
+def test_a_pair_with_no_rows_attends_to_nothing(lib):
+    q, k, v, first, count = _problem(2, 2, 16, 40, [(0, 5), (10, 3)])
+    count[1] = 0
+    out, lse = native.run_attention(q, k, v, first, count, 0.5)
+    assert torch.equal(out[1], torch.zeros(2, 16)) and torch.isneginf(lse[1]).all()
+    assert torch.isfinite(lse[0]).all()
+
+
+def test_threads_split_pairs_and_give_the_same_bits(lib):
+    q, k, v, first, count = _problem(5, 2, 32, 100, [(0, 40), (50, 30)])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.run_attention(q, k, v, first, count, 0.3)
+        torch.set_num_threads(3)
+        three = native.run_attention(q, k, v, first, count, 0.3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+
+
+@pytest.mark.parametrize("first_row, rows", [(-1, 3), (38, 3), (0, -2)])
+def test_a_run_outside_the_arena_is_refused_before_the_kernel_reads(lib, first_row, rows):
+    q, k, v, first, count = _problem(1, 1, 8, 40, [(0, 2)])
+    first[0, 0], count[0, 0] = first_row, rows
+    with pytest.raises(ValueError, match="outside the arena|runs"):
+        native.run_attention(q, k, v, first, count, 1.0)
+
+
+def test_other_dtypes_are_left_to_torch(lib):
+    q, k, v, first, count = _problem(1, 1, 8, 40, [(0, 2)])
+    assert native.run_attention(q.half(), k.half(), v.half(), first, count, 1.0) is None
+
+
+def test_kvtier_native_0_turns_it_off(fresh, monkeypatch):
+    monkeypatch.setenv("KVTIER_NATIVE", "0")
+    assert native.library() is None
+    assert not fresh.exists()
+
+
+def test_no_compiler_falls_back_with_one_warning(fresh, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh / "no-such-cc"))
+    with pytest.warns(RuntimeWarning, match="falls back to torch's kernels"):
+        assert native.library() is None
+    assert native.library() is None  # tried once
+
+
+def test_a_cache_others_can_write_is_not_used(fresh):
+    (fresh / "native").mkdir(parents=True)
+    os.chmod(fresh / "native", 0o777)
+    with pytest.warns(RuntimeWarning, match="closed to others"):
+        assert native.library() is None
+
+
+def test_a_library_others_can_write_is_not_loaded(fresh, lib):
+    native._loaded.clear()
+    path = native._build()
+    assert native._load(path) is not None
+    os.chmod(path, 0o766)
+    with pytest.raises(RuntimeError, match="closed to others"):
+        native._load(path)
