@@ -97,6 +97,13 @@ def sparse_decode_attention(q, k, v, idx, counts, scale, softcap=None):
 WINDOW = 16  # slots per row copy of `run_decode_attention`
 
 
+def runs_read_in_place(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `run_decode_attention` reads runs in place here (the C kernel: float32 on a CPU), so that a run
+    of one slot costs no more than its share of a long one; else each run is copied as WINDOW-slot windows."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype == torch.float32
+            and native.library() is not None)
+
+
 def run_decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -14,6 +14,7 @@ import torch
 from .attend import attend
 from .handle import KVHandle
 from .kernels import merge_partials, partial_attention, run_decode_attention, sparse_decode_attention
+from .kernels.sparse_attention import runs_read_in_place
 from .kernels._triton import use_triton
 from .kernels.ragged import ragged_layout
 from .sparse.select import Selection
@@ -222,7 +223,7 @@ def _arena_runs(layer: "TieredLayer", units: tuple[torch.Tensor, torch.Tensor, t
     win_start = win_size = None
     if window.size:  # the window's runs: its first tokens placed together, decoded ones one by one
         cuts = np.flatnonzero(np.diff(window) != 1) + 1
-        if cuts.size + 1 > max(4, window.size // 8):
+        if cuts.size + 1 > max(4, window.size // 8) and not runs_read_in_place(layer.pool.k, layer.pool.v):
             return None  # scattered slots: one window copy per few slots would not pay
         bounds = np.concatenate(([0], cuts, [window.size]))
         win_start, win_size = window[bounds[:-1]], np.diff(bounds)
