@@ -4,9 +4,8 @@ torch's CPU kernels need the rows they attend to in one dense tensor, so a spars
 its selected rows out of the arena: on the benchmark CPU that copy alone cost more than the attention over
 the copy. `run_attention.c` reads the arena's rows in place instead (the Triton kernel's job on a GPU).
 
-The library is compiled once per source, compiler and CPU (`-march=native`) into the user's cache directory
-($KVTIER_CACHE_DIR, else $XDG_CACHE_HOME/kvtier or ~/.cache/kvtier), owner-only, and loaded only if this
-user owns it and nobody else can write it. Without a compiler, or with KVTIER_NATIVE=0, `library()` is None
+The library is compiled once per source, compiler and CPU (`-march=native`) into $KVTIER_HOME/native
+(~/.cache/kvtier/native), owner-only, and loaded only if this user owns it and nobody else can write it. Without a compiler, or with KVTIER_NATIVE=0, `library()` is None
 and callers use the torch path (a warning says so once).
 """
 
@@ -54,10 +53,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("KVTIER_CACHE_DIR")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvtier"
+    """$KVTIER_HOME, else ~/.cache/kvtier (where `kvtier qa` keeps its stores too); an empty value is unset."""
+    return Path(os.environ.get("KVTIER_HOME") or Path.home() / ".cache" / "kvtier")
 
 
 def _compiler() -> str:

@@ -15,7 +15,7 @@ from kvtier.kernels import native, sparse_decode_attention_ref
 def fresh(monkeypatch, tmp_path):
     """A library() that has not been tried yet, building into its own cache directory."""
     monkeypatch.setattr(native, "_loaded", [])
-    monkeypatch.setenv("KVTIER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KVTIER_HOME", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
