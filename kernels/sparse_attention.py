@@ -97,10 +97,10 @@ def sparse_decode_attention(q, k, v, idx, counts, scale, softcap=None):
 WINDOW = 16  # slots per row copy of `run_decode_attention`
 
 
-def runs_read_in_place(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether `run_decode_attention` reads runs in place here (the C kernel: float32 on a CPU), so that a run
-    of one slot costs no more than its share of a long one; else each run is copied as WINDOW-slot windows."""
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype == torch.float32
+def runs_read_in_place(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `run_decode_attention` reads runs of this arena (k, v) in place (the C kernel: float32 on a CPU),
+    so that a run of one slot costs no more than its share of a long one; else runs are copied as windows."""
+    return (k.device.type == "cpu" and k.dtype == torch.float32 and v.dtype == torch.float32
             and native.library() is not None)
 
 
@@ -115,10 +115,11 @@ def run_decode_attention(
     """Decode attention where each (sequence, KV head) reads runs of consecutive arena slots.
 
     q: [B, Hq, D]; k, v: [B, Hkv, S, D], the arena (`arena_rows`); start, length: [B, Hkv, U], the runs (length
-    0: none). Runs are read as WINDOW-slot windows, one row copy per window instead of one per slot, into
-    dense rows for the fused kernel, the slots past a run's end masked: on a CPU the copy and the slot
-    lists cost more than the attention itself. Returns out [B, Hq, D] and lse [B, Hq] (float32), or None
-    where this path does not apply (not a CPU, no fused kernel, an arena under WINDOW slots): then list the
+    0: none). The C kernel (`native.run_attention`, float32) reads the runs in place. Without it, runs are
+    read as WINDOW-slot windows, one row copy per window instead of one per slot, into dense rows for the
+    fused kernel, the slots past a run's end masked: on a CPU the copy and the slot lists cost more than the
+    attention itself. Returns out [B, Hq, D] and lse [B, Hq] (float32), or None where this path does not
+    apply (not a CPU, no fused kernel; without the C kernel, an arena under WINDOW slots): then list the
     slots for `sparse_decode_attention`."""
     b, hkv, s, d = k.shape
     rows = arena_rows(k, v) if q.device.type == "cpu" and fused_available(q, None) else None

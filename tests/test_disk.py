@@ -99,10 +99,36 @@ def test_missing_names_the_absent_keys_in_the_order_asked(tmp_path):
     store.close()
 
 
-def _fadvise_calls(monkeypatch) -> list[tuple]:
+def _fadvise_calls(monkeypatch, cached=lambda fd, offset: False) -> list[tuple]:
+    """Record the hints instead of giving them; `cached` says which bytes count as already in memory (none)."""
     calls: list[tuple] = []
     monkeypatch.setattr(os, "posix_fadvise", lambda *args: calls.append(args))
+    monkeypatch.setattr("kvtier.store.disk._in_page_cache", cached)
     return calls
+
+
+def test_read_ahead_skips_pieces_already_in_memory(tmp_path, monkeypatch):
+    """A warm store is not hinted again: that would only take CPU from the reads that decode it."""
+    store = DiskStore(tmp_path / "s")
+    store.put(b"a", os.urandom(100_000))
+    monkeypatch.setattr(_ReadAhead, "PIECE", 4096 * 5)
+    used = store.data_bytes()
+    calls = _fadvise_calls(monkeypatch, cached=lambda fd, offset: offset < 4096 * 5 or offset >= 4096 * 10)
+    store.read_ahead()
+    store.close()
+    assert used > 4096 * 10 and [c[1] for c in calls] == [4096 * 5]  # the one piece not in memory
+
+
+def test_in_page_cache_sees_a_page_just_written(tmp_path):
+    from kvtier.store.disk import _in_page_cache
+
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(8192))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _in_page_cache(fd, 0) and _in_page_cache(fd, 8191)
+    finally:
+        os.close(fd)
 
 
 def test_read_ahead_asks_the_kernel_for_the_whole_used_file_piece_by_piece(tmp_path, monkeypatch):
@@ -128,6 +154,7 @@ def test_close_stops_read_ahead_between_pieces(tmp_path, monkeypatch):
     monkeypatch.setattr(_ReadAhead, "PIECE", 4096)
     calls: list[tuple] = []
     monkeypatch.setattr(os, "posix_fadvise", lambda *args: (calls.append(args), time.sleep(0.05)))
+    monkeypatch.setattr("kvtier.store.disk._in_page_cache", lambda fd, offset: False)
     store.read_ahead()
     store.close()
     hinted = len(calls)

@@ -161,7 +161,7 @@ def _as_run(slots: torch.Tensor) -> slice | None:
     takes the index kernels."""
     if slots.device.type != "cpu" or slots.numel() == 0:
         return None
-    arr = slots.numpy()  # a few numpy calls: a torch op on a small tensor costs more than the test itself
+    arr = slots.reshape(-1).numpy()  # a few numpy calls: a torch op on a small tensor costs more than the test
     first, n = int(arr[0]), arr.size
     if n > 1 and (int(arr[-1]) - first != n - 1 or not (np.diff(arr) == 1).all()):
         return None
