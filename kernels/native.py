@@ -5,8 +5,9 @@ its selected rows out of the arena: on the benchmark CPU that copy alone cost mo
 the copy. `run_attention.c` reads the arena's rows in place instead (the Triton kernel's job on a GPU).
 
 The library is compiled once per source, compiler and CPU (`-march=native`) into $KVTIER_HOME/native
-(~/.cache/kvtier/native), owner-only, and loaded only if this user owns it and nobody else can write it. Without a compiler, or with KVTIER_NATIVE=0, `library()` is None
-and callers use the torch path (a warning says so once).
+(~/.cache/kvtier/native), owner-only, and loaded only if this user owns it and nobody else can write it.
+Without a compiler, or with KVTIER_NATIVE=0, `library()` is None and callers use the torch path (a warning
+says so once).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def library() -> ctypes.CDLL | None:
     return _loaded[0]
 
 
-def cache_dir() -> Path:
-    """$KVTIER_HOME, else ~/.cache/kvtier (where `kvtier qa` keeps its stores too); an empty value is unset."""
+def kvtier_home() -> Path:
+    """kvtier's own files: $KVTIER_HOME, else ~/.cache/kvtier (this library's builds, `kvtier qa`'s stores). An
+    empty KVTIER_HOME is unset (as an empty XDG_CACHE_HOME is): read as a path it would be the current directory."""
     return Path(os.environ.get("KVTIER_HOME") or Path.home() / ".cache" / "kvtier")
 
 
@@ -83,7 +85,7 @@ def _build() -> Path:
     cc = _compiler()
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(), _cpu()])).hexdigest()[:20]
-    where = cache_dir() / "native"
+    where = kvtier_home() / "native"
     where.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not _owned_private(where, directory=True):
         raise RuntimeError(f"{where} is not a directory owned by this user and closed to others")
@@ -116,15 +118,20 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def takes(*tensors: torch.Tensor) -> bool:
+    """Whether `run_attention` runs on these tensors: float32 on a CPU, with the library built."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and library() is not None
+
+
 def run_attention(q: torch.Tensor, krows: torch.Tensor, vrows: torch.Tensor, first: np.ndarray, count: np.ndarray,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """q: [P, G, D] float32, contiguous (P = sequence x KV head pairs); krows, vrows: the arena's rows [R, D]
     (`arena_rows`); first, count: int64 [P, U], each pair's runs of rows (count 0: none), all inside [0, R).
     Returns out [P, G, D] and lse [P, G] (float32), or None without the C library or for other dtypes.
     Runs on torch's intra-op thread count, pairs split across threads (ctypes drops the GIL)."""
-    lib = library()
-    if lib is None or q.dtype != torch.float32 or krows.dtype != torch.float32 or vrows.dtype != torch.float32:
+    if not takes(q, krows, vrows):
         return None
+    lib = library()
     pairs, g, d = q.shape
     units = first.shape[1]
     first = np.ascontiguousarray(first, dtype=np.int64)

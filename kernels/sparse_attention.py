@@ -100,8 +100,7 @@ WINDOW = 16  # slots per row copy of `run_decode_attention`
 def runs_read_in_place(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `run_decode_attention` reads runs of this arena (k, v) in place (the C kernel: float32 on a CPU),
     so that a run of one slot costs no more than its share of a long one; else runs are copied as windows."""
-    return (k.device.type == "cpu" and k.dtype == torch.float32 and v.dtype == torch.float32
-            and native.library() is not None)
+    return native.takes(k, v)
 
 
 def run_decode_attention(
@@ -129,8 +128,8 @@ def run_decode_attention(
     units = start.shape[-1]
     length_np = length.reshape(-1).numpy()
     # The C kernel reads the runs in place: no copy at all.
-    first = np.arange(b * hkv, dtype=np.int64)[:, None] * plane + start.reshape(b * hkv, units).numpy()
-    res = native.run_attention(q.reshape(b * hkv, -1, d).contiguous(), krows, vrows, first,
+    run_rows = np.arange(b * hkv, dtype=np.int64)[:, None] * plane + start.reshape(b * hkv, units).numpy()
+    res = native.run_attention(q.reshape(b * hkv, -1, d).contiguous(), krows, vrows, run_rows,
                                length_np.reshape(b * hkv, units), scale)
     if res is not None:
         return res[0].view(b, -1, d), res[1].view(b, -1)

@@ -51,6 +51,7 @@ from .errors import (
     StoreMismatchError,
     printable,
 )
+from .kernels.native import kvtier_home
 from .model_spec import ModelSpec
 from .segmented import prefill
 from .report import session_address
@@ -75,8 +76,7 @@ class QAError(UsageError):
 
 
 def default_store_root() -> Path:
-    # an empty KVTIER_HOME is unset (as an empty XDG_CACHE_HOME is): read as a path it would be the current directory
-    return Path(os.environ.get("KVTIER_HOME") or Path.home() / ".cache" / "kvtier") / "qa"
+    return kvtier_home() / "qa"
 
 
 @dataclass

@@ -78,7 +78,9 @@ class RecordStore(ABC):
         return sum(1 for _ in self.keys())
 
     def missing(self, keys: Iterable[bytes]) -> list[bytes]:
-        """The keys among `keys` that the store does not hold, in order."""
+        """The keys among `keys` that the store does not hold, in order: from the keys alone, since a reopen
+        asks about every record and reading them (as the lmdb binding's `get` does, touching every page of a
+        value it returns) would read a whole cold store before anything needs it."""
         present = set(self.keys())
         return [k for k in keys if k not in present]
 

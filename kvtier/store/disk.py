@@ -470,14 +470,6 @@ class DiskStore(RecordStore):
         with self._lmdb_errors("read"), self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
             return [txn.get(k) for k in keys]
 
-    def missing(self, keys: Iterable[bytes]) -> list[bytes]:
-        """The keys among `keys` the store does not hold, from the B-tree's keys alone: a `get` would read every
-        record's pages (the lmdb binding touches a value's pages as it returns it), a whole cold store at open."""
-        with self._lmdb_errors("read"), self._resize_lock.shared(), self.env.begin(db=self._chunks) as txn:
-            cursor = txn.cursor()
-            held = set(cursor.iternext(keys=True, values=False))
-        return [k for k in keys if k not in held]
-
     @contextlib.contextmanager
     def viewing(self) -> Iterator[Callable[[bytes], memoryview | None]]:
         """One read transaction for a batch of reads: inside the block, `get(key)` returns the record as a
