@@ -3,6 +3,8 @@
 torch's CPU kernels need the rows they attend to in one dense tensor, so a sparse decode step first copies
 its selected rows out of the arena: on the benchmark CPU that copy alone cost more than the attention over
 the copy. `run_attention.c` reads the arena's rows in place instead (the Triton kernel's job on a GPU).
+`select_pages.c` makes the step's Quest-bound page selection in one call where torch took a few dozen small
+ops (on the benchmark CPU their per-call cost was most of the selection's time).
 
 The library is compiled once per source, compiler and CPU (`-march=native`) into $KVTIER_HOME/native
 (~/.cache/kvtier/native), owner-only, and loaded only if this user owns it and nobody else can write it.
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_SOURCE = Path(__file__).with_name("run_attention.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("run_attention.c", "select_pages.c")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
 _BLOCK = 64  # run_attention.c's BLOCK: scratch per thread is g * (BLOCK + 2) floats
 
@@ -83,22 +85,23 @@ def _owned_private(path: Path, directory: bool) -> bool:
 
 def _build() -> Path:
     cc = _compiler()
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(), _cpu()])).hexdigest()[:20]
+    sources = [path.read_bytes() for path in _SOURCES]
+    key = hashlib.sha256(b"\0".join([*sources, cc.encode(), " ".join(_FLAGS).encode(), _cpu()])).hexdigest()[:20]
     where = kvtier_home() / "native"
     where.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not _owned_private(where, directory=True):
         raise RuntimeError(f"{where} is not a directory owned by this user and closed to others")
-    target = where / f"run_attention-{key}.so"
+    target = where / f"kvtier-{key}.so"
     if target.exists():
         return target
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=where)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, timeout=120)
+        done = subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"], capture_output=True,
+                              timeout=120)
         if done.returncode:
             first = (done.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[0]
-            raise RuntimeError(f"{Path(cc).name} failed to build {_SOURCE.name}: {first}")
+            raise RuntimeError(f"{Path(cc).name} failed to build {', '.join(p.name for p in _SOURCES)}: {first}")
         os.chmod(tmp, 0o700)
         os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
     finally:
@@ -114,6 +117,10 @@ def _load(path: Path) -> ctypes.CDLL:
     f = lib.kvtier_run_attention_f32
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     f.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p]
+    f.restype = ctypes.c_int
+    f = lib.kvtier_select_pages_f32
+    f.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, p, p, i64, i64,
+                  i64, p, p, p, p, p]
     f.restype = ctypes.c_int
     return lib
 
@@ -168,3 +175,62 @@ def _threads() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 1)), thread_name_prefix="kvtier-attention")
         return _pool
+
+
+def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths: torch.Tensor, pmin: torch.Tensor,
+                 pmax: torch.Tensor, page_lengths: torch.Tensor, page_chunk: torch.Tensor, first: torch.Tensor,
+                 count: torch.Tensor, budget: int, candidates: int, forced: torch.Tensor | None,
+                 has_tokens: torch.Tensor | None, shared: bool) -> tuple[torch.Tensor, ...] | None:
+    """QuestBound's `select_pages` in one call (select_pages.c says what it computes).
+
+    q: [B, Hq, D]; kmin, kmax: chunk bounds [B, Hkv, C, D]; lengths, first, count: [C] (tokens, first page row,
+    pages); pmin, pmax: page bounds [B, Hkv, P, D]; page_lengths, page_chunk: [P]; candidates: as
+    kvtier.sparse.select.CANDIDATES; forced: [C] bool;
+    has_tokens: [B, C] bool. Returns (chunks [B, Hkv, C] bool, whole, whole_ok, parts, parts_ok [B, Hkv, *]),
+    the lists compact and padded with 0 / False, or None where it does not run (no library, not float32 on a
+    CPU, no chunks)."""
+    if kmin.ndim != 4 or kmin.shape[2] == 0 or not takes(q, kmin, kmax, pmin, pmax):
+        return None
+    lib = library()
+    b, hkv, c, d = kmin.shape
+    p = pmin.shape[2]
+    hq = q.shape[1]
+    q = q.contiguous()
+    if (q.shape != (b, hq, d) or hq % hkv or kmax.shape != kmin.shape or pmin.shape != (b, hkv, p, d)
+            or pmax.shape != pmin.shape):
+        raise ValueError("select_pages: q, chunk bounds and page bounds disagree in shape")
+    for t in (kmin, kmax, pmin, pmax):
+        if t.stride(-1) != 1 or t.stride(-2) != d:
+            raise ValueError("select_pages: bounds must be rows of D contiguous elements")
+    if pmin.stride() != pmax.stride() or kmin.stride() != kmax.stride():
+        raise ValueError("select_pages: min and max bounds must share a layout")
+    cols = [t.contiguous() for t in (lengths, first, count, page_lengths, page_chunk)]
+    if any(t.dtype != torch.int64 for t in cols) or [t.numel() for t in cols] != [c, c, c, p, p]:
+        raise ValueError("select_pages: chunk and page columns must be int64, one entry per chunk or page")
+    masks = []
+    for t, shape in ((forced, (c,)), (has_tokens, (b, c))):
+        if t is not None and (t.dtype != torch.bool or tuple(t.shape) != shape):
+            raise ValueError("select_pages: forced must be [C] and has_tokens [B, C], bool")
+        masks.append(None if t is None else t.contiguous())
+    whole = np.empty((b * hkv, c), dtype=np.int64)
+    parts = np.empty((b * hkv, p), dtype=np.int64)
+    n_whole = np.empty(b * hkv, dtype=np.int64)
+    n_parts = np.empty(b * hkv, dtype=np.int64)
+    chunks = torch.empty(b, hkv, c, dtype=torch.bool)
+    rc = lib.kvtier_select_pages_f32(
+        q.data_ptr(), b, hkv, hq // hkv, d, kmin.data_ptr(), kmax.data_ptr(), kmin.stride(0), kmin.stride(1), c,
+        pmin.data_ptr(), pmax.data_ptr(), pmin.stride(0), pmin.stride(1), p, *(t.data_ptr() for t in cols),
+        *(None if t is None else t.data_ptr() for t in masks), min(max(budget, 0), 1 << 40), candidates, int(shared),
+        whole.ctypes.data, n_whole.ctypes.data, parts.ctypes.data, n_parts.ctypes.data, chunks.data_ptr())
+    if rc == -1:
+        raise MemoryError("select_pages: out of memory")
+    if rc:
+        raise ValueError("select_pages: a chunk or page table points outside the bounds it was given")
+
+    def listed(rows: np.ndarray, n: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(1, int(n.max()))
+        ok = np.arange(width) < n[:, None]
+        rows = np.where(ok, rows[:, :width], 0)
+        return torch.from_numpy(rows).view(b, hkv, width), torch.from_numpy(ok).view(b, hkv, width)
+
+    return (chunks, *listed(whole, n_whole), *listed(parts, n_parts))

@@ -1,5 +1,6 @@
-"""The C kernel for CPU decode attention over runs of arena rows: its results, its guards, and how it is built
-and loaded (only from a cache this user owns and nobody else can write)."""
+"""The C kernels: decode attention over runs of arena rows and Quest-bound page selection (their results
+against torch's, their guards), and how the library is built and loaded (only from a cache this user owns
+and nobody else can write)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
 from kvtier.kernels import native, sparse_decode_attention_ref
+from kvtier.sparse import AbstractTable, QuestBound, Recency, SharedAcrossHeads
 
 
 @pytest.fixture
@@ -124,3 +129,75 @@ def test_a_library_others_can_write_is_not_loaded(fresh, lib):
     os.chmod(path, 0o766)
     with pytest.raises(RuntimeError, match="closed to others"):
         native._load(path)
+
+
+# ------------------------------------------------------------------------------------------------ selection
+def _selection_problem(lengths, page_size, b, h, g, d, seed, levels):
+    """Chunk tables with keys and queries of small integers: every score is exact in any summation order, so
+    the C and torch selections must agree exactly, ties included (few levels: many ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    table = AbstractTable(torch.device("cpu"), page_size)
+    start = 0
+    for n in lengths:
+        table.add(torch.randint(-levels, levels + 1, (b, h, n, d), generator=gen).float(), start)
+        start += n
+    q = torch.randint(-levels, levels + 1, (b, h * g, d), generator=gen).float()
+    return table, q
+
+
+def _lists(sel):
+    """Each pair's entries read whole and in pages, in order, and the chunk mask."""
+    whole = [r[ok].tolist() for r, ok in zip(sel.whole.flatten(0, 1), sel.whole_ok.flatten(0, 1))]
+    parts = [r[ok].tolist() for r, ok in zip(sel.parts.flatten(0, 1), sel.parts_ok.flatten(0, 1))]
+    return whole, parts, sel.chunks.tolist()
+
+
+@settings(max_examples=80, deadline=None)
+@given(lengths=st.lists(st.integers(1, 70), min_size=1, max_size=120), page_size=st.integers(2, 16),
+       budget=st.integers(0, 3000), seed=st.integers(0, 10_000), levels=st.integers(1, 3), g=st.integers(1, 3),
+       sinks=st.integers(0, 2), padding=st.booleans(), shared=st.booleans())
+def test_c_selection_equals_the_torch_selection(lengths, page_size, budget, seed, levels, g, sinks, padding, shared):
+    """Sinks, chunks holding only padding, GQA groups, shared choices and ties: the same entries in the same
+    order as `select_pages_torch`."""
+    if native.library() is None:
+        pytest.skip("the C library cannot be built here")
+    table, q = _selection_problem(lengths, page_size, 2, 3, g, 4, seed, levels)
+    assume(table.max_pages > 1)
+    kmin, kmax, lens, starts = table.view()
+    forced = torch.arange(len(lengths)) < sinks
+    has_tokens = None
+    if padding:
+        has_tokens = torch.rand(2, len(lengths), generator=torch.Generator().manual_seed(seed)) < 0.8
+    selector = SharedAcrossHeads(QuestBound()) if shared else QuestBound()
+    args = (q, kmin, kmax, lens, starts, table.pages(), table.max_pages, budget, forced, has_tokens)
+    fast = selector.select_pages(*args)
+    assert fast.whole.shape[-1] <= len(lengths)  # the C path's compact lists, not the torch path's
+    assert _lists(fast) == _lists(selector.select_pages_torch(*args))
+
+
+def test_selection_tables_pointing_outside_their_bounds_are_refused():
+    if native.library() is None:
+        pytest.skip("the C library cannot be built here")
+    table, q = _selection_problem([40, 40, 40], 16, 1, 2, 1, 4, 0, 2)
+    kmin, kmax, lens, _ = table.view()
+    pages = table.pages()
+    for column, value in [("first", 99), ("count", 9), ("lengths", -1), ("first", 0), ("count", 4)]:
+        bad = dict(first=pages.first.clone(), count=pages.count.clone(), lengths=lens.clone())
+        bad[column][1] = value  # first 0, count 4: pages of chunk 0 or 2 listed as chunk 1's too
+        with pytest.raises(ValueError, match="points outside"):
+            native.select_pages(q, kmin, kmax, bad["lengths"], pages.pmin, pages.pmax, pages.lengths, pages.chunk,
+                                bad["first"], bad["count"], 60, 4, None, None, False)
+
+
+def test_policies_other_than_the_quest_bound_select_in_torch(monkeypatch):
+    class Doubled(QuestBound):
+        def score(self, q, kmin, kmax, starts):
+            return 2 * super().score(q, kmin, kmax, starts)
+
+    assert QuestBound().quest_bound() and SharedAcrossHeads(QuestBound()).quest_bound()
+    assert not Doubled().quest_bound() and not SharedAcrossHeads(Doubled()).quest_bound()
+    assert not Recency().quest_bound()
+    table, q = _selection_problem([40, 40, 40], 16, 1, 2, 1, 4, 0, 2)
+    kmin, kmax, lens, starts = table.view()
+    monkeypatch.setattr(native, "select_pages", lambda *a: pytest.fail("the C selection ran for another policy"))
+    Doubled().select_pages(q, kmin, kmax, lens, starts, table.pages(), table.max_pages, 60)

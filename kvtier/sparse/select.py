@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import chunk_scores
+from ..kernels import chunk_scores, native
 from ..kernels.ragged import ragged_layout
 from .abstracts import PageView
 
@@ -90,6 +90,12 @@ class Selector:
     """Base: sinks always kept; top-scoring chunks under a per-(sequence, KV head) token budget."""
 
     name = "base"
+    shared = False  # one choice for every KV head of a layer (SharedAcrossHeads)
+
+    def quest_bound(self) -> bool:
+        """Whether `score` is QuestBound's: then `select_pages` runs as one C call on a CPU (float32), where
+        torch's few dozen small ops cost more than the work they do."""
+        return False
 
     def score(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """q: [B, Hq, D]; kmin, kmax: [B, Hkv, C, D] (chunks, or pages gathered per head); starts: [C] or
@@ -148,6 +154,18 @@ class Selector:
         CANDIDATES x what is left, in tokens), by their own bounds. Whole chunks keep transfers in large
         units; pages let a needle in a chunk too large for the rest of the budget cost one page of it.
         max_pages: most pages of one chunk (the table's)."""
+        if max_pages > 1 and self.quest_bound():
+            got = native.select_pages(q, kmin, kmax, lengths, pages.pmin, pages.pmax, pages.lengths, pages.chunk,
+                                      pages.first, pages.count, budget, CANDIDATES, forced, has_tokens,
+                                      self.shared)
+            if got is not None:
+                return Selection(*got, pages.chunk)
+        return self.select_pages_torch(q, kmin, kmax, lengths, starts, pages, max_pages, budget, forced, has_tokens)
+
+    def select_pages_torch(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths: torch.Tensor,
+                           starts: torch.Tensor, pages: PageView, max_pages: int, budget: int,
+                           forced: torch.Tensor | None = None, has_tokens: torch.Tensor | None = None) -> Selection:
+        """`select_pages` in torch ops, for any policy and device."""
         if max_pages <= 1:  # one page per chunk: pages are the chunks
             sel = self.select(q, kmin, kmax, lengths, starts, budget, forced, has_tokens)
             whole, whole_ok = _rows(sel)
@@ -241,6 +259,9 @@ class QuestBound(Selector):
 
     name = "quest_bound"
 
+    def quest_bound(self) -> bool:
+        return type(self).score is QuestBound.score  # a subclass scoring otherwise takes the torch path
+
     def score(self, q, kmin, kmax, starts):
         return chunk_scores(q, kmin, kmax)
 
@@ -262,9 +283,14 @@ class SharedAcrossHeads(Selector):
     of all heads' choices; shared selection loads at most `budget` tokens per layer and step, which is
     what bounds the transfers when most chunks live on the host or disk."""
 
+    shared = True
+
     def __init__(self, inner: Selector):
         self.inner = inner
         self.name = f"{inner.name}+shared"
+
+    def quest_bound(self) -> bool:
+        return type(self).score is SharedAcrossHeads.score and self.inner.quest_bound()
 
     def score(self, q, kmin, kmax, starts):
         s = self.inner.score(q, kmin, kmax, starts)

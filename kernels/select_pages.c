@@ -1,0 +1,261 @@
+/* Quest-bound page selection for one decode step on a CPU (see native.py, which builds this file, and
+ * kvtier/sparse/select.py, whose `Selector.select_pages` this computes for `QuestBound` and its shared form).
+ *
+ * Per (sequence, KV head), or per sequence with `shared` (scores maxed over heads, one choice for all heads):
+ *   1. score every chunk: max over the query group of sum_d max(q_d * kmin_d, q_d * kmax_d); -inf for forced
+ *      chunks (sinks, taken anyway), chunks holding only padding, and NaN scores;
+ *   2. rank by score, ties by index (a heap: only the ranks the budget reaches are ordered);
+ *   3. take the best chunks whole while their tokens fit the budget; the chunks ranked next whose preceding
+ *      candidates hold under `candidates` x what is left are candidates;
+ *   4. score the candidates' pages the same way, rank them (ties in candidate order) and take them as
+ *      `take_in_order` does: the best while they fit what is left, then the best of the rest that still fit.
+ * Writes, per pair: the sinks then the whole chunks in rank order (whole, n_whole), the taken pages in rank
+ * order (parts, n_parts), and the chunks holding anything selected (chunk_sel). The torch path's torch sums in
+ * another order, so scores may differ in the last bit; with exactly representable inputs both agree exactly.
+ *
+ * Tables are checked before anything is read: a page row outside [0, P), a page listed by a chunk it does not
+ * belong to, or a negative or absurd length returns -2 and writes nothing.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_LENGTH ((int64_t)1 << 40)
+
+typedef struct {
+    const float *q;  /* [B, Hkv * G, 2, D]: each query row's positive part, then its negative part */
+    int64_t hkv, g_n, d;
+    const float *kmin, *kmax;  /* chunk bounds: element (b, h, c, j) at b * kb + h * kh + c * d + j */
+    int64_t kb, kh;
+    const float *pmin, *pmax;  /* page bounds, laid out the same way with strides pb, ph */
+    int64_t pb, ph;
+} Bounds;
+
+/* The bound of q.k over a row of bounds, max over the query group of KV head h: q+ . max + q- . min. */
+static float bound_score(const Bounds *t, int64_t b, int64_t h, const float *lo, const float *hi) {
+    const int64_t d = t->d;
+    const float *qh = t->q + (b * t->hkv + h) * t->g_n * 2 * d;
+    float best = -INFINITY;
+    for (int64_t g = 0; g < t->g_n; g++) {
+        const float *pos = qh + g * 2 * d, *neg = pos + d;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < d; j++) s += pos[j] * hi[j] + neg[j] * lo[j];
+        best = s > best ? s : best;
+    }
+    return best;
+}
+
+static float chunk_score(const Bounds *t, int64_t b, int64_t h, int64_t c) {
+    const int64_t at = b * t->kb + h * t->kh + c * t->d;
+    return bound_score(t, b, h, t->kmin + at, t->kmax + at);
+}
+
+static float page_score(const Bounds *t, int64_t b, int64_t h, int64_t p) {
+    const int64_t at = b * t->pb + h * t->ph + p * t->d;
+    return bound_score(t, b, h, t->pmin + at, t->pmax + at);
+}
+
+/* Rank order: a higher score first, equal scores by lower index. */
+static int before(const float *score, int64_t a, int64_t b) {
+    return score[a] > score[b] || (score[a] == score[b] && a < b);
+}
+
+static void sift_down(int64_t *heap, int64_t n, int64_t i, const float *score) {
+    for (;;) {
+        int64_t best = i, l = 2 * i + 1, r = l + 1;
+        if (l < n && before(score, heap[l], heap[best])) best = l;
+        if (r < n && before(score, heap[r], heap[best])) best = r;
+        if (best == i) return;
+        const int64_t tmp = heap[i];
+        heap[i] = heap[best];
+        heap[best] = tmp;
+        i = best;
+    }
+}
+
+static int64_t heap_pop(int64_t *heap, int64_t *n, const float *score) {
+    const int64_t top = heap[0];
+    heap[0] = heap[--*n];
+    sift_down(heap, *n, 0, score);
+    return top;
+}
+
+/* Stable merge sort of entries 0..n-1 (held in idx) by key, descending; tmp holds n entries. */
+static void sort_desc(int64_t *idx, int64_t *tmp, int64_t n, const float *key) {
+    for (int64_t width = 1; width < n; width *= 2) {
+        for (int64_t lo = 0; lo < n; lo += 2 * width) {
+            int64_t mid = lo + width < n ? lo + width : n, hi = lo + 2 * width < n ? lo + 2 * width : n;
+            int64_t i = lo, j = mid, o = lo;
+            while (i < mid && j < hi) tmp[o++] = key[idx[j]] > key[idx[i]] ? idx[j++] : idx[i++];
+            while (i < mid) tmp[o++] = idx[i++];
+            while (j < hi) tmp[o++] = idx[j++];
+        }
+        memcpy(idx, tmp, n * sizeof *idx);
+    }
+}
+
+typedef struct {
+    int64_t c_n, p_n, budget, candidates;
+    const int64_t *length, *first, *count, *page_len;  /* [C], [C], [C], [P] */
+    const uint8_t *forced, *has_tokens;  /* [C], [B, C]; either may be NULL */
+    float *score, *pscore;  /* scratch [C], [P] */
+    int64_t *heap, *cand_page, *order, *tmp;  /* scratch [C], [P], [P], [P] */
+    uint8_t *taken;  /* scratch [P] */
+} Work;
+
+/* One pair's selection (h < 0: shared over every head). Returns the counts through n_whole, n_parts. */
+static void select_one(const Bounds *t, Work *w, int64_t b, int64_t h, int64_t *whole, int64_t *n_whole,
+                       int64_t *parts, int64_t *n_parts, uint8_t *chunk_sel) {
+    const int64_t c_n = w->c_n;
+    const int64_t h_lo = h < 0 ? 0 : h, h_hi = h < 0 ? t->hkv : h + 1;
+    int64_t heap_n = 0;
+    for (int64_t c = 0; c < c_n; c++) {
+        float s = -INFINITY;
+        for (int64_t hh = h_lo; hh < h_hi; hh++) {
+            const float x = chunk_score(t, b, hh, c);
+            s = x > s ? x : s;
+        }
+        if (isnan(s) || (w->forced && w->forced[c]) || (w->has_tokens && !w->has_tokens[b * c_n + c]))
+            s = -INFINITY;
+        w->score[c] = s;
+        if (s > -INFINITY) w->heap[heap_n++] = c;
+    }
+    for (int64_t i = heap_n / 2 - 1; i >= 0; i--) sift_down(w->heap, heap_n, i, w->score);
+
+    memset(chunk_sel, 0, (size_t)c_n);
+    int64_t nw = 0;
+    if (w->forced)
+        for (int64_t c = 0; c < c_n; c++)
+            if (w->forced[c]) {
+                whole[nw++] = c;
+                chunk_sel[c] = 1;
+            }
+    int64_t used = 0;
+    while (heap_n && used + w->length[w->heap[0]] <= w->budget) {
+        const int64_t c = heap_pop(w->heap, &heap_n, w->score);
+        whole[nw++] = c;
+        chunk_sel[c] = 1;
+        used += w->length[c];
+    }
+    *n_whole = nw;
+    const int64_t left = w->budget - used;
+
+    int64_t np = 0, ahead = 0;
+    while (heap_n && ahead < w->candidates * left) {
+        const int64_t c = heap_pop(w->heap, &heap_n, w->score);
+        ahead += w->length[c];
+        for (int64_t p = w->first[c]; p < w->first[c] + w->count[c]; p++) {
+            float s = -INFINITY;
+            for (int64_t hh = h_lo; hh < h_hi; hh++) {
+                const float x = page_score(t, b, hh, p);
+                s = x > s ? x : s;
+            }
+            w->pscore[np] = isnan(s) ? -INFINITY : s;
+            w->cand_page[np] = p;
+            w->order[np] = np;
+            np++;
+        }
+    }
+    sort_desc(w->order, w->tmp, np, w->pscore);
+
+    /* take_in_order: the best while they fit, then the best of the rest that still fit what is left. */
+    int64_t total = 0, taken_tokens = 0;
+    uint8_t *taken = w->taken;
+    for (int64_t i = 0; i < np; i++) {
+        const int64_t e = w->order[i], size = w->page_len[w->cand_page[e]];
+        total += size;
+        taken[i] = total <= left && w->pscore[e] > -INFINITY;
+        taken_tokens += taken[i] ? size : 0;
+    }
+    const int64_t rest = left - taken_tokens;
+    int64_t fit_total = 0, n = 0;
+    for (int64_t i = 0; i < np; i++) {
+        const int64_t e = w->order[i], size = w->page_len[w->cand_page[e]];
+        if (!taken[i] && w->pscore[e] > -INFINITY && size <= rest) {
+            fit_total += size;
+            taken[i] = fit_total <= rest;
+        }
+    }
+    for (int64_t i = 0; i < np; i++)
+        if (taken[i]) {
+            const int64_t e = w->order[i];
+            parts[n++] = w->cand_page[e];
+        }
+    *n_parts = n;
+}
+
+/* Returns 0, -1 without memory, -2 for tables that point outside the bounds given. chunk_of: [P] each page
+ * row's chunk row. Outputs per pair (B x Hkv pairs, pair-major): whole [C], n_whole, parts [P], n_parts,
+ * chunk_sel [C]. */
+int kvtier_select_pages_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_n, int64_t d,
+                            const float *kmin, const float *kmax, int64_t kb, int64_t kh, int64_t c_n,
+                            const float *pmin, const float *pmax, int64_t pb, int64_t ph, int64_t p_n,
+                            const int64_t *length, const int64_t *first, const int64_t *count,
+                            const int64_t *page_len, const int64_t *chunk_of, const uint8_t *forced,
+                            const uint8_t *has_tokens, int64_t budget, int64_t candidates, int64_t shared,
+                            int64_t *whole, int64_t *n_whole, int64_t *parts, int64_t *n_parts, uint8_t *chunk_sel) {
+    if (c_n < 0 || p_n < 0 || budget < 0 || budget > MAX_LENGTH || candidates < 0 || candidates > 1024) return -2;
+    for (int64_t p = 0; p < p_n; p++)
+        if (page_len[p] < 0 || page_len[p] > MAX_LENGTH || chunk_of[p] < 0 || chunk_of[p] >= c_n) return -2;
+    for (int64_t c = 0; c < c_n; c++) {
+        if (length[c] < 0 || length[c] > MAX_LENGTH || first[c] < 0 || count[c] < 0 || first[c] > p_n ||
+            count[c] > p_n - first[c])
+            return -2;
+        for (int64_t p = first[c]; p < first[c] + count[c]; p++)  /* a page belongs to one chunk: no page is */
+            if (chunk_of[p] != c) return -2;                       /* listed twice, so at most P are listed */
+    }
+    const int64_t rows = b_n * hkv * g_n;
+    float *split = malloc((rows ? rows : 1) * 2 * d * sizeof(float) + sizeof(float));
+    if (!split) return -1;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < d; j++) {
+            const float x = q[r * d + j];
+            split[r * 2 * d + j] = x > 0.0f ? x : 0.0f;
+            split[r * 2 * d + d + j] = x < 0.0f ? x : 0.0f;
+        }
+    const Bounds t = {split, hkv, g_n, d, kmin, kmax, kb, kh, pmin, pmax, pb, ph};
+    Work w = {.c_n = c_n, .p_n = p_n, .budget = budget, .candidates = candidates, .length = length,
+              .first = first, .count = count, .page_len = page_len, .forced = forced, .has_tokens = has_tokens};
+    const int64_t c1 = c_n ? c_n : 1, p1 = p_n ? p_n : 1;
+    w.score = malloc(c1 * sizeof(float));
+    w.pscore = malloc(p1 * sizeof(float));
+    w.heap = malloc(c1 * sizeof(int64_t));
+    w.cand_page = malloc(p1 * sizeof(int64_t));
+    w.order = malloc(p1 * sizeof(int64_t));
+    w.tmp = malloc(p1 * sizeof(int64_t));
+    w.taken = malloc(p1);
+    int rc = 0;
+    if (!w.score || !w.pscore || !w.heap || !w.cand_page || !w.order || !w.tmp || !w.taken) {
+        rc = -1;
+    } else {
+        for (int64_t b = 0; b < b_n; b++) {
+            for (int64_t h = 0; h < hkv; h++) {
+                const int64_t pair = b * hkv + h;
+                int64_t *wp = whole + pair * c_n, *pp = parts + pair * p_n;
+                uint8_t *sel = chunk_sel + pair * c_n;
+                if (shared && h > 0) {  /* one choice for every head: copy head 0's */
+                    const int64_t first_pair = b * hkv;
+                    memcpy(wp, whole + first_pair * c_n, n_whole[first_pair] * sizeof *wp);
+                    memcpy(pp, parts + first_pair * p_n, n_parts[first_pair] * sizeof *pp);
+                    memcpy(sel, chunk_sel + first_pair * c_n, c_n);
+                    n_whole[pair] = n_whole[first_pair];
+                    n_parts[pair] = n_parts[first_pair];
+                    continue;
+                }
+                select_one(&t, &w, b, shared ? -1 : h, wp, n_whole + pair, pp, n_parts + pair, sel);
+                for (int64_t i = 0; i < n_parts[pair]; i++) sel[chunk_of[pp[i]]] = 1;
+            }
+        }
+    }
+    free(w.score);
+    free(w.pscore);
+    free(w.heap);
+    free(w.cand_page);
+    free(w.order);
+    free(w.tmp);
+    free(w.taken);
+    free(split);
+    return rc;
+}
