@@ -116,7 +116,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     f = lib.kvtier_run_attention_f32
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    f.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p]
+    f.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p]
+    f.restype = ctypes.c_int
+    f = lib.kvtier_unit_runs
+    f.argtypes = [i64, i64, p, p, p, i64, p, p, i64, p, p, p, i64, p, i64, p, p]
     f.restype = ctypes.c_int
     f = lib.kvtier_select_pages_f32
     f.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, p, p, i64, i64,
@@ -130,42 +133,68 @@ def takes(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and library() is not None
 
 
-def run_attention(q: torch.Tensor, krows: torch.Tensor, vrows: torch.Tensor, first: np.ndarray, count: np.ndarray,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def unit_runs(chunk: torch.Tensor, off: torch.Tensor, size: torch.Tensor, first: torch.Tensor, count: torch.Tensor,
+              p_off: torch.Tensor, p_slot: torch.Tensor, p_len: torch.Tensor, most: int,
+              window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The runs of arena slots a sparse step reads (run_attention.c's `kvtier_unit_runs` says how): units
+    chunk, off, size [B, Hkv, U]; the chunks' pieces (first, count [C]; p_off, p_slot, p_len [pieces]; at most
+    `most` a chunk); the window's slots [W]; all int64 on the CPU. Returns start, length [B, Hkv, width]
+    (length 0: none), or None without the library or where a unit's tokens are not all in pieces."""
+    lib = library()
+    if lib is None:
+        return None
+    b, h, units = chunk.shape
+    cols = [t.contiguous() for t in (chunk, off, size, first, count, p_off, p_slot, p_len, window)]
+    c_n, pieces = cols[3].numel(), cols[5].numel()
+    if (any(t.dtype != torch.int64 or t.device.type != "cpu" for t in cols) or off.shape != chunk.shape
+            or size.shape != chunk.shape or cols[4].numel() != c_n or cols[6].numel() != pieces
+            or cols[7].numel() != pieces):
+        raise ValueError("unit_runs: int64 CPU columns; units must share a shape, chunk and piece columns a length")
+    width = max(1, units * max(1, most) + window.numel())
+    start = torch.empty(b, h, width, dtype=torch.int64)
+    length = torch.empty(b, h, width, dtype=torch.int64)
+    ptr = [t.data_ptr() for t in cols]
+    rc = lib.kvtier_unit_runs(b * h, units, *ptr[:3], c_n, *ptr[3:5], pieces, *ptr[5:8], window.numel(), ptr[8],
+                              width, start.data_ptr(), length.data_ptr())
+    if rc == -2:
+        raise ValueError("unit_runs: a unit or chunk points outside the piece table")
+    return (start, length) if rc == 0 else None
+
+
+def run_attention(q: torch.Tensor, krows: torch.Tensor, vrows: torch.Tensor, first: torch.Tensor | np.ndarray,
+                  count: torch.Tensor | np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """q: [P, G, D] float32, contiguous (P = sequence x KV head pairs); krows, vrows: the arena's rows [R, D]
-    (`arena_rows`); first, count: int64 [P, U], each pair's runs of rows (count 0: none), all inside [0, R).
-    Returns out [P, G, D] and lse [P, G] (float32), or None without the C library or for other dtypes.
-    Runs on torch's intra-op thread count, pairs split across threads (ctypes drops the GIL)."""
+    (`arena_rows`); first, count: int64 [P, U], each pair's runs of rows (count 0: none), all inside [0, R)
+    (checked in C before it reads). Returns out [P, G, D] and lse [P, G] (float32), or None without the C
+    library or for other dtypes. Runs on torch's intra-op thread count, pairs split across threads (ctypes
+    drops the GIL)."""
     if not takes(q, krows, vrows):
         return None
     lib = library()
     pairs, g, d = q.shape
-    units = first.shape[1]
-    first = np.ascontiguousarray(first, dtype=np.int64)
-    count = np.ascontiguousarray(count, dtype=np.int64)
-    if first.shape != (pairs, units) or count.shape != (pairs, units) or krows.shape != vrows.shape:
-        raise ValueError("run_attention: runs must be [pairs, units] for q's pairs, k and v rows one shape")
+    first = torch.as_tensor(first).contiguous()
+    count = torch.as_tensor(count).contiguous()
+    units = first.shape[-1]
+    if first.shape != (pairs, units) or count.shape != (pairs, units) or krows.shape != vrows.shape or \
+            first.dtype != torch.int64 or count.dtype != torch.int64:
+        raise ValueError("run_attention: runs must be int64 [pairs, units] for q's pairs, k and v rows one shape")
     rows = krows.shape[0]
     if krows.shape[1] != d or krows.stride() != (d, 1) or vrows.stride() != (d, 1) or not q.is_contiguous():
         raise ValueError("run_attention: q must be contiguous and k, v rows of D contiguous elements")
-    live = count > 0
-    if (count < 0).any() or (live & ((first < 0) | (first + count > rows))).any():
-        raise ValueError(f"run_attention: a run reaches outside the arena's {rows} rows")
     out = torch.empty(pairs, g, d, dtype=torch.float32)
     lse = torch.empty(pairs, g, dtype=torch.float32)
     threads = max(1, min(torch.get_num_threads(), pairs))
-    work = np.empty((threads, g * (_BLOCK + 2)), dtype=np.float32)
-    args = (q.data_ptr(), krows.data_ptr(), vrows.data_ptr(), first.ctypes.data, count.ctypes.data)
+    work = torch.empty(threads, g * (_BLOCK + 2), dtype=torch.float32)
+    args = (q.data_ptr(), krows.data_ptr(), vrows.data_ptr(), first.data_ptr(), count.data_ptr(), rows)
     tail = (units, g, d, ctypes.c_float(scale), out.data_ptr(), lse.data_ptr())
 
     def part(t: int) -> int:
         lo, hi = pairs * t // threads, pairs * (t + 1) // threads
-        return lib.kvtier_run_attention_f32(*args, lo, hi, *tail, work[t].ctypes.data)
+        return lib.kvtier_run_attention_f32(*args, lo, hi, *tail, work[t].data_ptr())
 
-    if threads == 1:
-        part(0)
-    else:
-        list(_threads().map(part, range(threads)))
+    codes = [part(0)] if threads == 1 else list(_threads().map(part, range(threads)))
+    if any(codes):
+        raise ValueError(f"run_attention: a run reaches outside the arena's {rows} rows")
     return out, lse
 
 

@@ -126,13 +126,13 @@ def run_decode_attention(
         return None
     krows, vrows, plane = rows
     units = start.shape[-1]
+    if runs_read_in_place(k, v):  # the C kernel reads the runs in place: no copy at all
+        run_rows = torch.arange(b * hkv)[:, None] * plane + start.reshape(b * hkv, units)
+        res = native.run_attention(q.reshape(b * hkv, -1, d).contiguous(), krows, vrows, run_rows,
+                                   length.reshape(b * hkv, units), scale)
+        if res is not None:
+            return res[0].view(b, -1, d), res[1].view(b, -1)
     length_np = length.reshape(-1).numpy()
-    # The C kernel reads the runs in place: no copy at all.
-    run_rows = np.arange(b * hkv, dtype=np.int64)[:, None] * plane + start.reshape(b * hkv, units).numpy()
-    res = native.run_attention(q.reshape(b * hkv, -1, d).contiguous(), krows, vrows, run_rows,
-                               length_np.reshape(b * hkv, units), scale)
-    if res is not None:
-        return res[0].view(b, -1, d), res[1].view(b, -1)
     # The index arithmetic runs in numpy: a few thousand windows, where torch's per-call cost is what adds up.
     wins = (length_np + WINDOW - 1) // WINDOW  # windows per run
     run, j, dest, _, width = ragged_layout_np(wins, b * hkv)  # j: the window's index inside its run

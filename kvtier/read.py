@@ -13,7 +13,7 @@ import torch
 
 from .attend import attend
 from .handle import KVHandle
-from .kernels import merge_partials, partial_attention, run_decode_attention, sparse_decode_attention
+from .kernels import merge_partials, native, partial_attention, run_decode_attention, sparse_decode_attention
 from .kernels.sparse_attention import runs_read_in_place
 from .kernels._triton import use_triton
 from .kernels.ragged import ragged_layout
@@ -216,9 +216,12 @@ def _arena_runs(layer: "TieredLayer", units: tuple[torch.Tensor, torch.Tensor, t
     selected chunk or page (`units`: `Selection.units` of the entries read from the arena), then the recent
     window's. Returns start, length [B, Hkv, U] (length 0: no run), or None where the window lies in too many
     pieces to pay (then `_arena_lists`, slot by slot)."""
+    runs = layer.slot_runs()
+    if runs_read_in_place(layer.pool.k, layer.pool.v):  # the C library is there: one call
+        return native.unit_runs(*units, runs.first, runs.count, runs.offset, runs.slot, runs.length, runs.most,
+                                layer.win_slots)
     chunk, off, size = (t.numpy() for t in units)  # index arithmetic on a few thousand entries: numpy's is cheaper
     b, h, _ = chunk.shape
-    runs = layer.slot_runs()
     window = layer.win_slots.numpy()
     win_start = win_size = None
     if window.size:  # the window's runs: its first tokens placed together, decoded ones one by one

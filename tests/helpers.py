@@ -6,10 +6,12 @@ import contextlib
 import io
 import subprocess
 
+import pytest
 import torch
 from transformers import DynamicCache
 
 from kvtier import cache_argument
+from kvtier.kernels import native
 
 VOCAB = 128
 
@@ -90,3 +92,16 @@ def cli_in_process(args: list[str]) -> subprocess.CompletedProcess:
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def cpu_path(path: str):
+    """Run the CPU's sparse step through the C kernels ("native", skipped without a C compiler) or torch's."""
+    saved = list(native._loaded)
+    native._loaded[:] = [None] if path == "torch" else saved
+    try:
+        if path == "native" and native.library() is None:
+            pytest.skip("the C kernels cannot be built here (no C compiler?)")
+        yield
+    finally:
+        native._loaded[:] = saved

@@ -3,7 +3,6 @@ kernels match the references under TRITON_INTERPRET=1 on the CPU, and compiled f
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import subprocess
@@ -12,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cpu_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvtier.kernels import native
 from kvtier.kernels import (
     arena_rows,
     chunk_scores_ref,
@@ -25,19 +24,6 @@ from kvtier.kernels import (
 )
 
 CASES = Path(__file__).with_name("kernel_cases.py")
-
-
-@contextlib.contextmanager
-def cpu_path(path: str):
-    """Run `run_decode_attention` through the C kernel ("native", skipped without a C compiler) or torch's."""
-    saved = list(native._loaded)
-    native._loaded[:] = [None] if path == "torch" else saved
-    try:
-        if path == "native" and native.library() is None:
-            pytest.skip("the C kernel cannot be built here (no C compiler?)")
-        yield
-    finally:
-        native._loaded[:] = saved
 
 
 def _naive(q, k, v, scale, mask=None, softcap=None):

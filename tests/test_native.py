@@ -201,3 +201,18 @@ def test_policies_other_than_the_quest_bound_select_in_torch(monkeypatch):
     kmin, kmax, lens, starts = table.view()
     monkeypatch.setattr(native, "select_pages", lambda *a: pytest.fail("the C selection ran for another policy"))
     Doubled().select_pages(q, kmin, kmax, lens, starts, table.pages(), table.max_pages, 60)
+
+
+def test_unit_runs_cut_units_by_pieces_and_refuse_bad_tables(lib):
+    """Chunk 0 lies in two pieces (slots 10-13, then 30-33), chunk 1 in one (50-57); the window is slots
+    60, 61, 70. A unit past its chunk's pieces (a chunk off the device) gives None; a chunk row outside the
+    table is refused."""
+    t = lambda *x: torch.tensor(x, dtype=torch.int64).view(1, 1, -1)  # noqa: E731
+    cols = [torch.tensor(x, dtype=torch.int64) for x in ([0, 2], [2, 1], [0, 4, 0], [10, 30, 50], [4, 4, 8])]
+    window = torch.tensor([60, 61, 70])
+    start, length = native.unit_runs(t(0, 1), t(2, 1), t(5, 3), *cols, 2, window)
+    runs = [(s, n) for s, n in zip(start.flatten().tolist(), length.flatten().tolist()) if n]
+    assert runs == [(12, 2), (30, 3), (51, 3), (60, 2), (70, 1)]
+    assert native.unit_runs(t(1), t(6), t(4), *cols, 2, window) is None  # tokens 6-9 of an 8-token chunk
+    with pytest.raises(ValueError, match="outside the piece table"):
+        native.unit_runs(t(2), t(0), t(1), *cols, 2, window)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_model, twin
-from helpers import cache_kw
+from helpers import cache_kw, cpu_path
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -263,11 +263,12 @@ def test_saved_page_bounds_come_back_with_the_session(tmp_path):
     reopened.close()
 
 
+@pytest.mark.parametrize("path", ["native", "torch"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_runs_of_slots_name_the_slots_the_lists_name_with_chunks_in_pieces(batch):
+def test_runs_of_slots_name_the_slots_the_lists_name_with_chunks_in_pieces(batch, path):
     """A small device budget makes evictions leave holes, so promoted chunks and the window land in pieces:
-    every step's runs (what the CPU reads as windows) cover exactly the slots the slot lists name, for every
-    row of the batch."""
+    every step's runs (what the CPU reads in place, or as windows) cover exactly the slots the slot lists
+    name, for every row of the batch; listed by the C library or by numpy."""
     import kvtier.read as read
 
     model = build_model("llama")
@@ -295,7 +296,7 @@ def test_runs_of_slots_name_the_slots_the_lists_name_with_chunks_in_pieces(batch
 
     read._arena_lists = compare
     try:
-        with torch.no_grad():
+        with torch.no_grad(), cpu_path(path):
             out = model(input_ids=ids, **{cache_kw(model): cache})
             tok = out.logits[:, -1:].argmax(-1)
             read._arena_runs = lambda *a: None  # take the list path, where `compare` checks the runs
