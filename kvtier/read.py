@@ -215,9 +215,10 @@ def _arena_runs(layer: "TieredLayer", units: tuple[torch.Tensor, torch.Tensor, t
     """Each (sequence, KV head)'s arena slots as runs of consecutive slots: the pieces (`SlotRuns`) of each
     selected chunk or page (`units`: `Selection.units` of the entries read from the arena), then the recent
     window's. Returns start, length [B, Hkv, U] (length 0: no run), or None where the window lies in too many
-    pieces to pay (then `_arena_lists`, slot by slot)."""
+    pieces to pay (then `_arena_lists`, slot by slot). Listed in one C call where the C library reads the runs
+    (numpy's few dozen small ops cost more than the listing), else in numpy."""
     runs = layer.slot_runs()
-    if runs_read_in_place(layer.pool.k, layer.pool.v):  # the C library is there: one call
+    if runs_read_in_place(layer.pool.k, layer.pool.v):
         return native.unit_runs(*units, runs.first, runs.count, runs.offset, runs.slot, runs.length, runs.most,
                                 layer.win_slots)
     chunk, off, size = (t.numpy() for t in units)  # index arithmetic on a few thousand entries: numpy's is cheaper
