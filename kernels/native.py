@@ -122,8 +122,8 @@ def _load(path: Path) -> ctypes.CDLL:
     f.argtypes = [i64, i64, p, p, p, i64, p, p, i64, p, p, p, i64, p, i64, p, p]
     f.restype = ctypes.c_int
     f = lib.kvtier_select_pages_f32
-    f.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, p, p, i64, i64,
-                  i64, p, p, p, p, p]
+    f.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, p, p, p, i64,
+                  i64, i64, p, p, p, p, p, p, p, p]
     f.restype = ctypes.c_int
     return lib
 
@@ -207,17 +207,17 @@ def _threads() -> ThreadPoolExecutor:
 
 
 def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths: torch.Tensor, pmin: torch.Tensor,
-                 pmax: torch.Tensor, page_lengths: torch.Tensor, page_chunk: torch.Tensor, first: torch.Tensor,
-                 count: torch.Tensor, budget: int, candidates: int, forced: torch.Tensor | None,
+                 pmax: torch.Tensor, page_lengths: torch.Tensor, page_chunk: torch.Tensor, page_offsets: torch.Tensor,
+                 first: torch.Tensor, count: torch.Tensor, budget: int, candidates: int, forced: torch.Tensor | None,
                  has_tokens: torch.Tensor | None, shared: bool) -> tuple[torch.Tensor, ...] | None:
     """QuestBound's `select_pages` in one call (select_pages.c says what it computes).
 
     q: [B, Hq, D]; kmin, kmax: chunk bounds [B, Hkv, C, D]; lengths, first, count: [C] (tokens, first page row,
-    pages); pmin, pmax: page bounds [B, Hkv, P, D]; page_lengths, page_chunk: [P]; candidates: as
-    kvtier.sparse.select.CANDIDATES; forced: [C] bool;
-    has_tokens: [B, C] bool. Returns (chunks [B, Hkv, C] bool, whole, whole_ok, parts, parts_ok [B, Hkv, *]),
-    the lists compact and padded with 0 / False, or None where it does not run (no library, not float32 on a
-    CPU, no chunks)."""
+    pages); pmin, pmax: page bounds [B, Hkv, P, D]; page_lengths, page_chunk, page_offsets: [P] (tokens, chunk
+    row, offset in it); candidates: as kvtier.sparse.select.CANDIDATES; forced: [C] bool; has_tokens: [B, C]
+    bool. Returns (chunks [B, Hkv, C] bool, whole, whole_ok, parts, parts_ok, unit_chunk, unit_offset,
+    unit_size [B, Hkv, *]): the lists compact and padded with 0 / False, the units as `Selection.units` has
+    them; or None where it does not run (no library, not float32 on a CPU, no chunks)."""
     if kmin.ndim != 4 or kmin.shape[2] == 0 or not takes(q, kmin, kmax, pmin, pmax):
         return None
     lib = library()
@@ -233,33 +233,34 @@ def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, length
             raise ValueError("select_pages: bounds must be rows of D contiguous elements")
     if pmin.stride() != pmax.stride() or kmin.stride() != kmax.stride():
         raise ValueError("select_pages: min and max bounds must share a layout")
-    cols = [t.contiguous() for t in (lengths, first, count, page_lengths, page_chunk)]
-    if any(t.dtype != torch.int64 for t in cols) or [t.numel() for t in cols] != [c, c, c, p, p]:
+    cols = [t.contiguous() for t in (lengths, first, count, page_lengths, page_chunk, page_offsets)]
+    if any(t.dtype != torch.int64 for t in cols) or [t.numel() for t in cols] != [c, c, c, p, p, p]:
         raise ValueError("select_pages: chunk and page columns must be int64, one entry per chunk or page")
     masks = []
     for t, shape in ((forced, (c,)), (has_tokens, (b, c))):
         if t is not None and (t.dtype != torch.bool or tuple(t.shape) != shape):
             raise ValueError("select_pages: forced must be [C] and has_tokens [B, C], bool")
         masks.append(None if t is None else t.contiguous())
-    whole = np.empty((b * hkv, c), dtype=np.int64)
-    parts = np.empty((b * hkv, p), dtype=np.int64)
-    n_whole = np.empty(b * hkv, dtype=np.int64)
-    n_parts = np.empty(b * hkv, dtype=np.int64)
+    pairs = b * hkv
+    whole, parts = torch.empty(pairs, c, dtype=torch.int64), torch.empty(pairs, p, dtype=torch.int64)
+    n_whole, n_parts = torch.empty(pairs, dtype=torch.int64), torch.empty(pairs, dtype=torch.int64)
+    units = torch.empty(3, pairs, c + p, dtype=torch.int64)
     chunks = torch.empty(b, hkv, c, dtype=torch.bool)
     rc = lib.kvtier_select_pages_f32(
         q.data_ptr(), b, hkv, hq // hkv, d, kmin.data_ptr(), kmax.data_ptr(), kmin.stride(0), kmin.stride(1), c,
         pmin.data_ptr(), pmax.data_ptr(), pmin.stride(0), pmin.stride(1), p, *(t.data_ptr() for t in cols),
         *(None if t is None else t.data_ptr() for t in masks), min(max(budget, 0), 1 << 40), candidates, int(shared),
-        whole.ctypes.data, n_whole.ctypes.data, parts.ctypes.data, n_parts.ctypes.data, chunks.data_ptr())
+        whole.data_ptr(), n_whole.data_ptr(), parts.data_ptr(), n_parts.data_ptr(), chunks.data_ptr(),
+        units[0].data_ptr(), units[1].data_ptr(), units[2].data_ptr())
     if rc == -1:
         raise MemoryError("select_pages: out of memory")
     if rc:
         raise ValueError("select_pages: a chunk or page table points outside the bounds it was given")
-
-    def listed(rows: np.ndarray, n: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(1, int(n.max()))
-        ok = np.arange(width) < n[:, None]
-        rows = np.where(ok, rows[:, :width], 0)
-        return torch.from_numpy(rows).view(b, hkv, width), torch.from_numpy(ok).view(b, hkv, width)
-
-    return (chunks, *listed(whole, n_whole), *listed(parts, n_parts))
+    counts = torch.stack([n_whole, n_parts]).tolist()
+    most_w, most_p = max(1, max(counts[0])), max(1, max(counts[1]))
+    most_u = max(1, max(w + n for w, n in zip(*counts)))  # the C wrote 0 past each pair's entries up to these
+    whole_ok = torch.arange(most_w) < n_whole[:, None]
+    parts_ok = torch.arange(most_p) < n_parts[:, None]
+    return (chunks, whole[:, :most_w].view(b, hkv, most_w), whole_ok.view(b, hkv, most_w),
+            parts[:, :most_p].view(b, hkv, most_p), parts_ok.view(b, hkv, most_p),
+            *units[:, :, :most_u].reshape(3, b, hkv, most_u).unbind(0))

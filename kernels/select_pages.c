@@ -10,8 +10,9 @@
  *   4. score the candidates' pages the same way, rank them (ties in candidate order) and take them as
  *      `take_in_order` does: the best while they fit what is left, then the best of the rest that still fit.
  * Writes, per pair: the sinks then the whole chunks in rank order (whole, n_whole), the taken pages in rank
- * order (parts, n_parts), and the chunks holding anything selected (chunk_sel). The torch path's torch sums in
- * another order, so scores may differ in the last bit; with exactly representable inputs both agree exactly.
+ * order (parts, n_parts), each list's rows padded with 0, and the chunks holding anything selected
+ * (chunk_sel). The torch path sums in another order, so scores may differ in the last bit; with exactly
+ * representable inputs both agree exactly.
  *
  * Tables are checked before anything is read: a page row outside [0, P), a page listed by a chunk it does not
  * belong to, or a negative or absurd length returns -2 and writes nothing.
@@ -32,16 +33,29 @@ typedef struct {
     int64_t pb, ph;
 } Bounds;
 
-/* The bound of q.k over a row of bounds, max over the query group of KV head h: q+ . max + q- . min. */
+typedef float v8f __attribute__((vector_size(32)));
+
+/* The bound of q.k over a row of bounds, max over the query group of KV head h: q+ . max + q- . min, eight
+ * channels at a time in two accumulators (the compiler's own reduction kept one, spilled to the stack). */
 static float bound_score(const Bounds *t, int64_t b, int64_t h, const float *lo, const float *hi) {
     const int64_t d = t->d;
     const float *qh = t->q + (b * t->hkv + h) * t->g_n * 2 * d;
     float best = -INFINITY;
     for (int64_t g = 0; g < t->g_n; g++) {
         const float *pos = qh + g * 2 * d, *neg = pos + d;
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < d; j++) s += pos[j] * hi[j] + neg[j] * lo[j];
+        v8f acc0 = {0}, acc1 = {0}, x, y, z, w;
+        int64_t j = 0;
+        for (; j + 8 <= d; j += 8) {
+            __builtin_memcpy(&x, pos + j, sizeof x);
+            __builtin_memcpy(&y, hi + j, sizeof y);
+            __builtin_memcpy(&z, neg + j, sizeof z);
+            __builtin_memcpy(&w, lo + j, sizeof w);
+            acc0 += x * y;
+            acc1 += z * w;
+        }
+        acc0 += acc1;
+        float s = ((acc0[0] + acc0[4]) + (acc0[1] + acc0[5])) + ((acc0[2] + acc0[6]) + (acc0[3] + acc0[7]));
+        for (; j < d; j++) s += pos[j] * hi[j] + neg[j] * lo[j];
         best = s > best ? s : best;
     }
     return best;
@@ -186,19 +200,24 @@ static void select_one(const Bounds *t, Work *w, int64_t b, int64_t h, int64_t *
     *n_parts = n;
 }
 
-/* Returns 0, -1 without memory, -2 for tables that point outside the bounds given. chunk_of: [P] each page
- * row's chunk row. Outputs per pair (B x Hkv pairs, pair-major): whole [C], n_whole, parts [P], n_parts,
- * chunk_sel [C]. */
+/* Returns 0, -1 without memory, -2 for tables that point outside the bounds given. chunk_of, page_off: [P] each
+ * page row's chunk row and offset in it. Outputs per pair (B x Hkv pairs, pair-major): whole [C], n_whole,
+ * parts [P], n_parts, chunk_sel [C], and the entries as units of consecutive tokens [C + P] each (unit_chunk,
+ * unit_off, unit_size: the whole chunks, then the pages). Past its count, each pair's row of a list is 0 up to
+ * the most any pair has (at least 1), so the first columns of every row form one padded table. */
 int kvtier_select_pages_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_n, int64_t d,
                             const float *kmin, const float *kmax, int64_t kb, int64_t kh, int64_t c_n,
                             const float *pmin, const float *pmax, int64_t pb, int64_t ph, int64_t p_n,
                             const int64_t *length, const int64_t *first, const int64_t *count,
-                            const int64_t *page_len, const int64_t *chunk_of, const uint8_t *forced,
-                            const uint8_t *has_tokens, int64_t budget, int64_t candidates, int64_t shared,
-                            int64_t *whole, int64_t *n_whole, int64_t *parts, int64_t *n_parts, uint8_t *chunk_sel) {
-    if (c_n < 0 || p_n < 0 || budget < 0 || budget > MAX_LENGTH || candidates < 0 || candidates > 1024) return -2;
+                            const int64_t *page_len, const int64_t *chunk_of, const int64_t *page_off,
+                            const uint8_t *forced, const uint8_t *has_tokens, int64_t budget, int64_t candidates,
+                            int64_t shared, int64_t *whole, int64_t *n_whole, int64_t *parts, int64_t *n_parts,
+                            uint8_t *chunk_sel, int64_t *unit_chunk, int64_t *unit_off, int64_t *unit_size) {
+    if (c_n < 1 || p_n < 1 || budget < 0 || budget > MAX_LENGTH || candidates < 0 || candidates > 1024) return -2;
     for (int64_t p = 0; p < p_n; p++)
-        if (page_len[p] < 0 || page_len[p] > MAX_LENGTH || chunk_of[p] < 0 || chunk_of[p] >= c_n) return -2;
+        if (page_len[p] < 0 || page_len[p] > MAX_LENGTH || chunk_of[p] < 0 || chunk_of[p] >= c_n ||
+            page_off[p] < 0 || page_off[p] > MAX_LENGTH)
+            return -2;
     for (int64_t c = 0; c < c_n; c++) {
         if (length[c] < 0 || length[c] > MAX_LENGTH || first[c] < 0 || count[c] < 0 || first[c] > p_n ||
             count[c] > p_n - first[c])
@@ -237,16 +256,42 @@ int kvtier_select_pages_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_
                 uint8_t *sel = chunk_sel + pair * c_n;
                 if (shared && h > 0) {  /* one choice for every head: copy head 0's */
                     const int64_t first_pair = b * hkv;
-                    memcpy(wp, whole + first_pair * c_n, n_whole[first_pair] * sizeof *wp);
-                    memcpy(pp, parts + first_pair * p_n, n_parts[first_pair] * sizeof *pp);
-                    memcpy(sel, chunk_sel + first_pair * c_n, c_n);
                     n_whole[pair] = n_whole[first_pair];
                     n_parts[pair] = n_parts[first_pair];
-                    continue;
+                    memcpy(wp, whole + first_pair * c_n, (size_t)n_whole[pair] * sizeof *wp);
+                    memcpy(pp, parts + first_pair * p_n, (size_t)n_parts[pair] * sizeof *pp);
+                    memcpy(sel, chunk_sel + first_pair * c_n, (size_t)c_n);
+                } else {
+                    select_one(&t, &w, b, shared ? -1 : h, wp, n_whole + pair, pp, n_parts + pair, sel);
+                    for (int64_t i = 0; i < n_parts[pair]; i++) sel[chunk_of[pp[i]]] = 1;
                 }
-                select_one(&t, &w, b, shared ? -1 : h, wp, n_whole + pair, pp, n_parts + pair, sel);
-                for (int64_t i = 0; i < n_parts[pair]; i++) sel[chunk_of[pp[i]]] = 1;
+                int64_t *uc = unit_chunk + pair * (c_n + p_n), *uo = unit_off + pair * (c_n + p_n),
+                        *us = unit_size + pair * (c_n + p_n);
+                for (int64_t i = 0; i < n_whole[pair]; i++) {
+                    uc[i] = wp[i];
+                    uo[i] = 0;
+                    us[i] = length[wp[i]];
+                }
+                for (int64_t i = 0, u = n_whole[pair]; i < n_parts[pair]; i++, u++) {
+                    uc[u] = chunk_of[pp[i]];
+                    uo[u] = page_off[pp[i]];
+                    us[u] = page_len[pp[i]];
+                }
             }
+        }
+        int64_t most_w = 1, most_p = 1, most_u = 1;
+        for (int64_t pair = 0; pair < b_n * hkv; pair++) {
+            most_w = n_whole[pair] > most_w ? n_whole[pair] : most_w;
+            most_p = n_parts[pair] > most_p ? n_parts[pair] : most_p;
+            most_u = n_whole[pair] + n_parts[pair] > most_u ? n_whole[pair] + n_parts[pair] : most_u;
+        }
+        for (int64_t pair = 0; pair < b_n * hkv; pair++) {
+            const int64_t nu = n_whole[pair] + n_parts[pair], at = pair * (c_n + p_n);
+            memset(whole + pair * c_n + n_whole[pair], 0, (size_t)(most_w - n_whole[pair]) * sizeof *whole);
+            memset(parts + pair * p_n + n_parts[pair], 0, (size_t)(most_p - n_parts[pair]) * sizeof *parts);
+            memset(unit_chunk + at + nu, 0, (size_t)(most_u - nu) * sizeof *unit_chunk);
+            memset(unit_off + at + nu, 0, (size_t)(most_u - nu) * sizeof *unit_off);
+            memset(unit_size + at + nu, 0, (size_t)(most_u - nu) * sizeof *unit_size);
         }
     }
     free(w.score);

@@ -134,7 +134,8 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
     tiers.prefetch_next(layer)
     sel, always = select_chunks(layer, q[:, :, 0], pad)
     pages = layer.abstracts.pages()
-    union = sel.chunks.any(dim=1).any(dim=0).nonzero().flatten().tolist()
+    held = sel.chunks.any(dim=1).any(dim=0)
+    union = np.flatnonzero(held.numpy()).tolist() if held.device.type == "cpu" else held.nonzero().flatten().tolist()
     needed = [layer.chunks[i] for i in union]
     if tiers.lookahead is not None:
         tiers.lookahead.score(layer.index, needed)

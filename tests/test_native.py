@@ -171,8 +171,21 @@ def test_c_selection_equals_the_torch_selection(lengths, page_size, budget, seed
     selector = SharedAcrossHeads(QuestBound()) if shared else QuestBound()
     args = (q, kmin, kmax, lens, starts, table.pages(), table.max_pages, budget, forced, has_tokens)
     fast = selector.select_pages(*args)
+    slow = selector.select_pages_torch(*args)
     assert fast.whole.shape[-1] <= len(lengths)  # the C path's compact lists, not the torch path's
-    assert _lists(fast) == _lists(selector.select_pages_torch(*args))
+    assert _lists(fast) == _lists(slow)
+    assert fast.own_units is not None
+    pages = table.pages()
+    assert _units(fast.units(lens, pages)) == _units(slow.units(lens, pages))
+    # the lists' padding is valid rows too: the staged path reads them again with its own masks
+    assert _units(fast.units(lens, pages, fast.whole_ok, fast.parts_ok)) == _units(slow.units(lens, pages))
+    assert torch.equal(fast.pages, slow.pages)
+
+
+def _units(units):
+    """Each pair's units that hold tokens, in order."""
+    chunk, off, size = (t.flatten(0, 1).tolist() for t in units)
+    return [[u for u in zip(c, o, n) if u[2]] for c, o, n in zip(chunk, off, size)]
 
 
 def test_selection_tables_pointing_outside_their_bounds_are_refused():
@@ -186,7 +199,7 @@ def test_selection_tables_pointing_outside_their_bounds_are_refused():
         bad[column][1] = value  # first 0, count 4: pages of chunk 0 or 2 listed as chunk 1's too
         with pytest.raises(ValueError, match="points outside"):
             native.select_pages(q, kmin, kmax, bad["lengths"], pages.pmin, pages.pmax, pages.lengths, pages.chunk,
-                                bad["first"], bad["count"], 60, 4, None, None, False)
+                                pages.offsets, bad["first"], bad["count"], 60, 4, None, None, False)
 
 
 def test_policies_other_than_the_quest_bound_select_in_torch(monkeypatch):

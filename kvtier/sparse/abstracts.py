@@ -68,6 +68,7 @@ class AbstractTable:
         self._page_cols = torch.empty(4, 0, dtype=torch.long)  # start, length, offset, chunk row
         self._cols_version = 0
         self._mirror: tuple[tuple[int, int, int], torch.Tensor, torch.Tensor] | None = None
+        self._page_view: tuple | None = None  # (version, pmin, pmax, PageView) of the last `pages()`
         self.count = 0
         self.page_count = 0
         self.max_pages = 0  # most pages of one chunk
@@ -229,12 +230,17 @@ class AbstractTable:
         return self.kmin[:, :, :n], self.kmax[:, :, :n], chunk_cols[1], chunk_cols[0]
 
     def pages(self) -> PageView:
-        """The live page rows (call only when the table has chunks)."""
-        p = self.page_count
-        chunk_cols, page_cols = self._device_cols()
-        starts, lengths, offsets, chunk = page_cols
-        return PageView(self.pmin[:, :, :p], self.pmax[:, :, :p], starts, lengths, offsets, chunk,
-                        chunk_cols[2], chunk_cols[3], self.pmin.shape[2])
+        """The live page rows (call only when the table has chunks). Kept until the rows or the buffers change:
+        a sparse step asks twice per layer, and building the view costs more than a step's use of it."""
+        cached = self._page_view
+        if cached is None or cached[0] != self.version or cached[1] is not self.pmin or cached[2] is not self.pmax:
+            p = self.page_count
+            chunk_cols, page_cols = self._device_cols()
+            starts, lengths, offsets, chunk = page_cols
+            view = PageView(self.pmin[:, :, :p], self.pmax[:, :, :p], starts, lengths, offsets, chunk,
+                            chunk_cols[2], chunk_cols[3], self.pmin.shape[2])
+            cached = self._page_view = (self.version, self.pmin, self.pmax, view)
+        return cached[3]
 
     def _device_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The live chunk and page columns on the table's device (views of the CPU columns on a CPU)."""

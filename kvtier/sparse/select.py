@@ -43,6 +43,7 @@ class Selection:
     parts: torch.Tensor
     parts_ok: torch.Tensor
     page_chunk: torch.Tensor  # [P]: each page row's chunk row
+    own_units: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # `units()` as made with the lists
 
     @property
     def pages(self) -> torch.Tensor:
@@ -59,6 +60,8 @@ class Selection:
         """Every entry of the lists as a unit of consecutive tokens: (chunk row, offset in the chunk, tokens),
         each [B, Hkv, U]: the chunks taken whole, then the pages. Tokens are 0 for padding entries and where
         whole_ok / parts_ok (default: the selection's own) say an entry is not to be read."""
+        if self.own_units is not None and whole_ok is None and parts_ok is None:
+            return self.own_units
         whole_ok = self.whole_ok if whole_ok is None else whole_ok
         parts_ok = self.parts_ok if parts_ok is None else parts_ok
         chunk = torch.cat([self.whole, self.page_chunk.take(self.parts)], dim=-1)
@@ -156,10 +159,10 @@ class Selector:
         max_pages: most pages of one chunk (the table's)."""
         if max_pages > 1 and self.quest_bound():
             got = native.select_pages(q, kmin, kmax, lengths, pages.pmin, pages.pmax, pages.lengths, pages.chunk,
-                                      pages.first, pages.count, budget, CANDIDATES, forced, has_tokens,
-                                      self.shared)
+                                      pages.offsets, pages.first, pages.count, budget, CANDIDATES, forced,
+                                      has_tokens, self.shared)
             if got is not None:
-                return Selection(*got, pages.chunk)
+                return Selection(*got[:5], pages.chunk, own_units=got[5:])
         return self.select_pages_torch(q, kmin, kmax, lengths, starts, pages, max_pages, budget, forced, has_tokens)
 
     def select_pages_torch(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths: torch.Tensor,
