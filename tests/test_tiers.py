@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from kvtier.config import KVTierConfig
 from kvtier.store.chunk import Chunk, Tier
 from kvtier.store.disk import DiskStore
+from kvtier.store.eviction import LRUEviction
 from kvtier.store.pools import DevicePool, HostPool
 from kvtier.store.tiers import TierManager
 
@@ -182,3 +183,16 @@ def test_device_pool_hands_out_one_run_where_holes_allow_and_keeps_track_of_ever
             starts = pool._hole_starts
             assert all(a + pool._hole_len[a] < b for a, b in zip(starts, starts[1:]))  # sorted, merged
             assert {s for a in starts for s in range(a, a + pool._hole_len[a])} == set(range(pool.high_water)) - used
+
+
+def test_victims_come_in_the_order_victim_picks_them_one_by_one():
+    g = torch.Generator().manual_seed(0)
+    chunks = [Chunk(0, i, start=int(s), length=8, tier=Tier.DEVICE, stored_batch=1, last_used=int(u),
+                    pinned=i == 0) for i, (s, u) in enumerate(zip(torch.randperm(40, generator=g) * 8,
+                                                                  torch.randint(0, 5, (40,), generator=g)))]
+    policy, protect = LRUEviction(), {3, 7}
+    left, picked = list(chunks), []
+    while (c := policy.victim(left, protect)) is not None:
+        picked.append(c)
+        left.remove(c)
+    assert list(policy.victims(chunks, protect)) == picked and len(picked) == 37  # not the sink, not protected

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from .chunk import Chunk
 
@@ -20,3 +20,9 @@ class LRUEviction:
             if best is None or (c.last_used, c.start) < (best.last_used, best.start):
                 best = c
         return best
+
+    def victims(self, chunks: Iterable[Chunk], protect: set[int] | frozenset[int] = frozenset()) -> Iterator[Chunk]:
+        """The chunks `victim` would pick one after another, if nothing else changes between picks: one sort
+        where making room for a step's chunks took one scan of the tier per chunk evicted."""
+        yield from sorted((c for c in chunks if not c.pinned and c.chunk_id not in protect),
+                          key=lambda c: (c.last_used, c.start))
