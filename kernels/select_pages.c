@@ -125,12 +125,14 @@ static void select_one(const Bounds *t, Work *w, int64_t b, int64_t h, int64_t *
     const int64_t c_n = w->c_n;
     const int64_t h_lo = h < 0 ? 0 : h, h_hi = h < 0 ? t->hkv : h + 1;
     int64_t heap_n = 0;
-    for (int64_t c = 0; c < c_n; c++) {
-        float s = -INFINITY;
-        for (int64_t hh = h_lo; hh < h_hi; hh++) {
+    for (int64_t c = 0; c < c_n; c++) w->score[c] = -INFINITY;
+    for (int64_t hh = h_lo; hh < h_hi; hh++)  /* head by head: each head's bounds are one stream through memory */
+        for (int64_t c = 0; c < c_n; c++) {
             const float x = chunk_score(t, b, hh, c);
-            s = x > s ? x : s;
+            w->score[c] = x > w->score[c] ? x : w->score[c];
         }
+    for (int64_t c = 0; c < c_n; c++) {
+        float s = w->score[c];
         if (isnan(s) || (w->forced && w->forced[c]) || (w->has_tokens && !w->has_tokens[b * c_n + c]))
             s = -INFINITY;
         w->score[c] = s;
