@@ -4,7 +4,8 @@ torch's CPU kernels need the rows they attend to in one dense tensor, so a spars
 its selected rows out of the arena: on the benchmark CPU that copy alone cost more than the attention over
 the copy. `run_attention.c` reads the arena's rows in place instead (the Triton kernel's job on a GPU).
 `select_pages.c` makes the step's Quest-bound page selection in one call where torch took a few dozen small
-ops (on the benchmark CPU their per-call cost was most of the selection's time).
+ops (on the benchmark CPU their per-call cost was most of the selection's time). `copy_rows.c` writes
+chunks into scattered arena slots (promotion) as plain row copies.
 
 The library is compiled once per source, compiler and CPU (`-march=native`) into $KVTIER_HOME/native
 (~/.cache/kvtier/native), owner-only, and loaded only if this user owns it and nobody else can write it.
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("run_attention.c", "select_pages.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("run_attention.c", "select_pages.c", "copy_rows.c")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
 _BLOCK = 64  # run_attention.c's BLOCK: scratch per thread is g * (BLOCK + 2) floats
 
@@ -118,6 +119,8 @@ def _load(path: Path) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     f.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p]
     f.restype = ctypes.c_int
+    lib.kvtier_scatter_rows.argtypes = [p, i64, i64, i64, p, p, i64, i64, i64, i64, i64]
+    lib.kvtier_scatter_rows.restype = ctypes.c_int
     f = lib.kvtier_unit_runs
     f.argtypes = [i64, i64, p, p, p, i64, p, p, i64, p, p, p, i64, p, i64, p, p]
     f.restype = ctypes.c_int
@@ -131,6 +134,32 @@ def _load(path: Path) -> ctypes.CDLL:
 def takes(*tensors: torch.Tensor) -> bool:
     """Whether `run_attention` runs on these tensors: float32 on a CPU, with the library built."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and library() is not None
+
+
+def _rows_apply(arena: torch.Tensor, block: torch.Tensor) -> bool:
+    """Whether the C row copies run between this arena [B, H, S, D] and block [B, H, n, D]: the library built,
+    both on the CPU in one dtype, the arena dense, the block's rows of D contiguous elements."""
+    return (library() is not None and arena.device.type == "cpu" and block.device.type == "cpu"
+            and arena.dtype == block.dtype and arena.ndim == 4 and arena.is_contiguous() and block.ndim == 4
+            and block.stride(3) == 1)
+
+
+def scatter_rows(arena: torch.Tensor, slots: torch.Tensor, block: torch.Tensor) -> bool:
+    """arena[:, :, slots] = block ([B, H, n, D], any strides but rows of D contiguous elements) by row copies
+    (copy_rows.c); False (nothing written) where they do not apply (then use index_copy_)."""
+    if not _rows_apply(arena, block):
+        return False
+    b, h, rows, d = arena.shape
+    slots = slots.reshape(-1).to(torch.int64).contiguous()
+    n = slots.numel()
+    if block.shape != (b, h, n, d):
+        raise ValueError("scatter_rows: the block must be [B, H, slots, D] for the arena's B, H and D")
+    size = block.element_size()
+    if library().kvtier_scatter_rows(block.data_ptr(), block.stride(0) * size, block.stride(1) * size,
+                                     block.stride(2) * size, arena.data_ptr(), slots.data_ptr(), n, b * h, h, rows,
+                                     d * size):
+        raise ValueError(f"scatter_rows: a slot lies outside the arena's {rows} slots")
+    return True
 
 
 def unit_runs(chunk: torch.Tensor, off: torch.Tensor, size: torch.Tensor, first: torch.Tensor, count: torch.Tensor,

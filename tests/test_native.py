@@ -229,3 +229,21 @@ def test_unit_runs_cut_units_by_pieces_and_refuse_bad_tables(lib):
     assert native.unit_runs(t(1), t(6), t(4), *cols, 2, window) is None  # tokens 6-9 of an 8-token chunk
     with pytest.raises(ValueError, match="outside the piece table"):
         native.unit_runs(t(2), t(0), t(1), *cols, 2, window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_copies_equal_index_copy_and_refuse_slots_outside(lib, dtype):
+    g = torch.Generator().manual_seed(0)
+    arena = torch.randn(2, 3, 50, 8, generator=g).to(dtype)
+    slots = torch.tensor([7, 8, 9, 30, 2, 49])
+    block = torch.randn(2, 3, 6, 8, generator=g).to(dtype)
+    want = arena.clone().index_copy_(2, slots, block)
+    assert native.scatter_rows(arena, slots, block) and torch.equal(arena, want)
+    before = arena.clone()
+    for bad in (torch.tensor([3, 50]), torch.tensor([-1, 4])):
+        with pytest.raises(ValueError, match="outside the arena"):
+            native.scatter_rows(arena, bad, block[:, :, :2])
+    assert torch.equal(arena, before)  # nothing written
+    strided = torch.randn(2, 3, 12, 16, generator=g).to(dtype)[:, :, ::2, :8]  # a view: rows 2 apart, D of 16
+    assert native.scatter_rows(arena, slots, strided) and torch.equal(arena.index_select(2, slots), strided)
+    assert not native.scatter_rows(arena, slots, strided.transpose(2, 3).contiguous().transpose(2, 3))  # D strided
