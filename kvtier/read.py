@@ -228,7 +228,7 @@ def _arena_runs(layer: "TieredLayer", units: tuple[torch.Tensor, torch.Tensor, t
     win_start = win_size = None
     if window.size:  # the window's runs: its first tokens placed together, decoded ones one by one
         cuts = np.flatnonzero(np.diff(window) != 1) + 1
-        if cuts.size + 1 > max(4, window.size // 8) and not runs_read_in_place(layer.pool.k, layer.pool.v):
+        if cuts.size + 1 > max(4, window.size // 8):
             return None  # scattered slots: one window copy per few slots would not pay
         bounds = np.concatenate(([0], cuts, [window.size]))
         win_start, win_size = window[bounds[:-1]], np.diff(bounds)

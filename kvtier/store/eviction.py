@@ -13,16 +13,18 @@ class LRUEviction:
 
     def victim(self, chunks: Iterable[Chunk], protect: set[int] | frozenset[int] = frozenset()) -> Chunk | None:
         """The chunk to evict, never a pinned one nor one whose id is in `protect`; None if none qualifies."""
-        best = None
-        for c in chunks:
-            if c.pinned or c.chunk_id in protect:
-                continue
-            if best is None or (c.last_used, c.start) < (best.last_used, best.start):
-                best = c
-        return best
+        return min(_evictable(chunks, protect), key=_lru_key, default=None)
 
     def victims(self, chunks: Iterable[Chunk], protect: set[int] | frozenset[int] = frozenset()) -> Iterator[Chunk]:
         """The chunks `victim` would pick one after another, if nothing else changes between picks: one sort
-        where making room for a step's chunks took one scan of the tier per chunk evicted."""
-        yield from sorted((c for c in chunks if not c.pinned and c.chunk_id not in protect),
-                          key=lambda c: (c.last_used, c.start))
+        where making room for a step's chunks took one scan of the tier per chunk evicted. Lazy: `chunks` is
+        read at the first pick."""
+        yield from sorted(_evictable(chunks, protect), key=_lru_key)
+
+
+def _evictable(chunks: Iterable[Chunk], protect: set[int] | frozenset[int]) -> Iterator[Chunk]:
+    return (c for c in chunks if not c.pinned and c.chunk_id not in protect)
+
+
+def _lru_key(c: Chunk) -> tuple[int, int]:
+    return c.last_used, c.start

@@ -332,10 +332,8 @@ class TierManager:
         """Device slots for n tokens, evicting least recently used chunks (not in `protect`) to the host; right
         after slot `after` where they are free (`DevicePool.allocate`)."""
         pool = self.device_pools[layer]
-        victims = None
+        victims = self.policy.victims(self._on_device[layer].values(), protect)  # sorted at the first eviction only
         while (slots := pool.allocate(n, after)) is None:
-            if victims is None:  # in order, once: evicting one chunk does not change the others' order
-                victims = self.policy.victims(list(self._on_device[layer].values()), protect)
             victim = next(victims, None)
             if victim is None:
                 return None
@@ -631,10 +629,8 @@ class TierManager:
     def _make_room(self, layer: int, n: int, protect: set[int]) -> None:
         """Evict least recently used device chunks outside `protect` until `n` tokens fit (or none is left)."""
         pool = self.device_pools[layer]
-        victims = None
+        victims = self.policy.victims(self._on_device[layer].values(), protect)  # sorted at the first eviction only
         while pool.free is not None and pool.free < n:
-            if victims is None:  # in order, once: evicting one chunk does not change the others' order
-                victims = self.policy.victims(list(self._on_device[layer].values()), protect)
             victim = next(victims, None)
             if victim is None:
                 return
