@@ -307,3 +307,27 @@ def test_runs_of_slots_name_the_slots_the_lists_name_with_chunks_in_pieces(batch
         read._arena_lists, read._arena_runs = lists, runs_of
         cache.close()
     assert checked and all(checked) and any(in_pieces)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_slot_runs_from_numpy_equal_the_torch_build(seed):
+    """A CPU table's runs are built in numpy: the same pieces, in the same order, as the torch build (which a
+    GPU's tables take), for chunks in one run, in pieces, in any slot order and off the device."""
+    from kvtier.layers import SlotRuns
+
+    g = torch.Generator().manual_seed(seed)
+    chunks = int(torch.randint(1, 40, (1,), generator=g))
+    lengths = torch.randint(1, 12, (chunks,), generator=g)
+    on = torch.rand(chunks, generator=g) < 0.7
+    total = int(lengths[on].sum())
+    layout = seed % 3  # 0: one run end to end; 1: ascending with gaps; 2: any order
+    slots = torch.arange(total) if layout == 0 else torch.randperm(3 * total, generator=g)[:total]
+    if layout == 1:
+        slots = slots.sort().values
+    offsets = torch.full((chunks,), -1, dtype=torch.long)
+    offsets[on] = (lengths[on].cumsum(0) - lengths[on])
+    got = SlotRuns._of_np(slots.numpy(), offsets.numpy(), lengths.numpy())
+    want = SlotRuns._of_torch(slots, offsets, lengths)
+    for name in ("first", "count", "offset", "slot", "length"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.most == want.most

@@ -340,6 +340,10 @@ class TierManager:
             self.evict_from_device(victim)
         return slots
 
+    def device_chunks(self, layer: int) -> Iterable[Chunk]:
+        """The layer's chunks that hold device slots (in no particular order)."""
+        return self._on_device[layer].values()
+
     def adopt_device(self, chunk: Chunk, slots: torch.Tensor) -> None:
         """Register a chunk whose tokens already sit in device slots (sealed from the recent window)."""
         self.device_pools[chunk.layer].set_owner(slots, chunk.row)
