@@ -196,3 +196,22 @@ def test_victims_come_in_the_order_victim_picks_them_one_by_one():
         picked.append(c)
         left.remove(c)
     assert list(policy.victims(chunks, protect)) == picked and len(picked) == 37  # not the sink, not protected
+
+
+def test_allocate_each_gives_each_chunk_a_whole_hole_where_one_fits():
+    """A group promoted into the holes evictions left: each chunk takes the lowest hole that holds it whole (one
+    run), where one allocation for the group would split its chunks across the holes; over the budget, nothing
+    is taken."""
+    pool = DevicePool(100, torch.device("cpu"), torch.float32)
+    pool.init_shape(1, 1, 2)
+    first = pool.allocate(90)
+    pool.release(first[10:18])  # holes: [10, 18) and [40, 52)
+    pool.release(first[40:52])
+    used = pool.used
+    assert pool.allocate_each([12, 20]) is None and pool.used == used  # 70 + 32: more than the budget of 100
+    a, b = pool.allocate_each([12, 8])
+    assert a.tolist() == list(range(40, 52)) and b.tolist() == list(range(10, 18))
+    assert pool.used == 90 and pool.dense
+    pool.release(torch.cat([a, b]))
+    whole = pool.allocate(20)  # for comparison: one allocation for both takes the lowest holes, split
+    assert whole.tolist() == list(range(10, 18)) + list(range(40, 52))

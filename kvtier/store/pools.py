@@ -357,6 +357,19 @@ class DevicePool:
             runs.append(torch.arange(first, first + need, dtype=torch.long))
         return runs[0] if len(runs) == 1 else torch.cat(runs)
 
+    def allocate_each(self, lengths: list[int]) -> list[torch.Tensor] | None:
+        """Slots for several chunks at once, a list for each (as `allocate` gives them: the lowest run of holes
+        that holds the chunk, else the lowest holes and fresh slots), so that each chunk lands in one run where
+        the holes allow, not split across the holes a group would take. The arena grows at most once.
+        None, with nothing taken, if the total would exceed the budget."""
+        total = sum(lengths)
+        if self.budget is not None and self.used + total > self.budget:
+            return None
+        fresh = total - sum(self._hole_len.values())
+        if fresh > 0 and self.high_water + fresh > self.capacity:
+            self._grow(self.high_water + fresh)
+        return [self.allocate(n) for n in lengths]
+
     def allocate_after(self, after: int) -> int | None:
         """One slot, right after slot `after`, if it is free and the budget and capacity hold it: a decode
         token extending the recent window without a slot list; None otherwise (then `allocate` decides)."""

@@ -461,58 +461,79 @@ class TierManager:
             k_out.copy_(hk)  # synchronous: the host buffer is reused by the next group
             v_out.copy_(hv)
             return
-        c, prefetcher = self.counters, self.prefetcher
-        token_bytes = k_out[:, :, :1].nbytes + v_out[:, :, :1].nbytes
-        direct: list[tuple[Chunk, int, int]] = []  # disk records read and decoded below, straight into place
-        pieces: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first token, k, v) of everything else
-        at = 0
+        starts, at = [], 0
         for chunk in chunks:
-            a, b = at, at + chunk.length
-            at = b
+            starts.append(at)
+            at += chunk.length
+        pieces, direct = self._sources(chunks, k_out.shape[0])
+        _place([(starts[i], k, v) for i, k, v in pieces], k_out, v_out)
+        self._decode_direct([(chunks[i], k_out.narrow(2, starts[i], chunks[i].length),
+                              v_out.narrow(2, starts[i], chunks[i].length)) for i in direct])
+
+    def read_each(self, chunks: list[Chunk], dests: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """As `read_into`, each chunk into its own CPU destination k, v [B, H, chunk.length, D] (views of any
+        strides, such as a run of a device arena's slots): nothing passes through an intermediate buffer."""
+        pieces, direct = self._sources(chunks, dests[0][0].shape[0] if dests else 0)
+        for i, k, v in pieces:
+            dests[i][0].copy_(k)
+            dests[i][1].copy_(v)
+        self._decode_direct([(chunks[i], *dests[i]) for i in direct])
+
+    def _sources(self, chunks: list[Chunk], batch: int
+                 ) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], list[int]]:
+        """Where each chunk's k, v come from, counted as `fetch` counts them: (index, k, v) in logical row order
+        for those held on the device or host or read ahead, and the indices of the disk records to decode
+        straight into place (`_decode_direct`)."""
+        c, prefetcher = self.counters, self.prefetcher
+        token_bytes = 2 * batch * self.kv_heads * self.head_dim * self.dtype.itemsize
+        pieces: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        direct: list[int] = []
+        for i, chunk in enumerate(chunks):
             chunk.last_used = self.clock
             if chunk.tier == Tier.DEVICE:
                 c.device.hits += 1
-                pieces.append((a, *self.device_pools[chunk.layer].read(chunk.slots)))
+                pieces.append((i, *self.device_pools[chunk.layer].read(chunk.slots)))
                 continue
             c.device.misses += 1
             c.device.bytes_written += chunk.length * token_bytes
             if chunk.tier == Tier.HOST:
                 c.host.hits += 1
                 k, v = self.host_pools[chunk.layer].get(chunk.chunk_id)
-                pieces.append((a, _apply_rows(k, chunk.rows), _apply_rows(v, chunk.rows)))
+                pieces.append((i, _apply_rows(k, chunk.rows), _apply_rows(v, chunk.rows)))
                 c.host.bytes_read += chunk.length * token_bytes
                 continue
             c.host.misses += 1
             c.disk.hits += 1
             kv = prefetcher.take(chunk)  # a read started ahead
-            if kv is None and chunk.disk_rows is None and chunk.stored_batch == k_out.shape[0]:  # the usual case
-                direct.append((chunk, a, b))
+            if kv is None and chunk.disk_rows is None and chunk.stored_batch == batch:  # the usual case
+                direct.append(i)
                 continue
             if kv is None:
                 kv = prefetcher.load_now(chunk)
                 c.disk_loads_sync += 1
-            pieces.append((a, self.to_logical(chunk, _apply_rows(kv[0], chunk.disk_rows)),
+            pieces.append((i, self.to_logical(chunk, _apply_rows(kv[0], chunk.disk_rows)),
                            _apply_rows(kv[1], chunk.disk_rows)))
             c.disk.bytes_read += self.record_sizes[chunk.key][2]
-        _place(pieces, k_out, v_out)
-        if direct:
-            t = time.perf_counter()
-            self._decode_records(direct, byte_view(k_out), byte_view(v_out))
-            for chunk, a, b in direct:
-                if chunk.record_shift:
-                    k_out[:, :, a:b].copy_(self.to_logical(chunk, k_out[:, :, a:b]))
-            prefetcher.stats.stall_s += time.perf_counter() - t
-            c.disk_loads_sync += len(direct)
-            c.disk.bytes_read += sum(self.record_sizes[chunk.key][2] for chunk, _, _ in direct)
+        return pieces, direct
 
-    def _decode_records(self, items: list[tuple[Chunk, int, int]], k_bytes: np.ndarray, v_bytes: np.ndarray) -> None:
-        """Read the chunks' records in one transaction, check each and decode it into tokens [a, b) of k_bytes,
-        v_bytes (uint8 views [B, H, N, D * itemsize]). One thread: a reader thread taking half of a group was
-        measured no faster on 2 cores (the copies are bound by memory bandwidth) and slower for small records."""
+    def _decode_direct(self, items: list[tuple[Chunk, torch.Tensor, torch.Tensor]]) -> None:
+        """Read the chunks' records in one transaction and decode each straight into its CPU destination k, v
+        [B, H, n, D] (counted as synchronous disk loads, the time as a stall). One thread: a reader thread taking
+        half of a group was measured no faster on 2 cores (the copies are bound by memory bandwidth) and slower
+        for small records."""
+        if not items:
+            return
+        t = time.perf_counter()
         self.disk.warm([chunk.key for chunk, _, _ in items])
         with self.disk.viewing() as get:
-            for chunk, a, b in items:
-                self._decode_into(get, chunk, k_bytes[:, :, a:b], v_bytes[:, :, a:b])
+            for chunk, k, v in items:
+                self._decode_into(get, chunk, byte_view(k), byte_view(v))
+        for chunk, k, _ in items:
+            if chunk.record_shift:
+                k.copy_(self.to_logical(chunk, k))
+        self.prefetcher.stats.stall_s += time.perf_counter() - t
+        self.counters.disk_loads_sync += len(items)
+        self.counters.disk.bytes_read += sum(self.record_sizes[chunk.key][2] for chunk, _, _ in items)
 
     def _decode_into(self, get: Callable[[bytes], memoryview | None], chunk: Chunk, k_bytes: np.ndarray,
                      v_bytes: np.ndarray, record: bool = True) -> None:
@@ -572,34 +593,62 @@ class TierManager:
 
     def _promote_group(self, layer: int, group: list[Chunk]) -> None:
         pool = self.device_pools[layer]
-        n = sum(c.length for c in group)
-        slots = pool.allocate(n)
-        if slots is None:  # the caller counted the free room: unreachable, but never write without slots
-            raise RuntimeError(f"layer {layer}: no device room for {n} tokens the free room was counted for")
-        # Each slot's logical position and owner (the chunk's row), for the whole group at once.
-        lengths = torch.tensor([c.length for c in group])
-        owners = torch.repeat_interleave(torch.tensor([c.row for c in group]), lengths, output_size=n)
-        positions = group_positions(group)
+        each = pool.allocate_each([c.length for c in group])
+        if each is None:  # the caller counted the free room: unreachable, but never write without slots
+            raise RuntimeError(f"layer {layer}: no device room for the tokens the free room was counted for")
         try:
-            run = _as_run(slots)
-            if run is not None:  # fresh slots in a row (the usual case): decode straight into the arena
-                self.read_into(group, pool.k[:, :, run], pool.v[:, :, run])
-                pool.claim(slots, positions, owners)
+            if pool.device.type == "cpu":
+                self._read_to_slots(pool, group, each)
             else:
-                k, v = self._host_buffer(pool.k.shape[0], n)
-                self.read_into(group, k, v)
-                pool.write(slots, k, v, positions.to(pool.device), owners.to(pool.device))
+                self._upload_to_slots(pool, group, torch.cat(each))
         except BaseException:
-            pool.release(slots)  # a damaged record: the group stays where it was, its slots free again
+            for slots in each:
+                pool.release(slots)  # a damaged record: the group stays where it was, its slots free again
             raise
         host, on_host = self.host_pools[layer], self._on_host[layer]
-        at = 0
-        for chunk in group:
+        for chunk, slots in zip(group, each):
             if chunk.tier == Tier.HOST:
                 host.pop(chunk.chunk_id)
                 del on_host[chunk.chunk_id]
-            self._register_device(chunk, slots[at:at + chunk.length])
-            at += chunk.length
+            self._register_device(chunk, slots)
+
+    def _read_to_slots(self, pool: DevicePool, group: list[Chunk], each: list[torch.Tensor]) -> None:
+        """CPU arena: each chunk read straight into its run of slots (one copy, or one decode, per chunk); the
+        few split across holes read into the host buffer first and are written into their slots from there."""
+        runs = [_as_run(slots) for slots in each]
+        split = [i for i, run in enumerate(runs) if run is None]
+        if split:
+            hk, hv = self._host_buffer(pool.k.shape[0], sum(group[i].length for i in split))
+        dests, at = [], 0
+        for chunk, run in zip(group, runs):
+            if run is not None:
+                dests.append((pool.k[:, :, run], pool.v[:, :, run]))
+            else:
+                dests.append((hk[:, :, at:at + chunk.length], hv[:, :, at:at + chunk.length]))
+                at += chunk.length
+        self.read_each(group, dests)
+        for chunk, slots, run, (k, v) in zip(group, each, runs, dests):
+            positions = torch.arange(chunk.start, chunk.end)
+            if run is None:
+                pool.write(slots, k, v, positions, chunk.row)
+            else:
+                pool.claim(slots, positions, chunk.row)
+
+    def _upload_to_slots(self, pool: DevicePool, group: list[Chunk], slots: torch.Tensor) -> None:
+        """GPU arena: the group decoded into the host buffer and copied up once (one copy into a run of fresh
+        slots, the usual case, else one indexed write), each slot's position and owner written at once."""
+        n = slots.numel()
+        lengths = torch.tensor([c.length for c in group])
+        owners = torch.repeat_interleave(torch.tensor([c.row for c in group]), lengths, output_size=n)
+        positions = group_positions(group)
+        run = _as_run(slots)
+        if run is not None:
+            self.read_into(group, pool.k[:, :, run], pool.v[:, :, run])
+            pool.claim(slots, positions.to(pool.device), owners.to(pool.device))
+        else:
+            k, v = self._host_buffer(pool.k.shape[0], n)
+            self.read_into(group, k, v)
+            pool.write(slots, k, v, positions.to(pool.device), owners.to(pool.device))
 
     def layer_kv(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored token of a tiered layer in position order: k, v [B, Hkv, length, D] (copies; for
