@@ -97,6 +97,37 @@ def test_group_promotion_brings_exactly_the_chunks_that_fit(tmp_path, holes):
         tm.close()
 
 
+def test_a_cpu_device_drops_a_chunk_its_record_holds_when_the_host_has_no_room(tmp_path):
+    """On a CPU device, evicting a chunk with a disk record copies it to the host only into free room; else it
+    is left to its record (nothing read, nothing displaced). A chunk without a record still moves down with a
+    copy. Every chunk reads back what it held."""
+    tm = _manager(tmp_path, device_budget=64, host_budget=8)
+    try:
+        live = _fill(tm)
+        chunks = [c for c, _, _ in live.values()]
+        assert not tm.promote_into_free_room(0, chunks)  # 43 tokens: all fit
+        host = tm.host_pools[0]
+        outcomes = set()
+        for chunk in [c for c in chunks if c.on_disk]:
+            room = host.fits(chunk.length)
+            used, read = host.used, tm.stats().device.bytes_read
+            tm.evict_from_device(chunk)
+            assert chunk.tier == (Tier.HOST if room else Tier.DISK) and chunk.slots is None
+            if not room:
+                assert host.used == used and tm.stats().device.bytes_read == read
+            outcomes.add(room)
+        assert outcomes == {True, False}
+        dirty = [c for c in chunks if not c.on_disk and c.tier == Tier.DEVICE]
+        assert dirty and not host.fits(dirty[0].length)
+        read = tm.stats().device.bytes_read
+        tm.evict_from_device(dirty[0])
+        assert dirty[0].tier in (Tier.HOST, Tier.DISK) and tm.stats().device.bytes_read > read
+        assert dirty[0].tier == Tier.HOST or dirty[0].on_disk
+        _check_resident(tm, live)
+    finally:
+        tm.close()
+
+
 def _damage(tm, chunks, chunk, how):
     key = chunk.key
     blob = bytearray(tm.disk.get(key))

@@ -362,16 +362,26 @@ class TierManager:
 
     def evict_from_device(self, chunk: Chunk) -> None:
         """Move a chunk one tier down. The copy below is made first: if it fails (a full store), the chunk
-        stays on the device untouched."""
+        stays on the device untouched.
+
+        On a CPU device a chunk whose record is on disk is dropped, not copied, unless the host pool has free
+        room for it: there the device and the host are the same memory, and the copy (displacing an older host
+        chunk) only spares a decode of the record, from the page cache, if the chunk is read again before the
+        host drops it. Measured at 32k tokens and a 5% budget, three in ten were, and the tiered step took
+        34.6 ms with the copies, 29.5 ms without. On a GPU the copy down costs little beside decoding the record
+        again, and the host keeps it."""
         pool = self.device_pools[chunk.layer]
         slots = chunk.slots
-        k, v = pool.read(slots)
-        chunk.rows = None  # the device copy was in logical order
-        self._to_host(chunk, k, v)
+        if chunk.on_disk and self.device.type == "cpu" and not self.host_pools[chunk.layer].fits(chunk.length):
+            self._to_disk(chunk, None, None)  # the record holds it already: nothing to write
+        else:
+            k, v = pool.read(slots)
+            chunk.rows = None  # the device copy was in logical order
+            self._to_host(chunk, k, v)
+            self.counters.device.bytes_read += k.nbytes + v.nbytes
         pool.release(slots)
         del self._on_device[chunk.layer][chunk.chunk_id]
         chunk.slots = None
-        self.counters.device.bytes_read += k.nbytes + v.nbytes
 
     def _to_host(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> None:
         host = self.host_pools[chunk.layer]
@@ -395,7 +405,8 @@ class TierManager:
         del self._on_host[chunk.layer][chunk.chunk_id]
         self.counters.host.bytes_read += k.nbytes + v.nbytes
 
-    def _to_disk(self, chunk: Chunk, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _to_disk(self, chunk: Chunk, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
+        """Leave the chunk on disk only, writing its record first if it has none (then k, v are needed)."""
         if not chunk.on_disk:
             self.write_records([(chunk, k, v)])
             chunk.disk_rows = chunk.rows
