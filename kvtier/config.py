@@ -56,10 +56,11 @@ class KVTierConfig:
         recent_window: newest tokens kept unsealed on the device (sliding-window layers also keep this many
             tokens beyond their window, so `crop` can take back that many).
         staging_tokens: most tokens fetched from host/disk into one attention batch (bounds staging memory).
-        zstd_level: zstd level for disk records: 1-22, or a fast negative level (-1: the default, chosen by
-            `kvtier bench codec`; see docs/benchmarks.md).
-        byte_planes: split 16/32-bit values into byte planes before zstd: 1.1-1.3x fewer bytes on disk, but
-            decoded more slowly than a fast disk delivers them (docs/benchmarks.md).
+        zstd_level: None (the default): disk records hold the values as they are, checked by their XXH3-64, and
+            are copied straight into place; or a zstd level, 1-22 or a fast negative one, for 1.1-1.2x fewer
+            bytes on disk at a few times the decoding work (`kvtier bench codec`; see docs/benchmarks.md).
+        byte_planes: split 16/32-bit values into byte planes before zstd (needs a `zstd_level`): 1.1-1.3x fewer
+            bytes on disk, but decoded more slowly than a fast disk delivers them (docs/benchmarks.md).
         initial_map_bytes: LMDB map size at creation; it doubles when full.
         max_store_bytes: hard limit of the store size (None: grow while the disk allows).
 
@@ -96,7 +97,7 @@ class KVTierConfig:
     sink_tokens: int = 4
     recent_window: int = 64
     staging_tokens: int = 8192
-    zstd_level: int = -1
+    zstd_level: int | None = None
     byte_planes: bool = False
     initial_map_bytes: int | str = 1 << 28
     max_store_bytes: int | str | None = None
@@ -149,9 +150,9 @@ class KVTierConfig:
         _check_int("host_budget", self.host_budget, 0, allow_none=True)
         _check_int("initial_map_bytes", self.initial_map_bytes, 1 << 16, high=MAX_MAP_BYTES)
         _check_int("max_store_bytes", self.max_store_bytes, 1 << 16, allow_none=True, high=MAX_MAP_BYTES)
-        from .store.codec import check_zstd_level
+        from .store.codec import check_encoding
 
-        check_zstd_level(self.zstd_level)
+        check_encoding(self.zstd_level, self.byte_planes)
         if self.device_budget is not None and self.device_budget < self.min_device_budget:
             raise ValueError(
                 f"`device_budget`={self.device_budget} tokens per layer cannot hold the sinks, the recent window "

@@ -129,8 +129,8 @@ setup() {
             "${missing[@]}" || return 1
         export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    "$PY" -c 'import lmdb, zstandard' || {
-        echo "setup: lmdb or zstandard is missing and $WHEELS has no wheel for them"
+    "$PY" -c 'import lmdb, xxhash, zstandard' || {
+        echo "setup: lmdb, xxhash or zstandard is missing and $WHEELS has no wheel for them"
         return 1
     }
 
@@ -183,7 +183,7 @@ kernels_dir = Path(kvtier.kernels.__file__).resolve().parent
 assert kernels_dir == root / "kernels", f"kvtier.kernels comes from {kernels_dir}, not {root / 'kernels'}"
 assert importlib.util.find_spec("kernels") is None, "a top-level `kernels` package is importable"
 versions = {}
-for dist in ("torch", "transformers", "triton", "numpy", "lmdb", "zstandard", "pytest", "hypothesis"):
+for dist in ("torch", "transformers", "triton", "numpy", "lmdb", "xxhash", "zstandard", "pytest", "hypothesis"):
     try:
         versions[dist] = metadata.version(dist)
     except metadata.PackageNotFoundError:

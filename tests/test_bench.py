@@ -53,6 +53,7 @@ def test_bench_codec_writes_json(tmp_path):
     result = json.loads((tmp_path / "codec.json").read_text())
     assert result["config"]["text_source"] == "generated"
     assert {r["byte_planes"] for r in result["results"]} == {True, False}
+    assert any(r["zstd_level"] is None and not r["byte_planes"] for r in result["results"])  # raw records
 
 
 def test_unknown_command_fails_cleanly():

@@ -19,6 +19,8 @@ from kvtier.store.codec import (
     _HEADER,
     FLAG_BYTE_PLANES,
     FLAG_INT8,
+    FLAG_RAW,
+    FLAG_ZSTD,
     HEADER_BYTES,
     MIN_ZSTD_LEVEL,
     RecordCodec,
@@ -111,13 +113,48 @@ def test_fast_negative_levels_are_accepted_by_config_and_codec(level):
     assert RecordCodec(level).zstd_level == level
 
 
-@pytest.mark.parametrize("level", [0, 23, MIN_ZSTD_LEVEL - 1, 1.0, True, "1", None])
+@pytest.mark.parametrize("level", [0, 23, MIN_ZSTD_LEVEL - 1, 1.0, True, "1"])
 def test_levels_zstd_cannot_write_are_refused_by_config_and_codec_alike(level):
     with pytest.raises(ValueError, match="zstd_level") as from_config:
         KVTierConfig(zstd_level=level)
     with pytest.raises(ValueError, match="zstd_level") as from_codec:
         RecordCodec(level)
     assert str(from_config.value) == str(from_codec.value)
+
+
+def test_raw_records_are_the_default_and_take_no_byte_planes():
+    """No level: the values as they are and their XXH3-64, a few bytes more than the values; byte planes, which
+    only help zstd, are refused without a level, by the config and the codec alike."""
+    codec = RecordCodec()
+    assert codec.zstd_level is None and KVTierConfig().zstd_level is None
+    k, v = _kv((1, 2, 8, 8), torch.float32)
+    blob = _encode(codec, k, v)
+    assert len(blob) == HEADER_BYTES + k.nbytes + v.nbytes + 8
+    assert bytes(blob[HEADER_BYTES:HEADER_BYTES + k.nbytes]) == k.numpy().tobytes()
+    for reader in (codec, RecordCodec(-1), RecordCodec(3, True)):  # any reader reads any encoding
+        k2, v2 = reader.decode(blob, _header(k))
+        assert torch.equal(k2, k) and torch.equal(v2, v)
+    with pytest.raises(ValueError, match="byte_planes") as from_config:
+        KVTierConfig(byte_planes=True)
+    with pytest.raises(ValueError, match="byte_planes") as from_codec:
+        RecordCodec(None, True)
+    assert str(from_config.value) == str(from_codec.value)
+
+
+def test_a_raw_record_of_the_wrong_size_or_with_other_flags_is_refused():
+    codec = RecordCodec()
+    k, v = _kv((1, 2, 8, 8), torch.float16)
+    blob = _encode(codec, k, v)
+    for cut in (1, 8, 9):  # a shorter payload, its header saying so (sealed with a fresh crc)
+        short = bytearray(blob[:-cut])
+        struct.pack_into("<Q", short, _HEADER.size - 40, len(short) - HEADER_BYTES)  # payload bytes
+        with pytest.raises(StoreCorruptError, match="raw payload of"):
+            codec.decode(_reseal(short), _header(k))
+    for flags in (FLAG_RAW | FLAG_ZSTD, FLAG_RAW | FLAG_INT8, FLAG_RAW | FLAG_BYTE_PLANES):
+        other = bytearray(blob)
+        struct.pack_into("<H", other, 6, flags)
+        with pytest.raises(StoreCorruptError, match="unknown record flags"):
+            codec.decode(_reseal(other), _header(k))
 
 
 def test_defaults_are_the_configs():
@@ -192,7 +229,7 @@ def test_declared_sizes_are_checked_before_decompressing():
     with pytest.raises(StoreCorruptError, match="its shape needs 512"):
         codec.decode(_reseal(blob), _header(k))
     big = torch.zeros(1, 2, 4096, 64, dtype=torch.float16)  # compresses > 64x
-    blob = _encode(codec, big, big)
+    blob = _encode(RecordCodec(-1), big, big)
     with pytest.raises(StoreCorruptError, match="more than 64x"):
         codec.decode(blob, _header(big))
 
@@ -203,11 +240,12 @@ def test_records_hold_no_pickle():
     assert b"\x80\x04" not in blob[:HEADER_BYTES]  # no pickle protocol marker in the header
 
 
-@pytest.mark.parametrize("level, planes", [(-1, False), (-5, True), (1, True)])
+@pytest.mark.parametrize("level, planes", [(None, False), (-1, False), (-5, True), (1, True)])
 @settings(max_examples=120, deadline=None)
 @given(data=st.data())
 def test_any_single_flipped_byte_is_detected(level, planes, data):
-    """Raw blocks (what the fast levels write for noise) are covered by the frame's checksum too."""
+    """Raw records are covered by their XXH3-64, and raw blocks (what zstd's fast levels write for noise) by
+    the frame's checksum."""
     codec = RecordCodec(level, planes)
     k, v = _kv((1, 2, 16, 8), torch.bfloat16, seed=1)
     blob = bytearray(_encode(codec, k, v))

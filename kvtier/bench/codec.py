@@ -1,8 +1,10 @@
-"""`kvtier bench codec`: which zstd level and byte-plane setting reads KV back fastest from this disk?
+"""`kvtier bench codec`: which record encoding (raw, or a zstd level and byte-plane setting) reads KV back
+fastest from this disk?
 
 KV comes from a random-weight Llama prefilled on text bytes (natural text when a haystack directory is
 given), plus plain Gaussian noise as a worst case, cut into records of `--chunk` tokens as a store holds
-them. For each dtype x zstd level (the fast negative levels too) x byte planes on/off it reports the
+them. For each dtype x encoding (raw records, zstd levels with the fast negative ones, byte planes on/off
+for zstd) it reports the
 compression ratio and single-thread encode/decode throughput, and the effective read rate: the disk's
 sequential read speed times the ratio, capped by the decode speed (one reader thread).
 
@@ -41,7 +43,7 @@ from .common import (
     zstd_level,
 )
 
-LEVELS = (-5, -3, -1, 1, 3)
+LEVELS = (None, -5, -3, -1, 1, 3)  # None: raw records
 SPARSE_SHARE = 0.05
 
 
@@ -178,7 +180,11 @@ def _choose(rows: list[dict[str, Any]], default: KVTierConfig) -> dict[str, Any]
     return out
 
 
-def run(tokens: int = 4096, data_dir: str | None = None, levels: tuple[int, ...] = LEVELS, chunk: int = 64,
+def _label(level: int | None) -> str:
+    return "raw" if level is None else f"L{level}"
+
+
+def run(tokens: int = 4096, data_dir: str | None = None, levels: tuple[int | None, ...] = LEVELS, chunk: int = 64,
         disk_mb: int = 128, store_dir: str | None = None, reps: int = 5) -> dict[str, Any]:
     torch.set_num_threads(1)
     mk, mv, source = _model_kv(tokens, data_dir)
@@ -190,7 +196,7 @@ def run(tokens: int = 4096, data_dir: str | None = None, levels: tuple[int, ...]
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             records = _records(k32.to(dtype), v32.to(dtype), chunk)
             for level in levels:
-                for planes in (False, True):
+                for planes in (False,) if level is None else (False, True):  # planes only help zstd
                     m, blobs = _measure(RecordCodec(level, planes), records, reps)
                     rows.append({"data": name, "dtype": str(dtype).removeprefix("torch."), "zstd_level": level,
                                  "byte_planes": planes, **m})
@@ -209,7 +215,7 @@ def run(tokens: int = 4096, data_dir: str | None = None, levels: tuple[int, ...]
     for r in rows:
         if r["byte_planes"]:
             base = next(x for x in rows if not x["byte_planes"] and all(x[f] == r[f] for f in ("data", "dtype", "zstd_level")))
-            wins[f"{r['data']}/{r['dtype']}/L{r['zstd_level']}"] = round(r["ratio"] / base["ratio"], 3)
+            wins[f"{r['data']}/{r['dtype']}/{_label(r['zstd_level'])}"] = round(r["ratio"] / base["ratio"], 3)
     return {"config": {"tokens": tokens, "chunk_tokens": chunk, "kv_shape": list(mk.shape), "text_source": source,
                        "levels": list(levels), "reps": reps,
                        "default": {"zstd_level": default.zstd_level, "byte_planes": default.byte_planes}},
@@ -221,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=positive_int, default=4096)
     p.add_argument("--chunk", type=positive_int, default=64, help="tokens per record (default: kvtier's chunk_size)")
-    p.add_argument("--levels", type=zstd_level, nargs="+", default=list(LEVELS), help="zstd levels (-5 ... 22)")
+    p.add_argument("--levels", type=zstd_level, nargs="+", default=list(LEVELS),
+                   help="encodings: raw, or zstd levels (-5 ... 22); default: raw -5 -3 -1 1 3")
     p.add_argument("--data-dir", type=text_dir,
                    help="directory of .txt files for natural text (default: generated text)")
     p.add_argument("--disk-mb", type=non_negative_int, default=128, help="size of the store read back cold (0: skip)")
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in result["results"]:
         if r["data"] == "model_kv":
             eff = f"  effective cold {r['effective_cold_mb_s']:7.1f} MB/s ({r['bound_cold']})" if result["disk"] else ""
-            print(f"{r['dtype']:9s} L{r['zstd_level']:<3d} planes={r['byte_planes']!s:5s} ratio {r['ratio']:.3f}  "
+            print(f"{r['dtype']:9s} {_label(r['zstd_level']):4s} planes={r['byte_planes']!s:5s} ratio {r['ratio']:.3f}  "
                   f"encode {r['encode_mb_s']:7.1f}  decode {r['decode_mb_s']:7.1f} MB/s{eff}")
     if result["disk"]:
         d = result["disk"]
@@ -243,6 +250,6 @@ def main(argv: list[str] | None = None) -> None:
         for name, row in d["cold_reads"].items():
             print(f"  {name:40s} {row['mb_s']:8.1f} MB/s  disk bytes per byte {row.get('disk_bytes_per_byte')}")
     for key, c in (result["choice"] or {}).items():
-        print(f"{key:18s} best L{c['best']['zstd_level']} planes={c['best']['byte_planes']}; default reads at "
+        print(f"{key:18s} best {_label(c['best']['zstd_level'])} planes={c['best']['byte_planes']}; default reads at "
               f"{c['default_effective_cold_vs_best']}x its effective cold rate")
     print(f"wrote {path}")

@@ -129,10 +129,12 @@ def non_negative_number(text: str) -> float:
     return value
 
 
-def zstd_level(text: str) -> int:
-    """argparse type for a zstd level, checked as KVTierConfig checks `zstd_level`."""
+def zstd_level(text: str) -> int | None:
+    """argparse type for a zstd level, checked as KVTierConfig checks `zstd_level`; "raw": None (raw records)."""
     from ..store.codec import check_zstd_level
 
+    if text == "raw":
+        return None
     try:
         value = int(text)
         check_zstd_level(value)

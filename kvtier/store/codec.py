@@ -1,11 +1,11 @@
-"""Disk record format: a fixed binary header plus a zstd payload. Never pickle: a store is data, never code.
+"""Disk record format: a fixed binary header plus a checked payload. Never pickle: a store is data, never code.
 
-Record layout, version 2 (little-endian)::
+Record layout, version 3 (little-endian)::
 
     +--------+--------+-------+-------+-------+----------+-------+--------+-------+-------+----------+
     | magic  | layout | flags | dtype | layer | chunk id | start | length | batch | heads | head_dim |
     +--------+--------+-------+-------+-------+----------+-------+--------+-------+-------+----------+
-    | raw bytes | payload bytes | model signature (16 B) | session id (16 B) | header crc32 | zstd frame |
+    | raw bytes | payload bytes | model signature (16 B) | session id (16 B) | header crc32 | payload    |
     +-----------+---------------+------------------------+-------------------+--------------+------------+
 
 A record is bound to its place: the reader says which record it expects (session, layer, chunk, start,
@@ -15,12 +15,14 @@ store) is detected, and a damaged size can never make zstd allocate more than th
 The session id is the id of the cache that wrote the record (a fresh one each time a cache is created or
 a session reopened), so records of two continuations of one saved session never pass for each other.
 
-The payload is K then V, both `[batch, heads, length, head_dim]`, optionally split into byte planes
-(all first bytes, then all second bytes, ...) before zstd: the exponent bytes repeat a lot and compress
-better apart from the noisy mantissa bytes. The default is zstd's fast level -1 without planes: KV barely
-compresses, and its raw blocks decode faster than a disk delivers them (docs/benchmarks.md).
-The header carries its own crc32; the payload is checked by the zstd frame's content checksum, which
-costs less than a crc32 over the compressed bytes.
+The values are K then V, both `[batch, heads, length, head_dim]`. By default (FLAG_RAW) the payload is those
+bytes as they are followed by their XXH3-64: KV barely compresses (1.1-1.2x at zstd's fast levels), and a
+raw record is checked where it lies (XXH3 runs at tens of GB/s) and copied into place once, where a zstd
+frame's XXH64 content checksum and its copy out of the frame cost a few times more
+(docs/benchmarks.md). With a `zstd_level` (FLAG_ZSTD) the payload is one zstd frame with its content
+checksum, optionally of the values split into byte planes (all first bytes, then all second bytes, ...):
+the exponent bytes repeat a lot and compress better apart from the noisy mantissa bytes. Either encoding
+reads back whatever the reader's own setting. The header carries its own crc32.
 
 Opt-in lossy records (FLAG_INT8, for chunks that get little attention) store K and V as int8 with a
 float32 absmax scale per batch row, head and channel (keys have outlier channels, so per-channel scales
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import xxhash
 import zstandard
 
 from ..errors import StoreCorruptError, StoreMismatchError, brief
@@ -47,7 +50,9 @@ OLD_MAGICS = {b"KVT1": 1}
 FLAG_BYTE_PLANES = 1
 FLAG_ZSTD = 2
 FLAG_INT8 = 4  # lossy: int8 values with a float32 scale per (row, head, channel), for K and V
-_KNOWN_FLAGS = FLAG_BYTE_PLANES | FLAG_ZSTD | FLAG_INT8
+FLAG_RAW = 8  # lossless values as they are, followed by their XXH3-64 (little-endian): no zstd frame
+_KNOWN_FLAGS = FLAG_BYTE_PLANES | FLAG_ZSTD | FLAG_INT8 | FLAG_RAW
+RAW_CHECK_BYTES = 8
 # KV compresses 1.1-1.3x lossless and 2-4x as int8 (docs/benchmarks/codec.json): a record claiming far more
 # is damaged or hostile, and is refused before zstd allocates for it.
 MAX_COMPRESSION_RATIO = 64
@@ -60,11 +65,21 @@ MAX_ZSTD_LEVEL = 22
 
 
 def check_zstd_level(level: object, name: str = "zstd_level") -> None:
-    """Raise ValueError unless `level` is a zstd level kvtier writes with."""
+    """Raise ValueError unless `level` is a zstd level kvtier writes with, or None (raw records)."""
+    if level is None:
+        return
     if isinstance(level, bool) or not isinstance(level, int) or not MIN_ZSTD_LEVEL <= level <= MAX_ZSTD_LEVEL \
             or level == 0:
         raise ValueError(f"`{name}` must be an integer in [1, {MAX_ZSTD_LEVEL}] or a fast level in "
-                         f"[{MIN_ZSTD_LEVEL}, -1], got {brief(level)}")
+                         f"[{MIN_ZSTD_LEVEL}, -1], or None for raw records, got {brief(level)}")
+
+
+def check_encoding(zstd_level: int | None, byte_planes: bool) -> None:
+    """Raise ValueError for a level kvtier cannot write, or byte planes without zstd (planes only help zstd)."""
+    check_zstd_level(zstd_level)
+    if byte_planes and zstd_level is None:
+        raise ValueError("`byte_planes` needs a `zstd_level`: the planes only help zstd compress, and raw records "
+                         "store values as they are")
 
 
 _HEADER = struct.Struct("<4sHHBxxxIQQIIIIQQ16s16s")
@@ -176,8 +191,8 @@ class RecordCodec:
 
     Thread-safe: each thread gets its own zstd contexts (reader threads decode concurrently)."""
 
-    def __init__(self, zstd_level: int = -1, byte_planes: bool = False):  # KVTierConfig's defaults
-        check_zstd_level(zstd_level)
+    def __init__(self, zstd_level: int | None = None, byte_planes: bool = False):  # KVTierConfig's defaults
+        check_encoding(zstd_level, byte_planes)
         self.zstd_level = zstd_level
         self.byte_planes = byte_planes
         self._local = threading.local()
@@ -185,7 +200,8 @@ class RecordCodec:
     @property
     def _compressor(self) -> zstandard.ZstdCompressor:
         if not hasattr(self._local, "c"):
-            self._local.c = zstandard.ZstdCompressor(level=self.zstd_level, write_checksum=True)
+            level = -1 if self.zstd_level is None else self.zstd_level  # raw codecs compress int8 records fast
+            self._local.c = zstandard.ZstdCompressor(level=level, write_checksum=True)
         return self._local.c
 
     @property
@@ -214,6 +230,10 @@ class RecordCodec:
             (sk, qk), (sv, qv) = _quantize(k), _quantize(v)
             raw = np.concatenate([sk.view(np.uint8), sv.view(np.uint8), qk.view(np.uint8), qv.view(np.uint8)])
             flags |= FLAG_INT8
+        elif self.zstd_level is None:
+            raw = np.concatenate([_as_bytes(k), _as_bytes(v)])
+            payload = raw.tobytes() + xxhash.xxh3_64_intdigest(raw).to_bytes(RAW_CHECK_BYTES, "little")
+            return _pack_header(header, FLAG_RAW, DTYPE_CODES[k.dtype], raw.nbytes, len(payload)) + payload
         else:
             parts, itemsize = [_as_bytes(k), _as_bytes(v)], k.element_size()
             if self.byte_planes and itemsize > 1:
@@ -251,7 +271,8 @@ class RecordCodec:
             )
         if dtype_code not in CODE_DTYPES:
             raise StoreCorruptError(f"{name}: unknown dtype code {dtype_code}")
-        if flags & ~_KNOWN_FLAGS or not flags & FLAG_ZSTD:
+        if flags & ~_KNOWN_FLAGS or not flags & (FLAG_ZSTD | FLAG_RAW) or (
+                flags & FLAG_RAW and flags != FLAG_RAW):  # raw: lossless values as they are, nothing else
             raise StoreCorruptError(f"{name}: unknown record flags {flags:#x}")
         return RecordHeader(layer, chunk_id, start, length, batch, heads, head_dim, CODE_DTYPES[dtype_code],
                             signature, session, layout, flags, raw_nbytes, payload_nbytes)
@@ -262,7 +283,7 @@ class RecordCodec:
         where: prefixed to error messages (the store)."""
         name = where + chunk_name(expect.layer, expect.chunk_id)
         flags, raw, payload = self._checked(blob, expect, name)
-        return self._tensors(self._decompress(payload, raw, name, np.empty(raw, dtype=np.uint8)), expect, flags)
+        return self._tensors(self._decode(payload, raw, flags, name, np.empty(raw, dtype=np.uint8)), expect, flags)
 
     def decode_into(self, blob: bytes | memoryview, expect: RecordHeader, k_out: np.ndarray, v_out: np.ndarray,
                     where: str = "") -> None:
@@ -270,13 +291,16 @@ class RecordCodec:
         [B, H, n, D * itemsize] of any strides (`byte_view` of a run of a device arena's slots, or of a range
         of a staging buffer). Every check of `decode` runs first.
 
-        A lossless record without byte planes is decompressed into a buffer kept per thread, which stays in the
-        CPU cache until it is copied into place, once; no tensor is made per record. Other encodings decode as
-        `decode` does and are copied."""
+        A raw record is checked where it lies and copied into place once. A lossless zstd record without byte
+        planes is decompressed into a buffer kept per thread, which stays in the CPU cache until it is copied
+        into place, once; no tensor is made per record. Other encodings decode as `decode` does and are
+        copied."""
         name = where + chunk_name(expect.layer, expect.chunk_id)
         flags, raw, payload = self._checked(blob, expect, name)
-        if flags & (FLAG_INT8 | FLAG_BYTE_PLANES):
-            k, v = self._tensors(self._decompress(payload, raw, name, np.empty(raw, dtype=np.uint8)), expect, flags)
+        if flags & FLAG_RAW:
+            k, v = self._raw_values(payload, raw, name).reshape(2, *k_out.shape)
+        elif flags & (FLAG_INT8 | FLAG_BYTE_PLANES):
+            k, v = self._tensors(self._decode(payload, raw, flags, name, np.empty(raw, dtype=np.uint8)), expect, flags)
             k, v = byte_view(k), byte_view(v)
         else:
             k, v = self._decompress(payload, raw, name, self._scratch(raw)).reshape(2, *k_out.shape)
@@ -287,10 +311,10 @@ class RecordCodec:
         """The record's payload decompressed into `out`, a contiguous uint8 array of exactly its decoded size,
         as stored (no layout, planes or scales undone), after every check of `decode`: the codec's own speed."""
         name = where + chunk_name(expect.layer, expect.chunk_id)
-        _, raw, payload = self._checked(blob, expect, name)
+        flags, raw, payload = self._checked(blob, expect, name)
         if out.dtype != np.uint8 or out.ndim != 1 or out.size != raw or not out.flags.c_contiguous:
             raise ValueError(f"{name}: decode_bytes needs a contiguous uint8 array of {raw} bytes")
-        self._decompress(payload, raw, name, out)
+        self._decode(payload, raw, flags, name, out)
 
     def _scratch(self, size: int) -> np.ndarray:
         """This thread's decode buffer, `size` bytes (grown when needed, never shrunk: a record's size)."""
@@ -304,9 +328,11 @@ class RecordCodec:
 
         A record usually carries exactly the header its slot would get if written now, which one comparison
         checks (the header's crc32 included). Any other header is read field by field: a record in another
-        allowed encoding (byte planes) passes, anything else raises an error that says which field is wrong."""
+        allowed encoding (raw, zstd, byte planes) passes, anything else raises an error that says which field is
+        wrong."""
         payload = memoryview(blob)[HEADER_BYTES:]
-        flags, raw = FLAG_ZSTD | (FLAG_INT8 if expect.lossy else 0), expect.raw_size()
+        flags = FLAG_ZSTD | FLAG_INT8 if expect.lossy else FLAG_RAW if self.zstd_level is None else FLAG_ZSTD
+        raw = expect.raw_size()
         code = DTYPE_CODES.get(expect.dtype)
         if (code is None or len(expect.session) != SESSION_ID_BYTES
                 or bytes(blob[:HEADER_BYTES]) != _pack_header(expect, flags, code, raw, len(payload))):
@@ -321,6 +347,25 @@ class RecordCodec:
                 f"{MAX_COMPRESSION_RATIO}x: refused before decompressing"
             )
         return flags, raw, payload
+
+    def _decode(self, payload: memoryview, raw: int, flags: int, name: str, out: np.ndarray) -> np.ndarray:
+        """The checked payload's `raw` decoded bytes, written into `out` (a copy even for a raw record: `out`
+        outlives the read transaction whose mapped bytes the payload may be)."""
+        if flags & FLAG_RAW:
+            np.copyto(out, self._raw_values(payload, raw, name))
+            return out
+        return self._decompress(payload, raw, name, out)
+
+    @staticmethod
+    def _raw_values(payload: memoryview, raw: int, name: str) -> np.ndarray:
+        """A raw record's values (a view of the payload), once their XXH3-64 matches the one stored after them."""
+        if len(payload) != raw + RAW_CHECK_BYTES:
+            raise StoreCorruptError(f"{name}: raw payload of {len(payload)} bytes, its shape needs "
+                                    f"{raw + RAW_CHECK_BYTES}")
+        values = payload[:raw]
+        if xxhash.xxh3_64_intdigest(values) != int.from_bytes(payload[raw:], "little"):
+            raise StoreCorruptError(f"{name}: payload corrupted (checksum mismatch)")
+        return np.frombuffer(values, dtype=np.uint8)
 
     def _decompress(self, payload: memoryview, raw: int, name: str, out: np.ndarray) -> np.ndarray:
         """Decompress the checked payload into `out` (`raw` bytes), the frame's content checksum verified."""
