@@ -253,7 +253,7 @@ def test_a_fetched_chunk_kept_on_the_host_does_not_pin_its_whole_part(tmp_path):
 def test_a_record_freed_while_its_part_decodes_stays_out_of_the_accounting(tmp_path):
     tm, cs, data = _tiers(tmp_path, n=2)
     reached, go = threading.Event(), threading.Event()
-    decode = tm.codec.decode_into
+    decode = tm.codec.decode_view
 
     def slow(blob, expect, *args):
         if expect.chunk_id == cs[1].chunk_id:
@@ -261,7 +261,7 @@ def test_a_record_freed_while_its_part_decodes_stays_out_of_the_accounting(tmp_p
             assert go.wait(10)
         return decode(blob, expect, *args)
 
-    tm.codec.decode_into = slow
+    tm.codec.decode_view = slow
     tm.prefetcher.request(cs, clock=0)
     assert reached.wait(10)
     tm.free([cs[1]])

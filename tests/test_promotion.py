@@ -18,6 +18,7 @@ from kvtier import KVTierCache, StoreCorruptError, StoreMismatchError, StoreMiss
 from kvtier.config import KVTierConfig
 from kvtier.store.chunk import Chunk, Tier
 from kvtier.store.disk import DiskStore
+from kvtier.store.pools import _as_run
 from kvtier.store.tiers import TierManager
 
 B, H, D = 2, 2, 4
@@ -33,9 +34,10 @@ def _manager(tmp, device_budget=64, host_budget=8, staging_tokens=12):
     return tm
 
 
-def _fill(tm) -> dict[int, tuple[Chunk, torch.Tensor, torch.Tensor]]:
+def _fill(tm, reorder: bool = True) -> dict[int, tuple[Chunk, torch.Tensor, torch.Tensor]]:
     """Chunks of uneven lengths placed through the tiers, then all sent below the device: some on the host,
-    the rest only on disk, some with row maps (a beam reorder) on both."""
+    the rest only on disk, with row maps (a beam reorder) on both if `reorder` (else the disk records are
+    decoded straight into place)."""
     live, pos = {}, 0
     for i, n in enumerate(LENGTHS):
         k, v = torch.randn(B, H, n, D), torch.randn(B, H, n, D)
@@ -43,9 +45,10 @@ def _fill(tm) -> dict[int, tuple[Chunk, torch.Tensor, torch.Tensor]]:
         tm.place(chunk, k, v)
         live[chunk.chunk_id] = (chunk, k, v)
         pos += n
-    index = torch.tensor([1, 0])
-    tm.select_rows(0, [c for c, _, _ in live.values()], index)
-    live = {cid: (c, k[index], v[index]) for cid, (c, k, v) in live.items()}
+    if reorder:
+        index = torch.tensor([1, 0])
+        tm.select_rows(0, [c for c, _, _ in live.values()], index)
+        live = {cid: (c, k[index], v[index]) for cid, (c, k, v) in live.items()}
     for chunk, _, _ in live.values():
         if chunk.tier == Tier.DEVICE:
             tm.evict_from_device(chunk)
@@ -66,11 +69,12 @@ def _check_resident(tm, live):
     assert tm.host_pools[0].used == sum(c.length for c, _, _ in live.values() if c.tier == Tier.HOST)
 
 
+@pytest.mark.parametrize("reorder", [True, False], ids=["row-maps", "direct"])
 @pytest.mark.parametrize("holes", [False, True], ids=["fresh-run", "into-holes"])
-def test_group_promotion_brings_exactly_the_chunks_that_fit(tmp_path, holes):
+def test_group_promotion_brings_exactly_the_chunks_that_fit(tmp_path, holes, reorder):
     tm = _manager(tmp_path, device_budget=30)
     try:
-        live = _fill(tm)
+        live = _fill(tm, reorder)
         chunks = [c for c, _, _ in live.values()]
         assert {c.tier for c in chunks} == {Tier.HOST, Tier.DISK} and tm.device_pools[0].used == 0
         pool = tm.device_pools[0]
@@ -84,6 +88,9 @@ def test_group_promotion_brings_exactly_the_chunks_that_fit(tmp_path, holes):
         moved = [c for c in chunks if c not in rest]
         assert sum(c.length for c in moved) <= free < sum(c.length for c in moved) + min(c.length for c in rest)
         assert all(c.tier == Tier.DEVICE for c in moved) and all(c.tier != Tier.DEVICE for c in rest)
+        # each chunk in the lowest hole that holds it whole; a chunk no hole holds is read into its pieces
+        runs = [_as_run(c.slots) is not None for c in moved]
+        assert all(runs) if not holes else (any(runs) and not all(runs))
         after = tm.stats()
         assert after.device.misses - before.device.misses == len(moved)
         assert (after.host.hits - before.host.hits) + (after.disk.hits - before.disk.hits) == len(moved)

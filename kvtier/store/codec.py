@@ -289,23 +289,29 @@ class RecordCodec:
                     where: str = "") -> None:
         """As `decode`, into k_out, v_out: the bytes of [B, H, n, D] destinations, as uint8 arrays
         [B, H, n, D * itemsize] of any strides (`byte_view` of a run of a device arena's slots, or of a range
-        of a staging buffer). Every check of `decode` runs first.
+        of a staging buffer). Every check of `decode` runs first; each destination is written once."""
+        k, v = self.decode_view(blob, expect, where)
+        k_out[...] = k
+        v_out[...] = v
 
-        A raw record is checked where it lies and copied into place once. A lossless zstd record without byte
-        planes is decompressed into a buffer kept per thread, which stays in the CPU cache until it is copied
-        into place, once; no tensor is made per record. Other encodings decode as `decode` does and are
-        copied."""
+    def decode_view(self, blob: bytes | memoryview, expect: RecordHeader,
+                    where: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """After every check of `decode`, the record's k and v bytes as uint8 arrays [B, H, n, D * itemsize], to
+        be copied where they belong: views of the payload for a raw record (checked where it lies; valid while
+        the read transaction that gave `blob` is open), of this thread's decode buffer for a lossless zstd
+        record without byte planes (it stays in the CPU cache until copied; valid until this thread's next
+        decode), new arrays for other encodings. No tensor is made per record."""
         name = where + chunk_name(expect.layer, expect.chunk_id)
         flags, raw, payload = self._checked(blob, expect, name)
+        shape = (expect.batch, expect.heads, expect.length, expect.head_dim * expect.dtype.itemsize)
         if flags & FLAG_RAW:
-            k, v = self._raw_values(payload, raw, name).reshape(2, *k_out.shape)
+            k, v = self._raw_values(payload, raw, name).reshape(2, *shape)
         elif flags & (FLAG_INT8 | FLAG_BYTE_PLANES):
             k, v = self._tensors(self._decode(payload, raw, flags, name, np.empty(raw, dtype=np.uint8)), expect, flags)
             k, v = byte_view(k), byte_view(v)
         else:
-            k, v = self._decompress(payload, raw, name, self._scratch(raw)).reshape(2, *k_out.shape)
-        k_out[...] = k
-        v_out[...] = v
+            k, v = self._decompress(payload, raw, name, self._scratch(raw)).reshape(2, *shape)
+        return k, v
 
     def decode_bytes(self, blob: bytes | memoryview, expect: RecordHeader, out: np.ndarray, where: str = "") -> None:
         """The record's payload decompressed into `out`, a contiguous uint8 array of exactly its decoded size,

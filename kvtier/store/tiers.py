@@ -76,6 +76,16 @@ def _run_owners(chunks: list[Chunk], device: torch.device) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _runs_of(slots: torch.Tensor) -> list[tuple[int, slice]]:
+    """CPU slot list -> its runs of consecutive slots: (offset in the list, slice of the arena) for each."""
+    run = _as_run(slots)
+    if run is not None:
+        return [(0, run)]
+    arr = slots.numpy()
+    bounds = [0, *(np.flatnonzero(np.diff(arr) != 1) + 1).tolist(), arr.size]
+    return [(a, slice(int(arr[a]), int(arr[a]) + b - a)) for a, b in zip(bounds, bounds[1:])]
+
+
 def _positions(chunk: Chunk, device: torch.device) -> torch.Tensor:
     return torch.arange(chunk.start, chunk.end, device=device)
 
@@ -478,17 +488,19 @@ class TierManager:
             at += chunk.length
         pieces, direct = self._sources(chunks, k_out.shape[0])
         _place([(starts[i], k, v) for i, k, v in pieces], k_out, v_out)
-        self._decode_direct([(chunks[i], k_out.narrow(2, starts[i], chunks[i].length),
-                              v_out.narrow(2, starts[i], chunks[i].length)) for i in direct])
+        self._decode_direct([(chunks[i], [(0, k_out.narrow(2, starts[i], chunks[i].length),
+                                           v_out.narrow(2, starts[i], chunks[i].length))]) for i in direct])
 
-    def read_each(self, chunks: list[Chunk], dests: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """As `read_into`, each chunk into its own CPU destination k, v [B, H, chunk.length, D] (views of any
-        strides, such as a run of a device arena's slots): nothing passes through an intermediate buffer."""
-        pieces, direct = self._sources(chunks, dests[0][0].shape[0] if dests else 0)
+    def read_each(self, chunks: list[Chunk], dests: list[list[tuple[int, torch.Tensor, torch.Tensor]]]) -> None:
+        """As `read_into`, each chunk into its own CPU destinations: pieces (first token in the chunk, k, v
+        [B, H, n, D] views of any strides, such as runs of a device arena's slots) that together hold it.
+        Nothing passes through an intermediate buffer."""
+        pieces, direct = self._sources(chunks, dests[0][0][1].shape[0] if dests else 0)
         for i, k, v in pieces:
-            dests[i][0].copy_(k)
-            dests[i][1].copy_(v)
-        self._decode_direct([(chunks[i], *dests[i]) for i in direct])
+            for a, kd, vd in dests[i]:
+                kd.copy_(k.narrow(2, a, kd.shape[2]))
+                vd.copy_(v.narrow(2, a, vd.shape[2]))
+        self._decode_direct([(chunks[i], dests[i]) for i in direct])
 
     def _sources(self, chunks: list[Chunk], batch: int
                  ) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], list[int]]:
@@ -527,31 +539,41 @@ class TierManager:
             c.disk.bytes_read += self.record_sizes[chunk.key][2]
         return pieces, direct
 
-    def _decode_direct(self, items: list[tuple[Chunk, torch.Tensor, torch.Tensor]]) -> None:
-        """Read the chunks' records in one transaction and decode each straight into its CPU destination k, v
-        [B, H, n, D] (counted as synchronous disk loads, the time as a stall). One thread: a reader thread taking
-        half of a group was measured no faster on 2 cores (the copies are bound by memory bandwidth) and slower
-        for small records."""
+    def _decode_direct(self, items: list[tuple[Chunk, list[tuple[int, torch.Tensor, torch.Tensor]]]]) -> None:
+        """Read the chunks' records in one transaction and decode each straight into its CPU destinations
+        (pieces: first token in the chunk, k, v [B, H, n, D]), counted as synchronous disk loads, the time as a
+        stall. One thread: a reader thread taking half of a group was measured no faster on 2 cores (the copies
+        are bound by memory bandwidth) and slower for small records."""
         if not items:
             return
         t = time.perf_counter()
-        self.disk.warm([chunk.key for chunk, _, _ in items])
+        self.disk.warm([chunk.key for chunk, _ in items])
         with self.disk.viewing() as get:
-            for chunk, k, v in items:
-                self._decode_into(get, chunk, byte_view(k), byte_view(v))
-        for chunk, k, _ in items:
+            for chunk, pieces in items:
+                self._decode_pieces(get, chunk, [(a, byte_view(k), byte_view(v)) for a, k, v in pieces])
+        for chunk, pieces in items:
             if chunk.record_shift:
-                k.copy_(self.to_logical(chunk, k))
+                for _, k, _ in pieces:
+                    k.copy_(self.to_logical(chunk, k))
         self.prefetcher.stats.stall_s += time.perf_counter() - t
         self.counters.disk_loads_sync += len(items)
-        self.counters.disk.bytes_read += sum(self.record_sizes[chunk.key][2] for chunk, _, _ in items)
+        self.counters.disk.bytes_read += sum(self.record_sizes[chunk.key][2] for chunk, _ in items)
 
     def _decode_into(self, get: Callable[[bytes], memoryview | None], chunk: Chunk, k_bytes: np.ndarray,
                      v_bytes: np.ndarray, record: bool = True) -> None:
         """One record, read through a `viewing` transaction's `get`, checked and decoded into k_bytes, v_bytes."""
+        self._decode_pieces(get, chunk, [(0, k_bytes, v_bytes)], record)
+
+    def _decode_pieces(self, get: Callable[[bytes], memoryview | None], chunk: Chunk,
+                       pieces: list[tuple[int, np.ndarray, np.ndarray]], record: bool = True) -> None:
+        """One record, read through a `viewing` transaction's `get`, checked and decoded into pieces (first
+        token in the chunk, k_bytes, v_bytes: uint8 arrays [B, H, n, D * itemsize]) that together hold it."""
         blob = self._present(chunk, get(chunk.key))
-        self.codec.decode_into(blob, self.expected_header(chunk), k_bytes, v_bytes, self._where())
+        k, v = self.codec.decode_view(blob, self.expected_header(chunk), self._where())
         self._check_size(chunk, len(blob), record)
+        for a, kd, vd in pieces:
+            kd[...] = k[:, :, a:a + kd.shape[2]]
+            vd[...] = v[:, :, a:a + vd.shape[2]]
 
     def _host_buffer(self, batch: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [batch, kv_heads, n, head_dim] in host memory (pinned for a CUDA device) that a group bound for
@@ -624,26 +646,12 @@ class TierManager:
             self._register_device(chunk, slots)
 
     def _read_to_slots(self, pool: DevicePool, group: list[Chunk], each: list[torch.Tensor]) -> None:
-        """CPU arena: each chunk read straight into its run of slots (one copy, or one decode, per chunk); the
-        few split across holes read into the host buffer first and are written into their slots from there."""
-        runs = [_as_run(slots) for slots in each]
-        split = [i for i, run in enumerate(runs) if run is None]
-        if split:
-            hk, hv = self._host_buffer(pool.k.shape[0], sum(group[i].length for i in split))
-        dests, at = [], 0
-        for chunk, run in zip(group, runs):
-            if run is not None:
-                dests.append((pool.k[:, :, run], pool.v[:, :, run]))
-            else:
-                dests.append((hk[:, :, at:at + chunk.length], hv[:, :, at:at + chunk.length]))
-                at += chunk.length
+        """CPU arena: each chunk read straight into its slots, run by run (one copy, or one check and copy of
+        its record, per chunk: nothing passes through a buffer), then each slot's position and owner."""
+        dests = [[(a, pool.k[:, :, run], pool.v[:, :, run]) for a, run in _runs_of(slots)] for slots in each]
         self.read_each(group, dests)
-        for chunk, slots, run, (k, v) in zip(group, each, runs, dests):
-            positions = torch.arange(chunk.start, chunk.end)
-            if run is None:
-                pool.write(slots, k, v, positions, chunk.row)
-            else:
-                pool.claim(slots, positions, chunk.row)
+        for chunk, slots in zip(group, each):
+            pool.claim(slots, torch.arange(chunk.start, chunk.end), chunk.row)
 
     def _upload_to_slots(self, pool: DevicePool, group: list[Chunk], slots: torch.Tensor) -> None:
         """GPU arena: the group decoded into the host buffer and copied up once (one copy into a run of fresh
