@@ -215,3 +215,16 @@ def test_allocate_each_gives_each_chunk_a_whole_hole_where_one_fits():
     pool.release(torch.cat([a, b]))
     whole = pool.allocate(20)  # for comparison: one allocation for both takes the lowest holes, split
     assert whole.tolist() == list(range(10, 18)) + list(range(40, 52))
+
+
+def test_allocate_run_takes_one_run_or_nothing():
+    """A group comes up in one run where a hole holds it all or no hole is left (fresh slots), else nothing is
+    taken (then its chunks are placed one by one)."""
+    pool = DevicePool(100, torch.device("cpu"), torch.float32)
+    pool.init_shape(1, 1, 2)
+    assert pool.allocate_run(30).tolist() == list(range(30))  # no holes: fresh slots
+    pool.release(torch.arange(5, 15))  # a hole of 10
+    used = pool.used
+    assert pool.allocate_run(12) is None and pool.used == used  # would land in pieces
+    assert pool.allocate_run(8).tolist() == list(range(5, 13))
+    assert pool.allocate_run(80) is None and pool.used == used + 8  # over the budget

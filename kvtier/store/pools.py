@@ -357,6 +357,13 @@ class DevicePool:
             runs.append(torch.arange(first, first + need, dtype=torch.long))
         return runs[0] if len(runs) == 1 else torch.cat(runs)
 
+    def allocate_run(self, n: int) -> torch.Tensor | None:
+        """`n` slots in one run, where a run of holes holds them or no hole is left (fresh slots above high
+        water); None, with nothing taken, where they would land in pieces or exceed the budget."""
+        if self._hole_len and not any(length >= n for length in self._hole_len.values()):
+            return None
+        return self.allocate(n)
+
     def allocate_each(self, lengths: list[int]) -> list[torch.Tensor] | None:
         """Slots for several chunks at once, a list for each (as `allocate` gives them: the lowest run of holes
         that holds the chunk, else the lowest holes and fresh slots), so that each chunk lands in one run where

@@ -626,24 +626,39 @@ class TierManager:
 
     def _promote_group(self, layer: int, group: list[Chunk]) -> None:
         pool = self.device_pools[layer]
-        each = pool.allocate_each([c.length for c in group])
-        if each is None:  # the caller counted the free room: unreachable, but never write without slots
+        run = pool.allocate_run(sum(c.length for c in group))  # fresh room after a reopen: the whole group
+        each = pool.allocate_each([c.length for c in group]) if run is None else None  # holes: chunk by chunk
+        if run is None and each is None:  # the caller counted the free room: unreachable, but never write without slots
             raise RuntimeError(f"layer {layer}: no device room for the tokens the free room was counted for")
         try:
-            if pool.device.type == "cpu":
+            if run is not None:
+                self._read_to_run(pool, group, run)
+            elif pool.device.type == "cpu":
                 self._read_to_slots(pool, group, each)
             else:
                 self._upload_to_slots(pool, group, torch.cat(each))
         except BaseException:
-            for slots in each:
+            for slots in [run] if run is not None else each:
                 pool.release(slots)  # a damaged record: the group stays where it was, its slots free again
             raise
+        if run is not None:
+            each = list(run.split([c.length for c in group]))
         host, on_host = self.host_pools[layer], self._on_host[layer]
         for chunk, slots in zip(group, each):
             if chunk.tier == Tier.HOST:
                 host.pop(chunk.chunk_id)
                 del on_host[chunk.chunk_id]
             self._register_device(chunk, slots)
+
+    def _read_to_run(self, pool: DevicePool, group: list[Chunk], slots: torch.Tensor) -> None:
+        """The group into one run of slots, its chunks end to end: one read into the arena's view (decoded in
+        place on a CPU; one copy from the host buffer on a GPU), one write of the slots' positions and owners."""
+        n = slots.numel()
+        lengths = torch.tensor([c.length for c in group])
+        owners = torch.repeat_interleave(torch.tensor([c.row for c in group]), lengths, output_size=n)
+        run = _as_run(slots)
+        self.read_into(group, pool.k[:, :, run], pool.v[:, :, run])
+        pool.claim(slots, group_positions(group, pool.device), owners.to(pool.device))
 
     def _read_to_slots(self, pool: DevicePool, group: list[Chunk], each: list[torch.Tensor]) -> None:
         """CPU arena: each chunk read straight into its slots, run by run (one copy, or one check and copy of
@@ -654,20 +669,14 @@ class TierManager:
             pool.claim(slots, torch.arange(chunk.start, chunk.end), chunk.row)
 
     def _upload_to_slots(self, pool: DevicePool, group: list[Chunk], slots: torch.Tensor) -> None:
-        """GPU arena: the group decoded into the host buffer and copied up once (one copy into a run of fresh
-        slots, the usual case, else one indexed write), each slot's position and owner written at once."""
+        """GPU arena, chunks in holes: the group decoded into the host buffer and written into its slots by one
+        indexed write, each slot's position and owner with it."""
         n = slots.numel()
         lengths = torch.tensor([c.length for c in group])
         owners = torch.repeat_interleave(torch.tensor([c.row for c in group]), lengths, output_size=n)
-        positions = group_positions(group)
-        run = _as_run(slots)
-        if run is not None:
-            self.read_into(group, pool.k[:, :, run], pool.v[:, :, run])
-            pool.claim(slots, positions.to(pool.device), owners.to(pool.device))
-        else:
-            k, v = self._host_buffer(pool.k.shape[0], n)
-            self.read_into(group, k, v)
-            pool.write(slots, k, v, positions.to(pool.device), owners.to(pool.device))
+        k, v = self._host_buffer(pool.k.shape[0], n)
+        self.read_into(group, k, v)
+        pool.write(slots, k, v, group_positions(group, pool.device), owners.to(pool.device))
 
     def layer_kv(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored token of a tiered layer in position order: k, v [B, Hkv, length, D] (copies; for
