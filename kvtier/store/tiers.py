@@ -76,6 +76,14 @@ def _run_owners(chunks: list[Chunk], device: torch.device) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _group_owners(chunks: list[Chunk], device: torch.device) -> torch.Tensor:
+    """Each token's chunk row for chunks of any lengths end to end (a group brought up from below), in a few
+    tensor operations whatever the number of chunks."""
+    lengths = torch.tensor([c.length for c in chunks])
+    owners = torch.repeat_interleave(torch.tensor([c.row for c in chunks]), lengths, output_size=int(lengths.sum()))
+    return owners.to(device)
+
+
 def _runs_of(slots: torch.Tensor) -> list[tuple[int, slice]]:
     """CPU slot list -> its runs of consecutive slots: (offset in the list, slice of the arena) for each."""
     run = _as_run(slots)
@@ -628,7 +636,7 @@ class TierManager:
         pool = self.device_pools[layer]
         run = pool.allocate_run(sum(c.length for c in group))  # fresh room after a reopen: the whole group
         each = pool.allocate_each([c.length for c in group]) if run is None else None  # holes: chunk by chunk
-        if run is None and each is None:  # the caller counted the free room: unreachable, but never write without slots
+        if run is None and each is None:  # the caller counted the free room: unreachable; never write without slots
             raise RuntimeError(f"layer {layer}: no device room for the tokens the free room was counted for")
         try:
             if run is not None:
@@ -653,12 +661,9 @@ class TierManager:
     def _read_to_run(self, pool: DevicePool, group: list[Chunk], slots: torch.Tensor) -> None:
         """The group into one run of slots, its chunks end to end: one read into the arena's view (decoded in
         place on a CPU; one copy from the host buffer on a GPU), one write of the slots' positions and owners."""
-        n = slots.numel()
-        lengths = torch.tensor([c.length for c in group])
-        owners = torch.repeat_interleave(torch.tensor([c.row for c in group]), lengths, output_size=n)
         run = _as_run(slots)
         self.read_into(group, pool.k[:, :, run], pool.v[:, :, run])
-        pool.claim(slots, group_positions(group, pool.device), owners.to(pool.device))
+        pool.claim(slots, group_positions(group, pool.device), _group_owners(group, pool.device))
 
     def _read_to_slots(self, pool: DevicePool, group: list[Chunk], each: list[torch.Tensor]) -> None:
         """CPU arena: each chunk read straight into its slots, run by run (one copy, or one check and copy of
@@ -671,12 +676,9 @@ class TierManager:
     def _upload_to_slots(self, pool: DevicePool, group: list[Chunk], slots: torch.Tensor) -> None:
         """GPU arena, chunks in holes: the group decoded into the host buffer and written into its slots by one
         indexed write, each slot's position and owner with it."""
-        n = slots.numel()
-        lengths = torch.tensor([c.length for c in group])
-        owners = torch.repeat_interleave(torch.tensor([c.row for c in group]), lengths, output_size=n)
-        k, v = self._host_buffer(pool.k.shape[0], n)
+        k, v = self._host_buffer(pool.k.shape[0], slots.numel())
         self.read_into(group, k, v)
-        pool.write(slots, k, v, group_positions(group, pool.device), owners.to(pool.device))
+        pool.write(slots, k, v, group_positions(group, pool.device), _group_owners(group, pool.device))
 
     def layer_kv(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored token of a tiered layer in position order: k, v [B, Hkv, length, D] (copies; for
