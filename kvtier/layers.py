@@ -80,7 +80,6 @@ class SlotRuns:
         most = int(count.max()) if count.numel() else 0
         return SlotRuns(count.cumsum(0) - count, count, within.take(at), flat.take(at), length, max(1, most))
 
-
     @staticmethod
     def _of_np(flat: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> "SlotRuns":
         """`of` in numpy, for CPU tables: the same dozen operations on a few thousand entries cost a tenth of
@@ -367,7 +366,7 @@ class TieredLayer:
         if self._slot_table is None or self._slot_table[0] != version:
             offsets = [-1] * len(self.chunks)
             runs, at = [], 0
-            for chunk in sorted(self.tiers.device_chunks(self.index), key=lambda c: c.row):  # not every chunk
+            for chunk in sorted(self.tiers.device_chunks(self.index), key=lambda c: c.row):  # the device's, by row
                 offsets[chunk.row] = at
                 runs.append(chunk.slots)
                 at += chunk.length
