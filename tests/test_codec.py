@@ -278,15 +278,16 @@ def _arena_views(shape, dtype, at=5):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("planes, lossy", [(False, False), (True, False), (False, True)])
-def test_decode_into_a_strided_destination_equals_decode(dtype, planes, lossy):
+@pytest.mark.parametrize("level, planes, lossy", [(None, False, False), (-1, False, False), (-1, True, False),
+                                                  (-1, False, True)])
+def test_decode_into_a_strided_destination_equals_decode(dtype, level, planes, lossy):
     """Straight into a run of arena slots (bytes copied, bfloat16 too), the neighbouring slots untouched."""
-    codec = RecordCodec(-1, planes)
+    codec = RecordCodec(level, planes)
     k, v = _kv((2, 3, 8, 16), dtype, seed=9)
     blob = _encode(codec, k, v, lossy=lossy)
     arena, k_out, v_out = _arena_views(k.shape, dtype)
     before = arena.clone()
-    codec.decode_into(memoryview(blob), _header(k, lossy=lossy), byte_view(k_out), byte_view(v_out))
+    codec.decode_into(memoryview(blob), _header(k, lossy=lossy), [(0, byte_view(k_out), byte_view(v_out))])
     k2, v2 = codec.decode(blob, _header(k, lossy=lossy))
     assert torch.equal(k_out, k2) and torch.equal(v_out, v2)
     if not lossy:
@@ -294,6 +295,20 @@ def test_decode_into_a_strided_destination_equals_decode(dtype, planes, lossy):
     outside = torch.ones_like(arena, dtype=torch.bool)
     outside[:, :, :, 5:13] = False
     assert torch.equal(arena[outside], before[outside])
+
+
+@pytest.mark.parametrize("level", [None, -1])
+def test_decode_into_pieces_puts_each_part_of_the_record_in_its_own_place(level):
+    """A record split across two runs of slots (holes a promotion lands in): each piece gets its tokens."""
+    codec = RecordCodec(level)
+    k, v = _kv((1, 2, 8, 4), torch.float32, seed=3)
+    blob = _encode(codec, k, v)
+    arena = torch.zeros(2, 1, 2, 20, 4)
+    pieces = [(0, arena[0][:, :, 2:5], arena[1][:, :, 2:5]), (3, arena[0][:, :, 12:17], arena[1][:, :, 12:17])]
+    codec.decode_into(blob, _header(k), [(a, byte_view(kp), byte_view(vp)) for a, kp, vp in pieces])
+    assert torch.equal(arena[0][:, :, 2:5], k[:, :, :3]) and torch.equal(arena[0][:, :, 12:17], k[:, :, 3:])
+    assert torch.equal(arena[1][:, :, 2:5], v[:, :, :3]) and torch.equal(arena[1][:, :, 12:17], v[:, :, 3:])
+    assert not arena[:, :, :, 5:12].any() and not arena[:, :, :, :2].any() and not arena[:, :, :, 17:].any()
 
 
 @pytest.mark.parametrize("damage, error, text", [
@@ -308,7 +323,7 @@ def test_decode_into_checks_everything_decode_checks_and_writes_nothing_on_failu
     k, v = _kv((1, 2, 8, 8), torch.float32, seed=2)
     blob, expect = bytearray(_encode(codec, k, v)), _header(k)
     if damage == "payload":
-        blob[-3] ^= 0x5A  # inside the last raw block: only the frame's content checksum sees it
+        blob[-3] ^= 0x5A  # in the payload's checksum: only the payload check sees it
     elif damage == "header":
         blob[30] ^= 0x01
     elif damage == "truncated":
@@ -320,7 +335,7 @@ def test_decode_into_checks_everything_decode_checks_and_writes_nothing_on_failu
     arena, k_out, v_out = _arena_views(k.shape, k.dtype)
     before = arena.clone()
     with pytest.raises(error, match=text):
-        codec.decode_into(memoryview(bytes(blob)), expect, byte_view(k_out), byte_view(v_out))
+        codec.decode_into(memoryview(bytes(blob)), expect, [(0, byte_view(k_out), byte_view(v_out))])
     with pytest.raises(error, match=text):
         codec.decode(bytes(blob), expect)
     assert torch.equal(arena, before)

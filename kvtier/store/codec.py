@@ -285,14 +285,16 @@ class RecordCodec:
         flags, raw, payload = self._checked(blob, expect, name)
         return self._tensors(self._decode(payload, raw, flags, name, np.empty(raw, dtype=np.uint8)), expect, flags)
 
-    def decode_into(self, blob: bytes | memoryview, expect: RecordHeader, k_out: np.ndarray, v_out: np.ndarray,
-                    where: str = "") -> None:
-        """As `decode`, into k_out, v_out: the bytes of [B, H, n, D] destinations, as uint8 arrays
-        [B, H, n, D * itemsize] of any strides (`byte_view` of a run of a device arena's slots, or of a range
-        of a staging buffer). Every check of `decode` runs first; each destination is written once."""
+    def decode_into(self, blob: bytes | memoryview, expect: RecordHeader,
+                    pieces: list[tuple[int, np.ndarray, np.ndarray]], where: str = "") -> None:
+        """As `decode`, into destinations that together hold the record: pieces (first token in the record,
+        k_bytes, v_bytes: the bytes of [B, H, n, D] destinations as uint8 arrays [B, H, n, D * itemsize] of any
+        strides, such as `byte_view`s of runs of a device arena's slots or of a range of a staging buffer).
+        Every check of `decode` runs before anything is written; each destination is written once."""
         k, v = self.decode_view(blob, expect, where)
-        k_out[...] = k
-        v_out[...] = v
+        for a, k_out, v_out in pieces:
+            k_out[...] = k[:, :, a:a + k_out.shape[2]]
+            v_out[...] = v[:, :, a:a + v_out.shape[2]]
 
     def decode_view(self, blob: bytes | memoryview, expect: RecordHeader,
                     where: str = "") -> tuple[np.ndarray, np.ndarray]:

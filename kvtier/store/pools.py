@@ -332,9 +332,7 @@ class DevicePool:
         if self.budget is not None and self.used + n > self.budget:
             return None
         if not any(length >= n for length in self._hole_len.values()):  # grow first: a failure changes nothing
-            fresh = n - sum(self._hole_len.values())
-            if fresh > 0 and self.high_water + fresh > self.capacity:
-                self._grow(self.high_water + fresh)
+            self._grow_for(n)
         if after is not None and self._take_after(after, n):
             return torch.arange(after + 1, after + 1 + n, dtype=torch.long)
         self.used += n
@@ -372,10 +370,14 @@ class DevicePool:
         total = sum(lengths)
         if self.budget is not None and self.used + total > self.budget:
             return None
-        fresh = total - sum(self._hole_len.values())
+        self._grow_for(total)
+        return [self.allocate(n) for n in lengths]
+
+    def _grow_for(self, n: int) -> None:
+        """Grow so that `n` slots fit in the holes and above high water, before any is taken."""
+        fresh = n - sum(self._hole_len.values())
         if fresh > 0 and self.high_water + fresh > self.capacity:
             self._grow(self.high_water + fresh)
-        return [self.allocate(n) for n in lengths]
 
     def allocate_after(self, after: int) -> int | None:
         """One slot, right after slot `after`, if it is free and the budget and capacity hold it: a decode

@@ -259,7 +259,7 @@ class TierManager:
             for chunk in chunks:
                 a, at = at, at + chunk.length
                 try:
-                    self._decode_into(get, chunk, k_bytes[:, :, a:at], v_bytes[:, :, a:at], record=False)
+                    self._decode_pieces(get, chunk, [(0, k_bytes[:, :, a:at], v_bytes[:, :, a:at])], record=False)
                     loaded.append((k[:, :, a:at], v[:, :, a:at]))
                 except Exception as exc:  # noqa: BLE001 - this chunk's read failed; the caller re-raises it
                     loaded.append(exc)
@@ -567,21 +567,13 @@ class TierManager:
         self.counters.disk_loads_sync += len(items)
         self.counters.disk.bytes_read += sum(self.record_sizes[chunk.key][2] for chunk, _ in items)
 
-    def _decode_into(self, get: Callable[[bytes], memoryview | None], chunk: Chunk, k_bytes: np.ndarray,
-                     v_bytes: np.ndarray, record: bool = True) -> None:
-        """One record, read through a `viewing` transaction's `get`, checked and decoded into k_bytes, v_bytes."""
-        self._decode_pieces(get, chunk, [(0, k_bytes, v_bytes)], record)
-
     def _decode_pieces(self, get: Callable[[bytes], memoryview | None], chunk: Chunk,
                        pieces: list[tuple[int, np.ndarray, np.ndarray]], record: bool = True) -> None:
         """One record, read through a `viewing` transaction's `get`, checked and decoded into pieces (first
         token in the chunk, k_bytes, v_bytes: uint8 arrays [B, H, n, D * itemsize]) that together hold it."""
         blob = self._present(chunk, get(chunk.key))
-        k, v = self.codec.decode_view(blob, self.expected_header(chunk), self._where())
+        self.codec.decode_into(blob, self.expected_header(chunk), pieces, self._where())
         self._check_size(chunk, len(blob), record)
-        for a, kd, vd in pieces:
-            kd[...] = k[:, :, a:a + kd.shape[2]]
-            vd[...] = v[:, :, a:a + vd.shape[2]]
 
     def _host_buffer(self, batch: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [batch, kv_heads, n, head_dim] in host memory (pinned for a CUDA device) that a group bound for
