@@ -215,6 +215,7 @@ def test_bench_arguments_are_one_usage_error(tmp_path, capsys):
         (["codec", "--reps", "0"], "argument --reps: 0 must be at least 1"),
         (["codec", "--chunk", "-3"], "argument --chunk: -3 must be at least 1"),
         (["codec", "--levels", "3", "99"], "argument --levels: '99': `zstd_level` must be an integer in [1, 22]"),
+        (["codec", "--levels", "raw", "fast"], "argument --levels: 'fast' is neither a zstd level (an integer) nor raw"),
         (["codec", "--disk-mb", "-1"], "argument --disk-mb: -1 must be 0 or more"),
         (["codec", "--data-dir", str(tmp_path / "none")], "is not a directory"),
         (["codec", "--data-dir", str(tmp_path / "empty")], "holds no .txt files"),

@@ -137,9 +137,12 @@ def zstd_level(text: str) -> int | None:
         return None
     try:
         value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a zstd level (an integer) nor raw") from None
+    try:
         check_zstd_level(value)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r}: {err}" if str(err) else f"{text!r} is not a zstd level") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
     return value
 
 
