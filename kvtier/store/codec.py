@@ -292,9 +292,13 @@ class RecordCodec:
         strides, such as `byte_view`s of runs of a device arena's slots or of a range of a staging buffer).
         Every check of `decode` runs before anything is written; each destination is written once."""
         k, v = self.decode_view(blob, expect, where)
+        if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1].shape == k.shape:  # the usual case: the whole record in one place
+            np.copyto(pieces[0][1], k)
+            np.copyto(pieces[0][2], v)
+            return
         for a, k_out, v_out in pieces:
-            k_out[...] = k[:, :, a:a + k_out.shape[2]]
-            v_out[...] = v[:, :, a:a + v_out.shape[2]]
+            np.copyto(k_out, k[:, :, a:a + k_out.shape[2]])
+            np.copyto(v_out, v[:, :, a:a + v_out.shape[2]])
 
     def decode_view(self, blob: bytes | memoryview, expect: RecordHeader,
                     where: str = "") -> tuple[np.ndarray, np.ndarray]:

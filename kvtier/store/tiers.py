@@ -496,18 +496,21 @@ class TierManager:
             at += chunk.length
         pieces, direct = self._sources(chunks, k_out.shape[0])
         _place([(starts[i], k, v) for i, k, v in pieces], k_out, v_out)
-        self._decode_direct([(chunks[i], [(0, k_out.narrow(2, starts[i], chunks[i].length),
-                                           v_out.narrow(2, starts[i], chunks[i].length))]) for i in direct])
+        if direct:
+            kb, vb = byte_view(k_out), byte_view(v_out)  # sliced per chunk: a numpy slice costs a tenth of a view
+            self._decode_direct([(chunks[i], [(0, kb[:, :, starts[i]:starts[i] + chunks[i].length],
+                                               vb[:, :, starts[i]:starts[i] + chunks[i].length])]) for i in direct])
 
-    def read_each(self, chunks: list[Chunk], dests: list[list[tuple[int, torch.Tensor, torch.Tensor]]]) -> None:
-        """As `read_into`, each chunk into its own CPU destinations: pieces (first token in the chunk, k, v
-        [B, H, n, D] views of any strides, such as runs of a device arena's slots) that together hold it.
-        Nothing passes through an intermediate buffer."""
+    def read_each(self, chunks: list[Chunk], dests: list[list[tuple[int, np.ndarray, np.ndarray]]]) -> None:
+        """As `read_into`, each chunk into its own CPU destinations: pieces (first token in the chunk, k_bytes,
+        v_bytes: `byte_view`s of [B, H, n, D] destinations of any strides, such as runs of a device arena's
+        slots) that together hold it. Nothing passes through an intermediate buffer."""
         pieces, direct = self._sources(chunks, dests[0][0][1].shape[0] if dests else 0)
         for i, k, v in pieces:
+            kb, vb = byte_view(k), byte_view(v)
             for a, kd, vd in dests[i]:
-                kd.copy_(k.narrow(2, a, kd.shape[2]))
-                vd.copy_(v.narrow(2, a, vd.shape[2]))
+                np.copyto(kd, kb[:, :, a:a + kd.shape[2]])
+                np.copyto(vd, vb[:, :, a:a + vd.shape[2]])
         self._decode_direct([(chunks[i], dests[i]) for i in direct])
 
     def _sources(self, chunks: list[Chunk], batch: int
@@ -547,32 +550,36 @@ class TierManager:
             c.disk.bytes_read += self.record_sizes[chunk.key][2]
         return pieces, direct
 
-    def _decode_direct(self, items: list[tuple[Chunk, list[tuple[int, torch.Tensor, torch.Tensor]]]]) -> None:
+    def _decode_direct(self, items: list[tuple[Chunk, list[tuple[int, np.ndarray, np.ndarray]]]]) -> None:
         """Read the chunks' records in one transaction and decode each straight into its CPU destinations
-        (pieces: first token in the chunk, k, v [B, H, n, D]), counted as synchronous disk loads, the time as a
-        stall. One thread: a reader thread taking half of a group was measured no faster on 2 cores (the copies
-        are bound by memory bandwidth) and slower for small records."""
+        (pieces: first token in the chunk, k_bytes, v_bytes: `byte_view`s of [B, H, n, D]), counted as
+        synchronous disk loads, the time as a stall. One thread: a reader thread taking half of a group was
+        measured no faster on 2 cores (the copies are bound by memory bandwidth) and slower for small records."""
         if not items:
             return
         t = time.perf_counter()
         self.disk.warm([chunk.key for chunk, _ in items])
+        where = self._where()
         with self.disk.viewing() as get:
             for chunk, pieces in items:
-                self._decode_pieces(get, chunk, [(a, byte_view(k), byte_view(v)) for a, k, v in pieces])
+                self._decode_pieces(get, chunk, pieces, where=where)
         for chunk, pieces in items:
             if chunk.record_shift:
-                for _, k, _ in pieces:
+                for _, kb, _ in pieces:
+                    k = torch.from_numpy(kb).view(self.dtype)
                     k.copy_(self.to_logical(chunk, k))
         self.prefetcher.stats.stall_s += time.perf_counter() - t
         self.counters.disk_loads_sync += len(items)
         self.counters.disk.bytes_read += sum(self.record_sizes[chunk.key][2] for chunk, _ in items)
 
     def _decode_pieces(self, get: Callable[[bytes], memoryview | None], chunk: Chunk,
-                       pieces: list[tuple[int, np.ndarray, np.ndarray]], record: bool = True) -> None:
+                       pieces: list[tuple[int, np.ndarray, np.ndarray]], record: bool = True,
+                       where: str | None = None) -> None:
         """One record, read through a `viewing` transaction's `get`, checked and decoded into pieces (first
-        token in the chunk, k_bytes, v_bytes: uint8 arrays [B, H, n, D * itemsize]) that together hold it."""
+        token in the chunk, k_bytes, v_bytes: uint8 arrays [B, H, n, D * itemsize]) that together hold it.
+        where: `_where()`, when the caller reads many records."""
         blob = self._present(chunk, get(chunk.key))
-        self.codec.decode_into(blob, self.expected_header(chunk), pieces, self._where())
+        self.codec.decode_into(blob, self.expected_header(chunk), pieces, self._where() if where is None else where)
         self._check_size(chunk, len(blob), record)
 
     def _host_buffer(self, batch: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -660,7 +667,8 @@ class TierManager:
     def _read_to_slots(self, pool: DevicePool, group: list[Chunk], each: list[torch.Tensor]) -> None:
         """CPU arena: each chunk read straight into its slots, run by run (one copy, or one check and copy of
         its record, per chunk: nothing passes through a buffer), then each slot's position and owner."""
-        dests = [[(a, pool.k[:, :, run], pool.v[:, :, run]) for a, run in _runs_of(slots)] for slots in each]
+        kb, vb = byte_view(pool.k), byte_view(pool.v)
+        dests = [[(a, kb[:, :, run], vb[:, :, run]) for a, run in _runs_of(slots)] for slots in each]
         self.read_each(group, dests)
         for chunk, slots in zip(group, each):
             pool.claim(slots, torch.arange(chunk.start, chunk.end), chunk.row)
