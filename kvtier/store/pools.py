@@ -36,6 +36,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from ..errors import CacheMemoryError
@@ -419,17 +420,17 @@ class DevicePool:
         if run is not None:
             self._set_pos(run, -1)
             self._add_holes(run.start, run.stop - run.start)
-        else:
-            with storage_mode():
-                self.slot_pos[slots] = -1
-            idx = sorted(slots.tolist())
-            first = prev = idx[0]
-            for s in idx[1:]:
-                if s != prev + 1:
-                    self._add_holes(first, prev + 1 - first)
-                    first = s
-                prev = s
-            self._add_holes(first, prev + 1 - first)
+        else:  # a chunk in pieces: its runs found in numpy (a Python loop over the slots cost ~20 us a chunk)
+            idx = np.sort(slots.reshape(-1).cpu().numpy())
+            if self._pos_np is not None:
+                self._pos_np[idx] = -1
+            else:
+                with storage_mode():
+                    self.slot_pos[slots] = -1
+            cuts = np.flatnonzero(idx[1:] != idx[:-1] + 1) + 1
+            starts, ends = idx[np.r_[0, cuts]].tolist(), (idx[np.r_[cuts - 1, idx.size - 1]] + 1).tolist()
+            for first, end in zip(starts, ends):
+                self._add_holes(first, end - first)
         self.used -= slots.numel()
         # Pull the high-water mark down past trailing holes so attention spans fewer slots.
         if self._hole_starts:

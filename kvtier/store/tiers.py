@@ -86,11 +86,11 @@ def _group_owners(chunks: list[Chunk], device: torch.device) -> torch.Tensor:
 
 def _runs_of(slots: torch.Tensor) -> list[tuple[int, slice]]:
     """CPU slot list -> its runs of consecutive slots: (offset in the list, slice of the arena) for each."""
-    run = _as_run(slots)
-    if run is not None:
-        return [(0, run)]
-    arr = slots.numpy()
-    bounds = [0, *(np.flatnonzero(np.diff(arr) != 1) + 1).tolist(), arr.size]
+    arr = slots.numpy()  # one pass: where consecutive slots break
+    cuts = (np.flatnonzero(arr[1:] != arr[:-1] + 1) + 1).tolist()
+    if not cuts:
+        return [(0, slice(int(arr[0]), int(arr[0]) + arr.size))] if arr.size else []
+    bounds = [0, *cuts, arr.size]
     return [(a, slice(int(arr[a]), int(arr[a]) + b - a)) for a, b in zip(bounds, bounds[1:])]
 
 
