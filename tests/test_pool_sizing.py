@@ -209,3 +209,20 @@ def test_without_populate_the_committed_slots_are_touched_by_writing_zeros(monke
     pool.write(slots, torch.ones(1, 2, 50, 4), torch.ones(1, 2, 50, 4), torch.arange(50))
     pool.allocate(pool.capacity - 50 + 1)  # grows in place through the fallback
     assert pool.k[:, :, :50].eq(1).all() and not pool.k[:, :, 50:].any()
+
+
+def test_slots_released_in_pieces_and_out_of_order_become_merged_holes():
+    pool = DevicePool(None, torch.device("cpu"), torch.float32)
+    pool.init_shape(1, 1, 4)
+    slots = pool.allocate(20)
+    pool.write(slots, torch.ones(1, 1, 20, 4), torch.ones(1, 1, 20, 4), torch.arange(100, 120))
+    pool.release(torch.tensor([9, 3, 4, 11, 2, 10]))  # two runs given out of order: 2-4 and 9-11
+    assert pool._hole_starts == [2, 9] and pool._hole_len == {2: 3, 9: 3} and pool.used == 14
+    freed = [2, 3, 4, 9, 10, 11]
+    assert pool.slot_pos[freed].eq(-1).all()
+    assert pool.slot_pos[[0, 1, 5, 8, 12, 19]].tolist() == [100, 101, 105, 108, 112, 119]
+    pool.release(torch.tensor([8, 5, 7, 6]))  # fills 5-8: one hole 2-11
+    assert pool._hole_starts == [2] and pool._hole_len == {2: 10}
+    pool.release(torch.tensor([19, 17, 18]))  # trailing: the high water comes down to 17
+    assert pool.high_water == 17 and pool._hole_starts == [2]
+    assert pool.allocate(10).tolist() == list(range(2, 12))  # the merged hole, in one run
