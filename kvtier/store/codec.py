@@ -292,7 +292,7 @@ class RecordCodec:
         strides, such as `byte_view`s of runs of a device arena's slots or of a range of a staging buffer).
         Every check of `decode` runs before anything is written; each destination is written once."""
         k, v = self.decode_view(blob, expect, where)
-        if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1].shape == k.shape:  # the usual case: the whole record in one place
+        if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1].shape == k.shape:  # the whole record, one place
             np.copyto(pieces[0][1], k)
             np.copyto(pieces[0][2], v)
             return
