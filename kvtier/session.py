@@ -24,7 +24,6 @@ from .errors import (
     IncompleteSessionError,
     StoreCorruptError,
     StoreError,
-    StoreFullError,
     StoreMismatchError,
     StoreMissingRecordError,
     brief,
@@ -357,13 +356,10 @@ def load(cache: "KVTierCache", manifest: mf.Manifest) -> None:
     cache.restore_tokens(manifest.token_ids(), length)
     keys = {key for key, _ in manifest.record_keys()}
     cache._saved_keys = keys
-    # Records no saved session refers to are leftovers of an interrupted continuation: drop them, if the disk has
-    # room for the deletion (a store left so by a full disk still opens). Kept, they are harmless: no manifest names
-    # them, so none is read (a new chunk that takes one's key writes over it), and a later open drops the rest.
-    try:
-        tiers.drop_records([k for k in tiers.disk.keys() if k not in keys])
-    except StoreFullError:
-        pass
+    # Records no saved session refers to are leftovers of an interrupted continuation, or of deletions a full store
+    # refused: drop them, where the disk has room for the deletion (`drop_records` leaves them otherwise, so a store
+    # left so by a full disk still opens; kept, they are harmless: no manifest names them, so none is read).
+    tiers.drop_records([k for k in tiers.disk.keys() if k not in keys])
 
 
 def _run_chunk(cache: "KVTierCache", layer_idx: int, run: mf.Run, manifest: mf.Manifest) -> Chunk:

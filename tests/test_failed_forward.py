@@ -13,6 +13,7 @@ from kvtier import KVTierCache, StoreFullError
 from kvtier.errors import IncompleteSessionError
 from kvtier.layers import TieredLayer
 from kvtier.segmented import prefill
+from kvtier.store.disk import DiskStore
 
 CHUNKING = dict(chunk_size=16, sink_tokens=4, recent_window=16)
 SEGMENT = 64
@@ -46,7 +47,8 @@ def test_a_full_store_mid_prefill_leaves_the_completed_segments(tmp_path):
     """The disk limit is hit inside a segment: the segments before it stay, whole, and can be saved."""
     model = build_model("llama")
     doc = _doc(1500)
-    # zstd records: the sizes below leave the store room for the crop's deletes (LMDB needs free pages to delete)
+    # zstd records: the sizes below leave the store room for the crop's deletes (LMDB needs free pages to delete;
+    # a store too full for that keeps the records, and then the save below would find no room either)
     cache = KVTierCache.for_model(model, store_path=tmp_path / "s", max_store_bytes=1 << 20, device_budget=40,
                                   host_budget=32, zstd_level=-1, **CHUNKING)
     with pytest.raises(StoreFullError):
@@ -71,6 +73,46 @@ def test_a_full_store_mid_prefill_leaves_the_completed_segments(tmp_path):
     cache.close()
     reopened = KVTierCache.open(tmp_path / "s", twin(model))
     assert reopened.get_seq_length() == kept and torch.equal(reopened.token_ids, doc[:, :kept])
+    reopened.close()
+    reference.close()
+
+
+def test_a_store_too_full_to_delete_still_crops_and_saves(tmp_path, monkeypatch):
+    """LMDB writes the pages a deletion changes to free pages first, so a full store can refuse even a delete.
+    The records a crop or a save drops are then left behind, unreferenced: the crop still cuts every layer, the
+    save still commits and syncs, and the next open drops the leftovers."""
+    model = build_model("llama")
+    doc = _doc(528)
+    cache = KVTierCache.for_model(model, store_path=tmp_path / "s", device_budget=40, host_budget=32, **CHUNKING)
+    prefill(model, cache, doc[:, :400], segment_tokens=SEGMENT, progress=False)
+    cache.save()  # records the next save, which names fewer, drops
+    _step(model, cache, doc[:, 400:])  # records written since, which the crop frees
+    refusals = []
+
+    def full(self, keys):
+        refusals.append(list(keys))
+        raise StoreFullError("the store is full")
+
+    monkeypatch.setattr(DiskStore, "remove_many", full)
+    cache.crop(200)
+    assert [layer.logical_length for layer in cache.layers] == [200] * len(cache.layers)
+    assert torch.equal(cache.token_ids, doc[:, :200]) and not cache.interrupted
+    cache.save()
+    assert len(refusals) >= 2 and cache.stats().records_left == sum(map(len, refusals))  # crop's, then save's
+    ref_model = twin(model)
+    reference = KVTierCache.for_model(ref_model, **CHUNKING)
+    prefill(ref_model, reference, doc[:, :200], segment_tokens=SEGMENT, progress=False)
+    probe = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(_step(model, cache, probe), _step(ref_model, reference, probe))
+    cache.close()
+
+    monkeypatch.undo()
+    again = twin(model)
+    reopened = KVTierCache.open(tmp_path / "s", again)
+    assert set(reopened.tiers.disk.keys()) == reopened._saved_keys  # the open dropped what the full store left
+    assert reopened.get_seq_length() == 200 and torch.equal(reopened.token_ids, doc[:, :200])
+    reference.crop(200)
+    torch.testing.assert_close(_step(again, reopened, probe), _step(ref_model, reference, probe))
     reopened.close()
     reference.close()
 

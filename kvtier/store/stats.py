@@ -49,6 +49,7 @@ class CacheStats:
     lookahead_guesses: int = 0  # next-layer guesses made (one per tiered layer and decode step)
     lookahead_selected: int = 0  # chunks selected by layers that had a guess
     lookahead_named: int = 0  # of those, chunks the guess had named (and started fetching)
+    records_left: int = 0  # unreferenced records a full store refused to delete (harmless; the next open drops them)
 
     @property
     def prefetch_hit_rate(self) -> float | None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import KVTierConfig
-from ..errors import StoreCorruptError, StoreMissingRecordError
+from ..errors import StoreCorruptError, StoreFullError, StoreMissingRecordError
 from .backend import RecordStore
 from .chunk import MAX_CHUNK_ID, TABLE_NAMES, Chunk, Tier, chunk_key, group_positions, token_groups
 from .codec import FLAG_INT8, SESSION_ID_BYTES, RecordCodec, RecordHeader, byte_view
@@ -863,10 +863,19 @@ class TierManager:
         self.drop_records(doomed)
 
     def drop_records(self, keys: list[bytes]) -> None:
-        if keys:
+        """Delete records nothing refers to any more (freed chunks, what a previous save named and the new one
+        does not). A full store can refuse even a deletion (LMDB writes the pages it changes to free pages
+        first): the records then stay, harmless, as no manifest names them and chunk ids are never reused (a
+        record written under one's key replaces it), and the next `open` drops them. Raising would leave the
+        caller's change half made: a crop with some layers cut, a save committed but not synced."""
+        if not keys:
+            return
+        for key in keys:
+            self.record_sizes.pop(key, None)
+        try:
             self.disk.remove_many(keys)
-            for key in keys:
-                self.record_sizes.pop(key, None)
+        except StoreFullError:
+            self.counters.records_left += len(keys)
 
     def select_rows(self, layer: int, chunks: Iterable[Chunk], index: torch.Tensor) -> None:
         """Apply a batch reorder to one layer: device data moves, host/disk copies get a row map."""
