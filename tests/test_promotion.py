@@ -19,7 +19,7 @@ from kvtier.config import KVTierConfig
 from kvtier.store.chunk import Chunk, Tier
 from kvtier.store.disk import DiskStore
 from kvtier.store.pools import _as_run
-from kvtier.store.tiers import TierManager
+from kvtier.store.tiers import TierManager, _runs_of
 
 B, H, D = 2, 2, 4
 LENGTHS = [3, 5, 4, 6, 2, 5, 4, 3, 6, 5]
@@ -298,3 +298,15 @@ def test_a_damaged_record_in_a_reopened_session_is_named(session, tmp_path):
             m(input_ids=question, **{cache_kw(m): cache})
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("slots, runs", [
+    ([], []),
+    ([7], [(0, slice(7, 8))]),
+    ([3, 4, 5, 6], [(0, slice(3, 7))]),
+    ([3, 4, 9, 10, 11, 2], [(0, slice(3, 5)), (2, slice(9, 12)), (5, slice(2, 3))]),
+    ([5, 4, 3], [(0, slice(5, 6)), (1, slice(4, 5)), (2, slice(3, 4))]),  # descending: no run of two
+])
+def test_a_slot_list_splits_into_its_runs_in_list_order(slots, runs):
+    assert _runs_of(torch.tensor(slots, dtype=torch.long)) == runs
+    assert (_as_run(torch.tensor(slots, dtype=torch.long)) is not None) == (len(runs) == 1)
