@@ -741,8 +741,8 @@ class RemoteSessionStore(RecordStore):
 
     def remove_many(self, keys: Iterable[bytes]) -> None:
         keys = list(keys)
-        self.local.remove_many(keys)
-        self._removed.update(keys)
+        self._removed.update(keys)  # first: gone from this session's view even where the local cache is too full
+        self.local.remove_many(keys)  # to delete them (a refused delete leaves them there, unreferenced)
 
     def keys(self) -> Iterator[bytes]:
         seen = set()
