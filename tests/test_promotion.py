@@ -9,6 +9,7 @@ import shutil
 import tempfile
 
 import lmdb
+import numpy as np
 import pytest
 import torch
 from conftest import build_model, twin
@@ -18,8 +19,8 @@ from kvtier import KVTierCache, StoreCorruptError, StoreMismatchError, StoreMiss
 from kvtier.config import KVTierConfig
 from kvtier.store.chunk import Chunk, Tier
 from kvtier.store.disk import DiskStore
-from kvtier.store.pools import _as_run
-from kvtier.store.tiers import TierManager, _runs_of
+from kvtier.store.pools import _as_run, _runs_of
+from kvtier.store.tiers import TierManager
 
 B, H, D = 2, 2, 4
 LENGTHS = [3, 5, 4, 6, 2, 5, 4, 3, 6, 5]
@@ -308,5 +309,5 @@ def test_a_damaged_record_in_a_reopened_session_is_named(session, tmp_path):
     ([5, 4, 3], [(0, slice(5, 6)), (1, slice(4, 5)), (2, slice(3, 4))]),  # descending: no run of two
 ])
 def test_a_slot_list_splits_into_its_runs_in_list_order(slots, runs):
-    assert _runs_of(torch.tensor(slots, dtype=torch.long)) == runs
+    assert _runs_of(np.array(slots, dtype=np.int64)) == runs
     assert (_as_run(torch.tensor(slots, dtype=torch.long)) is not None) == (len(runs) == 1)

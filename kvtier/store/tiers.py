@@ -26,7 +26,7 @@ from .backend import RecordStore
 from .chunk import MAX_CHUNK_ID, TABLE_NAMES, Chunk, Tier, chunk_key, group_positions, token_groups
 from .codec import FLAG_INT8, SESSION_ID_BYTES, RecordCodec, RecordHeader, byte_view
 from .eviction import LRUEviction
-from .pools import DevicePool, HostPool, _as_run, storage_mode
+from .pools import DevicePool, HostPool, _as_run, _runs_of, storage_mode
 from .prefetch import Prefetcher
 from .stats import CacheStats
 
@@ -82,16 +82,6 @@ def _group_owners(chunks: list[Chunk], device: torch.device) -> torch.Tensor:
     lengths = torch.tensor([c.length for c in chunks])
     owners = torch.repeat_interleave(torch.tensor([c.row for c in chunks]), lengths, output_size=int(lengths.sum()))
     return owners.to(device)
-
-
-def _runs_of(slots: torch.Tensor) -> list[tuple[int, slice]]:
-    """CPU slot list -> its runs of consecutive slots: (offset in the list, slice of the arena) for each."""
-    arr = slots.numpy()  # one pass: where consecutive slots break
-    cuts = (np.flatnonzero(arr[1:] != arr[:-1] + 1) + 1).tolist()
-    if not cuts:
-        return [(0, slice(int(arr[0]), int(arr[0]) + arr.size))] if arr.size else []
-    bounds = [0, *cuts, arr.size]
-    return [(a, slice(int(arr[a]), int(arr[a]) + b - a)) for a, b in zip(bounds, bounds[1:])]
 
 
 def _positions(chunk: Chunk, device: torch.device) -> torch.Tensor:
@@ -669,7 +659,7 @@ class TierManager:
         its record, per chunk: nothing passes through a buffer), then the group's slot positions and owners in
         one indexed write (a write per chunk cost ~20 us each)."""
         kb, vb = byte_view(pool.k), byte_view(pool.v)
-        dests = [[(a, kb[:, :, run], vb[:, :, run]) for a, run in _runs_of(slots)] for slots in each]
+        dests = [[(a, kb[:, :, run], vb[:, :, run]) for a, run in _runs_of(slots.numpy())] for slots in each]
         self.read_each(group, dests)
         pool.claim(torch.cat(each), group_positions(group, pool.device), _group_owners(group, pool.device))
 
