@@ -6,7 +6,10 @@ None of that can be caught in Python. So before LMDB opens a store, kvtier walks
 bounds checks on every read: both meta pages, every B-tree page of the free-page database, the main
 database and the named databases in it, and the header of every overflow page. It checks that every
 page LMDB could reach lies inside the file, that no page is reachable twice, that no reachable page is
-listed as free (a write would reuse it), and that the counts in each database record match the tree.
+listed as free (a write would reuse it), that each free list descends and no page is free twice (LMDB
+would hand it out twice and abort), that keys ascend in every page and lie in the range the parent page
+gives them (LMDB's binary search would miss a key that is there), and that the counts in each database
+record match the tree.
 
 The layout follows LMDB 0.9 (`mdb.c`; data format version 1) on a 64-bit little-endian machine::
 
@@ -56,6 +59,9 @@ MAX_PAGE_SIZE = 32768
 P_BRANCH, P_LEAF, P_OVERFLOW, P_META = 0x01, 0x02, 0x04, 0x08
 F_BIGDATA, F_SUBDATA, F_DUPDATA = 0x01, 0x02, 0x04
 FREE_DB_FLAGS = 0x08  # MDB_INTEGERKEY: what LMDB stores in the free db record
+
+
+_Key = bytes | int
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +159,9 @@ class _Walker:
         counts = {"branch": 0, "leaf": 0, "overflow": 0, "entries": 0}
         named: list[tuple[bytes, _Db]] = []
         leaf_depths: set[int] = set()
-        stack = [(db.root, 1)]
+        stack: list[tuple[int, int, _Key | None, _Key | None]] = [(db.root, 1, None, None)]
         while stack:
-            pgno, depth = stack.pop()
+            pgno, depth, low, high = stack.pop()  # the keys below this page lie in [low, high)
             if depth > MAX_DEPTH:
                 raise self.fail(f"the {what} database is deeper than {MAX_DEPTH} pages (a page loop?)")
             kind, lower, upper, offset = self.page(pgno, f"the {what} database")
@@ -167,6 +173,8 @@ class _Walker:
             n = (lower - PAGE_HEADER) // 2
             if n < (2 if kind == P_BRANCH and not free_db else 1):
                 raise self.fail(f"page {pgno} of the {what} database holds {n} keys")
+            keys: list[_Key | None] = []
+            children: list[int] = []
             for i in range(n):
                 (ptr,) = self.read(offset + PAGE_HEADER + 2 * i, _U16)
                 if ptr < upper or ptr % 2 or ptr + NODE_HEADER > self.psize:
@@ -175,8 +183,11 @@ class _Walker:
                 key_at = offset + ptr + NODE_HEADER
                 if ptr + NODE_HEADER + ksize > self.psize:
                     raise self.fail(f"page {pgno} node {i} has a {ksize}-byte key past the page end")
+                # a branch page's first key is never compared: its child holds everything below the second
+                keys.append(None if kind == P_BRANCH and i == 0 else
+                            self.key(bytes(self.buf[key_at:key_at + ksize]), free_db, pgno, i))
                 if kind == P_BRANCH:
-                    stack.append((lo | hi << 16 | nflags << 32, depth + 1))
+                    children.append(lo | hi << 16 | nflags << 32)
                     continue
                 leaf_depths.add(depth)
                 counts["entries"] += 1
@@ -190,6 +201,10 @@ class _Walker:
                         raise self.fail(f"named database {bytes(self.buf[key_at:key_at + ksize])!r} has flags "
                                         f"{sub.flags:#x}")
                     named.append((bytes(self.buf[key_at:key_at + ksize]), sub))
+            self.check_order(keys, low, high, pgno, what)
+            if kind == P_BRANCH:
+                bounds = [low, *keys[1:], high]
+                stack += [(child, depth + 1, bounds[j], bounds[j + 1]) for j, child in enumerate(children)]
             counts["branch" if kind == P_BRANCH else "leaf"] += 1
         if len(leaf_depths) != 1 or leaf_depths.pop() != db.depth:
             raise self.fail(f"the {what} database's leaves are not all at its recorded depth {db.depth}")
@@ -200,6 +215,26 @@ class _Walker:
                 raise self.fail(f"the {what} database records {recorded[name]} {name} "
                                 f"{'' if name == 'entries' else 'pages '}but holds {value}")
         return named
+
+    def key(self, raw: bytes, free_db: bool, pgno: int, i: int) -> _Key:
+        """A key as LMDB orders it: the free-page database's as integers (transaction ids), others as bytes
+        (memcmp, a shorter key before a longer one it begins)."""
+        if not free_db:
+            return raw
+        if len(raw) != 8:
+            raise self.fail(f"page {pgno} node {i} of the free-page database has a {len(raw)}-byte key")
+        return int.from_bytes(raw, "little")
+
+    def check_order(self, keys: list[_Key | None], low: _Key | None, high: _Key | None, pgno: int,
+                    what: str) -> None:
+        """A page's keys ascend strictly and lie inside the range its parent gives it: LMDB finds keys by binary
+        search, so a key out of order is one that reads say is absent, or a write puts in a wrong place."""
+        known = [k for k in keys if k is not None]
+        for a, b in zip(known, known[1:]):
+            if not a < b:
+                raise self.fail(f"page {pgno} of the {what} database holds its keys out of order")
+        if known and ((low is not None and known[0] < low) or (high is not None and not known[-1] < high)):
+            raise self.fail(f"page {pgno} of the {what} database holds keys outside its parent's range")
 
     def leaf_value(self, pgno: int, i: int, nflags: int, size: int, value_at: int, end_in_page: int,
                    counts: dict[str, int]) -> int:
@@ -215,12 +250,15 @@ class _Walker:
         if end_in_page + 8 > self.psize:
             raise self.fail(f"page {pgno} node {i} has no room for its overflow page number")
         (first,) = self.read(value_at, _U64)
-        pages = (PAGE_HEADER - 1 + size) // self.psize + 1
-        if first < NUM_METAS or first + pages > self.limit:
-            raise self.fail(f"page {pgno} node {i}: a {size}-byte value on pages {first}..{first + pages - 1} "
+        needed = (PAGE_HEADER - 1 + size) // self.psize + 1
+        if first < NUM_METAS or first + needed > self.limit:
+            raise self.fail(f"page {pgno} node {i}: a {size}-byte value on pages {first}..{first + needed - 1} "
                             f"does not fit the file ({self.limit} pages hold data)")
         stored, _, flags, lower, upper = self.read(first * self.psize, _PAGE)
-        if stored != first or flags != P_OVERFLOW or lower | upper << 16 != pages:
+        # A value overwritten by a smaller one in the transaction that wrote it keeps its pages (LMDB rewrites
+        # it in place), so a run may hold more pages than its value needs, never fewer.
+        pages = lower | upper << 16
+        if stored != first or flags != P_OVERFLOW or pages < needed or first + pages > self.limit:
             raise self.fail(f"overflow page {first} (page {pgno} node {i}) has a damaged header")
         self.ranges.append((first, first + pages))
         counts["overflow"] += pages
@@ -235,10 +273,18 @@ class _Walker:
         pages = struct.unpack_from(f"<{count}Q", self.buf, at + 8)
         if any(p < NUM_METAS or p >= self.next_pgno for p in pages):
             raise self.fail(f"free list at page {pgno} node {i} names a page outside the file")
+        # LMDB keeps each list in descending order and merges lists assuming it; a page listed twice is handed
+        # out twice, which trips its assertions (abort) or gives two values one page
+        if any(a <= b for a, b in zip(pages, pages[1:])):
+            raise self.fail(f"free list at page {pgno} node {i} is not in descending order")
         self.free.extend(pages)
 
     # ----------------------------------------------------------------------------------- overlaps
     def check_overlaps(self) -> None:
+        free = sorted(self.free)
+        for a, b in zip(free, free[1:]):
+            if a == b:
+                raise self.fail(f"page {a} is listed as free twice")
         ranges = sorted(self.ranges)
         for (a0, a1), (b0, _) in zip(ranges, ranges[1:]):
             if b0 < a1:
