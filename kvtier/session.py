@@ -156,10 +156,12 @@ def read_session(disk: RecordStore, spec: ModelSpec | None) -> tuple[dict, mf.Ma
     manifest = mf.parse(session, where=f"kvtier store {disk.where}: session manifest", header=header, shape=shape,
                         records=disk.record_count(), data_bytes=disk.data_bytes(), check_options=check_options)
     names = dict(manifest.record_keys())
-    missing = disk.missing(names)
+    sizes = dict(zip(names, disk.record_sizes(names)))
+    missing = [key for key, size in sizes.items() if size is None]
     if missing:
         raise StoreMissingRecordError(f"{names[missing[0]]}: record missing from store {disk.where}"
                                       + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
+    manifest.check_record_sizes(sizes, shape, f"kvtier store {disk.where}: session manifest")
     return header, manifest
 
 

@@ -100,6 +100,42 @@ def test_a_window_longer_than_a_record_can_hold_is_refused_by_name(store):
     _refused(lambda: _answer(model, a), "layers[0].tail[2] (length) is 1099511627562, outside [1, 4294967295]")
 
 
+def test_a_chunk_claiming_a_record_larger_than_the_one_stored_is_refused_at_open(store):
+    """stored_bytes bounds how many tokens a chunk may claim (64x its record): a manifest that raised both made the
+    first read size its staging buffer from them (gigabytes) before the record showed otherwise."""
+    model, a = store
+
+    def edit(m):
+        for layer in m["layers"]:
+            last = layer["chunks"][-1]
+            last[8] = 1 << 28  # stored_bytes: as much as the data file's size allows
+            last[2] += 4_000_000  # length, within 64x of that
+            layer["tail"][1] += 4_000_000  # the window after it moves right
+        m.update(length=m["length"] + 4_000_000, tokens=None)
+
+    _edit_manifest(a, edit)
+    env = lmdb.open(str(a), max_dbs=4, map_size=1 << 31)  # the data file grows past 1 GiB: the size bound holds
+    with env.begin(write=True, db=env.open_db(b"pad")) as txn:
+        txn.put(b"pad", b"\0" * (1 << 30))
+    env.close()
+    _refused(lambda: _answer(model, a), "layers[0].chunks[")
+
+
+def test_a_window_longer_than_its_record_holds_is_refused_at_open(store):
+    """Within the 32-bit bound, a window of 50M tokens would have the arena reserved for it before its record was
+    read: its record's size says first that it cannot hold them."""
+    model, a = store
+    _edit_manifest(a, _windows_of(50_000_000))
+    _refused(lambda: _answer(model, a), "layers[0].tail declares 49999786 tokens, its ")
+
+
+def test_a_chunk_whose_record_size_differs_from_its_manifest_is_refused(store):
+    model, a = store
+    _edit_manifest(a, lambda m: m["layers"][1]["chunks"][2].__setitem__(8, m["layers"][1]["chunks"][2][8] + 1))
+    err = _refused(lambda: _answer(model, a), "layers[1].chunks[2] says ")
+    assert ": record holds " in str(err)
+
+
 def test_a_decode_granularity_above_chunk_size_is_refused(store):
     """Decoding seals the window every decode_chunk tokens, never more than chunk_size: a larger one would grow the
     window past the device budget and fail mid-decode."""

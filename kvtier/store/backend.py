@@ -77,6 +77,12 @@ class RecordStore(ABC):
     def record_count(self) -> int:
         return sum(1 for _ in self.keys())
 
+    def record_sizes(self, keys: Iterable[bytes]) -> list[int | None]:
+        """Each record's size in bytes (None where absent), in the order asked, without reading the records: a
+        reopen checks every record's size against the manifest before anything is sized from the manifest."""
+        with self.viewing() as get:
+            return [None if (value := get(key)) is None else len(value) for key in keys]
+
     def missing(self, keys: Iterable[bytes]) -> list[bytes]:
         """The keys among `keys` that the store does not hold, in order: from the keys alone, since a reopen
         asks about every record and reading them (as the lmdb binding's `get` does, touching every page of a

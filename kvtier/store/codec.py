@@ -57,6 +57,12 @@ RAW_CHECK_BYTES = 8
 # is damaged or hostile, and is refused before zstd allocates for it.
 MAX_COMPRESSION_RATIO = 64
 
+
+def max_raw_bytes(payload_bytes: int) -> int:
+    """The most decoded bytes a payload of this size may claim (MAX_COMPRESSION_RATIO, and a page of slack
+    for records too small to compress)."""
+    return MAX_COMPRESSION_RATIO * payload_bytes + 4096
+
 # zstd levels a store may use: 1-22, and the fast negative levels (zstd's --fast=N is level -N), which search
 # less and store incompressible blocks raw, so they decode close to memcpy speed. 0 (zstd's "default") is
 # refused: say 3 instead. The level only matters when writing: every level writes the same frame format.
@@ -353,7 +359,7 @@ class RecordCodec:
             if len(payload) != h.payload_nbytes:
                 raise StoreCorruptError(f"{name}: payload truncated ({len(payload)} of {h.payload_nbytes} bytes)")
             flags, raw = h.flags, h.raw_nbytes
-        if raw > MAX_COMPRESSION_RATIO * len(payload) + 4096:
+        if raw > max_raw_bytes(len(payload)):
             raise StoreCorruptError(
                 f"{name}: record declares {raw} bytes from a {len(payload)}-byte payload, more than "
                 f"{MAX_COMPRESSION_RATIO}x: refused before decompressing"

@@ -36,9 +36,9 @@ from .codec import (
     CODE_DTYPES,
     HEADER_BYTES,
     LAYOUT_VERSION,
-    MAX_COMPRESSION_RATIO,
     RecordHeader,
     dtype_name,
+    max_raw_bytes,
 )
 
 # Names of a saved session's two metadata entries in any store: the store header and the session manifest.
@@ -171,6 +171,26 @@ class Manifest:
             ids += [ABSTRACT_ID, PAGES_ID] if e.chunks else []
             out += [(chunk_key(i, c), chunk_name(i, c)) for c in ids]
         return out
+
+    def check_record_sizes(self, sizes: dict[bytes, int], shape: Shape, where: str) -> None:
+        """Every record is as large as the manifest says, measured in the store: a chunk's size is the one it
+        was saved with, and a window or buffer holds its tokens within the compression bound. The manifest is
+        sealed, not authenticated, so a forged one may claim anything; this bounds what is allocated from its
+        lengths (staging buffers, the arena) by bytes the store really holds, before any record is read."""
+        for i, entry in enumerate(self.layers):
+            for j, c in enumerate(entry.chunks):
+                held = sizes[chunk_key(i, c.chunk_id)]
+                if held != c.stored_bytes:
+                    raise StoreCorruptError(f"{where}: {chunk_name(i, c.chunk_id)}: record holds {held} bytes, "
+                                            f"layers[{i}].chunks[{j}] says {c.stored_bytes} (truncated, extended "
+                                            "or replaced)")
+            for kind, run in (("tail", entry.tail), ("buffer", entry.buffer)):
+                if run is None:
+                    continue
+                held = sizes[chunk_key(i, run.chunk_id)]
+                if shape.kv_bytes(self.batch, run.length) > max_raw_bytes(held - HEADER_BYTES):
+                    raise StoreCorruptError(f"{where}: layers[{i}].{kind} declares {run.length} tokens, its "
+                                            f"{held}-byte record cannot hold them (truncated or replaced)")
 
     def token_ids(self) -> torch.Tensor | None:
         if self.tokens is None:
@@ -363,7 +383,7 @@ def _chunk(f: _Fields, value: Any, path: str, sessions: list[bytes], batch: int,
                    f.number(importance, f"{path}.importance"), f.int(record_start, f"{path}.record_start"))
     raw = RecordHeader(0, 0, 0, row.length, record_batch, shape.kv_heads, shape.head_dim, shape.dtype, b"",
                        flags=4 if row.lossy else 0).raw_size()
-    if raw > MAX_COMPRESSION_RATIO * (row.stored_bytes - HEADER_BYTES) + 4096:
+    if raw > max_raw_bytes(row.stored_bytes - HEADER_BYTES):
         raise f.fail(path, f"declares {row.length} tokens ({raw} bytes) in a {row.stored_bytes}-byte record")
     return row
 

@@ -317,6 +317,29 @@ class RedisServer:
             i = j
         return out
 
+    def lengths(self, keys: list[str], what: str) -> list[int]:
+        """Each value's length in bytes (0 where absent), 1000 keys a round trip, nothing of the values read."""
+        out: list[int] = []
+        for i in range(0, len(keys), 1000):
+            part = keys[i:i + 1000]
+            with self.errors(f"check {what}s"):
+                pipe = self.client.pipeline(transaction=False)
+                for key in part:
+                    pipe.strlen(key)
+                replies = pipe.execute(raise_on_error=False)
+                wrong = next((r for r in replies if isinstance(r, Exception)), None)
+                if wrong is not None and "WRONGTYPE" not in str(wrong):
+                    raise wrong  # a refusal (NOPERM, ...): _ServerErrors words it
+            for key, length in zip(part, replies):
+                if isinstance(length, Exception):
+                    raise StoreCorruptError(f"{self.url.shown}: {what} {_short(key)} is not a string value (written "
+                                            "there by something other than kvtier)")
+                if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+                    raise StoreCorruptError(f"{self.url.shown}: {what} {_short(key)}: the server answered "
+                                            f"{type(length).__name__} for its length (is it a Redis or Valkey server?)")
+                out.append(length)
+        return out
+
     def get_sealed(self, key: str, limit: int, what: str) -> Any | None:
         raw = self.get_bounded([key], [limit], what)[0]
         return None if raw is None else unseal(raw, f"{self.url.shown}: {what}")
@@ -751,24 +774,27 @@ class RemoteSessionStore(RecordStore):
                 seen.add(key)
                 yield key
 
-    def missing(self, keys: Iterable[bytes]) -> list[bytes]:
-        """Keys not held locally nor listed by the session's index. A listed record the server no longer holds
-        (evicted, or the session unpublished) raises StoreMissingRecordError saying so, before it is needed."""
+    def record_sizes(self, keys: Iterable[bytes]) -> list[int | None]:
+        """Sizes of the records held locally, and of the rest as the server holds them (one STRLEN each, nothing
+        read), None for keys neither holds. A listed record the server no longer holds (evicted, or the session
+        unpublished) raises StoreMissingRecordError saying so, and one whose size is not the index's
+        StoreCorruptError, before either is needed: the index bounds every later read of the record."""
         keys = list(keys)
-        absent = self.local.missing(keys)
-        ask = [k for k in absent if k in self._index and k not in self._removed]
-        gone = set(absent) - set(ask)
+        out = self.local.record_sizes(keys)
+        ask = [i for i, (k, size) in enumerate(zip(keys, out))
+               if size is None and k in self._index and k not in self._removed]
         name, ns = self.url.name, self.pointer["ns"]
-        evicted: list[bytes] = []
-        for i in range(0, len(ask), 1000):
-            with self.server.errors("check the session's records"):
-                pipe = self.server.client.pipeline(transaction=False)
-                for k in ask[i:i + 1000]:
-                    pipe.exists(self.server.record_key(name, ns, k))
-                evicted += [k for k, n in zip(ask[i:i + 1000], pipe.execute()) if not n]
+        lengths = self.server.lengths([self.server.record_key(name, ns, keys[i]) for i in ask],
+                                      f"session {name!r} record")
+        evicted = [keys[i] for i, n in zip(ask, lengths) if not n]
         if evicted:  # the index lists them: the server lost them (a store without them says less)
             raise self._gone(evicted)
-        return [k for k in keys if k in gone]
+        for i, n in zip(ask, lengths):
+            if n != self._index[keys[i]]:
+                raise StoreCorruptError(f"{self.url.shown}: session {name!r}: {key_name(keys[i])} holds {n} bytes, "
+                                        f"the session's index says {self._index[keys[i]]}")
+            out[i] = n
+        return out
 
     def _gone(self, keys: list[bytes]) -> StoreMissingRecordError:
         more = f" ({len(keys) - 1} more)" if len(keys) > 1 else ""
