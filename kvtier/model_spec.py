@@ -29,6 +29,31 @@ _REFUSED_FEATURES = (
 )
 
 
+# What a store's signature covers. 2: the settings that shape the forward pass (below), and weights sampled
+# across every tensor (`weight_fingerprint`); 1 (no `signature_version` in a store header): the first 64 values
+# of every parameter alone.
+SIGNATURE_VERSION = 2
+
+# Config settings that change the keys and values a model computes from the same weights: RoPE (keys are stored
+# rotated), norms, activations, attention scaling (a layer's output feeds the next layer's K and V). Only these
+# named ones, where a config has them: the whole config would change with every transformers release that adds a
+# field, and refuse a store the new version computes exactly as the old one did.
+_FORWARD_SETTINGS = (
+    "rope_theta", "rope_local_base_freq", "partial_rotary_factor", "rotary_dim", "rotary_pct", "rotary_emb_base",
+    "max_position_embeddings", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "hidden_act",
+    "hidden_activation", "activation_function", "query_pre_attn_scalar", "attn_logit_softcapping",
+    "attention_multiplier", "embedding_multiplier", "residual_multiplier", "scale_embedding", "use_qk_norm",
+    "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "normalize_embedding",
+)
+# The RoPE parameters transformers reads (rope_parameters, or rope_scaling before it), per layer type where a
+# model has several (Gemma3: full and sliding).
+_ROPE_KEYS = (
+    "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
+    "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "short_factor",
+    "long_factor", "partial_rotary_factor", "truncate",
+)
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     kind: str  # FULL (tiered) or SLIDING (device-resident, window-bounded)
@@ -75,6 +100,8 @@ class ModelSpec:
             "hidden_size": hidden,
             "vocab_size": getattr(text, "vocab_size", None),
             "layers": [[layer.kind, layer.window] for layer in layers],
+            "signature_version": SIGNATURE_VERSION,
+            "forward": forward_settings(text),
         }
         digest = hashlib.sha256(json.dumps(structure, sort_keys=True).encode())
         digest.update(weight_fingerprint(model))
@@ -125,14 +152,53 @@ def _layer_specs(config) -> list[LayerSpec]:
     return specs
 
 
-def weight_fingerprint(model: torch.nn.Module, values_per_tensor: int = 64) -> bytes:
-    """Hash the first few values of every parameter: cheap, and different for any two trained models."""
+def forward_settings(config) -> dict:
+    """The settings of `_FORWARD_SETTINGS` and the RoPE parameters a config has, as JSON values. Wherever a
+    transformers version keeps a RoPE parameter (on the config, or in `rope_parameters`/`rope_scaling`), it gets
+    one name; per layer type where a model has several."""
+    out = {name: _json_value(getattr(config, name)) for name in _FORWARD_SETTINGS
+           if getattr(config, name, None) is not None}
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if isinstance(rope, dict):
+        per_type = rope if rope and all(isinstance(v, dict) for v in rope.values()) else {"": rope}
+        for kind, params in sorted(per_type.items()):
+            for key in _ROPE_KEYS:
+                if params.get(key) is not None:
+                    name = "rope_type" if key == "type" else key
+                    out[f"{kind}.{name}" if kind else name] = _json_value(params[key])
+    # the context length changes the computation only for RoPE types that scale with it
+    if {v for k, v in out.items() if k.endswith("rope_type")} <= {"default", "linear", "llama3"}:
+        out.pop("max_position_embeddings", None)
+    return out
+
+
+def _json_value(value):
+    """Numbers as floats (a config may say 10000 or 10000.0 for one setting), lists element by element."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    return str(value)
+
+
+def weight_fingerprint(model: torch.nn.Module, values: int = 256) -> bytes:
+    """Hash of every parameter's name, shape, dtype and values sampled across it: `values` spread evenly over
+    the whole tensor, the first row, and the first value of every row (a fine-tune that trains some rows, such
+    as new tokens' embeddings, or some input features, changes a sampled value). Exact bytes, so the same
+    weights on any device give the same hash; reading a few values per row keeps it cheap for a 13B model."""
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.device.type == "meta" or p.numel() == 0:
                 continue
-            head = p.detach().reshape(-1)[:values_per_tensor].to("cpu", torch.float32)
-            h.update(name.encode())
-            h.update(head.numpy().tobytes())
+            flat = p.detach().reshape(-1)
+            rows = p.detach().reshape(p.shape[0], -1) if p.dim() > 1 else flat[None]
+            step = max(1, flat.numel() // values)
+            parts = [flat[::step][:values], rows[0], rows[:, 0]]
+            h.update(f"{name} {tuple(p.shape)} {p.dtype}".encode())
+            for part in parts:
+                part = part.to("cpu").clone(memory_format=torch.contiguous_format)  # [1] views keep odd strides
+                h.update(part.view(torch.uint8).numpy().tobytes())
     return h.digest()

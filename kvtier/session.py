@@ -29,7 +29,7 @@ from .errors import (
     brief,
 )
 from .layers import TieredLayer
-from .model_spec import FULL, ModelSpec
+from .model_spec import FULL, SIGNATURE_VERSION, ModelSpec
 from .sparse.profile import LayerSkew
 from .store import manifest as mf
 from .store.backend import RecordStore
@@ -100,11 +100,27 @@ def check_header(header: dict, spec: ModelSpec, path: Path | str) -> None:
         )
     theirs = header.get("structure", {})
     if header.get("signature") != spec.signature:
-        detail = ", ".join(f"{k}: store {theirs.get(k)!r} vs model {v!r}" for k, v in spec.structure.items()
-                           if theirs.get(k) != v) or "same architecture, different weights"
-        raise StoreMismatchError(f"kvtier store {path} was written by another model ({detail})")
+        if not isinstance(theirs, dict) or theirs.get("signature_version") != SIGNATURE_VERSION:
+            raise StoreMismatchError(
+                f"kvtier store {path} was written by a kvtier whose model signature covers other things (version "
+                f"{theirs.get('signature_version', 1) if isinstance(theirs, dict) else '?'}, this kvtier's is "
+                f"{SIGNATURE_VERSION}); prefill the document again")
+        raise StoreMismatchError(f"kvtier store {path} was written by another model ({_differences(theirs, spec)})")
     if theirs != spec.structure:
         raise StoreCorruptError(f"kvtier store {path}: header structure does not match its own model signature")
+
+
+def _differences(theirs: dict, spec: ModelSpec) -> str:
+    """What differs between a store's model and this one, setting by setting."""
+    out = []
+    for key, ours in spec.structure.items():
+        stored = theirs.get(key)
+        if isinstance(ours, dict) and isinstance(stored, dict):
+            out += [f"{key}.{k}: store {stored.get(k)!r} vs model {ours.get(k)!r}"
+                    for k in sorted({*ours, *stored}) if stored.get(k) != ours.get(k)]
+        elif stored != ours:
+            out.append(f"{key}: store {stored!r} vs model {ours!r}")
+    return ", ".join(out) or "same architecture and settings, different weights"
 
 
 def spec_shape(spec: ModelSpec) -> mf.Shape:

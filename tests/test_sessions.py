@@ -3,8 +3,10 @@ on another model, dtype, layout version, an interrupted prefill, a second opener
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
+import re
 import struct
 import subprocess
 import sys
@@ -121,6 +123,62 @@ def test_other_model_is_refused(saved):
         KVTierCache.open(store, build_model("llama", seed=1))
     with pytest.raises(StoreMismatchError, match="model_type"):
         KVTierCache.open(store, build_model("qwen3"))
+
+
+def _same_weights(model, **changes):
+    """The model's weights under a config with `changes`: another forward pass from the same tensors."""
+    config = copy.deepcopy(model.config)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    other = type(model)(config).eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+@pytest.mark.parametrize("changes, says", [
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "forward.rope_theta: store 10000.0 vs "
+                                                                        "model 1000000.0"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
+     "forward.factor: store None vs model 4.0"),
+    (dict(rms_norm_eps=0.1), "forward.rms_norm_eps"),
+    (dict(hidden_act="gelu"), "forward.hidden_act"),
+])
+def test_the_same_weights_under_other_settings_are_refused(saved, changes, says):
+    """Keys are stored rotated and every layer's K and V depend on the norms and activations before it: the
+    same weights under another RoPE or eps compute other KV (a session opened so gave other tokens)."""
+    model, _, store, _ = saved
+    with pytest.raises(StoreMismatchError, match=re.escape(says)):
+        KVTierCache.open(store, _same_weights(model, **changes))
+
+
+def test_weights_changed_past_the_first_values_are_refused(saved):
+    """Rows of one projection changed, its first row (the first 64 values) left alone: a fine-tune of some rows
+    (new tokens' embeddings, say) is another model."""
+    model, _, store, _ = saved
+    other = twin(model)
+    with torch.no_grad():
+        weight = other.model.layers[1].self_attn.v_proj.weight
+        weight[5:9] += 0.25
+    with pytest.raises(StoreMismatchError, match="same architecture and settings, different weights"):
+        KVTierCache.open(store, other)
+    with torch.no_grad():  # one input feature (a column) changed in every row
+        other = twin(model)
+        other.model.layers[0].mlp.down_proj.weight[:, 7] *= 1.5
+    with pytest.raises(StoreMismatchError, match="different weights"):
+        KVTierCache.open(store, other)
+
+
+def test_a_store_signed_by_an_older_signature_says_so(saved, tmp_path):
+    model, _, store, _ = saved
+    shutil.copytree(store, tmp_path / "s")
+    disk = DiskStore(tmp_path / "s", create=False)
+    header = disk.get_meta("store")
+    header["signature"] = "0" * 64
+    del header["structure"]["signature_version"]
+    disk.put_meta("store", header)
+    disk.close()
+    with pytest.raises(StoreMismatchError, match="model signature covers other things .version 1, this kvtier's is "):
+        KVTierCache.open(tmp_path / "s", twin(model))
 
 
 def test_other_dtype_is_refused(saved):
