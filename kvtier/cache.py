@@ -679,6 +679,9 @@ class KVTierCache(Cache):
         if not self._persistent and url is None:
             raise StoreError("this cache has a temporary store; build it with store_path=... to save a session, or "
                              "publish it with save(remote=...)")
+        if self.get_seq_length() == 0:  # never fed, reset or cropped to nothing: a save would replace the session
+            raise CacheInputError("this cache holds no tokens, so there is no session to save (saving it would "
+                                  "replace the one the store holds); feed it a prompt first")
         path = session.save(self, info)
         if url is not None:
             publish(self.tiers.disk, self._saved_keys, url)

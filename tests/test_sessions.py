@@ -19,6 +19,7 @@ from conftest import build_model, twin
 from helpers import cache_kw
 
 from kvtier import (
+    CacheInputError,
     IncompleteSessionError,
     KVTierCache,
     StoreCorruptError,
@@ -247,6 +248,26 @@ def test_interrupted_forward_cannot_be_saved(tmp_path):
     cache.close()
     with pytest.raises(IncompleteSessionError):
         KVTierCache.open(tmp_path / "s", model)
+
+
+@pytest.mark.parametrize("how", ["never fed", "reset", "cropped to nothing"])
+def test_a_cache_holding_no_tokens_cannot_replace_the_saved_session(saved, tmp_path, how):
+    """A reopened session reset (or cropped to nothing) and saved wrote a manifest of batch -1: the session was lost
+    and the store read as damaged."""
+    model, _, store, _ = saved
+    shutil.copytree(store, tmp_path / "s")
+    m = twin(model)
+    if how == "never fed":
+        cache = KVTierCache.for_model(m, store_path=tmp_path / "fresh", **CHUNKING)
+    else:
+        cache = KVTierCache.open(tmp_path / "s", m)
+        cache.reset() if how == "reset" else cache.crop(-cache.get_seq_length())
+    with pytest.raises(CacheInputError, match="holds no tokens"):
+        cache.save()
+    cache.close()
+    if how != "never fed":
+        with KVTierCache.open(tmp_path / "s", twin(model)) as again:
+            assert again.get_seq_length() > 0
 
 
 def _damage(store: Path, mutate) -> str:
