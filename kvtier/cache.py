@@ -132,6 +132,7 @@ class KVTierCache(Cache):
         # The model's RoPE per layer (`_watch`; or why it has none that can move), for remove_span.
         self._ropes: tuple[Rope, ...] | UnsupportedModelError | None = None
         self._vocab: int | None = None  # the model's vocabulary size (`_watch`): input ids are checked against it
+        self._models: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # models whose signature matched
         self._closed = False
 
     # ------------------------------------------------------------------------------ construction
@@ -222,6 +223,7 @@ class KVTierCache(Cache):
         """Keep `model`'s RoPE (for `remove_span`) and let sparse decoding guess each next layer's query from
         its own weights (config.lookahead)."""
         self._vocab = vocab_size(model)
+        self._models.add(model)
         try:
             self._ropes = Rope.for_layers(model)
         except UnsupportedModelError as err:  # said when a span is removed, the only use
@@ -239,12 +241,18 @@ class KVTierCache(Cache):
             self.tiers.lookahead.layer_starts(layer_idx, hidden, position_embeddings)
 
     # ------------------------------------------------------------------------------ forward passes
-    def forward_starts(self, input_ids: torch.Tensor | None) -> None:
-        """Called (by the hook `enable` installs) as a model forward pass through this cache starts: claims
-        the pass for the owner thread and records its input ids (None: embeddings, the ids become unknown)."""
+    def forward_starts(self, input_ids: torch.Tensor | None, *, model: torch.nn.Module | None = None,
+                       position_ids: Any = None, attention_mask: Any = None) -> None:
+        """Called (by the hook `enable` installs) as a model forward pass through this cache starts: checks the
+        model and the pass's positions, claims the pass for the owner thread and records its input ids (None:
+        embeddings, the ids become unknown)."""
         if threading.get_ident() == self._owner:
             self._before_forward = None  # a pass refused below is no pass: `forward_ends` must undo nothing
         self._check_open()
+        self._check_thread("a forward pass")  # checked again below, under the lock; first, so it is what is said
+        if model is not None:
+            self._check_model(model)
+        self._check_positions(position_ids, attention_mask)
         if input_ids is not None:
             self._check_ids(input_ids)
         with self._owner_lock:
@@ -255,6 +263,50 @@ class KVTierCache(Cache):
         self._before_forward = None if resumed else (self._tokens.checkpoint(),
                                                      [layer.checkpoint() for layer in self.layers])
         self._tokens.record(input_ids, self.get_seq_length())
+
+    def _check_model(self, model: torch.nn.Module) -> None:
+        """A cache holds the KV of the model it was made for: another model of the same KV shape (other weights,
+        other sliding windows or RoPE) would attend over it with no error and wrong results. Each model object
+        is checked once, by its signature."""
+        if model in self._models:
+            return
+        try:
+            theirs = ModelSpec.from_model(model)
+        except UnsupportedModelError:
+            theirs = None
+        if theirs is None or theirs.signature != self.spec.signature:
+            kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+            raise CacheInputError(f"this cache was made for another model ({self.spec.model_type}, signature "
+                                  f"{self.spec.signature[:12]}), not this {kind} (signature "
+                                  f"{'?' if theirs is None else theirs.signature[:12]}); make a cache for each model "
+                                  "with KVTierCache.for_model(model)")
+        self._models.add(model)
+
+    def _check_positions(self, position_ids: Any, attention_mask: Any) -> None:
+        """The pass's first new token must sit right after the tokens the cache holds. `generate` given a prompt
+        the cache already holds whole feeds it again from position 0 (the cache would then hold it twice, the
+        copy at positions its keys were not rotated for): refused, saying to pass at least one new token. Passes
+        of one token (decode steps) are not checked: the check reads device values, which would cost a decode
+        step a synchronisation."""
+        length = self.get_seq_length()
+        if length == 0 or not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 \
+                or position_ids.shape[-1] < 2:
+            return
+        first = position_ids[:, 0].long()
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 \
+                and attention_mask.shape[-1] == length + position_ids.shape[-1]:
+            real = attention_mask[:, length].bool()  # rows whose first new token is padding are not checked
+            expect = attention_mask[:, :length].long().sum(-1).to(first.device)
+            wrong = real.to(first.device) & (first != expect)
+        else:
+            expect = torch.full_like(first, length)
+            wrong = first != expect
+        if bool(wrong.any()):
+            row = int(wrong.nonzero()[0, 0])
+            raise CacheInputError(
+                f"this pass starts at position {int(first[row])} (row {row}), but the cache holds {int(expect[row])} "
+                "tokens there: it feeds tokens the cache already holds. Pass only the new tokens, or to generate "
+                "from a cached prompt, the prompt plus at least one new token (the question)")
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         """Input ids the model can embed, refused before the pass starts: the model would fail inside its

@@ -19,7 +19,8 @@ def _forward_starts(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     cache = _cache_of(kwargs)
     if cache is not None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cache.forward_starts(ids if isinstance(ids, torch.Tensor) else None)
+        cache.forward_starts(ids if isinstance(ids, torch.Tensor) else None, model=module,
+                             position_ids=kwargs.get("position_ids"), attention_mask=kwargs.get("attention_mask"))
 
 
 def _forward_ends(module: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:

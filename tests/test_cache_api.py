@@ -187,3 +187,45 @@ def test_set_mode_switches_attention_and_keeps_the_chunks():
     with pytest.raises(ValueError, match="`mode` must be one of"):
         cache.set_mode("fast")
     cache.close()
+
+
+@pytest.mark.parametrize("other", ["mistral", "gemma3"])
+def test_a_cache_made_for_another_model_is_refused(other):
+    """The same KV shape, other windows and weights: a llama fed a mistral or gemma3 cache attended with that
+    model's sliding windows, with no error. The same weights in another object are the same model."""
+    import kvtier
+
+    llama = build_model("llama")
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    cache = KVTierCache.for_model(build_model(other), **CHUNKING)
+    kvtier.enable(llama)
+    with pytest.raises(CacheInputError, match="made for another model"), torch.no_grad():
+        llama(input_ids=ids, **{cache_kw(llama): cache})
+    assert cache.get_seq_length() == 0
+    cache.close()
+    cache = KVTierCache.for_model(llama, **CHUNKING)
+    same = twin(llama)
+    kvtier.enable(same)
+    with torch.no_grad():
+        got = same(input_ids=ids, **{cache_kw(same): cache}).logits
+    torch.testing.assert_close(got, llama(input_ids=ids).logits, rtol=0, atol=1e-5)
+    cache.close()
+
+
+def test_generate_given_only_the_cached_prompt_is_refused():
+    """transformers feeds a prompt the cache holds whole again from position 0: the cache would hold it twice.
+    Refused before anything is written; the prompt and a new token generate as a fresh run does."""
+    from kvtier import prefill
+
+    ref = build_model("llama")
+    model = twin(ref)
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    cache = KVTierCache.for_model(model, **CHUNKING)
+    prefill(model, cache, ids, progress=False)
+    with pytest.raises(CacheInputError, match="feeds tokens the cache already holds"):
+        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, **{cache_kw(model): cache})
+    assert cache.get_seq_length() == 40
+    asked = torch.cat([ids, torch.tensor([[7]])], 1)
+    out = model.generate(input_ids=asked, max_new_tokens=5, do_sample=False, **{cache_kw(model): cache})
+    assert torch.equal(out, ref.generate(input_ids=asked, max_new_tokens=5, do_sample=False))
+    cache.close()

@@ -72,7 +72,8 @@ def test_save_from_another_thread_during_decoding_is_refused_and_the_store_stays
         results.append(_in_thread(cache.save))
 
     hook = model.model.layers[2].register_forward_pre_hook(save_midway, with_kwargs=True)
-    model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, **{cache_kw(model): cache})
+    asked = torch.cat([ids, torch.tensor([[5]])], 1)  # the cached prompt and a new token
+    model.generate(input_ids=asked, max_new_tokens=3, do_sample=False, **{cache_kw(model): cache})
     hook.remove()
     assert results and all(isinstance(r.get("error"), CacheThreadError) for r in results)
     cache.close()

@@ -273,7 +273,7 @@ class HogwildCache(Cache):
                                   "hold different tokens; call reset() and start again")
 
     # ------------------------------------------------------------------------- forward-pass hooks
-    def forward_starts(self, input_ids: torch.Tensor | None) -> None:
+    def forward_starts(self, input_ids: torch.Tensor | None, **_: Any) -> None:
         """Called (by the hook kvtier.enable installs) as a forward pass through this cache starts."""
         self._fed = input_ids
 
