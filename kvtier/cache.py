@@ -570,6 +570,10 @@ class KVTierCache(Cache):
                                   "(0 <= start <= end <= length)")
         if self._in_forward:
             raise CacheInputError("remove_span() during or after an interrupted forward pass; call reset() first")
+        held = [self.get_seq_length(i) for i in range(len(self.layers))]
+        if len(set(held)) > 1:  # update() called for some layers only: the span would land elsewhere in each
+            raise CacheInputError(f"remove_span(): the layers hold different numbers of tokens ({min(held)} to "
+                                  f"{max(held)}, after update() on some layers only); crop() them to one length first")
         if start == end:
             return
         layer_ropes = self._layer_ropes(ropes)

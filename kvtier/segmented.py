@@ -56,6 +56,9 @@ def prefill(
                              f"{past + total}] padding mask, got {_described(attention_mask)}")
         if attention_mask.shape[-1] != past + total:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {past + total}")
+        # positions count the mask's ones: any other value (2, 0.5, NaN) would give positions no forward pass uses
+        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold 1 for tokens and 0 for padding only")
     kw = {cache_argument(model): cache, "use_cache": True}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kw["logits_to_keep"] = 1  # a segment's full logits would dwarf its KV

@@ -74,6 +74,11 @@ def test_prefill_checks_its_arguments():
         prefill(model, cache, torch.zeros(1, 5, dtype=torch.long), segment_tokens=0)
     with pytest.raises(ValueError, match="attention_mask covers 3 positions, expected 5"):
         prefill(model, cache, torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 3))
+    # positions count the mask's ones: a 2 or a NaN gave positions no forward pass would use (other logits)
+    for bad in (torch.full((1, 5), 2), torch.full((1, 5), 0.5), torch.full((1, 5), float("nan"))):
+        with pytest.raises(ValueError, match="1 for tokens and 0 for padding only"):
+            prefill(model, cache, torch.zeros(1, 5, dtype=torch.long), attention_mask=bad)
+    assert cache.get_seq_length() == 0
 
 
 def test_a_one_token_last_segment_is_still_exact_in_sparse_mode():

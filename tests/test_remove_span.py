@@ -209,6 +209,22 @@ def test_bad_spans_are_refused_with_one_line(start, end):
     cache.close()
 
 
+def test_layers_of_different_lengths_are_refused():
+    """update() on layer 0 alone (the per-layer contract) left it 2 tokens longer: a removal checked against
+    layer 0 drove the others to negative lengths and the next pass failed inside attention."""
+    model = build_model("llama")
+    cache = _prefilled(model, _ids(64))
+    kv = torch.zeros(1, model.config.num_key_value_heads, 2, model.config.head_dim)
+    cache.update(kv, kv, 0)
+    with pytest.raises(CacheInputError, match="different numbers of tokens .64 to 66"):
+        cache.remove_span(0, 66)
+    assert [cache.get_seq_length(i) for i in range(len(cache.layers))] == [66] + [64] * (len(cache.layers) - 1)
+    cache.crop(64)
+    cache.remove_span(0, 10)
+    assert {cache.get_seq_length(i) for i in range(len(cache.layers))} == {54}
+    cache.close()
+
+
 def test_rope_that_changes_with_length_and_models_without_rope_are_refused():
     tf_config = build_model("llama").config
     tf_config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
