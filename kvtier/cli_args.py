@@ -62,6 +62,19 @@ def check_text(flag: str, text: str | None, what: str) -> None:
         raise UsageError(f"{flag} is empty: pass {what}")
 
 
+def check_utf8(what: str, text: str | None) -> None:
+    """Refuse text that holds bytes which are not UTF-8 (Python keeps them as lone surrogates, from a Latin-1
+    terminal or a pasted binary): the tokenizer would fail on them with a traceback."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise UsageError(f"{what} is not UTF-8 text ({byte} at character {err.start}): pass it in UTF-8") from None
+
+
 def check_sampling(args: argparse.Namespace) -> None:
     """--temperature, --top-p, --top-k (sampling options, refused when greedy), --seed."""
     from .sampling import check_sampling as check_seed

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from .cache import KVTierCache, cache_argument
 from .cli import error_line
-from .cli_args import Interrupted, UsageError, budget_tokens, check_device, check_text, run_command
+from .cli_args import (Interrupted, UsageError, budget_tokens, check_device, check_text, check_utf8,
+                       run_command)
 from .chat import apply_chat_template, has_chat_template
 from .config import KVTierConfig
 from .errors import (
@@ -156,6 +157,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise QAError(f"--segment-tokens {args.segment_tokens}: a prefill segment needs at least 1 token")
     if args.question is not None and not args.question.strip():
         raise QAError("--question is empty: ask something, or leave --question out to type questions one per line")
+    check_utf8("--question", args.question)
     if args.mode != "sparse":  # a sparse option in exact mode would be silently ignored
         for flag, given in (("--sparse-budget", args.sparse_budget is not None),
                             ("--shared-selection", args.shared_selection)):
@@ -522,6 +524,11 @@ class Session:
         streamer = _TimedStreamer(tok, quiet=self.args.quiet or self.args.json)
         t0 = time.perf_counter()
         try:
+            if q_ids.shape[1] > self.args.segment_tokens:  # a long question goes in in segments, as the document
+                # did: memory bounded by a segment, and Ctrl-C or SIGTERM heard between them. generate then feeds
+                # its last token.
+                prefill(model, cache, ids[:, cache.get_seq_length():-1], segment_tokens=self.args.segment_tokens,
+                        progress=False)
             out = model.generate(input_ids=ids, max_new_tokens=self.args.max_new_tokens, do_sample=False,
                                  streamer=streamer, pad_token_id=tok.pad_token_id or tok.eos_token_id,
                                  **{cache_argument(model): cache})
@@ -705,6 +712,7 @@ def run(args: argparse.Namespace) -> int:
             line = sys.stdin.readline()
             if not line or not line.strip():
                 return 0
+            check_utf8("the question read from stdin", line)
             answer(line.strip())
     finally:
         session.close()

@@ -112,6 +112,18 @@ def test_qa_prefills_once_then_reopens(tiny, tmp_path):
     assert first.stdout.strip() == second.stdout.strip()
 
 
+def test_a_question_longer_than_a_segment_goes_in_in_segments_with_the_same_answer(tiny, tmp_path):
+    """A question is prefilled in --segment-tokens pieces, as the document is (bounded memory, Ctrl-C heard
+    between them): the answer equals the one a single pass gives."""
+    question = " ".join(["What does the document say about the pass key and the garden?"] * 12)
+    args = ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--store", str(tmp_path / "s"),
+            "--max-new-tokens", "5", "--json", "--question", question]
+    pieces = json.loads(kvtier(*args, "--segment-tokens", "32").stdout)
+    whole = json.loads(kvtier(*args, "--segment-tokens", "4096").stdout)
+    assert pieces["context_tokens"] == whole["context_tokens"] and pieces["context_tokens"] > 3000
+    assert pieces["answer"] == whole["answer"]
+
+
 def test_qa_json_reports_prefill_reopen_and_time_to_first_token(tiny, tmp_path):
     args = ["qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--store", str(tmp_path / "s"),
             "--max-new-tokens", "4", "--json"]

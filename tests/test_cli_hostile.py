@@ -188,6 +188,20 @@ def test_generation_commands_refuse_before_loading(command, tmp_path, capsys):
     assert not (tmp_path / "nope").exists()
 
 
+def test_text_that_is_not_utf8_is_one_line(tiny, tmp_path, capsys):
+    """Bytes that are not UTF-8 in an argument (a Latin-1 terminal) reach Python as lone surrogates, on which the
+    tokenizer failed with a traceback."""
+    latin1 = b"\xe9t\xe9?".decode("utf-8", "surrogateescape")
+    model = str(tiny / "model")
+    _one_error(capsys, ["qa", "--model", model, "--doc", str(tiny / "doc.txt"), "--store", str(tmp_path / "s"),
+                        "--question", latin1], "--question is not UTF-8 text (byte 0xe9 at character 0)")
+    _one_error(capsys, ["hogwild", "--model", model, "--problem", latin1], "--problem is not UTF-8 text")
+    _one_error(capsys, ["hogwild", "--model", model, "--problem", "p", "--names", f"{latin1},B"],
+               "--names is not UTF-8 text")
+    _one_error(capsys, ["tim", "--model", model, "--prompt", latin1], "--prompt is not UTF-8 text")
+    assert not (tmp_path / "s").exists()
+
+
 def test_hogwild_refuses_more_workers_than_tokens(tmp_path, capsys):
     _one_error(capsys, ["hogwild", "--model", str(tmp_path / "nope"), "--problem", "p", "--workers", "9",
                         "--max-new-tokens", "8"], "--workers 9: more workers than --max-new-tokens 8")

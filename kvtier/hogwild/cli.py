@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import UsageError, budget_tokens, check_outputs_and_memory, check_sampling, run_command
+from ..cli_args import (UsageError, budget_tokens, check_outputs_and_memory, check_sampling, check_utf8,
+                        run_command)
 from ..errors import printable
 from .layout import MAX_WORKERS
 from .prompts import CollaborationTemplate
@@ -72,6 +73,8 @@ def check_arguments(args: argparse.Namespace) -> CollaborationTemplate:
         raise HogwildCLIError(f"--check-in-every {args.check_in_every}: must be 0 (never) or above")
     if not args.problem.strip():
         raise HogwildCLIError("--problem is empty: pass the text of the problem to solve")
+    check_utf8("--problem", args.problem)
+    check_utf8("--names", args.names)
     names = None
     if args.names is not None:
         names = [n.strip() for n in args.names.split(",")]

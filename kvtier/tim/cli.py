@@ -19,7 +19,8 @@ from typing import Any, TextIO
 
 import torch
 
-from ..cli_args import UsageError, budget_tokens, check_outputs_and_memory, check_sampling, run_command
+from ..cli_args import (UsageError, budget_tokens, check_outputs_and_memory, check_sampling, check_utf8,
+                        run_command)
 from ..errors import printable
 from .runtime import Pruned, TimResult, ToolCall, generate
 from .schema import MAX_DEPTH, MAX_STRING_LENGTH
@@ -91,6 +92,7 @@ def check_arguments(args: argparse.Namespace) -> list[Tool]:
     """Everything that can be checked before a model is loaded; returns the tools the flags name."""
     if not args.prompt.strip():
         raise TimCLIError("--prompt is empty: pass the text of the problem")
+    check_utf8("--prompt", args.prompt)
     tools = parse_tools(args.tools)
     if args.prune_buffer < 0:
         raise TimCLIError(f"--prune-buffer {args.prune_buffer}: must be 0 (prune each list as it closes) or above")
