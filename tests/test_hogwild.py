@@ -18,7 +18,7 @@ from conftest import VOCAB, WINDOW, family_config
 from transformers import DynamicCache
 
 from kvtier import cache_argument
-from kvtier.errors import CacheInputError, CacheMemoryError, UnsupportedModelError
+from kvtier.errors import CacheInputError, CacheMemoryError, StoreError, UnsupportedModelError
 from kvtier.hogwild import History, HogwildCache, Layout, Target
 from kvtier.hogwild.layout import OTHERS, OWN, STEP0
 from kvtier.rope import Rope
@@ -389,6 +389,24 @@ def test_misuse_fails_with_a_message():
     assert cache.view_ids(0).tolist() == [5, 6, 7, 9, 4, 8, 3]
     with pytest.raises(ValueError, match="workers"):
         HogwildCache.for_model(model, workers=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_a_history_cache_changed_behind_the_cache_is_refused(name):
+    """history_cache is reachable (its stats, budgets): cropped or closed on its own, the workers' views still
+    counted the old history and step() attended over what was left, with other logits and no error."""
+    cache = HogwildCache.for_model(_model(name), workers=2)
+    cache.prefill_history([3, 4, 5, 6, 7, 8])
+    cache.history_cache.crop(-2)
+    with pytest.raises(CacheInputError, match=r"history_cache holds \d+ tokens where the workers' views hold 6"):
+        cache.step([9, 10])
+    cache.reset()
+    cache.prefill_history([3, 4, 5, 6])
+    assert cache.step([9, 10]).shape == (2, VOCAB)
+    cache.history_cache.close()
+    with pytest.raises(StoreError, match="history_cache was closed"):
+        cache.step([9, 10])
+    cache.close()
 
 
 @pytest.mark.parametrize("options, says", [

@@ -267,6 +267,15 @@ class HogwildCache(Cache):
         if self._closed:
             raise StoreError(f"{what}: this HogwildCache is closed")
         self.history_cache._check_thread(what, "HogwildCache")
+        if self.history_cache._closed:
+            raise StoreError(f"{what}: this HogwildCache's history_cache was closed; close the HogwildCache instead")
+        full = next((i for i, layer in enumerate(self.spec.layers) if layer.kind != SLIDING), None)
+        held = self.layout.history if full is None else self.history_cache.get_seq_length(full)
+        if held != self.layout.history:  # cropped, reset or fed outside this cache
+            self._broken = True
+            raise CacheInputError(f"{what}: history_cache holds {held} tokens where the workers' views hold "
+                                  f"{self.layout.history}: it was changed outside this HogwildCache; call reset() and "
+                                  "start again")
         if self._broken or (self._plan is not None and self._layers_done != len(self.layers)):
             self._broken = True
             raise CacheInputError(f"{what}: a forward pass through this HogwildCache stopped part-way, so its layers "
