@@ -34,7 +34,7 @@ from .store.chunk import Tier
 from .store.codec import dtype_name
 from .store.disk import DiskStore
 from .store.remote import RemoteSessionStore, RemoteURL, is_remote, publish
-from .store.pools import storage_mode
+from .store.pools import check_fits, storage_mode
 from .store.stats import CacheStats
 from .store.tiers import TierManager
 from .tokens import TokenLog, check_prefix
@@ -495,6 +495,7 @@ class KVTierCache(Cache):
             raise CacheInputError(f"batch_repeat_interleave() takes an int >= 1, got {brief(repeats)}")
         batch = self.batch_size
         if batch > 0:
+            self._check_rows_fit(batch * repeats)
             self._select_rows(torch.arange(batch).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -524,9 +525,21 @@ class KVTierCache(Cache):
             raise CacheInputError(f"{what}(): row indices must lie in [0, {batch}), got {index.tolist()}")
         return index
 
+    def _check_rows_fit(self, rows: int) -> None:
+        """CacheMemoryError, before any layer changes, unless the device can hold the device-resident KV for
+        `rows` rows beside what it holds now (a reorder builds the new rows before it frees the old)."""
+        batch = self.batch_size
+        if batch <= 0 or rows <= batch:
+            return
+        held = sum(p.capacity * p.bytes_per_token() for p in self.tiers.device_pools.values())
+        held += sum(t.nbytes for layer in self.layers if isinstance(layer, SlidingLayer)
+                    for t in (layer.k, layer.v) if t is not None)
+        check_fits(self.device, held // batch * rows, f"a batch of {rows} rows", "fewer beams or sequences per prompt")
+
     def _select_rows(self, index: torch.Tensor) -> None:
         self._check_open()
         self._check_thread("a batch reorder")
+        self._check_rows_fit(index.numel())
         for layer in self.layers:
             if layer.batch is not None:
                 layer.select_rows(index.long())

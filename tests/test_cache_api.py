@@ -229,3 +229,23 @@ def test_generate_given_only_the_cached_prompt_is_refused():
     out = model.generate(input_ids=asked, max_new_tokens=5, do_sample=False, **{cache_kw(model): cache})
     assert torch.equal(out, ref.generate(input_ids=asked, max_new_tokens=5, do_sample=False))
     cache.close()
+
+
+def test_a_batch_the_device_cannot_hold_is_a_memory_error_and_changes_nothing():
+    """reorder_cache / batch_repeat_interleave to more rows than memory holds: torch's allocator error before,
+    a one-line CacheMemoryError now, before any layer changes."""
+    from kvtier import CacheMemoryError
+
+    model = build_model("llama")
+    cache = KVTierCache.for_model(model, **CHUNKING)
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(input_ids=ids, **{cache_kw(model): cache})
+    with pytest.raises(CacheMemoryError, match="a batch of 1000000000000 rows needs"):
+        cache.batch_repeat_interleave(10**12)
+    with pytest.raises(CacheMemoryError, match="a batch of 10000000 rows needs"):
+        cache.reorder_cache(torch.zeros(10**7, dtype=torch.long))
+    assert cache.batch_size == 1 and cache.get_seq_length() == 40
+    cache.batch_repeat_interleave(2)
+    assert cache.batch_size == 2
+    cache.close()
