@@ -180,6 +180,11 @@ class KVTierCache(Cache):
         options = budgets_in_tokens(options, spec)  # a bad budget fails before the store is touched
         disk: RecordStore
         local = options.pop("store_path", None) if is_remote(path) else None
+        if not is_remote(path) and options.get("store_path") is not None \
+                and str(options["store_path"]) != str(path):  # it would be taken and ignored
+            raise CacheInputError(f"store_path={brief(options['store_path'])}: a local session is reopened from its "
+                                  "own store (the path given first); store_path names where a server session's "
+                                  "records are kept, for a redis:// URL")
         # bad options fail before the store or server is touched; the checks that need the session's chunking
         # (the device budget's floor, adaptive chunk bounds) come once its header is read. The store's size
         # options hold from the start: max_store_bytes bounds what this process adds to a reopened store.
@@ -312,8 +317,9 @@ class KVTierCache(Cache):
         """Input ids the model can embed, refused before the pass starts: the model would fail inside its
         embedding (on CUDA, with a device-side assert that ends the process's use of the GPU) and leave the cache
         marked interrupted."""
-        if not integer_dtype(ids):
-            raise CacheInputError(f"input_ids must be integer token ids, got a {dtype_name(ids.dtype)} tensor")
+        if ids.dtype not in (torch.int64, torch.int32):  # what an embedding looks up (others fail inside torch)
+            raise CacheInputError(f"input_ids must be int64 (or int32) token ids, got a {dtype_name(ids.dtype)} "
+                                  "tensor")
         if ids.numel() == 0:
             raise CacheInputError(f"input_ids {tuple(ids.shape)} hold no tokens; feed at least one token of one "
                                   "sequence")

@@ -191,7 +191,8 @@ class KVTierConfig:
         if self.max_store_bytes is not None and self.max_store_bytes < self.initial_map_bytes:
             self.initial_map_bytes = self.max_store_bytes
         if self.store_path is not None:
-            if not isinstance(self.store_path, (str, Path)) or not str(self.store_path):
+            if not isinstance(self.store_path, (str, Path)) or not str(self.store_path) \
+                    or "\0" in str(self.store_path):  # no file system takes a NUL in a name
                 raise ValueError(f"`store_path` must be a directory path (str or pathlib.Path) or None, got "
                                  f"{brief(self.store_path)}")
             self.store_path = Path(self.store_path)

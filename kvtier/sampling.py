@@ -79,12 +79,32 @@ def check_sampling(do_sample: bool, temperature: float, top_p: float, top_k: int
         raise ValueError(f"do_sample must be True or False, got {brief(do_sample)}")
     if do_sample and not (_is_number(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0 when sampling, got {brief(temperature)}")
+    if not (_is_number(temperature) and temperature >= 0):  # unused when greedy, but never meaningful
+        raise ValueError(f"temperature must be a finite number >= 0, got {brief(temperature)}")
     if not (_is_number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {brief(top_p)}")
     if not is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {brief(top_k)}")
     if seed is not None and (not is_int(seed) or not -(2**63) <= seed < 2**64):
         raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {brief(seed)}")
+
+
+def check_tokenizer(tokenizer: object) -> None:
+    """The runtimes' tokenizer: something that tokenizes when called and decodes (a None failed deep inside)."""
+    if not (callable(tokenizer) and callable(getattr(tokenizer, "decode", None))):
+        raise TypeError(f"tokenizer must be the model's tokenizer (AutoTokenizer.from_pretrained(...)), got "
+                        f"{type(tokenizer).__name__}")
+
+
+def check_text(name: str, text: object) -> None:
+    """The runtimes' problem text: a str (bytes were called empty) of UTF-8 (lone surrogates failed in the
+    tokenizer)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be text (a str), got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{name} is not UTF-8 text (character {err.start} is {text[err.start]!a})") from None
 
 
 def vocab_size(model: torch.nn.Module) -> int | None:

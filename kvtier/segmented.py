@@ -15,7 +15,6 @@ from tqdm import tqdm
 
 from .cache import KVTierCache, cache_argument
 from .errors import brief
-from .sampling import integer_dtype
 
 
 def _fmt_tokens(n: int) -> str:
@@ -43,8 +42,9 @@ def prefill(
         raise TypeError(f"prefill() fills a KVTierCache (KVTierCache.for_model(model)), got {type(cache).__name__}")
     if isinstance(segment_tokens, bool) or not isinstance(segment_tokens, int) or segment_tokens < 1:
         raise ValueError(f"`segment_tokens` must be an int >= 1, got {brief(segment_tokens)}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or not integer_dtype(input_ids):
-        raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got {_described(input_ids)}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
+            or input_ids.dtype not in (torch.int64, torch.int32):  # what an embedding looks up
+        raise ValueError(f"input_ids must be an int64 (or int32) tensor [batch, tokens], got {_described(input_ids)}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} hold no tokens; pass at least one token of one sequence")
     past = cache.get_seq_length()

@@ -211,22 +211,30 @@ def reopen_options(header: dict, options: dict[str, Any]) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- save
+MAX_INFO_DEPTH = 100  # nesting of `info` (deeper JSON is refused: its parser and ours recurse)
+
+
 def check_info(info: Any) -> None:
     """ValueError unless `info` is a dict of JSON data (str keys; str, finite numbers, bools, None, lists, dicts),
     which a reopened session reads back as it was written; checked before a save writes anything."""
-    def bad(where: str, value: Any) -> str | None:
+    def bad(where: str, value: Any, depth: int = 0) -> str | None:
+        if depth > MAX_INFO_DEPTH and isinstance(value, (dict, list, tuple)):
+            return f"info nests deeper than {MAX_INFO_DEPTH} levels (at {where[:80]}...)"
         if isinstance(value, dict):
             for key, item in value.items():
                 if not isinstance(key, str):
                     return f"{where} has the key {key!r}; keys must be str"
-                found = bad(f"{where}[{key!r}]", item)
+                found = bad(f"{where}[{key!r}]", item, depth + 1)
                 if found:
                     return found
             return None
         if isinstance(value, (list, tuple)):
-            return next((found for i, item in enumerate(value) if (found := bad(f"{where}[{i}]", item))), None)
+            return next((found for i, item in enumerate(value) if (found := bad(f"{where}[{i}]", item, depth + 1))),
+                        None)
         if isinstance(value, float) and not math.isfinite(value):
             return f"{where} is {value!r}; JSON has no NaN or infinity"
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1024:
+            return f"{where} is an integer of {value.bit_length()} bits; info holds numbers up to 1024 bits"
         if value is None or isinstance(value, (str, int, float)):
             return None
         return f"{where} is a {type(value).__name__}; info holds JSON data (str, numbers, bools, None, lists, dicts)"

@@ -58,6 +58,10 @@ def parse_budget(text: str | int, spec: ModelSpec, dtype: torch.dtype | None = N
     A size covers all full-attention layers together: 8GiB on a 32-layer model is 256 MiB per layer.
     A size above zero that holds less than one token per layer is refused (it would mean no budget at all).
     """
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"parse_budget needs the model's ModelSpec (ModelSpec.from_model(model)), got {brief(spec)}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (torch.float16, ...) or None, got {brief(dtype)}")
     if isinstance(text, int):
         return text
     number, unit = split_budget(text)

@@ -196,6 +196,16 @@ def test_open_names_a_bad_path(llama, path):
         KVTierCache.open(path, llama)
 
 
+def test_open_refuses_a_store_path_it_would_ignore_and_paths_with_a_nul(saved, llama, tmp_path):
+    """store_path= beside a local session's path was taken and ignored (it only places a server session's local
+    copy); a NUL in a path failed inside pathlib."""
+    with pytest.raises(CacheInputError, match="a local session is reopened from its own store"):
+        KVTierCache.open(saved, llama, store_path=tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()
+    with pytest.raises(ValueError, match="`store_path` must be a directory path"):
+        KVTierCache.for_model(llama, store_path=str(tmp_path / "a\0b"))
+
+
 @pytest.mark.parametrize("option, value", [("chunk_size", 32), ("page_size", 8), ("recent_window", 8),
                                            ("sink_tokens", 0)])
 def test_open_refuses_chunking_other_than_the_stores(saved, llama, option, value):
@@ -208,12 +218,22 @@ def test_open_refuses_chunking_other_than_the_stores(saved, llama, option, value
         assert cache.get_seq_length() == 40
 
 
+def _nested(depth: int) -> dict:
+    out = inner = {}
+    for _ in range(depth):
+        inner["a"] = {}
+        inner = inner["a"]
+    return out
+
+
 @pytest.mark.parametrize("info, message", [
     ([1, 2], "info must be a dict"),
     ({"x": object()}, r"info\['x'\] is a object"),
     ({1: 2}, "has the key 1; keys must be str"),
     ({"x": [float("nan")]}, r"info\['x'\]\[0\] is nan"),
     ({"t": torch.tensor(1)}, r"info\['t'\] is a Tensor"),
+    ({"x": 10**5000}, r"info\['x'\] is an integer of 16610 bits"),  # json's own error did not name info
+    (_nested(5000), "info nests deeper than 100 levels"),  # a RecursionError before
 ])
 def test_save_refuses_info_that_is_not_json_before_writing(saved, llama, info, message):
     with KVTierCache.open(saved, llama) as cache:
@@ -244,8 +264,8 @@ def test_a_cache_dropped_without_close_releases_its_store(saved, llama):
 
 # --------------------------------------------------------------------------------------------- prefill
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(input_ids=IDS.float()), ValueError, "integer tensor"),
-    (dict(input_ids=IDS[0]), ValueError, r"integer tensor \[batch, tokens\]"),
+    (dict(input_ids=IDS.float()), ValueError, "int64 .or int32. tensor"),
+    (dict(input_ids=IDS[0]), ValueError, r"int32\) tensor \[batch, tokens\]"),
     (dict(input_ids=IDS.tolist()), ValueError, "got list"),
     (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), ValueError, "no tokens"),
     (dict(input_ids=torch.zeros(0, 5, dtype=torch.long)), ValueError, "no tokens"),
@@ -302,6 +322,7 @@ def chat_model():
     (dict(history_options=5), "history_options must be a dict"),
     (dict(step_capacity=1.5), "step_capacity must be an int in"),
     (dict(step_capacity=True), "step_capacity must be an int in"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),  # greedy ignored it; the CLI refuses it
 ])
 def test_hogwild_generate_names_a_bad_argument_before_it_runs(chat_model, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -407,8 +428,22 @@ def test_tim_generate_names_a_bad_argument(chat_model, kwargs, error, message):
         tim_generate(chat_model, TOK, "What is 2 + 2?", **kwargs)
 
 
+@pytest.mark.parametrize("tokenizer, text, message", [
+    (None, "2 + 2?", "tokenizer must be the model's tokenizer"),  # failed inside with an AttributeError
+    (TOK, b"2 + 2?", "must be text .a str., got bytes"),  # was called empty
+    (TOK, "\udce9t\udce9", "is not UTF-8 text"),  # a Latin-1 byte kept as a lone surrogate
+])
+def test_the_runtimes_refuse_a_missing_tokenizer_and_text_that_is_not_text(chat_model, tokenizer, text, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        hogwild_generate(chat_model, tokenizer, text, max_new_tokens=4)
+    with pytest.raises((ValueError, TypeError), match=message):
+        tim_generate(chat_model, tokenizer, text, max_new_tokens=2, constrain=False)
+
+
 def test_tim_generate_refuses_options_it_would_ignore(chat_model):
     """Options for the cache generate would make were dropped silently when a cache was given."""
+    with pytest.raises(ValueError, match="max_string_length applies to constrained decoding"):
+        tim_generate(chat_model, TOK, "2 + 2?", constrain=False, max_string_length=5)
     with KVTierCache.for_model(chat_model) as cache:
         with pytest.raises(TypeError, match=r"options \['device_budget'\] build the cache generate makes"):
             tim_generate(chat_model, TOK, "2 + 2?", cache=cache, device_budget=5, constrain=False)

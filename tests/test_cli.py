@@ -249,6 +249,10 @@ def test_parse_budget():
     assert parse_budget("1MiB", spec) == 2**20 // (per_token * 4)
     assert parse_budget("1.5GB", spec) == int(1.5e9 // (per_token * 4))
     assert parse_budget("1MiB", spec, torch.bfloat16) == 2**20 // (per_token // 2 * 4)
+    with pytest.raises(TypeError, match="needs the model's ModelSpec"):
+        parse_budget("1GiB", None)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        parse_budget("1GiB", spec, "float16")
     for bad in ("lots", "1.5", "8 parsecs", "-3"):
         with pytest.raises(ValueError, match="budget"):
             parse_budget(bad, spec)

@@ -74,6 +74,9 @@ def test_prefill_checks_its_arguments():
         prefill(model, cache, torch.zeros(1, 5, dtype=torch.long), segment_tokens=0)
     with pytest.raises(ValueError, match="attention_mask covers 3 positions, expected 5"):
         prefill(model, cache, torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 3))
+    for dtype in (torch.uint8, torch.int16):  # passed an integer check, then failed inside the embedding
+        with pytest.raises(ValueError, match="input_ids must be an int64 .or int32. tensor"):
+            prefill(model, cache, torch.zeros(1, 5, dtype=dtype))
     # positions count the mask's ones: a 2 or a NaN gave positions no forward pass would use (other logits)
     for bad in (torch.full((1, 5), 2), torch.full((1, 5), 0.5), torch.full((1, 5), float("nan"))):
         with pytest.raises(ValueError, match="1 for tokens and 0 for padding only"):

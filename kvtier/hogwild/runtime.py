@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import brief
-from ..sampling import Sampling, check_sampling, eos_ids, is_int
+from ..sampling import Sampling, check_sampling, check_text, check_tokenizer, eos_ids, is_int
 from .cache import HogwildCache
 from .layout import MAX_WORKERS
 from .prompts import CollaborationTemplate, encode_text, step_ends
@@ -143,7 +143,9 @@ def generate(model: torch.nn.Module, tokenizer, problem: str, *, workers: int = 
         raise TypeError(f"template must be a CollaborationTemplate or None, got {type(template).__name__}")
     _check(workers, max_new_tokens, do_sample, temperature, top_p, top_k, check_in_every, finisher_tokens,
            finisher_worker, seed)
-    if not isinstance(problem, str) or not problem.strip():
+    check_tokenizer(tokenizer)
+    check_text("problem", problem)
+    if not problem.strip():
         raise ValueError("problem is empty: pass the text of the problem to solve")
     for name, fn in (("on_token", on_token), ("on_step", on_step)):
         if fn is not None and not callable(fn):

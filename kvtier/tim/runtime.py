@@ -32,7 +32,7 @@ import torch
 from ..cache import KVTierCache, cache_argument
 from ..errors import brief
 from ..rope import Rope
-from ..sampling import Sampling, check_token, eos_ids, is_int, vocab_size
+from ..sampling import Sampling, check_text, check_token, check_tokenizer, eos_ids, is_int, vocab_size
 from .prompts import encode_prompt
 from .prune import PruneBuffer, RemovedSpans
 from .schema import check_limits, thread_schema
@@ -147,8 +147,9 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *,
         raise TypeError(f"generate(model, tokenizer, prompt) takes a transformers model, got {type(model).__name__}")
     registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools or ())
     _check(prune_buffer, max_depth, max_new_tokens, reencode, constrain, max_string_length)
-    if prompt_ids is None and not isinstance(prompt, str):
-        raise ValueError(f"prompt must be text (or pass prompt_ids), got {type(prompt).__name__}")
+    check_tokenizer(tokenizer)
+    if prompt_ids is None:
+        check_text("prompt", prompt)
     for name, fn in (("on_event", on_event), ("choose", choose)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be a function or None, got {type(fn).__name__}")
@@ -377,6 +378,8 @@ def _check(prune_buffer, max_depth, max_new_tokens, reencode, constrain, max_str
     if constrain is not None and not isinstance(constrain, bool):
         raise ValueError(f"constrain must be True, False or None (None: when xgrammar is installed), got {brief(constrain)}")
     check_limits(max_depth, max_string_length)
+    if constrain is False and max_string_length is not None:  # it bounds strings through the constraint only
+        raise ValueError("max_string_length applies to constrained decoding; it does nothing with constrain=False")
 
 
 __all__ = ["Pruned", "TimResult", "TimStats", "ToolCall", "generate"]
