@@ -185,8 +185,9 @@ def _json_value(value):
 
 def weight_fingerprint(model: torch.nn.Module, values: int = 256) -> bytes:
     """Hash of every parameter's name, shape, dtype and values sampled across it: `values` spread evenly over
-    the whole tensor, the first row, and the first value of every row (a fine-tune that trains some rows, such
-    as new tokens' embeddings, or some input features, changes a sampled value). Exact bytes, so the same
+    the whole tensor, its first row and the first value of every row, rows along the last dimension (a
+    fine-tune that trains some rows, such as new tokens' embeddings, or some input features, changes a sampled
+    value; an expert tensor [experts, out, in] is read as experts x out rows). Exact bytes, so the same
     weights on any device give the same hash; reading a few values per row keeps it cheap for a 13B model."""
     h = hashlib.sha256()
     with torch.no_grad():
@@ -194,7 +195,7 @@ def weight_fingerprint(model: torch.nn.Module, values: int = 256) -> bytes:
             if p.device.type == "meta" or p.numel() == 0:
                 continue
             flat = p.detach().reshape(-1)
-            rows = p.detach().reshape(p.shape[0], -1) if p.dim() > 1 else flat[None]
+            rows = p.detach().reshape(-1, p.shape[-1]) if p.dim() > 1 else flat[None]  # rows of the last dim
             step = max(1, flat.numel() // values)
             parts = [flat[::step][:values], rows[0], rows[:, 0]]
             h.update(f"{name} {tuple(p.shape)} {p.dtype}".encode())
