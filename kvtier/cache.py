@@ -293,9 +293,10 @@ class KVTierCache(Cache):
         copy at positions its keys were not rotated for): refused, saying to pass at least one new token. Passes
         of one token (decode steps) are not checked: the check reads device values, which would cost a decode
         step a synchronisation."""
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] < 2:
+            return
         length = self.get_seq_length()
-        if length == 0 or not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 \
-                or position_ids.shape[-1] < 2:
+        if length == 0:
             return
         first = position_ids[:, 0].long()
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 \
