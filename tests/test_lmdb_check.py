@@ -1,6 +1,7 @@
 """The LMDB structure check (`kvtier.store.lmdb_check`) accepts every file LMDB writes and refuses the damage
-that would make LMDB abort, misplace a write, or miss a key: free pages listed twice or out of order, keys out
-of order in a page or outside their parent's range."""
+that would make LMDB abort, crash, misplace a write, or miss a key: free pages listed twice or out of order, keys
+out of order in a page or outside their parent's range, meta pages LMDB would read otherwise than the walk did, a
+main database with flags."""
 
 from __future__ import annotations
 
@@ -165,7 +166,51 @@ def test_a_leaf_holding_keys_outside_its_parents_range_is_refused(tmp_path):
 def test_the_free_page_database_orders_its_keys_as_integers(tmp_path):
     # transaction ids 255 and 256 are in order as integers, not as little-endian bytes
     walker = lc._Walker(b"", 0, "x")
+    walker.txnid = 1000
     keys = [walker.key((255).to_bytes(8, "little"), True, 0, 0), walker.key((256).to_bytes(8, "little"), True, 0, 1)]
     walker.check_order(keys, None, None, 0, "free-page")
     with pytest.raises(StoreCorruptError, match="8-byte key|-byte key"):
         walker.key(b"\x01\x02", True, 0, 0)
+    with pytest.raises(StoreCorruptError, match="freed by transaction 1001, after the last .1000."):
+        walker.key((1001).to_bytes(8, "little"), True, 0, 0)
+
+
+def _meta_txnids(data: bytes, psize: int) -> list[int]:
+    return [struct.unpack_from("<Q", data, i * psize + lc._LAST_PAGE_AT + 8)[0] for i in range(2)]
+
+
+def _psize(data: bytes) -> int:
+    walker = lc._Walker(data, len(data), "x")
+    walker.metas()
+    return walker.psize
+
+
+@pytest.mark.parametrize("edit, message", [
+    # the newer meta page moved to the other slot: once its lock file holds the id, LMDB reads meta page
+    # txnid & 1, the page this walk did not check (a tree past the file's end: SIGBUS)
+    ("older page made one newer", "not those of commits that write them in turn"),
+    ("both ids equal", "not those of commits that write them in turn"),
+    ("id near 2**64", "past 9223372036854775807"),  # LMDB's -1 means "no reader": the next commit wraps to 0
+])
+def test_meta_pages_lmdb_would_read_otherwise_than_the_walk_are_refused(tmp_path, edit, message):
+    data_path = _write_history(tmp_path, 3)
+    data = bytearray(data_path.read_bytes())
+    psize = _psize(bytes(data))
+    ids = _meta_txnids(bytes(data), psize)
+    newer = ids.index(max(ids))
+    older = 1 - newer
+    value = {"older page made one newer": ids[newer] + 2, "both ids equal": ids[newer],
+             "id near 2**64": 2**64 - 2 + newer}[edit]
+    struct.pack_into("<Q", data, (older if edit != "id near 2**64" else newer) * psize + lc._LAST_PAGE_AT + 8, value)
+    _refused(data_path, data, message)
+
+
+def test_a_main_database_with_flags_is_refused(tmp_path):
+    # MDB_REVERSEKEY: LMDB compared keys backwards, missed kvtier's databases and created new empty ones
+    data_path = _write_history(tmp_path, 4)
+    data = bytearray(data_path.read_bytes())
+    psize = _psize(bytes(data))
+    ids = _meta_txnids(bytes(data), psize)
+    newer = ids.index(max(ids))
+    struct.pack_into("<H", data, newer * psize + lc._DBS_AT + lc._DB.size + 4, 0x02)
+    _refused(data_path, data, "the main database has flags 0x2")

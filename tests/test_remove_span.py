@@ -183,6 +183,27 @@ def test_a_saved_session_with_moved_chunks_reopens_with_the_same_logits(tmp_path
     fresh.close()
 
 
+@pytest.mark.parametrize("span", [(1, 3), (1, 2)])
+def test_a_span_inside_the_sink_saves_and_reopens(tmp_path, span):
+    """A span inside the sink leaves its two ends as two pinned chunks: the save wrote them and the reopen
+    refused them as damage ("pinned ... does not start at 0"), so the saved session was lost."""
+    model = build_model("llama")
+    ids = _ids(256)
+    cache = _prefilled(model, ids, **TIERED, store_path=tmp_path / "s")
+    cache.remove_span(*span)
+    assert [c.pinned for c in cache.tiers.layers[0].chunks[:3]] == [True, True, False]
+    cache.save()
+    cache.close()
+    token = torch.tensor([[9]])
+    reopened = KVTierCache.open(tmp_path / "s", build_model("llama"), device_budget=96, host_budget=96)
+    fresh = _prefilled(model, ids, **TIERED)
+    fresh.remove_span(*span)
+    torch.testing.assert_close(_next_logits(model, reopened, token), _next_logits(model, fresh, token),
+                               atol=1e-4, rtol=1e-4)
+    reopened.close()
+    fresh.close()
+
+
 def test_sliding_layers_move_when_they_hold_enough_and_refuse_otherwise():
     model, ref_model = build_model("gemma3"), build_model("gemma3")
     ids = _ids(120)

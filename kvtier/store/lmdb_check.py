@@ -3,7 +3,8 @@
 LMDB trusts its file: a truncated `data.mdb` makes it touch pages past the end of the file (SIGBUS), and
 a damaged page header or node size makes it read or copy past a page, or trip an `abort()` assertion.
 None of that can be caught in Python. So before LMDB opens a store, kvtier walks the file itself, with
-bounds checks on every read: both meta pages, every B-tree page of the free-page database, the main
+bounds checks on every read: both meta pages (the newer one in the slot LMDB reads it from, its
+transaction id far from wrapping), every B-tree page of the free-page database, the main
 database and the named databases in it, and the header of every overflow page. It checks that every
 page LMDB could reach lies inside the file, that no page is reachable twice, that no reachable page is
 listed as free (a write would reuse it), that each free list descends and no page is free twice (LMDB
@@ -55,6 +56,7 @@ NUM_METAS = 2
 EMPTY_ROOT = 2**64 - 1
 MAX_DEPTH = 31  # LMDB's cursor stack holds 32 pages
 MAX_PAGE_SIZE = 32768
+MAX_TXNID = 2**63  # transaction ids stay far below 2**64, where LMDB's "no reader" marker (-1) lies
 
 P_BRANCH, P_LEAF, P_OVERFLOW, P_META = 0x01, 0x02, 0x04, 0x08
 F_BIGDATA, F_SUBDATA, F_DUPDATA = 0x01, 0x02, 0x04
@@ -94,6 +96,7 @@ class _Walker:
         self.next_pgno = 0
         self.ranges: list[tuple[int, int]] = []  # reachable [first, end) page runs
         self.free: list[int] = []  # pages the free-page database lists
+        self.txnid = 0  # the newer meta page's transaction id
 
     def fail(self, what: str) -> StoreCorruptError:
         return StoreCorruptError(f"{self.name} is damaged: {what}")
@@ -121,7 +124,12 @@ class _Walker:
         return free, main, last_pg, txnid, free.pad
 
     def metas(self) -> tuple[_Db, _Db]:
-        """Both meta pages must be valid (LMDB refuses the file otherwise); LMDB uses the newer one."""
+        """Both meta pages must be valid (LMDB refuses the file otherwise); LMDB uses the newer one.
+
+        LMDB opens the newer meta page, but once its lock file holds that transaction id every transaction
+        reads the meta page in slot `txnid & 1`: commit n writes meta page n % 2. So the newer page must sit in
+        that slot (else LMDB would read the other page, which this walk did not check), and the ids must
+        differ unless the file is new. An id near 2**64 would wrap (LMDB takes -1 for "no reader")."""
         free0, main0, last0, txn0, psize = self.meta(0, 0)
         if psize < 512 or psize > MAX_PAGE_SIZE or psize & (psize - 1):
             raise self.fail(f"meta page 0 declares a page size of {psize} bytes")
@@ -129,9 +137,18 @@ class _Walker:
         if psize1 != psize:
             raise self.fail(f"the meta pages disagree on the page size ({psize} and {psize1})")
         self.psize = psize
-        free, main, last = (free1, main1, last1) if txn0 < txn1 else (free0, main0, last0)
+        newer = 1 if txn0 < txn1 else 0
+        free, main, last = (free1, main1, last1) if newer else (free0, main0, last0)
+        self.txnid = max(txn0, txn1)
+        if self.txnid >= MAX_TXNID:
+            raise self.fail(f"meta page {newer} has transaction id {self.txnid}, past {MAX_TXNID - 1}")
+        if self.txnid & 1 != newer or (txn0 == txn1 and txn0 != 0):
+            raise self.fail(f"the meta pages' transaction ids ({txn0} and {txn1}) are not those of commits that "
+                            "write them in turn")
         if free.flags != FREE_DB_FLAGS:
             raise self.fail(f"the free-page database has flags {free.flags:#x}")
+        if main.flags != 0:  # kvtier's main database; other flags change how LMDB orders or finds its keys
+            raise self.fail(f"the main database has flags {main.flags:#x}")
         self.next_pgno = last + 1
         self.limit = min(self.next_pgno, self.size // psize)
         return free, main
@@ -223,7 +240,11 @@ class _Walker:
             return raw
         if len(raw) != 8:
             raise self.fail(f"page {pgno} node {i} of the free-page database has a {len(raw)}-byte key")
-        return int.from_bytes(raw, "little")
+        txnid = int.from_bytes(raw, "little")
+        if txnid > self.txnid:  # pages are freed by a commit no newer than the last one
+            raise self.fail(f"page {pgno} node {i} of the free-page database lists pages freed by transaction "
+                            f"{txnid}, after the last ({self.txnid})")
+        return txnid
 
     def check_order(self, keys: list[_Key | None], low: _Key | None, high: _Key | None, pgno: int,
                     what: str) -> None:
