@@ -214,3 +214,14 @@ def test_a_main_database_with_flags_is_refused(tmp_path):
     newer = ids.index(max(ids))
     struct.pack_into("<H", data, newer * psize + lc._DBS_AT + lc._DB.size + 4, 0x02)
     _refused(data_path, data, "the main database has flags 0x2")
+
+
+def test_nodes_must_fill_their_page_exactly():
+    # LMDB deletes a node by moving the nodes below it up by its size: overlapping or scattered nodes would make
+    # that move bytes outside the page
+    walker = lc._Walker(b"", 0, "x")
+    walker.psize = 4096
+    walker.check_packed([(4000, 4047), (4048, 4096)], 4000, 7, "main")  # odd ends are padded to even
+    for extents in ([(4000, 4050), (4040, 4096)], [(4000, 4030), (4048, 4096)], [(4000, 4090)]):
+        with pytest.raises(StoreCorruptError, match="page 7 of the main database has overlapping or scattered"):
+            walker.check_packed(extents, 4000, 7, "main")

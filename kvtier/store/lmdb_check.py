@@ -192,6 +192,7 @@ class _Walker:
                 raise self.fail(f"page {pgno} of the {what} database holds {n} keys")
             keys: list[_Key | None] = []
             children: list[int] = []
+            extents: list[tuple[int, int]] = []  # [start, end) of each node in the page
             for i in range(n):
                 (ptr,) = self.read(offset + PAGE_HEADER + 2 * i, _U16)
                 if ptr < upper or ptr % 2 or ptr + NODE_HEADER > self.psize:
@@ -205,10 +206,12 @@ class _Walker:
                             self.key(bytes(self.buf[key_at:key_at + ksize]), free_db, pgno, i))
                 if kind == P_BRANCH:
                     children.append(lo | hi << 16 | nflags << 32)
+                    extents.append((ptr, ptr + NODE_HEADER + ksize))
                     continue
                 leaf_depths.add(depth)
                 counts["entries"] += 1
                 size = lo | hi << 16
+                extents.append((ptr, ptr + NODE_HEADER + ksize + (8 if nflags & F_BIGDATA else size)))
                 value = self.leaf_value(pgno, i, nflags, size, key_at + ksize, ptr + NODE_HEADER + ksize, counts)
                 if free_db:
                     self.free_list(value, size, pgno, i)
@@ -219,6 +222,7 @@ class _Walker:
                                         f"{sub.flags:#x}")
                     named.append((bytes(self.buf[key_at:key_at + ksize]), sub))
             self.check_order(keys, low, high, pgno, what)
+            self.check_packed(extents, upper, pgno, what)
             if kind == P_BRANCH:
                 bounds = [low, *keys[1:], high]
                 stack += [(child, depth + 1, bounds[j], bounds[j + 1]) for j, child in enumerate(children)]
@@ -256,6 +260,18 @@ class _Walker:
                 raise self.fail(f"page {pgno} of the {what} database holds its keys out of order")
         if known and ((low is not None and known[0] < low) or (high is not None and not known[-1] < high)):
             raise self.fail(f"page {pgno} of the {what} database holds keys outside its parent's range")
+
+    def check_packed(self, extents: list[tuple[int, int]], upper: int, pgno: int, what: str) -> None:
+        """A page's nodes fill [upper, page end) exactly, each at an even offset (LMDB adds a node just below
+        `upper` and, deleting one, moves the nodes below it up by its size): nodes that overlap or leave gaps
+        would make a deletion's arithmetic move bytes outside the page."""
+        at = upper
+        for start, end in sorted(extents):
+            if start != at:
+                raise self.fail(f"page {pgno} of the {what} database has overlapping or scattered nodes")
+            at = end + (end & 1)
+        if at != self.psize:
+            raise self.fail(f"page {pgno} of the {what} database has overlapping or scattered nodes")
 
     def leaf_value(self, pgno: int, i: int, nflags: int, size: int, value_at: int, end_in_page: int,
                    counts: dict[str, int]) -> int:
