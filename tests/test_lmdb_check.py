@@ -167,12 +167,12 @@ def test_the_free_page_database_orders_its_keys_as_integers(tmp_path):
     # transaction ids 255 and 256 are in order as integers, not as little-endian bytes
     walker = lc._Walker(b"", 0, "x")
     walker.txnid = 1000
-    keys = [walker.key((255).to_bytes(8, "little"), True, 0, 0), walker.key((256).to_bytes(8, "little"), True, 0, 1)]
+    keys = [walker.key((255).to_bytes(8, "little"), 0, 0), walker.key((256).to_bytes(8, "little"), 0, 1)]
     walker.check_order(keys, None, None, 0, "free-page")
     with pytest.raises(StoreCorruptError, match="8-byte key|-byte key"):
-        walker.key(b"\x01\x02", True, 0, 0)
+        walker.key(b"\x01\x02", 0, 0)
     with pytest.raises(StoreCorruptError, match="freed by transaction 1001, after the last .1000."):
-        walker.key((1001).to_bytes(8, "little"), True, 0, 0)
+        walker.key((1001).to_bytes(8, "little"), 0, 0)
 
 
 def _meta_txnids(data: bytes, psize: int) -> list[int]:

@@ -42,7 +42,6 @@ _META = struct.Struct("<IIQQ")  # magic, version, address, mapsize
 _DB = struct.Struct("<IHHQQQQQ")  # pad, flags, depth, branch pages, leaf pages, overflow pages, entries, root
 _NODE = struct.Struct("<HHHH")  # lo, hi, flags, key size
 _U64 = struct.Struct("<Q")
-_U16 = struct.Struct("<H")
 PAGE_HEADER = _PAGE.size  # 16
 NODE_HEADER = _NODE.size  # 8
 _META_AT = PAGE_HEADER
@@ -193,22 +192,23 @@ class _Walker:
             keys: list[_Key | None] = []
             children: list[int] = []
             extents: list[tuple[int, int]] = []  # [start, end) of each node in the page
-            for i in range(n):
-                (ptr,) = self.read(offset + PAGE_HEADER + 2 * i, _U16)
-                if ptr < upper or ptr % 2 or ptr + NODE_HEADER > self.psize:
+            buf, psize = self.buf, self.psize  # the page lies in the file (`page`): reads inside it need no check
+            if kind == P_LEAF:
+                leaf_depths.add(depth)
+            for i, ptr in enumerate(struct.unpack_from(f"<{n}H", buf, offset + PAGE_HEADER)):
+                if ptr < upper or ptr % 2 or ptr + NODE_HEADER > psize:
                     raise self.fail(f"page {pgno} node {i} starts at byte {ptr}")
-                lo, hi, nflags, ksize = self.read(offset + ptr, _NODE)
+                lo, hi, nflags, ksize = _NODE.unpack_from(buf, offset + ptr)
                 key_at = offset + ptr + NODE_HEADER
-                if ptr + NODE_HEADER + ksize > self.psize:
+                if ptr + NODE_HEADER + ksize > psize:
                     raise self.fail(f"page {pgno} node {i} has a {ksize}-byte key past the page end")
                 # a branch page's first key is never compared: its child holds everything below the second
-                keys.append(None if kind == P_BRANCH and i == 0 else
-                            self.key(bytes(self.buf[key_at:key_at + ksize]), free_db, pgno, i))
+                raw = buf[key_at:key_at + ksize]
+                keys.append(None if kind == P_BRANCH and i == 0 else self.key(raw, pgno, i) if free_db else raw)
                 if kind == P_BRANCH:
                     children.append(lo | hi << 16 | nflags << 32)
                     extents.append((ptr, ptr + NODE_HEADER + ksize))
                     continue
-                leaf_depths.add(depth)
                 counts["entries"] += 1
                 size = lo | hi << 16
                 extents.append((ptr, ptr + NODE_HEADER + ksize + (8 if nflags & F_BIGDATA else size)))
@@ -218,9 +218,8 @@ class _Walker:
                 elif nflags & F_SUBDATA:
                     sub = _Db(*self.read(value, _DB))
                     if sub.flags:
-                        raise self.fail(f"named database {bytes(self.buf[key_at:key_at + ksize])!r} has flags "
-                                        f"{sub.flags:#x}")
-                    named.append((bytes(self.buf[key_at:key_at + ksize]), sub))
+                        raise self.fail(f"named database {raw!r} has flags {sub.flags:#x}")
+                    named.append((raw, sub))
             self.check_order(keys, low, high, pgno, what)
             self.check_packed(extents, upper, pgno, what)
             if kind == P_BRANCH:
@@ -237,11 +236,9 @@ class _Walker:
                                 f"{'' if name == 'entries' else 'pages '}but holds {value}")
         return named
 
-    def key(self, raw: bytes, free_db: bool, pgno: int, i: int) -> _Key:
-        """A key as LMDB orders it: the free-page database's as integers (transaction ids), others as bytes
-        (memcmp, a shorter key before a longer one it begins)."""
-        if not free_db:
-            return raw
+    def key(self, raw: bytes, pgno: int, i: int) -> int:
+        """A free-page database key as LMDB orders it: an integer (a transaction id). Other databases' keys are
+        compared as bytes (memcmp, a shorter key before a longer one it begins), as Python compares them."""
         if len(raw) != 8:
             raise self.fail(f"page {pgno} node {i} of the free-page database has a {len(raw)}-byte key")
         txnid = int.from_bytes(raw, "little")
