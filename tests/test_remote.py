@@ -173,6 +173,17 @@ def test_url_credentials_are_decoded_once_and_never_shown():
     assert "s3cret-key" not in repr(tls) and tls.scrub("s3cret-key") == "***"
 
 
+@pytest.mark.parametrize("url", [
+    "redis://kv:S3CRETpart/tail@127.0.0.1:6379/0",  # the part before '/' was read as a port, and quoted
+    "redis://kv:12/S3CRETtail@127.0.0.1:6379/0/doc",  # a valid port: the rest became the path, quoted as the db
+    "redis://kv:S3CRET#tail@127.0.0.1:6379/0",
+    "redis://kv:S3CRET?tail@127.0.0.1/0",
+])
+def test_a_password_left_unencoded_is_never_quoted(url):
+    err = refused(CacheInputError, RemoteURL.parse, url)
+    assert "S3CRET" not in str(err) and "percent-encode" in str(err), str(err)
+
+
 @pytest.mark.parametrize("query, says", [
     ("bogus=1", "unknown remote URL option 'bogus'"),
     ("socket_timeout=soon", "'socket_timeout' must be a positive number"),
@@ -586,6 +597,29 @@ def test_unpublish_removes_every_key(model, redis_url, tmp_path):
     assert "unpublished" in str(err)
     far.close()
     refused(StoreNotFoundError, KVTierCache.open, url, model)
+
+
+def test_a_late_unpublish_leaves_the_session_published_again_since(model, redis_url, tmp_path, monkeypatch):
+    """Machine U reads the pointer to unpublish; meanwhile machine R replaces the session (unpublish, publish).
+    U deleted R's new pointer, and R's records stayed on the server with no pointer and no expiry."""
+    url = with_name(redis_url, "doc")
+    saved(model, tmp_path / "old", url, seed=5)
+    original, replaced = remote._checked_pointer, []
+
+    def replaced_meanwhile(server, name, raw):
+        pointer = original(server, name, raw)
+        if not replaced:  # U has read the pointer: R goes first
+            replaced.append(True)
+            assert unpublish(RemoteURL.parse(url)) is True
+            saved(model, tmp_path / "new", url, seed=6)
+        return pointer
+
+    monkeypatch.setattr(remote, "_checked_pointer", replaced_meanwhile)
+    assert unpublish(RemoteURL.parse(url)) is False  # U's session was gone already; R's is not U's to delete
+    monkeypatch.undo()
+    same(opened(url, model), opened(tmp_path / "new", model))
+    assert unpublish(RemoteURL.parse(url)) is True
+    assert list(raw(redis_url).scan_iter(match=prefix_of(redis_url) + ":*")) == []
 
 
 def test_unpublish_removes_a_session_whose_pointer_is_damaged(model, redis_url, tmp_path):

@@ -219,6 +219,24 @@ def test_result_json_cannot_hold_is_an_error(value, fragment):
     assert "returned a value JSON cannot hold" in msg and fragment in msg
 
 
+def test_an_error_whose_message_itself_fails_is_still_an_error_result():
+    """str() of the tool's exception raised (or gave no str): call() raised, and the run died of a tool."""
+    class Unprintable(Exception):
+        def __str__(self):
+            raise RuntimeError("no message")
+
+    class NotText(Exception):
+        def __str__(self):
+            return 5
+
+    for error in (Unprintable, NotText):
+        def broken():
+            raise error()
+
+        msg = _error(ToolRegistry([tool(broken, name="broken")]).call("broken", {}))
+        assert msg == f"tool 'broken' failed: {error.__name__}"
+
+
 @pytest.mark.parametrize("expr, expected", [
     ("1 + 2 * 3", 7), ("(1 + 2) * 3", 9), ("7 / 2", 3.5), ("7 // 2", 3), ("-7 % 3", 2), ("2 ** 10", 1024),
     ("-2 ** 2", -4), ("+-+3", -3), ("sqrt(16)", 4.0), ("abs(-2.5)", 2.5), ("round(2.567, 2)", 2.57),

@@ -99,6 +99,12 @@ for i = 2, #KEYS do redis.call('PERSIST', KEYS[i]) end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1
 """
+# Unpublish's delete: the pointer (KEYS[1]) only while it is still the one read (ARGV[1]); a session published
+# again under the name since then is another session, not this unpublish's to delete.
+_DELETE_IF_SAME = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def is_remote(target: object) -> bool:
@@ -129,11 +135,18 @@ class RemoteURL:
                                   f"valkey:// and valkeys:// also work); {given}")
         if name is not None and not isinstance(name, str):
             raise CacheInputError(f"a session name is a str, got {type(name).__name__}")
+        # A '/', '?' or '#' left unencoded in a password ends the host part early: the rest of the password is
+        # then read as a port or a path, and an error that quoted it would show part of the password.
+        encode = ("percent-encode '/', '?', '#' and '@' in a user name or password (%2F, %3F, %23, %40), or give "
+                  f"the password in ${PASSWORD_ENV}")
         try:
             parts = urllib.parse.urlsplit(text)
             host, port = parts.hostname, parts.port
-        except ValueError as exc:  # says what is wrong with the port or brackets, never the credentials
-            raise CacheInputError(f"cannot read the remote URL ({exc})") from None
+        except ValueError as exc:  # urllib's message may quote what it took for a port: part of a password
+            raise CacheInputError("cannot read the remote URL's host and port"
+                                  + (f": {encode}" if "@" in text else f" ({exc})")) from None
+        if "@" in parts.path + parts.query + parts.fragment:
+            raise CacheInputError(f"the remote URL has an '@' after its host: {encode}")
         if port == 0:  # a client would take port 0 as "not given" and connect to 6379
             raise CacheInputError("the remote URL's port must be 1-65535, not 0")
         # user and password are percent-encoded in a URL ('@' as %40): decode them once, encode them once below
@@ -149,7 +162,8 @@ class RemoteURL:
             raise CacheInputError("the remote URL's path is /DB/NAME: a database number and a session name")
         db = segments[0] if segments else "0"
         if not db.isdigit() or int(db) > 1 << 16:
-            raise CacheInputError(f"the remote URL's database must be a number, not {db[:40]!r}")
+            raise CacheInputError("the remote URL's database must be a number"
+                                  + (f", not {db[:40]!r}" if "@" not in text else f" ({encode})"))
         url_name = urllib.parse.unquote(segments[1]) if len(segments) == 2 else None
         if name is not None and url_name is not None and name != url_name:
             raise CacheInputError(f"two session names: {url_name!r} in the URL and {name!r}")
@@ -538,10 +552,18 @@ def _small(info: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- list and delete
 def read_pointer(server: RedisServer, name: str) -> dict[str, Any] | None:
     """The checked pointer of session `name`, or None if none is published."""
-    value = server.get_sealed(server.pointer_key(name), POINTER_MAX_BYTES, f"session {name!r}")
-    if value is None:
+    return _checked_pointer(server, name, _pointer_bytes(server, name))
+
+
+def _pointer_bytes(server: RedisServer, name: str) -> bytes | None:
+    return server.get_bounded([server.pointer_key(name)], [POINTER_MAX_BYTES], f"session {name!r}")[0]
+
+
+def _checked_pointer(server: RedisServer, name: str, raw: bytes | None) -> dict[str, Any] | None:
+    if raw is None:
         return None
     where = f"{server.url.shown}: session {name!r}"
+    value = unseal(raw, where)
     if not isinstance(value, dict) or value.get("format") != POINTER_FORMAT:
         raise StoreCorruptError(f"{where} is not a kvtier session")
     if value.get("version") != POINTER_VERSION:
@@ -589,14 +611,21 @@ def unpublish(url: str | RemoteURL, *, timeout_s: float = 10.0) -> bool:
     name = url.need_name()
     server = RedisServer(url, timeout_s=timeout_s)
     try:
+        raw = None
         try:
-            pointer = read_pointer(server, name)
+            raw = _pointer_bytes(server, name)
+            pointer = _checked_pointer(server, name, raw)
         except RemoteStoreError:
             raise
         except StoreError:  # a damaged pointer names no namespace we can trust
             pointer = {"ns": None}
         with server.errors("delete the session"):
-            if pointer is None or not server.client.delete(server.pointer_key(name)):
+            if pointer is None:
+                return False
+            # the pointer goes only if it is still the one read: deleted or published again since, it is not ours
+            # (one that is not even a string value is deleted as it is)
+            key = server.pointer_key(name)
+            if not (server.client.eval(_DELETE_IF_SAME, 1, key, raw) if raw is not None else server.client.delete(key)):
                 return False
             if pointer["ns"] is not None:
                 for keys in _batched(server.client.scan_iter(match=server.data_key(name, pointer["ns"], "*"),
@@ -608,6 +637,10 @@ def unpublish(url: str | RemoteURL, *, timeout_s: float = 10.0) -> bool:
                     for key in keys:
                         pipe.ttl(key)
                     old = [key for key, ttl in zip(keys, pipe.execute()) if ttl == -1]
+                    current = read_pointer(server, name)  # a session published since keeps its records
+                    if current is not None:
+                        mine = server.data_key(name, current["ns"], "").encode()
+                        old = [key for key in old if not key.startswith(mine)]
                     if old:
                         server.client.unlink(*old)
         return True

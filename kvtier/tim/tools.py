@@ -355,7 +355,14 @@ class ToolRegistry:
 
 
 def _describe(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    """An error as one line for the model to read; a message that itself fails (its __str__ raises or returns no
+    str) leaves the type's name: a tool's error never ends the run."""
+    try:
+        message = str(error)
+    except Exception:  # noqa: BLE001 - any failure of the tool's own __str__
+        message = ""
+    name = type(error).__name__
+    text = f"{name}: {message}" if message else name
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
 
 
