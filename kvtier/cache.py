@@ -562,6 +562,10 @@ class KVTierCache(Cache):
         length = self.get_seq_length()
         target = length + max_length if max_length < 0 else (length if max_length == 0 else max_length)
         target = max(0, target)
+        for layer in self.layers:  # every layer checked before any is cut: a refused crop changes nothing
+            problem = layer.crop_problem(target) if isinstance(layer, SlidingLayer) else None
+            if problem is not None:
+                raise CacheInputError(problem)
         for layer in self.layers:
             layer.truncate(target)
         self._tokens.truncate(target)

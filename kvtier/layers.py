@@ -794,17 +794,25 @@ class SlidingLayer:
     def rollback(self, mark: tuple) -> None:
         self.k, self.v, self.length, self.batch = mark
 
+    def crop_problem(self, length: int) -> str | None:
+        """Why cropping to `length` tokens could not be exact here (None: it can): the window of the next token
+        must reach only tokens still held."""
+        drop = self.length - length
+        held = 0 if self.k is None else self.k.shape[2]
+        if drop > 0 and held - drop < min(length, self.window - 1):
+            return (f"cannot crop sliding-window layer {self.index} back by {drop} tokens: it keeps only the last "
+                    f"{self.window - 1 + self.slack} tokens (window - 1 + recent_window); raise recent_window to crop "
+                    "further back")
+        return None
+
     def truncate(self, length: int) -> None:
         drop = self.length - length
         if drop <= 0:
             return
-        held = 0 if self.k is None else self.k.shape[2]
-        if held - drop < min(length, self.window - 1):
-            raise CacheInputError(
-                f"cannot crop sliding-window layer {self.index} back by {drop} tokens: it keeps only the last "
-                f"{self.window - 1 + self.slack} tokens (window - 1 + recent_window); raise recent_window to crop "
-                "further back"
-            )
+        problem = self.crop_problem(length)
+        if problem is not None:
+            raise CacheInputError(problem)
+        held = self.k.shape[2]
         self.k, self.v = self.k[:, :, : held - drop], self.v[:, :, : held - drop]
         self.length = length
 

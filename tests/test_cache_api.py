@@ -249,3 +249,19 @@ def test_a_batch_the_device_cannot_hold_is_a_memory_error_and_changes_nothing():
     cache.batch_repeat_interleave(2)
     assert cache.batch_size == 2
     cache.close()
+
+
+def test_a_refused_crop_changes_nothing():
+    """A sliding-window layer cannot go back past what it keeps: the crop raised when it reached that layer, after
+    the full-attention layers before it were already cut (layers of different lengths, the token ids lost)."""
+    model = build_model("qwen2")  # full-attention layers first, then sliding ones
+    ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(4))
+    cache = KVTierCache.for_model(model, **{**CHUNKING, "recent_window": 4})
+    with torch.no_grad():
+        model(input_ids=ids, **{cache_kw(model): cache})
+    lengths = [cache.get_seq_length(i) for i in range(len(cache.layers))]
+    with pytest.raises(CacheInputError, match="cannot crop sliding-window layer"):
+        cache.crop(-150)
+    assert [cache.get_seq_length(i) for i in range(len(cache.layers))] == lengths == [200] * len(lengths)
+    assert torch.equal(cache.token_ids, ids)
+    cache.close()
