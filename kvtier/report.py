@@ -244,9 +244,8 @@ def check_plot_target(path: str | Path) -> None:
 
 def session_address(url: RemoteURL, name: str | None = None) -> str:
     """The URL that names a session (or, without a name, the server and prefix) for another kvtier command:
-    no credentials, and the key prefix when it is not the default one."""
-    shown = url.with_name(name).shown if name is not None else url.shown
-    return shown + (f"?prefix={url.prefix}" if url.prefix != DEFAULT_PREFIX else "")
+    `RemoteURL.shown`, no credentials, the key prefix when it is not the default one."""
+    return url.with_name(name).shown if name is not None else url.shown
 
 
 def sessions(target: str) -> dict[str, Any]:
@@ -276,7 +275,7 @@ def sessions(target: str) -> dict[str, Any]:
             datetime.datetime.fromtimestamp(published, datetime.timezone.utc).isoformat(timespec="seconds"),
             "info": info,
         })
-    return {"server": url.shown, "prefix": url.prefix, "sessions": out}
+    return {"server": url.server, "prefix": url.prefix, "sessions": out}
 
 
 def format_sessions(d: dict[str, Any]) -> str:

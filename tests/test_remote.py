@@ -138,7 +138,7 @@ def test_round_trip_equals_the_local_session_and_keeps_generating(model, redis_u
     with KVTierCache.open(tmp_path / "local", model, **BUDGETS, **options) as local:
         want = run(local)
     with KVTierCache.open(url, model, store_path=tmp_path / "cache", **BUDGETS, **options) as far:
-        assert far.remote == with_name(redis_url.split("?")[0], "doc") and far.store_path == tmp_path / "cache"
+        assert far.remote == with_name(redis_url, "doc") and far.store_path == tmp_path / "cache"  # it reopens
         same(run(far), want)
         assert far.tiers.disk.fetched_bytes > 0
     with KVTierCache.open(url, model, store_path=tmp_path / "cache", **BUDGETS, **options) as again:
@@ -165,7 +165,7 @@ def test_url_credentials_are_decoded_once_and_never_shown():
     from redis.connection import parse_url  # what the client will connect with
 
     assert parse_url(url.connect)["password"] == password and parse_url(url.connect)["username"] == "kv"
-    assert url.shown == "redis://127.0.0.1:6379/0/doc"
+    assert url.shown == "redis://127.0.0.1:6379/0/doc?prefix=t"  # all that names the session, no credential
     for text in (repr(url), str(url), url.shown, repr(url.with_name("other"))):
         assert "p@ss" not in text and "p%40ss" not in text
     assert url.scrub(f"said {password} and {urllib.parse.quote(password, safe='')}") == "said *** and ***"

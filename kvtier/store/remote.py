@@ -107,6 +107,12 @@ return 0
 """
 
 
+def _shown(server: str, name: str | None, prefix: str) -> str:
+    """The URL as messages and `cache.remote` show it: no credentials, but all that names the session (a prefix
+    other than the default included), so that it reopens the same session."""
+    return server + (f"/{name}" if name else "") + (f"?prefix={prefix}" if prefix != DEFAULT_PREFIX else "")
+
+
 def is_remote(target: object) -> bool:
     """Whether `target` names a server session (redis://, rediss://, valkey://, valkeys://) and not a path."""
     return isinstance(target, str) and target.split("://", 1)[0].lower() in SCHEMES and "://" in target
@@ -180,7 +186,7 @@ class RemoteURL:
             raise CacheInputError("a key prefix is 1-64 letters, digits, '.', '_' or '-'")
         netloc = f"[{host}]" if ":" in host else host
         netloc += f":{port}" if port else ""
-        shown = f"{parts.scheme.lower()}://{netloc}/{db}" + (f"/{name}" if name else "")
+        shown = _shown(f"{parts.scheme.lower()}://{netloc}/{db}", name, prefix)
         cred = ""
         if username or password:
             cred = urllib.parse.quote(username or "", safe="") + (
@@ -199,9 +205,14 @@ class RemoteURL:
             raise CacheInputError(f"{self.shown}: name the session (redis://host:6379/0/NAME, or name=...)")
         return self.name
 
+    @property
+    def server(self) -> str:
+        """scheme://host:port/db: the server and database, without credentials, session name or prefix."""
+        base = self.shown.split("?", 1)[0]
+        return base.rsplit("/", 1)[0] if self.name else base
+
     def with_name(self, name: str) -> "RemoteURL":
-        return RemoteURL(self.connect, f"{self.shown.rsplit('/', 1)[0] if self.name else self.shown}/{name}", name,
-                         self.prefix, self.secrets)
+        return RemoteURL(self.connect, _shown(self.server, name, self.prefix), name, self.prefix, self.secrets)
 
     def scrub(self, text: str) -> str:
         """`text` with any credential of this URL replaced by ***."""
