@@ -55,7 +55,6 @@ from .errors import (
 from .kernels.native import kvtier_home
 from .model_spec import ModelSpec
 from .segmented import prefill
-from .report import session_address
 from .sizes import parse_sparse_budget
 from .store.codec import dtype_name
 from .store.disk import DiskStore, is_store
@@ -349,7 +348,7 @@ class Session:
     @property
     def address(self) -> str | None:
         """The document's session on the server, as messages and --json name it (no credentials)."""
-        return None if self.remote is None else session_address(self.remote, self.remote.name)
+        return None if self.remote is None else self.remote.shown
 
     def _published(self) -> bool:
         server = RedisServer(self.remote)

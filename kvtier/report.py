@@ -37,7 +37,7 @@ def open_store(target: str | Path) -> RecordStore:
         url = RemoteURL.parse(target)
         if url.name is None:
             raise UsageError(f"{url.shown} names no session: add /NAME to the URL (`kvtier sessions "
-                             f"{session_address(url)}` lists them)")
+                             f"{url.shown}` lists them)")
         return RemoteSessionStore(url)  # its local record cache is a temporary directory, left empty
     return DiskStore(Path(target), create=False, readonly=True)
 
@@ -118,7 +118,7 @@ def describe(path: str | Path) -> dict[str, Any]:
 def _server_facts(store: RemoteSessionStore) -> dict[str, Any]:
     """What the published session's pointer says about it on the server."""
     pointer = store.pointer
-    return {"url": session_address(store.url), "name": store.url.name, "prefix": store.url.prefix,
+    return {"url": store.url.shown, "name": store.url.name, "prefix": store.url.prefix,
             "bytes": pointer["bytes"], "published": _when(pointer.get("published"))}
 
 
@@ -242,12 +242,6 @@ def check_plot_target(path: str | Path) -> None:
                           "write the plot somewhere else")
 
 
-def session_address(url: RemoteURL, name: str | None = None) -> str:
-    """The URL that names a session (or, without a name, the server and prefix) for another kvtier command:
-    `RemoteURL.shown`, no credentials, the key prefix when it is not the default one."""
-    return url.with_name(name).shown if name is not None else url.shown
-
-
 def sessions(target: str) -> dict[str, Any]:
     """The sessions published on a server under the URL's key prefix, as plain data (`kvtier sessions --json`).
 
@@ -255,18 +249,18 @@ def sessions(target: str) -> dict[str, Any]:
     url = RemoteURL.parse(target)
     if url.name is not None:
         raise UsageError(f"{url.shown} names a session: `kvtier sessions` takes the server alone "
-                         f"(redis://host:6379/0), and `kvtier inspect {session_address(url)}` shows that session")
+                         f"(redis://host:6379/0), and `kvtier inspect {url.shown}` shows that session")
     out = []
     for pointer in list_sessions(url):
         name = pointer["name"]
         if "error" in pointer:  # a damaged pointer or one of another kvtier version: listed, not read
-            out.append({"name": name, "url": session_address(url, name), "error": pointer["error"]})
+            out.append({"name": name, "url": url.with_name(name).shown, "error": pointer["error"]})
             continue
         structure = pointer.get("structure") if isinstance(pointer.get("structure"), dict) else {}
         info = pointer.get("info") if isinstance(pointer.get("info"), dict) else {}
         published = _when(pointer.get("published"))
         out.append({
-            "name": name, "url": session_address(url, name),
+            "name": name, "url": url.with_name(name).shown,
             "model_type": structure.get("model_type"), "num_layers": structure.get("num_layers"),
             "dtype": pointer.get("dtype"), "signature": pointer.get("signature"),
             "tokens": pointer["length"], "batch": pointer.get("batch"), "records": pointer["records"],
