@@ -18,7 +18,7 @@ import torch
 
 from .cli import error_line
 from .config import KVTierConfig
-from .errors import KVTierError
+from .errors import KVTierError, not_utf8
 from .sizes import parse_budget, split_budget
 
 # the budget flags of `kvtier qa`, `kvtier hogwild` and `kvtier tim`, and the KVTierConfig option each one sets
@@ -63,16 +63,10 @@ def check_text(flag: str, text: str | None, what: str) -> None:
 
 
 def check_utf8(what: str, text: str | None) -> None:
-    """Refuse text that holds bytes which are not UTF-8 (Python keeps them as lone surrogates, from a Latin-1
-    terminal or a pasted binary): the tokenizer would fail on them with a traceback."""
-    if text is None:
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        code = ord(text[err.start])
-        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
-        raise UsageError(f"{what} is not UTF-8 text ({byte} at character {err.start}): pass it in UTF-8") from None
+    """Refuse text that is not UTF-8 (`not_utf8`): the tokenizer would fail on it with a traceback."""
+    problem = None if text is None else not_utf8(text)
+    if problem is not None:
+        raise UsageError(f"{what} is not UTF-8 text ({problem}): pass it in UTF-8")
 
 
 def check_sampling(args: argparse.Namespace) -> None:

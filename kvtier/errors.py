@@ -15,6 +15,18 @@ def printable(value: object) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
+def not_utf8(text: str) -> str | None:
+    """Where `text` cannot be written as UTF-8 (None: it can): bytes that were not UTF-8 reach Python as lone
+    surrogates (a Latin-1 terminal, a pasted binary), and a tokenizer fails on them with a traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        return f"{byte} at character {err.start}"
+    return None
+
+
 def brief_path(path: object, limit: int = 200) -> str:
     """A path as messages show it: printable, and cut in the middle past `limit` characters (its start and its
     file name kept), so a path built by mistake or by an attacker never makes a message span lines or pages."""

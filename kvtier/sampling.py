@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import brief
+from .errors import brief, not_utf8
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,9 @@ def check_text(name: str, text: object) -> None:
     tokenizer)."""
     if not isinstance(text, str):
         raise ValueError(f"{name} must be text (a str), got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"{name} is not UTF-8 text (character {err.start} is {text[err.start]!a})") from None
+    problem = not_utf8(text)
+    if problem is not None:
+        raise ValueError(f"{name} is not UTF-8 text ({problem})")
 
 
 def vocab_size(model: torch.nn.Module) -> int | None:
