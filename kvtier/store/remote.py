@@ -310,16 +310,10 @@ class RedisServer:
             while j < len(keys) and (j == i or size + limits[j] <= BATCH_BYTES):
                 size += limits[j]
                 j += 1
-            with self.errors(f"read {what}"):
-                pipe = self.client.pipeline(transaction=False)
-                for key, limit in zip(keys[i:j], limits[i:j]):
-                    pipe.strlen(key)
-                    pipe.getrange(key, 0, max(limit, 1) - 1)
-                replies = pipe.execute(raise_on_error=False)
-                wrong = next((r for r in replies if isinstance(r, Exception)), None)
-                if wrong is not None and "WRONGTYPE" not in str(wrong):
-                    raise wrong  # a refusal (NOPERM, ...): _ServerErrors words it
-            for key, limit, length, value in zip(keys[i:j], limits[i:j], replies[0::2], replies[1::2]):
+            part = list(zip(keys[i:j], limits[i:j]))
+            replies = self._pipelined(f"read {what}", lambda pipe: [
+                (pipe.strlen(key), pipe.getrange(key, 0, max(limit, 1) - 1)) for key, limit in part])
+            for (key, limit), length, value in zip(part, replies[0::2], replies[1::2]):
                 if isinstance(length, Exception) or isinstance(value, Exception):
                     raise StoreCorruptError(f"{self.url.shown}: {what} {_short(key)} is not a string value (written "
                                             "there by something other than kvtier)")
@@ -342,19 +336,24 @@ class RedisServer:
             i = j
         return out
 
+    def _pipelined(self, doing: str, ask: Callable[[Any], Any]) -> list[Any]:
+        """The replies to the commands `ask` queues on a pipeline, in one round trip. A refusal (NOPERM, ...) is
+        raised, for `errors` to word; a WRONGTYPE reply stays in the list, for the caller to name its key."""
+        with self.errors(doing):
+            pipe = self.client.pipeline(transaction=False)
+            ask(pipe)
+            replies = pipe.execute(raise_on_error=False)
+            wrong = next((r for r in replies if isinstance(r, Exception)), None)
+            if wrong is not None and "WRONGTYPE" not in str(wrong):
+                raise wrong
+        return replies
+
     def lengths(self, keys: list[str], what: str) -> list[int]:
         """Each value's length in bytes (0 where absent), 1000 keys a round trip, nothing of the values read."""
         out: list[int] = []
         for i in range(0, len(keys), 1000):
             part = keys[i:i + 1000]
-            with self.errors(f"check {what}s"):
-                pipe = self.client.pipeline(transaction=False)
-                for key in part:
-                    pipe.strlen(key)
-                replies = pipe.execute(raise_on_error=False)
-                wrong = next((r for r in replies if isinstance(r, Exception)), None)
-                if wrong is not None and "WRONGTYPE" not in str(wrong):
-                    raise wrong  # a refusal (NOPERM, ...): _ServerErrors words it
+            replies = self._pipelined(f"check {what}s", lambda pipe: [pipe.strlen(key) for key in part])
             for key, length in zip(part, replies):
                 if isinstance(length, Exception):
                     raise StoreCorruptError(f"{self.url.shown}: {what} {_short(key)} is not a string value (written "
