@@ -181,7 +181,7 @@ class KVTierCache(Cache):
         disk: RecordStore
         local = options.pop("store_path", None) if is_remote(path) else None
         if not is_remote(path) and options.get("store_path") is not None \
-                and str(options["store_path"]) != str(path):  # it would be taken and ignored
+                and Path(str(options["store_path"])) != Path(path):  # another directory: taken and ignored
             raise CacheInputError(f"store_path={brief(options['store_path'])}: a local session is reopened from its "
                                   "own store (the path given first); store_path names where a server session's "
                                   "records are kept, for a redis:// URL")

@@ -72,6 +72,8 @@ class HogwildCache(Cache):
                    f"{workers} workers' steps of {step_capacity} tokens", "lower step_capacity or workers")
         # The history of full-attention layers is a batch-1 KVTierCache: budgets, store and sparse mode are its.
         self.history_cache = KVTierCache(spec, device=self.device, **history_options)
+        # a layer of it that holds the history (its sliding layers stay empty): its length is the history's
+        self._history_layer = next((i for i, layer in enumerate(spec.layers) if layer.kind != SLIDING), None)
         layers = [SlidingHogwildLayer(i, layer, rope, spec.kv_heads, spec.head_dim, spec.dtype, self.device)
                   if layer.kind == SLIDING else
                   HogwildLayer(i, layer, rope, spec.kv_heads, spec.head_dim, spec.dtype, self.device,
@@ -269,8 +271,8 @@ class HogwildCache(Cache):
         self.history_cache._check_thread(what, "HogwildCache")
         if self.history_cache._closed:
             raise StoreError(f"{what}: this HogwildCache's history_cache was closed; close the HogwildCache instead")
-        full = next((i for i, layer in enumerate(self.spec.layers) if layer.kind != SLIDING), None)
-        held = self.layout.history if full is None else self.history_cache.get_seq_length(full)
+        layer = self._history_layer
+        held = self.layout.history if layer is None else self.history_cache.get_seq_length(layer)
         if held != self.layout.history:  # cropped, reset or fed outside this cache
             self._broken = True
             raise CacheInputError(f"{what}: history_cache holds {held} tokens where the workers' views hold "
