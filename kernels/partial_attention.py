@@ -51,14 +51,14 @@ def partial_attention(
 def merge_partials(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial attentions over disjoint key sets. out: [..., D], lse: [...] (float32)."""
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isfinite(m), m, 0.0)
-    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
-    total = wa + wb
-    safe = torch.where(total > 0, total, 1.0)
-    out = (out_a * wa.unsqueeze(-1) + out_b * wb.unsqueeze(-1)) / safe.unsqueeze(-1)
-    lse = torch.where(total > 0, m + torch.log(safe), float("-inf"))
+    """Combine two partial attentions over disjoint key sets. out: [..., D], lse: [...] (float32).
+
+    Five kernels, since a Hogwild step or a tiered decode merges at every layer and, on a GPU, each launch
+    costs more than its arithmetic: b's weight in the mix is exp(lse_b - lse) (a's is one minus it), and a
+    row neither part saw (both -inf, weight NaN) keeps a's out, which is 0."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_b = torch.nan_to_num(torch.exp(lse_b - lse), nan=0.0)
+    out = torch.lerp(out_a, out_b.to(out_a.dtype), w_b.unsqueeze(-1))
     return out, lse
 
 

@@ -109,7 +109,7 @@ def exact_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pad
             valid = row_ok if valid is None else valid & row_ok
         parts.append(attend(q, k, v, q_pos0=past, key_pos=pos, scale=scale, key_valid=valid, causal=False,
                             softcap=softcap, need_lse=True))
-    if not arena_has_new:
+    if not arena_has_new and (nq or not parts):  # no new tokens (a Hogwild history read): nothing to add
         alone = not parts
         out, lse = attend(q, handle.k_new, handle.v_new, q_pos0=past, key_pos=past, scale=scale,
                           key_valid=pad_slice(pad, past, past + nq), softcap=softcap, need_lse=need_lse or not alone)

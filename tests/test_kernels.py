@@ -57,9 +57,12 @@ def test_fully_masked_rows_drop_out_of_the_merge():
     none = partial_attention(q, k, v, 1.0, mask=torch.zeros(1, 1, 1, 5, dtype=torch.bool))
     assert torch.all(none[1] == float("-inf")) and torch.all(none[0] == 0)
     full = partial_attention(q, k, v, 1.0)
-    out, lse = merge_partials(*none, *full)
-    torch.testing.assert_close(out, full[0])
-    assert not torch.isnan(out).any()
+    for a, b in ((none, full), (full, none)):
+        out, lse = merge_partials(*a, *b)
+        torch.testing.assert_close(out, full[0])
+        torch.testing.assert_close(lse, full[1])
+    out, lse = merge_partials(*none, *none)  # a row no part saw: out 0, lse -inf, never NaN
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
 
 
 def test_per_head_masks():
