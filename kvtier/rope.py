@@ -96,16 +96,26 @@ class Rope:
         """Apply RoPE to unrotated x [B, H, T, D] at positions (() / [T] / [B, T]) as the model does: in x's
         dtype, attention scaling included."""
         _check_positions(x, positions, "positions")
-        cos, sin = self.cos_sin(torch.as_tensor(positions, device=x.device))
-        return self._turn(x, *_over_heads(cos.to(x.dtype), sin.to(x.dtype)))
+        c, s = self._factors(positions, x.shape[-1], self.attention_scaling, x.device)
+        c, s = _over_heads(c.to(x.dtype), s.to(x.dtype))
+        return x * c + self._partner(x) * s  # the model's q * cos + rotate_half(q) * sin, rounded as it rounds
 
     def shift(self, x: torch.Tensor, delta: Positions) -> torch.Tensor:
         """Move x [B, H, T, D], already rotated, by delta positions (() / [T] / [B, T], either sign): one
         rotation through delta, without attention scaling (x carries it once already). Computed in float32
         and rounded once to x's dtype."""
         _check_positions(x, delta, "delta")
-        angles = self._angles(delta, x.device)
-        return self._turn(x.float(), *_over_heads(angles.cos(), angles.sin())).to(x.dtype)
+        return self._turn(x, self.shift_factors(delta, x.shape[-1], x.device))
+
+    def shift_factors(self, delta: Positions, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors of a `shift` by delta of tensors of `width` channels, for `shift_by`: made once, they
+        serve every tensor moved by the same delta (a Hogwild step turns every layer's queries alike, and on
+        a GPU each of the kernels that make them costs more to launch than to run)."""
+        return self._factors(delta, width, 1.0, device)
+
+    def shift_by(self, x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """`shift` through factors from `shift_factors` (their delta broadcast over x as `shift` reads it)."""
+        return self._turn(x, factors)
 
     def shift_bounds(self, lo: torch.Tensor, hi: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Bounds (elementwise min and max over some keys, [..., D]) that hold for those keys moved by delta.
@@ -143,19 +153,43 @@ class Rope:
         p = torch.as_tensor(positions, device=device)
         return p[..., None].float() * self.inv_freq.to(device)  # positions.shape + [R/2]
 
-    def _turn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [B, H, T, D]; cos, sin: broadcastable to [B, H, T, R/2]
-        r = self.rotary_dim
-        if r > x.shape[-1]:
-            raise ValueError(f"x has {x.shape[-1]} channels but this Rope rotates {r}; pass [B, H, T, head_dim]")
-        rot = x[..., :r]
+    def _factors(self, positions: Positions, width: int, scaling: float,
+                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel factors (c, s) of a turn to `positions`, float32, positions.shape + [width]: the turned
+        x is x * c + partner(x) * s, with c = cos and s = -sin / +sin on each pair's first / second channel,
+        and c = 1, s = 0 on channels past R (partial rotary passes them through)."""
+        if self.rotary_dim > width:
+            raise ValueError(f"x has {width} channels but this Rope rotates {self.rotary_dim}; pass [B, H, T, "
+                             "head_dim]")
+        angles = self._angles(positions, device if device is not None else self.inv_freq.device)
+        cos, sin = angles.cos(), angles.sin()
+        if scaling != 1.0:
+            cos, sin = cos * scaling, sin * scaling
         if self.interleaved:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+            c, s = torch.stack((cos, cos), dim=-1).flatten(-2), torch.stack((-sin, sin), dim=-1).flatten(-2)
         else:
-            x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)
+            c, s = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+        if width > self.rotary_dim:
+            c = torch.nn.functional.pad(c, (0, width - self.rotary_dim), value=1.0)
+            s = torch.nn.functional.pad(s, (0, width - self.rotary_dim), value=0.0)
+        return c, s
+
+    def _partner(self, x: torch.Tensor) -> torch.Tensor:
+        """Each channel's pair partner (channels past R: themselves), in one copy of x."""
+        r = self.rotary_dim
+        if self.interleaved:
+            swapped = x[..., :r].unflatten(-1, (r // 2, 2)).flip(-1).flatten(-2)
+            return swapped if r == x.shape[-1] else torch.cat((swapped, x[..., r:]), dim=-1)
+        return torch.cat((x[..., r // 2 : r], x[..., : r // 2], x[..., r:]), dim=-1)
+
+    def _turn(self, x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [B, H, T, D] turned by `_factors` (positions () / [T] / [B, T]), in float32, rounded to x's dtype."""
+        c, s = _over_heads(*factors)
+        # Contiguous, whatever x's strides: attention reads the result without another copy. Not addcmul: a
+        # fused multiply-add rounds once where `shift_bounds`' interval arithmetic rounds twice, and a moved
+        # key could then pass its chunk's bound by one ulp.
+        xf = x.float().contiguous()
+        return (xf * c).add_(self._partner(xf) * s).to(x.dtype)
 
 
 _MAX_POSITION = 2**62

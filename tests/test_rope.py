@@ -94,6 +94,22 @@ def test_rotate_is_the_models_rope(name, layer_type):
 
 
 @pytest.mark.parametrize("name, layer_type", CASES)
+def test_factors_made_once_shift_as_shift_does(name, layer_type):
+    """`shift_factors` made once and applied by `shift_by` to several tensors (as every layer of a Hogwild step
+    turns its queries by one set of distances) give `shift`'s bits, for a scalar, per-token or per-row delta and
+    for a strided x (whose result is contiguous)."""
+    rope, d = _rope(name, layer_type), _head_dim(name)
+    for delta in (torch.tensor(-37), torch.arange(7) * 11 - 20, torch.randint(-500, 500, (2, 7))):
+        factors = rope.shift_factors(delta, d, torch.device("cpu"))
+        for seed, dtype in ((0, torch.float32), (1, torch.float32), (2, torch.bfloat16)):
+            x = _x(2, 3, 7, d, seed=seed, dtype=dtype)
+            assert torch.equal(rope.shift_by(x, factors), rope.shift(x, delta))
+        strided = _x(3, 2, 7, d, seed=3).transpose(0, 1)  # [2, 3, 7, D] viewed across another layout
+        moved = rope.shift_by(strided, factors)
+        assert moved.is_contiguous() and torch.equal(moved, rope.shift(strided.contiguous(), delta))
+
+
+@pytest.mark.parametrize("name, layer_type", CASES)
 def test_rotate_in_bfloat16_is_the_models_rope(name, layer_type):
     """In x's dtype, as the model: the same bits, except where the model computes in float32 and rounds once
     (Cohere, Ernie): there within one bfloat16 step."""
