@@ -59,11 +59,13 @@ def block_decode_attention(
     scale: float,
     softcap: float | None = None,
     window: int | None = None,
+    held: HeldKeys | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [N, Hq, D], worker n's query rotated (RoPE) at position q_pos[n] ([N] long);
+    """q: [N, Hq, D], worker n's query rotated (RoPE) at position q_pos[n] ([N] int32 or int64, as the other
+          integer tensors);
     k, v: [Hkv, T, D], every block's keys/values end to end, keys rotated at block-local positions 0..len-1;
-    block_start, block_len: [NB] long (block b = rows block_start[b] .. +block_len[b] of k and v);
-    qrel: [N, NB] long, the query's position relative to block b's first key in worker n's view
+    block_start, block_len: [NB] (block b = rows block_start[b] .. +block_len[b] of k and v);
+    qrel: [N, NB], the query's position relative to block b's first key in worker n's view
           (-1: block b is not in n's view). Key j of block b is visible to worker n iff j <= qrel[n, b]
           and, with a sliding window, qrel[n, b] - j < window.
     inv_freq: [R/2] float32 (R = rotary dim <= D; channels past R are not rotated), interleaved: pair layout
@@ -77,15 +79,17 @@ def block_decode_attention(
 
     Dispatch: the Triton kernel where it may run (CUDA, or the CPU interpreter); else, for few held keys, one
     attention call over every worker's turned copy of the keys (`_views_at_once`), and otherwise one fused
-    attention call per block (the reference's own math where soft-capping leaves no fused kernel)."""
+    attention call per block (the reference's own math where soft-capping leaves no fused kernel).
+    held: `HeldKeys` of these very layout tensors and window, for a caller that attends many layers over one
+    layout (it then derives the layout's bookkeeping once); made for this call when None."""
     _check(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, window)
+    held = HeldKeys.check(held, q_pos, block_start, block_len, qrel, window)  # identities only: no device work
     if q.shape[0] and block_start.shape[0] and use_triton(q):
         return _block_decode_attention_triton(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved,
                                               scale, softcap, window)
-    held = int(block_len.sum()) if block_len.numel() else 0
-    if q.shape[0] and held and q.shape[0] * held * k.shape[0] * k.shape[2] <= _VIEW_ELEMS:
+    if q.shape[0] and block_start.shape[0] and 0 < held.count * q.shape[0] * k.shape[0] * k.shape[2] <= _VIEW_ELEMS:
         return _views_at_once(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap,
-                              window, fused=fused_available(q, softcap))
+                              window, fused=fused_available(q, softcap), held=held)
     return _per_block(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap, window,
                       fused=fused_available(q, softcap))
 
@@ -94,33 +98,82 @@ _VIEW_ELEMS = 1 << 22  # most float32 key elements `_views_at_once` turns (16 Mi
 
 
 def _views_at_once(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap, window,
-                   fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   fused: bool, held: HeldKeys | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Without a compiled kernel, for few held keys (the workers' current steps): every worker gets its own
     copy of the blocks' keys, turned so that q.k sees the distance of its view (key j of block b moves by
     q_pos[n] - qrel[n, b], the inverse of the query's turn: a rotation preserves dot products), and one
     attention call with the workers as its batch covers all blocks; a per-block loop pays a call, a query
     turn and a log-sum-exp merge per block."""
-    from ..rope import Rope  # see `_per_block`
-
-    n, hq, d = q.shape
-    starts, lens = block_start.tolist(), block_len.tolist()
-    rows = torch.cat([torch.arange(a, a + m) for a, m in zip(starts, lens) if m]).to(k.device)  # held key rows
-    lens_t = torch.tensor(lens)
-    block = torch.repeat_interleave(torch.arange(len(lens)), lens_t).to(k.device)  # each held key's block
-    local = rows - torch.repeat_interleave(block_start.to(k.device), lens_t.to(k.device))  # its index j in the block
-    rel = qrel.to(k.device)[:, block]  # [N, T]: each worker's query position relative to each key's block
-    seen = (rel >= 0) & (local[None, :] <= rel)
-    if window is not None:
-        seen &= rel - local[None, :] < window
-    rope = Rope(inv_freq.float(), interleaved=interleaved)
-    held = k[:, rows].float()[None].expand(n, -1, -1, -1)  # [N, Hkv, T, D]
-    turned = rope.shift(held, q_pos.to(k.device)[:, None] - rel)  # [N, Hkv, T, D]
+    n = q.shape[0]
+    held = HeldKeys.check(held, q_pos, block_start, block_len, qrel, window)
+    rows, mask, _ = held.layout(k.device)
+    rope, factors = held.turn(inv_freq, interleaved, k.shape[-1], k.device)
+    turned = rope.shift_by(k[:, rows].float()[None].expand(n, -1, -1, -1), factors)  # [N, Hkv, T, D]
     values = v[:, rows].float()[None].expand(n, -1, -1, -1)
-    qn, mask = q.float().unsqueeze(2), seen[:, None, None, :]  # [N, Hq, 1, D], [N, 1, 1, T]
+    qn = q.float().unsqueeze(2)  # [N, Hq, 1, D]
     res = fused_attention(qn, turned, values, scale, mask) if fused else None
     if res is None:
         res = partial_attention(qn, turned, values, scale, mask, softcap)
     return res[0].squeeze(2), res[1].squeeze(2)
+
+
+class HeldKeys:
+    """What the CPU path for few held keys derives from a call's block layout, the same at every layer over
+    that layout: how many keys are held (one host sync), which rows, which of them each worker sees, how far
+    each moves in a worker's copy, and that turn's factors. A Hogwild forward pass builds one per window and
+    hands it to every layer's call, so the layers after the first skip the bookkeeping."""
+
+    def __init__(self, q_pos: torch.Tensor, block_start: torch.Tensor, block_len: torch.Tensor, qrel: torch.Tensor,
+                 window: int | None):
+        self.args = (q_pos, block_start, block_len, qrel, window)
+        self._count: int | None = None
+        self._layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._turns: dict[tuple, tuple] = {}
+
+    @classmethod
+    def check(cls, held: HeldKeys | None, q_pos, block_start, block_len, qrel, window) -> HeldKeys:
+        """`held` if it was made for these very tensors and window, a new one if None; else ValueError."""
+        if held is None:
+            return cls(q_pos, block_start, block_len, qrel, window)
+        if not (all(a is b for a, b in zip(held.args[:4], (q_pos, block_start, block_len, qrel)))
+                and held.args[4] == window):
+            raise ValueError("block_decode_attention: `held` was made for other layout tensors or another window")
+        return held
+
+    @property
+    def count(self) -> int:
+        """Keys held by all blocks together."""
+        if self._count is None:
+            self._count = int(self.args[2].sum()) if self.args[2].numel() else 0
+        return self._count
+
+    def layout(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rows [T] long (held key rows of k and v), mask [N, 1, 1, T] bool (key visible to worker n) and
+        delta [N, T] (positions key t moves by in worker n's copy)."""
+        if self._layout is None:
+            q_pos, block_start, block_len, qrel, window = self.args
+            starts, lens = block_start.tolist(), block_len.tolist()
+            rows = torch.cat([torch.arange(a, a + m) for a, m in zip(starts, lens)]).to(device)
+            lens_t = torch.tensor(lens)
+            block = torch.repeat_interleave(torch.arange(len(lens)), lens_t).to(device)  # each held key's block
+            local = rows - torch.repeat_interleave(block_start.to(device), lens_t.to(device))  # its index j in it
+            rel = qrel.to(device)[:, block]  # [N, T]: each worker's query position relative to each key's block
+            seen = (rel >= 0) & (local[None, :] <= rel)
+            if window is not None:
+                seen &= rel - local[None, :] < window
+            self._layout = rows, seen[:, None, None, :], q_pos.to(device)[:, None] - rel
+        return self._layout
+
+    def turn(self, inv_freq: torch.Tensor, interleaved: bool, width: int, device: torch.device):
+        """(Rope, factors) of this layout's turn of keys of `width` channels under these frequencies."""
+        from ..rope import Rope  # see `_per_block`
+
+        key = (id(inv_freq), interleaved, width)
+        hit = self._turns.get(key)
+        if hit is None or hit[0] is not inv_freq:
+            rope = Rope(inv_freq.float(), interleaved=interleaved)
+            hit = self._turns[key] = (inv_freq, rope, rope.shift_factors(self.layout(device)[2], width, device))
+        return hit[1], hit[2]
 
 
 def _per_block(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap, window,

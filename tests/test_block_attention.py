@@ -287,3 +287,28 @@ def _run_kernel_cases(env):
            "-o", "addopts=--import-mode=importlib", "-p", "no:cacheprovider", "-q", "-W", "ignore"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parent,
                           check=False)
+
+
+def test_held_keys_made_once_serve_every_layer_of_a_layout():
+    """A caller attending many layers over one block layout (a Hogwild forward pass) passes one `HeldKeys`:
+    each layer's result equals a call that derives the layout itself, and a `HeldKeys` of other layout
+    tensors or another window is refused rather than read."""
+    from kvtier.kernels import HeldKeys
+
+    q, q_pos, k, v, block_start, block_len, qrel, inv_freq = _case(11, n=3, hq=4, hkv=2, d=16, lens=[5, 0, 3, 4])
+    held = HeldKeys(q_pos, block_start, block_len, qrel, 4)
+    for layer in range(3):  # other keys, values and queries at every layer; the same layout
+        gen = torch.Generator().manual_seed(layer)
+        kl, vl, ql = (torch.randn(x.shape, generator=gen) for x in (k, v, q))
+        args = (ql, q_pos, kl, vl, block_start, block_len, qrel, inv_freq, False, 0.25, None, 4)
+        want = block_decode_attention(*args)
+        got = block_decode_attention(*args, held=held)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert held.count == 12
+    with pytest.raises(ValueError, match="other layout tensors or another window"):
+        block_decode_attention(q, q_pos, k, v, block_start, block_len, qrel.clone(), inv_freq, False, 0.25, None, 4,
+                               held=held)
+    with pytest.raises(ValueError, match="other layout tensors or another window"):
+        block_decode_attention(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, False, 0.25, None, None,
+                               held=held)

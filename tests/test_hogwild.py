@@ -10,6 +10,7 @@ the history as if it had been prefilled there; models whose positions cannot be 
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -263,7 +264,8 @@ def test_a_windowed_history_keeps_what_the_window_reaches():
         q_pos = torch.tensor([0, 2, 4])  # three rows of a step, at view positions from length on
         q = rope.rotate(torch.randn(1, 4, 3, 16, generator=g), q_pos)[0].transpose(0, 1)
         view_pos = whole.length + torch.tensor([0, 3, 9])
-        want, got = (h.attend(q, q_pos, view_pos, 0.25, 20.0, window) for h in (whole, bounded))
+        rows = SimpleNamespace(q_pos=q_pos, view_pos=view_pos)  # what attend reads of a forward pass's Plan
+        want, got = (h.attend(q, rows, 0.25, 20.0, window) for h in (whole, bounded))
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, **tol)
     assert len(firsts) > 10 and whole.length > 20 * window  # it trimmed often, over a long history

@@ -323,7 +323,7 @@ class HogwildCache(Cache):
             raise CacheInputError(str(err)) from None
         plan = Plan.build(rows, self.layout, k.device)
         pos = kwargs.get("kwargs", kwargs).get("position_ids")
-        if isinstance(pos, torch.Tensor) and not torch.equal(pos.expand(b, q).to(plan.q_pos), plan.q_pos.view(b, q)):
+        if isinstance(pos, torch.Tensor) and not torch.equal(pos.expand(b, q).long(), plan.q_pos.view(b, q).long()):
             self.layout = before
             raise CacheInputError(
                 f"position_ids {pos.tolist()} are not the new tokens' positions in their own blocks "

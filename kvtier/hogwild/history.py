@@ -12,6 +12,8 @@ re-rotation per view per step. The cache only ever calls `length`, `first`, `hel
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..attend import attend
@@ -20,6 +22,9 @@ from ..kernels import block_decode_attention
 from ..layers import TieredLayer
 from ..read import exact_attention, sparse_attention
 from ..rope import Rope
+
+if TYPE_CHECKING:
+    from .layer import Plan
 
 
 class History:
@@ -136,20 +141,20 @@ class History:
         self.length = self.first = 0
 
     # ------------------------------------------------------------------------------------- reads
-    def attend(self, q: torch.Tensor, q_pos: torch.Tensor, view_pos: torch.Tensor, scale: float,
-               softcap: float | None = None, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, q: torch.Tensor, plan: Plan, scale: float, softcap: float | None = None,
+               window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of query rows over the whole history (it precedes every query of a view).
 
-        q: [R, Hq, D] rotated at q_pos [R]; view_pos [R]: each row's position in its view. The block kernel
-        turns each row's query to view_pos - first, its position relative to the first held key, so q.k sees
-        the true distances; a sliding window counts view positions. Returns out [R, Hq, D] and lse [R, Hq],
-        float32."""
+        q: [R, Hq, D] rotated at plan.q_pos [R]; plan.view_pos [R]: each row's position in its view. The block
+        kernel turns each row's query to view_pos - first, its position relative to the first held key, so q.k
+        sees the true distances; a sliding window counts view positions. Returns out [R, Hq, D] and lse
+        [R, Hq], float32."""
         h = self.held
         start = torch.zeros(1, dtype=torch.long, device=q.device)
         length = torch.full((1,), h, dtype=torch.long, device=q.device)
-        return block_decode_attention(q, q_pos, self._k[:, :h], self._v[:, :h], start, length,
-                                      (view_pos - self.first)[:, None], self.rope.inv_freq, self.rope.interleaved,
-                                      scale, softcap, window)
+        return block_decode_attention(q, plan.q_pos, self._k[:, :h], self._v[:, :h], start, length,
+                                      (plan.view_pos - self.first)[:, None], self.rope.inv_freq,
+                                      self.rope.interleaved, scale, softcap, window)
 
     def attend_newest(self, q: torch.Tensor, scale: float, softcap: float | None, window: int | None,
                       need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -213,14 +218,15 @@ class TieredHistory:
         self._pending = None
 
     # ------------------------------------------------------------------------------------- reads
-    def attend(self, q: torch.Tensor, q_pos: torch.Tensor, view_pos: torch.Tensor, scale: float,
-               softcap: float | None = None, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `History.attend`: rows q [R, Hq, D] rotated at q_pos [R], turned to view_pos [R] (their distance
-        from the history's first key), over every history token (exact mode) or each row's selected pages
-        (sparse mode, one selection per row). Returns out [R, Hq, D] and lse [R, Hq], float32."""
+    def attend(self, q: torch.Tensor, plan: Plan, scale: float, softcap: float | None = None,
+               window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `History.attend`: rows q [R, Hq, D] rotated at plan.q_pos [R], turned to plan.view_pos [R] (their
+        distance from the history's first key; the turn's factors made once per forward pass), over every
+        history token (exact mode) or each row's selected pages (sparse mode, one selection per row). Returns
+        out [R, Hq, D] and lse [R, Hq], float32."""
         if window is not None:
             raise ValueError("a tiered history serves full-attention layers only")
-        turned = self.rope.shift(q.transpose(0, 1)[None], view_pos - q_pos)  # [1, Hq, R, D]: rows at view_pos
+        turned = self.rope.shift_by(q.transpose(0, 1)[None], plan.view_turn(self.rope, q.shape[-1]))  # [1, Hq, R, D]
         layer = self.layer
         if layer.config.mode == "sparse" and layer.chunks:
             parts = [sparse_attention(layer, turned[:, :, r:r + 1], None, None, scale, softcap, need_lse=True)

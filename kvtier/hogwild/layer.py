@@ -9,13 +9,13 @@ query turned once per block to its view distance) and one over the history, merg
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import CacheInputError
 from ..handle import KVHandle
-from ..kernels import block_decode_attention, merge_partials
+from ..kernels import HeldKeys, block_decode_attention, merge_partials
 from ..model_spec import SLIDING, LayerSpec
 from ..rope import Rope
 from ..store.pools import allocation_errors, check_fits
@@ -30,23 +30,41 @@ class Plan:
     rows: Rows
     arena_starts: tuple[int, ...]  # the arena layout the keys go to
     arena_caps: tuple[int, ...]
-    q_pos: torch.Tensor  # [R] long
-    view_pos: torch.Tensor  # [R] long
-    qrel: torch.Tensor  # [R, NB] long
-    slots: torch.Tensor  # [R] long
-    block_start: torch.Tensor  # [NB] long
-    block_len: torch.Tensor  # [NB] long, after this pass's writes
+    q_pos: torch.Tensor  # [R] int32
+    view_pos: torch.Tensor  # [R] int32
+    qrel: torch.Tensor  # [R, NB] int32
+    slots: torch.Tensor  # [R] long (an index_copy_ index)
+    block_start: torch.Tensor  # [NB] int32
+    block_len: torch.Tensor  # [NB] int32, after this pass's writes
     arena_used: bool  # some arena block is non-empty
+    _derived: dict = field(default_factory=dict, compare=False, repr=False)  # made once, read by every layer
 
     @classmethod
     def build(cls, rows: Rows, layout: Layout, device: torch.device) -> Plan:
-        def t(x):
-            return torch.tensor(x, dtype=torch.long, device=device)
+        # Positions as the block kernel reads them (int32), so no layer converts them again; a view position
+        # near 2**31 is far beyond any cache a device holds.
+        def t(x, dtype=torch.int32):
+            return torch.tensor(x, dtype=dtype, device=device)
 
         starts = layout.starts
         return cls(rows, tuple(starts), tuple(layout.caps), t(rows.q_pos), t(rows.view_pos),
-                   t(rows.qrel).view(len(rows.q_pos), layout.blocks), t(rows.slots), t(starts), t(layout.lengths),
-                   any(layout.lengths))
+                   t(rows.qrel).view(len(rows.q_pos), layout.blocks), t(rows.slots, torch.long), t(starts),
+                   t(layout.lengths), any(layout.lengths))
+
+    def held_keys(self, window: int | None) -> HeldKeys:
+        """The arena's block bookkeeping for layers of this window (one per window, shared by those layers)."""
+        key = ("held", window)
+        if key not in self._derived:
+            self._derived[key] = HeldKeys(self.q_pos, self.block_start, self.block_len, self.qrel, window)
+        return self._derived[key]
+
+    def view_turn(self, rope: Rope, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors turning each row's query from q_pos to its view position (`Rope.shift_by`), per RoPE."""
+        key = ("turn", id(rope), width)
+        hit = self._derived.get(key)
+        if hit is None or hit[0] is not rope:
+            hit = self._derived[key] = (rope, rope.shift_factors(self.view_pos - self.q_pos, width, self.q_pos.device))
+        return hit[1]
 
 
 class HogwildLayer:
@@ -130,9 +148,9 @@ class HogwildLayer:
         if plan.arena_used:
             out, lse = block_decode_attention(rows, plan.q_pos, self.k, self.v, plan.block_start, plan.block_len,
                                               plan.qrel, self.rope.inv_freq, self.rope.interleaved, scale, softcap,
-                                              self.window)
+                                              self.window, held=plan.held_keys(self.window))
         if self.history.held:
-            ho, hl = self.history.attend(rows, plan.q_pos, plan.view_pos, scale, softcap, self.window)
+            ho, hl = self.history.attend(rows, plan, scale, softcap, self.window)
             out, lse = (ho, hl) if out is None else merge_partials(out, lse, ho, hl)
         out = out.reshape(b, nq, hq, d).permute(0, 2, 1, 3)
         if not need_lse:
