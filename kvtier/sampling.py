@@ -13,6 +13,10 @@ import torch
 from .errors import brief, not_utf8
 
 
+_SHIFT_BELOW = 1e-2  # temperatures below which the logits are shifted to a maximum of 0 first; above, the bits
+# are those of transformers' temperature warper (the same softmax once normalised)
+
+
 @dataclass(frozen=True)
 class Sampling:
     do_sample: bool = False
@@ -33,7 +37,10 @@ class Sampling:
         """One token per row of logits [R, V]."""
         if not self.do_sample:
             return logits.argmax(-1).tolist()
-        x = logits.float() / self.temperature
+        x = logits.float()
+        if self.temperature < _SHIFT_BELOW:  # logits / 1e-39 overflow to inf (softmax: NaN); less the max, to -inf
+            x = x - x.amax(-1, keepdim=True)
+        x = x / self.temperature
         if self.top_k:
             kth = torch.topk(x, min(self.top_k, x.shape[-1]), dim=-1).values[:, -1:]
             x = x.masked_fill(x < kth, float("-inf"))

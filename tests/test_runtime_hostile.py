@@ -255,3 +255,14 @@ def test_a_parameters_schema_nested_past_what_json_writes_is_a_tool_spec_error()
         deep = {"type": "array", "items": deep}
     with pytest.raises(ToolSpecError, match="tool 'deep': parameters schema is not JSON \\(RecursionError"):
         Tool("deep", "nested", {"type": "object", "properties": {"x": deep}}, lambda **kw: 1)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45])
+def test_a_temperature_near_zero_samples_the_most_likely_token(temperature):
+    """A temperature that float32 barely holds made logits / temperature overflow (softmax NaN, and
+    torch.multinomial raised deep in a run); near zero, sampling is greedy."""
+    from kvtier.sampling import Sampling
+
+    logits = torch.tensor([[1.0, 3.0, -2.0, 2.5], [0.5, -1.0, 4.0, float("-inf")]])
+    sample = Sampling(do_sample=True, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    assert sample(logits) == [1, 2]
