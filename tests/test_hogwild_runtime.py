@@ -191,6 +191,24 @@ def test_stops_on_the_answer_pattern(model, tok):
     assert any(wanted in s.text for s in r.open_steps)
 
 
+def test_the_answer_waits_for_a_character_split_across_tokens(model, tok, monkeypatch):
+    """A multi-byte character written one byte-token at a time decodes to U+FFFD until its last byte: a pattern
+    such as `Answer: \\S+` is not matched against that placeholder, but against the whole character."""
+    from kvtier.hogwild import runtime
+
+    byte_ids = tok.convert_tokens_to_ids(list(tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("日")[0][0]))
+    assert len(byte_ids) == 3 and tok.decode(byte_ids[:1]) == "\ufffd" and tok.decode(byte_ids) == "日"
+    script = iter(encode_text(tok, "Answer: ") + byte_ids + encode_text(tok, " and more"))
+
+    def scripted(self, logits):  # every worker writes the script, one token per round
+        token = next(script)
+        return [token] * logits.shape[0]
+
+    monkeypatch.setattr(runtime.Sampling, "__call__", scripted)
+    r = run(model, tok, workers=2, max_new_tokens=40, finisher_tokens=0, answer_pattern=r"Answer: \S+")
+    assert r.stopped == "answer" and r.answer == "Answer: 日"
+
+
 def test_stops_on_eos_without_writing_it(model, tok):
     free = run(model, tok, workers=2, max_new_tokens=16, finisher_tokens=0)
     prefix = encode_text(tok, "**Bob [1]:**")

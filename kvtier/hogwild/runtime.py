@@ -39,6 +39,7 @@ from .cache import HogwildCache
 from .layout import MAX_WORKERS
 from .prompts import CollaborationTemplate, encode_text, step_ends
 
+SPLIT_CHARACTER = "\ufffd"  # what decode shows for the bytes of a character whose last byte is still to come
 # \boxed{...} with up to two levels of braces inside (\boxed{\frac{1}{2}} is one answer, not "\boxed{\frac{1}")
 BOXED = r"\\boxed\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}"
 
@@ -308,7 +309,7 @@ class _Run:
         self.stats.tokens_per_worker[lane.worker] += 1
         lane.since_check_in += 1
         text = lane.body()
-        found = self.opts.pattern.search(text) if self.opts.pattern is not None else None
+        found = _search(self.opts.pattern, text)
         if found is not None:
             self.answer = self.answer or found.group(0)
         elif step_ends(text):
@@ -336,7 +337,7 @@ class _Run:
         """Hand on_token the text new since `shown`; returns what has been shown now."""
         if self.opts.on_token is None:
             return text
-        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest of it
+        if text.endswith(SPLIT_CHARACTER):  # a character split across tokens: wait for the rest of it
             self.opts.on_token(worker, token, "")
             return shown
         self.opts.on_token(worker, token, text[len(shown):] if text.startswith(shown) else text)
@@ -378,11 +379,11 @@ class _Run:
             self.stats.finisher_tokens += 1
             text = self.tok.decode(ids + written, skip_special_tokens=True)
             shown = self.stream(worker, token, text, shown)
-            if (pattern is not None and pattern.search(text)) or i == self.opts.finisher_tokens - 1:
+            if _search(pattern, text) or i == self.opts.finisher_tokens - 1:
                 break
             logits = self.cache.prefill_history([token])
             self.stats.forward_passes += 1
-        found = pattern.search(text) if pattern is not None else None
+        found = _search(pattern, text.rstrip(SPLIT_CHARACTER))  # a character never finished is no answer
         self.answer = found.group(0) if found else None
         return text
 
@@ -393,6 +394,15 @@ class _Run:
         self.stats.kv = self.cache.held
         return HogwildResult([lane.name for lane in self.lanes], texts, self.trace, open_steps, self.answer,
                              final_text, stopped, self.stats)
+
+
+def _search(pattern: re.Pattern | None, text: str) -> re.Match | None:
+    """The answer in text, looked for only once text ends on a whole character: a multi-byte character split
+    across tokens decodes to U+FFFD until its last byte comes, and a pattern such as `Answer: \\S+` would take
+    that placeholder for the answer."""
+    if pattern is None or text.endswith(SPLIT_CHARACTER):
+        return None
+    return pattern.search(text)
 
 
 def _check(workers, max_new_tokens, do_sample, temperature, top_p, top_k, check_in_every, finisher_tokens,
