@@ -7,6 +7,7 @@ attention lives in `kvtier.attention`. This class translates transformers' calls
 from __future__ import annotations
 
 import inspect
+import os
 import tempfile
 import threading
 import weakref
@@ -102,6 +103,7 @@ class KVTierCache(Cache):
         self.info: dict[str, Any] = {}  # user facts saved with the session
         self._owner = threading.get_ident()
         self._owner_lock = threading.Lock()  # guards ownership changes against a forward pass starting
+        self._pid = os.getpid()  # a forked child must not use it: the store, its lock and readers are this process's
         self._in_forward = False  # a forward pass started and has not finished (or was interrupted)
         self._guard = ForwardGuard()  # whether a pass that raised left the layers whole
         self._before_forward: tuple[tuple, list[Any]] | None = None  # what a pass that raised is rolled back to
@@ -362,6 +364,7 @@ class KVTierCache(Cache):
 
         Refused with CacheThreadError while a forward pass runs in the current owner; after an interrupted
         forward pass, call `reset()` in the owner thread first."""
+        self._check_process("claim()", "KVTierCache")
         with self._owner_lock:
             if self._in_forward and self._owner != threading.get_ident():
                 raise CacheThreadError(
@@ -371,11 +374,23 @@ class KVTierCache(Cache):
             self._owner = threading.get_ident()
 
     def _check_thread(self, what: str, kind: str = "KVTierCache") -> None:
+        self._check_process(what, kind)
         if threading.get_ident() != self._owner:
             raise CacheThreadError(
                 f"{what} from thread {threading.current_thread().name!r}, but this {kind} belongs to thread "
                 f"{self._owner_name()}: use a cache from one thread at a time (call cache.claim() in the thread "
                 "that uses it now)"
+            )
+
+    def _check_process(self, what: str, kind: str) -> None:
+        """A process forked from the one that made the cache shares its store's files, lock and session ids (two
+        children writing chunks read each other's records back as their own, every check passing), but not its
+        reader threads: refused."""
+        if os.getpid() != self._pid:
+            raise CacheThreadError(
+                f"{what} in process {os.getpid()}, but this {kind} was made in process {self._pid} and a forked "
+                "process cannot use it (its store, lock and reader threads are that process's); open the session "
+                "again in this process (KVTierCache.open) or make a new cache here"
             )
 
     def _owner_name(self) -> str:

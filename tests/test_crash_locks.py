@@ -53,3 +53,79 @@ def test_the_lock_of_a_killed_process_blocks_no_one(tmp_path):
     assert (tmp_path / "s" / "kvtier.lock").read_text() == str(holder.pid)  # left behind, and harmless:
     DiskStore(tmp_path / "s").close()
     DiskStore(tmp_path / "s", create=False, readonly=True).close()
+
+
+def _in_child(work) -> str:
+    """Run work() in a forked child; what it returns (or raises, as 'Name: message'), back through a pipe."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        try:
+            os.close(read)
+            try:
+                out = str(work())
+            except BaseException as exc:  # noqa: BLE001 - the outcome is the test's to read
+                out = f"{type(exc).__name__}: {exc}"
+            os.write(write, out.encode()[:60000])
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    return text
+
+
+@pytest.mark.parametrize("temporary", [False, True], ids=["saved-store", "temporary-store"])
+def test_a_forked_child_closing_the_store_leaves_the_parents_alone(tmp_path, temporary):
+    """A child forked while a store is open runs its finalizers at exit: DiskStore.close there released the
+    parent's flock (one open file description: another process then opened the store beside the parent),
+    and would have deleted a temporary store under the parent."""
+    import fcntl
+
+    disk = DiskStore(tmp_path / "s", remove_on_close=temporary)
+    disk.put_meta("probe", "kept")
+    try:
+        assert _in_child(lambda: disk.close() or "closed") == "closed"
+        fd = os.open(tmp_path / "s" / "kvtier.lock", os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # still held by the parent's description
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        assert (tmp_path / "s").is_dir() and disk.get_meta("probe") == "kept"
+    finally:
+        disk.close()
+
+
+def test_a_cache_refuses_a_forked_process(tmp_path):
+    """Two children forked from one open session wrote their chunks under the same ids into the parent's store
+    and read each other's KV back with every check passing (logits off by 0.68): a cache is refused in any
+    process but the one that made it, in one line that says what to do."""
+    import torch
+    import transformers as tf
+
+    from kvtier import KVTierCache, cache_argument
+
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    cache = KVTierCache.for_model(model, store_path=tmp_path / "s", device_budget=40, host_budget=0,
+                                  sink_tokens=4, recent_window=8, chunk_size=8)
+    ids = torch.randint(0, 64, (1, 60))
+
+    def feed():
+        with torch.no_grad():
+            model(input_ids=ids, **{cache_argument(model): cache})
+        return "fed"
+
+    try:
+        assert feed() == "fed"
+        for work in (feed, cache.save, cache.claim, cache.reset):
+            said = _in_child(work)
+            assert said.startswith("CacheThreadError: ") and "a forked process cannot use it" in said, said
+            assert "\n" not in said
+        assert feed() == "fed"  # the parent's cache is untouched
+    finally:
+        cache.close()

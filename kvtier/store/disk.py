@@ -265,6 +265,7 @@ class DiskStore(RecordStore):
         self.readonly = readonly
         self.remove_on_close = remove_on_close
         self.closed = True
+        self._pid = os.getpid()  # `close` in a forked child leaves the parent's store alone
         self._resize_lock = _ResizeLock()
         self._lock_fd: int | None = None
         self._data_fd: int | None = None
@@ -657,6 +658,11 @@ class DiskStore(RecordStore):
         if self.closed:
             return
         self.closed = True
+        if os.getpid() != self._pid:
+            # A forked child (its finalizers run at exit) shares the parent's store: unlocking would release the
+            # parent's flock (one open file description), closing the env would clear the parent's LMDB reader
+            # slots, and a temporary store would be deleted under it. The child leaves all of it alone.
+            return
         try:
             if not self.remove_on_close and not self.readonly:
                 with self._lmdb_errors("sync"):
