@@ -292,6 +292,7 @@ class Session:
         # _remote_url is the user's URL, credentials included: it connects and is never printed.
         self.remote: RemoteURL | None = None
         self._remote_url: str | None = None
+        self._said_unusable = False  # the server's session for this document was found damaged (said once)
         if args.remote is not None:
             name = f"qa-{dtype_name(self.spec.dtype)}-{self.spec.signature[:16]}-{digest[:32]}"
             self._remote_url = session_url(args.remote, name)
@@ -350,10 +351,19 @@ class Session:
         """The document's session on the server, as messages and --json name it (no credentials)."""
         return None if self.remote is None else self.remote.shown
 
-    def _published(self) -> bool:
+    def _published(self) -> bool | None:
+        """Whether the server holds this document's session. None where its pointer is damaged or of another
+        kvtier version (said once): this run neither reads it nor publishes over it, and answers from a session
+        of its own; --rebuild could not help, only unpublishing the name."""
         server = RedisServer(self.remote)
         try:
             return read_pointer(server, self.remote.name) is not None
+        except (StoreCorruptError, StoreMismatchError) as exc:
+            if not self._said_unusable:
+                self._said_unusable = True
+                print(f"kvtier: {error_line(exc)}; answering from this machine's own session, not published "
+                      "over it (remove it with kvtier.unpublish(URL), or choose another ?prefix=)", file=sys.stderr)
+            return None
         finally:
             server.close()
 
@@ -363,8 +373,10 @@ class Session:
 
         A session opened from a server is never saved back (`KVTierCache.save` refuses): it is only read, and a
         rewind between questions drops what the answer added, here as for a local store."""
-        if not self._published():
-            print(f"kvtier: no session of this document on {printable(self.address)} yet", file=sys.stderr)
+        published = self._published()
+        if not published:
+            if published is False:
+                print(f"kvtier: no session of this document on {printable(self.address)} yet", file=sys.stderr)
             return None
         if is_store(self.store) and cached_session(self.store) is None:
             # a prefill of this store that this run does not use (unfinished, or replaced by the published
@@ -400,7 +412,7 @@ class Session:
             print(f"kvtier: answering from {printable(self.store)}; cannot look up {printable(self.address)} "
                   f"({error_line(exc)})", file=sys.stderr)
             return
-        if not published:
+        if published is False:
             self._publish(cache, None)
 
     def _publish(self, cache: KVTierCache, info: dict[str, Any] | None) -> None:
@@ -410,8 +422,9 @@ class Session:
         try:
             cache.save(info, remote=self._remote_url)
         except SessionExistsError:
-            print(f"kvtier: {printable(self.address)} is already published (another machine published it first); "
-                  "it stays, and this machine answers from its own prefill", file=sys.stderr)
+            if self._published() is not None:  # else the damaged name was just said
+                print(f"kvtier: {printable(self.address)} is already published (another machine published it "
+                      "first); it stays, and this machine answers from its own prefill", file=sys.stderr)
         except RemoteStoreError as exc:  # the local save stands: only the publish failed
             print(f"kvtier: the session is saved in {printable(self.store)} but not published "
                   f"({error_line(exc)}); the next kvtier qa --remote publishes it", file=sys.stderr)

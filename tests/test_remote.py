@@ -188,6 +188,9 @@ def test_a_password_left_unencoded_is_never_quoted(url):
     ("bogus=1", "unknown remote URL option 'bogus'"),
     ("socket_timeout=soon", "'socket_timeout' must be a positive number"),
     ("socket_timeout=-1", "'socket_timeout' must be a positive number"),
+    ("socket_timeout=1e300", "at most 86400"),  # past the clock's range: a traceback from the socket
+    ("socket_connect_timeout=inf", "at most 86400"),
+    ("max_connections=1e30", "a whole one, at most"),
     ("ssl_ca_certs=/ca.pem", "needs TLS: use rediss://"),
     ("password=hunter2", "not in its query"),
     ("socket_keepalive=maybe", "true or false"),
@@ -325,6 +328,7 @@ HOSTILE = {
     "pointer bad ns": (_forged_pointer(ns="../../etc"), StoreCorruptError, "pointer is damaged"),
     "pointer of another name": (_forged_pointer(name="other"), StoreCorruptError, "pointer is damaged"),
     "pointer bad count": (_forged_pointer(records=-1), StoreCorruptError, "not a count"),
+    "pointer huge count": (_forged_pointer(bytes=10**400), StoreCorruptError, "not a count"),  # broke the listing
     "pointer names a missing namespace": (_forged_pointer(ns="0" * 32), StoreCorruptError, "lost its metadata"),
     "store header damaged": (_flip("store"), StoreCorruptError, "checksum"),
     "manifest damaged": (_flip("session"), StoreCorruptError, "checksum"),

@@ -213,3 +213,22 @@ def test_remote_errors_are_one_line_without_credentials(tiny, private_redis, tmp
         assert PASSWORD not in out.stdout + out.stderr
     for path in [*(tmp_path / "a").rglob("*"), *(tmp_path / "b").rglob("*")]:
         assert PASSWORD.encode() not in path.read_bytes(), path
+
+
+def test_qa_remote_answers_past_a_damaged_pointer_and_never_publishes_over_it(tiny, redis_url, tmp_path, capsys):
+    """A damaged pointer under the document's name blocked `qa --remote` for good: every run said 'pass
+    --rebuild', --rebuild then called it 'already published (another machine published it first)', and the
+    next run refused again. Now each run says the name cannot be used and answers from its own session."""
+    from test_remote import prefix_of, raw
+
+    published = qa(capsys, tiny, tmp_path / "a", "--remote", redis_url)[1]
+    name = published["remote"].split("/")[-1].split("?")[0]
+    client = raw(redis_url)
+    client.set(f"{prefix_of(redis_url)}:{{{name}}}:session", b"garbage")  # the pointer, damaged
+    said = "is damaged (not a sealed kvtier entry); answering from this machine's own session, not published over it"
+    for store, extra, source in (("b", (), "prefill"), ("b", (), "store"), ("c", ("--rebuild",), "prefill")):
+        out, record = qa(capsys, tiny, tmp_path / store, "--remote", redis_url, *extra)
+        assert said in out.stderr and out.stderr.count(said) == 1, out.stderr
+        assert "already published" not in out.stderr and "Traceback" not in out.stderr
+        assert record["source"] == source and record["answer"] == published["answer"]
+    assert client.get(f"{prefix_of(redis_url)}:{{{name}}}:session") == b"garbage"  # never written over

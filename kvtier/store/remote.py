@@ -224,6 +224,7 @@ class RemoteURL:
 # Options a URL's query may pass to the client (redis-py reads them from the URL); anything else is refused
 # here, as a one-line error, rather than by the client at the first command.
 _NUMBER_OPTIONS = {"socket_timeout", "socket_connect_timeout", "max_connections"}
+_MOST_TIMEOUT_S = 86400  # a day: longer waits on one socket operation are a typo
 _FLAG_OPTIONS = {"socket_keepalive", "ssl_check_hostname"}
 _TLS_OPTIONS = {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_cert_reqs",
                 "ssl_check_hostname", "ssl_min_version"}
@@ -242,14 +243,16 @@ def _check_options(query: list[tuple[str, str]], *, tls: bool) -> None:
         if key not in _NUMBER_OPTIONS | _FLAG_OPTIONS | _TLS_OPTIONS:
             raise CacheInputError(f"unknown remote URL option {key[:40]!r} (known: prefix, {', '.join(known)})")
         if key in _NUMBER_OPTIONS | {"ssl_min_version"}:
+            timeout = key in ("socket_timeout", "socket_connect_timeout")
+            most = _MOST_TIMEOUT_S if timeout else 2**31 - 1  # a socket's deadline must fit the clock (1e300 did not)
             try:
-                ok = float(value) > 0 and (key in ("socket_timeout", "socket_connect_timeout") or
-                                           float(value).is_integer())
+                ok = 0 < float(value) <= most and (timeout or float(value).is_integer())
             except ValueError:
                 ok = False
             if not ok or len(value) > 20:
                 raise CacheInputError(f"the remote URL option {key!r} must be a positive number"
-                                      + ("" if "timeout" in key else " (a whole one)"))
+                                      + (f" of seconds, at most {_MOST_TIMEOUT_S}" if timeout else
+                                         f" (a whole one, at most {most})"))
         if key in _FLAG_OPTIONS and value.lower() not in ("0", "1", "true", "false", "yes", "no", "y", "n"):
             raise CacheInputError(f"the remote URL option {key!r} is true or false")
         if key == "ssl_cert_reqs" and value.lower() not in ("none", "optional", "required"):
@@ -581,8 +584,8 @@ def _checked_pointer(server: RedisServer, name: str, raw: bytes | None) -> dict[
                                  f"{str(value.get('version'))[:20]!r}); publish it again with this one")
     if not isinstance(value.get("ns"), str) or not _NS.fullmatch(value["ns"]) or value.get("name") != name:
         raise StoreCorruptError(f"{where}: its pointer is damaged")
-    for count in ("records", "bytes", "length"):
-        if not isinstance(value.get(count), int) or isinstance(value.get(count), bool) or value[count] < 0:
+    for count in ("records", "bytes", "length"):  # below 2**63, as any store's are (10**400 broke the listing)
+        if not isinstance(value.get(count), int) or isinstance(value.get(count), bool) or not 0 <= value[count] < 2**63:
             raise StoreCorruptError(f"{where}: {count} is not a count")
     return value
 
