@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from . import __version__
@@ -83,5 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(f"kvtier bench {args.name}", lambda _: bench_main(rest) or 0, args)
 
 
+def console_main(argv: list[str] | None = None) -> int:
+    """The `kvtier` program: `main`, then Ctrl-C and SIGTERM ignored while the interpreter exits, where
+    finalizers close stores (a key pressed again there ended the program in a traceback)."""
+    code = main(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

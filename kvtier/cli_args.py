@@ -149,16 +149,48 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _stop_once(signum: int, frame: Any) -> None:
+    """The first Ctrl-C or SIGTERM interrupts the command; later ones are ignored until it returns, so the
+    cleanup the first starts (stores closed, what a prefill saved said) is not cut into a traceback."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def write_file(path: str | Path, text: str) -> None:
+    """Write a result file whole or not at all: into a temporary file beside it, then renamed over it (a full
+    disk or a file size limit mid-write left the previous result cut short, as invalid JSON)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command: a usage problem, a kvtier error, a bad value or an OS error is one line on stderr and exit
     code 2; Ctrl-C is exit code 130 and SIGTERM 143 (one line, unless the command already said what the
     interruption left). Output the terminal cannot encode is escaped, not an error; a reader that goes away
     (`| head`) ends the command quietly, as it ends other Unix tools (exit code 141)."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to answer
+        if sys.stderr is not None:
+            print(f"{name}: error: standard output is closed; redirect it to a file or /dev/null", file=sys.stderr)
+        return 2
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = previous_int = None
+    if main_thread:
+        previous = signal.signal(signal.SIGTERM, _stop_once)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # never a handler the caller installed
+            previous_int = signal.signal(signal.SIGINT, _stop_once)
     try:
         code = run(args)
         sys.stdout.flush()  # here, not at exit: a reader gone before the last write is met below
@@ -179,5 +211,7 @@ def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argpa
         print(f"\n{name}: interrupted", file=sys.stderr)
         return 130
     finally:
-        if main_thread and previous is not None:
+        if main_thread:
             signal.signal(signal.SIGTERM, previous)
+            if previous_int is not None:
+                signal.signal(signal.SIGINT, previous_int)

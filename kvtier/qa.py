@@ -139,7 +139,7 @@ def load(model_id: str, dtype: str, device: str):
         model = tf.AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype).to(device).eval()
     except Exception as exc:  # noqa: BLE001
         raise QAError(f"{model_id} is not a causal language model kvtier can load ({_first_line(exc)})") from None
-    if dtype == "auto" and device == "cpu" and model.dtype in (torch.float16, torch.bfloat16):
+    if dtype == "auto" and torch.device(device).type == "cpu" and model.dtype in (torch.float16, torch.bfloat16):
         model = model.float()  # half precision matmuls are slow or missing on CPUs
     return tokenizer, model
 
@@ -149,6 +149,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_text("--model", args.model, "a local model directory or a hub id (Qwen/Qwen2.5-7B-Instruct)")
     check_text("--doc", args.doc, "the text file that holds the document")
     check_text("--store", args.store, "a store directory, or leave --store out for one under $KVTIER_HOME/qa")
+    check_utf8("--store", args.store)  # the path goes into the session's UTF-8 records
     check_device(args.device)
     if args.max_new_tokens < 1:
         raise QAError(f"--max-new-tokens {args.max_new_tokens}: an answer needs at least 1 new token")

@@ -200,6 +200,11 @@ def test_text_that_is_not_utf8_is_one_line(tiny, tmp_path, capsys):
                "--names is not UTF-8 text")
     _one_error(capsys, ["tim", "--model", model, "--prompt", latin1], "--prompt is not UTF-8 text")
     assert not (tmp_path / "s").exists()
+    # a store path of such bytes failed after the model loaded, in the codec's words, leaving a directory behind
+    store = tmp_path / b"st\xff".decode("utf-8", "surrogateescape")
+    _one_error(capsys, ["qa", "--model", model, "--doc", str(tiny / "doc.txt"), "--store", str(store),
+                        "--question", "q"], "--store is not UTF-8 text")
+    assert not store.exists()
 
 
 def test_hogwild_refuses_more_workers_than_tokens(tmp_path, capsys):
@@ -354,6 +359,77 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(store_with_unicode_inf
     p.stdout.close()
     err = p.stderr.read()
     assert p.wait(timeout=120) == 141 and not err, err
+
+
+def test_a_closed_stdout_is_one_line(store_with_unicode_info):
+    """`kvtier inspect STORE >&-`: no stdout at all ended in an AttributeError traceback."""
+    p = _inspect_process(store_with_unicode_info, preexec_fn=lambda: os.close(1))
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 2 and err.strip() == "kvtier inspect: error: standard output is closed; redirect " \
+        "it to a file or /dev/null", err
+
+
+STOP_TWICE = """
+import os, signal, sys
+from kvtier.cli_args import run_command
+def run(args):
+    try:
+        os.kill(os.getpid(), signal.SIG)  # the first: interrupts
+        raise SystemExit("not interrupted")
+    finally:
+        os.kill(os.getpid(), signal.SIG)  # another, while the command cleans up
+        print("cleanup done", flush=True)
+code = run_command("kvtier x", run, None)
+print("restored", signal.getsignal(signal.SIG) in (signal.default_int_handler, signal.SIG_DFL), flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_second_ctrl_c_does_not_cut_the_cleanup_of_the_first(sig, code):
+    """Ctrl-C pressed again while the command closed its stores cut that work short with a KeyboardInterrupt
+    traceback, or dropped the line saying what a prefill had saved; the handlers are the caller's again after."""
+    out = subprocess.run([sys.executable, "-c", STOP_TWICE.replace("signal.SIG)", f"signal.{sig})")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == code and out.stdout.split() == ["cleanup", "done", "restored", "True"], out
+    assert "Traceback" not in out.stderr and out.stderr.strip().splitlines() == [
+        "kvtier x: " + ("interrupted" if sig == "SIGINT" else "terminated")], out.stderr
+
+
+def test_a_ctrl_c_as_the_program_exits_is_ignored(tmp_path):
+    """The `kvtier` program ignores Ctrl-C once its command returned: finalizers close stores at exit."""
+    script = ("import atexit, os, signal, sys; from kvtier.cli import console_main; "
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), print('exit done', flush=True))); "
+              "sys.exit(console_main(['inspect', sys.argv[1]]))")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "none")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stdout == "exit done\n" and "Traceback" not in out.stderr, out
+
+
+def test_result_files_are_written_whole_or_not_at_all(tmp_path):
+    """--json and benchmark results: a write cut by a file size limit (or a full disk) left the previous
+    result as 1 KiB of invalid JSON."""
+    target = tmp_path / "result.json"
+    target.write_text('{"previous": 1}')
+    script = ("import resource, signal, sys; from kvtier.cli_args import write_file; "
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)); "
+              "write_file(sys.argv[1], 'x' * 5000)")
+    out = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "File too large" in out.stderr
+    assert target.read_text() == '{"previous": 1}' and sorted(os.listdir(tmp_path)) == ["result.json"]
+
+
+def test_qa_loads_a_half_precision_checkpoint_in_float32_on_any_cpu_device(tmp_path):
+    """--device cpu:0 loaded a bfloat16 checkpoint in bfloat16 where --device cpu gives float32 (the docs'
+    'auto: the checkpoint's; float32 on a CPU'): another store, other answers."""
+    import transformers as tf
+
+    from kvtier.qa import load
+
+    save_tiny_model(tmp_path / "m")
+    tf.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).save_pretrained(tmp_path / "m")
+    for device in ("cpu", "cpu:0"):
+        assert load(str(tmp_path / "m"), "auto", device)[1].dtype == torch.float32, device
 
 
 class _Template:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..cli_args import write_file
+
 DEFAULT_OUT = Path(".")  # results go where the user runs the command, never into the package
 HAYSTACK_ENV = "KVTIER_HAYSTACK_DIR"
 
@@ -207,7 +209,7 @@ def write_result(name: str, result: dict[str, Any], out_dir: str | Path = DEFAUL
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     result = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), **result}
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_file(path, json.dumps(result, indent=2) + "\n")
     return path
 
 

@@ -14,12 +14,11 @@ import os
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from ..cli_args import (UsageError, budget_tokens, check_outputs_and_memory, check_sampling, check_utf8,
-                        run_command)
+                        run_command, write_file)
 from ..errors import printable
 from .layout import MAX_WORKERS
 from .prompts import CollaborationTemplate
@@ -195,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=out)
     if args.json is not None:
         record = {"model": args.model, "problem": args.problem, **result.as_dict()}
-        Path(args.json).write_text(json.dumps(record, indent=1))
+        write_file(args.json, json.dumps(record, indent=1))
     return 0
 
 

@@ -14,13 +14,12 @@ import importlib.util
 import json
 import shutil
 import sys
-from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
 from ..cli_args import (UsageError, budget_tokens, check_outputs_and_memory, check_sampling, check_utf8,
-                        run_command)
+                        run_command, write_file)
 from ..errors import printable
 from .runtime import Pruned, TimResult, ToolCall, generate
 from .schema import MAX_DEPTH, MAX_STRING_LENGTH
@@ -230,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if args.json is not None:
         record = {"model": args.model, "prompt": args.prompt, **result.as_dict()}
-        Path(args.json).write_text(json.dumps(record, indent=1))
+        write_file(args.json, json.dumps(record, indent=1))
     return 0
 
 
