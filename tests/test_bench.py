@@ -54,6 +54,9 @@ def test_bench_codec_writes_json(tmp_path):
     assert result["config"]["text_source"] == "generated"
     assert {r["byte_planes"] for r in result["results"]} == {True, False}
     assert any(r["zstd_level"] is None and not r["byte_planes"] for r in result["results"])  # raw records
+    assert "Nonex" not in out.stdout
+    only = _kvtier("bench", "codec", "--tokens", "256", "--levels", "3", "--out", str(tmp_path))  # not the default
+    assert only.returncode == 0 and "the default was not among the settings measured" in only.stdout, only.stdout
 
 
 def test_unknown_command_fails_cleanly():

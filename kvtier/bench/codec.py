@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, row in d["cold_reads"].items():
             print(f"  {name:40s} {row['mb_s']:8.1f} MB/s  disk bytes per byte {row.get('disk_bytes_per_byte')}")
     for key, c in (result["choice"] or {}).items():
-        print(f"{key:18s} best {_label(c['best']['zstd_level'])} planes={c['best']['byte_planes']}; default reads at "
-              f"{c['default_effective_cold_vs_best']}x its effective cold rate")
+        ratio = c["default_effective_cold_vs_best"]
+        versus = ("the default was not among the settings measured" if ratio is None else
+                  f"default reads at {ratio}x its effective cold rate")
+        print(f"{key:18s} best {_label(c['best']['zstd_level'])} planes={c['best']['byte_planes']}; {versus}")
     print(f"wrote {path}")
