@@ -372,6 +372,7 @@ def test_a_closed_stdout_is_one_line(store_with_unicode_info):
 STOP_TWICE = """
 import os, signal, sys
 from kvtier.cli_args import run_command
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job starts ignoring it)
 def run(args):
     try:
         os.kill(os.getpid(), signal.SIG)  # the first: interrupts
@@ -399,6 +400,7 @@ def test_a_second_ctrl_c_does_not_cut_the_cleanup_of_the_first(sig, code):
 def test_a_ctrl_c_as_the_program_exits_is_ignored(tmp_path):
     """The `kvtier` program ignores Ctrl-C once its command returned: finalizers close stores at exit."""
     script = ("import atexit, os, signal, sys; from kvtier.cli import console_main; "
+              "signal.signal(signal.SIGINT, signal.default_int_handler); "
               "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), print('exit done', flush=True))); "
               "sys.exit(console_main(['inspect', sys.argv[1]]))")
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "none")], capture_output=True, text=True,

@@ -397,12 +397,15 @@ class _Run:
 
 
 def _search(pattern: re.Pattern | None, text: str) -> re.Match | None:
-    """The answer in text, looked for only once text ends on a whole character: a multi-byte character split
+    """The answer in text, unless it takes in a character still being written: a multi-byte character split
     across tokens decodes to U+FFFD until its last byte comes, and a pattern such as `Answer: \\S+` would take
-    that placeholder for the answer."""
-    if pattern is None or text.endswith(SPLIT_CHARACTER):
+    that placeholder for the answer (then the search waits for the character)."""
+    if pattern is None:
         return None
-    return pattern.search(text)
+    found = pattern.search(text)
+    if found is not None and found.end() > len(text.rstrip(SPLIT_CHARACTER)):
+        return None
+    return found
 
 
 def _check(workers, max_new_tokens, do_sample, temperature, top_p, top_k, check_in_every, finisher_tokens,
