@@ -16,7 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from . import hooks
 from .attend import attend
-from .errors import CacheInputError, UnsupportedModelError
+from .errors import CacheInputError, UnsupportedModelError, brief
 from .kernels import merge_sink
 from .layers import KVHandle
 from .sparse.lookahead import decoder_layers
@@ -40,6 +40,8 @@ _IGNORED = frozenset({
     "output_hidden_states",  # read by the model, not by attention
     "output_router_logits",
     "num_items_in_batch",
+    "tokenizer",  # generate's, for stop_strings: read by its stopping criteria; transformers passes it on
+    "assistant_tokenizer",  # likewise, for assisted decoding across tokenizers
 })
 # These are harmless at the value that leaves attention plain; None always does (transformers' "feature off").
 _PLAIN_VALUES = {"is_causal": True, "output_attentions": False}
@@ -100,7 +102,7 @@ def _refuse_unknown(module: torch.nn.Module, kwargs: dict) -> None:
     for name, value in kwargs.items():
         if value is None or name in _IGNORED or (name in _PLAIN_VALUES and value is _PLAIN_VALUES[name]):
             continue
-        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else brief(value)
         raise UnsupportedModelError(
             f"{_family(module)} passes `{name}` ({shown}) to its attention function; kvtier does not implement "
             "it and refuses rather than ignore it: drop that option, or run the model without kvtier "

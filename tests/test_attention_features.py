@@ -156,6 +156,37 @@ def test_unknown_keywords_are_refused(name, value):
         kvtier_attention(_module(), q, k, v, None, **{name: value})
 
 
+def test_an_unknown_keyword_of_many_lines_is_named_in_one():
+    class Verbose:
+        def __repr__(self):
+            return "Verbose(\n  a=1,\n  b=2\n)"
+
+    q, k, v = _qkv()
+    with pytest.raises(UnsupportedModelError) as err:
+        kvtier_attention(_module(), q, k, v, None, a_keyword_from_the_future=Verbose())
+    assert "\n" not in str(err.value)
+
+
+def test_generate_with_stop_strings_runs_as_with_dynamic_cache():
+    """generate(stop_strings=..., tokenizer=tok) hands the tokenizer on to every attention call; it was refused
+    as an unknown option (which the stop strings need), in a message as long as the tokenizer's repr."""
+    from tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**_COMMON, "vocab_size": len(tok)})).eval()
+    ids = tok("The quick brown fox", return_tensors="pt").input_ids
+    free = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    texts = [tok.decode(t) for t in free[0, ids.shape[1] + 1:]]
+    stop = next(t for t in texts if t.strip().isascii() and t.strip().isalnum())  # a new token's plain text
+    want = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, stop_strings=[stop], tokenizer=tok)
+    mine = twin(model)
+    cache = KVTierCache.for_model(mine)
+    got = mine.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, stop_strings=[stop], tokenizer=tok,
+                        **{cache_kw(mine): cache})
+    assert torch.equal(got, want) and want.shape[1] < free.shape[1]
+
+
 @pytest.mark.parametrize("module_causal, kwarg", [(False, None), (True, False), (False, False)])
 def test_bidirectional_attention_is_refused_at_the_call(module_causal, kwarg):
     q, k, v = _qkv()
