@@ -7,12 +7,15 @@ exactly what kvtier must hold, whichever tier each chunk was in.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import transformers as tf
 from conftest import build_model
 from helpers import cache_kw
 
+import kvtier
 from kvtier import KVTierCache
 from kvtier.errors import CacheInputError, UnsupportedModelError
 from kvtier.rope import Rope
@@ -113,6 +116,26 @@ def test_a_removal_under_inference_mode_leaves_tables_that_later_steps_can_updat
     with torch.no_grad():
         _next_logits(model, cache, torch.tensor([[5]]))
     assert cache.get_seq_length() == 256 - 100 + 20 - 30 + 1
+    cache.close()
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["removed-outside", "removed-inside-inference-mode"])
+def test_host_copies_made_under_inference_mode_move_with_a_span(inside):
+    """Chunks spilled to the host by a pass under torch.inference_mode (kvtier.prefill runs so, as the custom
+    loop does) were kept as inference tensors, which the span's in-place turn could not write: remove_span
+    raised half-way and the next pass read the half-moved layers (logits off by 0.06)."""
+    model, ref_model = build_model("llama"), build_model("llama")
+    ids = _ids(256)
+    cache = KVTierCache.for_model(model, **TIERED)
+    kvtier.prefill(model, cache, ids, segment_tokens=64, progress=False)
+    assert any(c.tier == Tier.HOST for layer in cache.tiers.layers for c in layer.chunks)
+    with torch.inference_mode() if inside else contextlib.nullcontext():
+        cache.remove_span(40, 45)
+    assert not cache.interrupted
+    kv = _removed(_full_kv(ref_model, ids), Rope.for_layers(ref_model), [(40, 45)])
+    token = torch.tensor([[7]])
+    torch.testing.assert_close(_next_logits(model, cache, token), _reference_logits(ref_model, kv, token),
+                               atol=1e-4, rtol=1e-4)
     cache.close()
 
 

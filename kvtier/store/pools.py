@@ -587,7 +587,8 @@ class HostPool:
         n = k.shape[2]
         if not self.fits(n):
             return False
-        k, v = self._to_host(k), self._to_host(v)
+        with storage_mode():
+            k, v = self._to_host(k), self._to_host(v)
         self.data[chunk_id] = (k, v)
         self.used += n
         self.nbytes += k.nbytes + v.nbytes
@@ -595,10 +596,13 @@ class HostPool:
         return True
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy the pool owns; called under `storage_mode` (a span's move turns it in place later)."""
         t = t.detach()
         if t.device.type == "cpu":
             t = t.contiguous()
-            if t.untyped_storage().nbytes() != t.nbytes:  # a view of a larger buffer would keep all of it alive
+            # a view of a larger buffer would keep all of it alive; an inference tensor (a forward pass under
+            # torch.inference_mode, as kvtier.prefill runs) could not be turned in place outside that mode
+            if t.untyped_storage().nbytes() != t.nbytes or t.is_inference():
                 t = t.clone()
             if self.pin and not t.is_pinned():
                 t = t.pin_memory()
@@ -619,6 +623,8 @@ class HostPool:
     def replace(self, chunk_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Swap a chunk's tensors for ones of the same length (e.g. after a batch reorder)."""
         old_k, old_v = self.data[chunk_id]
+        with storage_mode():
+            k, v = self._to_host(k), self._to_host(v)
         self.nbytes += k.nbytes + v.nbytes - old_k.nbytes - old_v.nbytes
         self.data[chunk_id] = (k, v)
 
