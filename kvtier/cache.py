@@ -257,6 +257,11 @@ class KVTierCache(Cache):
             self._before_forward = None  # a pass refused below is no pass: `forward_ends` must undo nothing
         self._check_open()
         self._check_thread("a forward pass")  # checked again below, under the lock; first, so it is what is said
+        if self._in_forward:  # its layers may hold different tokens: a pass over them would be silently wrong
+            raise CacheInputError(
+                "this cache is interrupted (a forward pass stopped part-way, by Ctrl-C or an error inside kvtier's "
+                "own work, or a remove_span failed part-way), so its layers may hold different tokens; call "
+                "cache.reset() (or reopen the saved session) before the next pass")
         if model is not None:
             self._check_model(model)
         self._check_positions(position_ids, attention_mask)
@@ -264,11 +269,9 @@ class KVTierCache(Cache):
             self._check_ids(input_ids)
         with self._owner_lock:
             self._check_thread("a forward pass")
-            resumed = self._in_forward  # a pass after an interrupted one: no whole state to go back to
             self._in_forward = True
         self._guard = ForwardGuard()
-        self._before_forward = None if resumed else (self._tokens.checkpoint(),
-                                                     [layer.checkpoint() for layer in self.layers])
+        self._before_forward = (self._tokens.checkpoint(), [layer.checkpoint() for layer in self.layers])
         self._tokens.record(input_ids, self.get_seq_length())
 
     def _check_model(self, model: torch.nn.Module) -> None:
@@ -340,23 +343,30 @@ class KVTierCache(Cache):
         if finished:
             if self._before_forward is not None:  # a pass run on an interrupted cache does not make it whole
                 self._in_forward = False
-        elif self._before_forward is not None and not self._guard.broken:
-            tokens, marks = self._before_forward
-            try:
-                for layer, mark in zip(self.layers, marks):
-                    layer.rollback(mark)
-                self._tokens.rollback(tokens)
-            except Exception:  # the rollback itself failed (a damaged record it had to read): reset() is needed
-                return
-            self._in_forward = False
+        elif self._before_forward is not None and not self._guard.broken and not self._undo(self._before_forward):
+            return
         self._before_forward = None
+
+    def _undo(self, before: tuple) -> bool:
+        """Put every layer and the token ids back as they were before a pass (its checkpoint `before`); False when
+        that failed (a damaged record it had to read): then only reset() makes the cache whole."""
+        tokens, marks = before
+        try:
+            for layer, mark in zip(self.layers, marks):
+                layer.rollback(mark)
+            self._tokens.rollback(tokens)
+        except Exception:
+            return False
+        self._in_forward = False
+        return True
 
     @property
     def interrupted(self) -> bool:
         """A forward pass started through the model and never finished, and could not be undone: Ctrl-C inside
         it, or an error inside kvtier's own work other than a full store or memory it could not get (a pass
         that fails otherwise leaves the cache as it was before it); or a `remove_span` that failed half-way.
-        The layers may hold different numbers of tokens. `reset()` clears it; `save()` refuses until then."""
+        The layers may hold different numbers of tokens: forward passes and `save()` are refused until
+        `reset()`."""
         return self._in_forward
 
     def claim(self) -> None:

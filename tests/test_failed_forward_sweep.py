@@ -116,14 +116,15 @@ def test_a_refused_pass_after_ctrl_c_undoes_nothing():
     cache.crop(-3)
     stopped = _state(cache)
     assert stopped[2] and len(set(stopped[0])) == 2  # interrupted, layers uneven
-    with pytest.raises(CacheInputError, match="outside the model's vocabulary"):
-        _step(model, cache, torch.tensor([[500]]))
-    assert _state(cache) == stopped
+    for ids in (torch.tensor([[500]]), torch.tensor([[5]])):  # outside the vocabulary, or a good id
+        with pytest.raises(CacheInputError, match="this cache is interrupted"):
+            _step(model, cache, ids)
+        assert _state(cache) == stopped
 
 
-def test_a_pass_on_an_interrupted_cache_leaves_it_interrupted(tmp_path):
-    """Ctrl-C left the layers uneven; a pass that then finishes does not make them even: still interrupted,
-    save still refused, reset() clears it."""
+def test_a_pass_on_an_interrupted_cache_is_refused(tmp_path):
+    """Ctrl-C left the layers uneven; a pass over them would be silently wrong: refused, as save is, with the
+    cache still interrupted, until reset() clears it."""
     model = build_model("llama")
     cache = KVTierCache.for_model(model, store_path=tmp_path / "s", **CHUNKING)
     _step(model, cache, _doc(100))
@@ -131,7 +132,8 @@ def test_a_pass_on_an_interrupted_cache_leaves_it_interrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _step(model, cache, _doc(5, seed=7))
     hook.remove()
-    _step(model, cache, _doc(1, seed=8))
+    with pytest.raises(CacheInputError, match=r"this cache is interrupted .* call cache.reset\(\)"):
+        _step(model, cache, _doc(1, seed=8))
     assert cache.interrupted
     with pytest.raises(IncompleteSessionError):
         cache.save()
