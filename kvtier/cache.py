@@ -578,7 +578,9 @@ class KVTierCache(Cache):
         self._tokens.select_rows(index)
 
     def crop(self, max_length: int) -> None:
-        """Negative: remove that many tokens from the end. Positive (transformers < 5.x style): keep that many."""
+        """Negative: remove that many tokens from the end. Positive (transformers < 5.x style): keep that many.
+        A failure part-way (a damaged record read to refill the recent window, no memory) leaves the cache
+        `interrupted`: some layers may already be cut."""
         self._check_open()
         self._check_thread("crop()")
         if not is_int(max_length):
@@ -591,8 +593,15 @@ class KVTierCache(Cache):
             problem = layer.crop_problem(target) if isinstance(layer, SlidingLayer) else None
             if problem is not None:
                 raise CacheInputError(problem)
-        for layer in self.layers:
-            layer.truncate(target)
+        if self._in_forward:
+            raise CacheInputError("crop() on an interrupted cache (its layers may hold different tokens); call "
+                                  "reset() first")
+        try:
+            for layer in self.layers:
+                layer.truncate(target)
+        except BaseException:  # a damaged record read to refill a recent window, no memory: layers cut unevenly
+            self._in_forward = True
+            raise
         self._tokens.truncate(target)
 
     def remove_span(self, start: int, end: int, *, ropes: Sequence[Rope] | None = None) -> None:

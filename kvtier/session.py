@@ -353,6 +353,9 @@ def load(cache: "KVTierCache", manifest: mf.Manifest) -> None:
     for layer, entry in zip(cache.layers, manifest.layers):
         layer.batch = batch
         if isinstance(layer, TieredLayer):
+            # the arena's shape, even when no recent window comes back to it (every token sealed in chunks):
+            # a crop, a span or warm() may bring tokens to the device before any pass writes there
+            layer.pool.init_shape(batch, cache.spec.kv_heads, cache.spec.head_dim)
             for row in entry.chunks:
                 chunk = Chunk(layer.index, row.chunk_id, row.start, row.length, Tier.DISK, row.record_batch,
                               on_disk=True, pinned=row.pinned, persisted=True, row=len(layer.chunks),

@@ -104,8 +104,8 @@ def test_a_failed_pass_that_spread_one_row_over_a_batch_keeps_one_row(family):
 
 
 def test_a_refused_pass_after_ctrl_c_undoes_nothing():
-    """A pass refused as it starts (ids outside the vocabulary) is no pass: it must not 'undo' the pass Ctrl-C
-    stopped (its layers stand at different lengths, and a crop since moved some) nor clear `interrupted`."""
+    """A pass or crop refused as it starts is no change: it must not 'undo' the pass Ctrl-C stopped (its layers
+    stand at different lengths) nor clear `interrupted`."""
     model = build_model("gemma3")
     cache = KVTierCache.for_model(model, **CHUNKING)
     _step(model, cache, _doc(100))
@@ -113,9 +113,11 @@ def test_a_refused_pass_after_ctrl_c_undoes_nothing():
     with pytest.raises(KeyboardInterrupt):
         _step(model, cache, _doc(5, seed=7))
     hook.remove()
-    cache.crop(-3)
     stopped = _state(cache)
     assert stopped[2] and len(set(stopped[0])) == 2  # interrupted, layers uneven
+    with pytest.raises(CacheInputError, match="crop\\(\\) on an interrupted cache"):
+        cache.crop(-3)
+    assert _state(cache) == stopped
     for ids in (torch.tensor([[500]]), torch.tensor([[5]])):  # outside the vocabulary, or a good id
         with pytest.raises(CacheInputError, match="this cache is interrupted"):
             _step(model, cache, ids)

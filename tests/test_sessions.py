@@ -335,6 +335,33 @@ def test_warm_fills_free_room_after_open(saved):
     cache.close()
 
 
+@pytest.mark.parametrize("op, kept", [
+    (lambda c: c.crop(-10), 30), (lambda c: c.crop(33), 33), (lambda c: c.remove_span(36, 40), 36),
+    (lambda c: c.warm(), 40)], ids=["crop-back", "crop-to", "remove-span", "warm"])
+def test_a_session_with_nothing_on_the_device_reopens_for_every_operation(tmp_path, op, kept):
+    """Every token sealed in chunks (no recent window) left the reopened arena without a shape: a crop inside a
+    chunk raised an AttributeError with some layers cut (the next pass off by 0.05, with no error), and
+    remove_span and warm() raised too."""
+    model, ref_model = build_model("llama"), build_model("llama")
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    options = dict(chunk_size=8, recent_window=0, sink_tokens=0)
+    with KVTierCache.for_model(model, store_path=tmp_path / "s", **options) as cache, torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{cache_kw(model): cache})
+        cache.save()
+    cache = KVTierCache.open(tmp_path / "s", model)
+    assert cache.stats().device.tokens == 0
+    op(cache)
+    assert cache.get_seq_length() == kept and not cache.interrupted
+    held = ids[:, :kept]  # (the span removed is the last four tokens)
+    token = torch.tensor([[9]])
+    with torch.no_grad():
+        got = model(input_ids=token, position_ids=torch.tensor([[kept]]), use_cache=True,
+                    **{cache_kw(model): cache}).logits[0, -1]
+        want = ref_model(input_ids=torch.cat([held, token], 1)).logits[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    cache.close()
+
+
 def test_sparse_reopen_of_a_session_with_chunks_past_the_planning_bounds(tmp_path):
     """An exact-mode session saved with chunk_size=512 (above sparse mode's default max_chunk_size, 256) reopens
     in sparse mode: the bounds widen to the session's chunking; bounds the caller sets that exclude it are named."""
