@@ -570,8 +570,9 @@ class TieredLayer:
         self.tiers.free(doomed)
         self.length = self.chunks[-1].end if self.chunks else 0
         if kept_k is not None:
-            slots = self.tiers.allocate_device(self.index, kept_k.shape[2])
-            if slots is None:  # more than the device holds beside the sinks (an adaptive chunk): sealed again
+            fits = kept_k.shape[2] <= self._longest_window
+            slots = self.tiers.allocate_device(self.index, kept_k.shape[2]) if fits else None
+            if slots is None:  # more than a window holds (an adaptive chunk) or the device has room for: sealed again
                 self._place_new(self._new_chunk(self.length, kept_k.shape[2], b=kept_k.shape[0]), kept_k, kept_v)
             else:
                 self.pool.write(slots, kept_k, kept_v, torch.arange(self.length, length, device=self.pool.device))
@@ -674,11 +675,20 @@ class TieredLayer:
             kept = torch.cat([kept.to(new.device), new])
         self.win_slots = kept
 
+    @property
+    def _longest_window(self) -> int:
+        """The most tokens a crop may leave in the window: what a decode step leaves at most (the device budget's
+        minimum counts on it), so the next token still finds room. An adaptive chunk longer than chunk_size cut
+        or unsealed by a crop would leave none at the smallest budgets."""
+        return self.config.recent_window + self.config.chunk_size - 1
+
     def _refill_window(self) -> None:
         """After a crop, unseal trailing chunks until the window again holds `recent_window` tokens, so a
         cropped cache attends like a fresh one (the window is always attended in sparse mode)."""
         while self.win_slots.numel() < self.config.recent_window and self.chunks and not self.chunks[-1].pinned:
             chunk = self.chunks[-1]
+            if self.win_slots.numel() + chunk.length > self._longest_window:  # an adaptive chunk: it stays sealed
+                return
             k, v = self.tiers.fetch(chunk)
             k, v = k.clone(), v.clone()
             if chunk.tier == Tier.DEVICE:

@@ -374,3 +374,26 @@ def test_shared_selection_bounds_the_tokens_loaded_per_step():
     layer = cache.tiers.layers[0]
     assert sum(c.length for c in layer.last_union) <= 60
     cache.close()
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_a_crop_at_the_smallest_budget_leaves_room_for_the_next_token(refine):
+    """Adaptive chunks longer than chunk_size, cut or unsealed by a crop, filled the window past what a decode
+    step leaves: at the smallest device budget the crop was accepted and the next token found no device room
+    (a RuntimeError, the cache left interrupted). Every crop now decodes on, equal to DynamicCache."""
+    model, ref_model = build_model("llama"), build_model("llama")
+    ids = torch.randint(3, 128, (1, 46), generator=torch.Generator().manual_seed(1))
+    for keep in range(30, 44):
+        cache = KVTierCache.for_model(model, mode="sparse", sparse_budget=1.0, chunk_size=2, recent_window=2,
+                                      sink_tokens=0, min_chunk_size=1, max_chunk_size=4, device_budget=4,
+                                      host_budget=0, refine=refine, refine_every=2)
+        with torch.no_grad():
+            model(input_ids=ids[:, :40], use_cache=True, **{cache_kw(model): cache})
+            for i in range(40, 46):
+                model(input_ids=ids[:, i:i + 1], use_cache=True, **{cache_kw(model): cache})
+            cache.crop(keep)
+            got = model(input_ids=torch.tensor([[9]]), position_ids=torch.tensor([[keep]]), use_cache=True,
+                        **{cache_kw(model): cache}).logits[0, -1]
+            want = ref_model(input_ids=torch.cat([ids[:, :keep], torch.tensor([[9]])], 1)).logits[0, -1]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        cache.close()
