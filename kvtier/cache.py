@@ -23,7 +23,7 @@ from .attention import enable
 from .config import KVTierConfig
 from .errors import CacheInputError, CacheThreadError, StoreError, StoreMismatchError, UnsupportedModelError, brief
 from .guard import ForwardGuard
-from .handle import KVHandle
+from .handle import COMPILE_REFUSED, KVHandle
 from .layers import SlidingLayer, SpanCut, TieredLayer
 from .model_spec import FULL, ModelSpec
 from .rope import Rope
@@ -253,6 +253,8 @@ class KVTierCache(Cache):
         """Called (by the hook `enable` installs) as a model forward pass through this cache starts: checks the
         model and the pass's positions, claims the pass for the owner thread and records its input ids (None:
         embeddings, the ids become unknown)."""
+        if torch.compiler.is_compiling():
+            raise UnsupportedModelError(COMPILE_REFUSED)
         if threading.get_ident() == self._owner:
             self._before_forward = None  # a pass refused below is no pass: `forward_ends` must undo nothing
         self._check_open()

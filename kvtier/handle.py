@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .errors import AttentionNotEnabledError
+from .errors import AttentionNotEnabledError, UnsupportedModelError
 
 _NOT_ENABLED = (
     "a KVTierCache was used by an attention implementation that is not kvtier's. Switch the model with "
@@ -37,7 +37,19 @@ class KVHandle:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        _refuse_compile()
         raise AttentionNotEnabledError(_NOT_ENABLED)
 
     def __getattr__(self, name: str):
+        _refuse_compile()
         raise AttentionNotEnabledError(f"{_NOT_ENABLED} (attribute {name!r} was requested)")
+
+
+def _refuse_compile() -> None:
+    """torch.compile traces the cache too (its tracer reads a handle's attributes): say that, not 'not enabled'."""
+    if torch.compiler.is_compiling():
+        raise UnsupportedModelError(COMPILE_REFUSED)
+
+
+COMPILE_REFUSED = ("a kvtier cache does not run inside torch.compile (its tiers move tokens between devices and "
+                   "the disk between passes, outside any graph): call the model uncompiled with a kvtier cache")

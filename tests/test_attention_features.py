@@ -272,3 +272,17 @@ def test_alibi_families_are_refused():
     bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)).eval()
     with pytest.raises(UnsupportedModelError, match="does not use transformers' AttentionInterface"):
         KVTierCache.for_model(bloom)
+
+
+def test_torch_compile_is_refused_in_its_own_words():
+    """A compiled model with a kvtier cache failed with 'used by an attention implementation that is not
+    kvtier's', pointing at the wrong fix. The pass the tracer started is not undone (reset() is)."""
+    model = build_model("llama")
+    cache = KVTierCache.for_model(model)
+    ids = torch.randint(3, 100, (1, 8))
+    with pytest.raises(Exception, match="does not run inside torch.compile"), torch.no_grad():
+        torch.compile(model, backend="eager")(input_ids=ids, use_cache=True, **{cache_kw(model): cache})
+    cache.reset()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{cache_kw(model): cache})
+    assert cache.get_seq_length() == 8
