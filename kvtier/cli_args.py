@@ -145,10 +145,6 @@ class Terminated(KeyboardInterrupt):
     progress saved."""
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
 def _stop_once(signum: int, frame: Any) -> None:
     """The first Ctrl-C or SIGTERM interrupts the command; later ones are ignored until it returns, so the
     cleanup the first starts (stores closed, what a prefill saved said) is not cut into a traceback."""
@@ -210,8 +206,8 @@ def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argpa
     except KeyboardInterrupt:
         print(f"\n{name}: interrupted", file=sys.stderr)
         return 130
-    finally:
-        if main_thread:
+    finally:  # the caller's handlers back (in the main thread only were they changed)
+        if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-            if previous_int is not None:
-                signal.signal(signal.SIGINT, previous_int)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
