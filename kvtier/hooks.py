@@ -18,6 +18,12 @@ def _cache_of(kwargs: dict):
 def _forward_starts(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     cache = _cache_of(kwargs)
     if cache is not None:
+        if kwargs.get("use_cache") is False:
+            from .errors import CacheInputError
+
+            raise CacheInputError("use_cache=False with a kvtier cache: transformers then feeds the whole sequence "
+                                  "again at every step over the cache that holds it; drop use_cache=False (or the "
+                                  "cache)")
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache.forward_starts(ids if isinstance(ids, torch.Tensor) else None, model=module,
                              position_ids=kwargs.get("position_ids"), attention_mask=kwargs.get("attention_mask"))

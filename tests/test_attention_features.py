@@ -286,3 +286,17 @@ def test_torch_compile_is_refused_in_its_own_words():
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, **{cache_kw(model): cache})
     assert cache.get_seq_length() == 8
+
+
+def test_use_cache_false_with_a_kvtier_cache_says_so():
+    """generate(use_cache=False, cache=...) feeds the whole sequence again at each step over the cache that
+    holds it: refused, naming use_cache (it was refused as 'feeds tokens the cache already holds'), before
+    anything changes."""
+    model = build_model("llama")
+    cache = KVTierCache.for_model(model)
+    ids = torch.randint(3, 100, (1, 8))
+    with pytest.raises(kvtier.CacheInputError, match="use_cache=False with a kvtier cache"):
+        model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False, **{cache_kw(model): cache})
+    assert cache.get_seq_length() == 0 and not cache.interrupted
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, **{cache_kw(model): cache})
+    assert out.shape[1] == 11
