@@ -500,6 +500,7 @@ class Session:
                     saved = end
                 bar.update(end - start)
                 bar.set_postfix_str(_progress_note(cache, end - done, time.perf_counter() - started))
+            bar.close()  # before the lines the final save or publish prints, which would run onto the bar
             cache.set_mode(self.options["mode"])
             if self.remote is None:
                 cache.save(info={**self.info, "prefill": "complete"})

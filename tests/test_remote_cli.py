@@ -232,3 +232,13 @@ def test_qa_remote_answers_past_a_damaged_pointer_and_never_publishes_over_it(ti
         assert "already published" not in out.stderr and "Traceback" not in out.stderr
         assert record["source"] == source and record["answer"] == published["answer"]
     assert client.get(f"{prefix_of(redis_url)}:{{{name}}}:session") == b"garbage"  # never written over
+
+
+def test_qa_remote_says_publishing_on_a_line_of_its_own(tiny, redis_url, tmp_path, capsys):
+    """The progress bar was still open when the final save printed 'kvtier: publishing ...': the line ran on
+    from the bar's."""
+    out = run(capsys, "qa", "--model", str(tiny / "model"), "--doc", str(tiny / "doc.txt"), "--store",
+              str(tmp_path / "a"), "--question", "x", "--max-new-tokens", "2", "--remote", redis_url)
+    assert out.returncode == 0 and "kvtier: publishing the session" in out.stderr, out.stderr
+    before = out.stderr.split("kvtier: publishing the session")[0]
+    assert before.endswith(("\n", "\r")), repr(before[-80:])
