@@ -343,24 +343,18 @@ class KVTierCache(Cache):
         if threading.get_ident() != self._owner:
             return
         if finished:
-            if self._before_forward is not None:  # a pass run on an interrupted cache does not make it whole
+            if self._before_forward is not None:  # the pass forward_starts let through
                 self._in_forward = False
-        elif self._before_forward is not None and not self._guard.broken and not self._undo(self._before_forward):
-            return
+        elif self._before_forward is not None and not self._guard.broken:
+            tokens, marks = self._before_forward
+            try:
+                for layer, mark in zip(self.layers, marks):
+                    layer.rollback(mark)
+                self._tokens.rollback(tokens)
+            except Exception:  # the rollback itself failed (a damaged record it had to read): reset() is needed
+                return
+            self._in_forward = False
         self._before_forward = None
-
-    def _undo(self, before: tuple) -> bool:
-        """Put every layer and the token ids back as they were before a pass (its checkpoint `before`); False when
-        that failed (a damaged record it had to read): then only reset() makes the cache whole."""
-        tokens, marks = before
-        try:
-            for layer, mark in zip(self.layers, marks):
-                layer.rollback(mark)
-            self._tokens.rollback(tokens)
-        except Exception:
-            return False
-        self._in_forward = False
-        return True
 
     @property
     def interrupted(self) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import CacheInputError
+
 
 def _cache_of(kwargs: dict):
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -19,8 +21,6 @@ def _forward_starts(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     cache = _cache_of(kwargs)
     if cache is not None:
         if kwargs.get("use_cache") is False:
-            from .errors import CacheInputError
-
             raise CacheInputError("use_cache=False with a kvtier cache: transformers then feeds the whole sequence "
                                   "again at every step over the cache that holds it; drop use_cache=False (or the "
                                   "cache)")

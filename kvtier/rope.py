@@ -86,12 +86,6 @@ class Rope:
         ropes = {t: cls.from_model(model, t) for t in set(types)}
         return tuple(ropes[t] for t in types)
 
-    def cos_sin(self, positions: Positions) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin at absolute positions, attention scaling included: positions.shape + [R/2], float32."""
-        device = positions.device if isinstance(positions, torch.Tensor) else self.inv_freq.device
-        angles = self._angles(positions, device)
-        return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
-
     def rotate(self, x: torch.Tensor, positions: Positions) -> torch.Tensor:
         """Apply RoPE to unrotated x [B, H, T, D] at positions (() / [T] / [B, T]) as the model does: in x's
         dtype, attention scaling included."""
