@@ -105,10 +105,19 @@ class Rope:
         """The factors of a `shift` by delta of tensors of `width` channels, for `shift_by`: made once, they
         serve every tensor moved by the same delta (a Hogwild step turns every layer's queries alike, and on
         a GPU each of the kernels that make them costs more to launch than to run)."""
+        _check_positions(None, delta, "delta")
+        if not isinstance(width, int) or isinstance(width, bool):
+            raise ValueError(f"width must be the int head_dim of the tensors to move, got {brief(width)}")
         return self._factors(delta, width, 1.0, device)
 
     def shift_by(self, x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """`shift` through factors from `shift_factors` (their delta broadcast over x as `shift` reads it)."""
+        _check_x(x)
+        try:
+            torch.broadcast_shapes(x.shape, _over_heads(factors[0])[0].shape)
+        except RuntimeError:
+            raise ValueError(f"factors of shape {tuple(factors[0].shape)} do not fit x of shape {tuple(x.shape)}: "
+                             "make them with shift_factors(delta, x.shape[-1], ...) for a delta that fits x") from None
         return self._turn(x, factors)
 
     def shift_bounds(self, lo: torch.Tensor, hi: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,13 +201,16 @@ _MAX_POSITION = 2**62
 def _check_positions(x: object, positions: object, name: str) -> None:
     """x must be a floating [B, H, T, D] tensor and positions whole numbers that broadcast over it as `rotate`
     and `shift` read them (() / [T] / [B, T]); checked on shapes and dtypes only, never on values of a tensor
-    (which on a GPU would wait for the device)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        what = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"Rope turns floating-point tensors [B, H, T, D], got {what}")
+    (which on a GPU would wait for the device). x None: positions alone, for factors made before any x."""
+    if x is not None:
+        _check_x(x)
     if isinstance(positions, torch.Tensor):
         if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
             raise ValueError(f"{name} must hold whole positions (an integer tensor), got {positions.dtype}")
+        if x is None:
+            if positions.dim() > 2:
+                raise ValueError(f"{name} of shape {tuple(positions.shape)}: pass (), [T] or [B, T]")
+            return
         b, _, t, _ = x.shape
         if not (positions.dim() == 0 or (positions.dim() == 1 and positions.shape[0] in (1, t))
                 or (positions.dim() == 2 and positions.shape[0] in (1, b) and positions.shape[1] in (1, t))):
@@ -213,6 +225,12 @@ def _check_positions(x: object, positions: object, name: str) -> None:
             raise ValueError(f"{name} must be an int or an integer tensor, got {brief(positions)}")
         if abs(value) > _MAX_POSITION:
             raise ValueError(f"{name} {value} is out of range (at most 2**62 either way)")
+
+
+def _check_x(x: object) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        what = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"Rope turns floating-point tensors [B, H, T, D], got {what}")
 
 
 def _rounded_out(x: torch.Tensor, dtype: torch.dtype, sign: float) -> torch.Tensor:

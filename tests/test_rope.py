@@ -109,6 +109,20 @@ def test_factors_made_once_shift_as_shift_does(name, layer_type):
         assert moved.is_contiguous() and torch.equal(moved, rope.shift(strided.contiguous(), delta))
 
 
+def test_bad_factors_and_deltas_are_one_line_errors():
+    rope = _rope("llama", None)
+    d = _head_dim("llama")
+    for call, says in ((lambda: rope.shift_factors(1.5, d, torch.device("cpu")), "must be an int or an integer"),
+                       (lambda: rope.shift_factors(torch.tensor([0.5]), d, torch.device("cpu")), "whole positions"),
+                       (lambda: rope.shift_factors(3, "64", torch.device("cpu")), "width must be the int"),
+                       (lambda: rope.shift_by(_x(1, 2, 3, d), rope.shift_factors(torch.arange(5), d, torch.device("cpu"))),
+                        "do not fit x"),
+                       (lambda: rope.shift_by(torch.zeros(2, 3, d, dtype=torch.long), rope.shift_factors(1, d, "cpu")),
+                        "floating-point tensors")):
+        with pytest.raises(ValueError, match=says):
+            call()
+
+
 @pytest.mark.parametrize("name, layer_type", CASES)
 def test_rotate_in_bfloat16_is_the_models_rope(name, layer_type):
     """In x's dtype, as the model: the same bits, except where the model computes in float32 and rounds once
