@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from . import native
+
 _FALLBACKS: set[str] = set()  # CUDA cases a fused kernel refused once (warned once each)
 
 
@@ -53,6 +55,10 @@ def fused_attention(
         # [B, Hkv, G*Q, D] (a mask that does not vary by query broadcasts over the folded rows).
         if bias is not None:
             bias = bias.expand(*bias.shape[:2], g * nq, bias.shape[-1])
+        else:  # few rows on a CPU: kvtier's C kernel reads each key once for all of a head's rows
+            res = native.dense_attention(q, k, v, scale)
+            if res is not None:
+                return res
         res = _call(q.reshape(b, hkv, g * nq, d), k, v, scale, bias, False)
         if res is None:
             return None

@@ -3,6 +3,8 @@
 torch's CPU kernels need the rows they attend to in one dense tensor, so a sparse decode step first copies
 its selected rows out of the arena: on the benchmark CPU that copy alone cost more than the attention over
 the copy. `run_attention.c` reads the arena's rows in place instead (the Triton kernel's job on a GPU).
+Decode over dense keys takes it too (`dense_attention`): torch's flash kernel
+pays again for every query row a KV head, where this one reads each key once for all of them.
 `select_pages.c` makes the step's Quest-bound page selection in one call where torch took a few dozen small
 ops (on the benchmark CPU their per-call cost was most of the selection's time). `copy_rows.c` writes
 chunks into scattered arena slots (promotion) as plain row copies.
@@ -33,6 +35,7 @@ import torch
 _SOURCES = [Path(__file__).with_name(name) for name in ("run_attention.c", "select_pages.c", "copy_rows.c")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
 _BLOCK = 64  # run_attention.c's BLOCK: scratch per thread is g * (BLOCK + 2) floats
+DENSE_ROWS = 64  # query rows a KV head up to which `dense_attention` was measured faster than torch's kernel
 
 _lock = threading.Lock()
 _loaded: list[ctypes.CDLL | None] = []  # [] before the first try, then [library or None]
@@ -188,6 +191,57 @@ def unit_runs(chunk: torch.Tensor, off: torch.Tensor, size: torch.Tensor, first:
     if rc == -2:
         raise ValueError("unit_runs: a unit or chunk points outside the piece table")
     return (start, length) if rc == 0 else None
+
+
+def arena_rows(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """The arena's k and v [B, Hkv, S, D] as rows [R, D] of their storage, plane (sequence, head) p's slot i
+    at row p * plane + i, and `plane`: rows from one plane's start to the next. That is S for a contiguous
+    arena and more where a CPU arena's planes are reserved wider than its capacity; None for any other
+    layout (then take `contiguous()` copies)."""
+    b, h, s, d = k.shape
+    plane = _plane_rows(k)
+    if plane is None or v.shape != k.shape or _plane_rows(v) != plane or b * h * s == 0:
+        return None
+    rows = ((b * h - 1) * plane + s, d)
+    return k.as_strided(rows, (d, 1)), v.as_strided(rows, (d, 1)), plane
+
+
+def _plane_rows(t: torch.Tensor) -> int | None:
+    """Rows of D elements between consecutive (sequence, head) planes of t [B, H, S, D], whose slots are rows of
+    D contiguous elements; None if its layout is not that. (A size-1 dimension's stride means nothing.)"""
+    b, h, s, d = t.shape
+    step = t.stride(1) if h > 1 else t.stride(0) if b > 1 else s * d
+    plane, rem = divmod(step, d) if d else (0, 1)
+    if rem or plane < s or (d > 1 and t.stride(3) != 1) or (s > 1 and t.stride(2) != d):
+        return None
+    if b > 1 and h > 1 and t.stride(0) != h * step:
+        return None
+    return plane
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every query row of q [B, Hq, Q, D] over every key of k, v [B, Hkv, K, D] (no mask, no causal cut), read in
+    place by `run_attention`: a KV head's Hq / Hkv * Q query rows (a GQA group, a Hogwild step's workers) share
+    one pass over its rows. On the benchmark CPU this took 0.5-0.9x the time of torch's flash kernel from 1 to 64
+    rows a head (0.5x at 4-8 rows; 0.5x at one row with head_dim 128). Returns out [B, Hq, Q, D] and lse
+    [B, Hq, Q] (float32), or None where it does not apply: not float32 on a CPU, more than DENSE_ROWS rows a
+    head, a layout without rows (`arena_rows`)."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    rows_per_head = hq // hkv * nq
+    if rows_per_head > DENSE_ROWS or nk == 0 or not takes(q, k, v):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None  # the C kernel has no backward: leave it to torch's
+    rows = arena_rows(k, v)
+    if rows is None:
+        return None
+    krows, vrows, plane = rows
+    first = torch.arange(b * hkv, dtype=torch.int64)[:, None] * plane
+    count = torch.full((b * hkv, 1), nk, dtype=torch.int64)
+    out, lse = run_attention(q.reshape(b * hkv, rows_per_head, d).contiguous(), krows, vrows, first, count, scale)
+    return out.view(b, hq, nq, d), lse.view(b, hq, nq)
 
 
 def run_attention(q: torch.Tensor, krows: torch.Tensor, vrows: torch.Tensor, first: torch.Tensor | np.ndarray,

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import native
+from .native import arena_rows
 from ._triton import HAS_TRITON, use_triton
 from .fused_attention import fused_attention, fused_available
 from .partial_attention import partial_attention
@@ -33,32 +34,6 @@ def sparse_decode_attention_ref(
     ks, vs, mask = _gather(k, v, idx, counts)
     out, lse = partial_attention(q.unsqueeze(2), ks, vs, scale, mask, softcap)
     return out.squeeze(2), lse.squeeze(2)
-
-
-def arena_rows(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """The arena's k and v [B, Hkv, S, D] as rows [R, D] of their storage, plane (sequence, head) p's slot i
-    at row p * plane + i, and `plane`: rows from one plane's start to the next. That is S for a contiguous
-    arena and more where a CPU arena's planes are reserved wider than its capacity; None for any other
-    layout (then take `contiguous()` copies)."""
-    b, h, s, d = k.shape
-    plane = _plane_rows(k)
-    if plane is None or v.shape != k.shape or _plane_rows(v) != plane or b * h * s == 0:
-        return None
-    rows = ((b * h - 1) * plane + s, d)
-    return k.as_strided(rows, (d, 1)), v.as_strided(rows, (d, 1)), plane
-
-
-def _plane_rows(t: torch.Tensor) -> int | None:
-    """Rows of D elements between consecutive (sequence, head) planes of t [B, H, S, D], whose slots are rows of
-    D contiguous elements; None if its layout is not that. (A size-1 dimension's stride means nothing.)"""
-    b, h, s, d = t.shape
-    step = t.stride(1) if h > 1 else t.stride(0) if b > 1 else s * d
-    plane, rem = divmod(step, d) if d else (0, 1)
-    if rem or plane < s or (d > 1 and t.stride(3) != 1) or (s > 1 and t.stride(2) != d):
-        return None
-    if b > 1 and h > 1 and t.stride(0) != h * step:
-        return None
-    return plane
 
 
 def _rows_of(k, v):

@@ -1,7 +1,8 @@
 """Blocked exact attention over keys with known positions.
 
 Where a fused kernel can express the case (`kvtier.kernels.fused_attention`: no soft-capping, CPU or CUDA),
-attention runs there and returns the log-sum-exp the merge needs; otherwise the plain-torch
+attention runs there and returns the log-sum-exp the merge needs (on a CPU, a decode step's few query rows a
+head over keys they all see take kvtier's C kernel, `native.dense_attention`); otherwise the plain-torch
 `partial_attention` runs block by block, never materialising a [Q, K] score matrix larger than one block.
 Masks are built from positions: causal (key <= query), sliding window (key > query - W) and a per-row key
 validity mask (padding, free slots); a plainly causal diagonal takes the kernel's own causal cut instead.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels import fused_attention, fused_available, merge_partials, partial_attention
+from .kernels import fused_attention, fused_available, merge_partials, native, partial_attention
 
 _SCORE_ELEMS = 1 << 24  # most fp32 scores one reference block may hold (64 MiB)
 _MASK_ELEMS = 1 << 24  # most mask entries one fused call may take
@@ -182,6 +183,10 @@ def _sdpa_single(q, k, v, q_pos0, key_pos, scale, causal, window) -> torch.Tenso
             is_causal = True  # sdpa's top-left aligned causal mask is exactly ours
         else:
             return None
+    if not is_causal:  # few rows on a CPU: kvtier's C kernel reads each key once for all of a head's rows
+        res = native.dense_attention(q, k, v, scale)
+        if res is not None:
+            return res[0]
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     if hq == hkv:

@@ -249,3 +249,54 @@ def test_row_copies_equal_index_copy_and_refuse_slots_outside(lib, dtype):
     strided = torch.randn(2, 3, 12, 16, generator=g).to(dtype)[:, :, ::2, :8]  # a view: rows 2 apart, D of 16
     assert native.scatter_rows(arena, slots, strided) and torch.equal(arena.index_select(2, slots), strided)
     assert not native.scatter_rows(arena, slots, strided.transpose(2, 3).contiguous().transpose(2, 3))  # D strided
+
+
+def _sdpa_with_lse(q, k, v, scale):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    return (scores.softmax(-1) @ v.double()).float(), scores.logsumexp(-1).float()
+
+
+@pytest.mark.parametrize("b, hq, hkv, nq, d, nk, capacity", [
+    (1, 4, 4, 1, 64, 300, 300),  # one row a head
+    (2, 14, 2, 1, 64, 129, 200),  # a GQA group of 7, batch 2, keys a view of a wider arena
+    (1, 8, 2, 4, 128, 1000, 1024),  # 16 rows a head (four workers of a group of 4)
+    (1, 3, 1, 2, 40, 70, 70),  # d not a multiple of 8
+])
+def test_dense_attention_equals_softmax_attention(lib, b, hq, hkv, nq, d, nk, capacity):
+    gen = torch.Generator().manual_seed(nk)
+    q = torch.randn(b, hq, nq, d, generator=gen)
+    k_arena = torch.randn(b, hkv, capacity, d, generator=gen)
+    v_arena = torch.randn(b, hkv, capacity, d, generator=gen)
+    k, v = k_arena[:, :, :nk], v_arena[:, :, :nk]
+    out, lse = native.dense_attention(q, k, v, 0.125)
+    want, want_lse = _sdpa_with_lse(q, k, v, 0.125)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-6, rtol=1e-5)
+
+
+def test_dense_attention_leaves_what_it_cannot_take_to_torch(lib):
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 50, 16)
+    assert native.dense_attention(q.double(), k.double(), k.double(), 1.0) is None
+    assert native.dense_attention(torch.randn(1, 2, native.DENSE_ROWS + 1, 16), k, k, 1.0) is None
+    assert native.dense_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), k, 1.0) is None  # no rows
+    assert native.dense_attention(q.requires_grad_(), k, k, 1.0) is None  # no backward in C
+    with torch.no_grad():
+        assert native.dense_attention(q, k, k, 1.0) is not None
+
+
+@pytest.mark.parametrize("need_lse", [False, True])
+def test_decode_attention_on_a_cpu_reads_keys_through_the_c_kernel(lib, monkeypatch, need_lse):
+    """A decode step's attention (a few query rows over keys that all precede them) takes the C kernel, with or
+    without the log-sum-exp; a causal prefill keeps torch's kernel."""
+    from kvtier.attend import attend
+    calls = []
+    real = native.dense_attention
+    monkeypatch.setattr(native, "dense_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    q, k, v = torch.randn(1, 6, 1, 32), torch.randn(1, 2, 90, 32), torch.randn(1, 2, 90, 32)
+    out, _ = attend(q, k, v, q_pos0=90, key_pos=0, scale=0.2, need_lse=need_lse)
+    assert calls == [q.shape]
+    torch.testing.assert_close(out, _sdpa_with_lse(q, k, v, 0.2)[0], atol=2e-6, rtol=1e-5)
+    attend(torch.randn(1, 6, 90, 32), k, v, q_pos0=0, key_pos=0, scale=0.2, need_lse=need_lse)
+    assert len(calls) == 1
