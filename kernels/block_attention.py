@@ -87,6 +87,10 @@ def block_decode_attention(
     if q.shape[0] and block_start.shape[0] and use_triton(q):
         return _block_decode_attention_triton(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved,
                                               scale, softcap, window)
+    if q.shape[0] and block_start.shape[0] and 0 < held.count * q.shape[0] * q.shape[1] * block_start.shape[0] \
+            <= _SCORE_ELEMS:
+        return _queries_turned(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap,
+                               window, held=held)
     if q.shape[0] and block_start.shape[0] and 0 < held.count * q.shape[0] * k.shape[0] * k.shape[2] <= _VIEW_ELEMS:
         return _views_at_once(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap,
                               window, fused=fused_available(q, softcap), held=held)
@@ -95,6 +99,38 @@ def block_decode_attention(
 
 
 _VIEW_ELEMS = 1 << 22  # most float32 key elements `_views_at_once` turns (16 MiB): every worker's copy of the blocks
+_SCORE_ELEMS = 1 << 20  # most scores `_queries_turned` computes (4 MiB): every query head x block x held key
+
+
+def _queries_turned(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap, window,
+                    held: HeldKeys) -> tuple[torch.Tensor, torch.Tensor]:
+    """Without a compiled kernel, for few held keys (the headers and the workers' current steps): each worker's
+    query is turned once per block (N x blocks rows, where turning the keys made N copies of every key), all
+    turned queries are scored against all held keys in one matmul, and each key keeps the score of its own
+    block's turn. That scores every key once per block, a waste bounded by _SCORE_ELEMS, and on the benchmark
+    CPU took about a quarter of the time of turning every worker's copy of the keys (`_views_at_once`)."""
+    n, hq, d = q.shape
+    hkv, nb = k.shape[0], block_start.shape[0]
+    g = hq // hkv
+    rows, mask, _ = held.layout(k.device)  # mask [N, 1, 1, T]
+    t = rows.shape[0]
+    rope, factors = held.query_turn(inv_freq, interleaved, d, k.device)
+    turned = rope.shift_by(q.float()[:, :, None, :].expand(n, hq, nb, d), factors)  # [N, Hq, NB, D]
+    turned = turned.view(n, hkv, g * nb, d).transpose(0, 1).reshape(hkv, n * g * nb, d)
+    keys = k.index_select(1, rows).float()  # [Hkv, T, D]
+    values = v.index_select(1, rows).float()
+    scores = torch.bmm(turned, keys.transpose(1, 2)).mul_(scale).view(hkv, n, g, nb, t)
+    own = held.key_blocks(k.device).view(1, 1, 1, 1, t).expand(hkv, n, g, 1, t)
+    scores = scores.gather(3, own).view(hkv, n, g, t)  # each key scored by its own block's turn
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill_(~mask.view(1, n, 1, t), float("-inf"))
+    top = scores.amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)  # finite where nothing is seen
+    weights = scores.sub_(top).exp_()  # 0 where unseen
+    total = weights.sum(-1, keepdim=True)  # [Hkv, N, G, 1]
+    out = torch.bmm(weights.view(hkv, n * g, t), values).view(hkv, n, g, d) / total.clamp(min=1.0)  # sums >= 1 if seen
+    lse = (top + total.log()).view(hkv, n, g)  # -inf for a worker that sees no key
+    return out.permute(1, 0, 2, 3).reshape(n, hq, d), lse.permute(1, 0, 2).reshape(n, hq)
 
 
 def _views_at_once(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap, window,
@@ -129,6 +165,7 @@ class HeldKeys:
         self._count: int | None = None
         self._layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._turns: dict[tuple, tuple] = {}
+        self._blocks: torch.Tensor | None = None
 
     @classmethod
     def check(cls, held: HeldKeys | None, q_pos, block_start, block_len, qrel, window) -> HeldKeys:
@@ -162,7 +199,27 @@ class HeldKeys:
             if window is not None:
                 seen &= rel - local[None, :] < window
             self._layout = rows, seen[:, None, None, :], q_pos.to(device)[:, None] - rel
+            self._blocks = block
         return self._layout
+
+    def key_blocks(self, device: torch.device) -> torch.Tensor:
+        """[T] long: the block each held key belongs to."""
+        self.layout(device)
+        return self._blocks
+
+    def query_turn(self, inv_freq: torch.Tensor, interleaved: bool, width: int, device: torch.device):
+        """(Rope, factors) of the turn of each worker's query to each block, qrel - q_pos ([N, NB]), for queries
+        laid out [N, Hq, NB, width]."""
+        from ..rope import Rope  # see `_per_block`
+
+        key = ("query", id(inv_freq), interleaved, width)
+        hit = self._turns.get(key)
+        if hit is None or hit[0] is not inv_freq:
+            q_pos, _, _, qrel, _ = self.args
+            rope = Rope(inv_freq.float(), interleaved=interleaved)
+            delta = qrel.to(device) - q_pos.to(device)[:, None]
+            hit = self._turns[key] = (inv_freq, rope, rope.shift_factors(delta, width, device))
+        return hit[1], hit[2]
 
     def turn(self, inv_freq: torch.Tensor, interleaved: bool, width: int, device: torch.device):
         """(Rope, factors) of this layout's turn of keys of `width` channels under these frequencies."""

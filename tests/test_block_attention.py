@@ -140,6 +140,39 @@ def test_views_at_once_property(seed, n, hkv, g, d, rot, interleaved, lens, soft
            fn=lambda *a: _views_at_once(*a, fused=fused and softcap is None))
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 4), hkv=st.integers(1, 2), g=st.sampled_from([1, 2, 4]),
+       d=st.sampled_from([16, 24, 40]), rot=st.sampled_from([1.0, 0.5]), interleaved=st.booleans(),
+       lens=st.lists(st.integers(0, 9), min_size=1, max_size=5).filter(any), softcap=st.sampled_from([None, 3.0]),
+       window=st.sampled_from([None, 1, 4]), unseen=st.sampled_from([0.25, 1.0]))
+def test_queries_turned_property(seed, n, hkv, g, d, rot, interleaved, lens, softcap, window, unseen):
+    """The CPU path for few held keys (each worker's query turned once per block, every key scored by its own
+    block's turn) against each view built as one sequence, workers that see nothing included."""
+    from kvtier.kernels.block_attention import HeldKeys, _queries_turned
+
+    rotary_dim = max(2, int(d * rot) // 2 * 2)
+    args = _case(seed, n=n, hq=g * hkv, hkv=hkv, d=d, lens=lens, rotary_dim=rotary_dim, unseen=unseen)
+    q, q_pos, _, _, block_start, block_len, qrel, _ = args
+    _check(args, interleaved, 0.25, softcap, window,
+           fn=lambda *a: _queries_turned(*a, held=HeldKeys(q_pos, block_start, block_len, qrel, window)))
+
+
+def test_few_held_keys_take_the_turned_queries(monkeypatch):
+    """block_decode_attention on a CPU sends few held keys to `_queries_turned` (the Hogwild step's headers and
+    current steps), more to the per-block loop."""
+    from kvtier.kernels import block_attention as ba
+
+    seen, real = [], ba._queries_turned
+    monkeypatch.setattr(ba, "_queries_turned", lambda *a, **kw: seen.append("turned") or real(*a, **kw))
+    args = _case(1, n=2, hq=4, hkv=2, d=16, lens=[5, 3, 4])
+    block_decode_attention(*args, False, 0.25)
+    assert seen == ["turned"]
+    monkeypatch.setattr(ba, "_SCORE_ELEMS", 8)
+    monkeypatch.setattr(ba, "_VIEW_ELEMS", 8)
+    block_decode_attention(*args, False, 0.25)
+    assert seen == ["turned"]
+
+
 def test_hogwild_views():
     """Two workers over [prompt, step of worker 0, step of worker 1]: each sees the prompt, the other's step, then
     its own step last (the paper's layout); the query is the next token of its own step."""
