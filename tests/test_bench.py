@@ -211,7 +211,7 @@ def test_bench_hogwild_writes_json_and_its_methods_agree(tmp_path):
     targets = result["targets"]
     assert targets["prompt_kv_held_once"]["met"] is True
     assert targets["hogwild_step_vs_one_worker"]["met"] is None  # N = 4 was not run
-    for name in ("linear", "attention"):  # each operation timed alone at every worker count
+    for name in ("linear", "attention", "attention_kvtier"):  # each operation timed alone at every worker count
         costs = result["row_costs"][name]
         assert set(costs) == {"1", "3"} and all(c["ms"] > 0 for c in costs.values())
         assert costs["1"]["x_one_row"] == 1.0

@@ -54,6 +54,7 @@ from ..cache import cache_argument
 from ..handle import KVHandle
 from ..hogwild import HogwildCache, Layout
 from ..hogwild.layer import HogwildLayer
+from ..kernels import fused_attention
 from .common import (
     add_out_argument,
     device_name,
@@ -269,13 +270,16 @@ class WorkerCount:
 def row_costs(base: torch.nn.Module, prompt_kv, workers: list[int], reps: int = 9) -> dict[str, Any]:
     """What N query rows cost the two big operations of a step on this machine, measured alone: one pass of N
     rows through every linear layer of the model (the weights every method reads once per step) and the fused
-    attention of N query rows over the prompt's KV of every layer (what hogwild's history costs). Medians of
+    attention of N query rows over the prompt's KV of every layer, by torch's sdpa and by kvtier's
+    `fused_attention` (what hogwild's history costs). Medians of
     `reps`, the row counts taking turns. On a CPU these set how a batched step grows with N, whoever runs it."""
     linears = [m for m in base.modules() if isinstance(m, torch.nn.Linear)]
     device, dtype = prompt_kv[0][0].device, prompt_kv[0][0].dtype
     kv_heads, d = prompt_kv[0][0].shape[1], prompt_kv[0][0].shape[-1]
     group = base.config.num_attention_heads // kv_heads
-    times: dict[str, dict[int, list[float]]] = {"linear": {n: [] for n in workers}, "attention": {n: [] for n in workers}}
+    times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in workers}
+                                                for name in ("linear", "attention", "attention_kvtier")}
+    scale = prompt_kv[0][0].shape[-1] ** -0.5
     xs = {n: [torch.randn(n, m.in_features, device=device, dtype=dtype) for m in linears] for n in workers}
     # GQA folded as hogwild folds it: a KV head's query heads and the N workers are the query rows of one call
     qs = {n: torch.randn(1, kv_heads, group * n, d, device=device, dtype=dtype) for n in workers}
@@ -285,13 +289,17 @@ def row_costs(base: torch.nn.Module, prompt_kv, workers: list[int], reps: int = 
                                             sync=device.type == "cuda")[0])
             times["attention"][n].append(timed(lambda: [F.scaled_dot_product_attention(qs[n], k, v)
                                                         for k, v in prompt_kv], sync=device.type == "cuda")[0])
+            times["attention_kvtier"][n].append(timed(lambda: [fused_attention(qs[n], k, v, scale)
+                                                               for k, v in prompt_kv], sync=device.type == "cuda")[0])
     out: dict[str, Any] = {}
     for name, by_n in times.items():
         ms = {n: median_ms(t) for n, t in by_n.items()}
         one = ms.get(1)
         out[name] = {str(n): {"ms": ms[n], "x_one_row": _ratio(ms[n], one) if one else None} for n in workers}
     out["what"] = ("per step, measured alone: 'linear' = N rows through every nn.Linear of the model once; "
-                   "'attention' = sdpa of N query rows (x the GQA group) over every layer's prompt KV")
+                   "'attention' = sdpa of N query rows (x the GQA group) over every layer's prompt KV; "
+                   "'attention_kvtier' = the same through kvtier's fused_attention, as hogwild's history reads "
+                   "the prompt (on a CPU in float32: kvtier's C kernel, every key read once for all rows)")
     return out
 
 
@@ -415,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
               f"  hogwild {h['step_ms']:8.2f}  rerotate {r['rerotate']['step_ms']:8.2f}  | hogwild x1-worker {h['ratio_vs_one_worker']}"
               f"  x independent {h['ratio_vs_independent']}  rerotate x hogwild {r['rerotate']['ratio_vs_hogwild']}"
               f"  | KV MiB {r['independent']['kv_bytes'] / 2**20:.1f} vs {h['kv_bytes'] / 2**20:.1f}")
-    for name in ("linear", "attention"):
+    for name in ("linear", "attention", "attention_kvtier"):
         costs = result["row_costs"][name]
         print(f"{name} alone, ms by rows: " + "  ".join(f"{n}: {c['ms']:.2f} (x{c['x_one_row']})" for n, c in costs.items()))
     print_targets(result["targets"])
