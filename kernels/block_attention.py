@@ -210,26 +210,23 @@ class HeldKeys:
     def query_turn(self, inv_freq: torch.Tensor, interleaved: bool, width: int, device: torch.device):
         """(Rope, factors) of the turn of each worker's query to each block, qrel - q_pos ([N, NB]), for queries
         laid out [N, Hq, NB, width]."""
-        from ..rope import Rope  # see `_per_block`
-
-        key = ("query", id(inv_freq), interleaved, width)
-        hit = self._turns.get(key)
-        if hit is None or hit[0] is not inv_freq:
-            q_pos, _, _, qrel, _ = self.args
-            rope = Rope(inv_freq.float(), interleaved=interleaved)
-            delta = qrel.to(device) - q_pos.to(device)[:, None]
-            hit = self._turns[key] = (inv_freq, rope, rope.shift_factors(delta, width, device))
-        return hit[1], hit[2]
+        q_pos, _, _, qrel, _ = self.args
+        return self._turn("query", lambda: qrel.to(device) - q_pos.to(device)[:, None], inv_freq, interleaved,
+                          width, device)
 
     def turn(self, inv_freq: torch.Tensor, interleaved: bool, width: int, device: torch.device):
         """(Rope, factors) of this layout's turn of keys of `width` channels under these frequencies."""
+        return self._turn("keys", lambda: self.layout(device)[2], inv_freq, interleaved, width, device)
+
+    def _turn(self, what: str, delta, inv_freq: torch.Tensor, interleaved: bool, width: int, device: torch.device):
+        """(Rope, factors) for the positions delta() returns, made once per `what` and frequencies."""
         from ..rope import Rope  # see `_per_block`
 
-        key = (id(inv_freq), interleaved, width)
+        key = (what, id(inv_freq), interleaved, width)
         hit = self._turns.get(key)
         if hit is None or hit[0] is not inv_freq:
             rope = Rope(inv_freq.float(), interleaved=interleaved)
-            hit = self._turns[key] = (inv_freq, rope, rope.shift_factors(self.layout(device)[2], width, device))
+            hit = self._turns[key] = (inv_freq, rope, rope.shift_factors(delta(), width, device))
         return hit[1], hit[2]
 
 
