@@ -8,11 +8,12 @@
  * returns, so the result merges with other partial attentions the same way.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define BLOCK 64
 #define AHEAD 16 /* rows of prefetch distance (8-48 measured alike) */
-#define WIDE 4   /* query rows per KV head from which rows are scored eight at a time */
+#define WIDE 4   /* query rows per KV head from which eight rows are scored abreast */
 
 /* exp(x) for x <= 0 without a libm call, so that a block's loop vectorises (a scalar expf per score was a
  * third of the kernel's time with one query row): x = n ln2 + r with |r| <= ln2/2, exp(r) by Cephes' degree-6
@@ -88,27 +89,57 @@ static inline __m256 lane_sums(const __m256 *a) {
 #define EIGHT_ROWS 0
 #endif
 
-/* scores[g * BLOCK + i] = scale * q[g] . k[i] for the block's n rows. With WIDE or more query rows (and AVX2,
- * d a multiple of 8) eight rows at a time: one horizontal reduction per eight scores instead of one per score,
- * 2.5-3x faster on rows in cache; with fewer, one row at a time measured as fast on rows read from memory. */
+#if EIGHT_ROWS
+/* q . k for eight consecutive rows k0 (AVX2, d a multiple of 8) into the lanes of one vector: one horizontal
+ * reduction per eight scores instead of one per score. Row by row, each row read front to back with its
+ * prefetch step (`pf`, NULL: none) just before: with few query rows this kept the kernel as fast as one row at
+ * a time on rows read from memory, and 1.6x faster on rows in cache. */
+static inline __m256 eight_rows_in_turn(const float *qg, const float *k0, int64_t d, struct ahead *pf) {
+    __m256 a[8];
+    for (int t = 0; t < 8; t++) {
+        if (pf) ahead_step(pf);
+        const float *kt = k0 + t * d;
+        __m256 x = _mm256_setzero_ps(), y = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 16 <= d; j += 16) {
+            x = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j), _mm256_loadu_ps(kt + j), x);
+            y = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j + 8), _mm256_loadu_ps(kt + j + 8), y);
+        }
+        if (j < d) x = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j), _mm256_loadu_ps(kt + j), x);
+        a[t] = _mm256_add_ps(x, y);
+    }
+    return lane_sums(a);
+}
+
+/* The same eight scores, the eight rows read side by side, eight columns at a time: each load of q serves eight
+ * rows (what pays from WIDE query rows on, where q is read once per row and query row). */
+static inline __m256 eight_rows_abreast(const float *qg, const float *k0, int64_t d) {
+    __m256 a[8];
+    for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < d; j += 8) {
+        const __m256 qv = _mm256_loadu_ps(qg + j);
+        for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + t * d + j), a[t]);
+    }
+    return lane_sums(a);
+}
+#endif
+
+/* scores[g * BLOCK + i] = scale * q[g] . k[i] for the block's n rows: eight rows at a time where AVX2 and d (a
+ * multiple of 8) allow, in turn below WIDE query rows and abreast from there; the rest one at a time. */
 static void score_block(const float *q, const float *kb, int64_t n, int64_t g_n, int64_t d, float scale,
                         float *scores, struct ahead *pf) {
     int64_t i0 = 0;
 #if EIGHT_ROWS
-    if (g_n >= WIDE && d % 8 == 0) {
+    if (d % 8 == 0) {
         const __m256 sc = _mm256_set1_ps(scale);
         for (; i0 + 8 <= n; i0 += 8) {
             const float *k0 = kb + i0 * d;
-            for (int t = 0; t < 8; t++) ahead_step(pf);
+            if (g_n >= WIDE)
+                for (int t = 0; t < 8; t++) ahead_step(pf);
             for (int64_t g = 0; g < g_n; g++) {
-                const float *qg = q + g * d;
-                __m256 a[8];
-                for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
-                for (int64_t j = 0; j < d; j += 8) {
-                    const __m256 qv = _mm256_loadu_ps(qg + j);
-                    for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + t * d + j), a[t]);
-                }
-                _mm256_storeu_ps(scores + g * BLOCK + i0, _mm256_mul_ps(lane_sums(a), sc));
+                const __m256 s = g_n >= WIDE ? eight_rows_abreast(q + g * d, k0, d)
+                                             : eight_rows_in_turn(q + g * d, k0, d, g == 0 ? pf : NULL);
+                _mm256_storeu_ps(scores + g * BLOCK + i0, _mm256_mul_ps(s, sc));
             }
         }
     }
@@ -126,35 +157,33 @@ static void score_block(const float *q, const float *kb, int64_t n, int64_t g_n,
     }
 }
 
-/* out[g] += sum over the block's n rows of p[g][i] * v[i]. With WIDE or more query rows (and AVX2) each query
- * row's output is held in registers, 64 columns at a time, across the block; with fewer, row by row over
- * the block (faster there on rows read from memory). */
+/* out[g] += sum over the block's n rows of p[g][i] * v[i]. With AVX2 each query row's output is held in
+ * registers, 64 columns at a time, across the block (row by row over the block, reading and writing the
+ * output for every row, measured 7-15% slower with one or two query rows); the rest of the columns and
+ * other CPUs row by row. */
 static void add_values(float *out, const float *p, const float *vb, int64_t n, int64_t g_n, int64_t d) {
 #if EIGHT_ROWS
-    if (g_n >= WIDE) {
-        for (int64_t g = 0; g < g_n; g++) {
-            float *o = out + g * d;
-            const float *pg = p + g * BLOCK;
-            int64_t j0 = 0;
-            for (; j0 + 64 <= d; j0 += 64) {
-                __m256 a[8];
-                for (int t = 0; t < 8; t++) a[t] = _mm256_loadu_ps(o + j0 + 8 * t);
-                for (int64_t i = 0; i < n; i++) {
-                    const __m256 pi = _mm256_set1_ps(pg[i]);
-                    const float *vr = vb + i * d + j0;
-                    for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(pi, _mm256_loadu_ps(vr + 8 * t), a[t]);
-                }
-                for (int t = 0; t < 8; t++) _mm256_storeu_ps(o + j0 + 8 * t, a[t]);
+    for (int64_t g = 0; g < g_n; g++) {
+        float *o = out + g * d;
+        const float *pg = p + g * BLOCK;
+        int64_t j0 = 0;
+        for (; j0 + 64 <= d; j0 += 64) {
+            __m256 a[8];
+            for (int t = 0; t < 8; t++) a[t] = _mm256_loadu_ps(o + j0 + 8 * t);
+            for (int64_t i = 0; i < n; i++) {
+                const __m256 pi = _mm256_set1_ps(pg[i]);
+                const float *vr = vb + i * d + j0;
+                for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(pi, _mm256_loadu_ps(vr + 8 * t), a[t]);
             }
-            for (int64_t i = 0; i < n && j0 < d; i++) {
-                const float pi = pg[i], *vr = vb + i * d;
-#pragma omp simd
-                for (int64_t j = j0; j < d; j++) o[j] += pi * vr[j];
-            }
+            for (int t = 0; t < 8; t++) _mm256_storeu_ps(o + j0 + 8 * t, a[t]);
         }
-        return;
+        for (int64_t i = 0; i < n && j0 < d; i++) {
+            const float pi = pg[i], *vr = vb + i * d;
+#pragma omp simd
+            for (int64_t j = j0; j < d; j++) o[j] += pi * vr[j];
+        }
     }
-#endif
+#else
     for (int64_t i = 0; i < n; i++) {
         const float *vr = vb + i * d;
         for (int64_t g = 0; g < g_n; g++) {
@@ -164,6 +193,7 @@ static void add_values(float *out, const float *p, const float *vb, int64_t n, i
             for (int64_t j = 0; j < d; j++) o[j] += pi * vr[j];
         }
     }
+#endif
 }
 
 static void attend_pair(const float *q, const float *k, const float *v, const int64_t *first,

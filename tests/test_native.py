@@ -54,13 +54,13 @@ def _reference(q, k, v, first, count, scale):
     return out.view(pairs, g, d), lse.view(pairs, g)
 
 
-@pytest.mark.parametrize("g, d", [(1, 64), (2, 8), (4, 128), (4, 64), (7, 80), (8, 40), (16, 96), (5, 3)])
+@pytest.mark.parametrize("g, d", [(1, 64), (1, 40), (2, 8), (3, 24), (4, 128), (4, 64), (7, 80), (8, 40), (16, 96), (5, 3)])
 @pytest.mark.parametrize("scale", [0.2, 2.0])
 def test_runs_longer_than_a_block_and_empty_runs(lib, g, d, scale):
     """Runs of 1, 63, 64, 65 and 150 rows (the kernel scores 64 rows at a time) and runs of none; at a large
-    scale most weights underflow (the kernel's own exp flushes below e^-87). From 4 query rows a KV head the
-    kernel scores eight rows at a time where d is a multiple of 8 (a block's last rows and other d one at a
-    time) and sums values 64 columns at a time (the rest of d after)."""
+    scale most weights underflow (the kernel's own exp flushes below e^-87). The kernel scores eight rows at a
+    time where d is a multiple of 8 (row by row below 4 query rows a KV head, side by side from there; a
+    block's last rows and other d one at a time) and sums values 64 columns at a time (the rest of d after)."""
     runs = [(0, 1), (3, 63), (70, 0), (80, 64), (150, 65), (220, 150), (400, 0)]
     q, k, v, first, count = _problem(3, g, d, 420, runs, seed=g)
     out, lse = native.run_attention(q, k, v, first, count, scale)
