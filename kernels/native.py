@@ -128,9 +128,11 @@ def _load(path: Path) -> ctypes.CDLL:
     f.argtypes = [i64, i64, p, p, p, i64, p, p, i64, p, p, p, i64, p, i64, p, p]
     f.restype = ctypes.c_int
     f = lib.kvtier_select_pages_f32
-    f.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, p, p, p, i64,
-                  i64, i64, p, p, p, p, p, p, p, p]
+    f.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, p, p, p,
+                  i64, i64, i64, p, p, p, p, p, p, p, p]
     f.restype = ctypes.c_int
+    lib.kvtier_select_reads_half.argtypes = []
+    lib.kvtier_select_reads_half.restype = ctypes.c_int
     return lib
 
 
@@ -289,6 +291,23 @@ def _threads() -> ThreadPoolExecutor:
         return _pool
 
 
+def reads_half() -> bool:
+    """Whether `select_pages` reads float16 chunk bounds (the library built with AVX2, FMA and F16C)."""
+    lib = library()
+    return lib is not None and bool(lib.kvtier_select_reads_half())
+
+
+def half_bounds(kmin: torch.Tensor, kmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """float32 bounds as float16 rounded outward (min down, max up: every key stays inside them), or None where
+    a finite bound is beyond float16's range (it would become infinite, and 0 x inf has no score)."""
+    lo, hi = kmin.to(torch.float16), kmax.to(torch.float16)
+    lo = torch.where(lo.float() > kmin, torch.nextafter(lo, lo.new_tensor(float("-inf"))), lo)
+    hi = torch.where(hi.float() < kmax, torch.nextafter(hi, hi.new_tensor(float("inf"))), hi)
+    if bool((lo.isinf() & kmin.isfinite()).any() | (hi.isinf() & kmax.isfinite()).any()):
+        return None
+    return lo, hi
+
+
 def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths: torch.Tensor, pmin: torch.Tensor,
                  pmax: torch.Tensor, page_lengths: torch.Tensor, page_chunk: torch.Tensor, page_offsets: torch.Tensor,
                  first: torch.Tensor, count: torch.Tensor, budget: int, candidates: int, forced: torch.Tensor | None,
@@ -300,9 +319,15 @@ def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, length
     row, offset in it); candidates: as kvtier.sparse.select.CANDIDATES; forced: [C] bool; has_tokens: [B, C]
     bool. Returns (chunks [B, Hkv, C] bool, whole, whole_ok, parts, parts_ok, unit_chunk, unit_offset,
     unit_size [B, Hkv, *]): the lists compact and padded with 0 / False, the units as `Selection.units` has
-    them; or None where it does not run (no library, not float32 on a CPU, no chunks)."""
-    if kmin.ndim != 4 or kmin.shape[2] == 0 or not takes(q, kmin, kmax, pmin, pmax):
+    them; or None where it does not run (no library, not float32 on a CPU, no chunks). The chunk bounds may be
+    float16 instead (`half_bounds`: rounded outward, so they still bound every key) where `reads_half()`."""
+    half = kmin.dtype == torch.float16
+    if half and not reads_half():
         return None
+    if kmin.ndim != 4 or kmin.shape[2] == 0 or not takes(q, pmin, pmax, *(() if half else (kmin, kmax))):
+        return None
+    if half and (kmax.dtype != torch.float16 or kmin.device.type != "cpu" or kmax.device.type != "cpu"):
+        raise ValueError("select_pages: float16 chunk bounds must both be float16, on the CPU")
     lib = library()
     b, hkv, c, d = kmin.shape
     p = pmin.shape[2]
@@ -330,7 +355,7 @@ def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, length
     units = torch.empty(3, pairs, c + p, dtype=torch.int64)
     chunks = torch.empty(b, hkv, c, dtype=torch.bool)
     rc = lib.kvtier_select_pages_f32(
-        q.data_ptr(), b, hkv, hq // hkv, d, kmin.data_ptr(), kmax.data_ptr(), kmin.stride(0), kmin.stride(1), c,
+        q.data_ptr(), b, hkv, hq // hkv, d, kmin.data_ptr(), kmax.data_ptr(), kmin.stride(0), kmin.stride(1), int(half), c,
         pmin.data_ptr(), pmax.data_ptr(), pmin.stride(0), pmin.stride(1), p, *(t.data_ptr() for t in cols),
         *(None if t is None else t.data_ptr() for t in masks), min(max(budget, 0), 1 << 40), candidates, int(shared),
         whole.data_ptr(), n_whole.data_ptr(), parts.data_ptr(), n_parts.data_ptr(), chunks.data_ptr(),

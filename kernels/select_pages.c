@@ -24,11 +24,18 @@
 
 #define MAX_LENGTH ((int64_t)1 << 40)
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define HALF_BOUNDS 1
+#else
+#define HALF_BOUNDS 0
+#endif
+
 typedef struct {
     const float *q;  /* [B, Hkv * G, 2, D]: each query row's positive part, then its negative part */
     int64_t hkv, g_n, d;
-    const float *kmin, *kmax;  /* chunk bounds: element (b, h, c, j) at b * kb + h * kh + c * d + j */
-    int64_t kb, kh;
+    const void *kmin, *kmax;  /* chunk bounds: element (b, h, c, j) at b * kb + h * kh + c * d + j */
+    int64_t kb, kh, half;     /* half: the chunk bounds are IEEE float16 (rounded outward), else float32 */
     const float *pmin, *pmax;  /* page bounds, laid out the same way with strides pb, ph */
     int64_t pb, ph;
 } Bounds;
@@ -61,10 +68,42 @@ static float bound_score(const Bounds *t, int64_t b, int64_t h, const float *lo,
     return best;
 }
 
+#if HALF_BOUNDS
+/* bound_score over float16 bounds (what every chunk's row costs a step: half the bytes of float32). */
+static float bound_score_half(const Bounds *t, int64_t b, int64_t h, const uint16_t *lo, const uint16_t *hi) {
+    const int64_t d = t->d;
+    const float *qh = t->q + (b * t->hkv + h) * t->g_n * 2 * d;
+    float best = -INFINITY;
+    for (int64_t g = 0; g < t->g_n; g++) {
+        const float *pos = qh + g * 2 * d, *neg = pos + d;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 8 <= d; j += 8) {
+            const __m256 y = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(hi + j)));
+            const __m256 w = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(lo + j)));
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pos + j), y, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(neg + j), w, acc1);
+        }
+        float a[8];
+        _mm256_storeu_ps(a, _mm256_add_ps(acc0, acc1));
+        float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+        for (; j < d; j++) s += pos[j] * _cvtsh_ss(hi[j]) + neg[j] * _cvtsh_ss(lo[j]);
+        best = s > best ? s : best;
+    }
+    return best;
+}
+#endif
+
 static float chunk_score(const Bounds *t, int64_t b, int64_t h, int64_t c) {
     const int64_t at = b * t->kb + h * t->kh + c * t->d;
-    return bound_score(t, b, h, t->kmin + at, t->kmax + at);
+#if HALF_BOUNDS
+    if (t->half) return bound_score_half(t, b, h, (const uint16_t *)t->kmin + at, (const uint16_t *)t->kmax + at);
+#endif
+    return bound_score(t, b, h, (const float *)t->kmin + at, (const float *)t->kmax + at);
 }
+
+/* Whether this build reads float16 chunk bounds (AVX2, FMA and F16C). */
+int kvtier_select_reads_half(void) { return HALF_BOUNDS; }
 
 static float page_score(const Bounds *t, int64_t b, int64_t h, int64_t p) {
     const int64_t at = b * t->pb + h * t->ph + p * t->d;
@@ -202,13 +241,14 @@ static void select_one(const Bounds *t, Work *w, int64_t b, int64_t h, int64_t *
     *n_parts = n;
 }
 
-/* Returns 0, -1 without memory, -2 for tables that point outside the bounds given. chunk_of, page_off: [P] each
+/* Returns 0, -1 without memory, -2 for tables that point outside the bounds given (or float16 chunk bounds, `half`,
+ * to a build without F16C). chunk_of, page_off: [P] each
  * page row's chunk row and offset in it. Outputs per pair (B x Hkv pairs, pair-major): whole [C], n_whole,
  * parts [P], n_parts, chunk_sel [C], and the entries as units of consecutive tokens [C + P] each (unit_chunk,
  * unit_off, unit_size: the whole chunks, then the pages). Past its count, each pair's row of a list is 0 up to
  * the most any pair has (at least 1), so the first columns of every row form one padded table. */
 int kvtier_select_pages_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_n, int64_t d,
-                            const float *kmin, const float *kmax, int64_t kb, int64_t kh, int64_t c_n,
+                            const void *kmin, const void *kmax, int64_t kb, int64_t kh, int64_t half, int64_t c_n,
                             const float *pmin, const float *pmax, int64_t pb, int64_t ph, int64_t p_n,
                             const int64_t *length, const int64_t *first, const int64_t *count,
                             const int64_t *page_len, const int64_t *chunk_of, const int64_t *page_off,
@@ -216,6 +256,7 @@ int kvtier_select_pages_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_
                             int64_t shared, int64_t *whole, int64_t *n_whole, int64_t *parts, int64_t *n_parts,
                             uint8_t *chunk_sel, int64_t *unit_chunk, int64_t *unit_off, int64_t *unit_size) {
     if (c_n < 1 || p_n < 1 || budget < 0 || budget > MAX_LENGTH || candidates < 0 || candidates > 1024) return -2;
+    if (half && !HALF_BOUNDS) return -2;
     for (int64_t p = 0; p < p_n; p++)
         if (page_len[p] < 0 || page_len[p] > MAX_LENGTH || chunk_of[p] < 0 || chunk_of[p] >= c_n ||
             page_off[p] < 0 || page_off[p] > MAX_LENGTH)
@@ -236,7 +277,7 @@ int kvtier_select_pages_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_
             split[r * 2 * d + j] = x > 0.0f ? x : 0.0f;
             split[r * 2 * d + d + j] = x < 0.0f ? x : 0.0f;
         }
-    const Bounds t = {split, hkv, g_n, d, kmin, kmax, kb, kh, pmin, pmax, pb, ph};
+    const Bounds t = {split, hkv, g_n, d, kmin, kmax, kb, kh, half, pmin, pmax, pb, ph};
     Work w = {.c_n = c_n, .p_n = p_n, .budget = budget, .candidates = candidates, .length = length,
               .first = first, .count = count, .page_len = page_len, .forced = forced, .has_tokens = has_tokens};
     const int64_t c1 = c_n ? c_n : 1, p1 = p_n ? p_n : 1;

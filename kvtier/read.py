@@ -200,8 +200,11 @@ def select_chunks(layer: "TieredLayer", q: torch.Tensor, pad: torch.Tensor | Non
     always = sink_tokens + layer.win_len
     chunk_budget = max(0, layer.config.budget_tokens(layer.length) - always)
     has_tokens = _chunks_with_tokens(pad, starts, lengths) if pad is not None else None
-    sel = layer.tiers.selector.select_pages(q, kmin, kmax, lengths, starts, layer.abstracts.pages(),
-                                            layer.abstracts.max_pages, chunk_budget, forced, has_tokens)
+    selector = layer.tiers.selector
+    on_c = selector.quest_bound() and q.device.type == "cpu" and q.dtype == torch.float32  # the C selection's case
+    half = layer.abstracts.half_bounds() if on_c else None
+    sel = selector.select_pages(q, kmin, kmax, lengths, starts, layer.abstracts.pages(), layer.abstracts.max_pages,
+                                chunk_budget, forced, has_tokens, half)
     return sel, always
 
 

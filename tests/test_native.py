@@ -157,13 +157,15 @@ def _lists(sel):
 @settings(max_examples=80, deadline=None)
 @given(lengths=st.lists(st.integers(1, 70), min_size=1, max_size=120), page_size=st.integers(2, 16),
        budget=st.integers(0, 3000), seed=st.integers(0, 10_000), levels=st.integers(1, 3), g=st.integers(1, 3),
-       sinks=st.integers(0, 2), padding=st.booleans(), shared=st.booleans())
-def test_c_selection_equals_the_torch_selection(lengths, page_size, budget, seed, levels, g, sinks, padding, shared):
+       sinks=st.integers(0, 2), padding=st.booleans(), shared=st.booleans(), d=st.sampled_from([4, 12, 16]))
+def test_c_selection_equals_the_torch_selection(lengths, page_size, budget, seed, levels, g, sinks, padding, shared,
+                                                d):
     """Sinks, chunks holding only padding, GQA groups, shared choices and ties: the same entries in the same
-    order as `select_pages_torch`."""
+    order as `select_pages_torch`, from float32 chunk bounds and from the float16 ones the table keeps for the
+    C selection (small integers: float16 holds them exactly)."""
     if native.library() is None:
         pytest.skip("the C library cannot be built here")
-    table, q = _selection_problem(lengths, page_size, 2, 3, g, 4, seed, levels)
+    table, q = _selection_problem(lengths, page_size, 2, 3, g, d, seed, levels)
     assume(table.max_pages > 1)
     kmin, kmax, lens, starts = table.view()
     forced = torch.arange(len(lengths)) < sinks
@@ -182,6 +184,12 @@ def test_c_selection_equals_the_torch_selection(lengths, page_size, budget, seed
     # the lists' padding is valid rows too: the staged path reads them again with its own masks
     assert _units(fast.units(lens, pages, fast.whole_ok, fast.parts_ok)) == _units(slow.units(lens, pages))
     assert torch.equal(fast.pages, slow.pages)
+    if native.reads_half():
+        half = table.half_bounds()
+        assert half is not None and half[0].dtype == torch.float16
+        from_half = selector.select_pages(*args, half)
+        assert _lists(from_half) == _lists(slow) and torch.equal(from_half.pages, slow.pages)
+        assert _units(from_half.units(lens, pages)) == _units(slow.units(lens, pages))
 
 
 def _units(units):

@@ -226,6 +226,102 @@ def test_take_in_order_fills_what_a_large_unit_leaves():
     assert take_in_order(sizes, usable, 22).tolist() == [True, False, True, False, False]
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), exponent=st.integers(-30, 12))
+def test_half_bounds_round_outward_to_the_nearest_float16(seed, exponent):
+    """Every float32 min rounds down and every max up, to the nearest float16 on that side (subnormals and
+    signed zeros included): the float16 bounds still bound every key, and are as tight as float16 allows."""
+    from kvtier.kernels import native
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(seed)) * 2.0 ** exponent
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 65504.0, -65504.0, 6e-8, -6e-8, 1e-9, -1e-9])])
+    lo, hi = native.half_bounds(x, x)
+    assert (lo.float() <= x).all() and (hi.float() >= x).all()
+    up, down = torch.tensor(float("inf"), dtype=torch.float16), torch.tensor(float("-inf"), dtype=torch.float16)
+    assert (torch.nextafter(lo, up).float() > x).all() and (torch.nextafter(hi, down).float() < x).all()
+
+
+def test_half_bounds_beyond_the_float16_range_stay_float32():
+    """A finite bound float16 cannot hold would become infinite (and 0 x inf scores nothing): the table then
+    gives no float16 bounds, and the selection reads the float32 ones, until its rows are rebuilt."""
+    from kvtier.kernels import native
+    assert native.half_bounds(torch.tensor([70000.0]), torch.tensor([70000.0])) is None
+    assert native.half_bounds(torch.tensor([-1.0]), torch.tensor([65519.0])) is None
+    if not native.reads_half():
+        pytest.skip("the C library here does not read float16 bounds")
+    table, _ = _table([20, 20], 8, 0)
+    assert table.half_bounds() is not None
+    table.add(torch.full((2, 2, 5, 8), 1e5), 40)
+    assert table.half_bounds() is None
+    table.rebuild([table.row(0)])
+    assert table.half_bounds() is not None
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=2, max_size=30), seed=st.integers(0, 1000),
+       ops=st.lists(st.sampled_from(["add", "truncate", "splice", "move", "refresh", "rows", "rebuild", "clear"]),
+                    min_size=1, max_size=8))
+def test_half_bounds_follow_every_change_of_the_chunk_rows(lengths, seed, ops):
+    """Whatever rewrites chunk rows (appends, truncation, a span spliced out, positions moved, bounds refreshed,
+    batch rows reordered, a rebuild), the float16 bounds the table gives are those of its float32 rows now."""
+    from kvtier.kernels import native
+    from kvtier.rope import Rope
+    if not native.reads_half():
+        pytest.skip("the C library here does not read float16 bounds")
+    gen = torch.Generator().manual_seed(seed)
+    table, keys = _table(lengths, 8, seed)
+    import transformers as tf
+    rope = Rope.from_config(tf.LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, head_dim=8))
+    end = sum(lengths)
+
+    def agrees():
+        kmin, kmax, _, _ = table.view()
+        lo, hi = table.half_bounds()
+        want = native.half_bounds(kmin, kmax)
+        return torch.equal(lo, want[0]) and torch.equal(hi, want[1])
+
+    for op in ops:
+        assert agrees()  # synced before each change, so a stale copy shows after it
+        n = len(table)
+        if op == "add" or n < 2:
+            k = torch.randn(2, 2, 12, 8, generator=gen)
+            table.add(k, end)
+            end += 12
+        elif op == "truncate":  # then a new chunk where the dropped rows were
+            table.truncate(n // 2)
+            table.add(torch.randn(2, 2, 12, 8, generator=gen), int(table.view()[3][-1] + table.view()[2][-1]))
+        elif op == "splice":
+            table.splice(n // 3, n // 3 + 1, [])
+        elif op == "move":
+            table.move(n // 2, 3, rope)
+        elif op == "refresh":
+            rows = torch.tensor([0, n - 1])
+            lens = table.view()[2][rows].tolist()
+            table.refresh(rows, torch.randn(2, 2, sum(lens), 8, generator=gen))
+        elif op == "rows":
+            table.select_rows(torch.tensor([1, 0]))
+        elif op == "rebuild":
+            table.rebuild([table.row(i) for i in range(n - 1, -1, -1)][:max(1, n // 2)])
+        else:
+            table.clear()
+            table.add(torch.randn(2, 2, 30, 8, generator=gen), 0)
+        assert agrees(), op
+
+
+def test_a_cpu_sparse_step_selects_from_float16_chunk_bounds(monkeypatch):
+    """The model's own decode steps hand the C selection the table's float16 chunk bounds."""
+    from kvtier.kernels import native
+    if not native.reads_half():
+        pytest.skip("the C library here does not read float16 bounds")
+    seen = []
+    real = native.select_pages
+    monkeypatch.setattr(native, "select_pages", lambda q, lo, *a: seen.append(lo.dtype) or real(q, lo, *a))
+    model = build_model("llama")
+    ids = torch.randint(3, 128, (1, 300), generator=torch.Generator().manual_seed(7))
+    with KVTierCache.for_model(model, **SPARSE, page_size=8, sparse_budget=0.1) as cache:
+        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, **{cache_kw(model): cache})
+    assert seen and set(seen) == {torch.float16}
+
+
 # ------------------------------------------------------------------------------------------ caches
 def test_page_selection_reads_the_same_tokens_wherever_chunks_live(tmp_path):
     """Pages of chunks brought to the device and of chunks attended from staging give the same logits."""

@@ -151,14 +151,17 @@ class Selector:
         budget: int,
         forced: torch.Tensor | None = None,
         has_tokens: torch.Tensor | None = None,
+        half: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Selection:
         """The chunks and pages to attend to: the best-ranked chunks whole while they fit the budget (as
         `select`'s first pass), then, for what is left, the best pages of the chunks ranked next (up to
         CANDIDATES x what is left, in tokens), by their own bounds. Whole chunks keep transfers in large
         units; pages let a needle in a chunk too large for the rest of the budget cost one page of it.
-        max_pages: most pages of one chunk (the table's)."""
+        max_pages: most pages of one chunk (the table's); half: the chunk bounds as float16 rounded outward
+        (`AbstractTable.half_bounds`), which the C selection reads instead of kmin, kmax."""
         if max_pages > 1 and self.quest_bound():
-            got = native.select_pages(q, kmin, kmax, lengths, pages.pmin, pages.pmax, pages.lengths, pages.chunk,
+            lo, hi = half or (kmin, kmax)
+            got = native.select_pages(q, lo, hi, lengths, pages.pmin, pages.pmax, pages.lengths, pages.chunk,
                                       pages.offsets, pages.first, pages.count, budget, CANDIDATES, forced,
                                       has_tokens, self.shared)
             if got is not None:
