@@ -355,8 +355,9 @@ def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, length
     units = torch.empty(3, pairs, c + p, dtype=torch.int64)
     chunks = torch.empty(b, hkv, c, dtype=torch.bool)
     rc = lib.kvtier_select_pages_f32(
-        q.data_ptr(), b, hkv, hq // hkv, d, kmin.data_ptr(), kmax.data_ptr(), kmin.stride(0), kmin.stride(1), int(half), c,
-        pmin.data_ptr(), pmax.data_ptr(), pmin.stride(0), pmin.stride(1), p, *(t.data_ptr() for t in cols),
+        q.data_ptr(), b, hkv, hq // hkv, d, kmin.data_ptr(), kmax.data_ptr(), kmin.stride(0), kmin.stride(1),
+        int(half), c, pmin.data_ptr(), pmax.data_ptr(), pmin.stride(0), pmin.stride(1), p,
+        *(t.data_ptr() for t in cols),
         *(None if t is None else t.data_ptr() for t in masks), min(max(budget, 0), 1 << 40), candidates, int(shared),
         whole.data_ptr(), n_whole.data_ptr(), parts.data_ptr(), n_parts.data_ptr(), chunks.data_ptr(),
         units[0].data_ptr(), units[1].data_ptr(), units[2].data_ptr())

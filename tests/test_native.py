@@ -54,7 +54,8 @@ def _reference(q, k, v, first, count, scale):
     return out.view(pairs, g, d), lse.view(pairs, g)
 
 
-@pytest.mark.parametrize("g, d", [(1, 64), (1, 40), (2, 8), (3, 24), (4, 128), (4, 64), (7, 80), (8, 40), (16, 96), (5, 3)])
+@pytest.mark.parametrize("g, d", [(1, 64), (1, 40), (2, 8), (3, 24), (4, 128), (4, 64), (7, 80), (8, 40), (16, 96),
+                                  (5, 3)])
 @pytest.mark.parametrize("scale", [0.2, 2.0])
 def test_runs_longer_than_a_block_and_empty_runs(lib, g, d, scale):
     """Runs of 1, 63, 64, 65 and 150 rows (the kernel scores 64 rows at a time) and runs of none; at a large
