@@ -35,6 +35,7 @@ import torch
 _SOURCES = [Path(__file__).with_name(name) for name in ("run_attention.c", "select_pages.c", "copy_rows.c")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
 _BLOCK = 64  # run_attention.c's BLOCK: scratch per thread is g * (BLOCK + 2) floats
+_reads_half: dict[int, bool] = {}  # per loaded library: whether it reads float16 chunk bounds
 DENSE_ROWS = 64  # query rows a KV head up to which `dense_attention` was measured faster than torch's kernel
 
 _lock = threading.Lock()
@@ -294,7 +295,11 @@ def _threads() -> ThreadPoolExecutor:
 def reads_half() -> bool:
     """Whether `select_pages` reads float16 chunk bounds (the library built with AVX2, FMA and F16C)."""
     lib = library()
-    return lib is not None and bool(lib.kvtier_select_reads_half())
+    if lib is None:
+        return False
+    if _reads_half.get(id(lib)) is None:  # asked at every sparse step: one ctypes call per library
+        _reads_half[id(lib)] = bool(lib.kvtier_select_reads_half())
+    return _reads_half[id(lib)]
 
 
 def half_bounds(kmin: torch.Tensor, kmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
