@@ -2,7 +2,8 @@
  * kvtier/sparse/select.py, whose `Selector.select_pages` this computes for `QuestBound` and its shared form).
  *
  * Per (sequence, KV head), or per sequence with `shared` (scores maxed over heads, one choice for all heads):
- *   1. score every chunk: max over the query group of sum_d max(q_d * kmin_d, q_d * kmax_d); -inf for forced
+ *   1. score every chunk (its bounds float32, or float16 rounded outward with `half`): max over the query group
+ *      of sum_d max(q_d * kmin_d, q_d * kmax_d); -inf for forced
  *      chunks (sinks, taken anyway), chunks holding only padding, and NaN scores;
  *   2. rank by score, ties by index (a heap: only the ranks the budget reaches are ordered);
  *   3. take the best chunks whole while their tokens fit the budget; the chunks ranked next whose preceding
@@ -241,9 +242,8 @@ static void select_one(const Bounds *t, Work *w, int64_t b, int64_t h, int64_t *
     *n_parts = n;
 }
 
-/* Returns 0, -1 without memory, -2 for tables that point outside the bounds given (or float16 chunk bounds, `half`,
- * to a build without F16C). chunk_of, page_off: [P] each
- * page row's chunk row and offset in it. Outputs per pair (B x Hkv pairs, pair-major): whole [C], n_whole,
+/* Returns 0, -1 without memory, -2 for tables that point outside the bounds given (or float16 chunk bounds,
+ * `half`, to a build without F16C). chunk_of, page_off: [P] each page row's chunk row and offset in it. Outputs per pair (B x Hkv pairs, pair-major): whole [C], n_whole,
  * parts [P], n_parts, chunk_sel [C], and the entries as units of consecutive tokens [C + P] each (unit_chunk,
  * unit_off, unit_size: the whole chunks, then the pages). Past its count, each pair's row of a list is 0 up to
  * the most any pair has (at least 1), so the first columns of every row form one padded table. */
