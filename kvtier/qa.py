@@ -508,7 +508,13 @@ class Session:
                 self._publish(cache, {**self.info, "prefill": "complete"})
         except KeyboardInterrupt:
             bar.close()
+            complete = cache.info.get("prefill") == "complete"  # the final save ran: only a publish was cut short
             cache.close()
+            if complete:
+                more = "; the next kvtier qa --remote publishes it" if self.remote is not None else ""
+                print(f"\nkvtier: interrupted after the prefill was saved: {printable(self.store)} holds all {n} "
+                      f"tokens{more}", file=sys.stderr)
+                raise Interrupted from None
             kept = f"its first {saved} of {n} tokens are saved" if saved else "no segment was saved yet"
             print(f"\nkvtier: prefill interrupted; {kept}: run the same command again to "
                   f"{'resume' if saved else 'start over'}", file=sys.stderr)

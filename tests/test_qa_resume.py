@@ -88,6 +88,29 @@ def test_an_interrupted_prefill_resumes_from_its_last_segment(tiny, tmp_path, mo
     assert code == 0 and "resuming" not in err and "prefilling" not in err and json.loads(out)["reopen_s"] > 0
 
 
+def test_an_interrupt_after_the_final_save_says_the_prefill_is_complete(tiny, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C or SIGTERM that lands after the final save (with --remote: while publishing) finds every token
+    saved: the message says so, not that a rerun resumes the prefill, and the next run answers at once."""
+    from kvtier import KVTierCache
+    real = KVTierCache.save
+
+    def save(self, info=None, **kw):
+        path = real(self, info, **kw)
+        if (info or {}).get("prefill") == "complete":
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(KVTierCache, "save", save)
+    store = tmp_path / "s"
+    code, _, err = _qa(tiny, store, capsys)
+    n = int(err.split("prefilling ")[1].split(" tokens")[0])
+    assert code == 130 and f"interrupted after the prefill was saved: {store} holds all {n} tokens" in err
+    assert "run the same command again" not in err
+    monkeypatch.undo()
+    code, out, err = _qa(tiny, store, capsys)
+    assert code == 0 and "resuming" not in err and "prefilling" not in err and json.loads(out)["reopen_s"] > 0
+
+
 def test_an_interrupted_first_segment_starts_over(tiny, tmp_path, monkeypatch, capsys):
     store = tmp_path / "s"
     _interrupt_segment(monkeypatch, 1)
