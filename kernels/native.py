@@ -302,17 +302,6 @@ def reads_half() -> bool:
     return _reads_half[id(lib)]
 
 
-def half_bounds(kmin: torch.Tensor, kmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """float32 bounds as float16 rounded outward (min down, max up: every key stays inside them), or None where
-    a finite bound is beyond float16's range (it would become infinite, and 0 x inf has no score)."""
-    lo, hi = kmin.to(torch.float16), kmax.to(torch.float16)
-    lo = torch.where(lo.float() > kmin, torch.nextafter(lo, lo.new_tensor(float("-inf"))), lo)
-    hi = torch.where(hi.float() < kmax, torch.nextafter(hi, hi.new_tensor(float("inf"))), hi)
-    if bool((lo.isinf() & kmin.isfinite()).any() | (hi.isinf() & kmax.isfinite()).any()):
-        return None
-    return lo, hi
-
-
 def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths: torch.Tensor, pmin: torch.Tensor,
                  pmax: torch.Tensor, page_lengths: torch.Tensor, page_chunk: torch.Tensor, page_offsets: torch.Tensor,
                  first: torch.Tensor, count: torch.Tensor, budget: int, candidates: int, forced: torch.Tensor | None,
@@ -325,7 +314,8 @@ def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, length
     bool. Returns (chunks [B, Hkv, C] bool, whole, whole_ok, parts, parts_ok, unit_chunk, unit_offset,
     unit_size [B, Hkv, *]): the lists compact and padded with 0 / False, the units as `Selection.units` has
     them; or None where it does not run (no library, not float32 on a CPU, no chunks). The chunk bounds may be
-    float16 instead (`half_bounds`: rounded outward, so they still bound every key) where `reads_half()`."""
+    float16 instead (`AbstractTable.half_bounds`: rounded outward, so they still bound every key) where
+    `reads_half()`."""
     half = kmin.dtype == torch.float16
     if half and not reads_half():
         return None

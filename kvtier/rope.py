@@ -150,7 +150,7 @@ class Rope:
             else:
                 rot = torch.cat((a, b), dim=-1)
             out.append((rot if r == src.shape[-1] else torch.cat((rot, src[..., r:]), dim=-1)))
-        return _rounded_out(out[0], lo.dtype, -1.0), _rounded_out(out[1], hi.dtype, 1.0)
+        return round_outward(out[0], lo.dtype, -1.0), round_outward(out[1], hi.dtype, 1.0)
 
     def _angles(self, positions: Positions, device: torch.device) -> torch.Tensor:
         p = torch.as_tensor(positions, device=device)
@@ -233,13 +233,15 @@ def _check_x(x: object) -> None:
         raise ValueError(f"Rope turns floating-point tensors [B, H, T, D], got {what}")
 
 
-def _rounded_out(x: torch.Tensor, dtype: torch.dtype, sign: float) -> torch.Tensor:
-    """x (float32) in dtype, rounded away from the interval's inside (down for a minimum, up for a maximum) so
-    a bound still holds after rounding to a narrower type."""
+def round_outward(x: torch.Tensor, dtype: torch.dtype, sign: float) -> torch.Tensor:
+    """x (float32) in dtype, rounded away from the interval's inside (sign -1: down, for a minimum; +1: up,
+    for a maximum) to the nearest value of dtype on that side, so a bound still holds after rounding to a
+    narrower type. A finite x beyond dtype's range rounds to an infinity on its outer side."""
     if dtype == torch.float32:
         return x
-    eps = torch.finfo(dtype).eps
-    return (x + sign * (x.abs() * eps + torch.finfo(dtype).tiny)).to(dtype)
+    y = x.to(dtype)
+    inward = y.float() > x if sign < 0 else y.float() < x
+    return torch.where(inward, torch.nextafter(y, y.new_tensor(sign * float("inf"))), y)
 
 
 def _over_heads(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:

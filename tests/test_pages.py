@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from kvtier import KVTierCache
 from kvtier.sparse import AbstractTable, QuestBound, Recency, SharedAcrossHeads
+from kvtier.sparse.abstracts import float16_bounds
 from kvtier.sparse.select import CANDIDATES, _rank_chunks, take_in_order
 
 SPARSE = dict(mode="sparse", chunk_size=16, sink_tokens=4, recent_window=16, min_chunk_size=8, max_chunk_size=48,
@@ -231,10 +232,9 @@ def test_take_in_order_fills_what_a_large_unit_leaves():
 def test_half_bounds_round_outward_to_the_nearest_float16(seed, exponent):
     """Every float32 min rounds down and every max up, to the nearest float16 on that side (subnormals and
     signed zeros included): the float16 bounds still bound every key, and are as tight as float16 allows."""
-    from kvtier.kernels import native
     x = torch.randn(4096, generator=torch.Generator().manual_seed(seed)) * 2.0 ** exponent
     x = torch.cat([x, torch.tensor([0.0, -0.0, 65504.0, -65504.0, 6e-8, -6e-8, 1e-9, -1e-9])])
-    lo, hi = native.half_bounds(x, x)
+    lo, hi = float16_bounds(x, x)
     assert (lo.float() <= x).all() and (hi.float() >= x).all()
     up, down = torch.tensor(float("inf"), dtype=torch.float16), torch.tensor(float("-inf"), dtype=torch.float16)
     assert (torch.nextafter(lo, up).float() > x).all() and (torch.nextafter(hi, down).float() < x).all()
@@ -244,8 +244,8 @@ def test_half_bounds_beyond_the_float16_range_stay_float32():
     """A finite bound float16 cannot hold would become infinite (and 0 x inf scores nothing): the table then
     gives no float16 bounds, and the selection reads the float32 ones, until its rows are rebuilt."""
     from kvtier.kernels import native
-    assert native.half_bounds(torch.tensor([70000.0]), torch.tensor([70000.0])) is None
-    assert native.half_bounds(torch.tensor([-1.0]), torch.tensor([65519.0])) is None
+    assert float16_bounds(torch.tensor([70000.0]), torch.tensor([70000.0])) is None
+    assert float16_bounds(torch.tensor([-1.0]), torch.tensor([65519.0])) is None
     if not native.reads_half():
         pytest.skip("the C library here does not read float16 bounds")
     table, _ = _table([20, 20], 8, 0)
@@ -276,7 +276,7 @@ def test_half_bounds_follow_every_change_of_the_chunk_rows(lengths, seed, ops):
     def agrees():
         kmin, kmax, _, _ = table.view()
         lo, hi = table.half_bounds()
-        want = native.half_bounds(kmin, kmax)
+        want = float16_bounds(kmin, kmax)
         return torch.equal(lo, want[0]) and torch.equal(hi, want[1])
 
     for op in ops:

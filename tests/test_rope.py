@@ -278,3 +278,18 @@ def test_refused(config, message):
     if not isinstance(config(), tf.Qwen2VLTextConfig):  # no causal-LM class for the text part alone
         with pytest.raises(UnsupportedModelError, match=message):
             Rope.from_model(tf.AutoModelForCausalLM.from_config(config()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_round_outward_gives_the_nearest_value_on_the_outer_side(dtype):
+    """What `shift_bounds` and the float16 chunk bounds round with: a minimum down and a maximum up, each to the
+    nearest value of the narrower type on that side (never past it), zeros and subnormals included."""
+    from kvtier.rope import round_outward
+    x = torch.cat([torch.randn(4096, generator=torch.Generator().manual_seed(3)) * 100,
+                   torch.tensor([0.0, -0.0, 1e-9, -1e-9, 1.0, -2.5])])
+    up, down = torch.tensor(float("inf"), dtype=dtype), torch.tensor(float("-inf"), dtype=dtype)
+    lo, hi = round_outward(x, dtype, -1.0), round_outward(x, dtype, 1.0)
+    assert lo.dtype == hi.dtype == dtype
+    assert (lo.float() <= x).all() and (hi.float() >= x).all()
+    assert (torch.nextafter(lo, up).float() > x).all() and (torch.nextafter(hi, down).float() < x).all()
+    assert torch.equal(round_outward(x, torch.float32, 1.0), x)

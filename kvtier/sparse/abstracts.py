@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import native
+from ..rope import round_outward
 from ..store.pools import storage_mode
 
 Row = tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor, torch.Tensor]
@@ -52,6 +53,16 @@ class PageView:
         full = (self.pmin.as_strided((b * h * self.capacity, d), (d, 1)),
                 self.pmax.as_strided((b * h * self.capacity, d), (d, 1)))
         return tuple(t.index_select(0, flat).view(b, h, w, d) for t in full)
+
+
+def float16_bounds(kmin: torch.Tensor, kmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """float32 bounds as float16 rounded outward (`round_outward`: min down, max up, every key stays inside
+    them), or None where a finite bound is beyond float16's range (it would become infinite, and 0 x inf has no
+    score)."""
+    lo, hi = round_outward(kmin, torch.float16, -1.0), round_outward(kmax, torch.float16, 1.0)
+    if bool((lo.isinf() & kmin.isfinite()).any() | (hi.isinf() & kmax.isfinite()).any()):
+        return None
+    return lo, hi
 
 
 class AbstractTable:
@@ -249,7 +260,7 @@ class AbstractTable:
         return cached[3]
 
     def half_bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The live chunk bounds [B, Hkv, C, D] as float16 rounded outward (`native.half_bounds`: still bounds),
+        """The live chunk bounds [B, Hkv, C, D] as float16 rounded outward (`float16_bounds`: still bounds),
         for the C selection on a CPU, which reads every chunk's row at every step: half the bytes of float32
         (at 32k tokens a layer's rows are 4.2 MB; reading them cold took 0.27 ms, 0.14 ms as float16). Kept
         beside the float32 rows, which stay the table's own, and brought up to date from the first row changed
@@ -270,7 +281,7 @@ class AbstractTable:
                     new[0][:, :, :keep], new[1][:, :, :keep] = self._half[0][:, :, :keep], self._half[1][:, :, :keep]
                 self._half, self._half_rows = new, keep
             r = self._half_rows
-            got = native.half_bounds(self.kmin[:, :, r:n], self.kmax[:, :, r:n])
+            got = float16_bounds(self.kmin[:, :, r:n], self.kmax[:, :, r:n])
             if got is None:
                 self._no_half, self._half, self._half_rows = True, None, 0
                 return None
