@@ -226,8 +226,9 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Every query row of q [B, Hq, Q, D] over every key of k, v [B, Hkv, K, D] (no mask, no causal cut), read in
     place by `run_attention`: a KV head's Hq / Hkv * Q query rows (a GQA group, a Hogwild step's workers) share
-    one pass over its rows. On the benchmark CPU this took 0.5-0.9x the time of torch's flash kernel from 1 to 64
-    rows a head (0.5x at 4-8 rows; 0.5x at one row with head_dim 128). Returns out [B, Hq, Q, D] and lse
+    one pass over its rows. On the benchmark CPU, keys read from memory, this took 0.5-0.9x the time of torch's
+    flash kernel from 1 to 64 rows a head (0.5x at 4-8 rows; 0.5x at one row with head_dim 128); keys in the CPU
+    cache (a short context), about as long (1.04x at 512 keys, one row a head). Returns out [B, Hq, Q, D] and lse
     [B, Hq, Q] (float32), or None where it does not apply: not float32 on a CPU, more than DENSE_ROWS rows a
     head, a layout without rows (`arena_rows`)."""
     b, hq, nq, d = q.shape
