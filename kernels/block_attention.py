@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from ._triton import HAS_TRITON, use_triton
 from .fused_attention import fused_attention, fused_available
 from .partial_attention import merge_partials, partial_attention
@@ -77,9 +78,11 @@ def block_decode_attention(
     Returns out [N, Hq, D] float32 and lse [N, Hq] float32 (natural log; -inf and out 0 for a worker that
     sees no key).
 
-    Dispatch: the Triton kernel where it may run (CUDA, or the CPU interpreter); else, for few held keys, one
-    attention call over every worker's turned copy of the keys (`_views_at_once`), and otherwise one fused
-    attention call per block (the reference's own math where soft-capping leaves no fused kernel).
+    Dispatch: the Triton kernel where it may run (CUDA, or the CPU interpreter); else on a CPU with kvtier's C
+    kernel (float32, no soft-capping) the keys read in place (`_queries_turned_in_place`); else, for few held
+    keys, one matmul of every block's turned queries over them (`_queries_turned`) or one attention call over
+    every worker's turned copy of them (`_views_at_once`), and otherwise one fused attention call per block (the
+    reference's own math where soft-capping leaves no fused kernel).
     held: `HeldKeys` of these very layout tensors and window, for a caller that attends many layers over one
     layout (it then derives the layout's bookkeeping once); made for this call when None."""
     _check(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, window)
@@ -87,6 +90,10 @@ def block_decode_attention(
     if q.shape[0] and block_start.shape[0] and use_triton(q):
         return _block_decode_attention_triton(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved,
                                               scale, softcap, window)
+    if q.shape[0] and block_start.shape[0] and softcap is None and held.count and _in_place(k, v):
+        res = _queries_turned_in_place(q, k, v, inv_freq, interleaved, scale, held)
+        if res is not None:
+            return res
     if q.shape[0] and block_start.shape[0] and 0 < held.count * q.shape[0] * q.shape[1] * block_start.shape[0] \
             <= _SCORE_ELEMS:
         return _queries_turned(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap,
@@ -133,6 +140,35 @@ def _queries_turned(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, inte
     return out.permute(1, 0, 2, 3).reshape(n, hq, d), lse.permute(1, 0, 2).reshape(n, hq)
 
 
+def _in_place(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the C kernel reads these keys and values where they lie: float32 on a CPU, contiguous."""
+    return native.takes(k, v) and k.is_contiguous() and v.is_contiguous()
+
+
+def _queries_turned_in_place(q, k, v, inv_freq, interleaved, scale, held: HeldKeys
+                             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """On a CPU with kvtier's C kernel: each worker's query turned once per block (as `_queries_turned` turns
+    it), then each (worker, KV head, block) one pair of `native.run_attention`, which reads the keys the worker
+    sees in that block (one run of consecutive rows) in place; the blocks' partials merge by log-sum-exp. No key
+    is copied or scored twice: in a four-worker step the matmul path's copies and its scoring of every key under
+    every block's turn cost more than the attention itself. None without the C library."""
+    n, hq, d = q.shape
+    hkv, plane, _ = k.shape
+    g, nb = hq // hkv, held.args[1].shape[0]
+    rope, factors = held.query_turn(inv_freq, interleaved, d, k.device)
+    turned = rope.shift_by(q.float()[:, :, None, :].expand(n, hq, nb, d), factors)  # [N, Hq, NB, D]
+    pairs = turned.view(n, hkv, g, nb, d).transpose(2, 3).reshape(n * hkv * nb, g, d).contiguous()  # (n, h, b)
+    first, count = held.runs(plane, hkv)
+    res = native.run_attention(pairs, k.view(hkv * plane, d), v.view(hkv * plane, d), first, count, scale)
+    if res is None:
+        return None
+    out, lse = res[0].view(n, hkv, nb, g, d), res[1].view(n, hkv, nb, g)
+    total = torch.logsumexp(lse, 2)  # [N, Hkv, G]: -inf for a worker that sees no key
+    weight = torch.exp(lse - total[:, :, None]).nan_to_num_(0.0)  # a block's share; 0 where nothing is seen
+    out = (out * weight[..., None]).sum(2)  # [N, Hkv, G, D] (einsum measured 4x slower on these small shapes)
+    return out.reshape(n, hq, d), total.reshape(n, hq)
+
+
 def _views_at_once(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap, window,
                    fused: bool, held: HeldKeys | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Without a compiled kernel, for few held keys (the workers' current steps): every worker gets its own
@@ -166,6 +202,7 @@ class HeldKeys:
         self._layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._turns: dict[tuple, tuple] = {}
         self._blocks: torch.Tensor | None = None
+        self._runs: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def check(cls, held: HeldKeys | None, q_pos, block_start, block_len, qrel, window) -> HeldKeys:
@@ -201,6 +238,22 @@ class HeldKeys:
             self._layout = rows, seen[:, None, None, :], q_pos.to(device)[:, None] - rel
             self._blocks = block
         return self._layout
+
+    def runs(self, plane: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """first, count [N * heads * NB, 1] int64 (CPU): the keys worker n sees in block b, for KV head h, as one
+        run of rows of k, v [heads, plane, D] viewed as [heads * plane, D] (keys j <= qrel[n, b] of the block,
+        and with a window the last `window` of them: consecutive). Count 0 where the worker sees none."""
+        if self._runs is None or self._runs[0] != (plane, heads):
+            _, block_start, block_len, qrel, window = self.args
+            rel = qrel.long().cpu()
+            hi = torch.minimum(rel + 1, block_len.long().cpu()[None])  # [N, NB]: past the last key seen
+            lo = torch.zeros_like(hi) if window is None else (rel - window + 1).clamp(min=0)
+            count = (hi - lo).clamp(min=0)
+            first = torch.where(count > 0, block_start.long().cpu()[None] + lo, 0)
+            first = first[:, None, :] + torch.arange(heads)[None, :, None] * plane  # [N, heads, NB]
+            count = count[:, None, :].expand(-1, heads, -1)
+            self._runs = (plane, heads), first.reshape(-1, 1).contiguous(), count.reshape(-1, 1).contiguous()
+        return self._runs[1], self._runs[2]
 
     def key_blocks(self, device: torch.device) -> torch.Tensor:
         """[T] long: the block each held key belongs to."""

@@ -113,11 +113,11 @@ class Rope:
     def shift_by(self, x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """`shift` through factors from `shift_factors` (their delta broadcast over x as `shift` reads it)."""
         _check_x(x)
-        try:
-            torch.broadcast_shapes(x.shape, _over_heads(factors[0])[0].shape)
-        except RuntimeError:
+        f = _over_heads(factors[0])[0].shape
+        # By hand: torch.broadcast_shapes measured ~16 us a call, a tenth of a Hogwild step's turn of its queries
+        if len(f) > x.dim() or any(a != b and b != 1 for a, b in zip(reversed(x.shape), reversed(f))):
             raise ValueError(f"factors of shape {tuple(factors[0].shape)} do not fit x of shape {tuple(x.shape)}: "
-                             "make them with shift_factors(delta, x.shape[-1], ...) for a delta that fits x") from None
+                             "make them with shift_factors(delta, x.shape[-1], ...) for a delta that fits x")
         return self._turn(x, factors)
 
     def shift_bounds(self, lo: torch.Tensor, hi: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ from kvtier.kernels import (
     block_decode_attention_ref,
     partial_attention,
 )
+from kvtier.kernels import native
 from kvtier.kernels._triton import use_triton
 
 from kvtier.rope import Rope
@@ -33,6 +34,7 @@ if importlib.util.find_spec("triton") is not None:
     from kvtier.kernels.block_attention import _block_decode_attention_triton
 
 TOL = {"rtol": 5e-5, "atol": 5e-5}  # fp32 round-off: the two sides turn through different angles
+needs_native = pytest.mark.skipif(native.library() is None, reason="kvtier's C kernels are not built here")
 
 
 def _inv_freq(rotary_dim: int, theta: float = 10000.0) -> torch.Tensor:
@@ -157,20 +159,57 @@ def test_queries_turned_property(seed, n, hkv, g, d, rot, interleaved, lens, sof
            fn=lambda *a: _queries_turned(*a, held=HeldKeys(q_pos, block_start, block_len, qrel, window)))
 
 
-def test_few_held_keys_take_the_turned_queries(monkeypatch):
-    """block_decode_attention on a CPU sends few held keys to `_queries_turned` (the Hogwild step's headers and
-    current steps), more to the per-block loop."""
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 4), hkv=st.integers(1, 2), g=st.sampled_from([1, 2, 4, 5]),
+       d=st.sampled_from([12, 16, 40, 64]), rot=st.sampled_from([1.0, 0.5]), interleaved=st.booleans(),
+       lens=st.lists(st.integers(0, 80), min_size=1, max_size=5).filter(any), window=st.sampled_from([None, 1, 4]),
+       unseen=st.sampled_from([0.25, 1.0]))
+def test_queries_turned_in_place_property(seed, n, hkv, g, d, rot, interleaved, lens, window, unseen):
+    """The CPU path through kvtier's C kernel (each worker's query turned once per block, the keys it sees read in
+    place as one run per block, the blocks merged by log-sum-exp) against each view built as one sequence:
+    blocks longer than the kernel's 64-row block, empty blocks, windows, query positions past a block's end,
+    workers that see nothing."""
+    from kvtier.kernels.block_attention import HeldKeys, _queries_turned_in_place
+
+    rotary_dim = max(2, int(d * rot) // 2 * 2)
+    args = _case(seed, n=n, hq=g * hkv, hkv=hkv, d=d, lens=lens, rotary_dim=rotary_dim, unseen=unseen)
+    q, q_pos, _, _, block_start, block_len, qrel, _ = args
+
+    def in_place(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved, scale, softcap, window):
+        held = HeldKeys(q_pos, block_start, block_len, qrel, window)
+        return _queries_turned_in_place(q, k, v, inv_freq, interleaved, scale, held)
+
+    _check(args, interleaved, 0.25, None, window, fn=in_place)
+
+
+def test_cpu_dispatch(monkeypatch):
+    """block_decode_attention on a CPU: float32 keys without soft-capping go to the C kernel where it is built;
+    otherwise few held keys (the Hogwild step's headers and current steps) to `_queries_turned`, more to the
+    per-block loop."""
     from kvtier.kernels import block_attention as ba
 
-    seen, real = [], ba._queries_turned
-    monkeypatch.setattr(ba, "_queries_turned", lambda *a, **kw: seen.append("turned") or real(*a, **kw))
     args = _case(1, n=2, hq=4, hkv=2, d=16, lens=[5, 3, 4])
+    want = block_decode_attention_ref(*args, False, 0.25)
+    seen = []
+    for name in ("_queries_turned_in_place", "_queries_turned", "_views_at_once", "_per_block"):
+        real = getattr(ba, name)
+        monkeypatch.setattr(ba, name, lambda *a, _n=name, _f=real, **kw: seen.append(_n) or _f(*a, **kw))
+    got = block_decode_attention(*args, False, 0.25)
+    assert seen == (["_queries_turned_in_place"] if native.library() is not None else ["_queries_turned"])
+    torch.testing.assert_close(got, want, **TOL)
+    seen.clear()
+    block_decode_attention(*args, False, 0.25, 3.0)  # soft-capped: no C kernel
+    assert seen == ["_queries_turned"]
+    seen.clear()
+    monkeypatch.setattr(native, "takes", lambda *t: False)
     block_decode_attention(*args, False, 0.25)
-    assert seen == ["turned"]
+    assert seen == ["_queries_turned"]
+    seen.clear()
     monkeypatch.setattr(ba, "_SCORE_ELEMS", 8)
     monkeypatch.setattr(ba, "_VIEW_ELEMS", 8)
     block_decode_attention(*args, False, 0.25)
-    assert seen == ["turned"]
+    assert seen == ["_per_block"]
 
 
 def test_hogwild_views():
