@@ -245,11 +245,14 @@ class HeldKeys:
         and with a window the last `window` of them: consecutive). Count 0 where the worker sees none."""
         if self._runs is None or self._runs[0] != (plane, heads):
             _, block_start, block_len, qrel, window = self.args
-            rel = qrel.long().cpu()
-            hi = torch.minimum(rel + 1, block_len.long().cpu()[None])  # [N, NB]: past the last key seen
+            start, length, rel = block_start.long().cpu(), block_len.long().cpu(), qrel.long().cpu()
+            if bool(((start < 0) | (length < 0) | (start + length > plane)).any()):
+                raise ValueError(f"block_decode_attention: blocks (start {start.tolist()}, length {length.tolist()}) "
+                                 f"must lie inside the {plane} rows of k and v")
+            hi = torch.minimum(rel + 1, length[None])  # [N, NB]: past the last key seen
             lo = torch.zeros_like(hi) if window is None else (rel - window + 1).clamp(min=0)
             count = (hi - lo).clamp(min=0)
-            first = torch.where(count > 0, block_start.long().cpu()[None] + lo, 0)
+            first = torch.where(count > 0, start[None] + lo, 0)
             first = first[:, None, :] + torch.arange(heads)[None, :, None] * plane  # [N, heads, NB]
             count = count[:, None, :].expand(-1, heads, -1)
             self._runs = (plane, heads), first.reshape(-1, 1).contiguous(), count.reshape(-1, 1).contiguous()

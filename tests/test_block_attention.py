@@ -284,6 +284,17 @@ def test_bad_shapes_are_refused():
         block_decode_attention(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, False, 1.0, None, 0)
 
 
+@needs_native
+def test_blocks_outside_the_keys_are_refused_in_place():
+    """The C path reads rows of k and v where the layout says: a block reaching past them (into the next KV
+    head's rows, or past the end) is refused before anything is read, not read from the wrong head."""
+    q, q_pos, k, v, block_start, block_len, qrel, inv_freq = _case(2, n=2, hq=4, hkv=2, d=16, lens=[3, 4])
+    for start, length in (([0, 4], [3, 4]), ([-1, 3], [3, 4]), ([0, 3], [3, 5])):
+        with pytest.raises(ValueError, match="inside the 7 rows"):
+            block_decode_attention(q, q_pos, k, v, torch.tensor(start), torch.tensor(length), qrel, inv_freq, False,
+                                   1.0)
+
+
 # --- the Triton kernel against the reference: run in a TRITON_INTERPRET=1 subprocess on the CPU, compiled on CUDA
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
