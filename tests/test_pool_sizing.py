@@ -226,3 +226,44 @@ def test_slots_released_in_pieces_and_out_of_order_become_merged_holes():
     pool.release(torch.tensor([19, 17, 18]))  # trailing: the high water comes down to 17
     assert pool.high_water == 17 and pool._hole_starts == [2]
     assert pool.allocate(10).tolist() == list(range(2, 12))  # the merged hole, in one run
+
+
+class _Advice:
+    """An mmap stand-in that records madvise calls and passes everything on."""
+
+    def __init__(self, mapping):
+        self.mapping, self.calls = mapping, []
+
+    def madvise(self, option, start=0, length=None):
+        self.calls.append((option, start, length))
+        return self.mapping.madvise(option, start, length) if length is not None else self.mapping.madvise(option)
+
+    def __len__(self):
+        return len(self.mapping)
+
+
+def test_a_cpu_arena_asks_for_huge_pages_only_inside_committed_slots():
+    """Planes of 2 MiB or more start on 2 MiB boundaries, and a commit asks for huge pages over the whole 2 MiB
+    pages inside the slots it commits, never past them (a huge page there would hold memory not asked for).
+    Smaller planes keep their width and get no huge pages."""
+    import mmap
+
+    from kvtier.store.pools import ReservedPlanes
+
+    mib2 = 2 << 20
+    planes = ReservedPlanes.create(1, 2, 20000, 64, torch.float32)  # 256-byte rows: 5.1 MB a plane asked
+    assert planes.slots == 24576 and planes.tensor.data_ptr() % mib2 == 0  # widened to 6 MiB, aligned
+    planes._mapping = rec = _Advice(planes._mapping)
+    planes.commit(0, 10000)  # 2.56 MB a plane: one whole 2 MiB page each
+    planes.commit(10000, 20000)  # 2.56-5.12 MB: no whole 2 MiB page inside
+    start = planes._offset
+    huge = [(s, n) for option, s, n in rec.calls if option == mmap.MADV_HUGEPAGE]
+    assert huge == [(start, mib2), (start + 3 * mib2, mib2)]
+    committed = [(s, s + n) for option, s, n in rec.calls if option != mmap.MADV_HUGEPAGE]
+    assert all(any(a <= s and s + n <= b for a, b in committed) for s, n in huge)
+    planes.tensor[:, :, :20000] = 1.0  # the committed slots are plain memory
+    assert planes.tensor[:, :, :20000].eq(1).all() and not planes.tensor[:, :, 20000:].any()
+    small = ReservedPlanes.create(1, 2, 100, 4, torch.float32)
+    small._mapping = rec = _Advice(small._mapping)
+    small.commit(0, 100)
+    assert small.slots == 100 and not [c for c in rec.calls if c[0] == mmap.MADV_HUGEPAGE]
