@@ -119,7 +119,7 @@ class ReservedPlanes:
     def _huge_inside(self, lo: int, hi: int) -> None:
         """Ask for 2 MiB pages (MADV_HUGEPAGE) over the whole 2 MiB pages inside bytes [lo, hi) of the mapping:
         they hold slots being committed, so nothing is committed ahead of need, and attention reading the arena
-        in scattered runs misses the TLB less (a sparse 32k step's C attention 1.29 -> 1.16 ms a layer on the
+        in scattered runs misses the TLB less (a sparse 32k step's C attention 1.29 -> 1.18-1.23 ms a layer on the
         benchmark VM). Best effort: the kernel may give 4 KiB pages anyway."""
         base = self.tensor.data_ptr() - self._offset  # the mapping's address
         first = -(-(base + lo) // _HUGE_PAGE) * _HUGE_PAGE - base
