@@ -90,7 +90,7 @@ def block_decode_attention(
     if q.shape[0] and block_start.shape[0] and use_triton(q):
         return _block_decode_attention_triton(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, interleaved,
                                               scale, softcap, window)
-    if q.shape[0] and block_start.shape[0] and softcap is None and held.count and _in_place(k, v):
+    if q.shape[0] and block_start.shape[0] and softcap is None and held.count and native.takes(k, v):
         res = _queries_turned_in_place(q, k, v, inv_freq, interleaved, scale, held)
         if res is not None:
             return res
@@ -140,26 +140,26 @@ def _queries_turned(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, inte
     return out.permute(1, 0, 2, 3).reshape(n, hq, d), lse.permute(1, 0, 2).reshape(n, hq)
 
 
-def _in_place(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the C kernel reads these keys and values where they lie: float32 on a CPU, contiguous."""
-    return native.takes(k, v) and k.is_contiguous() and v.is_contiguous()
-
-
 def _queries_turned_in_place(q, k, v, inv_freq, interleaved, scale, held: HeldKeys
                              ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """On a CPU with kvtier's C kernel: each worker's query turned once per block (as `_queries_turned` turns
     it), then each (worker, KV head, block) one pair of `native.run_attention`, which reads the keys the worker
     sees in that block (one run of consecutive rows) in place; the blocks' partials merge by log-sum-exp. No key
     is copied or scored twice: in a four-worker step the matmul path's copies and its scoring of every key under
-    every block's turn cost more than the attention itself. None without the C library."""
+    every block's turn cost more than the attention itself. None without the C library, or for k, v whose
+    heads are not rows of one storage (`native.arena_rows`)."""
+    rows = native.arena_rows(k[None], v[None])
+    if rows is None:
+        return None
+    krows, vrows, plane = rows
     n, hq, d = q.shape
-    hkv, plane, _ = k.shape
+    hkv, keys, _ = k.shape
     g, nb = hq // hkv, held.args[1].shape[0]
     rope, factors = held.query_turn(inv_freq, interleaved, d, k.device)
     turned = rope.shift_by(q.float()[:, :, None, :].expand(n, hq, nb, d), factors)  # [N, Hq, NB, D]
     pairs = turned.view(n, hkv, g, nb, d).transpose(2, 3).reshape(n * hkv * nb, g, d).contiguous()  # (n, h, b)
-    first, count = held.runs(plane, hkv)
-    res = native.run_attention(pairs, k.view(hkv * plane, d), v.view(hkv * plane, d), first, count, scale)
+    first, count = held.runs(keys, plane, hkv)
+    res = native.run_attention(pairs, krows, vrows, first, count, scale)
     if res is None:
         return None
     out, lse = res[0].view(n, hkv, nb, g, d), res[1].view(n, hkv, nb, g)
@@ -202,7 +202,7 @@ class HeldKeys:
         self._layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._turns: dict[tuple, tuple] = {}
         self._blocks: torch.Tensor | None = None
-        self._runs: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
+        self._runs: tuple[tuple[int, int, int], torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def check(cls, held: HeldKeys | None, q_pos, block_start, block_len, qrel, window) -> HeldKeys:
@@ -239,23 +239,24 @@ class HeldKeys:
             self._blocks = block
         return self._layout
 
-    def runs(self, plane: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def runs(self, keys: int, plane: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """first, count [N * heads * NB, 1] int64 (CPU): the keys worker n sees in block b, for KV head h, as one
-        run of rows of k, v [heads, plane, D] viewed as [heads * plane, D] (keys j <= qrel[n, b] of the block,
-        and with a window the last `window` of them: consecutive). Count 0 where the worker sees none."""
-        if self._runs is None or self._runs[0] != (plane, heads):
+        run of rows of k, v [heads, keys, D] whose head h starts at row h * plane of their storage
+        (`native.arena_rows`): keys j <= qrel[n, b] of the block, and with a window the last `window` of them,
+        consecutive. Count 0 where the worker sees none."""
+        if self._runs is None or self._runs[0] != (keys, plane, heads):
             _, block_start, block_len, qrel, window = self.args
             start, length, rel = block_start.long().cpu(), block_len.long().cpu(), qrel.long().cpu()
-            if bool(((start < 0) | (length < 0) | (start + length > plane)).any()):
+            if bool(((start < 0) | (length < 0) | (start + length > keys)).any()):
                 raise ValueError(f"block_decode_attention: blocks (start {start.tolist()}, length {length.tolist()}) "
-                                 f"must lie inside the {plane} rows of k and v")
+                                 f"must lie inside the {keys} rows of k and v")
             hi = torch.minimum(rel + 1, length[None])  # [N, NB]: past the last key seen
             lo = torch.zeros_like(hi) if window is None else (rel - window + 1).clamp(min=0)
             count = (hi - lo).clamp(min=0)
             first = torch.where(count > 0, start[None] + lo, 0)
             first = first[:, None, :] + torch.arange(heads)[None, :, None] * plane  # [N, heads, NB]
             count = count[:, None, :].expand(-1, heads, -1)
-            self._runs = (plane, heads), first.reshape(-1, 1).contiguous(), count.reshape(-1, 1).contiguous()
+            self._runs = (keys, plane, heads), first.reshape(-1, 1).contiguous(), count.reshape(-1, 1).contiguous()
         return self._runs[1], self._runs[2]
 
     def key_blocks(self, device: torch.device) -> torch.Tensor:

@@ -285,6 +285,29 @@ def test_bad_shapes_are_refused():
 
 
 @needs_native
+def test_in_place_reads_heads_spaced_wider_than_their_keys(monkeypatch):
+    """k, v whose heads sit further apart in their storage than their keys (an arena reserved wider, viewed to
+    its used rows) are read in place too, each head from its own rows, and a block past the used rows is
+    refused though the storage goes on."""
+    from kvtier.kernels import block_attention as ba
+
+    q, q_pos, k, v, block_start, block_len, qrel, inv_freq = _case(4, n=3, hq=4, hkv=2, d=16, lens=[5, 0, 7])
+    wide_k, wide_v = torch.randn(2, k.shape[1] + 9, 16), torch.randn(2, k.shape[1] + 9, 16)
+    wide_k[:, :k.shape[1]], wide_v[:, :k.shape[1]] = k, v
+    kk, vv = wide_k[:, :k.shape[1]], wide_v[:, :k.shape[1]]
+    assert not kk.is_contiguous()
+    seen, real = [], ba._queries_turned_in_place
+    monkeypatch.setattr(ba, "_queries_turned_in_place", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    args = (q, q_pos, kk, vv, block_start, block_len, qrel, inv_freq)
+    got = block_decode_attention(*args, False, 0.25)
+    want = block_decode_attention_ref(q, q_pos, k, v, block_start, block_len, qrel, inv_freq, False, 0.25)
+    assert seen == [1]
+    torch.testing.assert_close(got, want, **TOL)
+    with pytest.raises(ValueError, match="inside the 12 rows"):
+        block_decode_attention(q, q_pos, kk, vv, block_start, torch.tensor([5, 0, 8]), qrel, inv_freq, False, 0.25)
+
+
+@needs_native
 def test_blocks_outside_the_keys_are_refused_in_place():
     """The C path reads rows of k and v where the layout says: a block reaching past them (into the next KV
     head's rows, or past the end) is refused before anything is read, not read from the wrong head."""
