@@ -243,7 +243,8 @@ static void select_one(const Bounds *t, Work *w, int64_t b, int64_t h, int64_t *
 }
 
 /* Returns 0, -1 without memory, -2 for tables that point outside the bounds given (or float16 chunk bounds,
- * `half`, to a build without F16C). chunk_of, page_off: [P] each page row's chunk row and offset in it. Outputs per pair (B x Hkv pairs, pair-major): whole [C], n_whole,
+ * `half`, to a build without F16C). chunk_of, page_off: [P] each page row's chunk row and offset in it.
+ * Outputs per pair (B x Hkv pairs, pair-major): whole [C], n_whole,
  * parts [P], n_parts, chunk_sel [C], and the entries as units of consecutive tokens [C + P] each (unit_chunk,
  * unit_off, unit_size: the whole chunks, then the pages). Past its count, each pair's row of a list is 0 up to
  * the most any pair has (at least 1), so the first columns of every row form one padded table. */
