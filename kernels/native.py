@@ -129,8 +129,12 @@ def _load(path: Path) -> ctypes.CDLL:
     f.argtypes = [i64, i64, p, p, p, i64, p, p, i64, p, p, p, i64, p, i64, p, p]
     f.restype = ctypes.c_int
     f = lib.kvtier_select_pages_f32
-    f.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, p, p, p,
-                  i64, i64, i64, p, p, p, p, p, p, p, p]
+    selection = [p, i64, i64, i64, i64, p, p, i64, i64, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, p, p, p,
+                 i64, i64, i64]
+    f.argtypes = [*selection, i64, i64, p, p, p, p, p, p, p, p]
+    f.restype = ctypes.c_int
+    f = lib.kvtier_sparse_step_f32
+    f.argtypes = [*selection, p, p, i64, p, p, p, i64, i64, p, p, p, i64, i64, ctypes.c_float, i64, i64, p, p, p, p]
     f.restype = ctypes.c_int
     lib.kvtier_select_reads_half.argtypes = []
     lib.kvtier_select_reads_half.restype = ctypes.c_int
@@ -303,6 +307,48 @@ def reads_half() -> bool:
     return _reads_half[id(lib)]
 
 
+def _selection(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths: torch.Tensor, pmin: torch.Tensor,
+               pmax: torch.Tensor, page_lengths: torch.Tensor, page_chunk: torch.Tensor, page_offsets: torch.Tensor,
+               first: torch.Tensor, count: torch.Tensor, budget: int, candidates: int, forced: torch.Tensor | None,
+               has_tokens: torch.Tensor | None, shared: bool) -> tuple[tuple[int, ...], list, tuple] | None:
+    """The C selection's arguments (q through shared), checked: ((B, Hkv, G, C, P), args, the contiguous
+    copies args point into: hold them until the call returns), or None where it does not run. `select_pages`
+    says what each is."""
+    half = kmin.dtype == torch.float16
+    if half and not reads_half():
+        return None
+    if kmin.ndim != 4 or kmin.shape[2] == 0 or not takes(q, pmin, pmax, *(() if half else (kmin, kmax))):
+        return None
+    if half and (kmax.dtype != torch.float16 or kmin.device.type != "cpu" or kmax.device.type != "cpu"):
+        raise ValueError("select_pages: float16 chunk bounds must both be float16, on the CPU")
+    b, hkv, c, d = kmin.shape
+    p = pmin.shape[2]
+    hq = q.shape[1]
+    q = q.contiguous()
+    if (q.shape != (b, hq, d) or hq % hkv or kmax.shape != kmin.shape or pmin.shape != (b, hkv, p, d)
+            or pmax.shape != pmin.shape):
+        raise ValueError("select_pages: q, chunk bounds and page bounds disagree in shape")
+    for t in (kmin, kmax, pmin, pmax):
+        if t.stride(-1) != 1 or t.stride(-2) != d:
+            raise ValueError("select_pages: bounds must be rows of D contiguous elements")
+    if pmin.stride() != pmax.stride() or kmin.stride() != kmax.stride():
+        raise ValueError("select_pages: min and max bounds must share a layout")
+    cols = [t.contiguous() for t in (lengths, first, count, page_lengths, page_chunk, page_offsets)]
+    if (any(t.dtype != torch.int64 or t.device.type != "cpu" for t in cols)
+            or [t.numel() for t in cols] != [c, c, c, p, p, p]):
+        raise ValueError("select_pages: chunk and page columns must be int64 on the CPU, one entry per chunk or page")
+    masks = []
+    for t, shape in ((forced, (c,)), (has_tokens, (b, c))):
+        if t is not None and (t.dtype != torch.bool or tuple(t.shape) != shape or t.device.type != "cpu"):
+            raise ValueError("select_pages: forced must be [C] and has_tokens [B, C], bool")
+        masks.append(None if t is None else t.contiguous())
+    args = [q.data_ptr(), b, hkv, hq // hkv, d, kmin.data_ptr(), kmax.data_ptr(), kmin.stride(0), kmin.stride(1),
+            int(half), c, pmin.data_ptr(), pmax.data_ptr(), pmin.stride(0), pmin.stride(1), p,
+            *(t.data_ptr() for t in cols), *(None if t is None else t.data_ptr() for t in masks),
+            min(max(budget, 0), 1 << 40), candidates, int(shared)]
+    return (b, hkv, hq // hkv, c, p), args, (q, cols, masks)
+
+
 def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths: torch.Tensor, pmin: torch.Tensor,
                  pmax: torch.Tensor, page_lengths: torch.Tensor, page_chunk: torch.Tensor, page_offsets: torch.Tensor,
                  first: torch.Tensor, count: torch.Tensor, budget: int, candidates: int, forced: torch.Tensor | None,
@@ -317,46 +363,19 @@ def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, length
     them; or None where it does not run (no library, not float32 on a CPU, no chunks). The chunk bounds may be
     float16 instead (`AbstractTable.half_bounds`: rounded outward, so they still bound every key) where
     `reads_half()`."""
-    half = kmin.dtype == torch.float16
-    if half and not reads_half():
+    got = _selection(q, kmin, kmax, lengths, pmin, pmax, page_lengths, page_chunk, page_offsets, first, count, budget,
+                     candidates, forced, has_tokens, shared)
+    if got is None:
         return None
-    if kmin.ndim != 4 or kmin.shape[2] == 0 or not takes(q, pmin, pmax, *(() if half else (kmin, kmax))):
-        return None
-    if half and (kmax.dtype != torch.float16 or kmin.device.type != "cpu" or kmax.device.type != "cpu"):
-        raise ValueError("select_pages: float16 chunk bounds must both be float16, on the CPU")
-    lib = library()
-    b, hkv, c, d = kmin.shape
-    p = pmin.shape[2]
-    hq = q.shape[1]
-    q = q.contiguous()
-    if (q.shape != (b, hq, d) or hq % hkv or kmax.shape != kmin.shape or pmin.shape != (b, hkv, p, d)
-            or pmax.shape != pmin.shape):
-        raise ValueError("select_pages: q, chunk bounds and page bounds disagree in shape")
-    for t in (kmin, kmax, pmin, pmax):
-        if t.stride(-1) != 1 or t.stride(-2) != d:
-            raise ValueError("select_pages: bounds must be rows of D contiguous elements")
-    if pmin.stride() != pmax.stride() or kmin.stride() != kmax.stride():
-        raise ValueError("select_pages: min and max bounds must share a layout")
-    cols = [t.contiguous() for t in (lengths, first, count, page_lengths, page_chunk, page_offsets)]
-    if any(t.dtype != torch.int64 for t in cols) or [t.numel() for t in cols] != [c, c, c, p, p, p]:
-        raise ValueError("select_pages: chunk and page columns must be int64, one entry per chunk or page")
-    masks = []
-    for t, shape in ((forced, (c,)), (has_tokens, (b, c))):
-        if t is not None and (t.dtype != torch.bool or tuple(t.shape) != shape):
-            raise ValueError("select_pages: forced must be [C] and has_tokens [B, C], bool")
-        masks.append(None if t is None else t.contiguous())
+    (b, hkv, _, c, p), args, _held = got
     pairs = b * hkv
     whole, parts = torch.empty(pairs, c, dtype=torch.int64), torch.empty(pairs, p, dtype=torch.int64)
     n_whole, n_parts = torch.empty(pairs, dtype=torch.int64), torch.empty(pairs, dtype=torch.int64)
     units = torch.empty(3, pairs, c + p, dtype=torch.int64)
     chunks = torch.empty(b, hkv, c, dtype=torch.bool)
-    rc = lib.kvtier_select_pages_f32(
-        q.data_ptr(), b, hkv, hq // hkv, d, kmin.data_ptr(), kmax.data_ptr(), kmin.stride(0), kmin.stride(1),
-        int(half), c, pmin.data_ptr(), pmax.data_ptr(), pmin.stride(0), pmin.stride(1), p,
-        *(t.data_ptr() for t in cols),
-        *(None if t is None else t.data_ptr() for t in masks), min(max(budget, 0), 1 << 40), candidates, int(shared),
-        whole.data_ptr(), n_whole.data_ptr(), parts.data_ptr(), n_parts.data_ptr(), chunks.data_ptr(),
-        units[0].data_ptr(), units[1].data_ptr(), units[2].data_ptr())
+    rc = library().kvtier_select_pages_f32(
+        *args, 0, pairs, whole.data_ptr(), n_whole.data_ptr(), parts.data_ptr(), n_parts.data_ptr(),
+        chunks.data_ptr(), units[0].data_ptr(), units[1].data_ptr(), units[2].data_ptr())
     if rc == -1:
         raise MemoryError("select_pages: out of memory")
     if rc:
@@ -369,3 +388,59 @@ def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, length
     return (chunks, whole[:, :most_w].view(b, hkv, most_w), whole_ok.view(b, hkv, most_w),
             parts[:, :most_p].view(b, hkv, most_p), parts_ok.view(b, hkv, most_p),
             *units[:, :, :most_u].reshape(3, b, hkv, most_u).unbind(0))
+
+
+def sparse_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths: torch.Tensor, pmin: torch.Tensor,
+                pmax: torch.Tensor, page_lengths: torch.Tensor, page_chunk: torch.Tensor, page_offsets: torch.Tensor,
+                first: torch.Tensor, count: torch.Tensor, budget: int, candidates: int, forced: torch.Tensor | None,
+                has_tokens: torch.Tensor | None, shared: bool, pieces: tuple, window: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, list[int], int] | None:
+    """A whole sparse decode step in one C call per thread (run_attention.c's `kvtier_sparse_step_f32`): the
+    selection `select_pages` makes (its arguments, q through shared), the runs of arena slots `unit_runs` lists
+    (pieces: the arena's `SlotRuns` as (first, count, offset, slot, length, most); window: the recent window's
+    slots [W]), and `run_attention` over them, read in place from the arena k, v [B, Hkv, S, D]. Returns out
+    [B, Hq, D] and lse [B, Hq] (float32), the rows of the chunks holding anything selected (increasing) and the
+    tokens selected in all; or None where it does not run (as `select_pages`, or an arena without rows) or
+    where a selected token is not in the arena (then stage it: the step's parts one by one)."""
+    if not takes(k, v):
+        return None
+    rows = arena_rows(k, v)
+    got = _selection(q, kmin, kmax, lengths, pmin, pmax, page_lengths, page_chunk, page_offsets, first, count, budget,
+                     candidates, forced, has_tokens, shared)
+    if rows is None or got is None:
+        return None
+    (b, hkv, g, c, _), args, _held = got
+    krows, vrows, plane = rows
+    d = q.shape[-1]
+    if k.shape[:2] != (b, hkv) or k.shape[3] != d:
+        raise ValueError("sparse_step: the arena's batch, KV heads and head size must be the bounds'")
+    *columns, most = pieces
+    cols = [t.contiguous() for t in (*columns, window)]
+    n = [t.numel() for t in cols]
+    if any(t.dtype != torch.int64 or t.device.type != "cpu" for t in cols) or n[:2] != [c, c] or n[3:5] != n[2:4]:
+        raise ValueError("sparse_step: pieces and window must be int64 on the CPU, first and count one per chunk")
+    pairs = b * hkv
+    threads = max(1, min(torch.get_num_threads(), pairs))
+    out, lse = torch.empty(b, hkv * g, d), torch.empty(b, hkv * g)
+    held, found = np.empty((threads, c), dtype=np.int64), np.empty((threads, 2), dtype=np.int64)
+    tail = (cols[0].data_ptr(), cols[1].data_ptr(), n[2], cols[2].data_ptr(), cols[3].data_ptr(), cols[4].data_ptr(),
+            most, n[5], cols[5].data_ptr(), krows.data_ptr(), vrows.data_ptr(), plane, k.shape[2], ctypes.c_float(scale))
+    outs = (out.data_ptr(), lse.data_ptr())
+    lib = library()
+
+    def part(t: int) -> int:
+        return lib.kvtier_sparse_step_f32(*args, *tail, pairs * t // threads, pairs * (t + 1) // threads, *outs,
+                                          held[t].ctypes.data, found[t].ctypes.data)
+
+    codes = [part(0)] if threads == 1 else list(_threads().map(part, range(threads)))
+    if -1 in codes:
+        raise MemoryError("sparse_step: out of memory")
+    if -2 in codes:
+        raise ValueError("sparse_step: a chunk, page, piece or run table points outside what it indexes")
+    if -3 in codes:
+        return None
+    if threads == 1:
+        n_held, tokens = found[0].tolist()
+        return out, lse, held[0, :n_held].tolist(), tokens
+    rows = np.unique(np.concatenate([held[t, :found[t, 0]] for t in range(threads)]))
+    return out, lse, rows.tolist(), int(found[:, 1].sum())

@@ -9,6 +9,7 @@
  */
 #include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <stdint.h>
 
 #define BLOCK 64
@@ -286,6 +287,48 @@ int kvtier_run_attention_f32(const float *q, const float *k, const float *v, con
     return 0;
 }
 
+/* Whether chunk c's pieces first[c] .. + count[c] all lie in the piece table, for every chunk. */
+static int pieces_inside(int64_t c_n, const int64_t *first, const int64_t *count, int64_t pieces) {
+    for (int64_t c = 0; c < c_n; c++)
+        if (first[c] < 0 || count[c] < 0 || first[c] > pieces || count[c] > pieces - first[c]) return 0;
+    return 1;
+}
+
+/* One pair's runs (see kvtier_unit_runs) into start/length [width]. Returns how many, -1 where a unit's
+ * tokens are not all in pieces, -2 for a chunk outside the table or more runs than width. */
+static int64_t pair_runs(const int64_t *chunk, const int64_t *off, const int64_t *size, int64_t units, int64_t c_n,
+                         const int64_t *first, const int64_t *count, const int64_t *p_off, const int64_t *p_slot,
+                         const int64_t *p_len, int64_t win_n, const int64_t *win, int64_t width, int64_t *start,
+                         int64_t *length) {
+    int64_t n = 0;
+    for (int64_t u = 0; u < units; u++) {
+        if (size[u] <= 0) continue;
+        const int64_t c = chunk[u];
+        if (c < 0 || c >= c_n) return -2;
+        const int64_t lo_u = off[u], hi_u = off[u] + size[u];
+        int64_t covered = 0;
+        for (int64_t p = first[c]; p < first[c] + count[c]; p++) {
+            const int64_t lo = lo_u > p_off[p] ? lo_u : p_off[p];
+            const int64_t hi = hi_u < p_off[p] + p_len[p] ? hi_u : p_off[p] + p_len[p];
+            if (hi <= lo) continue;
+            if (n == width) return -2;
+            start[n] = p_slot[p] + lo - p_off[p];
+            length[n++] = hi - lo;
+            covered += hi - lo;
+        }
+        if (covered != size[u]) return -1;
+    }
+    for (int64_t i = 0; i < win_n;) {
+        int64_t j = i + 1;
+        while (j < win_n && win[j] == win[j - 1] + 1) j++;
+        if (n == width) return -2;
+        start[n] = win[i];
+        length[n++] = j - i;
+        i = j;
+    }
+    return n;
+}
+
 /* The runs of arena slots a sparse step reads, per (sequence, KV head) pair: each unit (chunk row, offset in
  * the chunk, tokens; size 0: none) cut by the pieces its chunk lies in (pieces first[c] .. + count[c], each
  * at offset p_off in its chunk, from slot p_slot, p_len slots), then the recent window's slots (win_n, oldest
@@ -296,39 +339,99 @@ int kvtier_unit_runs(int64_t pairs, int64_t units, const int64_t *chunk, const i
                      int64_t c_n, const int64_t *first, const int64_t *count, int64_t pieces, const int64_t *p_off,
                      const int64_t *p_slot, const int64_t *p_len, int64_t win_n, const int64_t *win,
                      int64_t width, int64_t *start, int64_t *length) {
-    for (int64_t c = 0; c < c_n; c++)
-        if (first[c] < 0 || count[c] < 0 || first[c] > pieces || count[c] > pieces - first[c]) return -2;
+    if (!pieces_inside(c_n, first, count, pieces)) return -2;
     for (int64_t bh = 0; bh < pairs; bh++) {
-        int64_t n = 0;
-        for (int64_t u = bh * units; u < (bh + 1) * units; u++) {
-            if (size[u] <= 0) continue;
-            const int64_t c = chunk[u];
-            if (c < 0 || c >= c_n) return -2;
-            const int64_t lo_u = off[u], hi_u = off[u] + size[u];
-            int64_t covered = 0;
-            for (int64_t p = first[c]; p < first[c] + count[c]; p++) {
-                const int64_t lo = lo_u > p_off[p] ? lo_u : p_off[p];
-                const int64_t hi = hi_u < p_off[p] + p_len[p] ? hi_u : p_off[p] + p_len[p];
-                if (hi <= lo) continue;
-                if (n == width) return -2;
-                start[bh * width + n] = p_slot[p] + lo - p_off[p];
-                length[bh * width + n++] = hi - lo;
-                covered += hi - lo;
-            }
-            if (covered != size[u]) return -1;
-        }
-        for (int64_t i = 0; i < win_n;) {
-            int64_t j = i + 1;
-            while (j < win_n && win[j] == win[j - 1] + 1) j++;
-            if (n == width) return -2;
-            start[bh * width + n] = win[i];
-            length[bh * width + n++] = j - i;
-            i = j;
-        }
-        for (; n < width; n++) {
-            start[bh * width + n] = 0;
-            length[bh * width + n] = 0;
-        }
+        int64_t *st = start + bh * width, *ln = length + bh * width;
+        const int64_t n = pair_runs(chunk + bh * units, off + bh * units, size + bh * units, units, c_n, first,
+                                    count, p_off, p_slot, p_len, win_n, win, width, st, ln);
+        if (n < 0) return (int)n;
+        for (int64_t i = n; i < width; i++) st[i] = ln[i] = 0;
     }
     return 0;
+}
+
+int kvtier_select_pages_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_n, int64_t d, const void *kmin,
+                            const void *kmax, int64_t kb, int64_t kh, int64_t half, int64_t c_n, const float *pmin,
+                            const float *pmax, int64_t pb, int64_t ph, int64_t p_n, const int64_t *length,
+                            const int64_t *first, const int64_t *count, const int64_t *page_len,
+                            const int64_t *chunk_of, const int64_t *page_off, const uint8_t *forced,
+                            const uint8_t *has_tokens, int64_t budget, int64_t candidates, int64_t shared,
+                            int64_t pair_lo, int64_t pair_hi, int64_t *whole, int64_t *n_whole, int64_t *parts,
+                            int64_t *n_parts, uint8_t *chunk_sel, int64_t *unit_chunk, int64_t *unit_off,
+                            int64_t *unit_size); /* select_pages.c */
+
+/* A whole sparse decode step for pairs [pair_lo, pair_hi) in one call (callers split the pairs across threads):
+ * select_pages.c's selection (its arguments, q through shared), each pair's runs of arena slots as
+ * kvtier_unit_runs lists them (the arena's pieces piece_first through win; `most`: pieces of the longest-cut
+ * chunk), then attention over those runs read in place from k, v: the arena's rows, pair p's slot i at row
+ * p * plane + i, every run inside the first `slots` slots of its plane. One call where three took a Python
+ * wrapper each, whose cost per layer was a third of the C's own on the benchmark CPU. Writes, for each pair of
+ * the range (absolute rows), out [G, D] and lse [G]; for the range, the chunks holding anything any of its pairs
+ * selected (held [C]: rows in increasing order) and found[0], found[1]: how many, and the tokens its pairs
+ * selected in all. Returns 0; -1 without memory; -2 for tables or runs pointing outside what they index; -3
+ * where a selected token is not in the arena (a chunk off the device: the caller stages instead). */
+int kvtier_sparse_step_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_n, int64_t d, const void *kmin,
+                           const void *kmax, int64_t kb, int64_t kh, int64_t half, int64_t c_n, const float *pmin,
+                           const float *pmax, int64_t pb, int64_t ph, int64_t p_n, const int64_t *length,
+                           const int64_t *first, const int64_t *count, const int64_t *page_len,
+                           const int64_t *chunk_of, const int64_t *page_off, const uint8_t *forced,
+                           const uint8_t *has_tokens, int64_t budget, int64_t candidates, int64_t shared,
+                           const int64_t *piece_first, const int64_t *piece_count, int64_t pieces,
+                           const int64_t *p_off, const int64_t *p_slot, const int64_t *p_len, int64_t most,
+                           int64_t win_n, const int64_t *win, const float *k, const float *v, int64_t plane,
+                           int64_t slots, float scale, int64_t pair_lo, int64_t pair_hi, float *out, float *lse,
+                           int64_t *held, int64_t *found) {
+    if (pair_lo < 0 || pair_hi < pair_lo || pair_hi > b_n * hkv || c_n < 1 || p_n < 1 || most < 0 ||
+        most > pieces || win_n < 0 || slots < 0 || slots > plane || !pieces_inside(c_n, piece_first, piece_count,
+                                                                                    pieces))
+        return -2;
+    const int64_t n = pair_hi - pair_lo, cu = c_n + p_n, width = cu * (most ? most : 1) + win_n;
+    int64_t *whole = malloc((size_t)(n * c_n + n * p_n + 3 * n * cu + 2 * n + 2 * width + 1) * sizeof(int64_t));
+    float *work = malloc((size_t)(g_n * (BLOCK + 2) + 1) * sizeof(float));
+    uint8_t *chunk_sel = malloc((size_t)(n * c_n + 1));
+    int rc = !whole || !work || !chunk_sel ? -1 : 0;
+    if (!rc) {
+        int64_t *parts = whole + n * c_n, *unit_chunk = parts + n * p_n, *unit_off = unit_chunk + n * cu,
+                *unit_size = unit_off + n * cu, *n_whole = unit_size + n * cu, *n_parts = n_whole + n,
+                *start = n_parts + n, *run_len = start + width;
+        rc = kvtier_select_pages_f32(q, b_n, hkv, g_n, d, kmin, kmax, kb, kh, half, c_n, pmin, pmax, pb, ph, p_n,
+                                     length, first, count, page_len, chunk_of, page_off, forced, has_tokens, budget,
+                                     candidates, shared, pair_lo, pair_hi, whole, n_whole, parts, n_parts,
+                                     chunk_sel, unit_chunk, unit_off, unit_size);
+        float *scores = work, *top = work + g_n * BLOCK, *sum = top + g_n;
+        int64_t selected = 0;
+        for (int64_t at = 0; !rc && at < n; at++) {
+            const int64_t pair = pair_lo + at, units = n_whole[at] + n_parts[at];
+            const int64_t *uc = unit_chunk + at * cu, *uo = unit_off + at * cu, *us = unit_size + at * cu;
+            const int64_t runs = pair_runs(uc, uo, us, units, c_n, piece_first, piece_count, p_off, p_slot, p_len,
+                                           win_n, win, width, start, run_len);
+            if (runs < 0) {
+                rc = runs == -1 ? -3 : -2;
+                break;
+            }
+            for (int64_t u = 0; u < units; u++) selected += us[u];
+            for (int64_t r = 0; r < runs; r++) {
+                if (start[r] < 0 || run_len[r] < 0 || start[r] > slots - run_len[r]) {
+                    rc = -2;
+                    break;
+                }
+                start[r] += pair * plane;
+            }
+            if (!rc)
+                attend_pair(q + pair * g_n * d, k, v, start, run_len, runs, g_n, d, scale, out + pair * g_n * d,
+                            lse + pair * g_n, scores, top, sum);
+        }
+        int64_t n_held = 0;
+        for (int64_t c = 0; !rc && c < c_n; c++) {
+            uint8_t any = 0;
+            for (int64_t at = 0; at < n; at++) any |= chunk_sel[at * c_n + c];
+            if (any) held[n_held++] = c;
+        }
+        found[0] = n_held;
+        found[1] = selected;
+    }
+    free(whole);
+    free(work);
+    free(chunk_sel);
+    return rc;
 }

@@ -244,19 +244,22 @@ static void select_one(const Bounds *t, Work *w, int64_t b, int64_t h, int64_t *
 
 /* Returns 0, -1 without memory, -2 for tables that point outside the bounds given (or float16 chunk bounds,
  * `half`, to a build without F16C). chunk_of, page_off: [P] each page row's chunk row and offset in it.
- * Outputs per pair (B x Hkv pairs, pair-major): whole [C], n_whole,
+ * Selects for pairs [pair_lo, pair_hi) of the B x Hkv (sequence, KV head) pairs, pair-major, and writes pair
+ * pair_lo's rows first (callers split the pairs across threads). Outputs per pair: whole [C], n_whole,
  * parts [P], n_parts, chunk_sel [C], and the entries as units of consecutive tokens [C + P] each (unit_chunk,
  * unit_off, unit_size: the whole chunks, then the pages). Past its count, each pair's row of a list is 0 up to
- * the most any pair has (at least 1), so the first columns of every row form one padded table. */
+ * the most any pair of the range has (at least 1), so the first columns of every row form one padded table. */
 int kvtier_select_pages_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_n, int64_t d,
                             const void *kmin, const void *kmax, int64_t kb, int64_t kh, int64_t half, int64_t c_n,
                             const float *pmin, const float *pmax, int64_t pb, int64_t ph, int64_t p_n,
                             const int64_t *length, const int64_t *first, const int64_t *count,
                             const int64_t *page_len, const int64_t *chunk_of, const int64_t *page_off,
                             const uint8_t *forced, const uint8_t *has_tokens, int64_t budget, int64_t candidates,
-                            int64_t shared, int64_t *whole, int64_t *n_whole, int64_t *parts, int64_t *n_parts,
-                            uint8_t *chunk_sel, int64_t *unit_chunk, int64_t *unit_off, int64_t *unit_size) {
+                            int64_t shared, int64_t pair_lo, int64_t pair_hi, int64_t *whole, int64_t *n_whole,
+                            int64_t *parts, int64_t *n_parts, uint8_t *chunk_sel, int64_t *unit_chunk,
+                            int64_t *unit_off, int64_t *unit_size) {
     if (c_n < 1 || p_n < 1 || budget < 0 || budget > MAX_LENGTH || candidates < 0 || candidates > 1024) return -2;
+    if (pair_lo < 0 || pair_hi < pair_lo || pair_hi > b_n * hkv) return -2;
     if (half && !HALF_BOUNDS) return -2;
     for (int64_t p = 0; p < p_n; p++)
         if (page_len[p] < 0 || page_len[p] > MAX_LENGTH || chunk_of[p] < 0 || chunk_of[p] >= c_n ||
@@ -293,49 +296,48 @@ int kvtier_select_pages_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_
     if (!w.score || !w.pscore || !w.heap || !w.cand_page || !w.order || !w.tmp || !w.taken) {
         rc = -1;
     } else {
-        for (int64_t b = 0; b < b_n; b++) {
-            for (int64_t h = 0; h < hkv; h++) {
-                const int64_t pair = b * hkv + h;
-                int64_t *wp = whole + pair * c_n, *pp = parts + pair * p_n;
-                uint8_t *sel = chunk_sel + pair * c_n;
-                if (shared && h > 0) {  /* one choice for every head: copy head 0's */
-                    const int64_t first_pair = b * hkv;
-                    n_whole[pair] = n_whole[first_pair];
-                    n_parts[pair] = n_parts[first_pair];
-                    memcpy(wp, whole + first_pair * c_n, (size_t)n_whole[pair] * sizeof *wp);
-                    memcpy(pp, parts + first_pair * p_n, (size_t)n_parts[pair] * sizeof *pp);
-                    memcpy(sel, chunk_sel + first_pair * c_n, (size_t)c_n);
-                } else {
-                    select_one(&t, &w, b, shared ? -1 : h, wp, n_whole + pair, pp, n_parts + pair, sel);
-                    for (int64_t i = 0; i < n_parts[pair]; i++) sel[chunk_of[pp[i]]] = 1;
-                }
-                int64_t *uc = unit_chunk + pair * (c_n + p_n), *uo = unit_off + pair * (c_n + p_n),
-                        *us = unit_size + pair * (c_n + p_n);
-                for (int64_t i = 0; i < n_whole[pair]; i++) {
-                    uc[i] = wp[i];
-                    uo[i] = 0;
-                    us[i] = length[wp[i]];
-                }
-                for (int64_t i = 0, u = n_whole[pair]; i < n_parts[pair]; i++, u++) {
-                    uc[u] = chunk_of[pp[i]];
-                    uo[u] = page_off[pp[i]];
-                    us[u] = page_len[pp[i]];
-                }
+        for (int64_t pair = pair_lo; pair < pair_hi; pair++) {
+            const int64_t b = pair / hkv, h = pair % hkv, at = pair - pair_lo;
+            int64_t *wp = whole + at * c_n, *pp = parts + at * p_n;
+            uint8_t *sel = chunk_sel + at * c_n;
+            const int64_t src = (b * hkv > pair_lo ? b * hkv : pair_lo) - pair_lo;  /* the sequence's first pair here */
+            if (shared && at > src) {  /* one choice for every head: copy that pair's */
+                n_whole[at] = n_whole[src];
+                n_parts[at] = n_parts[src];
+                memcpy(wp, whole + src * c_n, (size_t)n_whole[at] * sizeof *wp);
+                memcpy(pp, parts + src * p_n, (size_t)n_parts[at] * sizeof *pp);
+                memcpy(sel, chunk_sel + src * c_n, (size_t)c_n);
+            } else {
+                select_one(&t, &w, b, shared ? -1 : h, wp, n_whole + at, pp, n_parts + at, sel);
+                for (int64_t i = 0; i < n_parts[at]; i++) sel[chunk_of[pp[i]]] = 1;
+            }
+            int64_t *uc = unit_chunk + at * (c_n + p_n), *uo = unit_off + at * (c_n + p_n),
+                    *us = unit_size + at * (c_n + p_n);
+            for (int64_t i = 0; i < n_whole[at]; i++) {
+                uc[i] = wp[i];
+                uo[i] = 0;
+                us[i] = length[wp[i]];
+            }
+            for (int64_t i = 0, u = n_whole[at]; i < n_parts[at]; i++, u++) {
+                uc[u] = chunk_of[pp[i]];
+                uo[u] = page_off[pp[i]];
+                us[u] = page_len[pp[i]];
             }
         }
+        const int64_t n_pairs = pair_hi - pair_lo;
         int64_t most_w = 1, most_p = 1, most_u = 1;
-        for (int64_t pair = 0; pair < b_n * hkv; pair++) {
-            most_w = n_whole[pair] > most_w ? n_whole[pair] : most_w;
-            most_p = n_parts[pair] > most_p ? n_parts[pair] : most_p;
-            most_u = n_whole[pair] + n_parts[pair] > most_u ? n_whole[pair] + n_parts[pair] : most_u;
+        for (int64_t at = 0; at < n_pairs; at++) {
+            most_w = n_whole[at] > most_w ? n_whole[at] : most_w;
+            most_p = n_parts[at] > most_p ? n_parts[at] : most_p;
+            most_u = n_whole[at] + n_parts[at] > most_u ? n_whole[at] + n_parts[at] : most_u;
         }
-        for (int64_t pair = 0; pair < b_n * hkv; pair++) {
-            const int64_t nu = n_whole[pair] + n_parts[pair], at = pair * (c_n + p_n);
-            memset(whole + pair * c_n + n_whole[pair], 0, (size_t)(most_w - n_whole[pair]) * sizeof *whole);
-            memset(parts + pair * p_n + n_parts[pair], 0, (size_t)(most_p - n_parts[pair]) * sizeof *parts);
-            memset(unit_chunk + at + nu, 0, (size_t)(most_u - nu) * sizeof *unit_chunk);
-            memset(unit_off + at + nu, 0, (size_t)(most_u - nu) * sizeof *unit_off);
-            memset(unit_size + at + nu, 0, (size_t)(most_u - nu) * sizeof *unit_size);
+        for (int64_t at = 0; at < n_pairs; at++) {
+            const int64_t nu = n_whole[at] + n_parts[at], row = at * (c_n + p_n);
+            memset(whole + at * c_n + n_whole[at], 0, (size_t)(most_w - n_whole[at]) * sizeof *whole);
+            memset(parts + at * p_n + n_parts[at], 0, (size_t)(most_p - n_parts[at]) * sizeof *parts);
+            memset(unit_chunk + row + nu, 0, (size_t)(most_u - nu) * sizeof *unit_chunk);
+            memset(unit_off + row + nu, 0, (size_t)(most_u - nu) * sizeof *unit_off);
+            memset(unit_size + row + nu, 0, (size_t)(most_u - nu) * sizeof *unit_size);
         }
     }
     free(w.score);

@@ -17,7 +17,7 @@ from .kernels import merge_partials, native, partial_attention, run_decode_atten
 from .kernels.sparse_attention import runs_read_in_place
 from .kernels._triton import use_triton
 from .kernels.ragged import ragged_layout
-from .sparse.select import Selection
+from .sparse.select import CANDIDATES, Selection
 from .store.chunk import Chunk, Tier, group_positions, token_groups
 
 if TYPE_CHECKING:
@@ -132,27 +132,26 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
     """
     tiers = layer.tiers
     tiers.prefetch_next(layer)
+    b, h = q.shape[0], layer.pool.k.shape[1]
+    if layer.wholly_on_device:
+        step = _step_in_place(layer, q[:, :, 0], pad, softcap, scale)
+        if step is not None:
+            out, lse, union, attended = step
+            _note_selection(layer, union, attended, b * h)
+            tiers.counters.device.hits += len(layer.last_union)
+            return _merge([(out.unsqueeze(2), lse.unsqueeze(2))], q.dtype, need_lse)
     sel, always = select_chunks(layer, q[:, :, 0], pad)
     pages = layer.abstracts.pages()
+    lengths = layer.abstracts.view()[2]
+    units = sel.units(lengths, pages)
     held = sel.chunks.any(dim=1).any(dim=0)
     union = np.flatnonzero(held.numpy()).tolist() if held.device.type == "cpu" else held.nonzero().flatten().tolist()
-    needed = [layer.chunks[i] for i in union]
-    if tiers.lookahead is not None:
-        tiers.lookahead.score(layer.index, needed)
-    for chunk in needed:
-        chunk.last_used = tiers.clock
-        chunk.selected += 1
-    layer.last_union = needed
+    needed = _note_selection(layer, union, int(units[2].sum()) + always * b * h, b * h)
     if layer.wholly_on_device:  # nothing to bring up or stage
         tiers.counters.device.hits += len(needed)
         staged = []
     else:
         staged = tiers.make_resident(layer.index, needed)
-    lengths = layer.abstracts.view()[2]
-    b, h = sel.chunks.shape[:2]
-    units = sel.units(lengths, pages)
-    tiers.counters.selected_tokens += int(units[2].sum()) + always * b * h
-    tiers.counters.selection_steps += b * h
 
     # The arena: selected pages' slots and the window; staged chunks are attended from their staging copy.
     whole_ok, parts_ok = sel.whole_ok, sel.parts_ok
@@ -192,13 +191,62 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
     return _merge(parts, q.dtype, need_lse)
 
 
+def _note_selection(layer: "TieredLayer", union: list[int], attended: int, pairs: int) -> list[Chunk]:
+    """Book a step's selection: the rows of the chunks any of the `pairs` (sequence, KV head) pairs selected
+    anything from, and `attended` tokens in all (sinks and the window included). Those chunks become the
+    layer's `last_union` (the prefetch hint), marked used now; returns them."""
+    tiers = layer.tiers
+    all_chunks, clock = layer.chunks, tiers.clock
+    needed = [all_chunks[i] for i in union]
+    if tiers.lookahead is not None:
+        tiers.lookahead.score(layer.index, needed)
+    for chunk in needed:
+        chunk.last_used = clock
+        chunk.selected += 1
+    layer.last_union = needed
+    tiers.counters.selected_tokens += attended
+    tiers.counters.selection_steps += pairs
+    return needed
+
+
+def _always_attended(layer: "TieredLayer") -> tuple[torch.Tensor | None, int, int]:
+    """What every (sequence, KV head) attends to besides its selection: (the forced chunks [C] bool or None,
+    tokens in sinks and the recent window, the budget left for the selection in tokens)."""
+    forced, sink_tokens = layer.forced_chunks()
+    always = sink_tokens + layer.win_len
+    return forced, always, max(0, layer.config.budget_tokens(layer.length) - always)
+
+
+def _step_in_place(layer: "TieredLayer", q: torch.Tensor, pad: torch.Tensor | None, softcap: float | None,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, list[int], int] | None:
+    """The sparse step as one C call (`native.sparse_step`: selection, runs of arena slots, attention read in
+    place), where the C selection runs (QuestBound, float32 on a CPU, pages) and every chunk is in the arena,
+    without padding or soft-capping: (out [B, Hq, D], lse [B, Hq], the rows of the chunks holding anything
+    selected, tokens attended in all). None elsewhere (then the step's parts one by one)."""
+    abstracts = layer.abstracts
+    selector = layer.tiers.selector
+    if (pad is not None or softcap is not None or abstracts.max_pages <= 1 or not selector.quest_bound()
+            or q.device.type != "cpu" or q.dtype != torch.float32 or not native.takes(layer.pool.k, layer.pool.v)):
+        return None
+    kmin, kmax, lengths, _ = abstracts.view()
+    forced, always, budget = _always_attended(layer)
+    kmin, kmax = abstracts.half_bounds() or (kmin, kmax)
+    pages, runs = abstracts.pages(), layer.slot_runs()
+    got = native.sparse_step(q, kmin, kmax, lengths, pages.pmin, pages.pmax, pages.lengths, pages.chunk,
+                              pages.offsets, pages.first, pages.count, budget, CANDIDATES, forced, None,
+                              selector.shared, (runs.first, runs.count, runs.offset, runs.slot, runs.length, runs.most),
+                              layer.win_slots, layer.pool.k, layer.pool.v, scale)
+    if got is None:
+        return None
+    out, lse, union, tokens = got
+    return out, lse, union, tokens + always * q.shape[0] * layer.pool.k.shape[1]
+
+
 def select_chunks(layer: "TieredLayer", q: torch.Tensor, pad: torch.Tensor | None) -> tuple[Selection, int]:
     """What query q [B, Hq, D] attends to under the layer's budget: (the selected pages and their chunks,
     tokens every (sequence, KV head) attends to besides them: sinks and the recent window)."""
     kmin, kmax, lengths, starts = layer.abstracts.view()
-    forced, sink_tokens = layer.forced_chunks()
-    always = sink_tokens + layer.win_len
-    chunk_budget = max(0, layer.config.budget_tokens(layer.length) - always)
+    forced, always, chunk_budget = _always_attended(layer)
     has_tokens = _chunks_with_tokens(pad, starts, lengths) if pad is not None else None
     selector = layer.tiers.selector
     on_c = selector.quest_bound() and q.device.type == "cpu" and q.dtype == torch.float32  # the C selection's case

@@ -218,8 +218,13 @@ def test_policies_other_than_the_quest_bound_select_in_torch(monkeypatch):
         def score(self, q, kmin, kmax, starts):
             return 2 * super().score(q, kmin, kmax, starts)
 
+    class Fewer(QuestBound):  # scores as QuestBound, chooses otherwise: the one-call step must not bypass it
+        def select_pages(self, *args, **kwargs):
+            return super().select_pages(*args[:7], args[7] // 2, *args[8:], **kwargs)
+
     assert QuestBound().quest_bound() and SharedAcrossHeads(QuestBound()).quest_bound()
     assert not Doubled().quest_bound() and not SharedAcrossHeads(Doubled()).quest_bound()
+    assert not Fewer().quest_bound()
     assert not Recency().quest_bound()
     table, q = _selection_problem([40, 40, 40], 16, 1, 2, 1, 4, 0, 2)
     kmin, kmax, lens, starts = table.view()
@@ -240,6 +245,86 @@ def test_unit_runs_cut_units_by_pieces_and_refuse_bad_tables(lib):
     assert native.unit_runs(t(1), t(6), t(4), *cols, 2, window) is None  # tokens 6-9 of an 8-token chunk
     with pytest.raises(ValueError, match="outside the piece table"):
         native.unit_runs(t(2), t(0), t(1), *cols, 2, window)
+
+
+# ------------------------------------------------------------------------------------ the step in one call
+def _arena_for(table, b, h, d, seed, off_device=()):
+    """An arena [B, H, S, D] holding the table's chunks in scattered blocks of 1-8 slots, a recent window of
+    three slots after them, and the chunks' pieces (`SlotRuns`); chunks in off_device hold no slots."""
+    gen = np.random.default_rng(seed)
+    lengths = table.view()[2].numpy()
+    on = [c for c in range(len(lengths)) if c not in off_device]
+    total = int(lengths[on].sum())
+    cuts = np.cumsum(gen.integers(1, 9, size=total + 1))
+    blocks = np.split(np.arange(total), cuts[cuts < total])
+    flat = np.concatenate([blocks[i] for i in gen.permutation(len(blocks))]) if total else np.zeros(0, np.int64)
+    offsets = np.full(len(lengths), -1, dtype=np.int64)
+    offsets[on] = np.concatenate(([0], np.cumsum(lengths[on])[:-1])) if on else []
+    from kvtier.layers import SlotRuns
+    runs = SlotRuns.of(torch.from_numpy(flat), torch.from_numpy(offsets), torch.from_numpy(lengths))
+    slots = total + 3 + 5  # the window, then unused slots
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(b, h, slots, d, generator=g), torch.randn(b, h, slots, d, generator=g)
+    window = torch.tensor([total, total + 1, total + 3])
+    return k, v, (runs.first, runs.count, runs.offset, runs.slot, runs.length, runs.most), window
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 70), min_size=1, max_size=60), page_size=st.integers(2, 16),
+       budget=st.integers(0, 1500), seed=st.integers(0, 10_000), g=st.integers(1, 3), sinks=st.integers(0, 2),
+       shared=st.booleans(), d=st.sampled_from([4, 12, 16]), threads=st.sampled_from([1, 2, 3]))
+def test_the_step_in_one_call_equals_its_three_parts(lengths, page_size, budget, seed, g, sinks, shared, d, threads):
+    """`sparse_step` gives the bits of `select_pages`, `unit_runs` and `run_attention` called in turn, the chunks
+    they select from and the tokens they select, whatever the threads (pairs split between them; with
+    `shared`, a thread starting past a sequence's first head selects for it again)."""
+    if native.library() is None:
+        pytest.skip("the C library cannot be built here")
+    b, h = 2, 3
+    table, q = _selection_problem(lengths, page_size, b, h, g, d, seed, 3)
+    assume(table.max_pages > 1)
+    kmin, kmax, lens, _ = table.view()
+    pages = table.pages()
+    forced = torch.arange(len(lengths)) < sinks
+    k, v, pieces, window = _arena_for(table, b, h, d, seed)
+    args = (q, kmin, kmax, lens, pages.pmin, pages.pmax, pages.lengths, pages.chunk, pages.offsets, pages.first,
+            pages.count, budget, 4, forced, None, shared)
+    sel = native.select_pages(*args)
+    chunks, units = sel[0], sel[5:]
+    start, length = native.unit_runs(*units, *pieces, window)
+    krows, vrows, plane = native.arena_rows(k, v)
+    first = torch.arange(b * h)[:, None] * plane + start.view(b * h, -1)
+    out, lse = native.run_attention(q.view(b * h, g, d), krows, vrows, first, length.view(b * h, -1), 0.3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.sparse_step(*args, pieces, window, k, v, 0.3)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], out.view(b, h * g, d)) and torch.equal(got[1], lse.view(b, h * g))
+    assert got[2] == np.flatnonzero(chunks.any(1).any(0).numpy()).tolist()
+    assert got[3] == int(units[2].sum())
+
+
+def test_the_step_in_one_call_leaves_chunks_off_the_arena_and_refuses_bad_tables(lib):
+    """A selected chunk without slots gives None (the caller stages it); tables pointing outside what they
+    index are refused before anything is read."""
+    table, q = _selection_problem([40, 40, 40], 16, 1, 2, 1, 4, 0, 2)
+    kmin, kmax, lens, _ = table.view()
+    pages = table.pages()
+    args = (q, kmin, kmax, lens, pages.pmin, pages.pmax, pages.lengths, pages.chunk, pages.offsets, pages.first,
+            pages.count, 120, 4, None, None, False)
+    k, v, pieces, window = _arena_for(table, 1, 2, 4, 0, off_device=(1,))
+    assert native.sparse_step(*args, pieces, window, k, v, 0.5) is None
+    k, v, pieces, window = _arena_for(table, 1, 2, 4, 0)
+    assert native.sparse_step(*args, pieces, window, k, v, 0.5) is not None
+    first, count, offset, slot, length, most = pieces
+    for bad in ((first + 5, count, offset, slot, length, most),  # pieces past the table
+                (first, count, offset, slot + k.shape[2], length, most),  # slots past the arena's
+                (first, count, offset, slot, length, most + 99)):
+        with pytest.raises(ValueError, match="points outside"):
+            native.sparse_step(*args, bad, window, k, v, 0.5)
+    with pytest.raises(ValueError, match="points outside"):
+        native.sparse_step(*args, pieces, window + k.shape[2], k, v, 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

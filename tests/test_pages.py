@@ -308,18 +308,23 @@ def test_half_bounds_follow_every_change_of_the_chunk_rows(lengths, seed, ops):
 
 
 def test_a_cpu_sparse_step_selects_from_float16_chunk_bounds(monkeypatch):
-    """The model's own decode steps hand the C selection the table's float16 chunk bounds."""
+    """The model's own decode steps hand the C selection the table's float16 chunk bounds, in the step in one
+    call (every chunk on the device) and in the step in parts (chunks staged from the host)."""
     from kvtier.kernels import native
     if not native.reads_half():
         pytest.skip("the C library here does not read float16 bounds")
     seen = []
-    real = native.select_pages
-    monkeypatch.setattr(native, "select_pages", lambda q, lo, *a: seen.append(lo.dtype) or real(q, lo, *a))
+    for name in ("select_pages", "sparse_step"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda q, lo, *a, real=real, name=name: seen.append((name, lo.dtype))
+                            or real(q, lo, *a))
     model = build_model("llama")
     ids = torch.randint(3, 128, (1, 300), generator=torch.Generator().manual_seed(7))
-    with KVTierCache.for_model(model, **SPARSE, page_size=8, sparse_budget=0.1) as cache:
-        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, **{cache_kw(model): cache})
-    assert seen and set(seen) == {torch.float16}
+    for placement in (dict(), dict(device_budget=90, host_budget=0, staging_tokens=64)):
+        with KVTierCache.for_model(model, **SPARSE, page_size=8, sparse_budget=0.1, **placement) as cache:
+            model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, **{cache_kw(model): cache})
+    assert {name for name, _ in seen} == {"select_pages", "sparse_step"}
+    assert {dtype for _, dtype in seen} == {torch.float16}
 
 
 # ------------------------------------------------------------------------------------------ caches

@@ -208,6 +208,44 @@ def test_sparse_step_attends_exactly_to_the_selection(tiered, monkeypatch):
     cache.close()
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_step_in_one_call_equals_the_step_in_parts(shared, monkeypatch):
+    """Where every chunk is in the arena, a CPU float32 step selects, lists runs and attends in one C call; it
+    gives the logits, the selected tokens and the chunks marked used that the step in parts gives."""
+    import kvtier.read as read
+    from kvtier.kernels import native
+
+    if native.library() is None:
+        pytest.skip("the C library cannot be built here")
+    ref = build_model("llama")
+    ids = torch.randint(3, 128, (2, 300), generator=torch.Generator().manual_seed(5))
+    options = dict(**SPARSE, sparse_budget=48, page_size=8, shared_selection=shared)
+    in_place = read._step_in_place
+    ran = []
+
+    def counted(*args):
+        got = in_place(*args)
+        ran.append(got is not None)
+        return got
+
+    runs = []
+    for one_call in (True, False):
+        model = twin(ref)
+        monkeypatch.setattr(read, "_step_in_place", counted if one_call else lambda *args: None)
+        cache = KVTierCache.for_model(model, **options)
+        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, **{cache_kw(model): cache})
+        layer = cache.tiers.layers[1]
+        runs.append((out, cache.stats(), [(c.row, c.last_used, c.selected) for c in layer.chunks]))
+        cache.close()
+    assert ran and all(ran)
+    (a, stats_a, chunks_a), (b, stats_b, chunks_b) = runs
+    assert torch.equal(a.sequences, b.sequences)
+    assert max((x - y).abs().max().item() for x, y in zip(a.scores, b.scores)) < 1e-5
+    assert stats_a.mean_attended_tokens == stats_b.mean_attended_tokens
+    assert chunks_a == chunks_b
+
+
 # -------------------------------------------------------------------------------- pipeline & tiers
 def _long_sparse_run(tmp_path=None, **options):
     model = build_model("llama")

@@ -96,8 +96,9 @@ class Selector:
     shared = False  # one choice for every KV head of a layer (SharedAcrossHeads)
 
     def quest_bound(self) -> bool:
-        """Whether `score` is QuestBound's: then `select_pages` runs as one C call on a CPU (float32), where
-        torch's few dozen small ops cost more than the work they do."""
+        """Whether `score` is QuestBound's and `select_pages` this class's: then the page selection runs as one
+        C call on a CPU (float32), where torch's few dozen small ops cost more than the work they do (and, with
+        every chunk in the arena, the whole step: `kvtier.read`)."""
         return False
 
     def score(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
@@ -266,7 +267,8 @@ class QuestBound(Selector):
     name = "quest_bound"
 
     def quest_bound(self) -> bool:
-        return type(self).score is QuestBound.score  # a subclass scoring otherwise takes the torch path
+        # a subclass scoring or choosing otherwise takes the torch path
+        return type(self).score is QuestBound.score and type(self).select_pages is Selector.select_pages
 
     def score(self, q, kmin, kmax, starts):
         return chunk_scores(q, kmin, kmax)
@@ -296,7 +298,8 @@ class SharedAcrossHeads(Selector):
         self.name = f"{inner.name}+shared"
 
     def quest_bound(self) -> bool:
-        return type(self).score is SharedAcrossHeads.score and self.inner.quest_bound()
+        return (type(self).score is SharedAcrossHeads.score and type(self).select_pages is Selector.select_pages
+                and self.inner.quest_bound())
 
     def score(self, q, kmin, kmax, starts):
         s = self.inner.score(q, kmin, kmax, starts)
