@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("run_attention.c", "select_pages.c", "copy_rows.c")]
+_HEADERS = [Path(__file__).with_name("select_pages.h")]  # part of the build's key, not compiled alone
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
 _BLOCK = 64  # run_attention.c's BLOCK: scratch per thread is g * (BLOCK + 2) floats
 _reads_half: dict[int, bool] = {}  # per loaded library: whether it reads float16 chunk bounds
@@ -90,7 +91,7 @@ def _owned_private(path: Path, directory: bool) -> bool:
 
 def _build() -> Path:
     cc = _compiler()
-    sources = [path.read_bytes() for path in _SOURCES]
+    sources = [path.read_bytes() for path in (*_SOURCES, *_HEADERS)]
     key = hashlib.sha256(b"\0".join([*sources, cc.encode(), " ".join(_FLAGS).encode(), _cpu()])).hexdigest()[:20]
     where = kvtier_home() / "native"
     where.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -9,8 +9,10 @@
  */
 #include <math.h>
 #include <stddef.h>
-#include <stdlib.h>
 #include <stdint.h>
+#include <stdlib.h>
+
+#include "select_pages.h"
 
 #define BLOCK 64
 #define AHEAD 16 /* rows of prefetch distance (8-48 measured alike) */
@@ -349,16 +351,6 @@ int kvtier_unit_runs(int64_t pairs, int64_t units, const int64_t *chunk, const i
     }
     return 0;
 }
-
-int kvtier_select_pages_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_n, int64_t d, const void *kmin,
-                            const void *kmax, int64_t kb, int64_t kh, int64_t half, int64_t c_n, const float *pmin,
-                            const float *pmax, int64_t pb, int64_t ph, int64_t p_n, const int64_t *length,
-                            const int64_t *first, const int64_t *count, const int64_t *page_len,
-                            const int64_t *chunk_of, const int64_t *page_off, const uint8_t *forced,
-                            const uint8_t *has_tokens, int64_t budget, int64_t candidates, int64_t shared,
-                            int64_t pair_lo, int64_t pair_hi, int64_t *whole, int64_t *n_whole, int64_t *parts,
-                            int64_t *n_parts, uint8_t *chunk_sel, int64_t *unit_chunk, int64_t *unit_off,
-                            int64_t *unit_size); /* select_pages.c */
 
 /* A whole sparse decode step for pairs [pair_lo, pair_hi) in one call (callers split the pairs across threads):
  * select_pages.c's selection (its arguments, q through shared), each pair's runs of arena slots as

@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "select_pages.h"
+
 #define MAX_LENGTH ((int64_t)1 << 40)
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
