@@ -374,8 +374,8 @@ int kvtier_sparse_step_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_n
                            int64_t slots, float scale, int64_t pair_lo, int64_t pair_hi, float *out, float *lse,
                            int64_t *held, int64_t *found) {
     if (pair_lo < 0 || pair_hi < pair_lo || pair_hi > b_n * hkv || c_n < 1 || p_n < 1 || most < 0 ||
-        most > pieces || win_n < 0 || slots < 0 || slots > plane || !pieces_inside(c_n, piece_first, piece_count,
-                                                                                    pieces))
+        most > (pieces > 1 ? pieces : 1) || win_n < 0 || slots < 0 || slots > plane ||
+        !pieces_inside(c_n, piece_first, piece_count, pieces))
         return -2;
     const int64_t n = pair_hi - pair_lo, cu = c_n + p_n, width = cu * (most ? most : 1) + win_n;
     int64_t *whole = malloc((size_t)(n * c_n + n * p_n + 3 * n * cu + 2 * n + 2 * width + 1) * sizeof(int64_t));

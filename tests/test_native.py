@@ -315,6 +315,8 @@ def test_the_step_in_one_call_leaves_chunks_off_the_arena_and_refuses_bad_tables
             pages.count, 120, 4, None, None, False)
     k, v, pieces, window = _arena_for(table, 1, 2, 4, 0, off_device=(1,))
     assert native.sparse_step(*args, pieces, window, k, v, 0.5) is None
+    k, v, pieces, window = _arena_for(table, 1, 2, 4, 0, off_device=(0, 1, 2))  # no pieces at all
+    assert native.sparse_step(*args, pieces, window, k, v, 0.5) is None
     k, v, pieces, window = _arena_for(table, 1, 2, 4, 0)
     assert native.sparse_step(*args, pieces, window, k, v, 0.5) is not None
     first, count, offset, slot, length, most = pieces
