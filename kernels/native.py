@@ -126,8 +126,9 @@ def _load(path: Path) -> ctypes.CDLL:
     f.restype = ctypes.c_int
     lib.kvtier_scatter_rows.argtypes = [p, i64, i64, i64, p, p, i64, i64, i64, i64, i64]
     lib.kvtier_scatter_rows.restype = ctypes.c_int
-    f = lib.kvtier_unit_runs
-    f.argtypes = [i64, i64, p, p, p, i64, p, p, i64, p, p, p, i64, p, i64, p, p]
+    slots, window = [p, i64, p], [i64, p, p, p, i64, i64, ctypes.c_float]  # the Arena's flat .. offset; win_n ..
+    f = lib.kvtier_unit_attention_f32
+    f.argtypes = [p, i64, i64, p, p, p, i64, i64, *slots, p, *window, i64, i64, p, p]
     f.restype = ctypes.c_int
     f = lib.kvtier_select_pages_f32
     selection = [p, i64, i64, i64, i64, p, p, i64, i64, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, p, p, p,
@@ -135,7 +136,7 @@ def _load(path: Path) -> ctypes.CDLL:
     f.argtypes = [*selection, i64, i64, p, p, p, p, p, p, p, p]
     f.restype = ctypes.c_int
     f = lib.kvtier_sparse_step_f32
-    f.argtypes = [*selection, p, p, i64, p, p, p, i64, i64, p, p, p, i64, i64, ctypes.c_float, i64, i64, p, p, p, p]
+    f.argtypes = [*selection, *slots, *window, i64, i64, p, p, p, p]
     f.restype = ctypes.c_int
     lib.kvtier_select_reads_half.argtypes = []
     lib.kvtier_select_reads_half.restype = ctypes.c_int
@@ -171,34 +172,6 @@ def scatter_rows(arena: torch.Tensor, slots: torch.Tensor, block: torch.Tensor) 
                                      d * size):
         raise ValueError(f"scatter_rows: a slot lies outside the arena's {rows} slots")
     return True
-
-
-def unit_runs(chunk: torch.Tensor, off: torch.Tensor, size: torch.Tensor, first: torch.Tensor, count: torch.Tensor,
-              p_off: torch.Tensor, p_slot: torch.Tensor, p_len: torch.Tensor, most: int,
-              window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The runs of arena slots a sparse step reads (run_attention.c's `kvtier_unit_runs` says how): units
-    chunk, off, size [B, Hkv, U]; the chunks' pieces (first, count [C]; p_off, p_slot, p_len [pieces]; at most
-    `most` a chunk); the window's slots [W]; all int64 on the CPU. Returns start, length [B, Hkv, width]
-    (length 0: none), or None without the library or where a unit's tokens are not all in pieces."""
-    lib = library()
-    if lib is None:
-        return None
-    b, h, units = chunk.shape
-    cols = [t.contiguous() for t in (chunk, off, size, first, count, p_off, p_slot, p_len, window)]
-    c_n, pieces = cols[3].numel(), cols[5].numel()
-    if (any(t.dtype != torch.int64 or t.device.type != "cpu" for t in cols) or off.shape != chunk.shape
-            or size.shape != chunk.shape or cols[4].numel() != c_n or cols[6].numel() != pieces
-            or cols[7].numel() != pieces):
-        raise ValueError("unit_runs: int64 CPU columns; units must share a shape, chunk and piece columns a length")
-    width = max(1, units * max(1, most) + window.numel())
-    start = torch.empty(b, h, width, dtype=torch.int64)
-    length = torch.empty(b, h, width, dtype=torch.int64)
-    ptr = [t.data_ptr() for t in cols]
-    rc = lib.kvtier_unit_runs(b * h, units, *ptr[:3], c_n, *ptr[3:5], pieces, *ptr[5:8], window.numel(), ptr[8],
-                              width, start.data_ptr(), length.data_ptr())
-    if rc == -2:
-        raise ValueError("unit_runs: a unit or chunk points outside the piece table")
-    return (start, length) if rc == 0 else None
 
 
 def arena_rows(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
@@ -394,38 +367,29 @@ def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, length
 def sparse_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths: torch.Tensor, pmin: torch.Tensor,
                 pmax: torch.Tensor, page_lengths: torch.Tensor, page_chunk: torch.Tensor, page_offsets: torch.Tensor,
                 first: torch.Tensor, count: torch.Tensor, budget: int, candidates: int, forced: torch.Tensor | None,
-                has_tokens: torch.Tensor | None, shared: bool, pieces: tuple, window: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, list[int], int] | None:
+                has_tokens: torch.Tensor | None, shared: bool, slot_table: tuple[torch.Tensor, torch.Tensor],
+                window: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor, list[int], int] | None:
     """A whole sparse decode step in one C call per thread (run_attention.c's `kvtier_sparse_step_f32`): the
-    selection `select_pages` makes (its arguments, q through shared), the runs of arena slots `unit_runs` lists
-    (pieces: the arena's `SlotRuns` as (first, count, offset, slot, length, most); window: the recent window's
-    slots [W]), and `run_attention` over them, read in place from the arena k, v [B, Hkv, S, D]. Returns out
-    [B, Hq, D] and lse [B, Hq] (float32), the rows of the chunks holding anything selected (increasing) and the
-    tokens selected in all; or None where it does not run (as `select_pages`, or an arena without rows) or
-    where a selected token is not in the arena (then stage it: the step's parts one by one)."""
-    if not takes(k, v):
-        return None
-    rows = arena_rows(k, v)
+    selection `select_pages` makes (its arguments, q through shared), then `unit_attention` over the units it
+    selected (slot_table, window, k, v: as `unit_attention` takes them). Returns out [B, Hq, D] and lse [B, Hq]
+    (float32), the rows of the chunks holding anything selected (increasing) and the tokens selected in all; or
+    None where it does not run (as `select_pages`, or an arena without rows) or where a selected token is not in
+    the arena (then stage it: the step's parts one by one)."""
     got = _selection(q, kmin, kmax, lengths, pmin, pmax, page_lengths, page_chunk, page_offsets, first, count, budget,
                      candidates, forced, has_tokens, shared)
-    if rows is None or got is None:
+    if got is None:
         return None
     (b, hkv, g, c, _), args, _held = got
-    krows, vrows, plane = rows
-    d = q.shape[-1]
-    if k.shape[:2] != (b, hkv) or k.shape[3] != d:
-        raise ValueError("sparse_step: the arena's batch, KV heads and head size must be the bounds'")
-    *columns, most = pieces
-    cols = [t.contiguous() for t in (*columns, window)]
-    n = [t.numel() for t in cols]
-    if any(t.dtype != torch.int64 or t.device.type != "cpu" for t in cols) or n[:2] != [c, c] or n[3:5] != n[2:4]:
-        raise ValueError("sparse_step: pieces and window must be int64 on the CPU, first and count one per chunk")
+    arena = _arena(slot_table, window, k, v, b, hkv, q.shape[-1], c, scale)
+    if arena is None:
+        return None
+    table, rest, _held_arena = arena
+    tail = (*table, *rest)
     pairs = b * hkv
     threads = max(1, min(torch.get_num_threads(), pairs))
-    out, lse = torch.empty(b, hkv * g, d), torch.empty(b, hkv * g)
+    out, lse = torch.empty(b, hkv * g, q.shape[-1]), torch.empty(b, hkv * g)
     held, found = np.empty((threads, c), dtype=np.int64), np.empty((threads, 2), dtype=np.int64)
-    tail = (cols[0].data_ptr(), cols[1].data_ptr(), n[2], cols[2].data_ptr(), cols[3].data_ptr(), cols[4].data_ptr(),
-            most, n[5], cols[5].data_ptr(), krows.data_ptr(), vrows.data_ptr(), plane, k.shape[2], ctypes.c_float(scale))
     outs = (out.data_ptr(), lse.data_ptr())
     lib = library()
 
@@ -445,3 +409,67 @@ def sparse_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths
         return out, lse, held[0, :n_held].tolist(), tokens
     rows = np.unique(np.concatenate([held[t, :found[t, 0]] for t in range(threads)]))
     return out, lse, rows.tolist(), int(found[:, 1].sum())
+
+
+def _arena(slot_table: tuple[torch.Tensor, torch.Tensor], window: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           b: int, hkv: int, d: int, c: int, scale: float) -> tuple[tuple, tuple, tuple] | None:
+    """The C library's arena arguments (run_attention.c's Arena: flat, flat_n, offset; then win_n .. slots and
+    the scale), checked, and the contiguous copies they point into (hold them until the call returns); None
+    where the arena is not float32 rows on a CPU (`arena_rows`)."""
+    if not takes(k, v):
+        return None
+    rows = arena_rows(k, v)
+    if rows is None:
+        return None
+    krows, vrows, plane = rows
+    if k.shape[:2] != (b, hkv) or k.shape[3] != d:
+        raise ValueError("unit_attention: the arena's batch, KV heads and head size must be the query's")
+    flat, offsets, window = (t.contiguous() for t in (*slot_table, window))
+    if any(t.dtype != torch.int64 or t.device.type != "cpu" or t.ndim != 1 for t in (flat, offsets, window)) \
+            or offsets.numel() != c:
+        raise ValueError("unit_attention: the slot table and window must be int64 [n] on the CPU, an offset a chunk")
+    table = (flat.data_ptr(), flat.numel(), offsets.data_ptr())
+    rest = (window.numel(), window.data_ptr(), krows.data_ptr(), vrows.data_ptr(), plane, k.shape[2],
+            ctypes.c_float(scale))
+    return table, rest, (flat, offsets, window, krows, vrows)
+
+
+def unit_attention(q: torch.Tensor, units: tuple[torch.Tensor, torch.Tensor, torch.Tensor], lengths: torch.Tensor,
+                   slot_table: tuple[torch.Tensor, torch.Tensor], window: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Decode attention of q [B, Hq, D] over each (sequence, KV head)'s units (chunk row, offset in the chunk,
+    tokens, [B, Hkv, U] each: `Selection.units`; size 0: none), then its recent window, read in place from the
+    arena k, v [B, Hkv, S, D] (run_attention.c's `kvtier_unit_attention_f32`). lengths: the chunk rows' tokens
+    [C]; slot_table: the device chunks' slots end to end and each chunk row's offset in them, -1 off the arena
+    (`TieredLayer.slot_table`); window: the recent window's slots [W]. Each unit's slots are read as runs of
+    consecutive slots. Returns out [B, Hq, D] and lse [B, Hq] (float32), or None where it does not run (no
+    library, not float32 on a CPU, an arena without rows) or where a unit's chunk is off the arena."""
+    if not takes(q):
+        return None
+    b, hq, d = q.shape
+    chunk, off, size, lengths = (t.contiguous() for t in (*units, lengths))
+    hkv, width, c = chunk.shape[1], chunk.shape[2], lengths.numel()
+    if (chunk.shape[0] != b or hkv == 0 or hq % hkv or off.shape != chunk.shape or size.shape != chunk.shape
+            or any(t.dtype != torch.int64 or t.device.type != "cpu" for t in (chunk, off, size, lengths))):
+        raise ValueError("unit_attention: units must be int64 [B, Hkv, U] on the CPU, Hkv dividing q's heads")
+    arena = _arena(slot_table, window, k, v, b, hkv, d, c, scale)
+    if arena is None:
+        return None
+    table, rest, _held = arena
+    q = q.contiguous()
+    pairs = b * hkv
+    out, lse = torch.empty(b, hq, d), torch.empty(b, hq)
+    lib = library()
+    threads = max(1, min(torch.get_num_threads(), pairs))
+    head = (q.data_ptr(), hq // hkv, d, chunk.data_ptr(), off.data_ptr(), size.data_ptr(), width, c)
+
+    def part(t: int) -> int:
+        return lib.kvtier_unit_attention_f32(*head, *table, lengths.data_ptr(), *rest, pairs * t // threads,
+                                             pairs * (t + 1) // threads, out.data_ptr(), lse.data_ptr())
+
+    codes = [part(0)] if threads == 1 else list(_threads().map(part, range(threads)))
+    if -1 in codes:
+        raise MemoryError("unit_attention: out of memory")
+    if -2 in codes:
+        raise ValueError("unit_attention: a unit, slot table or window points outside what it indexes")
+    return None if -3 in codes else (out, lse)

@@ -289,95 +289,128 @@ int kvtier_run_attention_f32(const float *q, const float *k, const float *v, con
     return 0;
 }
 
-/* Whether chunk c's pieces first[c] .. + count[c] all lie in the piece table, for every chunk. */
-static int pieces_inside(int64_t c_n, const int64_t *first, const int64_t *count, int64_t pieces) {
+/* The arena a sparse step reads: the device chunks' slots end to end (flat [flat_n]; chunk row c's `length[c]`
+ * slots start at offset[c], -1 for a chunk off the arena), the recent window's win_n slots (oldest first), and
+ * the rows of k and v: pair p's slot i at row p * plane + i, every slot read below `slots`. */
+typedef struct {
+    const int64_t *flat;
+    int64_t flat_n;
+    const int64_t *offset, *length;
+    int64_t win_n;
+    const int64_t *win;
+    const float *k, *v;
+    int64_t plane, slots;
+} Arena;
+
+/* Whether the arena's tables hold together for c_n chunks: every chunk on the arena inside the slot list. */
+static int arena_ok(const Arena *a, int64_t c_n) {
+    if (a->flat_n < 0 || a->win_n < 0 || a->slots < 0 || a->slots > a->plane) return 0;
     for (int64_t c = 0; c < c_n; c++)
-        if (first[c] < 0 || count[c] < 0 || first[c] > pieces || count[c] > pieces - first[c]) return 0;
+        if (a->length[c] < 0 || a->offset[c] < -1 || (a->offset[c] >= 0 && a->offset[c] > a->flat_n - a->length[c]))
+            return 0;
     return 1;
 }
 
-/* One pair's runs (see kvtier_unit_runs) into start/length [width]. Returns how many, -1 where a unit's
- * tokens are not all in pieces, -2 for a chunk outside the table or more runs than width. */
-static int64_t pair_runs(const int64_t *chunk, const int64_t *off, const int64_t *size, int64_t units, int64_t c_n,
-                         const int64_t *first, const int64_t *count, const int64_t *p_off, const int64_t *p_slot,
-                         const int64_t *p_len, int64_t win_n, const int64_t *win, int64_t width, int64_t *start,
-                         int64_t *length) {
-    int64_t n = 0;
-    for (int64_t u = 0; u < units; u++) {
-        if (size[u] <= 0) continue;
-        const int64_t c = chunk[u];
-        if (c < 0 || c >= c_n) return -2;
-        const int64_t lo_u = off[u], hi_u = off[u] + size[u];
-        int64_t covered = 0;
-        for (int64_t p = first[c]; p < first[c] + count[c]; p++) {
-            const int64_t lo = lo_u > p_off[p] ? lo_u : p_off[p];
-            const int64_t hi = hi_u < p_off[p] + p_len[p] ? hi_u : p_off[p] + p_len[p];
-            if (hi <= lo) continue;
-            if (n == width) return -2;
-            start[n] = p_slot[p] + lo - p_off[p];
-            length[n++] = hi - lo;
-            covered += hi - lo;
-        }
-        if (covered != size[u]) return -1;
+/* Most runs one pair can read: one per slot listed (its units hold distinct tokens of the arena), then the
+ * window's. */
+static int64_t runs_width(const Arena *a) { return a->flat_n + a->win_n + 1; }
+
+/* Appends slots [s0, s0 + n) to the runs in start, run_len (scratch [runs_width]), joined to the last run
+ * where they continue it. Returns the run count, or -2 past the width or outside the pair's slots. */
+static int64_t add_run(const Arena *a, int64_t s0, int64_t n, int64_t *start, int64_t *run_len, int64_t runs) {
+    if (s0 < 0 || n < 0 || s0 > a->slots - n) return -2;
+    if (runs && start[runs - 1] + run_len[runs - 1] == s0) {
+        run_len[runs - 1] += n;
+        return runs;
     }
-    for (int64_t i = 0; i < win_n;) {
-        int64_t j = i + 1;
-        while (j < win_n && win[j] == win[j - 1] + 1) j++;
-        if (n == width) return -2;
-        start[n] = win[i];
-        length[n++] = j - i;
-        i = j;
-    }
-    return n;
+    if (runs == runs_width(a)) return -2;
+    start[runs] = s0;
+    run_len[runs] = n;
+    return runs + 1;
 }
 
-/* The runs of arena slots a sparse step reads, per (sequence, KV head) pair: each unit (chunk row, offset in
- * the chunk, tokens; size 0: none) cut by the pieces its chunk lies in (pieces first[c] .. + count[c], each
- * at offset p_off in its chunk, from slot p_slot, p_len slots), then the recent window's slots (win_n, oldest
- * first) as runs of consecutive slots. Writes each pair's runs compactly into start/length [pairs, width],
- * length 0 past the last. Returns 0; -1 where a unit's tokens are not all in pieces (a chunk off the device);
- * -2 for tables pointing outside themselves or more runs than width. */
-int kvtier_unit_runs(int64_t pairs, int64_t units, const int64_t *chunk, const int64_t *off, const int64_t *size,
-                     int64_t c_n, const int64_t *first, const int64_t *count, int64_t pieces, const int64_t *p_off,
-                     const int64_t *p_slot, const int64_t *p_len, int64_t win_n, const int64_t *win,
-                     int64_t width, int64_t *start, int64_t *length) {
-    if (!pieces_inside(c_n, first, count, pieces)) return -2;
-    for (int64_t bh = 0; bh < pairs; bh++) {
-        int64_t *st = start + bh * width, *ln = length + bh * width;
-        const int64_t n = pair_runs(chunk + bh * units, off + bh * units, size + bh * units, units, c_n, first,
-                                    count, p_off, p_slot, p_len, win_n, win, width, st, ln);
-        if (n < 0) return (int)n;
-        for (int64_t i = n; i < width; i++) st[i] = ln[i] = 0;
+/* One pair's attention over its units (chunk row, offset in the chunk, tokens; size 0: none), then the
+ * window, read in place: the units' slots walked as runs of consecutive slots into start, run_len (scratch
+ * [runs_width]), then attended. Returns 0; -2 for a unit outside its chunk or a slot outside the pair's; -3
+ * where a unit's chunk is off the arena. */
+static int attend_units(const Arena *a, int64_t c_n, int64_t pair, const int64_t *chunk, const int64_t *off,
+                        const int64_t *size, int64_t units, int64_t *start, int64_t *run_len, const float *q,
+                        int64_t g_n, int64_t d, float scale, float *out, float *lse, float *work) {
+    int64_t n = 0;
+    for (int64_t u = 0; u < units && n >= 0; u++) {
+        if (size[u] <= 0) continue;
+        const int64_t c = chunk[u];
+        if (c < 0 || c >= c_n || off[u] < 0 || off[u] > a->length[c] - size[u]) return -2;
+        if (a->offset[c] < 0) return -3;
+        const int64_t *slot = a->flat + a->offset[c] + off[u];
+        for (int64_t i = 0; i < size[u] && n >= 0;) {
+            int64_t j = i + 1;
+            while (j < size[u] && slot[j] == slot[j - 1] + 1) j++;
+            n = add_run(a, slot[i], j - i, start, run_len, n);
+            i = j;
+        }
     }
+    for (int64_t i = 0; i < a->win_n && n >= 0;) {
+        int64_t j = i + 1;
+        while (j < a->win_n && a->win[j] == a->win[j - 1] + 1) j++;
+        n = add_run(a, a->win[i], j - i, start, run_len, n);
+        i = j;
+    }
+    if (n < 0) return -2;
+    for (int64_t r = 0; r < n; r++) start[r] += pair * a->plane;
+    float *scores = work, *top = work + g_n * BLOCK, *sum = top + g_n;
+    attend_pair(q, a->k, a->v, start, run_len, n, g_n, d, scale, out, lse, scores, top, sum);
     return 0;
 }
 
+/* Attention of pairs [pair_lo, pair_hi) over their units (chunk, off, size [pairs, units]: `Selection.units`)
+ * read in place from the arena (its tables flat through slots, as Arena has them): q [pairs, G, D]; out
+ * [pairs, G, D], lse [pairs, G] (absolute rows). One call where listing the runs and attending over them took
+ * a Python wrapper each. Returns 0; -1 without memory; -2 for tables or runs pointing outside what they index;
+ * -3 where a unit's chunk is off the arena (off the device). */
+int kvtier_unit_attention_f32(const float *q, int64_t g_n, int64_t d, const int64_t *chunk, const int64_t *off,
+                              const int64_t *size, int64_t units, int64_t c_n, const int64_t *flat, int64_t flat_n,
+                              const int64_t *offset, const int64_t *length, int64_t win_n, const int64_t *win,
+                              const float *k, const float *v, int64_t plane, int64_t slots, float scale,
+                              int64_t pair_lo, int64_t pair_hi, float *out, float *lse) {
+    const Arena a = {flat, flat_n, offset, length, win_n, win, k, v, plane, slots};
+    if (pair_lo < 0 || pair_hi < pair_lo || units < 0 || !arena_ok(&a, c_n)) return -2;
+    int64_t *runs = malloc((size_t)(2 * runs_width(&a)) * sizeof(int64_t));
+    float *work = malloc((size_t)(g_n * (BLOCK + 2) + 1) * sizeof(float));
+    int rc = !runs || !work ? -1 : 0;
+    for (int64_t pair = pair_lo; !rc && pair < pair_hi; pair++)
+        rc = attend_units(&a, c_n, pair, chunk + pair * units, off + pair * units, size + pair * units, units, runs,
+                          runs + runs_width(&a), q + pair * g_n * d, g_n, d, scale, out + pair * g_n * d,
+                          lse + pair * g_n, work);
+    free(runs);
+    free(work);
+    return rc;
+}
+
 /* A whole sparse decode step for pairs [pair_lo, pair_hi) in one call (callers split the pairs across threads):
- * select_pages.c's selection (its arguments, q through shared), each pair's runs of arena slots as
- * kvtier_unit_runs lists them (the arena's pieces piece_first through win; `most`: pieces of the longest-cut
- * chunk), then attention over those runs read in place from k, v: the arena's rows, pair p's slot i at row
- * p * plane + i, every run inside the first `slots` slots of its plane. One call where three took a Python
- * wrapper each, whose cost per layer was a third of the C's own on the benchmark CPU. Writes, for each pair of
- * the range (absolute rows), out [G, D] and lse [G]; for the range, the chunks holding anything any of its pairs
- * selected (held [C]: rows in increasing order) and found[0], found[1]: how many, and the tokens its pairs
- * selected in all. Returns 0; -1 without memory; -2 for tables or runs pointing outside what they index; -3
- * where a selected token is not in the arena (a chunk off the device: the caller stages instead). */
+ * select_pages.c's selection (its arguments, q through shared), then, pair by pair, attention over the selected
+ * units read in place from the arena (its tables flat through slots, as Arena has them; chunk lengths are the
+ * selection's), as
+ * kvtier_unit_attention_f32 does. One call where three took a Python wrapper each, whose cost per layer was a
+ * third of the C's own on the benchmark CPU. Writes, for each pair of the range (absolute rows), out [G, D] and
+ * lse [G]; for the range, the chunks holding anything any of its pairs selected (held [C]: rows in increasing
+ * order) and found[0], found[1]: how many, and the tokens its pairs selected in all. Returns 0; -1 without
+ * memory; -2 for tables or runs pointing outside what they index; -3 where a selected token is not in the arena
+ * (a chunk off the device: the caller stages instead). */
 int kvtier_sparse_step_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_n, int64_t d, const void *kmin,
                            const void *kmax, int64_t kb, int64_t kh, int64_t half, int64_t c_n, const float *pmin,
                            const float *pmax, int64_t pb, int64_t ph, int64_t p_n, const int64_t *length,
                            const int64_t *first, const int64_t *count, const int64_t *page_len,
                            const int64_t *chunk_of, const int64_t *page_off, const uint8_t *forced,
                            const uint8_t *has_tokens, int64_t budget, int64_t candidates, int64_t shared,
-                           const int64_t *piece_first, const int64_t *piece_count, int64_t pieces,
-                           const int64_t *p_off, const int64_t *p_slot, const int64_t *p_len, int64_t most,
-                           int64_t win_n, const int64_t *win, const float *k, const float *v, int64_t plane,
-                           int64_t slots, float scale, int64_t pair_lo, int64_t pair_hi, float *out, float *lse,
-                           int64_t *held, int64_t *found) {
-    if (pair_lo < 0 || pair_hi < pair_lo || pair_hi > b_n * hkv || c_n < 1 || p_n < 1 || most < 0 ||
-        most > (pieces > 1 ? pieces : 1) || win_n < 0 || slots < 0 || slots > plane ||
-        !pieces_inside(c_n, piece_first, piece_count, pieces))
+                           const int64_t *flat, int64_t flat_n, const int64_t *offset, int64_t win_n,
+                           const int64_t *win, const float *k, const float *v, int64_t plane, int64_t slots,
+                           float scale, int64_t pair_lo, int64_t pair_hi, float *out, float *lse, int64_t *held,
+                           int64_t *found) {
+    const Arena a = {flat, flat_n, offset, length, win_n, win, k, v, plane, slots};
+    if (pair_lo < 0 || pair_hi < pair_lo || pair_hi > b_n * hkv || c_n < 1 || p_n < 1 || !arena_ok(&a, c_n))
         return -2;
-    const int64_t n = pair_hi - pair_lo, cu = c_n + p_n, width = cu * (most ? most : 1) + win_n;
+    const int64_t n = pair_hi - pair_lo, cu = c_n + p_n, width = runs_width(&a);
     int64_t *whole = malloc((size_t)(n * c_n + n * p_n + 3 * n * cu + 2 * n + 2 * width + 1) * sizeof(int64_t));
     float *work = malloc((size_t)(g_n * (BLOCK + 2) + 1) * sizeof(float));
     uint8_t *chunk_sel = malloc((size_t)(n * c_n + 1));
@@ -390,28 +423,13 @@ int kvtier_sparse_step_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_n
                                      length, first, count, page_len, chunk_of, page_off, forced, has_tokens, budget,
                                      candidates, shared, pair_lo, pair_hi, whole, n_whole, parts, n_parts,
                                      chunk_sel, unit_chunk, unit_off, unit_size);
-        float *scores = work, *top = work + g_n * BLOCK, *sum = top + g_n;
         int64_t selected = 0;
         for (int64_t at = 0; !rc && at < n; at++) {
             const int64_t pair = pair_lo + at, units = n_whole[at] + n_parts[at];
-            const int64_t *uc = unit_chunk + at * cu, *uo = unit_off + at * cu, *us = unit_size + at * cu;
-            const int64_t runs = pair_runs(uc, uo, us, units, c_n, piece_first, piece_count, p_off, p_slot, p_len,
-                                           win_n, win, width, start, run_len);
-            if (runs < 0) {
-                rc = runs == -1 ? -3 : -2;
-                break;
-            }
+            const int64_t *us = unit_size + at * cu;
             for (int64_t u = 0; u < units; u++) selected += us[u];
-            for (int64_t r = 0; r < runs; r++) {
-                if (start[r] < 0 || run_len[r] < 0 || start[r] > slots - run_len[r]) {
-                    rc = -2;
-                    break;
-                }
-                start[r] += pair * plane;
-            }
-            if (!rc)
-                attend_pair(q + pair * g_n * d, k, v, start, run_len, runs, g_n, d, scale, out + pair * g_n * d,
-                            lse + pair * g_n, scores, top, sum);
+            rc = attend_units(&a, c_n, pair, unit_chunk + at * cu, unit_off + at * cu, us, units, start, run_len,
+                              q + pair * g_n * d, g_n, d, scale, out + pair * g_n * d, lse + pair * g_n, work);
         }
         int64_t n_held = 0;
         for (int64_t c = 0; !rc && c < c_n; c++) {

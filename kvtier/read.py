@@ -14,7 +14,6 @@ import torch
 from .attend import attend
 from .handle import KVHandle
 from .kernels import merge_partials, native, partial_attention, run_decode_attention, sparse_decode_attention
-from .kernels.sparse_attention import runs_read_in_place
 from .kernels._triton import use_triton
 from .kernels.ragged import ragged_layout
 from .sparse.select import CANDIDATES, Selection
@@ -163,10 +162,13 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
         parts_ok = parts_ok & ~off.take(sel.page_chunk.take(sel.parts))
         units = sel.units(lengths, pages, whole_ok, parts_ok)
     res = None
-    if pad is None and softcap is None and q.device.type == "cpu" and not use_triton(q):  # copy runs of slots
-        runs = _arena_runs(layer, units)
-        if runs is not None:
-            res = run_decode_attention(q[:, :, 0], layer.pool.k, layer.pool.v, *runs, scale)
+    if pad is None and softcap is None and q.device.type == "cpu" and not use_triton(q):  # runs of slots
+        res = native.unit_attention(q[:, :, 0], units, lengths, layer.slot_table(), layer.win_slots, layer.pool.k,
+                                    layer.pool.v, scale)  # read in place by the C library (float32), else copied
+        if res is None:
+            runs = _arena_runs(layer, units)
+            if runs is not None:
+                res = run_decode_attention(q[:, :, 0], layer.pool.k, layer.pool.v, *runs, scale)
     if res is None:
         if pad is None:
             idx, counts = _arena_lists(layer, sel, whole_ok, parts_ok)
@@ -231,11 +233,10 @@ def _step_in_place(layer: "TieredLayer", q: torch.Tensor, pad: torch.Tensor | No
     kmin, kmax, lengths, _ = abstracts.view()
     forced, always, budget = _always_attended(layer)
     kmin, kmax = abstracts.half_bounds() or (kmin, kmax)
-    pages, runs = abstracts.pages(), layer.slot_runs()
+    pages = abstracts.pages()
     got = native.sparse_step(q, kmin, kmax, lengths, pages.pmin, pages.pmax, pages.lengths, pages.chunk,
                               pages.offsets, pages.first, pages.count, budget, CANDIDATES, forced, None,
-                              selector.shared, (runs.first, runs.count, runs.offset, runs.slot, runs.length, runs.most),
-                              layer.win_slots, layer.pool.k, layer.pool.v, scale)
+                              selector.shared, layer.slot_table(), layer.win_slots, layer.pool.k, layer.pool.v, scale)
     if got is None:
         return None
     out, lse, union, tokens = got
@@ -264,15 +265,13 @@ def _chunks_with_tokens(pad: torch.Tensor, starts: torch.Tensor, lengths: torch.
 
 def _arena_runs(layer: "TieredLayer", units: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Each (sequence, KV head)'s arena slots as runs of consecutive slots: the pieces (`SlotRuns`) of each
-    selected chunk or page (`units`: `Selection.units` of the entries read from the arena), then the recent
-    window's. Returns start, length [B, Hkv, U] (length 0: no run), or None where the window lies in too many
-    pieces to pay (then `_arena_lists`, slot by slot). Listed in one C call where the C library reads the runs
-    (numpy's few dozen small ops cost more than the listing), else in numpy."""
+    """Each (sequence, KV head)'s arena slots as runs of consecutive slots, for the window copies where the C
+    library does not read the arena (`native.unit_attention` lists and reads them in one call where it does):
+    the pieces (`SlotRuns`) of each selected chunk or page (`units`: `Selection.units` of the entries read from
+    the arena), then the recent window's. Returns start, length [B, Hkv, U] (length 0: no run), or None where
+    the window lies in too many pieces to pay or a unit's tokens are not all in the arena (then `_arena_lists`,
+    slot by slot)."""
     runs = layer.slot_runs()
-    if runs_read_in_place(layer.pool.k, layer.pool.v):
-        return native.unit_runs(*units, runs.first, runs.count, runs.offset, runs.slot, runs.length, runs.most,
-                                layer.win_slots)
     chunk, off, size = (t.numpy() for t in units)  # index arithmetic on a few thousand entries: numpy's is cheaper
     b, h, _ = chunk.shape
     window = layer.win_slots.numpy()

@@ -232,25 +232,36 @@ def test_policies_other_than_the_quest_bound_select_in_torch(monkeypatch):
     Doubled().select_pages(q, kmin, kmax, lens, starts, table.pages(), table.max_pages, 60)
 
 
-def test_unit_runs_cut_units_by_pieces_and_refuse_bad_tables(lib):
-    """Chunk 0 lies in two pieces (slots 10-13, then 30-33), chunk 1 in one (50-57); the window is slots
-    60, 61, 70. A unit past its chunk's pieces (a chunk off the device) gives None; a chunk row outside the
-    table is refused."""
+def test_unit_attention_reads_units_as_runs_of_slots_and_refuses_bad_tables(lib):
+    """Chunk 0 lies in slots 10-13 then 30-33, chunk 1 in 50-57; the window is slots 60, 61, 70. Units (chunk 0,
+    tokens 2-6) and (chunk 1, tokens 1-3) read runs 12-13, 30-32, 51-53, then the window's 60-61 and 70: the
+    attention over exactly those runs. A unit of a chunk off the arena gives None; a unit past its chunk's end,
+    a chunk row outside the table or a slot outside the arena is refused."""
     t = lambda *x: torch.tensor(x, dtype=torch.int64).view(1, 1, -1)  # noqa: E731
-    cols = [torch.tensor(x, dtype=torch.int64) for x in ([0, 2], [2, 1], [0, 4, 0], [10, 30, 50], [4, 4, 8])]
+    flat = torch.tensor([10, 11, 12, 13, 30, 31, 32, 33, 50, 51, 52, 53, 54, 55, 56, 57])
+    table, lengths = (flat, torch.tensor([0, 8, -1])), torch.tensor([8, 8, 5])
     window = torch.tensor([60, 61, 70])
-    start, length = native.unit_runs(t(0, 1), t(2, 1), t(5, 3), *cols, 2, window)
-    runs = [(s, n) for s, n in zip(start.flatten().tolist(), length.flatten().tolist()) if n]
-    assert runs == [(12, 2), (30, 3), (51, 3), (60, 2), (70, 1)]
-    assert native.unit_runs(t(1), t(6), t(4), *cols, 2, window) is None  # tokens 6-9 of an 8-token chunk
-    with pytest.raises(ValueError, match="outside the piece table"):
-        native.unit_runs(t(2), t(0), t(1), *cols, 2, window)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 3, 8, generator=gen), torch.randn(1, 1, 80, 8, generator=gen), torch.randn(1, 1, 80, 8,
+                                                                                                     generator=gen)
+    out, lse = native.unit_attention(q, (t(0, 1), t(2, 1), t(5, 3)), lengths, table, window, k, v, 0.4)
+    runs = [(12, 2), (30, 3), (51, 3), (60, 2), (70, 1)]
+    want = native.run_attention(q.view(1, 3, 8), k.view(80, 8), v.view(80, 8),
+                                torch.tensor([[s for s, _ in runs]]), torch.tensor([[n for _, n in runs]]), 0.4)
+    assert torch.equal(out.view(1, 3, 8), want[0]) and torch.equal(lse.view(1, 3), want[1])
+    assert native.unit_attention(q, (t(2), t(0), t(2)), lengths, table, window, k, v, 0.4) is None  # off the arena
+    for units, win in (((t(1), t(6), t(4)), window),  # tokens 6-9 of an 8-token chunk
+                       ((t(3), t(0), t(1)), window),  # chunk row 3 of 3
+                       ((t(0), t(0), t(1)), window + 10)):  # slot 80 of 80
+        with pytest.raises(ValueError, match="points outside"):
+            native.unit_attention(q, units, lengths, table, win, k, v, 0.4)
 
 
 # ------------------------------------------------------------------------------------ the step in one call
 def _arena_for(table, b, h, d, seed, off_device=()):
     """An arena [B, H, S, D] holding the table's chunks in scattered blocks of 1-8 slots, a recent window of
-    three slots after them, and the chunks' pieces (`SlotRuns`); chunks in off_device hold no slots."""
+    three slots after them, and the slot table (`TieredLayer.slot_table`: the device chunks' slots end to end,
+    each chunk row's offset in them, -1 for the chunks in off_device)."""
     gen = np.random.default_rng(seed)
     lengths = table.view()[2].numpy()
     on = [c for c in range(len(lengths)) if c not in off_device]
@@ -260,13 +271,11 @@ def _arena_for(table, b, h, d, seed, off_device=()):
     flat = np.concatenate([blocks[i] for i in gen.permutation(len(blocks))]) if total else np.zeros(0, np.int64)
     offsets = np.full(len(lengths), -1, dtype=np.int64)
     offsets[on] = np.concatenate(([0], np.cumsum(lengths[on])[:-1])) if on else []
-    from kvtier.layers import SlotRuns
-    runs = SlotRuns.of(torch.from_numpy(flat), torch.from_numpy(offsets), torch.from_numpy(lengths))
     slots = total + 3 + 5  # the window, then unused slots
     g = torch.Generator().manual_seed(seed)
     k, v = torch.randn(b, h, slots, d, generator=g), torch.randn(b, h, slots, d, generator=g)
     window = torch.tensor([total, total + 1, total + 3])
-    return k, v, (runs.first, runs.count, runs.offset, runs.slot, runs.length, runs.most), window
+    return k, v, (torch.from_numpy(flat.astype(np.int64)), torch.from_numpy(offsets)), window
 
 
 @settings(max_examples=60, deadline=None)
@@ -274,9 +283,9 @@ def _arena_for(table, b, h, d, seed, off_device=()):
        budget=st.integers(0, 1500), seed=st.integers(0, 10_000), g=st.integers(1, 3), sinks=st.integers(0, 2),
        shared=st.booleans(), d=st.sampled_from([4, 12, 16]), threads=st.sampled_from([1, 2, 3]))
 def test_the_step_in_one_call_equals_its_three_parts(lengths, page_size, budget, seed, g, sinks, shared, d, threads):
-    """`sparse_step` gives the bits of `select_pages`, `unit_runs` and `run_attention` called in turn, the chunks
-    they select from and the tokens they select, whatever the threads (pairs split between them; with
-    `shared`, a thread starting past a sequence's first head selects for it again)."""
+    """`sparse_step` gives the bits of `select_pages` and `unit_attention` called in turn, the chunks they
+    select from and the tokens they select, whatever the threads (pairs split between them; with `shared`, a
+    thread starting past a sequence's first head selects for it again)."""
     if native.library() is None:
         pytest.skip("the C library cannot be built here")
     b, h = 2, 3
@@ -285,24 +294,56 @@ def test_the_step_in_one_call_equals_its_three_parts(lengths, page_size, budget,
     kmin, kmax, lens, _ = table.view()
     pages = table.pages()
     forced = torch.arange(len(lengths)) < sinks
-    k, v, pieces, window = _arena_for(table, b, h, d, seed)
+    k, v, slot_table, window = _arena_for(table, b, h, d, seed)
     args = (q, kmin, kmax, lens, pages.pmin, pages.pmax, pages.lengths, pages.chunk, pages.offsets, pages.first,
             pages.count, budget, 4, forced, None, shared)
     sel = native.select_pages(*args)
     chunks, units = sel[0], sel[5:]
-    start, length = native.unit_runs(*units, *pieces, window)
-    krows, vrows, plane = native.arena_rows(k, v)
-    first = torch.arange(b * h)[:, None] * plane + start.view(b * h, -1)
-    out, lse = native.run_attention(q.view(b * h, g, d), krows, vrows, first, length.view(b * h, -1), 0.3)
+    out, lse = native.unit_attention(q, units, lens, slot_table, window, k, v, 0.3)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = native.sparse_step(*args, pieces, window, k, v, 0.3)
+        got = native.sparse_step(*args, slot_table, window, k, v, 0.3)
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(got[0], out.view(b, h * g, d)) and torch.equal(got[1], lse.view(b, h * g))
+    assert torch.equal(got[0], out) and torch.equal(got[1], lse)
     assert got[2] == np.flatnonzero(chunks.any(1).any(0).numpy()).tolist()
     assert got[3] == int(units[2].sum())
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 70), min_size=1, max_size=40), page_size=st.integers(2, 16),
+       budget=st.integers(0, 800), seed=st.integers(0, 10_000), g=st.integers(1, 3), d=st.sampled_from([4, 16]),
+       threads=st.sampled_from([1, 2]))
+def test_unit_attention_equals_attention_over_the_units_slots(lengths, page_size, budget, seed, g, d, threads):
+    """Over chunks scattered in blocks of 1-8 slots, `unit_attention` equals softmax attention over the slots of
+    the selected units, listed one by one from the chunks' slot lists, then the window's."""
+    if native.library() is None:
+        pytest.skip("the C library cannot be built here")
+    b, h = 2, 3
+    table, q = _selection_problem(lengths, page_size, b, h, g, d, seed, 3)
+    assume(table.max_pages > 1)
+    kmin, kmax, lens, _ = table.view()
+    pages = table.pages()
+    units = native.select_pages(q, kmin, kmax, lens, pages.pmin, pages.pmax, pages.lengths, pages.chunk,
+                                pages.offsets, pages.first, pages.count, budget, 4, None, None, False)[5:]
+    k, v, slot_table, window = _arena_for(table, b, h, d, seed)
+    flat, offsets = (x.tolist() for x in slot_table)
+    chunk_slots = [flat[offsets[c]:offsets[c] + n] for c, n in enumerate(lengths)]  # slot i: token i
+    idx = [[s for c, o, n in zip(*(u[i, j].tolist() for u in units)) for s in chunk_slots[c][o:o + n]]
+           + window.tolist() for i in range(b) for j in range(h)]
+    width = max(len(x) for x in idx)
+    slots = torch.tensor([x + [0] * (width - len(x)) for x in idx]).view(b, h, width)
+    counts = torch.tensor([len(x) for x in idx]).view(b, h)
+    want = sparse_decode_attention_ref(q, k, v, slots, counts, 0.3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.unit_attention(q, units, lens, slot_table, window, k, v, 0.3)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
 
 
 def test_the_step_in_one_call_leaves_chunks_off_the_arena_and_refuses_bad_tables(lib):
@@ -313,20 +354,20 @@ def test_the_step_in_one_call_leaves_chunks_off_the_arena_and_refuses_bad_tables
     pages = table.pages()
     args = (q, kmin, kmax, lens, pages.pmin, pages.pmax, pages.lengths, pages.chunk, pages.offsets, pages.first,
             pages.count, 120, 4, None, None, False)
-    k, v, pieces, window = _arena_for(table, 1, 2, 4, 0, off_device=(1,))
-    assert native.sparse_step(*args, pieces, window, k, v, 0.5) is None
-    k, v, pieces, window = _arena_for(table, 1, 2, 4, 0, off_device=(0, 1, 2))  # no pieces at all
-    assert native.sparse_step(*args, pieces, window, k, v, 0.5) is None
-    k, v, pieces, window = _arena_for(table, 1, 2, 4, 0)
-    assert native.sparse_step(*args, pieces, window, k, v, 0.5) is not None
-    first, count, offset, slot, length, most = pieces
-    for bad in ((first + 5, count, offset, slot, length, most),  # pieces past the table
-                (first, count, offset, slot + k.shape[2], length, most),  # slots past the arena's
-                (first, count, offset, slot, length, most + 99)):
+    k, v, slot_table, window = _arena_for(table, 1, 2, 4, 0, off_device=(1,))
+    assert native.sparse_step(*args, slot_table, window, k, v, 0.5) is None
+    k, v, slot_table, window = _arena_for(table, 1, 2, 4, 0, off_device=(0, 1, 2))  # no chunk in the arena
+    assert native.sparse_step(*args, slot_table, window, k, v, 0.5) is None
+    k, v, slot_table, window = _arena_for(table, 1, 2, 4, 0)
+    assert native.sparse_step(*args, slot_table, window, k, v, 0.5) is not None
+    flat, offsets = slot_table
+    for bad in ((flat, offsets + 1),  # chunk 2's slots past the list's end
+                (flat + k.shape[2], offsets),  # slots past the arena's
+                (flat, offsets - 2)):  # offsets below -1
         with pytest.raises(ValueError, match="points outside"):
             native.sparse_step(*args, bad, window, k, v, 0.5)
     with pytest.raises(ValueError, match="points outside"):
-        native.sparse_step(*args, pieces, window + k.shape[2], k, v, 0.5)
+        native.sparse_step(*args, slot_table, window + k.shape[2], k, v, 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -364,22 +364,41 @@ def test_saved_page_bounds_come_back_with_the_session(tmp_path):
     reopened.close()
 
 
-@pytest.mark.parametrize("path", ["native", "torch"])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_runs_of_slots_name_the_slots_the_lists_name_with_chunks_in_pieces(batch, path):
-    """A small device budget makes evictions leave holes, so promoted chunks and the window land in pieces:
-    every step's runs (what the CPU reads in place, or as windows) cover exactly the slots the slot lists
-    name, for every row of the batch; listed by the C library or by numpy."""
+def _pieces_run(batch, step_check, list_check=None, patch=None):
+    """Decode 12 steps with a small device budget, so evictions leave holes and promoted chunks and the window
+    land in pieces; step_check(layer) after every sparse step's attention, list_check as `_arena_lists`."""
     import kvtier.read as read
 
     model = build_model("llama")
     ids = torch.randint(3, 128, (batch, 600), generator=torch.Generator().manual_seed(9))
     cache = KVTierCache.for_model(model, **SPARSE, page_size=8, sparse_budget=0.15, device_budget=160,
                                   host_budget=0)
-    checked, in_pieces = [], []
     lists, runs_of = read._arena_lists, read._arena_runs
+    if list_check is not None:
+        read._arena_lists = lambda *a: list_check(lists, runs_of, *a)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, **{cache_kw(model): cache})
+            tok = out.logits[:, -1:].argmax(-1)
+            if patch is not None:
+                patch(read)
+            for _ in range(12):
+                out = model(input_ids=tok, **{cache_kw(model): cache})
+                tok = out.logits[:, -1:].argmax(-1)
+                for layer in cache.tiers.layers:
+                    step_check(layer)
+    finally:
+        read._arena_lists, read._arena_runs = lists, runs_of
+        cache.close()
 
-    def compare(layer, sel, whole_ok, parts_ok):
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_runs_of_slots_name_the_slots_the_lists_name_with_chunks_in_pieces(batch):
+    """Where the C library does not read the arena, every step's runs (read as windows) cover exactly the slots
+    the slot lists name, for every row of the batch, with chunks and the window in pieces."""
+    checked, in_pieces = [], []
+
+    def compare(lists, runs_of, layer, sel, whole_ok, parts_ok):
         idx, counts = lists(layer, sel, whole_ok, parts_ok)
         runs = runs_of(layer, sel.units(layer.abstracts.view()[2], layer.abstracts.pages(), whole_ok, parts_ok))
         window = layer.win_slots
@@ -395,19 +414,47 @@ def test_runs_of_slots_name_the_slots_the_lists_name_with_chunks_in_pieces(batch
             in_pieces.append(layer.slot_runs().most > 1)
         return idx, counts
 
-    read._arena_lists = compare
-    try:
-        with torch.no_grad(), cpu_path(path):
-            out = model(input_ids=ids, **{cache_kw(model): cache})
-            tok = out.logits[:, -1:].argmax(-1)
-            read._arena_runs = lambda *a: None  # take the list path, where `compare` checks the runs
-            for _ in range(12):
-                out = model(input_ids=tok, **{cache_kw(model): cache})
-                tok = out.logits[:, -1:].argmax(-1)
-    finally:
-        read._arena_lists, read._arena_runs = lists, runs_of
-        cache.close()
+    def lists_only(read):
+        read._arena_runs = lambda *a: None  # take the list path, where `compare` checks the runs
+
+    with cpu_path("torch"):
+        _pieces_run(batch, lambda layer: None, compare, lists_only)
     assert checked and all(checked) and any(in_pieces)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_c_library_reads_the_slots_the_slot_table_names_with_chunks_in_pieces(batch, monkeypatch):
+    """Where it reads the arena in place, every step's attention (`native.unit_attention`, the step in parts
+    here: chunks move between the arena and the store) equals attention over the slots the slot table names for
+    the units, then the window's, for every row of the batch, with chunks in pieces."""
+    from kvtier.kernels import native, sparse_decode_attention_ref
+
+    checked, in_pieces = [], []
+    real = native.unit_attention
+
+    def spy(q, units, lengths, table, window, k, v, scale):
+        got = real(q, units, lengths, table, window, k, v, scale)
+        if got is not None:
+            flat, offsets = (t.tolist() for t in table)
+            b, h = units[0].shape[:2]
+            idx = [[flat[offsets[c] + o + i] for c, o, n in zip(*(u[r, j].tolist() for u in units)) for i in range(n)]
+                   + window.tolist() for r in range(b) for j in range(h)]
+            width = max(len(x) for x in idx)
+            slots = torch.tensor([x + [0] * (width - len(x)) for x in idx]).view(b, h, width)
+            want = sparse_decode_attention_ref(q, k, v, slots, torch.tensor([len(x) for x in idx]).view(b, h), scale)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+            checked.append(True)
+        return got
+
+    def pieces(layer):
+        if layer.pool.used:
+            in_pieces.append(layer.slot_runs().most > 1)
+
+    with cpu_path("native"):
+        monkeypatch.setattr(native, "unit_attention", spy)
+        _pieces_run(batch, pieces)
+    assert checked and any(in_pieces)
 
 
 @pytest.mark.parametrize("seed", range(20))
