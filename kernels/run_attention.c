@@ -315,15 +315,10 @@ static int arena_ok(const Arena *a, int64_t c_n) {
  * window's. */
 static int64_t runs_width(const Arena *a) { return a->flat_n + a->win_n + 1; }
 
-/* Appends slots [s0, s0 + n) to the runs in start, run_len (scratch [runs_width]), joined to the last run
- * where they continue it. Returns the run count, or -2 past the width or outside the pair's slots. */
+/* Appends slots [s0, s0 + n) to the runs in start, run_len (scratch [runs_width]). Returns the run count, or
+ * -2 past the width or outside the pair's slots. */
 static int64_t add_run(const Arena *a, int64_t s0, int64_t n, int64_t *start, int64_t *run_len, int64_t runs) {
-    if (s0 < 0 || n < 0 || s0 > a->slots - n) return -2;
-    if (runs && start[runs - 1] + run_len[runs - 1] == s0) {
-        run_len[runs - 1] += n;
-        return runs;
-    }
-    if (runs == runs_width(a)) return -2;
+    if (s0 < 0 || n < 0 || s0 > a->slots - n || runs == runs_width(a)) return -2;
     start[runs] = s0;
     run_len[runs] = n;
     return runs + 1;
