@@ -126,7 +126,7 @@ def _load(path: Path) -> ctypes.CDLL:
     f.restype = ctypes.c_int
     lib.kvtier_scatter_rows.argtypes = [p, i64, i64, i64, p, p, i64, i64, i64, i64, i64]
     lib.kvtier_scatter_rows.restype = ctypes.c_int
-    slots, window = [p, i64, p], [i64, p, p, p, i64, i64, ctypes.c_float]  # the Arena's flat .. offset; win_n ..
+    slots, window = [p, i64, p, p], [i64, p, p, p, i64, i64, ctypes.c_float]  # the Arena's flat .. run_first; win_n ..
     f = lib.kvtier_unit_attention_f32
     f.argtypes = [p, i64, i64, p, p, p, i64, i64, *slots, p, *window, i64, i64, p, p]
     f.restype = ctypes.c_int
@@ -367,7 +367,7 @@ def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, length
 def sparse_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths: torch.Tensor, pmin: torch.Tensor,
                 pmax: torch.Tensor, page_lengths: torch.Tensor, page_chunk: torch.Tensor, page_offsets: torch.Tensor,
                 first: torch.Tensor, count: torch.Tensor, budget: int, candidates: int, forced: torch.Tensor | None,
-                has_tokens: torch.Tensor | None, shared: bool, slot_table: tuple[torch.Tensor, torch.Tensor],
+                has_tokens: torch.Tensor | None, shared: bool, slot_table: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                 window: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor, list[int], int] | None:
     """A whole sparse decode step in one C call per thread (run_attention.c's `kvtier_sparse_step_f32`): the
@@ -411,11 +411,11 @@ def sparse_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths
     return out, lse, rows.tolist(), int(found[:, 1].sum())
 
 
-def _arena(slot_table: tuple[torch.Tensor, torch.Tensor], window: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           b: int, hkv: int, d: int, c: int, scale: float) -> tuple[tuple, tuple, tuple] | None:
-    """The C library's arena arguments (run_attention.c's Arena: flat, flat_n, offset; then win_n .. slots and
-    the scale), checked, and the contiguous copies they point into (hold them until the call returns); None
-    where the arena is not float32 rows on a CPU (`arena_rows`)."""
+def _arena(slot_table: tuple[torch.Tensor, torch.Tensor, torch.Tensor], window: torch.Tensor, k: torch.Tensor,
+           v: torch.Tensor, b: int, hkv: int, d: int, c: int, scale: float) -> tuple[tuple, tuple, tuple] | None:
+    """The C library's arena arguments (run_attention.c's Arena: flat, flat_n, offset, run_first; then win_n ..
+    slots and the scale), checked, and the contiguous copies they point into (hold them until the call returns);
+    None where the arena is not float32 rows on a CPU (`arena_rows`)."""
     if not takes(k, v):
         return None
     rows = arena_rows(k, v)
@@ -424,25 +424,25 @@ def _arena(slot_table: tuple[torch.Tensor, torch.Tensor], window: torch.Tensor, 
     krows, vrows, plane = rows
     if k.shape[:2] != (b, hkv) or k.shape[3] != d:
         raise ValueError("unit_attention: the arena's batch, KV heads and head size must be the query's")
-    flat, offsets, window = (t.contiguous() for t in (*slot_table, window))
-    if any(t.dtype != torch.int64 or t.device.type != "cpu" or t.ndim != 1 for t in (flat, offsets, window)) \
-            or offsets.numel() != c:
+    flat, offsets, run_first, window = (t.contiguous() for t in (*slot_table, window))
+    if (any(t.dtype != torch.int64 or t.device.type != "cpu" or t.ndim != 1 for t in (flat, offsets, run_first, window))
+            or offsets.numel() != c or run_first.numel() != c):
         raise ValueError("unit_attention: the slot table and window must be int64 [n] on the CPU, an offset a chunk")
-    table = (flat.data_ptr(), flat.numel(), offsets.data_ptr())
+    table = (flat.data_ptr(), flat.numel(), offsets.data_ptr(), run_first.data_ptr())
     rest = (window.numel(), window.data_ptr(), krows.data_ptr(), vrows.data_ptr(), plane, k.shape[2],
             ctypes.c_float(scale))
-    return table, rest, (flat, offsets, window, krows, vrows)
+    return table, rest, (flat, offsets, run_first, window, krows, vrows)
 
 
 def unit_attention(q: torch.Tensor, units: tuple[torch.Tensor, torch.Tensor, torch.Tensor], lengths: torch.Tensor,
-                   slot_table: tuple[torch.Tensor, torch.Tensor], window: torch.Tensor, k: torch.Tensor,
+                   slot_table: tuple[torch.Tensor, torch.Tensor, torch.Tensor], window: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Decode attention of q [B, Hq, D] over each (sequence, KV head)'s units (chunk row, offset in the chunk,
     tokens, [B, Hkv, U] each: `Selection.units`; size 0: none), then its recent window, read in place from the
     arena k, v [B, Hkv, S, D] (run_attention.c's `kvtier_unit_attention_f32`). lengths: the chunk rows' tokens
-    [C]; slot_table: the device chunks' slots end to end and each chunk row's offset in them, -1 off the arena
-    (`TieredLayer.slot_table`); window: the recent window's slots [W]. Each unit's slots are read as runs of
-    consecutive slots. Returns out [B, Hq, D] and lse [B, Hq] (float32), or None where it does not run (no
+    [C]; slot_table: the device chunks' slots end to end, each chunk row's offset in them (-1 off the arena) and
+    its first slot where they are one run, else -1 (`TieredLayer.slot_table`, `run_first`); window: the recent
+    window's slots [W]. Each unit's slots are read as runs of consecutive slots. Returns out [B, Hq, D] and lse [B, Hq] (float32), or None where it does not run (no
     library, not float32 on a CPU, an arena without rows) or where a unit's chunk is off the arena."""
     if not takes(q):
         return None

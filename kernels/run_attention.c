@@ -290,12 +290,13 @@ int kvtier_run_attention_f32(const float *q, const float *k, const float *v, con
 }
 
 /* The arena a sparse step reads: the device chunks' slots end to end (flat [flat_n]; chunk row c's `length[c]`
- * slots start at offset[c], -1 for a chunk off the arena), the recent window's win_n slots (oldest first), and
- * the rows of k and v: pair p's slot i at row p * plane + i, every slot read below `slots`. */
+ * slots start at offset[c], -1 for a chunk off the arena; run_first[c]: its first slot where they are one run
+ * of consecutive slots, else -1), the recent window's win_n slots (oldest first), and the rows of k and v: pair
+ * p's slot i at row p * plane + i, every slot read below `slots`. */
 typedef struct {
     const int64_t *flat;
     int64_t flat_n;
-    const int64_t *offset, *length;
+    const int64_t *offset, *run_first, *length;
     int64_t win_n;
     const int64_t *win;
     const float *k, *v;
@@ -337,6 +338,10 @@ static int attend_units(const Arena *a, int64_t c_n, int64_t pair, const int64_t
         const int64_t c = chunk[u];
         if (c < 0 || c >= c_n || off[u] < 0 || off[u] > a->length[c] - size[u]) return -2;
         if (a->offset[c] < 0) return -3;
+        if (a->run_first[c] >= 0) {  /* the usual chunk: one run, its slot list not read */
+            n = add_run(a, a->run_first[c] + off[u], size[u], start, run_len, n);
+            continue;
+        }
         const int64_t *slot = a->flat + a->offset[c] + off[u];
         for (int64_t i = 0; i < size[u] && n >= 0;) {
             int64_t j = i + 1;
@@ -365,10 +370,10 @@ static int attend_units(const Arena *a, int64_t c_n, int64_t pair, const int64_t
  * -3 where a unit's chunk is off the arena (off the device). */
 int kvtier_unit_attention_f32(const float *q, int64_t g_n, int64_t d, const int64_t *chunk, const int64_t *off,
                               const int64_t *size, int64_t units, int64_t c_n, const int64_t *flat, int64_t flat_n,
-                              const int64_t *offset, const int64_t *length, int64_t win_n, const int64_t *win,
-                              const float *k, const float *v, int64_t plane, int64_t slots, float scale,
-                              int64_t pair_lo, int64_t pair_hi, float *out, float *lse) {
-    const Arena a = {flat, flat_n, offset, length, win_n, win, k, v, plane, slots};
+                              const int64_t *offset, const int64_t *run_first, const int64_t *length, int64_t win_n,
+                              const int64_t *win, const float *k, const float *v, int64_t plane, int64_t slots,
+                              float scale, int64_t pair_lo, int64_t pair_hi, float *out, float *lse) {
+    const Arena a = {flat, flat_n, offset, run_first, length, win_n, win, k, v, plane, slots};
     if (pair_lo < 0 || pair_hi < pair_lo || units < 0 || !arena_ok(&a, c_n)) return -2;
     int64_t *runs = malloc((size_t)(2 * runs_width(&a)) * sizeof(int64_t));
     float *work = malloc((size_t)(g_n * (BLOCK + 2) + 1) * sizeof(float));
@@ -398,11 +403,11 @@ int kvtier_sparse_step_f32(const float *q, int64_t b_n, int64_t hkv, int64_t g_n
                            const int64_t *first, const int64_t *count, const int64_t *page_len,
                            const int64_t *chunk_of, const int64_t *page_off, const uint8_t *forced,
                            const uint8_t *has_tokens, int64_t budget, int64_t candidates, int64_t shared,
-                           const int64_t *flat, int64_t flat_n, const int64_t *offset, int64_t win_n,
-                           const int64_t *win, const float *k, const float *v, int64_t plane, int64_t slots,
-                           float scale, int64_t pair_lo, int64_t pair_hi, float *out, float *lse, int64_t *held,
-                           int64_t *found) {
-    const Arena a = {flat, flat_n, offset, length, win_n, win, k, v, plane, slots};
+                           const int64_t *flat, int64_t flat_n, const int64_t *offset, const int64_t *run_first,
+                           int64_t win_n, const int64_t *win, const float *k, const float *v, int64_t plane,
+                           int64_t slots, float scale, int64_t pair_lo, int64_t pair_hi, float *out, float *lse,
+                           int64_t *held, int64_t *found) {
+    const Arena a = {flat, flat_n, offset, run_first, length, win_n, win, k, v, plane, slots};
     if (pair_lo < 0 || pair_hi < pair_lo || pair_hi > b_n * hkv || c_n < 1 || p_n < 1 || !arena_ok(&a, c_n))
         return -2;
     const int64_t n = pair_hi - pair_lo, cu = c_n + p_n, width = runs_width(&a);

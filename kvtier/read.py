@@ -163,8 +163,8 @@ def sparse_attention(layer: "TieredLayer", q: torch.Tensor, handle: KVHandle, pa
         units = sel.units(lengths, pages, whole_ok, parts_ok)
     res = None
     if pad is None and softcap is None and q.device.type == "cpu" and not use_triton(q):  # runs of slots
-        res = native.unit_attention(q[:, :, 0], units, lengths, layer.slot_table(), layer.win_slots, layer.pool.k,
-                                    layer.pool.v, scale)  # read in place by the C library (float32), else copied
+        res = native.unit_attention(q[:, :, 0], units, lengths, (*layer.slot_table(), layer.run_first()),
+                                    layer.win_slots, layer.pool.k, layer.pool.v, scale)  # in place (C), else copied
         if res is None:
             runs = _arena_runs(layer, units)
             if runs is not None:
@@ -236,7 +236,8 @@ def _step_in_place(layer: "TieredLayer", q: torch.Tensor, pad: torch.Tensor | No
     pages = abstracts.pages()
     got = native.sparse_step(q, kmin, kmax, lengths, pages.pmin, pages.pmax, pages.lengths, pages.chunk,
                               pages.offsets, pages.first, pages.count, budget, CANDIDATES, forced, None,
-                              selector.shared, layer.slot_table(), layer.win_slots, layer.pool.k, layer.pool.v, scale)
+                              selector.shared, (*layer.slot_table(), layer.run_first()), layer.win_slots, layer.pool.k,
+                              layer.pool.v, scale)
     if got is None:
         return None
     out, lse, union, tokens = got

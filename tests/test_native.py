@@ -239,7 +239,7 @@ def test_unit_attention_reads_units_as_runs_of_slots_and_refuses_bad_tables(lib)
     a chunk row outside the table or a slot outside the arena is refused."""
     t = lambda *x: torch.tensor(x, dtype=torch.int64).view(1, 1, -1)  # noqa: E731
     flat = torch.tensor([10, 11, 12, 13, 30, 31, 32, 33, 50, 51, 52, 53, 54, 55, 56, 57])
-    table, lengths = (flat, torch.tensor([0, 8, -1])), torch.tensor([8, 8, 5])
+    table, lengths = (flat, torch.tensor([0, 8, -1]), torch.tensor([-1, 50, -1])), torch.tensor([8, 8, 5])
     window = torch.tensor([60, 61, 70])
     gen = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(1, 3, 8, generator=gen), torch.randn(1, 1, 80, 8, generator=gen), torch.randn(1, 1, 80, 8,
@@ -261,7 +261,8 @@ def test_unit_attention_reads_units_as_runs_of_slots_and_refuses_bad_tables(lib)
 def _arena_for(table, b, h, d, seed, off_device=()):
     """An arena [B, H, S, D] holding the table's chunks in scattered blocks of 1-8 slots, a recent window of
     three slots after them, and the slot table (`TieredLayer.slot_table`: the device chunks' slots end to end,
-    each chunk row's offset in them, -1 for the chunks in off_device)."""
+    each chunk row's offset in them, -1 for the chunks in off_device; `run_first`: a chunk's first slot where
+    they are one run, else -1)."""
     gen = np.random.default_rng(seed)
     lengths = table.view()[2].numpy()
     on = [c for c in range(len(lengths)) if c not in off_device]
@@ -275,7 +276,10 @@ def _arena_for(table, b, h, d, seed, off_device=()):
     g = torch.Generator().manual_seed(seed)
     k, v = torch.randn(b, h, slots, d, generator=g), torch.randn(b, h, slots, d, generator=g)
     window = torch.tensor([total, total + 1, total + 3])
-    return k, v, (torch.from_numpy(flat.astype(np.int64)), torch.from_numpy(offsets)), window
+    flat = flat.astype(np.int64)
+    run_first = [int(flat[o]) if o >= 0 and n and all(flat[o + i] == flat[o] + i for i in range(n)) else -1
+                 for o, n in zip(offsets.tolist(), lengths.tolist())]
+    return k, v, (torch.from_numpy(flat), torch.from_numpy(offsets), torch.tensor(run_first)), window
 
 
 @settings(max_examples=60, deadline=None)
@@ -328,7 +332,7 @@ def test_unit_attention_equals_attention_over_the_units_slots(lengths, page_size
     units = native.select_pages(q, kmin, kmax, lens, pages.pmin, pages.pmax, pages.lengths, pages.chunk,
                                 pages.offsets, pages.first, pages.count, budget, 4, None, None, False)[5:]
     k, v, slot_table, window = _arena_for(table, b, h, d, seed)
-    flat, offsets = (x.tolist() for x in slot_table)
+    flat, offsets, _ = (x.tolist() for x in slot_table)
     chunk_slots = [flat[offsets[c]:offsets[c] + n] for c, n in enumerate(lengths)]  # slot i: token i
     idx = [[s for c, o, n in zip(*(u[i, j].tolist() for u in units)) for s in chunk_slots[c][o:o + n]]
            + window.tolist() for i in range(b) for j in range(h)]
@@ -340,10 +344,13 @@ def test_unit_attention_equals_attention_over_the_units_slots(lengths, page_size
     torch.set_num_threads(threads)
     try:
         got = native.unit_attention(q, units, lens, slot_table, window, k, v, 0.3)
+        scanned = native.unit_attention(q, units, lens, (*slot_table[:2], torch.full_like(slot_table[2], -1)),
+                                        window, k, v, 0.3)  # every chunk's slot list read
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[0], scanned[0]) and torch.equal(got[1], scanned[1])
 
 
 def test_the_step_in_one_call_leaves_chunks_off_the_arena_and_refuses_bad_tables(lib):
@@ -360,10 +367,11 @@ def test_the_step_in_one_call_leaves_chunks_off_the_arena_and_refuses_bad_tables
     assert native.sparse_step(*args, slot_table, window, k, v, 0.5) is None
     k, v, slot_table, window = _arena_for(table, 1, 2, 4, 0)
     assert native.sparse_step(*args, slot_table, window, k, v, 0.5) is not None
-    flat, offsets = slot_table
-    for bad in ((flat, offsets + 1),  # chunk 2's slots past the list's end
-                (flat + k.shape[2], offsets),  # slots past the arena's
-                (flat, offsets - 2)):  # offsets below -1
+    flat, offsets, run_first = slot_table
+    for bad in ((flat, offsets + 1, run_first),  # chunk 2's slots past the list's end
+                (flat + k.shape[2], offsets, run_first * 0 - 1),  # slots past the arena's
+                (flat, offsets, run_first + k.shape[2]),  # a run past the arena's slots
+                (flat, offsets - 2, run_first)):  # offsets below -1
         with pytest.raises(ValueError, match="points outside"):
             native.sparse_step(*args, bad, window, k, v, 0.5)
     with pytest.raises(ValueError, match="points outside"):

@@ -435,7 +435,7 @@ def test_the_c_library_reads_the_slots_the_slot_table_names_with_chunks_in_piece
     def spy(q, units, lengths, table, window, k, v, scale):
         got = real(q, units, lengths, table, window, k, v, scale)
         if got is not None:
-            flat, offsets = (t.tolist() for t in table)
+            flat, offsets, _ = (t.tolist() for t in table)
             b, h = units[0].shape[:2]
             idx = [[flat[offsets[c] + o + i] for c, o, n in zip(*(u[r, j].tolist() for u in units)) for i in range(n)]
                    + window.tolist() for r in range(b) for j in range(h)]
