@@ -383,16 +383,14 @@ class TieredLayer:
         lists' scattered rows cost it 3% of a sparse step). Rebuilt with `slot_table`."""
         flat, offsets = self.slot_table()
         if self._run_first is None:
-            lengths = self.abstracts.view()[2]
-            if flat.device.type == "cpu":
-                f, o, n = flat.numpy(), offsets.numpy(), lengths.numpy()
+            if flat.device.type == "cpu" and flat.numel():
+                f, o, n = flat.numpy(), offsets.numpy(), self.abstracts.view()[2].numpy()
                 breaks = np.concatenate(([0], np.cumsum(f[1:] != f[:-1] + 1)))  # breaks before each entry
                 on = (o >= 0) & (n > 0)
                 first, last = np.where(on, o, 0), np.where(on, o + n - 1, 0)
-                whole = on & (breaks[last] == breaks[first]) if f.size else on & False
-                self._run_first = torch.from_numpy(np.where(whole, f[first] if f.size else 0, -1).astype(np.int64))
-            else:
-                self._run_first = torch.full_like(offsets, -1)  # read by the C library only, on the CPU
+                self._run_first = torch.from_numpy(np.where(on & (breaks[last] == breaks[first]), f[first], -1))
+            else:  # no chunk in the arena, or an arena off the CPU (where the C library does not read it)
+                self._run_first = torch.full_like(offsets, -1)
         return self._run_first
 
     def slot_runs(self) -> SlotRuns:
