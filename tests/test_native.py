@@ -282,6 +282,17 @@ def _arena_for(table, b, h, d, seed, off_device=()):
     return k, v, (torch.from_numpy(flat), torch.from_numpy(offsets), torch.tensor(run_first)), window
 
 
+def _paged_problem(lengths, page_size, b, h, g, d, seed):
+    """`_selection_problem` where chunks hold several pages (the C step's case): the table, q, its chunk bounds
+    and lengths, and its pages. Skips without the C library."""
+    if native.library() is None:
+        pytest.skip("the C library cannot be built here")
+    table, q = _selection_problem(lengths, page_size, b, h, g, d, seed, 3)
+    assume(table.max_pages > 1)
+    kmin, kmax, lens, _ = table.view()
+    return table, q, kmin, kmax, lens, table.pages()
+
+
 @settings(max_examples=60, deadline=None)
 @given(lengths=st.lists(st.integers(1, 70), min_size=1, max_size=60), page_size=st.integers(2, 16),
        budget=st.integers(0, 1500), seed=st.integers(0, 10_000), g=st.integers(1, 3), sinks=st.integers(0, 2),
@@ -290,13 +301,8 @@ def test_the_step_in_one_call_equals_its_three_parts(lengths, page_size, budget,
     """`sparse_step` gives the bits of `select_pages` and `unit_attention` called in turn, the chunks they
     select from and the tokens they select, whatever the threads (pairs split between them; with `shared`, a
     thread starting past a sequence's first head selects for it again)."""
-    if native.library() is None:
-        pytest.skip("the C library cannot be built here")
     b, h = 2, 3
-    table, q = _selection_problem(lengths, page_size, b, h, g, d, seed, 3)
-    assume(table.max_pages > 1)
-    kmin, kmax, lens, _ = table.view()
-    pages = table.pages()
+    table, q, kmin, kmax, lens, pages = _paged_problem(lengths, page_size, b, h, g, d, seed)
     forced = torch.arange(len(lengths)) < sinks
     k, v, slot_table, window = _arena_for(table, b, h, d, seed)
     args = (q, kmin, kmax, lens, pages.pmin, pages.pmax, pages.lengths, pages.chunk, pages.offsets, pages.first,
@@ -322,13 +328,8 @@ def test_the_step_in_one_call_equals_its_three_parts(lengths, page_size, budget,
 def test_unit_attention_equals_attention_over_the_units_slots(lengths, page_size, budget, seed, g, d, threads):
     """Over chunks scattered in blocks of 1-8 slots, `unit_attention` equals softmax attention over the slots of
     the selected units, listed one by one from the chunks' slot lists, then the window's."""
-    if native.library() is None:
-        pytest.skip("the C library cannot be built here")
     b, h = 2, 3
-    table, q = _selection_problem(lengths, page_size, b, h, g, d, seed, 3)
-    assume(table.max_pages > 1)
-    kmin, kmax, lens, _ = table.view()
-    pages = table.pages()
+    table, q, kmin, kmax, lens, pages = _paged_problem(lengths, page_size, b, h, g, d, seed)
     units = native.select_pages(q, kmin, kmax, lens, pages.pmin, pages.pmax, pages.lengths, pages.chunk,
                                 pages.offsets, pages.first, pages.count, budget, 4, None, None, False)[5:]
     k, v, slot_table, window = _arena_for(table, b, h, d, seed)
