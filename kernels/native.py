@@ -401,7 +401,7 @@ def sparse_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths
     if -1 in codes:
         raise MemoryError("sparse_step: out of memory")
     if -2 in codes:
-        raise ValueError("sparse_step: a chunk, page, piece or run table points outside what it indexes")
+        raise ValueError("sparse_step: a chunk, page, slot table or window points outside what it indexes")
     if -3 in codes:
         return None
     if threads == 1:
