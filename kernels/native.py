@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -248,19 +249,36 @@ def run_attention(q: torch.Tensor, krows: torch.Tensor, vrows: torch.Tensor, fir
         raise ValueError("run_attention: q must be contiguous and k, v rows of D contiguous elements")
     out = torch.empty(pairs, g, d, dtype=torch.float32)
     lse = torch.empty(pairs, g, dtype=torch.float32)
-    threads = max(1, min(torch.get_num_threads(), pairs))
+    threads = _thread_count(pairs)
     work = torch.empty(threads, g * (_BLOCK + 2), dtype=torch.float32)
     args = (q.data_ptr(), krows.data_ptr(), vrows.data_ptr(), first.data_ptr(), count.data_ptr(), rows)
     tail = (units, g, d, ctypes.c_float(scale), out.data_ptr(), lse.data_ptr())
+    _over_pairs(pairs, threads, lambda t, lo, hi: lib.kvtier_run_attention_f32(*args, lo, hi, *tail,
+                                                                               work[t].data_ptr()),
+                "run_attention", f"a run reaches outside the arena's {rows} rows")
+    return out, lse
 
+
+def _thread_count(pairs: int) -> int:
+    """Threads a C call over `pairs` (sequence, KV head) pairs splits them across: torch's intra-op thread
+    count, at most one a pair."""
+    return max(1, min(torch.get_num_threads(), pairs))
+
+
+def _over_pairs(pairs: int, threads: int, call: Callable[[int, int, int], int], name: str, outside: str
+                ) -> list[int]:
+    """call(t, lo, hi) for each thread t's share [lo, hi) of the pairs, on the pool where there are several
+    (ctypes drops the GIL). A code -1 raises MemoryError, -2 ValueError(f"{name}: {outside}"); returns the
+    codes (what else they mean is the caller's)."""
     def part(t: int) -> int:
-        lo, hi = pairs * t // threads, pairs * (t + 1) // threads
-        return lib.kvtier_run_attention_f32(*args, lo, hi, *tail, work[t].data_ptr())
+        return call(t, pairs * t // threads, pairs * (t + 1) // threads)
 
     codes = [part(0)] if threads == 1 else list(_threads().map(part, range(threads)))
-    if any(codes):
-        raise ValueError(f"run_attention: a run reaches outside the arena's {rows} rows")
-    return out, lse
+    if -1 in codes:
+        raise MemoryError(f"{name}: out of memory")
+    if -2 in codes:
+        raise ValueError(f"{name}: {outside}")
+    return codes
 
 
 def _threads() -> ThreadPoolExecutor:
@@ -387,21 +405,14 @@ def sparse_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths
     table, rest, _held_arena = arena
     tail = (*table, *rest)
     pairs = b * hkv
-    threads = max(1, min(torch.get_num_threads(), pairs))
+    threads = _thread_count(pairs)
     out, lse = torch.empty(b, hkv * g, q.shape[-1]), torch.empty(b, hkv * g)
     held, found = np.empty((threads, c), dtype=np.int64), np.empty((threads, 2), dtype=np.int64)
     outs = (out.data_ptr(), lse.data_ptr())
     lib = library()
-
-    def part(t: int) -> int:
-        return lib.kvtier_sparse_step_f32(*args, *tail, pairs * t // threads, pairs * (t + 1) // threads, *outs,
-                                          held[t].ctypes.data, found[t].ctypes.data)
-
-    codes = [part(0)] if threads == 1 else list(_threads().map(part, range(threads)))
-    if -1 in codes:
-        raise MemoryError("sparse_step: out of memory")
-    if -2 in codes:
-        raise ValueError("sparse_step: a chunk, page, slot table or window points outside what it indexes")
+    codes = _over_pairs(pairs, threads, lambda t, lo, hi: lib.kvtier_sparse_step_f32(
+        *args, *tail, lo, hi, *outs, held[t].ctypes.data, found[t].ctypes.data),
+        "sparse_step", "a chunk, page, slot table or window points outside what it indexes")
     if -3 in codes:
         return None
     if threads == 1:
@@ -442,8 +453,9 @@ def unit_attention(q: torch.Tensor, units: tuple[torch.Tensor, torch.Tensor, tor
     arena k, v [B, Hkv, S, D] (run_attention.c's `kvtier_unit_attention_f32`). lengths: the chunk rows' tokens
     [C]; slot_table: the device chunks' slots end to end, each chunk row's offset in them (-1 off the arena) and
     its first slot where they are one run, else -1 (`TieredLayer.slot_table`, `run_first`); window: the recent
-    window's slots [W]. Each unit's slots are read as runs of consecutive slots. Returns out [B, Hq, D] and lse [B, Hq] (float32), or None where it does not run (no
-    library, not float32 on a CPU, an arena without rows) or where a unit's chunk is off the arena."""
+    window's slots [W]. Each unit's slots are read as runs of consecutive slots. Returns out [B, Hq, D] and lse
+    [B, Hq] (float32), or None where it does not run (no library, not float32 on a CPU, an arena without rows)
+    or where a unit's chunk is off the arena."""
     if not takes(q):
         return None
     b, hq, d = q.shape
@@ -460,16 +472,8 @@ def unit_attention(q: torch.Tensor, units: tuple[torch.Tensor, torch.Tensor, tor
     pairs = b * hkv
     out, lse = torch.empty(b, hq, d), torch.empty(b, hq)
     lib = library()
-    threads = max(1, min(torch.get_num_threads(), pairs))
     head = (q.data_ptr(), hq // hkv, d, chunk.data_ptr(), off.data_ptr(), size.data_ptr(), width, c)
-
-    def part(t: int) -> int:
-        return lib.kvtier_unit_attention_f32(*head, *table, lengths.data_ptr(), *rest, pairs * t // threads,
-                                             pairs * (t + 1) // threads, out.data_ptr(), lse.data_ptr())
-
-    codes = [part(0)] if threads == 1 else list(_threads().map(part, range(threads)))
-    if -1 in codes:
-        raise MemoryError("unit_attention: out of memory")
-    if -2 in codes:
-        raise ValueError("unit_attention: a unit, slot table or window points outside what it indexes")
+    codes = _over_pairs(pairs, _thread_count(pairs), lambda t, lo, hi: lib.kvtier_unit_attention_f32(
+        *head, *table, lengths.data_ptr(), *rest, lo, hi, out.data_ptr(), lse.data_ptr()),
+        "unit_attention", "a unit, slot table or window points outside what it indexes")
     return None if -3 in codes else (out, lse)

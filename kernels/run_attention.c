@@ -325,6 +325,18 @@ static int64_t add_run(const Arena *a, int64_t s0, int64_t n, int64_t *start, in
     return runs + 1;
 }
 
+/* Appends slots[0 .. n) to the runs, one run per stretch of consecutive slots (see add_run). */
+static int64_t add_slot_runs(const Arena *a, const int64_t *slot, int64_t n, int64_t *start, int64_t *run_len,
+                             int64_t runs) {
+    for (int64_t i = 0; i < n && runs >= 0;) {
+        int64_t j = i + 1;
+        while (j < n && slot[j] == slot[j - 1] + 1) j++;
+        runs = add_run(a, slot[i], j - i, start, run_len, runs);
+        i = j;
+    }
+    return runs;
+}
+
 /* One pair's attention over its units (chunk row, offset in the chunk, tokens; size 0: none), then the
  * window, read in place: the units' slots walked as runs of consecutive slots into start, run_len (scratch
  * [runs_width]), then attended. Returns 0; -2 for a unit outside its chunk or a slot outside the pair's; -3
@@ -338,24 +350,12 @@ static int attend_units(const Arena *a, int64_t c_n, int64_t pair, const int64_t
         const int64_t c = chunk[u];
         if (c < 0 || c >= c_n || off[u] < 0 || off[u] > a->length[c] - size[u]) return -2;
         if (a->offset[c] < 0) return -3;
-        if (a->run_first[c] >= 0) {  /* the usual chunk: one run, its slot list not read */
+        if (a->run_first[c] >= 0)  /* the usual chunk: one run, its slot list not read */
             n = add_run(a, a->run_first[c] + off[u], size[u], start, run_len, n);
-            continue;
-        }
-        const int64_t *slot = a->flat + a->offset[c] + off[u];
-        for (int64_t i = 0; i < size[u] && n >= 0;) {
-            int64_t j = i + 1;
-            while (j < size[u] && slot[j] == slot[j - 1] + 1) j++;
-            n = add_run(a, slot[i], j - i, start, run_len, n);
-            i = j;
-        }
+        else
+            n = add_slot_runs(a, a->flat + a->offset[c] + off[u], size[u], start, run_len, n);
     }
-    for (int64_t i = 0; i < a->win_n && n >= 0;) {
-        int64_t j = i + 1;
-        while (j < a->win_n && a->win[j] == a->win[j - 1] + 1) j++;
-        n = add_run(a, a->win[i], j - i, start, run_len, n);
-        i = j;
-    }
+    n = add_slot_runs(a, a->win, a->win_n, start, run_len, n);
     if (n < 0) return -2;
     for (int64_t r = 0; r < n; r++) start[r] += pair * a->plane;
     float *scores = work, *top = work + g_n * BLOCK, *sum = top + g_n;
@@ -390,9 +390,8 @@ int kvtier_unit_attention_f32(const float *q, int64_t g_n, int64_t d, const int6
 /* A whole sparse decode step for pairs [pair_lo, pair_hi) in one call (callers split the pairs across threads):
  * select_pages.c's selection (its arguments, q through shared), then, pair by pair, attention over the selected
  * units read in place from the arena (its tables flat through slots, as Arena has them; chunk lengths are the
- * selection's), as
- * kvtier_unit_attention_f32 does. One call where three took a Python wrapper each, whose cost per layer was a
- * third of the C's own on the benchmark CPU. Writes, for each pair of the range (absolute rows), out [G, D] and
+ * selection's), as kvtier_unit_attention_f32 does. One call where three took a Python wrapper each, whose cost
+ * per layer was a third of the C's own on the benchmark CPU. Writes, for each pair of the range (absolute rows), out [G, D] and
  * lse [G]; for the range, the chunks holding anything any of its pairs selected (held [C]: rows in increasing
  * order) and found[0], found[1]: how many, and the tokens its pairs selected in all. Returns 0; -1 without
  * memory; -2 for tables or runs pointing outside what they index; -3 where a selected token is not in the arena
