@@ -5,6 +5,8 @@ its selected rows out of the arena: on the benchmark CPU that copy alone cost mo
 the copy. `run_attention.c` reads the arena's rows in place instead (the Triton kernel's job on a GPU).
 Decode over dense keys takes it too (`dense_attention`): torch's flash kernel
 pays again for every query row a KV head, where this one reads each key once for all of them.
+`linear_rows.c` is a linear layer for the few rows of a batched
+decode step (Hogwild's workers), which torch's CPU GEMM reads the weights for at ~60% of its one-row speed.
 `select_pages.c` makes the step's Quest-bound page selection in one call where torch took a few dozen small
 ops (on the benchmark CPU their per-call cost was most of the selection's time). `copy_rows.c` writes
 chunks into scattered arena slots (promotion) as plain row copies.
@@ -33,11 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("run_attention.c", "select_pages.c", "copy_rows.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("run_attention.c", "select_pages.c", "copy_rows.c",
+                                                              "linear_rows.c")]
 _HEADERS = [Path(__file__).with_name("select_pages.h")]  # part of the build's key, not compiled alone
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
 _BLOCK = 64  # run_attention.c's BLOCK: scratch per thread is g * (BLOCK + 2) floats
 _reads_half: dict[int, bool] = {}  # per loaded library: whether it reads float16 chunk bounds
+LINEAR_ROWS = 8  # rows up to which `linear_rows` was measured faster than torch's GEMM (0.33-0.65x at 2-8)
+LINEAR_MIN_WEIGHTS = 1 << 17  # from here the call pays (four rows: 1.02x torch at 2^16 weights, 0.64x at 2^17)
 DENSE_ROWS = 64  # query rows a KV head up to which `dense_attention` was measured faster than torch's kernel
 
 _lock = threading.Lock()
@@ -139,6 +144,8 @@ def _load(path: Path) -> ctypes.CDLL:
     f = lib.kvtier_sparse_step_f32
     f.argtypes = [*selection, *slots, *window, i64, i64, p, p, p, p]
     f.restype = ctypes.c_int
+    lib.kvtier_linear_rows_f32.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, i64]
+    lib.kvtier_linear_rows_f32.restype = ctypes.c_int
     lib.kvtier_select_reads_half.argtypes = []
     lib.kvtier_select_reads_half.restype = ctypes.c_int
     return lib
@@ -225,6 +232,34 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     count = torch.full((b * hkv, 1), nk, dtype=torch.int64)
     out, lse = run_attention(q.reshape(b * hkv, rows_per_head, d).contiguous(), krows, vrows, first, count, scale)
     return out.view(b, hq, nq, d), lse.view(b, hq, nq)
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`F.linear(x, weight, bias)` for an x of at most LINEAR_ROWS rows ([..., K]), by `linear_rows.c`, which
+    reads the weights once for all rows (threads split the output columns). On the benchmark CPU, one thread:
+    0.33-0.65x torch's time at 2-8 rows on 7B-13B and Qwen2.5-0.5B layer shapes, 0.8-1.0x at one row. None
+    where it does not apply (then call F.linear): not float32 on a CPU, more rows, a small or non-contiguous
+    weight, gradients wanted."""
+    k = x.shape[-1] if x.dim() else -1
+    if (weight.dim() != 2 or weight.shape[1] != k or weight.numel() < LINEAR_MIN_WEIGHTS
+            or not weight.is_contiguous() or not takes(x, weight) or x.numel() > LINEAR_ROWS * k):
+        return None
+    if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_contiguous() or not takes(bias)):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return None  # the C kernel has no backward
+    rows = x.reshape(-1, k)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    m, n = rows.shape[0], weight.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    lib = library()
+    threads = _thread_count(n // 64)  # a thread's share at least 64 weight rows
+    args = (rows.data_ptr(), m, k, rows.stride(0), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            out.data_ptr(), n)
+    _over_pairs(n, threads, lambda t, lo, hi: lib.kvtier_linear_rows_f32(*args, lo, hi), "linear_rows", "")
+    return out.view(*x.shape[:-1], n)
 
 
 def run_attention(q: torch.Tensor, krows: torch.Tensor, vrows: torch.Tensor, first: torch.Tensor | np.ndarray,

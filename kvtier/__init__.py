@@ -21,6 +21,7 @@ _EXPORTS = {
         "StoreCorruptError", "StoreError", "StoreFullError", "StoreLockedError", "StoreMismatchError",
         "StoreMissingRecordError", "StoreNotFoundError", "UnsupportedModelError"), ".errors"),
     **dict.fromkeys(("CollaborationTemplate", "HogwildCache", "HogwildResult", "HogwildStats"), ".hogwild"),
+    "FewRowLinears": ".few_rows",
     "ModelSpec": ".model_spec",
     "prefill": ".segmented",
     "Rope": ".rope",
@@ -72,6 +73,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
         StoreNotFoundError,
         UnsupportedModelError,
     )
+    from .few_rows import FewRowLinears
     from .hogwild import CollaborationTemplate, HogwildCache, HogwildResult, HogwildStats
     from .model_spec import ModelSpec
     from .rope import Rope
@@ -89,6 +91,7 @@ __all__ = [
     "CacheThreadError",
     "CollaborationTemplate",
     "DiskStats",
+    "FewRowLinears",
     "HogwildCache",
     "HogwildResult",
     "HogwildStats",

@@ -22,6 +22,7 @@ from ..attention import enable
 from ..cache import KVTierCache, cache_argument
 from ..config import MAX_RECORD_TOKENS
 from ..errors import CacheInputError, StoreError, UnsupportedModelError, brief
+from ..few_rows import FewRowLinears
 from ..handle import KVHandle
 from ..model_spec import SLIDING, ModelSpec
 from ..rope import Rope
@@ -82,6 +83,7 @@ class HogwildCache(Cache):
         super().__init__(layers=layers)
         enable(model)
         self.model = model
+        self._linears = FewRowLinears(model)  # a step's few rows (one a worker) through the C kernel on a CPU
         self._vocab: int | None = vocab_size(model)
         self._closed = False
         self.layout = Layout(workers, step_capacity)
@@ -233,7 +235,7 @@ class HogwildCache(Cache):
             kwargs["logits_to_keep"] = 1
         self._target = target
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._linears:
                 out = self.model(**kwargs)
         finally:
             self._target = Target.STEPS
