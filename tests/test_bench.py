@@ -199,19 +199,21 @@ def test_bench_hogwild_writes_json_and_its_methods_agree(tmp_path):
     rows = {r["workers"]: r for r in result["results"]}
     assert set(rows) == {1, 3}
     for n, row in rows.items():
-        assert all(row[name]["step_ms"] > 0 for name in ("independent", "hogwild", "rerotate"))
+        assert all(row[name]["step_ms"] > 0
+                   for name in ("independent", "independent_kvtier_linears", "hogwild", "rerotate"))
         assert row["view_tokens"] == 40 + n * 4  # the prompt and every worker's 1 + 3 tokens
         assert row["independent"]["prompt_copies"] == n and row["hogwild"]["prompt_copies"] == 1
         assert row["independent"]["prompt_kv_bytes"] == n * row["hogwild"]["prompt_kv_bytes"]
         assert row["hogwild"]["prompt_kv_bytes"] <= row["hogwild"]["kv_bytes_history"]
         assert row["independent"]["kv_bytes"] >= row["independent"]["prompt_kv_bytes"]
         assert row["max_abs_logit_diff_hogwild_vs_rerotate"] < 1e-4
+        assert row["max_abs_logit_diff_independent_vs_kvtier_linears"] < 1e-4
     assert rows[1]["max_abs_logit_diff_hogwild_vs_independent"] < 1e-4
     assert rows[1]["hogwild"]["ratio_vs_one_worker"] == 1.0
     targets = result["targets"]
     assert targets["prompt_kv_held_once"]["met"] is True
     assert targets["hogwild_step_vs_one_worker"]["met"] is None  # N = 4 was not run
-    for name in ("linear", "attention", "attention_kvtier"):  # each operation timed alone at every worker count
+    for name in ("linear", "linear_kvtier", "attention", "attention_kvtier"):  # each operation timed alone at every worker count
         costs = result["row_costs"][name]
         assert set(costs) == {"1", "3"} and all(c["ms"] > 0 for c in costs.values())
         assert costs["1"]["x_one_row"] == 1.0

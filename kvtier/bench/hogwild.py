@@ -12,6 +12,10 @@ them is held at once: at 4096 prompt tokens on the CPU shape about 4 GB):
                it will hold). One batched forward advances all N: the strongest way to run N independent
                decodes per step (N batch-1 forwards read the weights N times and pay N times the Python), and
                what `generate(..., num_return_sequences=N)` does. Worker w reads the prompt and its own tokens.
+  independent_kvtier_linears
+               the same, in its own StaticCache, with the model's linear layers through kvtier's few-row C
+               kernel (`FewRowLinears`), as hogwild's and rerotate's steps run them on a CPU: the comparison
+               with the linear layers equal, so what is left is the cache's.
   hogwild      `HogwildCache` with N workers (Hogwild! Inference, arXiv 2504.06261): the prompt's KV held once
                as the shared history, one batched forward per step (`cache.step`), worker w reading the prompt,
                the other workers' tokens and its own; each query turned to every block's offset in its view
@@ -25,7 +29,7 @@ them is held at once: at 4096 prompt tokens on the CPU shape about 4 GB):
                step.
 
 Reported per N: the median step time of each method (all N workers advance one token), the ratios hogwild /
-one worker's hogwild step, hogwild / independent and rerotate / hogwild, the KV bytes each method holds
+one worker's hogwild step, hogwild / independent (and / independent_kvtier_linears) and rerotate / hogwild, the KV bytes each method holds
 (independent: N copies of the prompt; hogwild and rerotate: one) and rerotate's transient view bytes per layer;
 the largest logit difference between hogwild and rerotate (the same views: fp32 round-off) and, at N = 1,
 between hogwild and independent (then the same sequence). Targets on a CPU: at N = 4 the hogwild step at most
@@ -52,6 +56,7 @@ from tqdm import tqdm
 
 from ..cache import cache_argument
 from ..handle import KVHandle
+from ..few_rows import FewRowLinears, few_rows_linear
 from ..hogwild import HogwildCache, Layout
 from ..hogwild.layer import HogwildLayer
 from ..kernels import fused_attention
@@ -68,7 +73,8 @@ from .common import (
 )
 from .speed import SHAPES, shape_from_args, speed_model
 
-METHODS = ("independent", "hogwild", "rerotate")
+METHODS = ("independent", "independent_kvtier_linears", "hogwild", "rerotate")
+ROW_COSTS = ("linear", "linear_kvtier", "attention", "attention_kvtier")
 TARGET_WORKERS = 4
 TARGET_VS_ONE = 1.5  # hogwild step at N = 4 / hogwild step at N = 1, at most
 TARGET_VS_INDEPENDENT = 0.5  # hogwild step at N = 4 / independent step at N = 4, at most
@@ -208,18 +214,27 @@ class WorkerCount:
                                     generator=torch.Generator().manual_seed(workers)).to(ids.device)
         capacity = max(64, total)  # the current steps never outgrow their rows while timed
         self.static = independent_cache(base, prompt_kv, workers, total)
+        self.static_linears = independent_cache(base, prompt_kv, workers, total)
+        linears = FewRowLinears(base)
         self.hog = stack.enter_context(HogwildCache.for_model(kv_model, workers=workers, step_capacity=capacity))
         self.rer = stack.enter_context(RerotateCache.for_model(kv_model, workers=workers, step_capacity=capacity))
         self.prefill_s = {name: timed(lambda c=cache: c.prefill_history(ids), sync=ids.is_cuda)[0]
                           for name, cache in (("hogwild", self.hog), ("rerotate", self.rer))}
         kw = {cache_argument(base): self.static, "use_cache": True}
+        kw_linears = {cache_argument(base): self.static_linears, "use_cache": True}
+
+        def independent_linears(tok: torch.Tensor) -> torch.Tensor:
+            with linears:
+                return base(input_ids=tok[:, None], **kw_linears).logits[:, -1]
+
         self.steppers = {  # StaticCache first, as every kvtier benchmark runs its baseline
             "independent": lambda tok: base(input_ids=tok[:, None], **kw).logits[:, -1],
+            "independent_kvtier_linears": independent_linears,
             "hogwild": self.hog.step,
             "rerotate": self.rer.step,
         }
         self.times: dict[str, list[float]] = {name: [] for name in METHODS}
-        self.diff_rerotate = self.diff_independent = 0.0
+        self.diff_rerotate = self.diff_independent = self.diff_linears = 0.0
 
     def step(self, t: int) -> None:
         """Step t of every method (timed after the warm-up), and the logit checks."""
@@ -230,6 +245,8 @@ class WorkerCount:
             if t >= self.warmup:
                 self.times[name].append(dt)
         self.diff_rerotate = max(self.diff_rerotate, float((logits["hogwild"] - logits["rerotate"]).abs().max()))
+        self.diff_linears = max(self.diff_linears, float((logits["independent"]
+                                                          - logits["independent_kvtier_linears"]).abs().max()))
         if self.workers == 1:  # one worker's view is the prompt and its own tokens: the independent sequence
             self.diff_independent = max(self.diff_independent,
                                         float((logits["hogwild"] - logits["independent"]).abs().max()))
@@ -246,10 +263,14 @@ class WorkerCount:
             "view_tokens": view,  # each Hogwild worker's view after the last step: the prompt and every worker's tokens
             "independent": {"step_ms": ms["independent"], "kv_bytes": static_bytes, "prompt_copies": n,
                             "prompt_kv_bytes": n * prompt_bytes, "sequence_tokens": ids.numel() + len(self.tokens)},
+            "independent_kvtier_linears": {"step_ms": ms["independent_kvtier_linears"], "kv_bytes": static_bytes,
+                                           "prompt_copies": n, "prompt_kv_bytes": n * prompt_bytes},
             "hogwild": {"step_ms": ms["hogwild"], "prefill_s": round(self.prefill_s["hogwild"], 3),
                         "kv_bytes": hog_bytes["total"], "kv_bytes_history": hog_bytes["history"],
                         "kv_bytes_arena": hog_bytes["arena"], "prompt_copies": 1, "prompt_kv_bytes": prompt_bytes,
                         "ratio_vs_independent": _ratio(ms["hogwild"], ms["independent"]),
+                        "ratio_vs_independent_kvtier_linears": _ratio(ms["hogwild"],
+                                                                      ms["independent_kvtier_linears"]),
                         "kv_bytes_ratio_vs_independent": _ratio(hog_bytes["total"], static_bytes)},
             "rerotate": {"step_ms": ms["rerotate"], "prefill_s": round(self.prefill_s["rerotate"], 3),
                          # the reference's storage: its contiguous prompt block and the same arena
@@ -260,6 +281,7 @@ class WorkerCount:
                          * base.dtype.itemsize,
                          "ratio_vs_hogwild": _ratio(ms["rerotate"], ms["hogwild"])},
             "max_abs_logit_diff_hogwild_vs_rerotate": self.diff_rerotate,
+            "max_abs_logit_diff_independent_vs_kvtier_linears": self.diff_linears,
         }
         if n == 1:
             row["max_abs_logit_diff_hogwild_vs_independent"] = self.diff_independent
@@ -269,7 +291,8 @@ class WorkerCount:
 @torch.inference_mode()
 def row_costs(base: torch.nn.Module, prompt_kv, workers: list[int], reps: int = 9) -> dict[str, Any]:
     """What N query rows cost the two big operations of a step on this machine, measured alone: one pass of N
-    rows through every linear layer of the model (the weights every method reads once per step) and the fused
+    rows through every linear layer of the model (the weights every method reads once per step), by torch's
+    F.linear and by kvtier's few-row kernel where it takes the layer (what hogwild's steps run), and the fused
     attention of N query rows over the prompt's KV of every layer, by torch's sdpa and by kvtier's
     `fused_attention` (what hogwild's history costs). Medians of
     `reps`, the row counts taking turns. On a CPU these set how a batched step grows with N, whoever runs it."""
@@ -278,7 +301,7 @@ def row_costs(base: torch.nn.Module, prompt_kv, workers: list[int], reps: int = 
     kv_heads, d = prompt_kv[0][0].shape[1], prompt_kv[0][0].shape[-1]
     group = base.config.num_attention_heads // kv_heads
     times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in workers}
-                                                for name in ("linear", "attention", "attention_kvtier")}
+                                                for name in ROW_COSTS}
     scale = prompt_kv[0][0].shape[-1] ** -0.5
     xs = {n: [torch.randn(n, m.in_features, device=device, dtype=dtype) for m in linears] for n in workers}
     # GQA folded as hogwild folds it: a KV head's query heads and the N workers are the query rows of one call
@@ -287,6 +310,9 @@ def row_costs(base: torch.nn.Module, prompt_kv, workers: list[int], reps: int = 
         for n in workers:
             times["linear"][n].append(timed(lambda: [F.linear(x, m.weight) for x, m in zip(xs[n], linears)],
                                             sync=device.type == "cuda")[0])
+            times["linear_kvtier"][n].append(timed(lambda: [few_rows_linear(x, m.weight)
+                                                            for x, m in zip(xs[n], linears)],
+                                                   sync=device.type == "cuda")[0])
             times["attention"][n].append(timed(lambda: [F.scaled_dot_product_attention(qs[n], k, v)
                                                         for k, v in prompt_kv], sync=device.type == "cuda")[0])
             times["attention_kvtier"][n].append(timed(lambda: [fused_attention(qs[n], k, v, scale)
@@ -297,6 +323,8 @@ def row_costs(base: torch.nn.Module, prompt_kv, workers: list[int], reps: int = 
         one = ms.get(1)
         out[name] = {str(n): {"ms": ms[n], "x_one_row": _ratio(ms[n], one) if one else None} for n in workers}
     out["what"] = ("per step, measured alone: 'linear' = N rows through every nn.Linear of the model once; "
+                   "'linear_kvtier' = the same through kvtier's few-row C kernel where it takes the layer "
+                   "(FewRowLinears; F.linear elsewhere); "
                    "'attention' = sdpa of N query rows (x the GQA group) over every layer's prompt KV; "
                    "'attention_kvtier' = the same through kvtier's fused_attention, as hogwild's history reads "
                    "the prompt (on a CPU in float32: kvtier's C kernel, every key read once for all rows)")
@@ -420,10 +448,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in result["results"]:
         h = r["hogwild"]
         print(f"N={r['workers']:<2} step ms: independent {r['independent']['step_ms']:8.2f}"
-              f"  hogwild {h['step_ms']:8.2f}  rerotate {r['rerotate']['step_ms']:8.2f}  | hogwild x1-worker {h['ratio_vs_one_worker']}"
-              f"  x independent {h['ratio_vs_independent']}  rerotate x hogwild {r['rerotate']['ratio_vs_hogwild']}"
+              f"  (kvtier linears {r['independent_kvtier_linears']['step_ms']:8.2f})  hogwild {h['step_ms']:8.2f}  rerotate {r['rerotate']['step_ms']:8.2f}  | hogwild x1-worker {h['ratio_vs_one_worker']}"
+              f"  x independent {h['ratio_vs_independent']} ({h['ratio_vs_independent_kvtier_linears']})  rerotate x hogwild {r['rerotate']['ratio_vs_hogwild']}"
               f"  | KV MiB {r['independent']['kv_bytes'] / 2**20:.1f} vs {h['kv_bytes'] / 2**20:.1f}")
-    for name in ("linear", "attention", "attention_kvtier"):
+    for name in ROW_COSTS:
         costs = result["row_costs"][name]
         print(f"{name} alone, ms by rows: " + "  ".join(f"{n}: {c['ms']:.2f} (x{c['x_one_row']})" for n, c in costs.items()))
     print_targets(result["targets"])
