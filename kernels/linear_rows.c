@@ -3,7 +3,8 @@
  * A batched decode step (Hogwild's workers, one row each) multiplies a few rows by every weight, so its time is
  * the time to read the weights once. torch's CPU GEMM reads them at ~60% of its one-row speed for 2-8 rows on
  * the benchmark CPU (1024x1024 float32, one thread: 250 us one row, 400 us four); this kernel streams each
- * block of NB weight rows once for all rows of x (267 us four rows, 252 us one).
+ * block of NB weight rows once for all rows of x (265-297 us at two to four rows). One row is left to torch
+ * (native.py), whose matrix-vector product reads as fast.
  * Writes out[m, n] = x[m] . w[n] (+ bias[n]) for m < M and n in [n0, n1); out rows are N apart. Returns 0.
  */
 #include <stdint.h>

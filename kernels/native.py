@@ -235,14 +235,15 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """`F.linear(x, weight, bias)` for an x of at most LINEAR_ROWS rows ([..., K]), by `linear_rows.c`, which
-    reads the weights once for all rows (threads split the output columns). On the benchmark CPU, one thread:
-    0.33-0.65x torch's time at 2-8 rows on 7B-13B and Qwen2.5-0.5B layer shapes, 0.8-1.0x at one row. None
-    where it does not apply (then call F.linear): not float32 on a CPU, more rows, a small or non-contiguous
-    weight, gradients wanted."""
+    """`F.linear(x, weight, bias)` for an x of 2 to LINEAR_ROWS rows ([..., K]), by `linear_rows.c`, which reads
+    the weights once for all rows (threads split the output columns). On the benchmark CPU, one thread:
+    0.33-0.65x torch's time at 2-8 rows on 7B-13B and Qwen2.5-0.5B layer shapes. One row is left to torch,
+    whose matrix-vector product measured as fast (0.8-1.1x). None where it does not apply (then call
+    F.linear): not float32 on a CPU, one row or more than LINEAR_ROWS, a small or non-contiguous weight,
+    gradients wanted."""
     k = x.shape[-1] if x.dim() else -1
     if (weight.dim() != 2 or weight.shape[1] != k or weight.numel() < LINEAR_MIN_WEIGHTS
-            or not weight.is_contiguous() or not takes(x, weight) or x.numel() > LINEAR_ROWS * k):
+            or not weight.is_contiguous() or not takes(x, weight) or not 2 * k <= x.numel() <= LINEAR_ROWS * k):
         return None
     if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_contiguous() or not takes(bias)):
         return None

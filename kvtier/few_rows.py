@@ -36,7 +36,7 @@ class _Routed:
 
 class FewRowLinears:
     """Inside `with FewRowLinears(model):`, the model's `nn.Linear` layers (that class exactly: subclasses such as
-    quantised layers compute otherwise) with float32 CPU weights run few-row inputs through the C kernel.
+    quantised layers compute otherwise) with float32 CPU weights run inputs of 2-8 rows through the C kernel.
     Nothing is routed where the C library is not built. Re-entrant use is refused (the outer block owns it)."""
 
     def __init__(self, model: torch.nn.Module):

@@ -40,7 +40,7 @@ def calls(monkeypatch):
     return done
 
 
-@pytest.mark.parametrize("rows", range(1, native.LINEAR_ROWS + 1))
+@pytest.mark.parametrize("rows", range(2, native.LINEAR_ROWS + 1))
 @pytest.mark.parametrize("bias", [False, True])
 def test_few_rows_equal_torch_s_linear(rows, bias):
     """601 x 259 weights: neither a multiple of the kernel's 6 weight rows a block nor of its 16 lanes."""
@@ -59,6 +59,8 @@ def test_strided_and_batched_rows_and_several_threads():
     out = native.linear_rows(batched, w, b)
     assert out.shape == (4, 1, 640)
     torch.testing.assert_close(out, F.linear(batched, w, b), **TOL)
+    same = torch.randn(1, 256, generator=g).expand(3, 256)  # rows 0 apart
+    torch.testing.assert_close(native.linear_rows(same, w, b), F.linear(same, w, b), **TOL)
     columns = torch.randn(256, 3, generator=g).t()  # columns strided: copied into rows first
     torch.testing.assert_close(native.linear_rows(columns, w), F.linear(columns, w), **TOL)
     threads = torch.get_num_threads()
@@ -72,6 +74,9 @@ def test_strided_and_batched_rows_and_several_threads():
 def test_what_the_kernel_does_not_take_is_left_to_torch():
     w, x = torch.randn(512, 256), torch.randn(4, 256)
     assert native.linear_rows(torch.randn(native.LINEAR_ROWS + 1, 256), w) is None  # too many rows
+    assert native.linear_rows(torch.randn(1, 256), w) is None  # one row: torch's is as fast
+    assert native.linear_rows(torch.randn(256), w) is None
+    assert native.linear_rows(torch.randn(0, 256), w) is None
     assert native.linear_rows(x.double(), w.double()) is None
     assert native.linear_rows(torch.randn(4, 16), torch.randn(16, 16)) is None  # too small to pay for a call
     assert native.linear_rows(x, torch.randn(256, 512).t()) is None  # weight not contiguous
