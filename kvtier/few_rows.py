@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import brief
 from .kernels import native
 
 
@@ -40,6 +41,8 @@ class FewRowLinears:
     Nothing is routed where the C library is not built. Re-entrant use is refused (the outer block owns it)."""
 
     def __init__(self, model: torch.nn.Module):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"FewRowLinears takes a torch.nn.Module, got {brief(model)}")
         cpu_f32 = native.library() is not None
         self._layers = [m for m in model.modules() if type(m) is torch.nn.Linear] if cpu_f32 else []
         self._routed: list[torch.nn.Linear] = []

@@ -108,6 +108,11 @@ def test_layers_are_routed_inside_the_block_only(calls):
         assert all("forward" not in layer.__dict__ for layer in net)
 
 
+def test_anything_but_a_module_is_refused_in_one_line():
+    with pytest.raises(TypeError, match=r"^FewRowLinears takes a torch.nn.Module, got 'model'$"):
+        FewRowLinears("model")
+
+
 def test_subclasses_and_layers_with_their_own_forward_are_left_alone(calls):
     class Scaled(torch.nn.Linear):
         def forward(self, x):
