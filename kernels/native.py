@@ -9,7 +9,8 @@ pays again for every query row a KV head, where this one reads each key once for
 decode step (Hogwild's workers), which torch's CPU GEMM reads the weights for at ~60% of its one-row speed.
 `select_pages.c` makes the step's Quest-bound page selection in one call where torch took a few dozen small
 ops (on the benchmark CPU their per-call cost was most of the selection's time). `copy_rows.c` writes
-chunks into scattered arena slots (promotion) as plain row copies.
+chunks into scattered arena slots (promotion) as plain row copies, and large decoded records into place with
+streaming stores that skip the CPU cache.
 
 The library is compiled once per source, compiler and CPU (`-march=native`) into $KVTIER_HOME/native
 (~/.cache/kvtier/native), owner-only, and loaded only if this user owns it and nobody else can write it.
@@ -132,6 +133,8 @@ def _load(path: Path) -> ctypes.CDLL:
     f.restype = ctypes.c_int
     lib.kvtier_scatter_rows.argtypes = [p, i64, i64, i64, p, p, i64, i64, i64, i64, i64]
     lib.kvtier_scatter_rows.restype = ctypes.c_int
+    lib.kvtier_stream_planes.argtypes = [p, i64, p, i64, i64, i64]
+    lib.kvtier_stream_planes.restype = ctypes.c_int
     slots, window = [p, i64, p, p], [i64, p, p, p, i64, i64, ctypes.c_float]  # the Arena's flat .. run_first; win_n ..
     f = lib.kvtier_unit_attention_f32
     f.argtypes = [p, i64, i64, p, p, p, i64, i64, *slots, p, *window, i64, i64, p, p]
@@ -179,6 +182,29 @@ def scatter_rows(arena: torch.Tensor, slots: torch.Tensor, block: torch.Tensor) 
                                      block.stride(2) * size, arena.data_ptr(), slots.data_ptr(), n, b * h, h, rows,
                                      d * size):
         raise ValueError(f"scatter_rows: a slot lies outside the arena's {rows} slots")
+    return True
+
+
+def stream_planes(dst: np.ndarray, src: np.ndarray) -> bool:
+    """dst[...] = src for uint8 arrays [B, H, n, W] whose (n, W) planes are each one contiguous stretch, planes
+    evenly spaced (a record's runs of rows and their runs of arena slots), by streaming stores that skip the
+    CPU cache (copy_rows.c): for bulk writes into an arena that is not read again soon. False (nothing
+    written) where that does not apply; then use np.copyto."""
+    lib = library()
+    if (lib is None or dst.dtype != np.uint8 or src.dtype != np.uint8 or dst.ndim != 4 or dst.shape != src.shape
+            or not dst.flags.writeable):
+        return False
+    if dst.size == 0:
+        return True  # (an empty array's strides may be anything)
+    b, h, n, w = dst.shape
+    strides = []
+    for a in (dst, src):
+        if (w > 1 and a.strides[3] != 1) or (n > 1 and a.strides[2] != w):
+            return False
+        if b > 1 and h > 1 and a.strides[0] != h * a.strides[1]:
+            return False
+        strides.append(a.strides[1] if h > 1 else a.strides[0])
+    lib.kvtier_stream_planes(dst.ctypes.data, strides[0], src.ctypes.data, strides[1], b * h, n * w)
     return True
 
 

@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier.errors import StoreCorruptError, StoreMismatchError
+from kvtier.kernels import native
+from kvtier.store import codec as codec_module
 from kvtier.config import KVTierConfig
 from kvtier.store.codec import (
     _HEADER,
@@ -277,10 +279,27 @@ def _arena_views(shape, dtype, at=5):
     return arena, arena[0][:, :, at:at + n], arena[1][:, :, at:at + n]
 
 
+@pytest.fixture(params=[False, True], ids=["copied", "streamed"])
+def streamed(request, monkeypatch):
+    """Records written into place by np.copyto, or (every piece, however small) by the C library's streaming
+    stores, which large pieces take."""
+    if request.param:
+        if native.library() is None:
+            pytest.skip("the C library cannot be built here")
+        monkeypatch.setattr(codec_module, "STREAM_BYTES", 0)
+        done = []
+        real = native.stream_planes
+        monkeypatch.setattr(native, "stream_planes", lambda out, values: done.append(real(out, values)) or done[-1])
+        yield done
+        assert done and all(done)  # every piece took the streaming path
+    else:
+        yield None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("level, planes, lossy", [(None, False, False), (-1, False, False), (-1, True, False),
                                                   (-1, False, True)])
-def test_decode_into_a_strided_destination_equals_decode(dtype, level, planes, lossy):
+def test_decode_into_a_strided_destination_equals_decode(dtype, level, planes, lossy, streamed):
     """Straight into a run of arena slots (bytes copied, bfloat16 too), the neighbouring slots untouched."""
     codec = RecordCodec(level, planes)
     k, v = _kv((2, 3, 8, 16), dtype, seed=9)
@@ -298,7 +317,7 @@ def test_decode_into_a_strided_destination_equals_decode(dtype, level, planes, l
 
 
 @pytest.mark.parametrize("level", [None, -1])
-def test_decode_into_pieces_puts_each_part_of_the_record_in_its_own_place(level):
+def test_decode_into_pieces_puts_each_part_of_the_record_in_its_own_place(level, streamed):
     """A record split across two runs of slots (holes a promotion lands in): each piece gets its tokens."""
     codec = RecordCodec(level)
     k, v = _kv((1, 2, 8, 4), torch.float32, seed=3)

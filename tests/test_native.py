@@ -446,3 +446,35 @@ def test_decode_attention_on_a_cpu_reads_keys_through_the_c_kernel(lib, monkeypa
     torch.testing.assert_close(out, _sdpa_with_lse(q, k, v, 0.2)[0], atol=2e-6, rtol=1e-5)
     attend(torch.randn(1, 6, 90, 32), k, v, q_pos0=0, key_pos=0, scale=0.2, need_lse=need_lse)
     assert len(calls) == 1
+
+
+# ------------------------------------------------------------------------------------------ streaming copies
+@pytest.mark.parametrize("shape, at", [((1, 4, 33, 257), 3), ((2, 3, 8, 64), 0), ((1, 1, 5, 31), 1),
+                                       ((2, 1, 7, 40), 64)])
+def test_streamed_planes_equal_a_copy_and_touch_nothing_else(lib, shape, at):
+    """Planes of any size and alignment (the head and tail around the streamed part copied plainly) into runs of
+    a wider arena; the bytes between runs untouched."""
+    b, h, n, w = shape
+    rng = np.random.default_rng(at)
+    src = rng.integers(0, 256, shape, dtype=np.uint8)
+    arena = np.full((b, h, n + 2 * at + 9, w), 7, dtype=np.uint8)
+    before = arena.copy()
+    dst = arena[:, :, at:at + n]
+    assert native.stream_planes(dst, src)
+    assert np.array_equal(dst, src)
+    outside = np.ones(arena.shape, dtype=bool)
+    outside[:, :, at:at + n] = False
+    assert np.array_equal(arena[outside], before[outside])
+
+
+def test_streamed_planes_refuse_what_is_not_evenly_spaced_planes(lib):
+    src = np.zeros((2, 3, 4, 8), dtype=np.uint8)
+    assert not native.stream_planes(np.zeros((2, 3, 4, 9), dtype=np.uint8), src)  # shapes differ
+    assert not native.stream_planes(np.zeros((2, 3, 4, 8), dtype=np.int8), src)
+    assert not native.stream_planes(np.zeros((2, 3, 8, 8), dtype=np.uint8)[:, :, ::2], src)  # rows apart
+    assert not native.stream_planes(np.zeros((2, 3, 4, 16), dtype=np.uint8)[..., ::2], src)  # bytes apart
+    assert not native.stream_planes(np.zeros((2, 4, 4, 8), dtype=np.uint8)[:, :3], src)  # batch rows apart
+    frozen = np.zeros((2, 3, 4, 8), dtype=np.uint8)
+    frozen.flags.writeable = False
+    assert not native.stream_planes(frozen, src)
+    assert native.stream_planes(np.zeros((0, 3, 4, 8), dtype=np.uint8), src[:0])  # nothing to copy

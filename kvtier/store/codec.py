@@ -42,6 +42,7 @@ import xxhash
 import zstandard
 
 from ..errors import StoreCorruptError, StoreMismatchError, brief
+from ..kernels import native
 from .chunk import chunk_name
 
 LAYOUT_VERSION = 3
@@ -99,6 +100,19 @@ CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+STREAM_BYTES = 1 << 17  # a piece this large is written past the CPU cache (smaller: the call costs more than it saves)
+
+
+def _write(out: np.ndarray, values: np.ndarray) -> None:
+    """out[...] = values, a decoded record's bytes into their place (an arena's slots, a staging buffer): by
+    streaming stores where the piece is large, since nothing reads it again before the next records have
+    pushed it out of the CPU cache (an attention-heavy 8k session's `warm()`: 45.9 -> 36.4 ms), else np.copyto
+    (records of a few heads: the call's cost outweighed the gain, 51.6 -> 63.6 ms at 32k on Qwen2.5-0.5B's
+    shape)."""
+    if values.nbytes < STREAM_BYTES or not native.stream_planes(out, values):
+        np.copyto(out, values)
 
 
 @dataclass(slots=True, frozen=True)
@@ -299,12 +313,12 @@ class RecordCodec:
         Every check of `decode` runs before anything is written; each destination is written once."""
         k, v = self.decode_view(blob, expect, where)
         if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1].shape == k.shape:  # the whole record, one place
-            np.copyto(pieces[0][1], k)
-            np.copyto(pieces[0][2], v)
+            _write(pieces[0][1], k)
+            _write(pieces[0][2], v)
             return
         for a, k_out, v_out in pieces:
-            np.copyto(k_out, k[:, :, a:a + k_out.shape[2]])
-            np.copyto(v_out, v[:, :, a:a + v_out.shape[2]])
+            _write(k_out, k[:, :, a:a + k_out.shape[2]])
+            _write(v_out, v[:, :, a:a + v_out.shape[2]])
 
     def decode_view(self, blob: bytes | memoryview, expect: RecordHeader,
                     where: str = "") -> tuple[np.ndarray, np.ndarray]:
