@@ -39,7 +39,8 @@ static void stream_copy(char *dst, const char *src, int64_t n) {
     if (head > n) head = n;
     memcpy(dst, src, (size_t)head);
     int64_t i = head;
-    for (; i + 32 <= n; i += 32) _mm256_stream_si256((__m256i *)(dst + i), _mm256_loadu_si256((const __m256i *)(src + i)));
+    for (; i + 32 <= n; i += 32)
+        _mm256_stream_si256((__m256i *)(dst + i), _mm256_loadu_si256((const __m256i *)(src + i)));
     memcpy(dst + i, src + i, (size_t)(n - i));
 #else
     memcpy(dst, src, (size_t)n);

@@ -30,8 +30,9 @@ static inline float total(v16 v) {
 }
 
 /* out[m0 .. m0+mb, n .. n+nb] from weight rows wb (nb <= NB) and x rows m0.. (mb <= MB) */
-static inline __attribute__((always_inline)) void block(const float *x, int64_t ldx, int64_t m0, int64_t mb, int64_t K, const float *wb, int64_t nb,
-                  const float *bias, float *out, int64_t N, int64_t n, int ahead) {
+static inline __attribute__((always_inline)) void block(const float *x, int64_t ldx, int64_t m0, int64_t mb,
+                                                       int64_t K, const float *wb, int64_t nb, const float *bias,
+                                                       float *out, int64_t N, int64_t n, int ahead) {
     const int64_t kv = K / 16 * 16;
     v16 acc[MB][NB];
     const float *xr[MB];

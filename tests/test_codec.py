@@ -358,19 +358,3 @@ def test_decode_into_checks_everything_decode_checks_and_writes_nothing_on_failu
     with pytest.raises(error, match=text):
         codec.decode(bytes(blob), expect)
     assert torch.equal(arena, before)
-
-
-# ------------------------------------------------------------------------------------- decode_bytes
-def test_decode_bytes_gives_the_stored_bytes_after_the_same_checks():
-    codec = RecordCodec()
-    k, v = _kv((1, 2, 8, 8), torch.float32, seed=4)
-    blob, expect = _encode(codec, k, v), _header(k)
-    out = np.zeros(k.nbytes + v.nbytes, dtype=np.uint8)
-    codec.decode_bytes(memoryview(blob), expect, out)
-    assert out.tobytes() == k.numpy().tobytes() + v.numpy().tobytes()
-    with pytest.raises(ValueError, match="contiguous uint8 array of 1024 bytes"):
-        codec.decode_bytes(blob, expect, out[:-1])
-    damaged = bytearray(blob)
-    damaged[-3] ^= 0x5A
-    with pytest.raises(StoreCorruptError, match="payload corrupted"):
-        codec.decode_bytes(bytes(damaged), expect, out)

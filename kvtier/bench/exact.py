@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..cache import KVTierCache, cache_argument
 from ..segmented import prefill as segmented_prefill
-from ..store.codec import MAGIC, RecordCodec
+from ..store.codec import MAGIC, RecordCodec, RecordHeader, place_bytes
 from ..store.disk import DATA_FILE, DiskStore
 from .common import (
     add_out_argument,
@@ -218,27 +218,36 @@ def warm_then_ask(model, store: Path, first: torch.Tensor, steps: int) -> dict[s
             "disk_mb_read": round(read_mb, 1), "stream_mb_s": round(read_mb / max(warm_s, 1e-9), 1)}
 
 
+def _decoded_bytes(h: RecordHeader) -> int:
+    """A record's k and v bytes once decoded (an int8 record's stored size is smaller)."""
+    return 2 * h.batch * h.heads * h.length * h.head_dim * h.dtype.itemsize
+
+
 def codec_decode_mb_s(store: Path, into_memory: bool = False) -> float:
     """What the record codec alone decodes per second on one thread (stored MB), every record of the store
     already in memory: the yardstick for streaming from a warm store.
 
     By default each record decodes into memory that is reused and stays in the CPU cache, so the decoded bytes
-    never travel to memory. `into_memory`: each record's bytes are decompressed straight into their own place
-    of one buffer the size of the session, its pages touched beforehand (as the arena's are at `open`): the
-    least any reader must do to leave the session in memory, one pass, no layout change."""
+    never travel to memory. `into_memory`: each record's k and v bytes are decoded and written as `warm()`
+    writes them (`place_bytes`: streaming stores for large records), but into their own place of one buffer the
+    size of the session, its pages touched beforehand (as the arena's are at `open`): the least any reader must
+    do to leave the session in memory, one pass, no layout change."""
     disk = DiskStore(store, create=False, readonly=True)
     try:
         blobs = [b for b in disk.get_many(list(disk.keys())) if b is not None and b[:4] == MAGIC]
     finally:
         disk.close()
     codec, total = RecordCodec(), sum(len(b) for b in blobs)
-    ends = np.cumsum([RecordCodec.read_header(blob, "record").raw_nbytes for blob in blobs] or [0])
+    ends = np.cumsum([_decoded_bytes(RecordCodec.read_header(blob, "record")) for blob in blobs] or [0])
     memory = np.ones(int(ends[-1]) if into_memory else 0, dtype=np.uint8)  # every page touched
     start = time.perf_counter()
     for blob, end in zip(blobs, ends):
         header = RecordCodec.read_header(blob, "record")
         if into_memory:
-            codec.decode_bytes(blob, header, memory[end - header.raw_nbytes:end])
+            k, v = codec.decode_view(blob, header)
+            place = memory[end - _decoded_bytes(header):end].reshape(2, *k.shape)
+            place_bytes(place[0], k)
+            place_bytes(place[1], v)
         else:
             codec.decode(blob, header)
     return total / 1e6 / max(time.perf_counter() - start, 1e-9)

@@ -29,8 +29,9 @@ them is held at once: at 4096 prompt tokens on the CPU shape about 4 GB):
                step.
 
 Reported per N: the median step time of each method (all N workers advance one token), the ratios hogwild /
-one worker's hogwild step, hogwild / independent (and / independent_kvtier_linears) and rerotate / hogwild, the KV bytes each method holds
-(independent: N copies of the prompt; hogwild and rerotate: one) and rerotate's transient view bytes per layer;
+one worker's hogwild step, hogwild / independent (and / independent_kvtier_linears) and rerotate / hogwild,
+the KV bytes each method holds (independent: N copies of the prompt; hogwild and rerotate: one) and
+rerotate's transient view bytes per layer;
 the largest logit difference between hogwild and rerotate (the same views: fp32 round-off) and, at N = 1,
 between hogwild and independent (then the same sequence). Targets on a CPU: at N = 4 the hogwild step at most
 1.5x one worker's and at most 0.5x the independent step, the prompt's KV held once.
@@ -55,8 +56,8 @@ import transformers as tf
 from tqdm import tqdm
 
 from ..cache import cache_argument
-from ..handle import KVHandle
 from ..few_rows import FewRowLinears, few_rows_linear
+from ..handle import KVHandle
 from ..hogwild import HogwildCache, Layout
 from ..hogwild.layer import HogwildLayer
 from ..kernels import fused_attention
@@ -448,8 +449,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in result["results"]:
         h = r["hogwild"]
         print(f"N={r['workers']:<2} step ms: independent {r['independent']['step_ms']:8.2f}"
-              f"  (kvtier linears {r['independent_kvtier_linears']['step_ms']:8.2f})  hogwild {h['step_ms']:8.2f}  rerotate {r['rerotate']['step_ms']:8.2f}  | hogwild x1-worker {h['ratio_vs_one_worker']}"
-              f"  x independent {h['ratio_vs_independent']} ({h['ratio_vs_independent_kvtier_linears']})  rerotate x hogwild {r['rerotate']['ratio_vs_hogwild']}"
+              f"  (kvtier linears {r['independent_kvtier_linears']['step_ms']:8.2f})  hogwild {h['step_ms']:8.2f}"
+              f"  rerotate {r['rerotate']['step_ms']:8.2f}  | hogwild x1-worker {h['ratio_vs_one_worker']}"
+              f"  x independent {h['ratio_vs_independent']} ({h['ratio_vs_independent_kvtier_linears']})"
+              f"  rerotate x hogwild {r['rerotate']['ratio_vs_hogwild']}"
               f"  | KV MiB {r['independent']['kv_bytes'] / 2**20:.1f} vs {h['kv_bytes'] / 2**20:.1f}")
     for name in ROW_COSTS:
         costs = result["row_costs"][name]

@@ -105,7 +105,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 STREAM_BYTES = 1 << 17  # a piece this large is written past the CPU cache (smaller: the call costs more than it saves)
 
 
-def _write(out: np.ndarray, values: np.ndarray) -> None:
+def place_bytes(out: np.ndarray, values: np.ndarray) -> None:
     """out[...] = values, a decoded record's bytes into their place (an arena's slots, a staging buffer): by
     streaming stores where the piece is large, since nothing reads it again before the next records have
     pushed it out of the CPU cache (an attention-heavy 8k session's `warm()`: 45.9 -> 36.4 ms), else np.copyto
@@ -313,12 +313,12 @@ class RecordCodec:
         Every check of `decode` runs before anything is written; each destination is written once."""
         k, v = self.decode_view(blob, expect, where)
         if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1].shape == k.shape:  # the whole record, one place
-            _write(pieces[0][1], k)
-            _write(pieces[0][2], v)
+            place_bytes(pieces[0][1], k)
+            place_bytes(pieces[0][2], v)
             return
         for a, k_out, v_out in pieces:
-            _write(k_out, k[:, :, a:a + k_out.shape[2]])
-            _write(v_out, v[:, :, a:a + v_out.shape[2]])
+            place_bytes(k_out, k[:, :, a:a + k_out.shape[2]])
+            place_bytes(v_out, v[:, :, a:a + v_out.shape[2]])
 
     def decode_view(self, blob: bytes | memoryview, expect: RecordHeader,
                     where: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -338,15 +338,6 @@ class RecordCodec:
         else:
             k, v = self._decompress(payload, raw, name, self._scratch(raw)).reshape(2, *shape)
         return k, v
-
-    def decode_bytes(self, blob: bytes | memoryview, expect: RecordHeader, out: np.ndarray, where: str = "") -> None:
-        """The record's payload decompressed into `out`, a contiguous uint8 array of exactly its decoded size,
-        as stored (no layout, planes or scales undone), after every check of `decode`: the codec's own speed."""
-        name = where + chunk_name(expect.layer, expect.chunk_id)
-        flags, raw, payload = self._checked(blob, expect, name)
-        if out.dtype != np.uint8 or out.ndim != 1 or out.size != raw or not out.flags.c_contiguous:
-            raise ValueError(f"{name}: decode_bytes needs a contiguous uint8 array of {raw} bytes")
-        self._decode(payload, raw, flags, name, out)
 
     def _scratch(self, size: int) -> np.ndarray:
         """This thread's decode buffer, `size` bytes (grown when needed, never shrunk: a record's size)."""
