@@ -11,7 +11,8 @@ For each shape and context length, on the same random-weight Llama, in one run:
              in memory (warm) and dropped from the page cache first (cold), against a plain sequential read
              of the same file; and the path `kvtier qa` takes (open, `warm()`, then the first token), where
              `warm()` alone gives the streaming speed, against what the record codec alone decodes (into
-             reused, cache-resident memory, and straight into one session-sized buffer: one pass to memory)
+             reused, cache-resident memory, and straight into one session-sized buffer, written as `warm()`
+             writes (streaming stores for large records): one pass to memory)
 
 Reported: prefill time, the first decode step and the steady (median) and mean step, the KV bytes each cache
 allocated for the same tokens, and the largest logit difference from StaticCache. Ratios are kvtier over
