@@ -152,3 +152,22 @@ def test_a_hogwild_step_through_the_c_linears_equals_a_plain_forward(calls):
                 plain = ref(cache.view_ids(w)[None]).logits[0, -1]
             torch.testing.assert_close(logits[w], plain, atol=2e-5, rtol=1e-4, msg=f"step {t} worker {w}")
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_a_batched_generate_inside_the_block_writes_what_it_writes_outside(calls):
+    """What docs/api.md tells users to do with any batched decode: three prompts decoded greedily by
+    `generate`, their steps' linear layers through the kernel, give the tokens they give without it."""
+    cfg = family_config("llama")
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 512, 1024, 2
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 8, 4, 64
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(3, cfg.vocab_size, (3, 9), generator=torch.Generator().manual_seed(2))
+    kw = {"max_new_tokens": 6, "do_sample": False, "attention_mask": torch.ones_like(ids)}
+    plain = model.generate(ids, **kw)
+    assert not any(calls)
+    with FewRowLinears(model):
+        routed = model.generate(ids, **kw)
+    assert any(calls)  # the decode steps' three rows took the kernel
+    assert torch.equal(routed, plain)
