@@ -102,13 +102,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-STREAM_BYTES = 1 << 17  # a piece this large is written past the CPU cache (smaller: the call costs more than it saves)
+STREAM_BYTES = 1 << 17  # pieces from this size on are written past the CPU cache (below, the call costs more)
 
 
 def place_bytes(out: np.ndarray, values: np.ndarray) -> None:
     """out[...] = values, a decoded record's bytes into their place (an arena's slots, a staging buffer): by
     streaming stores where the piece is large, since nothing reads it again before the next records have
-    pushed it out of the CPU cache (an attention-heavy 8k session's `warm()`: 45.9 -> 36.4 ms), else np.copyto
+    pushed it out of the CPU cache (an attention-heavy 8k session's `warm()`: 44.8 -> 37.8 ms), else np.copyto
     (records of a few heads: the call's cost outweighed the gain, 51.6 -> 63.6 ms at 32k on Qwen2.5-0.5B's
     shape)."""
     if values.nbytes < STREAM_BYTES or not native.stream_planes(out, values):
