@@ -323,14 +323,14 @@ def run_attention(q: torch.Tensor, krows: torch.Tensor, vrows: torch.Tensor, fir
 
 def _thread_count(pairs: int) -> int:
     """Threads a C call over `pairs` (sequence, KV head) pairs splits them across: torch's intra-op thread
-    count, at most one a pair."""
+    count, at most one a pair (`linear_rows` passes its blocks of weight rows as the pairs)."""
     return max(1, min(torch.get_num_threads(), pairs))
 
 
 def _over_pairs(pairs: int, threads: int, call: Callable[[int, int, int], int], name: str, outside: str
                 ) -> list[int]:
-    """call(t, lo, hi) for each thread t's share [lo, hi) of the pairs, on the pool where there are several
-    (ctypes drops the GIL). A code -1 raises MemoryError, -2 ValueError(f"{name}: {outside}"); returns the
+    """call(t, lo, hi) for each thread t's share [lo, hi) of the pairs (or of any items a C call splits, such as
+    `linear_rows`' weight rows), on the pool where there are several (ctypes drops the GIL). A code -1 raises MemoryError, -2 ValueError(f"{name}: {outside}"); returns the
     codes (what else they mean is the caller's)."""
     def part(t: int) -> int:
         return call(t, pairs * t // threads, pairs * (t + 1) // threads)

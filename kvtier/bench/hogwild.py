@@ -5,7 +5,7 @@ For each worker count N (`--workers`, default 1 2 4 8), on the same random-weigh
 and `--steps` timed steps (each worker's own text grows to warmup + steps tokens); every method is fed the same
 tokens. The caches of every worker count and method are built first and all of them take turns step by step,
 so that a change in the machine's speed touches every method and worker count alike (the memory of all of
-them is held at once: at 4096 prompt tokens on the CPU shape about 4 GB):
+them is held at once: with the defaults on the CPU shape the process peaked at 8.7 GB resident):
 
   independent  what users do today: N separate continuations of the prompt, each with its own copy of the
                prompt's KV, held as one transformers StaticCache of batch N (sdpa attention, sized to the tokens
