@@ -1,4 +1,4 @@
-"""`kvtier bench hogwild`: N workers continuing one shared prompt, per decode step and KV held, three ways.
+"""`kvtier bench hogwild`: N workers continuing one shared prompt, per decode step and KV held, four ways.
 
 For each worker count N (`--workers`, default 1 2 4 8), on the same random-weight Llama, in one run: the prompt
 (`--prompt` random tokens) is prefilled, then every worker decodes one token per step for `--warmup` untimed
