@@ -99,6 +99,25 @@ def test_missing_names_the_absent_keys_in_the_order_asked(tmp_path):
     store.close()
 
 
+def test_record_sizes_at_open_come_from_the_check_and_match_lmdb(tmp_path, monkeypatch):
+    """A reopen asks every record's size: the open's check read them in the leaves, so no value's page is read
+    (the binding's `get` touches them all); after a commit LMDB answers again."""
+    store = DiskStore(tmp_path / "s")
+    store.put_many([(b"a", os.urandom(50_000)), (b"b", b"22"), (b"c", os.urandom(9_000))])
+    store.close()
+    store = DiskStore(tmp_path / "s")
+    keys = [b"c", b"zz", b"a", b"b"]
+    monkeypatch.setattr(store, "viewing", lambda: (_ for _ in ()).throw(AssertionError("read a value")))
+    assert store.record_sizes(keys) == [9_000, None, 50_000, 2]
+    monkeypatch.undo()
+    with store.viewing() as get:
+        assert [None if (v := get(k)) is None else len(v) for k in keys] == [9_000, None, 50_000, 2]
+    store.put_many([(b"zz", b"123"), (b"a", b"4")])  # a commit: the check's sizes no longer hold
+    store.remove(b"c")
+    assert store.record_sizes(keys) == [None, 3, 1, 2]
+    store.close()
+
+
 def _fadvise_calls(monkeypatch, cached=lambda fd, offset: False) -> list[tuple]:
     """Record the hints instead of giving them; `cached` says which bytes count as already in memory (none)."""
     calls: list[tuple] = []

@@ -32,6 +32,7 @@ import bisect
 import mmap
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,9 @@ class LmdbSummary:
     file_pages: int = 0
     used_bytes: int = 0  # bytes LMDB can reach: up to its last page (a longer file holds nothing more)
     named: dict[bytes, int] = field(default_factory=dict)  # database name -> entries
+    # database name -> {key: value size}, read from the leaves without touching a value's pages
+    value_sizes: dict[bytes, dict[bytes, int]] = field(default_factory=dict)
+    txnid: int = 0  # the last commit's transaction id: `value_sizes` holds until the next commit
 
 
 class _Walker:
@@ -95,6 +99,7 @@ class _Walker:
         self.next_pgno = 0
         self.ranges: list[tuple[int, int]] = []  # reachable [first, end) page runs
         self.free: list[int] = []  # pages the free-page database lists
+        self.overflows: list[tuple[int, int, int, int]] = []  # (first page, pages needed, leaf page, node): unread
         self.txnid = 0  # the newer meta page's transaction id
 
     def fail(self, what: str) -> StoreCorruptError:
@@ -166,8 +171,10 @@ class _Walker:
             raise self.fail(f"page {pgno} says it is page {stored}")
         return flags, lower, upper, offset
 
-    def tree(self, db: _Db, what: str, free_db: bool = False) -> list[tuple[bytes, _Db]]:
-        """Walk one B-tree; returns the named databases found in its leaves ([(name, record)] in the main db)."""
+    def tree(self, db: _Db, what: str, free_db: bool = False,
+             sizes: dict[bytes, int] | None = None) -> list[tuple[bytes, _Db]]:
+        """Walk one B-tree; returns the named databases found in its leaves ([(name, record)] in the main db).
+        sizes: filled with each leaf key's value size."""
         if db.root == EMPTY_ROOT:
             if db.entries or db.depth or db.branch_pages or db.leaf_pages or db.overflow_pages:
                 raise self.fail(f"the empty {what} database declares entries or pages")
@@ -212,7 +219,9 @@ class _Walker:
                 counts["entries"] += 1
                 size = lo | hi << 16
                 extents.append((ptr, ptr + NODE_HEADER + ksize + (8 if nflags & F_BIGDATA else size)))
-                value = self.leaf_value(pgno, i, nflags, size, key_at + ksize, ptr + NODE_HEADER + ksize, counts)
+                value = self.leaf_value(pgno, i, nflags, size, key_at + ksize, ptr + NODE_HEADER + ksize)
+                if sizes is not None:
+                    sizes[raw] = size
                 if free_db:
                     self.free_list(value, size, pgno, i)
                 elif nflags & F_SUBDATA:
@@ -226,6 +235,7 @@ class _Walker:
                 bounds = [low, *keys[1:], high]
                 stack += [(child, depth + 1, bounds[j], bounds[j + 1]) for j, child in enumerate(children)]
             counts["branch" if kind == P_BRANCH else "leaf"] += 1
+        counts["overflow"] = self.overflow_headers()
         if len(leaf_depths) != 1 or leaf_depths.pop() != db.depth:
             raise self.fail(f"the {what} database's leaves are not all at its recorded depth {db.depth}")
         recorded = {"branch": db.branch_pages, "leaf": db.leaf_pages, "overflow": db.overflow_pages,
@@ -270,8 +280,7 @@ class _Walker:
         if at != self.psize:
             raise self.fail(f"page {pgno} of the {what} database has overlapping or scattered nodes")
 
-    def leaf_value(self, pgno: int, i: int, nflags: int, size: int, value_at: int, end_in_page: int,
-                   counts: dict[str, int]) -> int:
+    def leaf_value(self, pgno: int, i: int, nflags: int, size: int, value_at: int, end_in_page: int) -> int:
         """Check where a leaf node's value lies; returns its offset in the file."""
         if nflags & ~(F_BIGDATA | F_SUBDATA) or nflags == F_BIGDATA | F_SUBDATA:
             raise self.fail(f"page {pgno} node {i} has flags {nflags:#x}")
@@ -288,15 +297,39 @@ class _Walker:
         if first < NUM_METAS or first + needed > self.limit:
             raise self.fail(f"page {pgno} node {i}: a {size}-byte value on pages {first}..{first + needed - 1} "
                             f"does not fit the file ({self.limit} pages hold data)")
-        stored, _, flags, lower, upper = self.read(first * self.psize, _PAGE)
-        # A value overwritten by a smaller one in the transaction that wrote it keeps its pages (LMDB rewrites
-        # it in place), so a run may hold more pages than its value needs, never fewer.
-        pages = lower | upper << 16
-        if stored != first or flags != P_OVERFLOW or pages < needed or first + pages > self.limit:
-            raise self.fail(f"overflow page {first} (page {pgno} node {i}) has a damaged header")
-        self.ranges.append((first, first + pages))
-        counts["overflow"] += pages
+        self.overflows.append((first, needed, pgno, i))  # its header is read with the tree's others
         return first * self.psize + PAGE_HEADER
+
+    def overflow_headers(self) -> int:
+        """Check the headers of the overflow runs the tree just walked named; returns the pages they hold.
+
+        Read together, in file order, after asking the kernel for all their pages at once: one synchronous 4 KiB
+        read after another (the mapping reads no pages around a fault: `_only_pages_touched`) took 118 ms for the
+        2048 records of a cold 153 MB store, hinted first 31 ms: the disk serves queued reads side by side."""
+        runs, self.overflows = sorted(self.overflows), []
+        self.will_need(first * self.psize for first, _, _, _ in runs)
+        total = 0
+        for first, needed, pgno, i in runs:
+            stored, _, flags, lower, upper = self.read(first * self.psize, _PAGE)
+            # A value overwritten by a smaller one in the transaction that wrote it keeps its pages (LMDB
+            # rewrites it in place), so a run may hold more pages than its value needs, never fewer.
+            pages = lower | upper << 16
+            if stored != first or flags != P_OVERFLOW or pages < needed or first + pages > self.limit:
+                raise self.fail(f"overflow page {first} (page {pgno} node {i}) has a damaged header")
+            self.ranges.append((first, first + pages))
+            total += pages
+        return total
+
+    def will_need(self, offsets: Iterable[int]) -> None:
+        """Ask the kernel to read the pages holding these offsets of the mapping, without waiting for them."""
+        if not isinstance(self.buf, mmap.mmap):
+            return
+        for offset in offsets:
+            start = offset - offset % mmap.PAGESIZE
+            try:
+                self.buf.madvise(mmap.MADV_WILLNEED, start, min(mmap.PAGESIZE, self.size - start))
+            except (AttributeError, OSError, ValueError):
+                return
 
     def free_list(self, at: int, size: int, pgno: int, i: int) -> None:
         if size < 8 or size % 8:
@@ -355,9 +388,10 @@ def check_lmdb_file(path: str | os.PathLike, name: str | None = None) -> LmdbSum
             walker = _Walker(buf, reach, label)
             free, main = walker.metas()
             walker.tree(free, "free-page", free_db=True)
-            summary = LmdbSummary(walker.psize, walker.limit, walker.next_pgno * walker.psize)
+            summary = LmdbSummary(walker.psize, walker.limit, walker.next_pgno * walker.psize, txnid=walker.txnid)
             for db_name, db in walker.tree(main, "main"):
-                walker.tree(db, f"{db_name.decode(errors='replace')!r}")
+                summary.value_sizes[db_name] = {}
+                walker.tree(db, f"{db_name.decode(errors='replace')!r}", sizes=summary.value_sizes[db_name])
                 summary.named[db_name] = db.entries
             walker.check_overlaps()
             return summary
