@@ -200,10 +200,10 @@ class KVTierCache(Cache):
             disk = DiskStore(path, create=False, initial_map_bytes=sizes.initial_map_bytes,
                              max_bytes=sizes.max_store_bytes)
             where = str(path)
-        if sizes.mode == "exact":  # every record is read by the first step: the disk starts now, while the session
-            disk.read_ahead()      # is checked and its arena's memory committed
         try:
             header, saved = session.read_session(disk, spec)
+            if sizes.mode == "exact":  # every record is read by the first step: the disk starts now, while the
+                disk.read_ahead(saved.load_keys())  # session is loaded and its arena's memory committed
             options = session.reopen_options(header, options)
             options["store_path"] = disk.path
             enable(model)

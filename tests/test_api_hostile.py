@@ -185,9 +185,31 @@ def test_open_reads_ahead_only_where_every_record_is_read(saved, llama, monkeypa
     from kvtier.store.disk import DiskStore
 
     calls = []
-    monkeypatch.setattr(DiskStore, "read_ahead", lambda self: calls.append(self.path))
+    monkeypatch.setattr(DiskStore, "read_ahead", lambda self, first=(): calls.append(self.path))
     KVTierCache.open(saved, llama, mode=mode).close()
     assert calls == [saved] * hinted
+
+
+def test_exact_open_reads_first_the_records_it_reads_before_the_chunks(saved, llama, monkeypatch):
+    """The abstract tables and windows are written last, at the end of the file: the open reads them before
+    the disk streams the rest, in the order it then reads them, and reads no other record itself."""
+    from kvtier.store.disk import DiskStore
+
+    first, read = [], []
+    real_ahead, real_get = DiskStore.read_ahead, DiskStore.get
+
+    def read_ahead(self, keys=()):
+        first.extend(keys)
+        real_ahead(self, first)
+
+    def get(self, key):
+        read.append(key)
+        return real_get(self, key)
+
+    monkeypatch.setattr(DiskStore, "read_ahead", read_ahead)
+    monkeypatch.setattr(DiskStore, "get", get)
+    KVTierCache.open(saved, llama, mode="exact").close()
+    assert read and read == first
 
 
 @pytest.mark.parametrize("path", [None, 5, ""])

@@ -70,9 +70,9 @@ class RecordStore(ABC):
     def put_meta(self, name: str, obj: Any) -> None:
         self.put_many([], meta={name: obj})
 
-    def read_ahead(self) -> None:
-        """A hint that every record is about to be read (an exact-mode reopen): a store may start fetching them
-        in the background. Nothing by default."""
+    def read_ahead(self, first: Iterable[bytes] = ()) -> None:
+        """A hint that every record is about to be read (an exact-mode reopen), those of `first` before the rest:
+        a store may start fetching them in the background. Nothing by default."""
 
     def record_count(self) -> int:
         return sum(1 for _ in self.keys())

@@ -172,6 +172,16 @@ class Manifest:
             out += [(chunk_key(i, c), chunk_name(i, c)) for c in ids]
         return out
 
+    def load_keys(self) -> list[bytes]:
+        """The records a reopen reads before any chunk, in the order it reads them: each layer's abstract tables,
+        recent window and sliding buffer."""
+        out = []
+        for i, e in enumerate(self.layers):
+            ids = [ABSTRACT_ID, PAGES_ID] if e.chunks else []
+            ids += [r.chunk_id for r in (e.tail, e.buffer) if r is not None]
+            out += [chunk_key(i, c) for c in ids]
+        return out
+
     def check_record_sizes(self, sizes: dict[bytes, int], shape: Shape, where: str) -> None:
         """Every record is as large as the manifest says, measured in the store: a chunk's size is the one it
         was saved with, and a window or buffer holds its tokens within the compression bound. The manifest is
