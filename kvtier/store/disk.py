@@ -561,11 +561,11 @@ class DiskStore(RecordStore):
 
     def read_ahead(self, first: Iterable[bytes] = ()) -> None:
         """Read the records of `first` now, then have the kernel read the data file into the page cache from a
-        helper thread (`_ReadAhead`) and return: the disk works while the session is checked and its memory
+        helper thread (`_ReadAhead`) and return: the disk works while the session is loaded and its memory
         committed, and the record reads that follow find their pages in memory instead of faulting them in one
         readahead window after another. `first`: the few records read before any other (a reopen's abstract
         tables, written last, at the end of the file: streamed, they waited for the whole file and held the open
-        back with them; 304 -> 243 ms to a cold 153 MB session's first token). Skipped with readahead=False and
+        back with them; 333 -> 257 ms to a cold 153 MB session's first token). Skipped with readahead=False and
         for a file larger than half the memory available, whose pages would push out others (and each other)
         before they are read."""
         if self.closed or not self.readahead or not hasattr(os, "posix_fadvise"):
