@@ -115,9 +115,12 @@ def place_bytes(out: np.ndarray, values: np.ndarray) -> None:
         np.copyto(out, values)
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class RecordHeader:
-    """What a record holds. Readers build the one they expect and `decode` compares every field."""
+    """What a record holds. Readers build the one they expect and `decode` compares every field.
+
+    Not frozen: a read builds one per record, and a frozen dataclass's __init__ (a setattr call per field) took
+    3.1 us against 0.6 us, a tenth of the Python a 65 KB record's read costs. Treat it as a value."""
 
     layer: int
     chunk_id: int
@@ -301,9 +304,9 @@ class RecordCodec:
                where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """Check that `blob` is exactly the record `expect` describes, then decode it: k, v [B, H, n, D].
         where: prefixed to error messages (the store)."""
-        name = where + chunk_name(expect.layer, expect.chunk_id)
-        flags, raw, payload = self._checked(blob, expect, name)
-        return self._tensors(self._decode(payload, raw, flags, name, np.empty(raw, dtype=np.uint8)), expect, flags)
+        flags, raw, payload = self._checked(blob, expect, where)
+        return self._tensors(self._decode(payload, raw, flags, where, expect, np.empty(raw, dtype=np.uint8)), expect,
+                             flags)
 
     def decode_into(self, blob: bytes | memoryview, expect: RecordHeader,
                     pieces: list[tuple[int, np.ndarray, np.ndarray]], where: str = "") -> None:
@@ -327,16 +330,16 @@ class RecordCodec:
         the read transaction that gave `blob` is open), of this thread's decode buffer for a lossless zstd
         record without byte planes (it stays in the CPU cache until copied; valid until this thread's next
         decode), new arrays for other encodings. No tensor is made per record."""
-        name = where + chunk_name(expect.layer, expect.chunk_id)
-        flags, raw, payload = self._checked(blob, expect, name)
+        flags, raw, payload = self._checked(blob, expect, where)
         shape = (expect.batch, expect.heads, expect.length, expect.head_dim * expect.dtype.itemsize)
         if flags & FLAG_RAW:
-            k, v = self._raw_values(payload, raw, name).reshape(2, *shape)
+            k, v = self._raw_values(payload, raw, where, expect).reshape(2, *shape)
         elif flags & (FLAG_INT8 | FLAG_BYTE_PLANES):
-            k, v = self._tensors(self._decode(payload, raw, flags, name, np.empty(raw, dtype=np.uint8)), expect, flags)
+            out = np.empty(raw, dtype=np.uint8)
+            k, v = self._tensors(self._decode(payload, raw, flags, where, expect, out), expect, flags)
             k, v = byte_view(k), byte_view(v)
         else:
-            k, v = self._decompress(payload, raw, name, self._scratch(raw)).reshape(2, *shape)
+            k, v = self._decompress(payload, raw, _name(where, expect), self._scratch(raw)).reshape(2, *shape)
         return k, v
 
     def _scratch(self, size: int) -> np.ndarray:
@@ -346,7 +349,7 @@ class RecordCodec:
             buf = self._local.scratch = np.empty(size, dtype=np.uint8)
         return buf[:size]
 
-    def _checked(self, blob: bytes | memoryview, expect: RecordHeader, name: str) -> tuple[int, int, memoryview]:
+    def _checked(self, blob: bytes | memoryview, expect: RecordHeader, where: str) -> tuple[int, int, memoryview]:
         """(flags, decoded size, payload) of a record whose header says it is the one `expect` describes.
 
         A record usually carries exactly the header its slot would get if written now, which one comparison
@@ -359,6 +362,7 @@ class RecordCodec:
         code = DTYPE_CODES.get(expect.dtype)
         if (code is None or len(expect.session) != SESSION_ID_BYTES
                 or bytes(blob[:HEADER_BYTES]) != _pack_header(expect, flags, code, raw, len(payload))):
+            name = _name(where, expect)
             h = self.read_header(blob, name)
             _check_place(h, expect, name)
             if len(payload) != h.payload_nbytes:
@@ -366,28 +370,29 @@ class RecordCodec:
             flags, raw = h.flags, h.raw_nbytes
         if raw > max_raw_bytes(len(payload)):
             raise StoreCorruptError(
-                f"{name}: record declares {raw} bytes from a {len(payload)}-byte payload, more than "
+                f"{_name(where, expect)}: record declares {raw} bytes from a {len(payload)}-byte payload, more than "
                 f"{MAX_COMPRESSION_RATIO}x: refused before decompressing"
             )
         return flags, raw, payload
 
-    def _decode(self, payload: memoryview, raw: int, flags: int, name: str, out: np.ndarray) -> np.ndarray:
+    def _decode(self, payload: memoryview, raw: int, flags: int, where: str, expect: RecordHeader,
+                out: np.ndarray) -> np.ndarray:
         """The checked payload's `raw` decoded bytes, written into `out` (a copy even for a raw record: `out`
         outlives the read transaction whose mapped bytes the payload may be)."""
         if flags & FLAG_RAW:
-            np.copyto(out, self._raw_values(payload, raw, name))
+            np.copyto(out, self._raw_values(payload, raw, where, expect))
             return out
-        return self._decompress(payload, raw, name, out)
+        return self._decompress(payload, raw, _name(where, expect), out)
 
     @staticmethod
-    def _raw_values(payload: memoryview, raw: int, name: str) -> np.ndarray:
+    def _raw_values(payload: memoryview, raw: int, where: str, expect: RecordHeader) -> np.ndarray:
         """A raw record's values (a view of the payload), once their XXH3-64 matches the one stored after them."""
         if len(payload) != raw + RAW_CHECK_BYTES:
-            raise StoreCorruptError(f"{name}: raw payload of {len(payload)} bytes, its shape needs "
+            raise StoreCorruptError(f"{_name(where, expect)}: raw payload of {len(payload)} bytes, its shape needs "
                                     f"{raw + RAW_CHECK_BYTES}")
         values = payload[:raw]
         if xxhash.xxh3_64_intdigest(values) != int.from_bytes(payload[raw:], "little"):
-            raise StoreCorruptError(f"{name}: payload corrupted (checksum mismatch)")
+            raise StoreCorruptError(f"{_name(where, expect)}: payload corrupted (checksum mismatch)")
         return np.frombuffer(values, dtype=np.uint8)
 
     def _decompress(self, payload: memoryview, raw: int, name: str, out: np.ndarray) -> np.ndarray:
@@ -432,6 +437,11 @@ def _pack_header(header: RecordHeader, flags: int, dtype_code: int, raw_nbytes: 
                         header.length, header.batch, header.heads, header.head_dim, raw_nbytes, payload_nbytes,
                         header.signature[:16].ljust(16, b"\0"), header.session)
     return head + _HEADER_CRC.pack(zlib.crc32(head))
+
+
+def _name(where: str, expect: RecordHeader) -> str:
+    """How errors name the record `expect` describes (built only when one is raised: a read makes many)."""
+    return where + chunk_name(expect.layer, expect.chunk_id)
 
 
 def _check_place(h: RecordHeader, expect: RecordHeader, name: str) -> None:

@@ -78,10 +78,9 @@ def _run_owners(chunks: list[Chunk], device: torch.device) -> torch.Tensor:
 
 def _group_owners(chunks: list[Chunk], device: torch.device) -> torch.Tensor:
     """Each token's chunk row for chunks of any lengths end to end (a group brought up from below), in a few
-    tensor operations whatever the number of chunks."""
-    lengths = torch.tensor([c.length for c in chunks])
-    owners = torch.repeat_interleave(torch.tensor([c.row for c in chunks]), lengths, output_size=int(lengths.sum()))
-    return owners.to(device)
+    numpy operations whatever the number of chunks."""
+    lengths = np.fromiter((c.length for c in chunks), np.int64, len(chunks))
+    return torch.from_numpy(np.repeat(np.fromiter((c.row for c in chunks), np.int64, len(chunks)), lengths)).to(device)
 
 
 def _positions(chunk: Chunk, device: torch.device) -> torch.Tensor:
