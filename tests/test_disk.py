@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import lmdb
 import pytest
 
 from kvtier.errors import StoreFullError, StoreLockedError
@@ -136,6 +137,37 @@ def test_read_ahead_skips_pieces_already_in_memory(tmp_path, monkeypatch):
     store.read_ahead()
     store.close()
     assert used > 4096 * 10 and [c[1] for c in calls] == [4096 * 5]  # the one piece not in memory
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_read_ahead_maps_the_records_only_of_a_store_wholly_in_memory(tmp_path, monkeypatch, cached):
+    """With every piece in memory the read-ahead thread then reads every record through LMDB's mapping (the
+    page faults that map the file, off the caller's thread); a cold store is only hinted: faulting its pages in
+    there would compete with the hinted reads."""
+    store = DiskStore(tmp_path / "s")
+    store.put_many([(b"a", os.urandom(100_000)), (b"b", os.urandom(30_000)), (b"c", b"x")])
+    calls = _fadvise_calls(monkeypatch, cached=lambda fd, offset: cached)
+    mapped: list[int] = []
+    real = DiskStore._map_records
+    monkeypatch.setattr(DiskStore, "_map_records", lambda self, stopped: (mapped.append(1), real(self, stopped)))
+    store.read_ahead()
+    store._stop_read_ahead()  # waits for the thread
+    assert mapped == ([1] if cached else []) and bool(calls) != cached
+    assert store.get(b"b") is not None
+    store.close()
+
+
+def test_mapping_records_stops_when_asked_and_survives_a_failing_read(tmp_path, monkeypatch):
+    import threading
+
+    store = DiskStore(tmp_path / "s")
+    store.put_many([(b"%04d" % i, b"v") for i in range(300)])
+    stopped = threading.Event()
+    stopped.set()
+    store._map_records(stopped)  # returns before its first batch
+    monkeypatch.setattr(DiskStore, "keys", lambda self: (_ for _ in ()).throw(lmdb.Error("gone")))
+    store._map_records(threading.Event())  # a hint: a failing read ends it quietly
+    store.close()
 
 
 def test_in_page_cache_sees_a_page_just_written(tmp_path):
