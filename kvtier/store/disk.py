@@ -590,9 +590,9 @@ class DiskStore(RecordStore):
         """Touch every record's pages through LMDB's mapping, on the read-ahead thread, where the whole file is in
         memory: the binding's `get` does, with Python's lock released, so the page faults that map the file run
         beside the caller's work instead of in the first reads (a warm 8k store: `warm()` 35 -> 51 ms without
-        this, 268 MB of pages mapped there). Not for a cold file: faulting pages in one readahead window after
-        another there competed with the hinted reads (opens of 1.1-1.9 s against 0.25-0.3). In short read
-        transactions, so that a growth of the map never waits long; ends when `stopped` is set."""
+        this, 268 MB of pages mapped there). Not for a cold file, where it was not shown to help (cold opens on
+        the benchmark VM varied 0.25-1.9 s from run to run, with and without it). In short read transactions, so
+        that a growth of the map never waits long; ends when `stopped` is set."""
         try:
             keys = list(self.keys())
             for at in range(0, len(keys), 64):
