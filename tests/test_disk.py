@@ -160,11 +160,27 @@ def test_read_ahead_maps_the_records_only_of_a_store_wholly_in_memory(tmp_path, 
 def test_mapping_records_stops_when_asked_and_survives_a_failing_read(tmp_path, monkeypatch):
     import threading
 
+    class CountingEnv:  # the store's LMDB environment, counting the read transactions that map records
+        def __init__(self, env):
+            self.env, self.mapping = env, 0
+
+        def begin(self, **kw):
+            self.mapping += bool(kw.get("buffers"))
+            return self.env.begin(**kw)
+
+        def __getattr__(self, name):
+            return getattr(self.env, name)
+
     store = DiskStore(tmp_path / "s")
     store.put_many([(b"%04d" % i, b"v") for i in range(300)])
+    real, store.env = store.env, CountingEnv(store.env)
     stopped = threading.Event()
     stopped.set()
-    store._map_records(stopped)  # returns before its first batch
+    store._map_records(stopped)
+    assert store.env.mapping == 0  # stopped: no record read
+    store._map_records(threading.Event())
+    assert store.env.mapping == 5  # 300 records in transactions of 64
+    store.env = real
     monkeypatch.setattr(DiskStore, "keys", lambda self: (_ for _ in ()).throw(lmdb.Error("gone")))
     store._map_records(threading.Event())  # a hint: a failing read ends it quietly
     store.close()
