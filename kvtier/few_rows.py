@@ -43,8 +43,8 @@ class FewRowLinears:
     def __init__(self, model: torch.nn.Module):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"FewRowLinears takes a torch.nn.Module, got {brief(model)}")
-        cpu_f32 = native.library() is not None
-        self._layers = [m for m in model.modules() if type(m) is torch.nn.Linear] if cpu_f32 else []
+        built = native.library() is not None
+        self._layers = [m for m in model.modules() if type(m) is torch.nn.Linear] if built else []
         self._routed: list[torch.nn.Linear] = []
 
     def __enter__(self) -> FewRowLinears:
